@@ -1,0 +1,164 @@
+"""The ``llm2clip-vlm`` command line (typer). Commands parse arguments and delegate.
+
+Every training command takes an optional RECIPE (YAML; without one, the embedded demo recipe),
+``--output DIR`` and any number of ``--set section.key=value`` overrides. Heavy modules are
+imported inside the commands so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from llm2clip_vlm import configuration
+from llm2clip_vlm.config import RunConfig
+
+app = typer.Typer(
+    name="llm2clip-vlm",
+    help="Train an LLM2CLIP vision tower end to end and use it as a LLaVA-1.5 vision encoder.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+console = Console(stderr=True)
+
+RecipeArg = Annotated[
+    Path | None,
+    typer.Argument(help="Recipe YAML (only what differs from the defaults). Default: the embedded demo."),
+]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output directory of the run.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config value: section.key=value (repeatable)."),
+]
+
+
+def demo_recipe_path() -> Path:
+    """The embedded default recipe (the synthetic demo on a CPU)."""
+    return Path(str(resources.files("llm2clip_vlm") / "recipes" / "demo.yaml"))
+
+
+def resolve_config(recipe: Path | None, overrides: list[str] | None) -> RunConfig:
+    """Defaults <- recipe (or the embedded demo recipe) <- ``--set`` overrides."""
+    try:
+        return configuration.load(RunConfig, recipe or demo_recipe_path(), overrides or [])
+    except configuration.ConfigError as e:
+        console.print(f"[red]config error:[/red] {e}")
+        raise typer.Exit(2) from e
+
+
+def _not_built(command: str, issue: str) -> None:
+    console.print(f"[yellow]`llm2clip-vlm {command}` is not built yet[/yellow] ({issue}). Nothing was run.")
+    raise typer.Exit(3)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Argument(help="Folder to write the synthetic data set into.")],
+    seed: Annotated[int, typer.Option(help="Random seed (the data set is deterministic per seed).")] = 0,
+    train_images: Annotated[int, typer.Option(help="Images in the training split.")] = 4000,
+    heldout_images: Annotated[int, typer.Option(help="Images in each held-out split.")] = 1000,
+    image_size: Annotated[int, typer.Option(help="Side of the square images in pixels.")] = 64,
+) -> None:
+    """Write the synthetic image-caption world (train + held-out splits) in real-data formats."""
+    from llm2clip_vlm.data.synthetic import write_demo_dataset
+
+    summary = write_demo_dataset(
+        out, seed=seed, train_images=train_images, heldout_images=heldout_images, image_size=image_size
+    )
+    console.print(summary)
+
+
+@app.command("stage1")
+def stage1(recipe: RecipeArg = None, output: OutputOpt = Path("runs/stage1"), set_: SetOpt = None) -> None:
+    """Stage 1: make a decoder LLM a caption embedder (bidirectional, MNTP, supervised SimCSE)."""
+    from llm2clip_vlm.text.train import run_stage1
+
+    cfg = resolve_config(recipe, set_)
+    run_stage1(cfg, output)
+
+
+@app.command("embed")
+def embed(recipe: RecipeArg = None, output: OutputOpt = Path("runs/store"), set_: SetOpt = None) -> None:
+    """Encode every caption once with a stage-1 embedder into the embedding store."""
+    _not_built("embed", "caption embedding store, issue 3")
+
+
+@app.command("stage2")
+def stage2(recipe: RecipeArg = None, output: OutputOpt = Path("runs/stage2"), set_: SetOpt = None) -> None:
+    """Stage 2: align a CLIP vision encoder to the frozen LLM through stored caption embeddings."""
+    _not_built("stage2", "issue 3")
+
+
+@app.command("export-tower")
+def export_tower(
+    run: Annotated[Path, typer.Argument(help="A stage-2 run directory.")],
+    output: OutputOpt = Path("runs/tower"),
+) -> None:
+    """Export the stage-2 vision encoder in its own transformers format (a LLaVA vision tower)."""
+    _not_built("export-tower", "issue 3")
+
+
+@app.command("build-tower")
+def build_tower(
+    recipe: RecipeArg = None,
+    output: OutputOpt = Path("runs/build-tower"),
+    set_: SetOpt = None,
+) -> None:
+    """Stage 1, embed, stage 2 and export in one command."""
+    _not_built("build-tower", "issue 3")
+
+
+@app.command("llava-pretrain")
+def llava_pretrain(
+    recipe: RecipeArg = None, output: OutputOpt = Path("runs/llava-pretrain"), set_: SetOpt = None
+) -> None:
+    """LLaVA-1.5 projector pretraining on top of a tower."""
+    _not_built("llava-pretrain", "issue 5")
+
+
+@app.command("llava-finetune")
+def llava_finetune(
+    recipe: RecipeArg = None, output: OutputOpt = Path("runs/llava-finetune"), set_: SetOpt = None
+) -> None:
+    """LLaVA-1.5 instruction tuning (full, LoRA or QLoRA)."""
+    _not_built("llava-finetune", "issue 5")
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="A LLaVA model directory.")],
+    tasks: Annotated[
+        str, typer.Option(help="Comma-separated lmms-eval tasks.")
+    ] = "mme,scienceqa_img,vizwiz_vqa_val",
+) -> None:
+    """Evaluate a VLM with lmms-eval (MME, ScienceQA-IMG, VizWiz)."""
+    _not_built("eval", "issue 6")
+
+
+@app.command("bench")
+def bench(
+    suite: Annotated[str, typer.Argument(help="stage1 | embed | stage2 | tower | llava")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Benchmarks: throughput and peak memory of a hot loop, after warm-up, over repeats."""
+    _not_built(f"bench {suite}", "issue 7")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover
+        console.print("[red]interrupted[/red]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,52 @@
+"""Config sections for the data sets every stage reads (image-caption sets and a text corpus)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class CaptionSetConfig:
+    """One image-caption data set on disk.
+
+    ``path`` is a manifest (``.json``/``.jsonl``/``.csv``/``.tsv``/``.parquet``) or webdataset tar
+    shards (a directory of ``.tar`` files, a glob, or a brace pattern ``shard-{000..009}.tar``).
+    """
+
+    path: str = ""
+    format: Literal["auto", "json", "csv", "parquet", "webdataset"] = "auto"
+    # Images are resolved relative to this folder (default: the manifest's folder); paths that
+    # would leave it are refused.
+    image_root: str = ""
+    image_column: str = "image"
+    # Column holding a stable id per image; empty = the image path (or the tar key).
+    key_column: str = ""
+    # Column -> caption type. A column may hold one string or a list of strings.
+    caption_columns: dict[str, Literal["short", "long"]] = field(
+        default_factory=lambda: {"short_captions": "short", "long_captions": "long"}
+    )
+    # Keep only the first N images (0 = all).
+    max_images: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the data of a run comes from. An empty ``train.path`` means the synthetic demo world."""
+
+    # Synthetic demo world (``llm2clip-vlm demo-data``): written here when missing; empty = <output>/demo-data.
+    demo_dir: str = ""
+    demo_seed: int = 0
+    demo_train_images: int = 4000
+    demo_heldout_images: int = 1000
+    train: CaptionSetConfig = field(default_factory=CaptionSetConfig)
+    # Held-out sets for evaluation, by name (e.g. {"coco": ..., "docci": ...}).
+    heldout: dict[str, CaptionSetConfig] = field(default_factory=dict)
+    # Plain-text corpus mixed into stage 1 (files, directories of .txt, or globs).
+    text_corpus: list[str] = field(default_factory=list)
+    # Share of stage-1 MNTP samples drawn from the text corpus (0 = captions only).
+    text_corpus_ratio: float = 0.0
+    # Bad-input policy: False = stop at the first bad record with a message naming it;
+    # True = skip, count and report, but stop if more than ``max_bad_fraction`` is bad.
+    skip_bad: bool = False
+    max_bad_fraction: float = 0.01

@@ -1,0 +1,19 @@
+"""Config section of the caption embedding store (``llm2clip-vlm embed``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class EmbedConfig:
+    # Stage-1 embedder directory; empty = the stage-1 output of this run.
+    encoder: str = ""
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    batch_size: int = 64
+    # Rows per shard; a killed run restarts at the last complete shard.
+    shard_size: int = 4096
+    # Sort captions by token length so batches carry little padding.
+    bucket_by_length: bool = True
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
