@@ -1,0 +1,229 @@
+"""``CaptionEncoder``: the stage-1 result, a bidirectional LLM that maps captions to vectors.
+
+On disk it is a plain transformers model directory (``config.json`` with ``is_causal: false``,
+``model.safetensors``), its tokenizer, and ``llm2clip_encoder.json`` with the pooling and
+instruction settings and a content hash. :meth:`CaptionEncoder.identity` is what the embedding
+store records, so embeddings made by another embedder (or other settings) are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from llm2clip_vlm.progress import make_progress
+from llm2clip_vlm.text.modeling import ModelRef, load_bidirectional, load_tokenizer, save_model
+from llm2clip_vlm.text.pooling import mean_pool, tokenize
+
+ENCODER_FILE = "llm2clip_encoder.json"
+FORMAT_VERSION = 1
+
+
+def hash_state_dict(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes of every tensor (sorted by name)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class CaptionEncoder(nn.Module):
+    """A bidirectional decoder LLM with mean pooling over caption tokens.
+
+    Args:
+        model: the decoder stack (``AutoModel``), possibly PEFT-wrapped during training.
+        tokenizer: its tokenizer (left padding, pad = eos).
+        max_length: truncation length in tokens.
+        instructions: ``{"short_query": ..., "long_query": ...}`` used for queries.
+        pad_to_multiple_of: pad batches to this multiple (stable, fast kernels on CPU bf16).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int = 512,
+        instructions: dict[str, str] | None = None,
+        pooling: str = "mean",
+        pad_to_multiple_of: int | None = 16,
+    ) -> None:
+        super().__init__()
+        if pooling != "mean":
+            raise ValueError(f"unknown pooling {pooling!r} (only 'mean')")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.instructions = dict(instructions or {})
+        self.pooling = pooling
+        self.pad_to_multiple_of = pad_to_multiple_of
+        # Autocast dtype for encode() on fp32 weights (e.g. bf16 on a CPU); None = weights' dtype.
+        self.autocast_dtype: torch.dtype | None = None
+        self._identity: str | None = None
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        """Embedding dimension (the LLM's hidden size)."""
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def settings(self) -> dict[str, Any]:
+        """Everything besides the weights that changes an embedding."""
+        return {
+            "pooling": self.pooling,
+            "instructions": self.instructions,
+            "max_length": self.max_length,
+            "query_format": "{instruction}; {text}",
+            "dim": self.hidden_size,
+        }
+
+    # -- forward ----------------------------------------------------------------------------
+    def tokenize(self, texts: list[str], instruction: str | None = None) -> dict[str, torch.Tensor]:
+        """Tokenized batch with ``embed_mask`` (see :func:`llm2clip_vlm.text.pooling.tokenize`)."""
+        return dict(tokenize(self.tokenizer, texts, instruction, self.max_length, self.pad_to_multiple_of))
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, embed_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Pooled embeddings ``[B, d]`` (float32) of a tokenized batch, with gradient."""
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool(hidden.float(), embed_mask.to(hidden.device))
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: Iterable[str],
+        batch_size: int = 64,
+        instruction: str | None = None,
+        show_progress: bool = False,
+    ) -> torch.Tensor:
+        """Embed captions.
+
+        Args:
+            texts: captions (plain strings).
+            batch_size: captions per forward pass; batches are length-sorted internally.
+            instruction: prepended to every caption (queries); excluded from pooling.
+            show_progress: show a progress bar.
+
+        Returns:
+            A float32 CPU tensor ``[N, d]`` in the order of ``texts``.
+        """
+        texts = list(texts)
+        if not texts:
+            return torch.empty(0, self.hidden_size)
+        was_training = self.model.training
+        self.model.eval()
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = torch.empty(len(texts), self.hidden_size)
+        device = self.device
+        autocast = self.autocast_dtype is not None and self.autocast_dtype != self.dtype
+        with make_progress(disable=not show_progress) as progress:
+            task = progress.add_task("encode", total=len(texts), status="")
+            for start in range(0, len(texts), batch_size):
+                idx = order[start : start + batch_size]
+                batch = {
+                    k: v.to(device) for k, v in self.tokenize([texts[i] for i in idx], instruction).items()
+                }
+                with torch.autocast(device.type, dtype=self.autocast_dtype or self.dtype, enabled=autocast):
+                    emb = self(**batch)
+                out[idx] = emb.float().cpu()
+                progress.advance(task, len(idx))
+        self.model.train(was_training)
+        return out
+
+    # -- persistence ------------------------------------------------------------------------
+    def identity(self) -> str:
+        """Stable hash of weights + model config + pooling settings (cached; stored at save time)."""
+        if self._identity is None:
+            config = self.model.config.to_dict()
+            for volatile in (
+                "_name_or_path",
+                "transformers_version",
+                "architectures",
+                "dtype",
+                "torch_dtype",
+            ):
+                config.pop(volatile, None)
+            self._identity = self._combine(hash_state_dict(self.model.state_dict()), config)
+        return self._identity
+
+    def _combine(self, weights_sha: str, config: dict[str, Any]) -> str:
+        blob = json.dumps(
+            {"weights": weights_sha, "config": config, "settings": self.settings(), "format": FORMAT_VERSION},
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the model (safetensors), tokenizer and ``llm2clip_encoder.json`` to ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if hasattr(model, "merge_and_unload"):  # a PEFT wrapper: the saved embedder is standalone
+            raise ValueError("merge the LoRA (merge_and_unload) before saving the CaptionEncoder")
+        save_model(model, path)
+        self.tokenizer.save_pretrained(path)
+        meta = dict(self.settings(), format=FORMAT_VERSION, identity=self.identity())
+        (path / ENCODER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str = "sdpa",
+    ) -> CaptionEncoder:
+        """Load a saved encoder.
+
+        Args:
+            path: directory written by :meth:`save_pretrained`.
+            device: where to put it (default: CUDA if available, else CPU).
+            dtype: weight dtype (default: as saved).
+            attn_implementation: ``sdpa`` or ``eager``.
+        """
+        path = Path(path)
+        meta_file = path / ENCODER_FILE
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path} is not a CaptionEncoder directory (no {ENCODER_FILE})")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_file}: not valid JSON ({e})") from e
+        for key in ("pooling", "instructions", "max_length", "identity"):
+            if key not in meta:
+                raise ValueError(f"{meta_file}: missing key {key!r}")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        ref = ModelRef(str(path))
+        model = load_bidirectional(ref, attn_implementation=attn_implementation, dtype=dtype or "auto")
+        model.to(device)
+        enc = cls(model, load_tokenizer(ref), int(meta["max_length"]), meta["instructions"], meta["pooling"])
+        if int(meta.get("dim", enc.hidden_size)) != enc.hidden_size:
+            raise ValueError(f"{meta_file}: dim {meta['dim']} != model hidden size {enc.hidden_size}")
+        # The identity was computed from exactly these weights at save time; a weight dtype change
+        # on load does change the embeddings, so it is folded in.
+        enc._identity = (
+            meta["identity"]
+            if dtype is None
+            else hashlib.sha256(f"{meta['identity']}|{dtype}".encode()).hexdigest()
+        )
+        return enc

