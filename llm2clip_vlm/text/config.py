@@ -47,11 +47,17 @@ class Stage1Config:
     # Supervised SimCSE: cross-entropy over cosine similarity x scale (temperature 1/scale).
     scale: float = 50.0
     hard_negatives: bool = True
+    # Draw hard negatives from the most similar images (word overlap of their captions); else random.
+    similar_negatives: bool = True
     # Global batch (queries per optimizer step, summed over processes).
     batch_size: int = 512
     lr: float = 2e-4
     warmup_steps: int = 300
     weight_decay: float = 0.0
+    # After warmup: the reference (llm2vec on the HF Trainer) decays linearly to 0; "constant" holds lr.
+    lr_schedule: Literal["linear", "constant", "cosine"] = "linear"
+    # Gradient-norm clip (the HF Trainer default the reference ran with); 0 = off.
+    max_grad_norm: float = 1.0
     epochs: float = 1.0
     # Stop after this many optimizer steps (0 = run the epochs) / this many seconds (0 = no limit).
     max_steps: int = 0
@@ -60,6 +66,8 @@ class Stage1Config:
     # Split each batch into length-sorted chunks of this many sequences for the forward pass.
     chunk_size: int = 0
     save_every_steps: int = 200
+    # Checkpoints kept in <output>/checkpoints (older ones are deleted).
+    keep_checkpoints: int = 2
     seed: int = 42
     # Caption Retrieval Accuracy on held-out caption pairs (number of captions retrieved among).
     cra_captions: int = 1000

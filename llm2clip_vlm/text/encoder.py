@@ -94,7 +94,9 @@ class CaptionEncoder(nn.Module):
         }
 
     # -- forward ----------------------------------------------------------------------------
-    def tokenize(self, texts: list[str], instruction: str | None = None) -> dict[str, torch.Tensor]:
+    def tokenize(
+        self, texts: list[str], instruction: str | list[str | None] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Tokenized batch with ``embed_mask`` (see :func:`llm2clip_vlm.text.pooling.tokenize`)."""
         return dict(tokenize(self.tokenizer, texts, instruction, self.max_length, self.pad_to_multiple_of))
 

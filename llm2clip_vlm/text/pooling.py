@@ -25,7 +25,7 @@ def format_query(text: str, instruction: str | None) -> tuple[str, int]:
 def tokenize(
     tokenizer: PreTrainedTokenizerBase,
     texts: list[str],
-    instruction: str | None = None,
+    instruction: str | list[str | None] | None = None,
     max_length: int = 512,
     pad_to_multiple_of: int | None = None,
 ) -> BatchEncoding:
@@ -34,7 +34,8 @@ def tokenize(
     Args:
         tokenizer: a fast tokenizer with ``padding_side == "left"``.
         texts: the captions.
-        instruction: prepended to every text (queries only); excluded from pooling.
+        instruction: prepended to every text (queries only), or one per text (None = bare);
+            excluded from pooling.
         max_length: truncation length in tokens (instruction included).
         pad_to_multiple_of: pad the batch length up to a multiple (stable kernel shapes).
 
@@ -45,7 +46,10 @@ def tokenize(
         raise ValueError("caption pooling needs a fast tokenizer (character offsets)")
     if tokenizer.padding_side != "left":
         raise ValueError("caption pooling expects left padding (tokenizer.padding_side='left')")
-    formatted = [format_query(t, instruction) for t in texts]
+    instructions = instruction if isinstance(instruction, list) else [instruction] * len(texts)
+    if len(instructions) != len(texts):
+        raise ValueError(f"{len(instructions)} instructions for {len(texts)} texts")
+    formatted = [format_query(t, ins) for t, ins in zip(texts, instructions, strict=True)]
     enc = tokenizer(
         [f for f, _ in formatted],
         padding=True,

@@ -1,0 +1,139 @@
+"""Supervised SimCSE batches for caption-contrastive training (LLM2CLIP "CC").
+
+Per optimizer step the global batch holds B queries from B distinct images. For each image a
+query and a positive are two different captions of it; the hard negative is a caption of another
+image, of the positive's type, drawn from the image's most similar images (bag-of-words cosine
+over its captions) when that is cheap to compute, else from a random image. Queries carry the
+instruction of their type; positives and negatives are embedded bare, as the store embeds them.
+
+[IMPORTANT] A step's global batch is a pure function of (seed, step): every process draws the same
+global batch and keeps its own slice, so N processes see exactly what one process sees, and a
+resumed run continues with exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llm2clip_vlm.data.records import Caption, ImageCaptions
+from llm2clip_vlm.logging import get_logger
+
+log = get_logger(__name__)
+
+# Above this many images, similar-image negatives are skipped (the n x n similarity gets costly).
+MAX_IMAGES_FOR_SIMILAR = 50_000
+NEIGHBOURS = 8
+VOCAB = 4096
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+@dataclass(frozen=True)
+class Triplet:
+    """One SimCSE example: a query (with its instruction), its positive and a hard negative."""
+
+    query: str
+    instruction: str | None
+    positive: str
+    negative: str | None
+
+
+def similar_images(records: Sequence[ImageCaptions], k: int = NEIGHBOURS, chunk: int = 1024) -> np.ndarray:
+    """Indices ``[n, k]`` of each image's most similar other images (cosine of word-presence vectors)."""
+    words = [set(_WORD.findall(" ".join(c.text for c in r.captions).lower())) for r in records]
+    counts = Counter(w for ws in words for w in ws)
+    vocab = {w: i for i, (w, _) in enumerate(counts.most_common(VOCAB))}
+    x = torch.zeros(len(records), len(vocab))
+    for row, ws in enumerate(words):
+        cols = [vocab[w] for w in ws if w in vocab]
+        x[row, cols] = 1.0
+    x = torch.nn.functional.normalize(x, dim=1)
+    k = min(k, len(records) - 1)
+    out = np.empty((len(records), k), dtype=np.int64)
+    for start in range(0, len(records), chunk):
+        sim = x[start : start + chunk] @ x.T
+        rows = torch.arange(sim.shape[0])
+        sim[rows, rows + start] = -2.0  # never the image itself
+        out[start : start + chunk] = sim.topk(k, dim=1).indices.numpy()
+    return out
+
+
+class SimCSEBatches:
+    """Deterministic SimCSE global batches over a list of images.
+
+    Args:
+        records: training images (images with fewer than two captions are skipped).
+        instructions: ``{"short": ..., "long": ...}`` instruction per query caption type.
+        seed: the batches are a function of ``(seed, step)``.
+        hard_negatives: add one hard negative per query.
+        similar_negatives: draw hard negatives from similar images (if the set is small enough).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageCaptions],
+        instructions: dict[str, str],
+        seed: int = 0,
+        hard_negatives: bool = True,
+        similar_negatives: bool = True,
+    ) -> None:
+        self.records = [r for r in records if len(r.captions) >= 2]
+        if len(self.records) < 2:
+            raise ValueError(
+                f"SimCSE needs at least 2 images with 2+ captions each; got {len(self.records)} of {len(records)}"
+            )
+        skipped = len(records) - len(self.records)
+        if skipped:
+            log.warning("SimCSE: skipped %d images with fewer than 2 captions", skipped)
+        self.instructions = instructions
+        self.seed = seed
+        self.hard_negatives = hard_negatives
+        self.neighbours: np.ndarray | None = None
+        if hard_negatives and similar_negatives and len(self.records) <= MAX_IMAGES_FOR_SIMILAR:
+            self.neighbours = similar_images(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Optimizer steps in one pass over the images (B distinct images per step)."""
+        if batch_size > len(self.records):
+            raise ValueError(
+                f"batch size {batch_size} exceeds the {len(self.records)} usable training images"
+            )
+        return len(self.records) // batch_size
+
+    def batch(self, step: int, batch_size: int) -> list[Triplet]:
+        """The global batch of ``step``: ``batch_size`` triplets from distinct images."""
+        per_epoch = self.steps_per_epoch(batch_size)
+        epoch, within = divmod(step, per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
+        images = order[within * batch_size : (within + 1) * batch_size]
+        rng = np.random.default_rng([self.seed, 1_000_003, step])
+        return [self._triplet(int(i), rng) for i in images]
+
+    def _triplet(self, i: int, rng: np.random.Generator) -> Triplet:
+        captions = self.records[i].captions
+        qi, pi = rng.choice(len(captions), size=2, replace=False)
+        query, positive = captions[qi], captions[pi]
+        negative = self._negative(i, positive, rng) if self.hard_negatives else None
+        return Triplet(query.text, self.instructions.get(query.kind), positive.text, negative)
+
+    def _negative(self, i: int, positive: Caption, rng: np.random.Generator) -> str:
+        for _ in range(8):
+            if self.neighbours is not None and rng.random() < 0.9:
+                j = int(self.neighbours[i, rng.integers(self.neighbours.shape[1])])
+            else:
+                j = int(rng.integers(len(self.records) - 1))
+                j += j >= i  # any image but i
+            same_kind = [c.text for c in self.records[j].captions if c.kind == positive.kind]
+            pool = same_kind or [c.text for c in self.records[j].captions]
+            text = pool[int(rng.integers(len(pool)))]
+            if text != positive.text:  # an identical caption elsewhere is no negative
+                return text
+        return text
