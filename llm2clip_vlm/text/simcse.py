@@ -72,6 +72,7 @@ class SimCSEBatches:
         seed: the batches are a function of ``(seed, step)``.
         hard_negatives: add one hard negative per query.
         similar_negatives: draw hard negatives from similar images (if the set is small enough).
+        neighbours: how many of the most similar images a hard negative is drawn from.
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class SimCSEBatches:
         seed: int = 0,
         hard_negatives: bool = True,
         similar_negatives: bool = True,
+        neighbours: int = NEIGHBOURS,
     ) -> None:
         self.records = [r for r in records if len(r.captions) >= 2]
         if len(self.records) < 2:
@@ -95,7 +97,7 @@ class SimCSEBatches:
         self.hard_negatives = hard_negatives
         self.neighbours: np.ndarray | None = None
         if hard_negatives and similar_negatives and len(self.records) <= MAX_IMAGES_FOR_SIMILAR:
-            self.neighbours = similar_images(self.records)
+            self.neighbours = similar_images(self.records, k=neighbours)
 
     def __len__(self) -> int:
         return len(self.records)
