@@ -28,10 +28,14 @@ class Stage2Config:
     embed_dim: int = 1280
     adaptor_blocks: int = 4
     loss: Literal["clip", "siglip"] = "clip"
+    # Learnable log temperature: ln(1/0.07) at start, clamped at ln(100) after every step.
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = math.log(100)
+    # SigLIP loss only: initial logit bias (the SigLIP paper uses -10 with logit_scale_init ln 10).
+    logit_bias_init: float = -10.0
     # Share of samples that use a long caption (the rest a short one).
     long_caption_ratio: float = 0.5
+    # Global batch (images per optimizer step, summed over processes).
     batch_size: int = 4096
     lr: float = 1e-5
     # Learning rate of the new parts (adaptor, heads, logit scale); 0 = same as ``lr``.
@@ -39,15 +43,20 @@ class Stage2Config:
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
+    # Layer-wise lr decay over the ViT: block l of L gets lr * layer_decay ** (L + 1 - l).
     layer_decay: float = 0.85
     warmup_steps: int = 0
     grad_clip: float = 5.0
     epochs: float = 1.0
+    # 0 = run ``epochs``; otherwise exactly this many optimizer steps (the cosine schedule's length).
     max_steps: int = 0
+    # Stop early after this many seconds of training (0 = no limit); the schedule is not shortened.
     max_seconds: float = 0.0
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     gradient_checkpointing: bool = True
+    # DataLoader worker processes (image decoding and preprocessing).
     num_workers: int = 2
+    # Checkpoint (weights, optimizer, schedule) every N steps; a killed run resumes from it.
     save_every_steps: int = 500
     seed: int = 42
     eval_batch_size: int = 256

@@ -1,0 +1,269 @@
+"""Vision backbones of stage 2: one registry, one surface for every encoder family.
+
+``create_backbone(cfg)`` builds a :class:`VisionBackbone` from a :class:`VisionBackboneConfig`:
+
+- ``clip``   transformers ``CLIPVisionModel`` (OpenAI CLIP, also the vision half of a full CLIP
+  checkpoint; its text tower and projection are dropped at load time),
+- ``siglip`` transformers ``SiglipVisionModel`` (SigLIP and the fixed-resolution SigLIP2),
+- ``timm``   any timm ViT (EVA02 and others); timm is an optional dependency, imported here only.
+
+Every backbone returns pooled features ``[B, hidden_size]`` (the encoder's own pooling: CLIP's
+post-layernormed CLS token, SigLIP's attention-pooling head, timm's ``pre_logits``), exposes its
+blocks for layer-wise lr decay, switches gradient checkpointing, carries a CLIP-compatible image
+processor and saves itself in its own format, so the exported tower needs no code of ours.
+
+``name_or_path: ""`` builds a small random ViT from the config's sizes (the CPU demo and tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llm2clip_vlm.vision.config import VisionBackboneConfig
+
+# OpenAI CLIP's normalisation; SigLIP uses 0.5/0.5 (its processor's own default).
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+class VisionBackbone(nn.Module):
+    """Common surface of every registered vision encoder.
+
+    Subclasses set ``self.model`` (the wrapped encoder) and ``self.image_processor`` and implement
+    :meth:`forward`, :meth:`layer_ids`, :meth:`set_grad_checkpointing` and :meth:`save_pretrained`.
+    """
+
+    kind: str = ""
+
+    def __init__(self, model: nn.Module, image_processor: Any, hidden_size: int, num_layers: int) -> None:
+        super().__init__()
+        self.model = model
+        self.image_processor = image_processor
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Pooled features ``[B, hidden_size]``."""
+        raise NotImplementedError
+
+    def layer_ids(self) -> dict[str, int]:  # pragma: no cover - abstract
+        """Layer index of every parameter (names relative to this module).
+
+        0 = the stem (patch/position embeddings, pre-norm), ``i + 1`` = transformer block ``i``,
+        ``num_layers + 1`` = everything after the last block (final norm, pooling head). Layer-wise
+        lr decay scales layer ``l`` by ``decay ** (num_layers + 1 - l)``.
+        """
+        raise NotImplementedError
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def save_pretrained(self, path: str | Path) -> Path:  # pragma: no cover - abstract
+        """Write the encoder and its image processor in the family's own format."""
+        raise NotImplementedError
+
+    @property
+    def image_size(self) -> int:
+        crop = getattr(self.image_processor, "crop_size", None) or self.image_processor.size
+        return int(crop.get("height") or crop.get("shortest_edge"))
+
+
+_REGISTRY: dict[str, Callable[[VisionBackboneConfig], VisionBackbone]] = {}
+
+
+def register_backbone(
+    name: str,
+) -> Callable[
+    [Callable[[VisionBackboneConfig], VisionBackbone]], Callable[[VisionBackboneConfig], VisionBackbone]
+]:
+    """Decorator: register a factory ``(VisionBackboneConfig) -> VisionBackbone`` under ``name``."""
+
+    def wrap(
+        factory: Callable[[VisionBackboneConfig], VisionBackbone],
+    ) -> Callable[[VisionBackboneConfig], VisionBackbone]:
+        if name in _REGISTRY:
+            raise ValueError(f"vision backbone {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def known_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_backbone(cfg: VisionBackboneConfig) -> VisionBackbone:
+    """Build the backbone ``cfg.kind`` (pretrained from ``cfg.name_or_path``, or random when empty).
+
+    Raises:
+        ValueError: unknown kind (the message lists the registered ones).
+    """
+    if cfg.kind not in _REGISTRY:
+        raise ValueError(f"unknown vision backbone {cfg.kind!r}; known: {', '.join(known_backbones())}")
+    return _REGISTRY[cfg.kind](cfg)
+
+
+# -- transformers families ----------------------------------------------------------------------
+
+
+class HFVisionBackbone(VisionBackbone):
+    """A transformers vision model with ``embeddings``, ``encoder.layers`` and a pooled output."""
+
+    # Submodules that run before block 0 (layer id 0); the family decides, not a name search.
+    stem_modules: tuple[str, ...] = ("embeddings",)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).pooler_output
+
+    def layer_ids(self) -> dict[str, int]:
+        ids: dict[str, int] = {}
+        for stem in self.stem_modules:
+            for name, _ in getattr(self.model, stem).named_parameters():
+                ids[f"model.{stem}.{name}"] = 0
+        for i, block in enumerate(self.model.encoder.layers):
+            for name, _ in block.named_parameters():
+                ids[f"model.encoder.layers.{i}.{name}"] = i + 1
+        for name, _ in self.named_parameters():
+            ids.setdefault(name, self.num_layers + 1)
+        return ids
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            # Non-reentrant: works with DDP/FSDP and with inputs that do not require grad.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_disable()
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+        return path
+
+
+class CLIPBackbone(HFVisionBackbone):
+    kind = "clip"
+    stem_modules = ("embeddings", "pre_layrnorm")
+
+
+class SiglipBackbone(HFVisionBackbone):
+    kind = "siglip"
+
+
+def _random_sizes(cfg: VisionBackboneConfig) -> dict[str, int]:
+    return {
+        "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": 4 * cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+    }
+
+
+@register_backbone("clip")
+def _create_clip(cfg: VisionBackboneConfig) -> VisionBackbone:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    if cfg.name_or_path:
+        # fp32 master weights; mixed precision is the trainer's autocast.
+        model = CLIPVisionModel.from_pretrained(cfg.name_or_path, dtype=torch.float32)
+        processor = CLIPImageProcessor.from_pretrained(cfg.name_or_path)
+    else:
+        model = CLIPVisionModel(CLIPVisionConfig(**_random_sizes(cfg)))
+        s = cfg.image_size
+        processor = CLIPImageProcessor(
+            size={"shortest_edge": s},
+            crop_size={"height": s, "width": s},
+            image_mean=CLIP_MEAN,
+            image_std=CLIP_STD,
+        )
+    c = model.config
+    return CLIPBackbone(model, processor, c.hidden_size, c.num_hidden_layers)
+
+
+@register_backbone("siglip")
+def _create_siglip(cfg: VisionBackboneConfig) -> VisionBackbone:
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    if cfg.name_or_path:
+        model = SiglipVisionModel.from_pretrained(cfg.name_or_path, dtype=torch.float32)
+        processor = SiglipImageProcessor.from_pretrained(cfg.name_or_path)
+    else:
+        model = SiglipVisionModel(SiglipVisionConfig(**_random_sizes(cfg)))
+        s = cfg.image_size
+        processor = SiglipImageProcessor(size={"height": s, "width": s})
+    c = model.config
+    return SiglipBackbone(model, processor, c.hidden_size, c.num_hidden_layers)
+
+
+# -- timm (optional) ----------------------------------------------------------------------------
+
+
+class TimmBackbone(VisionBackbone):
+    """A timm ViT (EVA02, ...) with its classifier removed (``num_classes=0``: pooled pre-logits)."""
+
+    kind = "timm"
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values)
+
+    def layer_ids(self) -> dict[str, int]:
+        from timm.models import group_parameters
+
+        # timm's own fine-grained grouping: stem = 0, block i = i + 1, head/norm last.
+        groups = group_parameters(self.model, self.model.group_matcher(coarse=False))
+        ids = {f"model.{name}": int(gid) for gid, names in groups.items() for name in names}
+        top = max(ids.values(), default=0)
+        for name, _ in self.named_parameters():
+            ids.setdefault(name, top)
+        return ids
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        from timm.models import save_for_hf
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        # timm's hub format (config.json + model.safetensors), loadable with
+        # timm.create_model("local-dir:<path>"); the processor lets CLIP-style code preprocess.
+        save_for_hf(self.model, str(path), safe_serialization="only")
+        self.image_processor.save_pretrained(path)
+        return path
+
+
+@register_backbone("timm")
+def _create_timm(cfg: VisionBackboneConfig) -> VisionBackbone:
+    try:
+        import timm
+    except ImportError as e:
+        raise ImportError("vision backbone 'timm' needs timm: pip install 'llm2clip-vlm[timm]'") from e
+    from transformers import CLIPImageProcessor
+
+    if not cfg.name_or_path:
+        raise ValueError("vision backbone 'timm' needs name_or_path (a timm model name or a saved dir)")
+    name = cfg.name_or_path
+    if Path(name).is_dir():
+        model = timm.create_model(f"local-dir:{name}", pretrained=True, num_classes=0)
+    else:
+        model = timm.create_model(name, pretrained=True, num_classes=0)
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    _, h, w = data_cfg["input_size"]
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": h},
+        crop_size={"height": h, "width": w},
+        image_mean=list(data_cfg["mean"]),
+        image_std=list(data_cfg["std"]),
+    )
+    num_layers = len(getattr(model, "blocks", []))
+    backbone = TimmBackbone(model, processor, model.num_features, num_layers)
+    return backbone
