@@ -1,0 +1,186 @@
+"""On-disk layout of the caption embedding store, shared by the writer and the reader.
+
+A store is one directory::
+
+    manifest.json            written last (its presence means "complete"): identity, dims, shards
+    plan.json                written first: what this store is being built from (resume guard)
+    caption_hashes.npy       [rows, 32] uint8, sha256 of ``kind + "\\0" + text`` per caption row
+    caption_kinds.npy        [rows] uint8, 0 = short, 1 = long
+    image_offsets.npy        [images + 1] int64, image i owns rows ``offsets[i]:offsets[i+1]``
+    image_key_hashes.npy     [images, 32] uint8, sha256 of each image's key
+    shards/00000.npy         [shard rows, dim] embeddings (fp16 / fp32; bf16 stored as uint16 bits)
+    shards/00000.json        sidecar: row range, sha256 of the .npy, token counts, plan hash
+
+Rows are the captions in data-set order: image 0's captions in record order, then image 1's, ...
+
+This module needs only numpy (no torch), so opening a store for reading stays light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llm2clip_vlm.data.records import ImageCaptions
+
+FORMAT = "llm2clip-embedding-store"
+VERSION = 1
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+CAPTION_HASHES = "caption_hashes.npy"
+CAPTION_KINDS = "caption_kinds.npy"
+IMAGE_OFFSETS = "image_offsets.npy"
+IMAGE_KEY_HASHES = "image_key_hashes.npy"
+SHARD_DIR = "shards"
+
+KINDS = ("short", "long")
+# numpy dtype each store dtype is written as. numpy has no bfloat16: bf16 values are kept as
+# their raw 16 bits (uint16) and widened to float32 on read (exact: bf16 is truncated fp32).
+STORAGE_DTYPES: dict[str, np.dtype] = {
+    "fp16": np.dtype("<f2"),
+    "bf16": np.dtype("<u2"),
+    "fp32": np.dtype("<f4"),
+}
+
+
+class StoreInputError(ValueError):
+    """A caption that cannot be embedded (empty, not text, unknown kind); names the record."""
+
+
+@dataclass(frozen=True)
+class CaptionTable:
+    """The caption rows of a data set, flattened, with their hashes (what a store is keyed by)."""
+
+    texts: list[str]
+    kinds: np.ndarray  # [rows] uint8
+    hashes: np.ndarray  # [rows, 32] uint8
+    offsets: np.ndarray  # [images + 1] int64
+    key_hashes: np.ndarray  # [images, 32] uint8
+    keys: list[str]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.keys)
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """(image index, caption index within the image) of a row."""
+        image = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        return image, row - int(self.offsets[image])
+
+
+def caption_digest(text: str, kind: str) -> bytes:
+    """sha256 of one caption (its kind is part of it: the same text as short and long differs)."""
+    return hashlib.sha256(f"{kind}\x00{text}".encode()).digest()
+
+
+def caption_table(records: Sequence[ImageCaptions]) -> CaptionTable:
+    """Flatten a caption set into rows, validating every caption.
+
+    Raises:
+        StoreInputError: a caption is empty, not a string, or of an unknown kind (the message
+            names the record's key, its source and the caption's position).
+    """
+    texts: list[str] = []
+    kinds: list[int] = []
+    digests: list[bytes] = []
+    offsets = [0]
+    keys: list[str] = []
+    for i, rec in enumerate(records):
+        where = f"record {i} (key {rec.key!r}{', ' + rec.source if rec.source else ''})"
+        for j, cap in enumerate(rec.captions):
+            text, kind = getattr(cap, "text", cap), getattr(cap, "kind", None)
+            if not isinstance(text, str):
+                raise StoreInputError(f"{where}: caption {j} is not text ({type(text).__name__}: {text!r})")
+            if not text.strip():
+                raise StoreInputError(f"{where}: caption {j} ({kind}) is empty")
+            if kind not in KINDS:
+                raise StoreInputError(f"{where}: caption {j} has unknown kind {kind!r} (expected short/long)")
+            texts.append(text)
+            kinds.append(KINDS.index(kind))
+            digests.append(caption_digest(text, kind))
+        offsets.append(len(texts))
+        keys.append(str(rec.key))
+    return CaptionTable(
+        texts=texts,
+        kinds=np.asarray(kinds, dtype=np.uint8),
+        hashes=_digest_array(digests),
+        offsets=np.asarray(offsets, dtype=np.int64),
+        key_hashes=_digest_array([hashlib.sha256(k.encode()).digest() for k in keys]),
+        keys=keys,
+    )
+
+
+def _digest_array(digests: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), 32).copy()
+
+
+def array_sha256(a: np.ndarray) -> str:
+    """sha256 of an array's raw bytes (C order) - a compact fingerprint of a hash table."""
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 8 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_ranges(num_rows: int, shard_size: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` row ranges of ``shard_size`` rows (the last may be shorter)."""
+    if shard_size <= 0:
+        raise ValueError(f"embed.shard_size must be positive, got {shard_size}")
+    return [(s, min(s + shard_size, num_rows)) for s in range(0, num_rows, shard_size)]
+
+
+def rank_shards(num_shards: int, rank: int, world_size: int) -> range:
+    """The contiguous share of shard indices that ``rank`` writes (sizes differ by at most one)."""
+    return range(num_shards * rank // world_size, num_shards * (rank + 1) // world_size)
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_DIR}/{index:05d}.npy"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp name, fsync, then rename: a reader (or a resumed run) never sees half a file."""
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temp name (the .npy header is deterministic, so reruns are byte-equal)."""
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def to_float32(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Widen stored rows to float32 (bf16 bits are shifted into the high half of a float32)."""
+    if dtype == "bf16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32, copy=False)
