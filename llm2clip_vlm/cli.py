@@ -91,18 +91,44 @@ def embed(recipe: RecipeArg = None, output: OutputOpt = Path("runs/store"), set_
 
 
 @app.command("stage2")
-def stage2(recipe: RecipeArg = None, output: OutputOpt = Path("runs/stage2"), set_: SetOpt = None) -> None:
+def stage2(
+    recipe: RecipeArg = None,
+    output: OutputOpt = Path("runs/stage2"),
+    store: Annotated[
+        Path, typer.Option(help="The `embed` output (train/ and heldout-<name>/ stores).")
+    ] = Path("runs/store"),
+    encoder: Annotated[
+        Path | None,
+        typer.Option(help="The stage-1 CaptionEncoder (default: embed.encoder of the config)."),
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
     """Stage 2: align a CLIP vision encoder to the frozen LLM through stored caption embeddings."""
-    _not_built("stage2", "issue 3")
+    from llm2clip_vlm.vision.train import run_stage2
+
+    cfg = resolve_config(recipe, set_)
+    run_stage2(cfg, output, store_dir=store, encoder_dir=encoder)
 
 
 @app.command("export-tower")
 def export_tower(
     run: Annotated[Path, typer.Argument(help="A stage-2 run directory.")],
     output: OutputOpt = Path("runs/tower"),
+    model_output: Annotated[
+        Path | None,
+        typer.Option(
+            "--model-output", help="Where the full retrieval model goes (default: OUTPUT/../model)."
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="fp32 | bf16 | fp16 (default: the run's export.dtype).")
+    ] = None,
 ) -> None:
     """Export the stage-2 vision encoder in its own transformers format (a LLaVA vision tower)."""
-    _not_built("export-tower", "issue 3")
+    from llm2clip_vlm.vision.export import export_tower as do_export
+
+    do_export(run, output, model_dir=model_output, dtype=dtype)
+    console.print(f"tower: {output}")
 
 
 @app.command("build-tower")

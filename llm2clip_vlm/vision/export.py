@@ -1,0 +1,173 @@
+"""Export a stage-2 run: the vision tower in its backbone's own format, the retrieval model, a card.
+
+``export_tower(run_dir, out_dir)`` writes
+
+- ``out_dir/``: the stage-2 vision encoder exactly as its family saves itself (for CLIP/SigLIP:
+  ``config.json``, ``model.safetensors``, ``preprocessor_config.json``), so unmodified code loads
+  it: ``AutoModel.from_pretrained``, ``CLIPVisionModel.from_pretrained``,
+  ``AutoImageProcessor.from_pretrained`` (LLaVA-1.5 loads its vision tower exactly this way);
+  plus ``README.md`` (model card: provenance and metrics) and ``llm2clip_provenance.json``;
+- ``model_dir`` (default ``out_dir/../model``): the full retrieval model
+  (``LLM2CLIP.from_pretrained``).
+
+Before returning, the export is reloaded with plain transformers and its pooled features are
+compared to the trained model's, so a tower that would load differently is never handed on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm2clip_vlm import configuration
+from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.vision.model import LLM2CLIP
+
+log = get_logger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export_tower(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    model_dir: str | Path | None = None,
+    dtype: str | None = None,
+    verify: bool = True,
+) -> Path:
+    """Export the stage-2 run ``run_dir`` (its ``model/``, ``config.yaml``, ``metrics.json``).
+
+    Args:
+        run_dir: a finished stage-2 run directory.
+        out_dir: where the tower goes.
+        model_dir: where the full retrieval model goes (default: ``out_dir/../model``).
+        dtype: ``fp32``/``bf16``/``fp16`` for the tower weights (default: the run's ``export.dtype``).
+        verify: reload the tower with plain transformers and compare features to the trained model.
+
+    Returns:
+        ``out_dir``.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    model_src = run_dir / "model"
+    if not model_src.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a finished stage-2 run (no model/ folder)")
+    cfg_file = run_dir / "config.yaml"
+    cfg = configuration.load(RunConfig, cfg_file) if cfg_file.is_file() else RunConfig()
+    dtype = dtype or cfg.export.dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"export dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    metrics = (
+        json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    )
+
+    model = LLM2CLIP.from_pretrained(model_src).eval()
+    model_dir = Path(model_dir) if model_dir is not None else out_dir.parent / "model"
+    model.save_pretrained(model_dir)
+
+    backbone = model.vision
+    reference = _probe_features(backbone) if verify else None
+    backbone.model.to(DTYPES[dtype])
+    backbone.save_pretrained(out_dir)
+    backbone.model.to(torch.float32)
+
+    provenance = _provenance(cfg, model, metrics, run_dir, dtype)
+    (out_dir / "llm2clip_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    (out_dir / "README.md").write_text(model_card(provenance))
+    if verify and reference is not None and backbone.kind in ("clip", "siglip"):
+        _verify(out_dir, backbone, reference, dtype)
+    log.info("tower written to %s (%s, %s); retrieval model to %s", out_dir, backbone.kind, dtype, model_dir)
+    return out_dir
+
+
+@torch.no_grad()
+def _probe_features(backbone: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    size = backbone.image_size
+    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return probe, backbone(probe).float()
+
+
+@torch.no_grad()
+def _verify(out_dir: Path, backbone: Any, reference: tuple[torch.Tensor, torch.Tensor], dtype: str) -> None:
+    """Reload with ``AutoModel``/``AutoImageProcessor`` (no code of ours) and compare features."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    loaded = AutoModel.from_pretrained(out_dir, dtype=torch.float32).eval()
+    AutoImageProcessor.from_pretrained(out_dir)
+    probe, expected = reference
+    got = loaded(pixel_values=probe).pooler_output.float()
+    tol = 1e-4 if dtype == "fp32" else 5e-2
+    err = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
+    if err > tol:
+        raise RuntimeError(f"exported tower at {out_dir} gives different features (relative error {err:.2e})")
+
+
+def _provenance(
+    cfg: RunConfig, model: LLM2CLIP, metrics: dict[str, Any], run_dir: Path, dtype: str
+) -> dict[str, Any]:
+    c = model.config
+    s2 = metrics.get("stage2", {})
+    return {
+        "method": "LLM2CLIP stage 2 (arXiv 2411.04997): vision encoder aligned to a frozen LLM caption embedder",
+        "backbone": {"kind": c.backbone.kind, "init": cfg.stage2.backbone.name_or_path or "random (demo)"},
+        "dtype": dtype,
+        "caption_encoder": {"path": c.encoder_path, "identity": c.encoder_identity, "dim": c.text_dim},
+        "data": {
+            "train": cfg.data.train.path or f"synthetic demo world (seed {cfg.data.demo_seed})",
+            "heldout": sorted(s2.get("retrieval", {})),
+        },
+        "stage2": configuration.to_dict(cfg.stage2),
+        "run_dir": str(run_dir.resolve()),
+        "retrieval": s2.get("retrieval", {}),
+        "retrieval_before": s2.get("retrieval_before", {}),
+        "train": {k: v for k, v in s2.get("train", {}).items() if k != "losses"},
+    }
+
+
+def model_card(p: dict[str, Any]) -> str:
+    """A README.md for the exported tower: what it is, where it came from, how well it retrieves."""
+    s2 = p["stage2"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [llm2clip, vision-tower, llava]",
+        "---",
+        f"# LLM2CLIP vision tower ({p['backbone']['kind']})",
+        "",
+        "The vision encoder of an LLM2CLIP stage-2 run: a CLIP-style ViT whose features were aligned",
+        "to a frozen LLM caption embedder (stage 1). Saved in the backbone's own transformers format:",
+        "",
+        "```python",
+        "from transformers import AutoImageProcessor, AutoModel",
+        "tower = AutoModel.from_pretrained(PATH)            # e.g. CLIPVisionModel",
+        "processor = AutoImageProcessor.from_pretrained(PATH)",
+        "```",
+        "",
+        "LLaVA-1.5 uses it as `--vision_tower PATH` (patch features of layer -2).",
+        "",
+        "## Provenance",
+        "",
+        f"- backbone: `{p['backbone']['kind']}` initialised from `{p['backbone']['init']}`; weights in {p['dtype']}",
+        f"- caption encoder: `{p['caption_encoder']['path'] or '-'}` (identity `{p['caption_encoder']['identity'][:16] or '-'}`, dim {p['caption_encoder']['dim']})",
+        f"- training data: {p['data']['train']}",
+        f"- stage 2: {p['train'].get('steps', '?')} steps, global batch {s2['batch_size']}, lr {s2['lr']} "
+        f"(head {s2['head_lr'] or s2['lr']}), layer decay {s2['layer_decay']}, loss {s2['loss']}, "
+        f"long-caption ratio {s2['long_caption_ratio']}, {s2['precision']}",
+        f"- run: `{p['run_dir']}` (full config in its `config.yaml`, also in `llm2clip_provenance.json`)",
+        "",
+        "## Zero-shot retrieval on held-out sets (percent)",
+        "",
+        "| set | images | captions | I2T R@1 | I2T R@5 | I2T R@10 | T2I R@1 | T2I R@5 | T2I R@10 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for when, results in (("before", p["retrieval_before"]), ("after", p["retrieval"])):
+        for name, m in results.items():
+            lines.append(
+                f"| {name} ({when} stage 2) | {m['n_images']} | {m['n_captions']} | {m['i2t_r1']:.1f} | "
+                f"{m['i2t_r5']:.1f} | {m['i2t_r10']:.1f} | {m['t2i_r1']:.1f} | {m['t2i_r5']:.1f} | {m['t2i_r10']:.1f} |"
+            )
+    lines.append("")
+    return "\n".join(lines)
