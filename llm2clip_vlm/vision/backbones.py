@@ -136,9 +136,11 @@ class HFVisionBackbone(VisionBackbone):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
             # Non-reentrant: works with DDP/FSDP and with inputs that do not require grad.
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
         else:
-            self.model.gradient_checkpointing_disable()
+            self.model.activation_checkpointing_disable()
 
     def save_pretrained(self, path: str | Path) -> Path:
         path = Path(path)

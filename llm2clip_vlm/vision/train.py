@@ -424,7 +424,7 @@ def train_stage2(
     s = cfg.stage2
     out = Path(output_dir)
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[s.precision]
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    accelerator = _make_accelerator(Accelerator, mixed)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -582,6 +582,21 @@ def train_stage2(
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _make_accelerator(accelerator_cls: Any, mixed_precision: str) -> Any:
+    """An Accelerator with this stage's precision, also after another stage ran in this process.
+
+    accelerate keeps its state in a process-wide singleton and refuses a second Accelerator with
+    another ``mixed_precision`` (``build-tower`` runs stage 1 and stage 2 in one process). Resetting
+    only the AcceleratorState keeps the process group (PartialState) intact.
+    """
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and str(shared.get("_mixed_precision", mixed_precision)) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return accelerator_cls(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def _time_up(accelerator: Any, max_seconds: float, seconds: float) -> bool:
