@@ -1,0 +1,151 @@
+"""Which model class loads an exported tower directory: a small registry keyed by ``config.json``.
+
+An exported tower is a directory in its backbone's own format (``config.json``,
+``model.safetensors``, ``preprocessor_config.json``). Its ``model_type`` (``clip_vision_model``,
+``siglip_vision_model``, or the full-model ``clip``/``siglip``) picks a :class:`TowerFormat`: how to
+read the config without weights, how to load the weights, whether the token sequence starts with
+a CLS token, and how to load the image processor. Dispatch is on the file's declared type, never
+on substrings of the path.
+
+A new family (e.g. a timm-backed tower, whose ``config.json`` carries ``architecture`` and no
+``model_type``; it is keyed ``"timm"``) is added with :func:`register_tower_format`. Its loaded
+model must behave like a transformers vision model for the tower: ``model(pixel_values,
+output_hidden_states=True).hidden_states`` (index 0 = the embeddings, ``i`` = after block ``i``),
+``.dtype``, ``.device``, and a ``config`` with ``hidden_size``, ``image_size``, ``patch_size``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+PREFIX = "llm2clip:"
+
+
+@dataclass(frozen=True)
+class TowerFormat:
+    """How one backbone family's exported directory is loaded.
+
+    Attributes:
+        name: short family name (``clip``, ``siglip``, ...), used in messages.
+        has_cls_token: the token sequence starts with a CLS token ("patch" drops it).
+        load_config: ``path -> config`` (no weights): ``hidden_size``, ``image_size``, ``patch_size``.
+        load_model: ``(path, device_map) -> model`` with the weights.
+        load_image_processor: ``path -> image processor``.
+    """
+
+    name: str
+    has_cls_token: bool
+    load_config: Callable[[Path], Any]
+    load_model: Callable[[Path, Any], nn.Module]
+    load_image_processor: Callable[[Path], Any]
+
+
+_FORMATS: dict[str, TowerFormat] = {}
+
+
+def register_tower_format(keys: tuple[str, ...], fmt: TowerFormat) -> TowerFormat:
+    """Register ``fmt`` for every ``config.json`` type in ``keys`` (``model_type`` or ``"timm"``).
+
+    Raises:
+        ValueError: a key is already registered.
+    """
+    for key in keys:
+        if key in _FORMATS:
+            raise ValueError(f"tower format for {key!r} is already registered ({_FORMATS[key].name})")
+    for key in keys:
+        _FORMATS[key] = fmt
+    return fmt
+
+
+def known_tower_types() -> list[str]:
+    """The ``config.json`` types a tower can be loaded from."""
+    return sorted(_FORMATS)
+
+
+def resolve_tower_path(name: str) -> Path:
+    """A tower name (a local directory, optionally prefixed ``llm2clip:``) -> its directory.
+
+    Raises:
+        FileNotFoundError: not a local directory with a ``config.json`` (towers load offline only).
+    """
+    raw = name[len(PREFIX) :] if name.startswith(PREFIX) else name
+    path = Path(raw).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"LLM2CLIP tower {name!r}: {path} is not a local directory with a config.json "
+            "(expected an exported tower: config.json, model.safetensors, preprocessor_config.json)"
+        )
+    return path
+
+
+def detect_tower_format(path: Path) -> TowerFormat:
+    """The registered format of the tower directory ``path`` (from its ``config.json``).
+
+    Raises:
+        ValueError: unreadable ``config.json`` or a type no format is registered for.
+    """
+    cfg_file = path / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not a readable JSON config ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
+    # timm's hub format has no model_type; it names the timm architecture instead.
+    key = cfg.get("model_type") or ("timm" if "architecture" in cfg else "")
+    if key not in _FORMATS:
+        raise ValueError(
+            f"{cfg_file}: no tower format for type {key or '(none)'!r}; "
+            f"known: {', '.join(known_tower_types())} (add one with register_tower_format)"
+        )
+    return _FORMATS[key]
+
+
+# -- transformers families ----------------------------------------------------------------------
+
+
+def _clip_config(path: Path) -> Any:
+    from transformers import CLIPVisionConfig
+
+    # Also reads the vision half of a full CLIP checkpoint (model_type "clip").
+    return CLIPVisionConfig.from_pretrained(path, local_files_only=True)
+
+
+def _clip_model(path: Path, device_map: Any) -> nn.Module:
+    from transformers import CLIPVisionModel
+
+    return CLIPVisionModel.from_pretrained(path, device_map=device_map, local_files_only=True)
+
+
+def _siglip_config(path: Path) -> Any:
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig.from_pretrained(path, local_files_only=True)
+
+
+def _siglip_model(path: Path, device_map: Any) -> nn.Module:
+    from transformers import SiglipVisionModel
+
+    return SiglipVisionModel.from_pretrained(path, device_map=device_map, local_files_only=True)
+
+
+def _auto_image_processor(path: Path) -> Any:
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(path, local_files_only=True)
+
+
+register_tower_format(
+    ("clip_vision_model", "clip"),
+    TowerFormat("clip", True, _clip_config, _clip_model, _auto_image_processor),
+)
+register_tower_format(
+    ("siglip_vision_model", "siglip"),
+    TowerFormat("siglip", False, _siglip_config, _siglip_model, _auto_image_processor),
+)
