@@ -1,0 +1,65 @@
+"""Writes an embedding store in a separate process, for the store tests (2 ranks, and SIGKILL).
+
+    python tests/store_driver.py ENCODER_DIR RECORDS_JSON OUT_DIR CONFIG_JSON [SLEEP_PER_BATCH]
+
+Under ``torchrun`` every rank joins a gloo group and writes its share of the shards. A sleep per
+batch makes the run slow enough for a test to kill it between shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llm2clip_vlm.data.records import Caption, ImageCaptions
+from llm2clip_vlm.store.config import EmbedConfig
+from llm2clip_vlm.store.store import write_store
+from llm2clip_vlm.text.encoder import CaptionEncoder
+
+
+def load_records(path: Path) -> list[ImageCaptions]:
+    """Records from the tests' JSON form: ``[{"key": ..., "captions": [[text, kind], ...]}]``."""
+    return [
+        ImageCaptions(r["key"], "", [Caption(t, k) for t, k in r["captions"]], source=f"{path}:{i}")
+        for i, r in enumerate(json.loads(path.read_text()))
+    ]
+
+
+class SlowEncoder:
+    """Delegates to a CaptionEncoder, sleeping after every batch."""
+
+    def __init__(self, inner: CaptionEncoder, sleep: float) -> None:
+        self.inner, self.sleep = inner, sleep
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - plain delegation
+        return getattr(self.inner, name)
+
+    def encode(self, texts: list[str], **kw) -> torch.Tensor:  # noqa: ANN003
+        out = self.inner.encode(texts, **kw)
+        time.sleep(self.sleep)
+        return out
+
+
+def main() -> None:
+    enc_dir, records, out, cfg_json = (Path(a) for a in sys.argv[1:5])
+    sleep = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+    torch.set_num_threads(1)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        torch.distributed.init_process_group("gloo")
+    encoder = CaptionEncoder.from_pretrained(enc_dir, device="cpu")
+    if sleep:
+        encoder = SlowEncoder(encoder, sleep)
+    cfg = EmbedConfig(**json.loads(cfg_json.read_text()))
+    write_store(encoder, load_records(records), out, cfg, rank=rank, world_size=world)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
