@@ -1,0 +1,170 @@
+"""Assemble a transformers ``LlavaForConditionalGeneration`` (LLaVA-1.5) from a tower and a causal LM.
+
+transformers' LLaVA is exactly LLaVA-1.5's architecture: vision tower -> hidden state of
+``vision_feature_layer`` (-2) -> patch tokens (``"default"`` drops CLS) -> projector
+Linear-GELU-Linear (``mlp2x_gelu``) -> the LLM, with one ``<image>`` token in the text expanded
+to ``image_seq_length`` feature positions. A model built here and saved with ``save_pretrained``
+loads in unmodified transformers, lmms-eval and serving engines.
+
+The tower and the LLM keep their pretrained weights (the modules are moved in, not copied); the
+projector is freshly initialised, for projector pretraining to train.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.tower.backbones import TowerFormat, detect_tower_format, resolve_tower_path
+
+log = get_logger(__name__)
+
+PROJECTORS = ("mlp2x_gelu",)
+SELECT_STRATEGIES = ("default", "full")
+
+
+def resolve_select_strategy(fmt: TowerFormat, select_strategy: str) -> str:
+    """transformers' strategy for LLaVA-1.5's "patch tokens" on this backbone.
+
+    ``"default"`` drops the first token, which is the CLS token of a CLIP tower; a tower without
+    CLS (SigLIP) has only patch tokens, so its patch tokens are ``"full"``.
+
+    Raises:
+        ValueError: unknown strategy.
+    """
+    if select_strategy not in SELECT_STRATEGIES:
+        raise ValueError(
+            f"select_strategy must be one of {', '.join(SELECT_STRATEGIES)}, got {select_strategy!r}"
+        )
+    if select_strategy == "default" and not fmt.has_cls_token:
+        log.info(
+            "%s tower has no CLS token: using vision_feature_select_strategy='full' (all patch tokens)",
+            fmt.name,
+        )
+        return "full"
+    return select_strategy
+
+
+def build_llava_model(
+    tower_dir: str | Path,
+    llm_name_or_path: str | Path,
+    *,
+    projector: str = "mlp2x_gelu",
+    vision_feature_layer: int = -2,
+    select_strategy: str = "default",
+    dtype: torch.dtype | None = None,
+    image_token: str = "<image>",
+) -> tuple[Any, Any]:
+    """A LLaVA-1.5 model and its processor from an exported tower and a causal LM.
+
+    Args:
+        tower_dir: an exported tower (a local directory, optionally ``llm2clip:``-prefixed) in a
+            transformers format (CLIP, SigLIP).
+        llm_name_or_path: a causal LM (directory or hub id), loaded with ``AutoModelForCausalLM``.
+        projector: only ``"mlp2x_gelu"`` (Linear-GELU-Linear), LLaVA-1.5's projector.
+        vision_feature_layer: hidden state fed to the projector (LLaVA-1.5: -2).
+        select_strategy: ``"default"`` = patch tokens (CLS dropped; on a tower without CLS, all
+            tokens, saved as ``"full"``); ``"full"`` = every token.
+        dtype: dtype of the whole model (default: as loaded).
+        image_token: the placeholder added to the tokenizer as a special token.
+
+    Returns:
+        ``(LlavaForConditionalGeneration, LlavaProcessor)``, ready for ``save_pretrained``.
+
+    Raises:
+        ValueError: unknown projector/strategy, a layer out of range, or a tower that is not a
+            transformers model (e.g. timm-backed).
+    """
+    from transformers import (
+        AddedToken,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    if projector not in PROJECTORS:
+        raise ValueError(
+            f"projector {projector!r} is not supported by transformers' LLaVA; use one of {', '.join(PROJECTORS)}"
+        )
+    path = resolve_tower_path(str(tower_dir))
+    fmt = detect_tower_format(path)
+    if fmt.name not in ("clip", "siglip"):
+        raise ValueError(
+            f"{path}: a {fmt.name} tower is not a transformers vision model; LlavaForConditionalGeneration "
+            "needs a CLIP or SigLIP tower (use LLM2CLIPVisionTower in the LLaVA codebase instead)"
+        )
+    strategy = resolve_select_strategy(fmt, select_strategy)
+
+    vision = fmt.load_model(path, None)
+    vcfg = vision.config
+    n_states = vcfg.num_hidden_layers + 1
+    if not -n_states <= vision_feature_layer < n_states:
+        raise ValueError(
+            f"vision_feature_layer {vision_feature_layer} out of range for {vcfg.num_hidden_layers} layers"
+        )
+    n_side = vcfg.image_size // vcfg.patch_size
+    # Tokens the LM sees per image: every position of the hidden state, minus CLS for "default".
+    num_tokens = n_side**2 + (1 if fmt.has_cls_token else 0) - (1 if strategy == "default" else 0)
+
+    tokenizer = AutoTokenizer.from_pretrained(llm_name_or_path)
+    tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+    if tokenizer.pad_token is None:
+        # Batched generation and training need a pad token; LLaVA-1.5 pads with unk/eos too.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+
+    lm = AutoModelForCausalLM.from_pretrained(llm_name_or_path, dtype=dtype or "auto")
+    config = LlavaConfig(
+        vision_config=vcfg,
+        text_config=lm.config,
+        image_token_index=image_token_id,
+        image_seq_length=num_tokens,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=vision_feature_layer,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
+    # Build the shell without allocating weights, then move the pretrained modules in.
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
+    model.model.language_model = lm.base_model
+    model.lm_head = lm.get_output_embeddings()
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"LLaVA assembly left weights unset: {leftover[:5]}")
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if dtype is not None:
+        model.to(dtype)
+    model.eval()
+
+    image_processor = fmt.load_image_processor(path)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vcfg.patch_size,
+        vision_feature_select_strategy=strategy,
+        image_token=image_token,
+        num_additional_image_tokens=1 if fmt.has_cls_token else 0,
+        chat_template=getattr(tokenizer, "chat_template", None),
+    )
+    log.info(
+        "LLaVA assembled: %s tower (%d tokens/image, layer %d, %s) -> mlp2x_gelu %d->%d -> %s",
+        fmt.name,
+        num_tokens,
+        vision_feature_layer,
+        strategy,
+        vcfg.hidden_size,
+        lm.config.hidden_size,
+        lm.config.model_type,
+    )
+    return model, processor
