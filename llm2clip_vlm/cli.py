@@ -86,8 +86,41 @@ def stage1(recipe: RecipeArg = None, output: OutputOpt = Path("runs/stage1"), se
 
 @app.command("embed")
 def embed(recipe: RecipeArg = None, output: OutputOpt = Path("runs/store"), set_: SetOpt = None) -> None:
-    """Encode every caption once with a stage-1 embedder into the embedding store."""
-    _not_built("embed", "caption embedding store, issue 3")
+    """Encode every caption once with a stage-1 embedder into the embedding store.
+
+    Writes ``OUTPUT/train`` and ``OUTPUT/heldout-<name>`` (one store per split) and
+    ``OUTPUT/config.yaml``; a killed run continues from its last complete shard.
+    """
+    from rich.table import Table
+
+    from llm2clip_vlm.store.run import MissingEncoderError, run_embed
+    from llm2clip_vlm.store.store import StoreInputError, StoreMismatchError
+
+    cfg = resolve_config(recipe, set_)
+    try:
+        summary = run_embed(cfg, output)
+    except MissingEncoderError as e:
+        console.print(f"[red]embed:[/red] {e}")
+        raise typer.Exit(2) from e
+    except (StoreInputError, StoreMismatchError, FileNotFoundError) as e:
+        console.print(f"[red]embed:[/red] {e}")
+        raise typer.Exit(1) from e
+    if not summary:  # non-main processes
+        return
+    table = Table(title=f"embedding stores in {output}")
+    for col in ("store", "images", "captions", "dim", "dtype", "shards", "padding"):
+        table.add_column(col, justify="left" if col == "store" else "right")
+    for name, s in summary.items():
+        table.add_row(
+            name,
+            str(s["images"]),
+            str(s["rows"]),
+            str(s["dim"]),
+            s["dtype"],
+            str(s["shards"]),
+            f"{100 * s['padding_share']:.1f}%",
+        )
+    console.print(table)
 
 
 @app.command("stage2")

@@ -1,4 +1,6 @@
-"""Writes an embedding store in a separate process, for the store tests (2 ranks, and SIGKILL).
+"""Helpers of the store tests: a caption set, a tiny saved encoder, and a writer process.
+
+As a script it writes an embedding store in a separate process (2 ranks, and SIGKILL)::
 
     python tests/store_driver.py ENCODER_DIR RECORDS_JSON OUT_DIR CONFIG_JSON [SLEEP_PER_BATCH]
 
@@ -14,12 +16,45 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llm2clip_vlm.data.records import Caption, ImageCaptions
 from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.store.store import write_store
 from llm2clip_vlm.text.encoder import CaptionEncoder
+from llm2clip_vlm.text.modeling import ModelRef, load_bidirectional, load_tokenizer
+from llm2clip_vlm.text.tiny import save_tiny_llm
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SHAPES = ["circle", "square", "triangle", "star", "hexagon"]
+
+
+def make_records(n: int = 23, seed: int = 0) -> list[ImageCaptions]:
+    """Images with 1-3 captions each, short and long mixed, lengths from 3 to ~40 tokens."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        caps = []
+        for _ in range(int(rng.integers(1, 4))):
+            colour, shape = COLOURS[rng.integers(6)], SHAPES[rng.integers(5)]
+            if rng.random() < 0.5:
+                caps.append(Caption(f"a {colour} {shape}", "short"))
+            else:
+                extra = " and ".join(
+                    f"a {COLOURS[rng.integers(6)]} {SHAPES[rng.integers(5)]}"
+                    for _ in range(rng.integers(1, 6))
+                )
+                caps.append(Caption(f"a photo of a {colour} {shape} on the left of {extra}", "long"))
+        records.append(ImageCaptions(f"img-{i:03d}", f"/data/{i}.png", caps, source=f"train.jsonl:{i + 1}"))
+    return records
+
+
+def make_encoder_dir(path: Path, seed: int = 0) -> Path:
+    llm = save_tiny_llm(path / "llm", seed=seed)
+    ref = ModelRef(str(llm))
+    CaptionEncoder(load_bidirectional(ref), load_tokenizer(ref), max_length=64).save_pretrained(path / "enc")
+    return path / "enc"
 
 
 def load_records(path: Path) -> list[ImageCaptions]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from store_driver import make_encoder_dir, make_records
 
 from llm2clip_vlm.data.records import Caption, ImageCaptions
 from llm2clip_vlm.store import format as fmt
@@ -22,39 +23,8 @@ from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.store.store import EmbeddingStore, StoreInputError, StoreMismatchError, write_store
 from llm2clip_vlm.store.writer import bucket_batches, to_storage
 from llm2clip_vlm.text.encoder import CaptionEncoder
-from llm2clip_vlm.text.modeling import ModelRef, load_bidirectional, load_tokenizer
-from llm2clip_vlm.text.tiny import save_tiny_llm
 
 DRIVER = Path(__file__).with_name("store_driver.py")
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
-SHAPES = ["circle", "square", "triangle", "star", "hexagon"]
-
-
-def make_records(n: int = 23, seed: int = 0) -> list[ImageCaptions]:
-    """Images with 1-3 captions each, short and long mixed, lengths from 3 to ~40 tokens."""
-    rng = np.random.default_rng(seed)
-    records = []
-    for i in range(n):
-        caps = []
-        for _ in range(int(rng.integers(1, 4))):
-            colour, shape = COLOURS[rng.integers(6)], SHAPES[rng.integers(5)]
-            if rng.random() < 0.5:
-                caps.append(Caption(f"a {colour} {shape}", "short"))
-            else:
-                extra = " and ".join(
-                    f"a {COLOURS[rng.integers(6)]} {SHAPES[rng.integers(5)]}"
-                    for _ in range(rng.integers(1, 6))
-                )
-                caps.append(Caption(f"a photo of a {colour} {shape} on the left of {extra}", "long"))
-        records.append(ImageCaptions(f"img-{i:03d}", f"/data/{i}.png", caps, source=f"train.jsonl:{i + 1}"))
-    return records
-
-
-def make_encoder_dir(path: Path, seed: int = 0) -> Path:
-    llm = save_tiny_llm(path / "llm", seed=seed)
-    ref = ModelRef(str(llm))
-    CaptionEncoder(load_bidirectional(ref), load_tokenizer(ref), max_length=64).save_pretrained(path / "enc")
-    return path / "enc"
 
 
 def texts_of(records: list[ImageCaptions]) -> list[str]:

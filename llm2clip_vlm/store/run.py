@@ -1,0 +1,112 @@
+"""``llm2clip-vlm embed``: one store per split (``train/``, ``heldout-<name>/``) of a run's data.
+
+Runs in one process or under ``accelerate launch`` / ``torchrun`` (each rank writes its own shards
+of every store). The stage-1 embedder comes from ``embed.encoder``, or from a stage-1 run's output
+when a pipeline (``build-tower``) passes one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from llm2clip_vlm import configuration
+from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.data.records import ImageCaptions
+from llm2clip_vlm.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class MissingEncoderError(ValueError):
+    """``embed`` was given no stage-1 encoder (neither ``embed.encoder`` nor a stage-1 output)."""
+
+
+def resolve_encoder_dir(cfg: RunConfig, stage1_output: str | Path | None = None) -> Path:
+    """The stage-1 encoder directory: ``embed.encoder``, else ``<stage1_output>/encoder``.
+
+    Either may also name a stage-1 run directory (its ``encoder/`` is used).
+
+    Raises:
+        MissingEncoderError: neither is given.
+        FileNotFoundError: the directory holds no CaptionEncoder.
+    """
+    from llm2clip_vlm.text.encoder import ENCODER_FILE
+
+    if cfg.embed.encoder:
+        path = Path(cfg.embed.encoder)
+    elif stage1_output:
+        path = Path(stage1_output) / "encoder"
+    else:
+        raise MissingEncoderError(
+            "no stage-1 encoder: set embed.encoder to a stage-1 encoder directory "
+            "(e.g. --set embed.encoder=runs/stage1/encoder)"
+        )
+    if not (path / ENCODER_FILE).is_file() and (path / "encoder" / ENCODER_FILE).is_file():
+        path = path / "encoder"  # a stage-1 run directory was given
+    if not (path / ENCODER_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a stage-1 encoder directory (no {ENCODER_FILE})")
+    return path
+
+
+def store_names(heldout: Mapping[str, Any]) -> list[str]:
+    """Sub-store names in the order they are written: ``train``, then ``heldout-<name>``."""
+    return ["train"] + [f"heldout-{name}" for name in heldout]
+
+
+def run_embed(
+    cfg: RunConfig,
+    output_dir: str | Path,
+    stage1_output: str | Path | None = None,
+    data: tuple[Sequence[ImageCaptions], Mapping[str, Sequence[ImageCaptions]]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Embed the train split and every held-out set of ``cfg.data`` into ``output_dir``.
+
+    Args:
+        cfg: the run config (``cfg.embed`` for the store, ``cfg.data`` for the captions).
+        output_dir: the store root; gets ``config.yaml``, ``train/`` and ``heldout-<name>/``.
+        stage1_output: a stage-1 run directory, used when ``embed.encoder`` is empty.
+        data: already-resolved ``(train, {name: heldout})`` (a pipeline that has them); default:
+            ``llm2clip_vlm.data.resolve_data(cfg.data, output_dir)``.
+
+    Returns:
+        Per sub-store: its path, rows, images, dim, dtype, shards and padding share (empty on
+        non-main processes).
+    """
+    from accelerate import PartialState
+
+    from llm2clip_vlm.store.store import EmbeddingStore, write_store
+    from llm2clip_vlm.text.encoder import CaptionEncoder
+
+    out = Path(output_dir)
+    encoder_dir = resolve_encoder_dir(cfg, stage1_output)
+    state = PartialState()  # joins the process group under accelerate launch / torchrun
+    rank, world = state.process_index, state.num_processes
+    if data is None:
+        from llm2clip_vlm.data import resolve_data
+
+        with state.main_process_first():  # the demo world is generated once, by rank 0
+            data = resolve_data(cfg.data, out)
+    train, heldout = data
+    if rank == 0:
+        configuration.dump(cfg, out / "config.yaml")
+    encoder = CaptionEncoder.from_pretrained(encoder_dir, device=state.device)
+    log.info("embed: encoder %s (%s), %d process(es)", encoder_dir, encoder.identity()[:12], world)
+    summary: dict[str, dict[str, Any]] = {}
+    for name, records in zip(store_names(heldout), [train, *heldout.values()], strict=True):
+        path = write_store(encoder, records, out / name, cfg.embed, rank=rank, world_size=world)
+        if rank != 0:
+            continue
+        # Checksums were verified shard by shard while writing; shapes are enough here.
+        store = EmbeddingStore.open(path, verify_checksums=False)
+        summary[name] = {
+            "path": str(path),
+            "rows": store.num_rows,
+            "images": store.num_images,
+            "dim": store.dim,
+            "dtype": store.dtype,
+            "shards": len(store.manifest["shards"]),
+            "padding_share": store.manifest["tokens"]["padding_share"],
+        }
+    return summary
