@@ -81,7 +81,12 @@ def stage1(recipe: RecipeArg = None, output: OutputOpt = Path("runs/stage1"), se
     from llm2clip_vlm.text.train import run_stage1
 
     cfg = resolve_config(recipe, set_)
-    run_stage1(cfg, output)
+    metrics = run_stage1(cfg, output)
+    if metrics:  # empty on non-main processes
+        console.print(
+            f"stage 1: CRA {metrics['cra_before']:.1f} -> {metrics['cra_after']:.1f} "
+            f"({metrics['steps']} steps, {metrics['train_seconds']:.0f} s); embedder in {metrics['encoder']}"
+        )
 
 
 @app.command("embed")
