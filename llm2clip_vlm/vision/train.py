@@ -22,6 +22,7 @@ which the 2-process test pins.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -208,6 +209,14 @@ def build_param_groups(model: LLM2CLIP, s: Stage2Config) -> list[dict[str, Any]]
         )
         g["params"].append(p)
     return list(groups.values())
+
+
+def cosine_lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at ``total`` (multiplies every group's lr)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _total_steps(s: Stage2Config, n_images: int) -> int:
@@ -419,7 +428,6 @@ def train_stage2(
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
-    from transformers import get_cosine_schedule_with_warmup
 
     s = cfg.stage2
     out = Path(output_dir)
@@ -469,7 +477,9 @@ def train_stage2(
         eps=s.eps,
     )
     # The scheduler is not given to accelerate: it would step it once per process.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, s.warmup_steps, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(cosine_lr_factor, warmup=s.warmup_steps, total=total_steps)
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     if ckpt is not None:
         optimizer.load_state_dict(
@@ -541,7 +551,7 @@ def train_stage2(
             progress.update(
                 task,
                 completed=state.step,
-                status=f"loss {global_loss:.4f} scale {float(feats['logit_scale']):.1f} {rate:.1f} img/s",
+                status=f"loss {global_loss:.4f} scale {raw.logit_scale.exp().item():.1f} {rate:.1f} img/s",
             )
             if on_step is not None and main:
                 on_step(state.step, global_loss)
