@@ -209,10 +209,27 @@ def evaluate(
 @app.command("bench")
 def bench(
     suite: Annotated[str, typer.Argument(help="stage1 | embed | stage2 | tower | llava")],
+    preset: Annotated[
+        str | None, typer.Option(help="The suite's preset (tower: tiny, tiny-siglip, vit-l-14-336).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: the preset's).")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Warm-up calls per variant (default: the preset's).")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Timed calls per variant (default: the preset's).")] = None,
 ) -> None:
-    """Benchmarks: throughput and peak memory of a hot loop, after warm-up, over repeats."""
-    _not_built(f"bench {suite}", "issue 7")
+    """Benchmarks: time per call and peak memory of a hot loop, after warm-up, over interleaved repeats."""
+    from llm2clip_vlm.bench import SuiteNotBuilt, run_suite
+    from llm2clip_vlm.bench.harness import render
+
+    try:
+        report = run_suite(suite, preset, device=device, warmup=warmup, repeats=repeats)
+    except SuiteNotBuilt as e:
+        console.print(f"[yellow]{e}[/yellow]. Nothing was run.")
+        raise typer.Exit(3) from e
+    except (ValueError, RuntimeError) as e:
+        console.print(f"[red]bench {suite}:[/red] {e}")
+        raise typer.Exit(2) from e
+    print(render(report, json_out))
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -14,11 +15,12 @@ from rich.progress import (
 )
 
 
-def make_progress(disable: bool | None = None) -> Progress:
+def make_progress(disable: bool | None = None, console: Console | None = None) -> Progress:
     """A rich Progress with count, elapsed/remaining time and a free-text status field.
 
     Use ``progress.add_task(description, total=N, status="")`` and update ``status`` with
-    throughput or loss.
+    throughput or loss. Pass ``console=Console(stderr=True)`` when stdout carries a result
+    (e.g. ``--json``).
     """
     if disable is None:
         disable = int(os.environ.get("RANK", "0")) != 0
@@ -31,4 +33,5 @@ def make_progress(disable: bool | None = None) -> Progress:
         TextColumn("{task.fields[status]}"),
         disable=disable,
         transient=False,
+        console=console,
     )

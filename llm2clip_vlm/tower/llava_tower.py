@@ -103,7 +103,11 @@ class LLM2CLIPVisionTower(nn.Module):
         return self._features(images)
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.vision_tower(images.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
+        # One parameter lookup instead of the model's .device and .dtype (each walks parameters).
+        weight = next(self.vision_tower.parameters())
+        out = self.vision_tower(
+            images.to(device=weight.device, dtype=weight.dtype), output_hidden_states=True
+        )
         return out.hidden_states[self.select_layer][:, self._first_token :].to(images.dtype)
 
     def _loaded(self) -> nn.Module:
