@@ -213,9 +213,15 @@ def bench(
         str | None, typer.Option(help="The suite's preset (tower: tiny, tiny-siglip, vit-l-14-336).")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: the preset's).")] = None,
-    warmup: Annotated[int | None, typer.Option(help="Warm-up calls per variant (default: the preset's).")] = None,
-    repeats: Annotated[int | None, typer.Option(help="Timed calls per variant (default: the preset's).")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: the preset's).")
+    ] = None,
+    warmup: Annotated[
+        int | None, typer.Option(help="Warm-up calls per variant (default: the preset's).")
+    ] = None,
+    repeats: Annotated[
+        int | None, typer.Option(help="Timed calls per variant (default: the preset's).")
+    ] = None,
 ) -> None:
     """Benchmarks: time per call and peak memory of a hot loop, after warm-up, over interleaved repeats."""
     from llm2clip_vlm.bench import SuiteNotBuilt, run_suite
