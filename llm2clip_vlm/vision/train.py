@@ -517,6 +517,7 @@ def train_stage2(
     model.train()
     start_time = time.perf_counter() - state.seconds
     images_seen, loop_start = 0, time.perf_counter()
+    last_scale: float | None = None
     with make_progress(disable=not main) as progress:
         task = progress.add_task("stage 2", total=total_steps, completed=state.step, status="")
         for pv, emb in loader:
@@ -541,6 +542,8 @@ def train_stage2(
             raw.clamp_logit_scale()
 
             global_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
+            # From the forward, not the parameter: under FSDP a rank's own shard of it may be empty.
+            last_scale = round(feats["logit_scale"].item(), 4)
             if not math.isfinite(global_loss):
                 raise FloatingPointError(f"stage 2: loss is {global_loss} at step {state.step + 1}")
             state.step += 1
@@ -551,7 +554,7 @@ def train_stage2(
             progress.update(
                 task,
                 completed=state.step,
-                status=f"loss {global_loss:.4f} scale {raw.logit_scale.exp().item():.1f} {rate:.1f} img/s",
+                status=f"loss {global_loss:.4f} scale {last_scale:.1f} {rate:.1f} img/s",
             )
             if on_step is not None and main:
                 on_step(state.step, global_loss)
@@ -576,7 +579,7 @@ def train_stage2(
                 "final_loss": state.losses[-1] if state.losses else None,
                 "losses": state.losses,
                 "processes": world,
-                "logit_scale": float(raw.logit_scale.exp()),
+                "logit_scale": last_scale,
             },
         }
     }
