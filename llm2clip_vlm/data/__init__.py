@@ -1,0 +1,20 @@
+"""Data: image-caption sets (manifests, webdataset shards), a text corpus, the synthetic demo world."""
+
+from llm2clip_vlm.data.captions import (
+    CaptionSet,
+    DataError,
+    load_caption_set,
+    open_image,
+    resolve_data,
+)
+from llm2clip_vlm.data.records import Caption, ImageCaptions
+
+__all__ = [
+    "Caption",
+    "CaptionSet",
+    "DataError",
+    "ImageCaptions",
+    "load_caption_set",
+    "open_image",
+    "resolve_data",
+]

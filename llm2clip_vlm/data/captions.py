@@ -1,0 +1,359 @@
+"""Reading image-caption data sets into :class:`CaptionSet` (a sequence of ``ImageCaptions``).
+
+Formats (all read through Hugging Face ``datasets``; see ``docs/DATA.md``):
+
+- manifests: ``.json`` / ``.jsonl`` / ``.csv`` / ``.tsv`` / ``.parquet`` with an image column and
+  caption columns mapped to a type (``CaptionSetConfig.caption_columns``). A caption column may
+  hold one string, a list of strings, or a string that encodes a list (DreamLIP-style CSVs:
+  ``"['a cat', 'a cat on a mat']"``), parsed with ``json``/``ast.literal_eval``, never ``eval``.
+- webdataset tar shards as img2dataset writes them: ``<key>.<jpg|png|webp>`` + ``<key>.json``
+  (caption columns inside) and/or ``<key>.txt`` (one short caption).
+
+Bad records (a missing image file, a path leaving the image root, no caption, an empty or
+non-text caption, a missing column) raise :class:`DataError` naming the file, row and problem;
+with ``skip_bad=True`` they are skipped and reported, and the load still stops if more than
+``max_bad_fraction`` of the records are bad.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import io
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from llm2clip_vlm.data.config import CaptionSetConfig, DataConfig
+from llm2clip_vlm.data.records import Caption, ImageCaptions
+from llm2clip_vlm.logging import get_logger
+
+log = get_logger(__name__)
+
+MANIFEST_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+class DataError(ValueError):
+    """A data set or record that cannot be used; the message names the file/record and the problem."""
+
+
+class CaptionSet(Sequence[ImageCaptions]):
+    """The records of one image-caption data set, plus what was skipped while reading it."""
+
+    def __init__(
+        self, records: list[ImageCaptions], name: str = "", skipped: list[tuple[str, str]] | None = None
+    ):
+        self.records = records
+        self.name = name
+        self.skipped: list[tuple[str, str]] = skipped or []
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> ImageCaptions:  # type: ignore[override]
+        return self.records[index]
+
+    def __iter__(self) -> Iterator[ImageCaptions]:
+        return iter(self.records)
+
+    @property
+    def num_captions(self) -> int:
+        return sum(len(r.captions) for r in self.records)
+
+    def __repr__(self) -> str:
+        return f"CaptionSet({self.name!r}, images={len(self)}, captions={self.num_captions}, skipped={len(self.skipped)})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+def safe_image_path(root: Path, relative: str, where: str) -> Path:
+    """``root / relative``, refusing absolute paths or ``..`` that leave the image root."""
+    root = root.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise DataError(f"{where}: image path {relative!r} leaves the image root {root}")
+    return path
+
+
+def open_image(record: ImageCaptions):  # -> PIL.Image.Image
+    """Open a record's image as RGB (file path or encoded bytes), with a clear error when broken."""
+    from PIL import Image
+
+    try:
+        src = io.BytesIO(record.image) if isinstance(record.image, bytes) else record.image
+        with Image.open(src) as img:
+            img.load()
+            if img.mode == "RGB":
+                return img.copy()
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                # Composite transparent images on white rather than on black garbage.
+                rgba = img.convert("RGBA")
+                background = Image.new("RGB", rgba.size, (255, 255, 255))
+                background.paste(rgba, mask=rgba.getchannel("A"))
+                return background
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        where = record.source or record.key
+        raise DataError(
+            f"{where}: cannot read image {record.image if isinstance(record.image, str) else '<bytes>'}: {e}"
+        ) from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Captions
+# ----------------------------------------------------------------------------------------------
+def parse_caption_value(value: Any, where: str) -> list[str]:
+    """One caption column's value -> list of caption strings (raises DataError when malformed)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                try:
+                    value = ast.literal_eval(text)
+                except (ValueError, SyntaxError) as e:
+                    raise DataError(f"{where}: caption list {text[:60]!r} cannot be parsed ({e})") from e
+        else:
+            return [value]
+    if isinstance(value, (list, tuple)):
+        out = []
+        for v in value:
+            if not isinstance(v, str):
+                raise DataError(f"{where}: caption {v!r} is not text")
+            out.append(v)
+        return out
+    raise DataError(f"{where}: caption value {value!r} is not text or a list of texts")
+
+
+def _captions_of(row: dict[str, Any], cfg: CaptionSetConfig, where: str) -> list[Caption]:
+    captions = []
+    for column, kind in cfg.caption_columns.items():
+        if column not in row:
+            continue
+        for text in parse_caption_value(row[column], f"{where} column {column!r}"):
+            if not text.strip():
+                raise DataError(f"{where} column {column!r}: empty caption")
+            captions.append(Caption(text.strip(), kind))
+    if not captions:
+        raise DataError(f"{where}: no caption in columns {list(cfg.caption_columns)}")
+    return captions
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers
+# ----------------------------------------------------------------------------------------------
+def _detect_format(cfg: CaptionSetConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    path = cfg.path
+    if (
+        path.endswith(".tar")
+        or "{" in path
+        or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar")))
+    ):
+        return "webdataset"
+    suffix = Path(path).suffix.lower()
+    if suffix in MANIFEST_FORMATS:
+        return MANIFEST_FORMATS[suffix]
+    raise DataError(f"{path}: cannot tell the format from the name; set format: json|csv|parquet|webdataset")
+
+
+def _expand_shards(path: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.tar")))
+    elif "{" in path:
+        import braceexpand
+
+        files = [f for p in braceexpand.braceexpand(path) for f in sorted(glob.glob(p))]
+    else:
+        files = sorted(glob.glob(path))
+    if not files:
+        raise DataError(f"{path}: no webdataset .tar shards found")
+    return files
+
+
+def _load_manifest(cfg: CaptionSetConfig, fmt: str) -> Any:
+    import datasets
+
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise DataError(f"{path}: manifest does not exist")
+    kwargs: dict[str, Any] = {}
+    if fmt == "csv" and path.suffix.lower() == ".tsv":
+        kwargs["delimiter"] = "\t"
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # datasets raises a zoo of types for malformed files
+        raise DataError(f"{path}: cannot be read as {fmt}: {type(e).__name__}: {e}") from e
+    missing = [c for c in [cfg.image_column] if c not in ds.column_names]
+    if cfg.key_column and cfg.key_column not in ds.column_names:
+        missing.append(cfg.key_column)
+    if not any(c in ds.column_names for c in cfg.caption_columns):
+        missing.append(" or ".join(cfg.caption_columns))
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; columns are {ds.column_names}")
+    return ds
+
+
+def _manifest_records(cfg: CaptionSetConfig, fmt: str) -> Iterator[tuple[str, ImageCaptions | DataError]]:
+    ds = _load_manifest(cfg, fmt)
+    path = Path(cfg.path)
+    root = Path(cfg.image_root) if cfg.image_root else path.parent
+    # JSONL rows are lines (1-based); CSV rows count the header.
+    offset = 2 if fmt == "csv" else 1
+    for i, row in enumerate(ds):
+        where = f"{path}:{i + offset}"
+        try:
+            image = row[cfg.image_column]
+            if not isinstance(image, str) or not image:
+                raise DataError(f"{where}: image column {cfg.image_column!r} is empty or not a path")
+            image_path = safe_image_path(root, image, where)
+            if not image_path.is_file():
+                raise DataError(f"{where}: image file {image_path} does not exist")
+            key = str(row[cfg.key_column]) if cfg.key_column else image
+            yield where, ImageCaptions(key, str(image_path), _captions_of(row, cfg, where), where)
+        except DataError as e:
+            yield where, e
+
+
+def _webdataset_records(cfg: CaptionSetConfig) -> Iterator[tuple[str, ImageCaptions | DataError]]:
+    import datasets
+
+    shards = _expand_shards(cfg.path)
+    datasets.disable_progress_bars()
+    for shard in shards:
+        try:
+            ds = datasets.load_dataset("webdataset", data_files=shard, split="train")
+            image_cols = [c for c in ds.column_names if c.lower() in IMAGE_EXTENSIONS]
+            ds = ds.cast_column(image_cols[0], datasets.Image(decode=False)) if image_cols else ds
+        except Exception as e:
+            raise DataError(f"{shard}: cannot be read as a webdataset shard: {type(e).__name__}: {e}") from e
+        for row in ds:
+            key = row.get("__key__", "?")
+            where = f"{shard}:{key}"
+            try:
+                image = next((row[c] for c in image_cols if row.get(c) is not None), None)
+                if image is None:
+                    raise DataError(f"{where}: no image member ({'/'.join(IMAGE_EXTENSIONS)})")
+                fields = dict(row.get("json") or {})
+                if row.get("txt") and not any(c in fields for c in cfg.caption_columns):
+                    fields[next(iter(cfg.caption_columns))] = row["txt"]
+                key = str(fields.get(cfg.key_column, key)) if cfg.key_column else key
+                yield where, ImageCaptions(key, image["bytes"], _captions_of(fields, cfg, where), where)
+            except DataError as e:
+                yield where, e
+
+
+def load_caption_set(
+    cfg: CaptionSetConfig, *, skip_bad: bool = False, max_bad_fraction: float = 0.01, name: str = ""
+) -> CaptionSet:
+    """Read one image-caption data set.
+
+    Args:
+        cfg: where the data is and how its columns map to captions.
+        skip_bad: skip bad records (and report them) instead of stopping at the first one.
+        max_bad_fraction: with ``skip_bad``, stop anyway if more than this share is bad.
+        name: a name for messages.
+
+    Raises:
+        DataError: naming the file/record and the problem.
+    """
+    if not cfg.path:
+        raise DataError(f"data set {name or '?'}: no path given")
+    fmt = _detect_format(cfg)
+    rows = _webdataset_records(cfg) if fmt == "webdataset" else _manifest_records(cfg, fmt)
+    records: list[ImageCaptions] = []
+    skipped: list[tuple[str, str]] = []
+    for where, item in rows:
+        if isinstance(item, DataError):
+            if not skip_bad:
+                raise DataError(f"{item} (set data.skip_bad=true to skip bad records)")
+            skipped.append((where, str(item)))
+            continue
+        records.append(item)
+        if cfg.max_images and len(records) >= cfg.max_images:
+            break
+    total = len(records) + len(skipped)
+    if total == 0:
+        raise DataError(f"{cfg.path}: the data set is empty")
+    if skipped:
+        share = len(skipped) / total
+        log.warning(
+            "%s: skipped %d of %d records (%.1f%%); first: %s",
+            cfg.path,
+            len(skipped),
+            total,
+            100 * share,
+            skipped[0][1],
+        )
+        if share > max_bad_fraction:
+            raise DataError(
+                f"{cfg.path}: {len(skipped)} of {total} records are bad ({100 * share:.1f}% > "
+                f"max_bad_fraction {100 * max_bad_fraction:.1f}%); first: {skipped[0][1]}"
+            )
+    return CaptionSet(records, name=name or cfg.path, skipped=skipped)
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's data
+# ----------------------------------------------------------------------------------------------
+def demo_dir_for(cfg: DataConfig, output_dir: str | Path) -> Path:
+    return Path(cfg.demo_dir) if cfg.demo_dir else Path(output_dir) / "demo-data"
+
+
+def ensure_demo_data(cfg: DataConfig, output_dir: str | Path) -> Path:
+    """Generate the demo world unless a complete one with the same settings is already there."""
+    from llm2clip_vlm.data.synthetic import demo_spec, write_demo_dataset
+
+    root = demo_dir_for(cfg, output_dir)
+    spec = demo_spec(cfg.demo_seed, cfg.demo_train_images, cfg.demo_heldout_images, 64)
+    info_file = root / "dataset.json"
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+        if all(info.get(k) == v for k, v in spec.items()):
+            return root
+        log.info("demo data in %s was written with other settings; rewriting it", root)
+    log.info("writing the synthetic demo world to %s", root)
+    summary = write_demo_dataset(
+        root, seed=cfg.demo_seed, train_images=cfg.demo_train_images, heldout_images=cfg.demo_heldout_images
+    )
+    log.info(summary)
+    return root
+
+
+def demo_set_configs(root: Path) -> tuple[CaptionSetConfig, dict[str, CaptionSetConfig]]:
+    """Caption-set configs of the demo world: the train split and the two held-out sets."""
+    train = CaptionSetConfig(path=str(root / "train.jsonl"), key_column="key")
+    heldout = {
+        # Multi-caption short set (3 per image) and a 1:1 long set, like Flickr/COCO vs DOCCI/Urban-1k.
+        "short": CaptionSetConfig(
+            path=str(root / "heldout_short.jsonl"),
+            key_column="key",
+            caption_columns={"short_captions": "short"},
+        ),
+        "long": CaptionSetConfig(
+            path=str(root / "heldout_long.jsonl"), key_column="key", caption_columns={"long_captions": "long"}
+        ),
+    }
+    return train, heldout
+
+
+def resolve_data(cfg: DataConfig, output_dir: str | Path) -> tuple[CaptionSet, dict[str, CaptionSet]]:
+    """The train set and the held-out sets of a run (the demo world when ``train.path`` is empty)."""
+    if cfg.train.path:
+        train_cfg, heldout_cfgs = cfg.train, dict(cfg.heldout)
+    else:
+        train_cfg, heldout_cfgs = demo_set_configs(ensure_demo_data(cfg, output_dir))
+        heldout_cfgs.update(cfg.heldout)
+    kw = {"skip_bad": cfg.skip_bad, "max_bad_fraction": cfg.max_bad_fraction}
+    train = load_caption_set(train_cfg, name="train", **kw)
+    heldout = {name: load_caption_set(c, name=name, **kw) for name, c in heldout_cfgs.items()}
+    return train, heldout
