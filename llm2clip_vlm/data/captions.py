@@ -22,6 +22,7 @@ import glob
 import io
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -165,13 +166,31 @@ def _detect_format(cfg: CaptionSetConfig) -> str:
     raise DataError(f"{path}: cannot tell the format from the name; set format: json|csv|parquet|webdataset")
 
 
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand webdataset brace patterns: ``a-{000..002}.tar`` and ``{x,y}`` (zero padding kept)."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    body = m.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    head, tail = pattern[: m.start()], pattern[m.end() :]
+    return [head + o + rest for o in options for rest in expand_braces(tail)]
+
+
 def _expand_shards(path: str) -> list[str]:
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "*.tar")))
     elif "{" in path:
-        import braceexpand
-
-        files = [f for p in braceexpand.braceexpand(path) for f in sorted(glob.glob(p))]
+        files = [f for p in expand_braces(path) for f in sorted(glob.glob(p))]
     else:
         files = sorted(glob.glob(path))
     if not files:
