@@ -1,0 +1,192 @@
+"""The data layer: the synthetic world, every reader format, and the bad-record policy."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llm2clip_vlm.data import DataError, load_caption_set, open_image, resolve_data
+from llm2clip_vlm.data.config import CaptionSetConfig, DataConfig
+from llm2clip_vlm.data.synthetic import write_demo_dataset
+from llm2clip_vlm.data.text_corpus import load_text_corpus
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    write_demo_dataset(out, seed=3, train_images=120, heldout_images=80, show_progress=False)
+    return out
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_demo_world_is_deterministic_per_seed(tmp_path: Path) -> None:
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        write_demo_dataset(tmp_path / name, seed=seed, train_images=20, heldout_images=8, show_progress=False)
+    assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
+    assert _tree_digest(tmp_path / "a") != _tree_digest(tmp_path / "c")
+
+
+def test_demo_splits_counts_and_formats(demo: Path) -> None:
+    train, heldout = resolve_data(
+        DataConfig(demo_dir=str(demo), demo_seed=3, demo_train_images=120, demo_heldout_images=80), demo
+    )
+    assert len(train) == 120 and set(heldout) == {"short", "long"}
+    assert all(len(r.short) == 3 and len(r.long) == 2 for r in train)
+    assert all(len(r.short) == 3 and not r.long for r in heldout["short"])
+    assert all(len(r.long) == 1 and not r.short for r in heldout["long"])  # 1:1 long set
+    img = open_image(train[0])
+    assert img.mode == "RGB" and img.size == (64, 64)
+    # The webdataset shards hold the same training records as the manifest.
+    wds = load_caption_set(CaptionSetConfig(path=str(demo / "shards")))
+    assert [r.key for r in wds] == [r.key for r in train]
+    assert [r.captions for r in wds] == [r.captions for r in train]
+    assert open_image(wds[5]).tobytes() == open_image(train[5]).tobytes()
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def test_long_captions_carry_details_short_ones_lack(demo: Path) -> None:
+    train = load_caption_set(CaptionSetConfig(path=str(demo / "train.jsonl")))
+    details = {"small", "large", "background", "white", "black", "gray", "beige"}
+    for r in train:
+        assert not any(details & _words(s) for s in r.short)
+        assert all(details & _words(long) for long in r.long)
+        assert all(len(long) > max(len(s) for s in r.short) for long in r.long)
+
+
+def test_heldout_captions_are_hard(demo: Path) -> None:
+    """Captions of different held-out images share most words (families of one-attribute changes)."""
+    short = load_caption_set(
+        CaptionSetConfig(path=str(demo / "heldout_short.jsonl"), caption_columns={"short_captions": "short"})
+    )
+    overlaps = []
+    for i in range(0, len(short) - 1, 4):
+        a, b = short[i], short[i + 1]  # same family, different images
+        wa, wb = _words(a.short[0]), _words(b.short[0])
+        overlaps.append(len(wa & wb) / len(wa | wb))
+        assert a.short[0] != b.short[0]
+    assert sum(overlaps) / len(overlaps) > 0.5
+
+
+def test_jsonl_csv_parquet_and_dreamlip_columns(tmp_path: Path) -> None:
+    import pandas as pd
+
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(tmp_path / f"{i}.jpg")
+    rows = [
+        {"filepath": f"{i}.jpg", "raw_caption": f"raw {i}", "shortSV_captions": f"['short {i}', 'tiny {i}']",
+         "longSV_captions": json.dumps([f"a long caption number {i}"])}
+        for i in range(3)
+    ]  # fmt: skip
+    mapping = {"raw_caption": "short", "shortSV_captions": "short", "longSV_captions": "long"}
+    pd.DataFrame(rows).to_csv(tmp_path / "dreamlip.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for name in ("dreamlip.csv", "d.parquet", "d.jsonl"):
+        cs = load_caption_set(
+            CaptionSetConfig(path=str(tmp_path / name), image_column="filepath", caption_columns=mapping)
+        )
+        assert len(cs) == 3
+        assert cs[1].short == ["raw 1", "short 1", "tiny 1"] and cs[1].long == ["a long caption number 1"]
+        assert cs[2].image == str((tmp_path / "2.jpg").resolve())
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "message"),
+    [
+        ({"image": "missing.png", "short_captions": ["x"]}, "does not exist"),
+        ({"image": "../outside.png", "short_captions": ["x"]}, "leaves the image root"),
+        ({"image": "ok.png", "short_captions": ["  "]}, "empty caption"),
+        ({"image": "ok.png", "short_captions": [3]}, "not text"),
+        ({"image": "ok.png", "short_captions": []}, "no caption"),
+    ],
+)
+def test_bad_records_name_the_record(tmp_path: Path, bad_row: dict, message: str) -> None:
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "ok.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    good = {"image": "ok.png", "short_captions": ["a black square"]}
+    manifest = tmp_path / "img" / "m.jsonl"
+    _write_jsonl(manifest, [good] * 9 + [bad_row] + [good] * 10)
+    cfg = CaptionSetConfig(path=str(manifest))
+    with pytest.raises(DataError, match=rf"m\.jsonl:10\b.*{message}"):
+        load_caption_set(cfg)
+    cs = load_caption_set(cfg, skip_bad=True, max_bad_fraction=0.1)
+    assert len(cs) == 19 and len(cs.skipped) == 1 and cs.skipped[0][0].endswith("m.jsonl:10")
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        load_caption_set(cfg, skip_bad=True, max_bad_fraction=0.01)
+
+
+def test_missing_columns_and_broken_files(tmp_path: Path) -> None:
+    _write_jsonl(tmp_path / "m.jsonl", [{"picture": "a.png", "short_captions": ["x"]}])
+    with pytest.raises(DataError, match=r"missing column\(s\) \['image'\]"):
+        load_caption_set(CaptionSetConfig(path=str(tmp_path / "m.jsonl")))
+    (tmp_path / "broken.jsonl").write_text('{"image": "a.png", "short_captions": [\n')
+    with pytest.raises(DataError, match="broken.jsonl: cannot be read"):
+        load_caption_set(CaptionSetConfig(path=str(tmp_path / "broken.jsonl")))
+    with pytest.raises(DataError, match="does not exist"):
+        load_caption_set(CaptionSetConfig(path=str(tmp_path / "nope.jsonl")))
+
+
+def test_webdataset_txt_only_and_broken_image(tmp_path: Path) -> None:
+    shard = tmp_path / "s-000.tar"
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(buf, format="JPEG")
+    with tarfile.open(shard, "w") as tar:
+        for key, data in (
+            ("k1.jpg", buf.getvalue()),
+            ("k1.txt", b"a green square"),
+            ("k2.jpg", b"not an image"),
+            ("k2.txt", b"broken"),
+        ):
+            info = tarfile.TarInfo(key)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    cs = load_caption_set(CaptionSetConfig(path=str(shard)))
+    assert [r.key for r in cs] == ["k1", "k2"] and cs[0].short == ["a green square"]
+    assert open_image(cs[0]).getpixel((4, 4))[1] > 150
+    with pytest.raises(DataError, match=r"s-000\.tar:k2: cannot read image"):
+        open_image(cs[1])
+
+
+def test_open_image_converts_modes(tmp_path: Path) -> None:
+    from llm2clip_vlm.data.records import ImageCaptions
+
+    for mode in ("RGBA", "P", "L", "CMYK", "I;16"):
+        path = tmp_path / f"x-{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}"
+        Image.new(mode, (4, 4)).save(path)
+        img = open_image(ImageCaptions("k", str(path)))
+        assert img.mode == "RGB" and img.size == (4, 4)
+
+
+def test_text_corpus(tmp_path: Path) -> None:
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("first line\n\nsecond line\n")
+    (tmp_path / "c" / "b.txt").write_text("third\n")
+    assert load_text_corpus([str(tmp_path / "c")]) == ["first line", "second line", "third"]
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(DataError, match="bin.txt is binary"):
+        load_text_corpus([str(tmp_path / "bin.txt")])
+    with pytest.raises(DataError, match="does not exist"):
+        load_text_corpus([str(tmp_path / "none")])
