@@ -174,9 +174,19 @@ def build_tower(
     recipe: RecipeArg = None,
     output: OutputOpt = Path("runs/build-tower"),
     set_: SetOpt = None,
+    from_stage: Annotated[
+        str | None, typer.Option(help="Rerun from this stage: stage1 | embed | stage2 | export.")
+    ] = None,
 ) -> None:
-    """Stage 1, embed, stage 2 and export in one command."""
-    _not_built("build-tower", "issue 3")
+    """Stage 1, embed, stage 2 and export in one command (stages whose artifact matches are skipped)."""
+    from llm2clip_vlm.pipeline import STAGES, print_metrics, run_build_tower
+
+    if from_stage is not None and from_stage not in STAGES:
+        console.print(f"[red]--from-stage must be one of {', '.join(STAGES)}[/red], got {from_stage!r}")
+        raise typer.Exit(2)
+    cfg = resolve_config(recipe, set_)
+    metrics = run_build_tower(cfg, output, from_stage=from_stage)
+    print_metrics(metrics, output)
 
 
 @app.command("llava-pretrain")
