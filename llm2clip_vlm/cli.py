@@ -7,6 +7,7 @@ imported inside the commands so ``--help`` is instant.
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -250,6 +251,15 @@ def bench(
 
 def main() -> None:
     """Console-script entry point."""
+    # Our own rich bars show progress; transformers' per-file tqdm bars would only add noise.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
     try:
         app()
     except KeyboardInterrupt:  # pragma: no cover

@@ -128,7 +128,7 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
         stamp = _read_stamp(dirs[stage])
         if not forced and stamp and stamp.get("fingerprint") == fingerprint:
             log.info("%s: artifact in %s matches its config, skipped", stage, dirs[stage])
-            timings[stage] = 0.0
+            timings[stage] = float(stamp.get("seconds", 0.0))
         else:
             if stamp:  # stale: a restarted stage must not look complete if it dies midway
                 (dirs[stage] / "stage.json").unlink()
@@ -165,19 +165,19 @@ def print_metrics(metrics: dict[str, Any], output_dir: Path) -> None:
     retrieval = metrics.get("stage2", {}).get("retrieval", {})
     before = metrics.get("stage2", {}).get("retrieval_before", {})
     if retrieval:
-        table = Table(title="stage 2: zero-shot retrieval on held-out sets (%; before -> after)")
-        table.add_column("set")
-        for col in ("images", "captions", "I2T R@1", "I2T R@5", "I2T R@10", "T2I R@1", "T2I R@5", "T2I R@10"):
-            table.add_column(col, justify="right")
+        table = Table(title="stage 2: zero-shot retrieval on held-out sets (%)")
+        for col in ("set", "when", "images", "captions", "I2T R@1", "R@5", "R@10", "T2I R@1", "R@5", "R@10"):
+            table.add_column(col, justify="left" if col in ("set", "when") else "right")
+        keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
         for name, m in retrieval.items():
-            b = before.get(name, {})
-            cells = [
-                f"{b[k]:.1f} -> {m[k]:.1f}" if k in b else f"{m[k]:.1f}"
-                for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
-            ]
-            table.add_row(name, str(m.get("n_images", "")), str(m.get("n_captions", "")), *cells)
+            for when, row in (("before", before.get(name)), ("after", m)):
+                if row:
+                    counts = (str(row.get("n_images", "")), str(row.get("n_captions", "")))
+                    table.add_row(name, when, *counts, *(f"{row[k]:.1f}" for k in keys))
         console.print(table)
     seconds = metrics.get("seconds", {})
     if seconds:
-        console.print("time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+        console.print(
+            "time per stage (when it ran): " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+        )
     console.print(f"tower: {output_dir / 'tower'}   retrieval model: {output_dir / 'model'}")
