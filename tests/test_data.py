@@ -71,18 +71,46 @@ def test_long_captions_carry_details_short_ones_lack(demo: Path) -> None:
         assert all(len(long) > max(len(s) for s in r.short) for long in r.long)
 
 
-def test_heldout_captions_are_hard(demo: Path) -> None:
+def _jaccard(a: str, b: str) -> float:
+    wa, wb = _words(a), _words(b)
+    return len(wa & wb) / len(wa | wb)
+
+
+@pytest.mark.parametrize(
+    ("split", "column", "kind"), [("short", "short_captions", "short"), ("long", "long_captions", "long")]
+)
+def test_heldout_captions_are_hard(demo: Path, split: str, column: str, kind: str) -> None:
     """Captions of different held-out images share most words (families of one-attribute changes)."""
-    short = load_caption_set(
-        CaptionSetConfig(path=str(demo / "heldout_short.jsonl"), caption_columns={"short_captions": "short"})
+    heldout = load_caption_set(
+        CaptionSetConfig(path=str(demo / f"heldout_{split}.jsonl"), caption_columns={column: kind})
     )
-    overlaps = []
-    for i in range(0, len(short) - 1, 4):
-        a, b = short[i], short[i + 1]  # same family, different images
-        wa, wb = _words(a.short[0]), _words(b.short[0])
-        overlaps.append(len(wa & wb) / len(wa | wb))
-        assert a.short[0] != b.short[0]
-    assert sum(overlaps) / len(overlaps) > 0.5
+    family, unrelated = [], []
+    for start in range(0, len(heldout), 4):  # families are aligned runs of 4 scenes
+        members = [heldout[i].of_kind(kind) for i in range(start, start + 4)]
+        for i in range(4):
+            for j in range(i + 1, 4):
+                for a, b in zip(members[i], members[j], strict=True):
+                    assert a != b, f"images {start + i} and {start + j} have the same caption {a!r}"
+                    family.append(_jaccard(a, b))
+        unrelated.append(
+            _jaccard(heldout[start].of_kind(kind)[0], heldout[(start + 41) % len(heldout)].of_kind(kind)[0])
+        )
+    mean_family = sum(family) / len(family)
+    assert mean_family > 0.7, mean_family
+    # Hard because of the family design, not because all captions look alike.
+    assert mean_family > sum(unrelated) / len(unrelated) + 0.2
+
+
+def test_scenes_hold_one_to_four_objects(demo: Path) -> None:
+    train = load_caption_set(CaptionSetConfig(path=str(demo / "train.jsonl")))
+    numbers = {"one": 1, "two": 2, "three": 3, "four": 4}
+    # "holds/shows N shape(s)" (not the "three by three grid" of one template).
+    counts = [numbers[re.search(r"(?:holds|shows) (\w+) shapes?\b", r.long[0]).group(1)] for r in train]
+    assert set(counts) == {1, 2, 3, 4}
+    # Every short caption names each object once (one colour word per object).
+    colours = {"red", "green", "blue", "yellow", "purple", "orange", "pink", "cyan"}
+    for n, r in zip(counts, train, strict=True):
+        assert all(sum(w in colours for w in re.findall(r"[a-z]+", s)) == n for s in r.short), r.short
 
 
 def test_jsonl_csv_parquet_and_dreamlip_columns(tmp_path: Path) -> None:

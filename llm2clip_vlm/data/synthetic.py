@@ -1,6 +1,6 @@
 """The synthetic image-caption world: the embedded demo data set (SPEC section 2).
 
-Procedurally drawn scenes of 1-3 coloured shapes on a 3x3 grid over a coloured background, each
+Procedurally drawn scenes of 1-4 coloured shapes on a 3x3 grid over a coloured background, each
 with several paraphrased short captions and long captions, written in the same on-disk formats as
 real data (JSONL manifests + PNG files, and webdataset tar shards for the training split). It makes
 learning measurable on a CPU:
@@ -57,8 +57,8 @@ POSITIONS = (
     "bottom",
     "bottom right",
 )
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
-MAX_OBJECTS = 3
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+MAX_OBJECTS = 4
 SUPERSAMPLE = 4  # draw large, then downsample: anti-aliased edges like a photo's
 
 
@@ -154,17 +154,22 @@ def draw_scene(scene: Scene, image_size: int = 64) -> Image.Image:
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
         else:
             draw.polygon(_shape_points(obj.shape, cx, cy, r), fill=colour)
-    return img.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    return img.resize((image_size, image_size), Image.Resampling.BOX)
 
 
 # ----------------------------------------------------------------------------------------------
 # Captions
 # ----------------------------------------------------------------------------------------------
+def _a(word: str) -> str:
+    """The indefinite article for ``word`` ("an orange", "a red")."""
+    return "an" if word[0] in "aeiou" else "a"
+
+
 _SHORT_TEMPLATES = (
-    lambda parts: " and ".join(f"a {c} {s} at the {p}" for c, s, p in parts),
+    lambda parts: " and ".join(f"{_a(c)} {c} {s} at the {p}" for c, s, p in parts),
     lambda parts: ", ".join(f"{c} {s} ({p})" for c, s, p in parts),
-    lambda parts: "a picture of " + " and ".join(f"a {c} {s} in the {p}" for c, s, p in parts),
-    lambda parts: "; ".join(f"{p}: a {c} {s}" for c, s, p in parts),
+    lambda parts: "a picture of " + " and ".join(f"{_a(c)} {c} {s} in the {p}" for c, s, p in parts),
+    lambda parts: "; ".join(f"{p}: {_a(c)} {c} {s}" for c, s, p in parts),
     lambda parts: "shapes: " + ", ".join(f"{c} {s} at {p}" for c, s, p in parts),
 )
 
@@ -264,7 +269,7 @@ def demo_spec(seed: int, train_images: int, heldout_images: int, image_size: int
         "train_images": train_images,
         "heldout_images": heldout_images,
         "image_size": image_size,
-        "version": 1,
+        "version": 2,
     }
 
 
@@ -306,7 +311,11 @@ def write_demo_dataset(
             lines = []
             for i, scene in enumerate(scenes):
                 key = f"{split}-{i:06d}"
-                srng = random.Random(f"{seed}-{split}-{i}")
+                # Held-out families (aligned runs of FAMILY_SIZE scenes) share one caption stream:
+                # caption j of every image in a family uses the same template and object order, so
+                # captions of different images differ only in the changed attribute, not in wording.
+                stream = i if split == "train" else i // FAMILY_SIZE
+                srng = random.Random(f"{seed}-{split}-{stream}")
                 n_short = SHORT_PER_IMAGE
                 n_long = 1 if split == "heldout_long" else LONG_PER_IMAGE
                 record = {
@@ -322,7 +331,11 @@ def write_demo_dataset(
                     if i % TRAIN_SHARD_SIZE == 0:
                         if tar is not None:
                             tar.close()
-                        tar = tarfile.open(out / "shards" / f"train-{i // TRAIN_SHARD_SIZE:05d}.tar", "w")
+                        tar = tarfile.open(
+                            out / "shards" / f"train-{i // TRAIN_SHARD_SIZE:05d}.tar",
+                            "w",
+                            format=tarfile.USTAR_FORMAT,  # plain headers: byte-stable, no pax records
+                        )
                     meta = {k: record[k] for k in ("key", "short_captions", "long_captions")}
                     _add_tar_member(tar, f"{key}.png", png)
                     _add_tar_member(tar, f"{key}.json", json.dumps(meta).encode())
