@@ -84,7 +84,7 @@ def test_heldout_captions_are_hard(demo: Path, split: str, column: str, kind: st
     heldout = load_caption_set(
         CaptionSetConfig(path=str(demo / f"heldout_{split}.jsonl"), caption_columns={column: kind})
     )
-    family, unrelated = [], []
+    family, unrelated, same_words = [], [], 0
     for start in range(0, len(heldout), 4):  # families are aligned runs of 4 scenes
         members = [heldout[i].of_kind(kind) for i in range(start, start + 4)]
         for i in range(4):
@@ -92,6 +92,7 @@ def test_heldout_captions_are_hard(demo: Path, split: str, column: str, kind: st
                 for a, b in zip(members[i], members[j], strict=True):
                     assert a != b, f"images {start + i} and {start + j} have the same caption {a!r}"
                     family.append(_jaccard(a, b))
+                    same_words += _words(a) == _words(b)
         unrelated.append(
             _jaccard(heldout[start].of_kind(kind)[0], heldout[(start + 41) % len(heldout)].of_kind(kind)[0])
         )
@@ -99,6 +100,8 @@ def test_heldout_captions_are_hard(demo: Path, split: str, column: str, kind: st
     assert mean_family > 0.7, mean_family
     # Hard because of the family design, not because all captions look alike.
     assert mean_family > sum(unrelated) / len(unrelated) + 0.2
+    # Swapped colours/positions: some captions of different images hold exactly the same words.
+    assert same_words / len(family) > 0.05, same_words
 
 
 def test_scenes_hold_one_to_four_objects(demo: Path) -> None:

@@ -9,8 +9,8 @@ learning measurable on a CPU:
   varied templates; long captions add what short ones leave out (size, background, the number of
   objects, which object is largest), so reading long text matters.
 - Held-out scenes are drawn in *families*: a base scene and variants that change exactly one
-  attribute (a colour, a shape, a position, the count; for the long set also a size or the
-  background). Captions of different images then share most of their words, so word overlap
+  attribute (a colour, a shape, a position, the count, or swap the colours or positions of two
+  objects; for the long set also a size or the background). Captions of different images then share most of their words, so word overlap
   alone does not solve retrieval.
 
 Everything is deterministic per seed: the same seed writes byte-identical files.
@@ -90,11 +90,28 @@ def random_scene(rng: random.Random) -> Scene:
 
 
 def vary_scene(scene: Scene, rng: random.Random, attributes: tuple[str, ...]) -> Scene:
-    """A copy of ``scene`` with exactly one attribute (drawn from ``attributes``) changed."""
+    """A copy of ``scene`` with exactly one attribute (drawn from ``attributes``) changed.
+
+    ``swap_colour`` / ``swap_position`` exchange an attribute between two objects: the captions
+    then hold the same bag of words and differ only in which attribute binds to which object, so
+    word overlap cannot tell the images apart.
+    """
     objs = list(scene.objects)
     free_cells = [c for c in range(len(POSITIONS)) if c not in {o.cell for o in objs}]
+    if len(objs) < 2:
+        attributes = tuple(a for a in attributes if not a.startswith("swap_"))
     attribute = rng.choice(attributes)
     i = rng.randrange(len(objs))
+    if attribute.startswith("swap_"):
+        j = rng.choice([k for k in range(len(objs)) if k != i])
+        if attribute == "swap_colour":
+            objs[i], objs[j] = (
+                replace(objs[i], colour=objs[j].colour),
+                replace(objs[j], colour=objs[i].colour),
+            )
+        else:
+            objs[i], objs[j] = replace(objs[i], cell=objs[j].cell), replace(objs[j], cell=objs[i].cell)
+        return replace(scene, objects=tuple(objs))
     if attribute == "colour":
         objs[i] = replace(objs[i], colour=rng.choice([c for c in COLOURS if c != objs[i].colour]))
     elif attribute == "shape":
@@ -229,6 +246,11 @@ FAMILY_SIZE = 4
 TRAIN_SHARD_SIZE = 1000
 
 
+def _short_content(scene: Scene) -> frozenset[tuple[str, str, int]]:
+    """What a short caption says about a scene: colour, shape and cell of each object."""
+    return frozenset((o.colour, o.shape, o.cell) for o in scene.objects)
+
+
 def _scenes(rng: random.Random, n: int, family_share: float, attributes: tuple[str, ...]) -> list[Scene]:
     """``n`` scenes; ``family_share`` of them in families of near-duplicates (one change each)."""
     scenes: list[Scene] = []
@@ -236,11 +258,14 @@ def _scenes(rng: random.Random, n: int, family_share: float, attributes: tuple[s
         if rng.random() < family_share:
             base = random_scene(rng)
             family = [base]
-            seen = {base}
+            # Members must differ in what their captions can say: without size/background
+            # variants (short captions), two scenes that differ only in sizes would share captions.
+            describable = (lambda sc: sc) if "size" in attributes else _short_content
+            seen = {describable(base)}
             while len(family) < FAMILY_SIZE:
                 v = vary_scene(base, rng, attributes)
-                if v not in seen:
-                    seen.add(v)
+                if describable(v) not in seen:
+                    seen.add(describable(v))
                     family.append(v)
             scenes.extend(family)
         else:
@@ -269,7 +294,7 @@ def demo_spec(seed: int, train_images: int, heldout_images: int, image_size: int
         "train_images": train_images,
         "heldout_images": heldout_images,
         "image_size": image_size,
-        "version": 2,
+        "version": 3,
     }
 
 
@@ -291,7 +316,7 @@ def write_demo_dataset(
 
     out = Path(out)
     rng = random.Random(seed)
-    all_attrs = ("colour", "shape", "position", "count")
+    all_attrs = ("colour", "shape", "position", "count", "swap_colour", "swap_position")
     splits = {
         # Training mixes independent scenes with families, so stage 1 sees hard negatives.
         "train": _scenes(rng, train_images, 0.5, all_attrs),
