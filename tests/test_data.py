@@ -221,3 +221,62 @@ def test_text_corpus(tmp_path: Path) -> None:
         load_text_corpus([str(tmp_path / "bin.txt")])
     with pytest.raises(DataError, match="does not exist"):
         load_text_corpus([str(tmp_path / "none")])
+
+
+def test_resolve_data_reuses_or_rewrites_the_demo_world(tmp_path: Path) -> None:
+    cfg = DataConfig(demo_seed=5, demo_train_images=12, demo_heldout_images=8)
+    train, heldout = resolve_data(cfg, tmp_path)  # default location: <output>/demo-data
+    info = tmp_path / "demo-data" / "dataset.json"
+    first = info.stat().st_mtime_ns
+    assert len(train) == 12 and {k: len(v) for k, v in heldout.items()} == {"short": 8, "long": 8}
+    again, _ = resolve_data(cfg, tmp_path)
+    assert info.stat().st_mtime_ns == first  # same settings: reused, not rewritten
+    assert [r.captions for r in again] == [r.captions for r in train]
+    other, _ = resolve_data(DataConfig(demo_seed=6, demo_train_images=12, demo_heldout_images=8), tmp_path)
+    assert json.loads(info.read_text())["seed"] == 6
+    assert [r.captions for r in other] != [r.captions for r in train]
+
+
+def test_brace_patterns_tsv_keys_and_broken_lists(demo: Path, tmp_path: Path) -> None:
+    from llm2clip_vlm.data.captions import expand_braces
+
+    assert expand_braces("s-{008..010}.tar") == ["s-008.tar", "s-009.tar", "s-010.tar"]
+    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    shards = load_caption_set(CaptionSetConfig(path=str(demo / "shards" / "train-{00000..00000}.tar")))
+    assert len(shards) == 120 and shards[0].source.endswith("train-00000.tar:train-000000")
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "m.tsv").write_text("id\tpath\tcap\nx7\ta.png\t['one', \"two\"]\ny8\ta.png\t['a', b c]\n")
+    cfg = CaptionSetConfig(
+        path=str(tmp_path / "m.tsv"), image_column="path", key_column="id", caption_columns={"cap": "long"}
+    )
+    with pytest.raises(DataError, match=r"m\.tsv:3 column 'cap': caption list .* cannot be parsed"):
+        load_caption_set(cfg)
+    cs = load_caption_set(cfg, skip_bad=True, max_bad_fraction=0.5)
+    assert [(r.key, r.long) for r in cs] == [("x7", ["one", "two"])] and cs[0].source.endswith("m.tsv:2")
+
+
+def test_demo_data_command(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llm2clip_vlm.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "demo-data",
+            str(tmp_path / "d"),
+            "--seed",
+            "4",
+            "--train-images",
+            "10",
+            "--heldout-images",
+            "8",
+            "--image-size",
+            "32",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "d" / "dataset.json").read_text())
+    assert info["splits"] == {"train": 10, "heldout_short": 8, "heldout_long": 8} and info["seed"] == 4
+    assert Image.open(tmp_path / "d" / "images" / "train" / "train-000003.png").size == (32, 32)
