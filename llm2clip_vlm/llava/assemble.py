@@ -26,7 +26,7 @@ PROJECTORS = ("mlp2x_gelu",)
 SELECT_STRATEGIES = ("default", "full")
 
 
-def resolve_select_strategy(fmt: TowerFormat, select_strategy: str) -> str:
+def resolve_select_strategy(fmt: TowerFormat, select_strategy: str, has_cls: bool) -> str:
     """transformers' strategy for LLaVA-1.5's "patch tokens" on this backbone.
 
     ``"default"`` drops the first token, which is the CLS token of a CLIP tower; a tower without
@@ -39,7 +39,7 @@ def resolve_select_strategy(fmt: TowerFormat, select_strategy: str) -> str:
         raise ValueError(
             f"select_strategy must be one of {', '.join(SELECT_STRATEGIES)}, got {select_strategy!r}"
         )
-    if select_strategy == "default" and not fmt.has_cls_token:
+    if select_strategy == "default" and not has_cls:
         log.info(
             "%s tower has no CLS token: using vision_feature_select_strategy='full' (all patch tokens)",
             fmt.name,
@@ -99,10 +99,11 @@ def build_llava_model(
             f"{path}: a {fmt.name} tower is not a transformers vision model; LlavaForConditionalGeneration "
             "needs a CLIP or SigLIP tower (use LLM2CLIPVisionTower in the LLaVA codebase instead)"
         )
-    strategy = resolve_select_strategy(fmt, select_strategy)
-
     vision = fmt.load_model(path, None)
     vcfg = vision.config
+    # transformers' LLaVA knows one prefix token at most (CLIP's CLS): "default" drops exactly one.
+    has_cls = fmt.num_prefix_tokens(vcfg) == 1
+    strategy = resolve_select_strategy(fmt, select_strategy, has_cls)
     n_states = vcfg.num_hidden_layers + 1
     if not -n_states <= vision_feature_layer < n_states:
         raise ValueError(
@@ -110,7 +111,7 @@ def build_llava_model(
         )
     n_side = vcfg.image_size // vcfg.patch_size
     # Tokens the LM sees per image: every position of the hidden state, minus CLS for "default".
-    num_tokens = n_side**2 + (1 if fmt.has_cls_token else 0) - (1 if strategy == "default" else 0)
+    num_tokens = n_side**2 + (1 if has_cls else 0) - (1 if strategy == "default" else 0)
 
     tokenizer = AutoTokenizer.from_pretrained(llm_name_or_path)
     tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
@@ -154,7 +155,7 @@ def build_llava_model(
         patch_size=vcfg.patch_size,
         vision_feature_select_strategy=strategy,
         image_token=image_token,
-        num_additional_image_tokens=1 if fmt.has_cls_token else 0,
+        num_additional_image_tokens=1 if has_cls else 0,
         chat_template=getattr(tokenizer, "chat_template", None),
     )
     log.info(

@@ -33,14 +33,15 @@ class TowerFormat:
 
     Attributes:
         name: short family name (``clip``, ``siglip``, ...), used in messages.
-        has_cls_token: the token sequence starts with a CLS token ("patch" drops it).
+        num_prefix_tokens: ``config -> int``, tokens before the patches (CLS, registers);
+            "patch" drops them, "cls_patch" keeps them.
         load_config: ``path -> config`` (no weights): ``hidden_size``, ``image_size``, ``patch_size``.
         load_model: ``(path, device_map) -> model`` with the weights.
         load_image_processor: ``path -> image processor``.
     """
 
     name: str
-    has_cls_token: bool
+    num_prefix_tokens: Callable[[Any], int]
     load_config: Callable[[Path], Any]
     load_model: Callable[[Path, Any], nn.Module]
     load_image_processor: Callable[[Path], Any]
@@ -143,9 +144,40 @@ def _auto_image_processor(path: Path) -> Any:
 
 register_tower_format(
     ("clip_vision_model", "clip"),
-    TowerFormat("clip", True, _clip_config, _clip_model, _auto_image_processor),
+    TowerFormat("clip", lambda config: 1, _clip_config, _clip_model, _auto_image_processor),
 )
 register_tower_format(
     ("siglip_vision_model", "siglip"),
-    TowerFormat("siglip", False, _siglip_config, _siglip_model, _auto_image_processor),
+    TowerFormat("siglip", lambda config: 0, _siglip_config, _siglip_model, _auto_image_processor),
+)
+
+
+# -- timm (optional): config.json in timm's hub format, keyed "timm" ------------------------------
+
+
+def _timm_config(path: Path) -> Any:
+    from llm2clip_vlm.tower.timm_tower import load_timm_config
+
+    return load_timm_config(path)
+
+
+def _clip_image_processor(path: Path) -> Any:
+    from transformers import CLIPImageProcessor
+
+    # Not AutoImageProcessor: it reads timm's config.json as a TimmWrapper model and wants timm's
+    # own processor; the stage-2 export writes a CLIP processor for timm towers.
+    return CLIPImageProcessor.from_pretrained(path, local_files_only=True)
+
+
+def _timm_model(path: Path, device_map: Any) -> nn.Module:
+    from llm2clip_vlm.tower.timm_tower import load_timm_model
+
+    return load_timm_model(path, device_map)
+
+
+register_tower_format(
+    ("timm",),
+    TowerFormat(
+        "timm", lambda config: config.num_prefix_tokens, _timm_config, _timm_model, _clip_image_processor
+    ),
 )

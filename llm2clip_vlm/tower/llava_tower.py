@@ -59,9 +59,10 @@ class LLM2CLIPVisionTower(nn.Module):
             )
         self._path = resolve_tower_path(vision_tower)
         self._format: TowerFormat = detect_tower_format(self._path)
-        # The first token kept from the selected hidden state: "patch" drops a CLS token.
-        self._first_token = 1 if self._format.has_cls_token and self.select_feature == "patch" else 0
         self.cfg_only = self._format.load_config(self._path)
+        self._prefix_tokens = int(self._format.num_prefix_tokens(self.cfg_only))
+        # The first token kept from the selected hidden state: "patch" drops CLS (and registers).
+        self._first_token = self._prefix_tokens if self.select_feature == "patch" else 0
         self._check_select_layer(self.cfg_only)
 
         if not delay_load or getattr(args, "unfreeze_mm_vision_tower", False):
@@ -144,8 +145,7 @@ class LLM2CLIPVisionTower(nn.Module):
     @property
     def num_patches(self) -> int:
         """Tokens per image that ``forward`` returns (patches, plus CLS for "cls_patch")."""
-        extra = 1 if self._format.has_cls_token and self.select_feature == "cls_patch" else 0
-        return self.num_patches_per_side**2 + extra
+        return self.num_patches_per_side**2 + (self._prefix_tokens - self._first_token)
 
     @property
     def image_size(self) -> int:
@@ -154,7 +154,7 @@ class LLM2CLIPVisionTower(nn.Module):
     @property
     def has_cls_token(self) -> bool:
         """Whether the backbone's token sequence starts with a CLS token."""
-        return self._format.has_cls_token
+        return self._prefix_tokens > 0
 
     @property
     def tower_path(self) -> str:
