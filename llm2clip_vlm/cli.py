@@ -190,20 +190,75 @@ def build_tower(
     print_metrics(metrics, output)
 
 
+TowerOpt = Annotated[
+    str | None, typer.Option("--tower", help="Exported tower directory (default: llava.tower of the config).")
+]
+
+
+def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | None, tower: str | None,
+               init: Path | None) -> None:  # fmt: skip
+    from llm2clip_vlm.data.captions import DataError
+    from llm2clip_vlm.llava.templates import ConversationError
+    from llm2clip_vlm.llava.train import MissingInputError, run_llava
+
+    cfg = resolve_config(recipe, set_)
+    if tower:
+        cfg.llava.tower = tower
+    try:
+        metrics = run_llava(cfg, output, phase, init=init)  # type: ignore[arg-type]
+    except (MissingInputError, FileNotFoundError) as e:
+        console.print(f"[red]llava-{phase}:[/red] {e}")
+        raise typer.Exit(2) from e
+    except (DataError, ConversationError) as e:
+        console.print(f"[red]llava-{phase}: bad data:[/red] {e}")
+        raise typer.Exit(1) from e
+    if not metrics:  # non-main processes
+        return
+    line = (
+        f"llava {phase}: {metrics['steps']} steps in {metrics['train_seconds']:.0f} s, loss "
+        f"{metrics['loss_start_mean']:.3f} -> {metrics['loss_end_mean']:.3f} (mean of first/last steps)"
+    )
+    before, after = metrics.get("heldout_before") or {}, metrics.get("heldout_after") or {}
+    if after:
+        line += f"; held-out accuracy {before.get('accuracy', float('nan')):.1f} -> {after['accuracy']:.1f} %"
+    console.print(line)
+    if metrics["bad_records"]["count"] or metrics["dropped_samples"]:
+        console.print(
+            f"[yellow]skipped {metrics['bad_records']['count']} bad records, dropped "
+            f"{metrics['dropped_samples']} samples[/yellow] (listed in {output / 'metrics.json'})"
+        )
+    if metrics["truncated_samples"]:
+        console.print(f"{metrics['truncated_samples']} samples were truncated to max_length")
+    console.print(f"model: {output / 'model'}   projector: {output / 'mm_projector.safetensors'}")
+
+
 @app.command("llava-pretrain")
 def llava_pretrain(
-    recipe: RecipeArg = None, output: OutputOpt = Path("runs/llava-pretrain"), set_: SetOpt = None
+    recipe: RecipeArg = None,
+    output: OutputOpt = Path("runs/llava-pretrain"),
+    set_: SetOpt = None,
+    tower: TowerOpt = None,
 ) -> None:
-    """LLaVA-1.5 projector pretraining on top of a tower."""
-    _not_built("llava-pretrain", "issue 5")
+    """LLaVA-1.5 projector pretraining on top of a tower (only the projector trains)."""
+    _run_llava("pretrain", recipe, output, set_, tower, None)
 
 
 @app.command("llava-finetune")
 def llava_finetune(
-    recipe: RecipeArg = None, output: OutputOpt = Path("runs/llava-finetune"), set_: SetOpt = None
+    recipe: RecipeArg = None,
+    output: OutputOpt = Path("runs/llava-finetune"),
+    set_: SetOpt = None,
+    tower: TowerOpt = None,
+    init: Annotated[
+        Path,
+        typer.Option(
+            "--from",
+            help="The pretrained projector: a llava-pretrain output or a mm_projector.safetensors file.",
+        ),
+    ] = Path("runs/llava-pretrain"),
 ) -> None:
-    """LLaVA-1.5 instruction tuning (full, LoRA or QLoRA)."""
-    _not_built("llava-finetune", "issue 5")
+    """LLaVA-1.5 instruction tuning (projector + LLM: full, LoRA or QLoRA)."""
+    _run_llava("finetune", recipe, output, set_, tower, init)
 
 
 @app.command("eval")

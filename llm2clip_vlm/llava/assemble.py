@@ -57,19 +57,23 @@ def build_llava_model(
     select_strategy: str = "default",
     dtype: torch.dtype | None = None,
     image_token: str = "<image>",
+    quantization: str = "none",
 ) -> tuple[Any, Any]:
     """A LLaVA-1.5 model and its processor from an exported tower and a causal LM.
 
     Args:
         tower_dir: an exported tower (a local directory, optionally ``llm2clip:``-prefixed) in a
             transformers format (CLIP, SigLIP).
-        llm_name_or_path: a causal LM (directory or hub id), loaded with ``AutoModelForCausalLM``.
+        llm_name_or_path: a causal LM, loaded with ``AutoModelForCausalLM``: a directory, hub id,
+            ``.gguf`` file or ``builtin:`` name (:func:`llm2clip_vlm.text.modeling.resolve_model_ref`).
         projector: only ``"mlp2x_gelu"`` (Linear-GELU-Linear), LLaVA-1.5's projector.
         vision_feature_layer: hidden state fed to the projector (LLaVA-1.5: -2).
         select_strategy: ``"default"`` = patch tokens (CLS dropped; on a tower without CLS, all
             tokens, saved as ``"full"``); ``"full"`` = every token.
         dtype: dtype of the whole model (default: as loaded).
         image_token: the placeholder added to the tokenizer as a special token.
+        quantization: ``none``, ``4bit`` (QLoRA) or ``8bit``: the LLM's linear layers through
+            bitsandbytes; the tower and the projector stay in ``dtype``.
 
     Returns:
         ``(LlavaForConditionalGeneration, LlavaProcessor)``, ready for ``save_pretrained``.
@@ -113,14 +117,23 @@ def build_llava_model(
     # Tokens the LM sees per image: every position of the hidden state, minus CLS for "default".
     num_tokens = n_side**2 + (1 if has_cls else 0) - (1 if strategy == "default" else 0)
 
-    tokenizer = AutoTokenizer.from_pretrained(llm_name_or_path)
+    from llm2clip_vlm.text.modeling import quantization_config, resolve_model_ref
+
+    ref = resolve_model_ref(str(llm_name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(ref.path, **ref.kwargs())
     tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
     if tokenizer.pad_token is None:
         # Batched generation and training need a pad token; LLaVA-1.5 pads with unk/eos too.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     image_token_id = tokenizer.convert_tokens_to_ids(image_token)
 
-    lm = AutoModelForCausalLM.from_pretrained(llm_name_or_path, dtype=dtype or "auto")
+    lm_kwargs: dict[str, Any] = dict(ref.kwargs(), dtype=dtype or "auto")
+    qconfig = quantization_config(quantization, dtype or torch.float32)
+    if qconfig is not None:
+        if ref.gguf_file:
+            raise ValueError(f"{ref.gguf_file}: a GGUF LLM cannot be quantized with bitsandbytes")
+        lm_kwargs.update(quantization_config=qconfig, device_map={"": "cpu"})
+    lm = AutoModelForCausalLM.from_pretrained(ref.path, **lm_kwargs)
     config = LlavaConfig(
         vision_config=vcfg,
         text_config=lm.config,
@@ -145,7 +158,11 @@ def build_llava_model(
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     if dtype is not None:
-        model.to(dtype)
+        if qconfig is None:
+            model.to(dtype)
+        else:  # quantized weights keep their storage; only the tower and the projector move
+            model.model.vision_tower.to(dtype)
+            model.model.multi_modal_projector.to(dtype)
     model.eval()
 
     image_processor = fmt.load_image_processor(path)

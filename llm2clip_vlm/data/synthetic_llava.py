@@ -1,0 +1,204 @@
+"""The synthetic world in LLaVA's data format: caption records for projector pretraining,
+instruction records for finetuning, and held-out questions with known answers.
+
+Scenes come from :mod:`llm2clip_vlm.data.synthetic` (coloured shapes on a 3x3 grid). Files::
+
+    llava_pretrain.json   LCS-558K-style: "<image>\\n{instruction}" -> a short caption
+    llava_instruct.json   mix665k-style: 1-3 question/answer turns per image (open questions on
+                          colour, shape, position and count; yes/no; lettered multiple choice),
+                          plus text-only records (no "image" key)
+    llava_heldout.json    one question per held-out image, with "question_type" and "answer"
+    images/{pretrain,instruct,heldout}/*.png
+
+Prompts follow LLaVA-1.5's short-answer instructions ("Answer the question using a single word
+or phrase.", "Answer with the option's letter from the given choices directly."), the ones the
+MME / ScienceQA / VizWiz evaluations use. Yes/no questions are balanced. Deterministic per seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from llm2clip_vlm.data.synthetic import (
+    COLOURS,
+    NUMBER_WORDS,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    _png_bytes,
+    draw_scene,
+    random_scene,
+    short_captions,
+)
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+YES_NO = "Answer with yes or no."
+LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
+QUESTION_TYPES = ("colour", "shape", "position", "count", "yesno", "choice")
+PRETRAIN_INSTRUCTIONS = (
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Summarize the visual content of the image.",
+    "Write a terse but informative summary of the picture.",
+)
+TEXT_ONLY = (
+    ("How many cells does a grid of three rows and three columns have?", "nine"),
+    ("How many corners does a square have?", "four"),
+    ("How many corners does a triangle have?", "three"),
+    ("Which shape has no corners: a circle or a square?", "circle"),
+    ("What do you call a shape with five points drawn as a twinkle?", "star"),
+    ("Which cell is in the middle of a three by three grid?", "centre"),
+    ("Is yellow a colour?", "yes"),
+    ("Is a triangle a colour?", "no"),
+)
+SPEC_VERSION = 1
+
+
+def _unique(scene: Scene, key: str) -> list[int]:
+    """Indices of objects whose ``key`` attribute (or colour+shape pair) no other object shares."""
+
+    def value(o: object) -> object:
+        return (o.colour, o.shape) if key == "colour_shape" else getattr(o, key)
+
+    values = [value(o) for o in scene.objects]
+    return [i for i, v in enumerate(values) if values.count(v) == 1]
+
+
+def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str] | None:
+    """One ``(question, answer)`` of type ``qtype`` about ``scene``, or None if it cannot be asked
+    unambiguously (e.g. a colour question needs an object whose shape is unique)."""
+    objs = scene.objects
+    if qtype == "count":
+        return f"How many shapes are there in the image?\n{SHORT_ANSWER}", NUMBER_WORDS[len(objs)]
+    if qtype == "colour":
+        cands = _unique(scene, "shape")
+        if not cands:
+            return None
+        o = objs[rng.choice(cands)]
+        return f"What colour is the {o.shape}?\n{SHORT_ANSWER}", o.colour
+    if qtype == "shape":
+        o = rng.choice(objs)
+        return f"What shape is at the {POSITIONS[o.cell]}?\n{SHORT_ANSWER}", o.shape
+    if qtype == "position":
+        cands = _unique(scene, "colour_shape")
+        if not cands:
+            return None
+        o = objs[rng.choice(cands)]
+        return f"Where is the {o.colour} {o.shape}?\n{SHORT_ANSWER}", POSITIONS[o.cell]
+    if qtype == "yesno":
+        present = {(o.colour, o.shape) for o in objs}
+        if rng.random() < 0.5:
+            colour, shape = rng.choice(sorted(present))
+            answer = "yes"
+        else:
+            # A near miss: an object of the scene with its colour or its shape changed.
+            o = rng.choice(objs)
+            while True:
+                colour = rng.choice(list(COLOURS)) if rng.random() < 0.5 else o.colour
+                shape = o.shape if colour != o.colour else rng.choice(SHAPES)
+                if (colour, shape) not in present:
+                    break
+            answer = "no"
+        return (
+            f"Is there {'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} in the image?\n{YES_NO}",
+            answer,
+        )
+    if qtype == "choice":
+        o = rng.choice(objs)
+        options = [o.shape, *rng.sample([s for s in SHAPES if s != o.shape], 3)]
+        rng.shuffle(options)
+        letters = "ABCD"
+        lines = "\n".join(f"{letters[i]}. {opt}" for i, opt in enumerate(options))
+        question = f"Which shape is at the {POSITIONS[o.cell]}?\n{lines}\n{LETTER_ANSWER}"
+        return question, letters[options.index(o.shape)]
+    raise ValueError(f"unknown question type {qtype!r}; known: {', '.join(QUESTION_TYPES)}")
+
+
+def _questions(scene: Scene, rng: random.Random, n: int) -> list[tuple[str, str, str]]:
+    out: list[tuple[str, str, str]] = []
+    types = list(QUESTION_TYPES)
+    rng.shuffle(types)
+    for qtype in types:
+        qa = make_question(scene, qtype, rng)
+        if qa is not None:
+            out.append((qtype, *qa))
+        if len(out) == n:
+            break
+    return out
+
+
+def write_llava_demo(
+    out: str | Path,
+    seed: int = 0,
+    pretrain_images: int = 3000,
+    instruct_images: int = 3000,
+    heldout_images: int = 400,
+    text_only_share: float = 0.1,
+    image_size: int = 64,
+) -> dict[str, int]:
+    """Write the LLaVA-format demo splits into ``out``; returns the record count of each file."""
+    out = Path(out)
+    rng = random.Random(f"llava-{seed}")
+    counts: dict[str, int] = {}
+    for split, n in (
+        ("pretrain", pretrain_images),
+        ("instruct", instruct_images),
+        ("heldout", heldout_images),
+    ):
+        img_dir = out / "images" / split
+        img_dir.mkdir(parents=True, exist_ok=True)
+        records: list[dict[str, object]] = []
+        for i in range(n):
+            scene = random_scene(rng)
+            key = f"{split}-{i:06d}"
+            image = f"images/{split}/{key}.png"
+            (out / image).write_bytes(_png_bytes(draw_scene(scene, image_size)))
+            if split == "pretrain":
+                instruction = rng.choice(PRETRAIN_INSTRUCTIONS)
+                # LCS-558K puts the image before or after the instruction; both occur.
+                human = f"<image>\n{instruction}" if rng.random() < 0.5 else f"{instruction}\n<image>"
+                turns = [human, short_captions(scene, rng, 1)[0]]
+                records.append({"id": key, "image": image, "conversations": _conv(turns)})
+            elif split == "instruct":
+                qas = _questions(scene, rng, rng.randint(1, 3))
+                turns = []
+                for j, (_, q, a) in enumerate(qas):
+                    turns += [f"<image>\n{q}" if j == 0 else q, a]
+                records.append({"id": key, "image": image, "conversations": _conv(turns)})
+                if rng.random() < text_only_share:
+                    q, a = rng.choice(TEXT_ONLY)
+                    records.append({"id": f"text-{i:06d}", "conversations": _conv([q, a])})
+            else:
+                qtype, q, a = _questions(scene, rng, 1)[0]
+                records.append(
+                    {
+                        "id": key,
+                        "image": image,
+                        "conversations": _conv([f"<image>\n{q}", a]),
+                        "question_type": qtype,
+                        "answer": a,
+                    }
+                )
+        name = {"pretrain": "llava_pretrain.json", "instruct": "llava_instruct.json"}.get(
+            split, "llava_heldout.json"
+        )
+        (out / name).write_text(json.dumps(records, indent=1))
+        counts[name] = len(records)
+    spec = {
+        "seed": seed,
+        "pretrain_images": pretrain_images,
+        "instruct_images": instruct_images,
+        "heldout_images": heldout_images,
+        "text_only_share": text_only_share,
+        "image_size": image_size,
+        "version": SPEC_VERSION,
+    }
+    (out / "llava_dataset.json").write_text(json.dumps({**spec, "records": counts}, indent=2))
+    return counts
+
+
+def _conv(turns: list[str]) -> list[dict[str, str]]:
+    return [{"from": "human" if k % 2 == 0 else "gpt", "value": t} for k, t in enumerate(turns)]

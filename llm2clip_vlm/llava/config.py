@@ -1,0 +1,99 @@
+"""Config section of LLaVA-1.5 training on a tower: ``llava-pretrain`` and ``llava-finetune``.
+
+The defaults are the reference LLaVA-1.5-7B settings (SPEC section 1); recipes change only what
+differs. ``llava.pretrain`` and ``llava.finetune`` are two phases with the same shape: the data,
+the template, and how the model trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class LlavaDataConfig:
+    """A LLaVA data set: a JSON list (or JSONL) of records and the folder their images live in."""
+
+    # LLaVA records (``blip_laion_cc_sbu_558k.json``, ``llava_v1_5_mix665k.json``, ...); empty = the
+    # synthetic demo world's LLaVA splits.
+    path: str = ""
+    # Image paths are relative to this folder (default: the JSON's folder); paths leaving it are refused.
+    image_folder: str = ""
+    # Keep only the first N records (0 = all).
+    max_samples: int = 0
+    # Bad records (missing/unreadable image, <image> missing or repeated, malformed turns): False =
+    # stop with a message naming the record; True = skip, count and report them, but stop if more
+    # than ``max_bad_fraction`` of the records are bad.
+    skip_bad: bool = False
+    max_bad_fraction: float = 0.01
+    # Held-out question records (``{"question_type", "answer"}`` extras) scored by exact match
+    # before and after training (empty = none; the demo uses its held-out split).
+    heldout_path: str = ""
+    heldout_max_samples: int = 0
+
+
+@dataclass
+class LlavaPhaseConfig:
+    """How one phase trains (pretraining: the projector; finetuning: the projector and the LLM)."""
+
+    data: LlavaDataConfig = field(default_factory=LlavaDataConfig)
+    # plain = LLaVA's pretraining template; vicuna_v1 = LLaVA-1.5's instruction template;
+    # chat_template = the LLM's own chat template.
+    template: Literal["plain", "vicuna_v1", "chat_template"] = "vicuna_v1"
+    # What trains besides the projector: nothing (projector), the whole LLM (full), LoRA adapters
+    # on the LLM's linear layers (lora), or LoRA on a 4-bit base (qlora). The tower stays frozen.
+    tune: Literal["projector", "full", "lora", "qlora"] = "full"
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    # Global batch (samples per optimizer step over all processes) and the per-process micro batch;
+    # gradient accumulation makes up the difference.
+    batch_size: int = 128
+    micro_batch_size: int = 16
+    lr: float = 2e-5
+    # Learning rate of the projector (0 = ``lr``); LLaVA's LoRA recipe uses 2e-5 with lr 2e-4.
+    projector_lr: float = 0.0
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0
+    epochs: float = 1.0
+    # 0 = run ``epochs``; otherwise exactly this many optimizer steps (the schedule's length).
+    max_steps: int = 0
+    # Stop early after this many seconds of training (0 = no limit); the schedule is not shortened.
+    max_seconds: float = 0.0
+    max_length: int = 2048
+    # pad = LLaVA-1.5's ``image_aspect_ratio=pad`` (pad to square with the processor's mean colour);
+    # none = the processor's own resize and centre crop.
+    image_aspect_ratio: Literal["pad", "none"] = "pad"
+    # Batches hold only image records or only text-only records (LLaVA's group_by_modality_length).
+    group_by_modality: bool = True
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    gradient_checkpointing: bool = True
+    num_workers: int = 4
+    save_every_steps: int = 500
+    seed: int = 42
+    # Held-out question answering: greedy answers of at most this many tokens, this many per batch.
+    eval_max_new_tokens: int = 16
+    eval_batch_size: int = 16
+
+
+def _pretrain_defaults() -> LlavaPhaseConfig:
+    return LlavaPhaseConfig(template="plain", tune="projector", batch_size=256, micro_batch_size=32, lr=1e-3)
+
+
+@dataclass
+class LlavaConfig:
+    """LLaVA-1.5 on an LLM2CLIP tower: the parts, then the two phases."""
+
+    # The exported tower directory (``build-tower``'s ``tower/``, or any CLIP/SigLIP vision model dir).
+    tower: str = ""
+    # The LLM: local directory, hub id, ``.gguf`` file or ``builtin:smollm2-135m-instruct``.
+    llm: str = "lmsys/vicuna-7b-v1.5"
+    vision_feature_layer: int = -2
+    # default = patch tokens (CLS dropped), LLaVA-1.5's; full = every token.
+    select_strategy: Literal["default", "full"] = "default"
+    system_prompt: str = ""  # empty = the template's own (vicuna_v1: LLaVA-1.5's)
+    pretrain: LlavaPhaseConfig = field(default_factory=_pretrain_defaults)
+    finetune: LlavaPhaseConfig = field(default_factory=LlavaPhaseConfig)

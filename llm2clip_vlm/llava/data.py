@@ -1,0 +1,429 @@
+"""LLaVA data: records from LLaVA's JSON format, checked; samples as tokens + pixels; batches.
+
+A record is ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}, ...]}``;
+without ``"image"`` it is text-only. Loading checks every record up front (malformed JSON,
+missing or repeated ``<image>``, empty or malformed turns, image files that are missing or leave
+the image folder, image files that cannot be opened), so a bad record stops the run before the
+first step with a message naming it, or — with ``skip_bad`` — is skipped, counted and reported;
+the run still stops when more than ``max_bad_fraction`` of the records are bad. Nothing crashes
+mid-epoch: an image that only fails to decode during training is dropped from its batch and
+counted the same way.
+
+Batches: :class:`ModalityBatchSampler` cuts each global batch from one modality (image records or
+text-only records, LLaVA's ``group_by_modality_length``), decided by ``(seed, epoch)`` alone; each
+process takes its contiguous slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from llm2clip_vlm.data.captions import DataError, safe_image_path
+from llm2clip_vlm.llava.templates import (
+    IGNORE_INDEX,
+    ConversationError,
+    TemplateName,
+    check_image_placeholders,
+    conversation_turns,
+    tokenize_conversation,
+)
+from llm2clip_vlm.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class LlavaRecord:
+    """One checked record; ``source`` names it in errors (``file.json[#index] id=...``)."""
+
+    id: str
+    image: Path | None
+    conversations: list[dict[str, Any]]
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+
+@dataclass
+class BadRecords:
+    """Records skipped under ``skip_bad``: ``(source, reason)`` pairs, reported in ``metrics.json``."""
+
+    items: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, source: str, reason: str) -> None:
+        self.items.append((source, reason))
+        log.warning("skipped %s: %s", source, reason)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": len(self.items), "records": [{"record": s, "reason": r} for s, r in self.items]}
+
+
+def _read_json_records(path: Path) -> list[tuple[str, Any]]:
+    """``(where, raw record)`` pairs of a JSON list or a JSONL file; broken JSON names its line."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                rows.append((f"{path}:{n}", DataError(f"{path}:{n}: malformed JSON ({e.msg})")))
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        # A JSON list is one document: the whole file is unusable; say where it breaks.
+        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg})") from e
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of LLaVA records, got {type(data).__name__}")
+    return [(f"{path}[#{i}]", r) for i, r in enumerate(data)]
+
+
+def _check_record(raw: Any, where: str, image_folder: Path, verify_image: bool) -> LlavaRecord:
+    if isinstance(raw, DataError):
+        raise raw
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: a record must be an object, got {type(raw).__name__}")
+    rid = str(raw.get("id", where))
+    where = f"{where} id={rid}"
+    conv = raw.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise DataError(f"{where}: 'conversations' is missing or empty")
+    image = raw.get("image")
+    try:
+        check_image_placeholders(conv, has_image=image is not None)
+        # Shape of the turns (pairs, roles, text, non-empty answers): one rule for every template.
+        conversation_turns(conv)
+    except ConversationError as e:
+        raise DataError(f"{where}: {e}") from e
+    path = None
+    if image is not None:
+        if not isinstance(image, str) or not image:
+            raise DataError(f"{where}: 'image' must be a relative file path, got {image!r}")
+        path = safe_image_path(image_folder, image, where)
+        if not path.is_file():
+            raise DataError(f"{where}: image file {path} does not exist")
+        if verify_image:
+            _verify_image(path, where)
+    extra = {k: v for k, v in raw.items() if k not in ("id", "image", "conversations")}
+    return LlavaRecord(rid, path, conv, where, extra)
+
+
+def _verify_image(path: Path, where: str) -> None:
+    """Open the header (cheap): catches non-images, truncated headers and decompression bombs."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: cannot read image {path}: {e}") from e
+
+
+def load_llava_records(
+    path: str | Path,
+    image_folder: str | Path = "",
+    *,
+    max_samples: int = 0,
+    skip_bad: bool = False,
+    max_bad_fraction: float = 0.01,
+    verify_images: bool = True,
+    bad: BadRecords | None = None,
+) -> list[LlavaRecord]:
+    """Read and check LLaVA records (see the module docstring for the policy).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        DataError: a bad record (default), or too many of them under ``skip_bad``.
+    """
+    from llm2clip_vlm.progress import make_progress
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LLaVA data file {path} does not exist")
+    folder = Path(image_folder) if image_folder else path.parent
+    rows = _read_json_records(path)
+    if max_samples:
+        rows = rows[:max_samples]
+    bad = bad if bad is not None else BadRecords()
+    records = []
+    with make_progress() as progress:
+        task = progress.add_task(f"checking {path.name}", total=len(rows), status="")
+        for where, raw in rows:
+            try:
+                records.append(_check_record(raw, where, folder, verify_images))
+            except DataError as e:
+                if not skip_bad:
+                    raise DataError(f"{e} (set skip_bad to skip bad records)") from e
+                bad.add(where, str(e))
+            progress.advance(task)
+    if rows and len(bad.items) > max_bad_fraction * len(rows):
+        raise DataError(
+            f"{path}: {len(bad.items)} of {len(rows)} records are bad, more than max_bad_fraction "
+            f"{max_bad_fraction:.2%}; first: {bad.items[0][0]}: {bad.items[0][1]}"
+        )
+    if not records:
+        raise DataError(f"{path}: no usable records")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+def expand_to_square(image: Any, background: tuple[int, int, int]) -> Any:
+    """LLaVA-1.5's ``expand2square``: pad the shorter side (centred) with ``background``."""
+    from PIL import Image
+
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def mean_colour(image_processor: Any) -> tuple[int, int, int]:
+    """The processor's normalisation mean as an RGB colour (what LLaVA pads with)."""
+    return tuple(int(x * 255) for x in image_processor.image_mean)  # type: ignore[return-value]
+
+
+def image_to_pixels(image: Any, image_processor: Any, aspect: str) -> torch.Tensor:
+    """``[3, H, W]`` pixel values of a PIL RGB image (padded to square first for ``pad``)."""
+    if aspect == "pad":
+        image = expand_to_square(image, mean_colour(image_processor))
+    return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def load_rgb(path: Path, where: str) -> Any:
+    """An RGB image, transparency composited on white; a clear error names the record."""
+    from llm2clip_vlm.data.captions import open_image
+    from llm2clip_vlm.data.records import ImageCaptions
+
+    return open_image(ImageCaptions(key=where, image=str(path), source=where))
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples and batches
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    input_ids: torch.Tensor  # [T] with the image placeholder expanded
+    labels: torch.Tensor  # [T]
+    pixel_values: torch.Tensor | None  # [3, H, W] for image records
+    truncated: bool
+    source: str
+
+
+class LlavaDataset(Dataset):
+    """Tokenized samples: the template's ids and labels, ``<image>`` expanded to the feature count.
+
+    Sequences longer than ``max_length`` are cut at the end (counted as truncated); a record whose
+    image tokens alone do not fit is a bad record. A sample that fails to load returns ``None``
+    under ``skip_bad`` (the collator drops it), else raises naming the record.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[LlavaRecord],
+        tokenizer: Any,
+        image_processor: Any,
+        template: TemplateName,
+        image_token_id: int,
+        image_seq_length: int,
+        max_length: int,
+        image_aspect_ratio: str = "pad",
+        system: str | None = None,
+        skip_bad: bool = False,
+    ) -> None:
+        self.records, self.tokenizer, self.image_processor = records, tokenizer, image_processor
+        self.template, self.system = template, system
+        self.image_token_id, self.image_seq_length = image_token_id, image_seq_length
+        self.max_length, self.aspect, self.skip_bad = max_length, image_aspect_ratio, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def is_image(self, i: int) -> bool:
+        return self.records[i].has_image
+
+    def __getitem__(self, i: int) -> Sample | None:
+        rec = self.records[i]
+        try:
+            return self._sample(rec)
+        except (DataError, ConversationError) as e:
+            if not self.skip_bad:
+                raise DataError(f"{rec.source}: {e}") from e
+            log.warning("dropped %s from its batch: %s", rec.source, e)
+            return None
+
+    def _sample(self, rec: LlavaRecord) -> Sample:
+        tok = tokenize_conversation(self.template, rec.conversations, self.tokenizer, self.system)
+        ids, labels = [], []
+        for t, lab in zip(tok.input_ids, tok.labels, strict=True):
+            if t == self.image_token_id:
+                ids += [self.image_token_id] * self.image_seq_length
+                labels += [IGNORE_INDEX] * self.image_seq_length
+            else:
+                ids.append(t)
+                labels.append(lab)
+        n_image = ids.count(self.image_token_id)
+        if n_image != (self.image_seq_length if rec.has_image else 0):
+            raise ConversationError(
+                f"expected {self.image_seq_length if rec.has_image else 0} image tokens, got {n_image}"
+            )
+        truncated = len(ids) > self.max_length
+        if truncated:
+            if rec.has_image and ids.index(self.image_token_id) + self.image_seq_length > self.max_length:
+                raise ConversationError(
+                    f"the image's {self.image_seq_length} tokens do not fit in max_length {self.max_length}"
+                )
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        pixels = None
+        if rec.image is not None:
+            pixels = image_to_pixels(load_rgb(rec.image, rec.source), self.image_processor, self.aspect)
+        return Sample(torch.tensor(ids), torch.tensor(labels), pixels, truncated, rec.source)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T], right-padded
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor | None  # [n_images, 3, H, W], in the order of the image rows
+    image_rows: torch.Tensor  # [B] int: 1 where the row carries an image
+    truncated: int = 0
+    dropped: int = 0
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_supervised(self) -> int:
+        """Tokens that carry loss (labels shifted by one: the first position predicts nothing)."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def split(self, size: int) -> list[Batch]:
+        """Micro batches of at most ``size`` rows (pixel values follow their rows)."""
+        out = []
+        offsets = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), self.image_rows]), 0)
+        for s in range(0, len(self), size):
+            e = min(s + size, len(self))
+            pv = None
+            if self.pixel_values is not None and int(offsets[e]) > int(offsets[s]):
+                pv = self.pixel_values[int(offsets[s]) : int(offsets[e])]
+            # Trim the padding columns no row of this micro batch needs.
+            t = int(self.attention_mask[s:e].sum(1).max())
+            out.append(
+                Batch(
+                    self.input_ids[s:e, :t],
+                    self.attention_mask[s:e, :t],
+                    self.labels[s:e, :t],
+                    pv,
+                    self.image_rows[s:e],
+                )  # fmt: skip
+            )
+        return out
+
+
+class Collator:
+    """Right-pads a list of samples into a :class:`Batch` (``None`` samples are dropped, counted)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad = pad_token_id
+
+    def __call__(self, samples: Sequence[Sample | None]) -> Batch:
+        kept = [s for s in samples if s is not None]
+        dropped = len(samples) - len(kept)
+        if not kept:
+            empty = torch.zeros(0, 1, dtype=torch.long)
+            return Batch(empty, empty, empty, None, torch.zeros(0, dtype=torch.long), 0, dropped)
+        t = max(len(s.input_ids) for s in kept)
+        ids = torch.full((len(kept), t), self.pad, dtype=torch.long)
+        labels = torch.full((len(kept), t), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(kept), t), dtype=torch.long)
+        for r, s in enumerate(kept):
+            n = len(s.input_ids)
+            ids[r, :n], labels[r, :n], mask[r, :n] = s.input_ids, s.labels, 1
+        images = [s.pixel_values for s in kept if s.pixel_values is not None]
+        image_rows = torch.tensor([int(s.pixel_values is not None) for s in kept], dtype=torch.long)
+        return Batch(
+            ids, mask, labels, torch.stack(images) if images else None, image_rows,
+            truncated=sum(s.truncated for s in kept), dropped=dropped,
+        )  # fmt: skip
+
+
+class ModalityBatchSampler(Sampler[list[int]]):
+    """This process's slice of global batch ``step``, for ``step in [start_step, total_steps)``.
+
+    Epoch ``e`` shuffles the image records and the text-only records with ``seed + e``, cuts each
+    into global batches (with ``group_by_modality``; else one shuffled pool), puts the leftovers
+    of both in one mixed batch (dropped if smaller than the number of processes), and shuffles the
+    order of the batches. The same ``(seed, epoch)`` gives the same batches for any process count,
+    so a resumed run continues the exact sequence.
+    """
+
+    def __init__(
+        self,
+        is_image: Sequence[bool],
+        global_batch: int,
+        rank: int,
+        world: int,
+        seed: int,
+        start_step: int,
+        total_steps: int,
+        group_by_modality: bool = True,
+    ) -> None:
+        if global_batch % world:
+            raise ValueError(f"batch_size {global_batch} is not divisible by the {world} processes")
+        self.is_image = list(is_image)
+        self.batch, self.rank, self.world = global_batch, rank, world
+        self.seed, self.start, self.total = seed, start_step, total_steps
+        self.group = group_by_modality
+        self.steps_per_epoch = len(self.epoch_batches(0))
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.is_image)} records make no batch of {global_batch}")
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        idx = torch.randperm(len(self.is_image), generator=g).tolist()
+        pools = (
+            [[i for i in idx if self.is_image[i]], [i for i in idx if not self.is_image[i]]]
+            if self.group
+            else [idx]
+        )
+        batches, rest = [], []
+        for pool in pools:
+            full = len(pool) // self.batch * self.batch
+            batches += [pool[k : k + self.batch] for k in range(0, full, self.batch)]
+            rest += pool[full:]
+        usable = len(rest) // self.world * self.world
+        if usable and len(rest) < self.batch:
+            batches.append(rest[:usable])
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[o] for o in order]
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        cached_epoch, batches = -1, []
+        for step in range(self.start, self.total):
+            epoch, k = divmod(step, self.steps_per_epoch)
+            if epoch != cached_epoch:
+                batches, cached_epoch = self.epoch_batches(epoch), epoch
+            batch = batches[k]
+            local = len(batch) // self.world
+            yield batch[self.rank * local : (self.rank + 1) * local]
