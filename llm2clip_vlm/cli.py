@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from llm2clip_vlm import configuration
 from llm2clip_vlm.config import RunConfig
@@ -207,10 +208,11 @@ def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | 
     try:
         metrics = run_llava(cfg, output, phase, init=init)  # type: ignore[arg-type]
     except (MissingInputError, FileNotFoundError) as e:
-        console.print(f"[red]llava-{phase}:[/red] {e}")
+        console.print(f"[red]llava-{phase}:[/red] {escape(str(e))}", soft_wrap=True)  # paths stay copyable
         raise typer.Exit(2) from e
     except (DataError, ConversationError) as e:
-        console.print(f"[red]llava-{phase}: bad data:[/red] {e}")
+        # escape: record names like "data.json[#3]" would read as rich markup.
+        console.print(f"[red]llava-{phase}: bad data:[/red] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(1) from e
     if not metrics:  # non-main processes
         return

@@ -27,6 +27,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -134,13 +135,8 @@ def load_projector(projector: torch.nn.Module, path: Path) -> None:
     projector.load_state_dict(state)
 
 
-def build_model(
-    cfg: RunConfig, phase: Phase, init: Path | None, compute_dtype: torch.dtype
-) -> tuple[Any, Any]:
-    """The LLaVA model for ``phase`` with the right parts frozen, and its processor."""
-    from llm2clip_vlm.llava.assemble import build_llava_model
-
-    p: LlavaPhaseConfig = getattr(cfg.llava, phase)
+def check_inputs(cfg: RunConfig, phase: Phase, init: Path | None) -> None:
+    """Fail before any loading when the tower or (finetuning) the pretrained projector is missing."""
     tower = cfg.llava.tower
     if not tower:
         raise MissingInputError(
@@ -152,6 +148,29 @@ def build_model(
             f"tower {tower} does not exist: build one with `llm2clip-vlm build-tower --output DIR` "
             "and pass --tower DIR/tower"
         )
+    if phase == "finetune":
+        if init is None:
+            raise MissingInputError(
+                "llava-finetune starts from a pretrained projector: pass --from DIR (a llava-pretrain "
+                "output) or a mm_projector.safetensors file"
+            )
+        path = init / PROJECTOR_FILE if init.is_dir() else init
+        if not path.is_file():
+            raise MissingInputError(
+                f"pretrained projector {path} does not exist: run `llm2clip-vlm llava-pretrain` first "
+                "or pass --from a mm_projector.safetensors file"
+            )
+
+
+def build_model(
+    cfg: RunConfig, phase: Phase, init: Path | None, compute_dtype: torch.dtype
+) -> tuple[Any, Any]:
+    """The LLaVA model for ``phase`` with the right parts frozen, and its processor."""
+    from llm2clip_vlm.llava.assemble import build_llava_model
+
+    p: LlavaPhaseConfig = getattr(cfg.llava, phase)
+    tower = cfg.llava.tower
+    check_inputs(cfg, phase, init)
     quant = "4bit" if p.tune == "qlora" else "none"
     model, processor = build_llava_model(
         tower,
@@ -164,11 +183,6 @@ def build_model(
     if init is not None:
         load_projector(model.model.multi_modal_projector, init)
         log.info("projector loaded from %s", init)
-    elif phase == "finetune":
-        raise MissingInputError(
-            "llava-finetune starts from a pretrained projector: pass --from DIR (a llava-pretrain "
-            "output) or a mm_projector.safetensors file"
-        )
     model.requires_grad_(False)
     # Frozen parts need no fp32 master copy: keep them in the compute dtype (memory, speed).
     model.model.vision_tower.to(compute_dtype)
@@ -374,7 +388,11 @@ def save_llava(
 # Entry point
 # --------------------------------------------------------------------------------------------
 def run_llava(
-    cfg: RunConfig, output_dir: str | Path, phase: Phase, init: str | Path | None = None
+    cfg: RunConfig,
+    output_dir: str | Path,
+    phase: Phase,
+    init: str | Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """``llava-pretrain`` / ``llava-finetune``: train one phase into ``output_dir``.
 
@@ -384,6 +402,7 @@ def run_llava(
         phase: ``pretrain`` (projector only) or ``finetune``.
         init: the pretrained projector (a ``llava-pretrain`` output or a ``mm_projector.safetensors``);
             required for ``finetune``.
+        on_step: called as ``on_step(step, loss)`` after every optimizer step (main process).
 
     Returns:
         The metrics written to ``metrics.json`` (empty on non-main processes).
@@ -405,6 +424,7 @@ def run_llava(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         configuration.dump(cfg, out / "config.yaml")
+    check_inputs(cfg, phase, init_path)
     data_file, image_folder, heldout_file = phase_data(cfg, phase, out)
     bad = BadRecords()
     records = load_llava_records(
@@ -545,6 +565,8 @@ def run_llava(
             samples_seen += p.batch_size
             rate = samples_seen / max(time.perf_counter() - loop_start, 1e-9)
             progress.update(task, completed=state.step, status=f"loss {global_loss:.4f} {rate:.1f} samples/s")
+            if on_step is not None and main:
+                on_step(state.step, global_loss)
             stop = state.step >= total_steps or _time_up(accelerator, p.max_seconds, state.seconds)
             if (p.save_every_steps > 0 and state.step % p.save_every_steps == 0) or stop:
                 _save_checkpoint(accelerator, model, optimizer, scheduler, state, out)

@@ -1,0 +1,187 @@
+"""LLaVA data: record checks and the bad-record policy, padding to square, batches and sampling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AddedToken, CLIPImageProcessor
+
+from llm2clip_vlm.data.captions import DataError
+from llm2clip_vlm.data.synthetic_llava import QUESTION_TYPES, make_question, write_llava_demo
+from llm2clip_vlm.llava.data import (
+    Collator,
+    LlavaDataset,
+    ModalityBatchSampler,
+    expand_to_square,
+    load_llava_records,
+)
+from llm2clip_vlm.llava.templates import IGNORE_INDEX
+from llm2clip_vlm.text.tiny import tiny_tokenizer
+
+
+def _img(path: Path, size=(8, 8), colour=(200, 10, 10)) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path.name
+
+
+def _rec(i: int, image: str | None = "ok.png", q: str = "<image>\nWhat?", a: str = "red") -> dict:
+    r = {"id": f"r{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+    if image is not None:
+        r["image"] = image
+    return r
+
+
+BAD = {
+    "missing image file": (_rec(1, image="nope.png"), "does not exist"),
+    "unreadable image": (_rec(2, image="broken.png"), "cannot read image"),
+    "no placeholder": (_rec(3, q="What?"), "no <image>"),
+    "repeated placeholder": (_rec(4, q="<image><image>What?"), "2 times"),
+    "empty conversation": ({"id": "r5", "image": "ok.png", "conversations": []}, "missing or empty"),
+    "path outside folder": (_rec(6, image="../ok.png"), "leaves the image root"),
+    "empty answer": (_rec(7, a=" "), "empty answer"),
+}
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    _img(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_each_bad_record_is_named_in_the_error(folder: Path, case: str) -> None:
+    record, message = BAD[case]
+    (folder / "data.json").write_text(json.dumps([_rec(0), record]))
+    with pytest.raises(DataError, match=message) as e:
+        load_llava_records(folder / "data.json")
+    assert "data.json[#1]" in str(e.value) and f"id={record['id']}" in str(e.value)
+
+
+def test_skip_bad_skips_counts_and_reports_then_stops_past_the_limit(folder: Path) -> None:
+    from llm2clip_vlm.llava.data import BadRecords
+
+    good = [_rec(100 + i) for i in range(93)] + [_rec(200, image=None, q="text only?")]
+    (folder / "data.json").write_text(json.dumps(good + [r for r, _ in BAD.values()]))
+    bad = BadRecords()
+    recs = load_llava_records(folder / "data.json", skip_bad=True, max_bad_fraction=0.1, bad=bad)
+    assert len(recs) == 94 and sum(r.has_image for r in recs) == 93
+    report = bad.to_json()
+    assert report["count"] == len(BAD)
+    assert {r["record"].split("[#")[1].split("]")[0] for r in report["records"]} == {
+        str(i) for i in range(94, 101)
+    }
+    with pytest.raises(DataError, match="7 of 101 records are bad"):
+        load_llava_records(folder / "data.json", skip_bad=True, max_bad_fraction=0.05)
+
+
+def test_malformed_json_names_the_line(folder: Path) -> None:
+    (folder / "data.json").write_text('[{"id": 1,\n "conversations": ]')
+    with pytest.raises(DataError, match=r"data.json: malformed JSON at line 2"):
+        load_llava_records(folder / "data.json")
+    (folder / "data.jsonl").write_text(json.dumps(_rec(0)) + "\n{broken\n")
+    with pytest.raises(DataError, match=r"data.jsonl:2: malformed JSON"):
+        load_llava_records(folder / "data.jsonl")
+    assert len(load_llava_records(folder / "data.jsonl", skip_bad=True, max_bad_fraction=0.5)) == 1
+
+
+def test_expand_to_square_pads_centred_with_the_mean_colour() -> None:
+    img = Image.new("RGB", (6, 2), (255, 0, 0))
+    sq = expand_to_square(img, (1, 2, 3))
+    assert sq.size == (6, 6)
+    assert sq.getpixel((0, 0)) == (1, 2, 3) and sq.getpixel((0, 5)) == (1, 2, 3)
+    assert sq.getpixel((3, 2)) == (255, 0, 0) and sq.getpixel((3, 3)) == (255, 0, 0)
+    assert expand_to_square(Image.new("RGB", (4, 4)), (9, 9, 9)).size == (4, 4)
+
+
+def _dataset(folder: Path, records, max_length=64, seq=5):
+    tok = tiny_tokenizer()
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    proc = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    return (
+        LlavaDataset(records, tok, proc, "vicuna_v1", image_id, seq, max_length, system="S."),
+        tok,
+        image_id,
+    )
+
+
+def test_samples_expand_the_image_and_batches_keep_pixels_with_their_rows(folder: Path) -> None:
+    _img(folder / "blue.png", (12, 4), (0, 0, 255))
+    data = [_rec(0), _rec(1, image=None, q="text?", a="no"), _rec(2, image="blue.png")]
+    (folder / "data.json").write_text(json.dumps(data))
+    ds, tok, image_id = _dataset(folder, load_llava_records(folder / "data.json"))
+    s0, s1 = ds[0], ds[1]
+    assert (s0.input_ids == image_id).sum() == 5 and (s1.input_ids == image_id).sum() == 0
+    assert (s0.labels[s0.input_ids == image_id] == IGNORE_INDEX).all()
+    assert s1.pixel_values is None and s0.pixel_values.shape == (3, 8, 8)
+    batch = Collator(tok.pad_token_id or 1)([ds[0], ds[1], ds[2]])
+    assert batch.image_rows.tolist() == [1, 0, 1] and batch.pixel_values.shape[0] == 2
+    parts = batch.split(2)
+    assert [len(p) for p in parts] == [2, 1]
+    # The blue (padded) image travels with row 2, not with row 0.
+    assert torch.equal(parts[1].pixel_values[0], batch.pixel_values[1])
+    assert (
+        torch.equal(parts[0].pixel_values[0], batch.pixel_values[0]) and parts[0].pixel_values.shape[0] == 1
+    )
+    assert sum(p.num_supervised for p in parts) == batch.num_supervised > 0
+
+
+def test_truncation_is_counted_and_an_image_that_does_not_fit_is_refused(folder: Path) -> None:
+    (folder / "data.json").write_text(json.dumps([_rec(0, a="a long answer " * 20)]))
+    recs = load_llava_records(folder / "data.json")
+    ds, tok, _ = _dataset(folder, recs, max_length=60)
+    s = ds[0]
+    assert s.truncated and len(s.input_ids) == 60
+    ds, _, _ = _dataset(folder, recs, max_length=4, seq=5)
+    with pytest.raises(DataError, match="do not fit in max_length 4"):
+        ds[0]
+    ds.skip_bad = True
+    assert ds[0] is None
+    assert Collator(0)([None, ds[0]]).dropped == 2
+
+
+def test_modality_batches_are_pure_deterministic_and_sliced_per_rank() -> None:
+    is_image = [i % 4 != 0 for i in range(40)]  # 30 image, 10 text records
+    one = list(ModalityBatchSampler(is_image, 8, 0, 1, seed=3, start_step=0, total_steps=8))
+    assert all(len(set(is_image[i] for i in b)) == 1 for b in one[:-1] if len(b) == 8)
+    assert len(one[0]) == 8 and len({i for b in one[:4] for i in b}) == 32  # no repeats within an epoch
+    ranks = [list(ModalityBatchSampler(is_image, 8, r, 2, 3, 0, 8)) for r in range(2)]
+    assert [a + b for a, b in zip(*ranks, strict=True)] == one  # rank slices concatenate to the global batch
+    resumed = list(ModalityBatchSampler(is_image, 8, 0, 1, 3, start_step=5, total_steps=8))
+    assert resumed == one[5:]
+
+
+def test_synthetic_llava_world_writes_answerable_records(tmp_path: Path) -> None:
+    import random
+
+    from llm2clip_vlm.data.synthetic import random_scene
+
+    counts = write_llava_demo(
+        tmp_path, pretrain_images=10, instruct_images=20, heldout_images=12, image_size=32
+    )
+    assert counts["llava_pretrain.json"] == 10 and counts["llava_heldout.json"] == 12
+    assert counts["llava_instruct.json"] >= 20  # plus text-only records
+    for name in counts:
+        recs = load_llava_records(tmp_path / name)
+        assert all(r.image is None or r.image.is_file() for r in recs)
+    held = load_llava_records(tmp_path / "llava_heldout.json")
+    assert all(r.extra["answer"] == r.conversations[1]["value"] for r in held)
+    # Yes/no questions are balanced and every type can be asked of some scene.
+    rng = random.Random(0)
+    answers = [make_question(random_scene(rng), "yesno", rng)[1] for _ in range(400)]
+    assert 160 < answers.count("yes") < 240
+    for qtype in QUESTION_TYPES:
+        assert any(make_question(random_scene(rng), qtype, rng) for _ in range(20))
+    # Deterministic per seed.
+    write_llava_demo(
+        tmp_path / "again", pretrain_images=10, instruct_images=20, heldout_images=12, image_size=32
+    )
+    assert (tmp_path / "again" / "llava_instruct.json").read_text() == (
+        tmp_path / "llava_instruct.json"
+    ).read_text()

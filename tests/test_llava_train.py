@@ -1,0 +1,220 @@
+"""``llava-pretrain`` / ``llava-finetune`` on a tiny tower and LLM: what trains, what is saved,
+exact resume, and 2 processes = 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from llm2clip_vlm import configuration
+from llm2clip_vlm.cli import app
+from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.data.synthetic_llava import write_llava_demo
+from llm2clip_vlm.llava.train import LLAVA_PROJECTOR_KEYS, run_llava
+from llm2clip_vlm.text.tiny import save_tiny_llm
+from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("llava_train")
+    data = root / "data"
+    write_llava_demo(data, pretrain_images=24, instruct_images=24, heldout_images=6, image_size=32)
+    return {
+        "root": root,
+        "tower": save_random_tower(root / "tower", "clip", TowerShape(32, 8, 32, 3, 2, 64), seed=1),
+        "llm": save_tiny_llm(root / "llm", hidden_size=64, seed=2),  # bnb 4-bit needs multiples of 64
+        "data": data,
+    }
+
+
+def _overrides(parts: dict[str, Path], phase: str, extra: list[str] = ()) -> list[str]:
+    name = "llava_pretrain.json" if phase == "pretrain" else "llava_instruct.json"
+    p = f"llava.{phase}"
+    return [
+        f"llava.tower={parts['tower']}", f"llava.llm={parts['llm']}",
+        f"{p}.data.path={parts['data'] / name}", f"{p}.data.heldout_path={parts['data'] / 'llava_heldout.json'}",
+        f"{p}.batch_size=8", f"{p}.micro_batch_size=4", f"{p}.num_workers=0", f"{p}.precision=fp32",
+        f"{p}.max_steps=3", f"{p}.eval_max_new_tokens=3", f"{p}.lr=1e-3", f"{p}.warmup_ratio=0",
+        f"{p}.gradient_checkpointing=false", *extra,
+    ]  # fmt: skip
+
+
+def _cfg(parts, phase, extra=()) -> RunConfig:
+    return configuration.load(RunConfig, None, _overrides(parts, phase, list(extra)))
+
+
+@pytest.fixture(scope="module")
+def pretrained(parts: dict[str, Path]) -> Path:
+    out = parts["root"] / "pre"
+    run_llava(_cfg(parts, "pretrain"), out, "pretrain")
+    return out
+
+
+def test_pretrain_trains_only_the_projector_and_writes_llava_formats(parts, pretrained: Path) -> None:
+    from transformers import AutoProcessor, CLIPVisionModel, LlavaForConditionalGeneration
+
+    metrics = json.loads((pretrained / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and len(metrics["losses"]) == 3 and metrics["tune"] == "projector"
+    assert metrics["heldout_before"]["n"] == 6 and "per_type" in metrics["heldout_after"]
+    model = LlavaForConditionalGeneration.from_pretrained(pretrained / "model")
+    tower = CLIPVisionModel.from_pretrained(parts["tower"])
+    for k, v in tower.state_dict().items():  # the tower is frozen
+        assert torch.equal(model.model.vision_tower.state_dict()[k], v), k
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(parts["llm"])
+    for k, v in llm.model.layers[0].state_dict().items():  # so is the LLM
+        assert torch.equal(model.model.language_model.layers[0].state_dict()[k], v), k
+    # The projector alone, under LLaVA's names, as safetensors and as LLaVA's torch.load file.
+    proj = load_file(str(pretrained / "mm_projector.safetensors"))
+    assert set(proj) == set(LLAVA_PROJECTOR_KEYS.values())
+    legacy = torch.load(pretrained / "mm_projector.bin", weights_only=True)
+    assert all(torch.equal(legacy[k], proj[k]) for k in proj)
+    assert torch.equal(proj["model.mm_projector.0.weight"], model.model.multi_modal_projector.linear_1.weight)
+    assert json.loads((pretrained / "model" / "llava_template.json").read_text())["template"] == "plain"
+    # Unmodified transformers loads the processor and the model generates.
+    proc = AutoProcessor.from_pretrained(pretrained / "model")
+    from PIL import Image
+
+    inputs = proc(images=Image.new("RGB", (40, 30), (255, 0, 0)), text="<image>", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize("tune", ["full", "lora"])
+def test_finetune_starts_from_the_projector_and_trains_the_llm(
+    parts, pretrained: Path, tune: str, tmp_path
+) -> None:
+    from transformers import LlavaForConditionalGeneration
+
+    extra = [f"llava.finetune.tune={tune}", "llava.finetune.lora_r=4", "llava.finetune.lora_alpha=8"]
+    seen: list[int] = []
+    metrics = run_llava(
+        _cfg(parts, "finetune", extra), tmp_path / "ft", "finetune", init=pretrained,
+        on_step=lambda step, loss: seen.append(step),
+    )  # fmt: skip
+    assert seen == [1, 2, 3] and metrics["template"] == "vicuna_v1"
+    before = LlavaForConditionalGeneration.from_pretrained(pretrained / "model").state_dict()
+    after = LlavaForConditionalGeneration.from_pretrained(
+        tmp_path / "ft" / "model"
+    )  # LoRA merged: plain LLaVA
+    state = after.state_dict()
+    q = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(state[q], before[q])
+    assert not any("lora" in k for k in state)
+    v = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(state[v], before[v])
+    chat = tmp_path / "ft" / "model" / "chat_template.jinja"
+    assert chat.is_file() or "chat_template" in json.loads(
+        (tmp_path / "ft" / "model" / "processor_config.json").read_text()
+    )
+
+
+def test_finetune_without_a_projector_or_tower_says_what_to_run(parts, tmp_path: Path) -> None:
+    runner = CliRunner()
+    args = ["llava-finetune", "-o", str(tmp_path / "x"), "--from", str(tmp_path / "nope")]
+    for s in _overrides(parts, "finetune"):
+        args += ["--set", s]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "llava-pretrain" in result.output
+    args = ["llava-pretrain", "-o", str(tmp_path / "y"), "--tower", str(tmp_path / "no-tower")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "build-tower" in result.output
+
+
+def test_cli_bad_record_is_named_and_skip_bad_finishes(parts, tmp_path: Path) -> None:
+    records = json.loads((parts["data"] / "llava_pretrain.json").read_text())
+    records[3]["image"] = "images/pretrain/missing.png"
+    bad = parts["data"] / "bad_pretrain.json"
+    bad.write_text(json.dumps(records))
+    base = [*_overrides(parts, "pretrain", ["llava.pretrain.max_steps=1"]), f"llava.pretrain.data.path={bad}"]
+    args = ["llava-pretrain", "-o", str(tmp_path / "bad")]
+    for s in base:
+        args += ["--set", s]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "bad_pretrain.json[#3]" in result.output and "does not exist" in result.output, result.output
+    more = ["--set", "llava.pretrain.data.skip_bad=true", "--set", "llava.pretrain.data.max_bad_fraction=0.1"]
+    result = CliRunner().invoke(app, args + more)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bad" / "metrics.json").read_text())["bad_records"]
+    assert report["count"] == 1 and "#3" in report["records"][0]["record"]
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_weights(parts, tmp_path: Path) -> None:
+    extra = ["llava.pretrain.max_steps=4", "llava.pretrain.save_every_steps=2"]
+    full = run_llava(_cfg(parts, "pretrain", extra), tmp_path / "full", "pretrain")
+
+    def kill(step: int, loss: float) -> None:
+        if step == 3:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        run_llava(_cfg(parts, "pretrain", extra), tmp_path / "cut", "pretrain", on_step=kill)
+    assert json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    resumed = run_llava(_cfg(parts, "pretrain", extra), tmp_path / "cut", "pretrain")
+    assert resumed["losses"] == full["losses"]
+    a = load_file(str(tmp_path / "full" / "mm_projector.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "mm_projector.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loss_is_independent_of_the_micro_batch(parts, tmp_path: Path) -> None:
+    a = run_llava(_cfg(parts, "pretrain", ["llava.pretrain.micro_batch_size=8"]), tmp_path / "a", "pretrain")
+    b = run_llava(_cfg(parts, "pretrain", ["llava.pretrain.micro_batch_size=3"]), tmp_path / "b", "pretrain")
+    assert b["losses"] == pytest.approx(a["losses"], abs=1e-5)
+    assert a["losses"][2] != pytest.approx(a["losses"][0], abs=1e-4)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    cfg = configuration.load(RunConfig, None, overrides)
+    run_llava(cfg, Path(out), "pretrain")
+
+
+@pytest.mark.slow  # spawns 2 processes
+def test_two_processes_match_one_process_with_the_same_global_batch(parts, tmp_path: Path) -> None:
+    overrides = _overrides(parts, "pretrain")
+    one = run_llava(configuration.load(RunConfig, None, overrides), tmp_path / "one", "pretrain")["losses"]
+    mp.spawn(_worker, args=(2, _free_port(), overrides, str(tmp_path / "two")), nprocs=2)
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["losses"]
+    assert len(two) == 3 and two == pytest.approx(one, abs=1e-5)
+
+
+def test_qlora_finetune_merges_into_a_full_precision_llava(parts, pretrained: Path, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from transformers import LlavaForConditionalGeneration
+
+    extra = ["llava.finetune.tune=qlora", "llava.finetune.lora_r=4", "llava.finetune.lora_alpha=8",
+             "llava.finetune.max_steps=2"]  # fmt: skip
+    metrics = run_llava(_cfg(parts, "finetune", extra), tmp_path / "q", "finetune", init=pretrained)
+    assert metrics["steps"] == 2 and all(map(lambda x: x == x, metrics["losses"]))
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "q" / "model")
+    assert getattr(model.config, "quantization_config", None) is None
+    assert model.model.language_model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    before = LlavaForConditionalGeneration.from_pretrained(pretrained / "model")
+    q = model.model.language_model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q, before.model.language_model.layers[0].self_attn.q_proj.weight)
