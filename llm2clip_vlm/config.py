@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llm2clip_vlm.data.config import DataConfig
+from llm2clip_vlm.reliability import ReliabilityConfig
 from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.text.config import Stage1Config
 from llm2clip_vlm.vision.config import ExportConfig, Stage2Config
@@ -17,3 +18,4 @@ class RunConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     export: ExportConfig = field(default_factory=ExportConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
