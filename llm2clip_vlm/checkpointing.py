@@ -528,8 +528,12 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
         scaler: Any = None,
+        with_weights: bool = True,
     ) -> Resumed | None:
         """Load a checkpoint (default: the newest complete one) into optimizer/scheduler/scaler.
+
+        To load weights before ``accelerator.prepare`` and the optimizer after it (FSDP), call it
+        twice: ``load()`` first, then ``load(resumed.path, optimizer=..., with_weights=False)``.
 
         Weights come back in :attr:`Resumed.weights` (load them into the model yourself, so the
         caller decides on strictness and on before/after ``accelerator.prepare``); the RNG is
@@ -554,7 +558,7 @@ class Checkpointer:
                 raise CheckpointError(
                     f"written by {meta['world_size']} processes; resume it with the same number (now {world})"
                 )
-            weights = load_weights(ckpt / WEIGHTS) if (ckpt / WEIGHTS).is_file() else {}
+            weights = load_weights(ckpt / WEIGHTS) if with_weights and (ckpt / WEIGHTS).is_file() else {}
             if optimizer is not None:
                 name = f"optimizer.rank{rank}.pt" if _sharded_optimizer(self.accelerator) else "optimizer.pt"
                 optimizer.load_state_dict(torch.load(ckpt / name, map_location="cpu", weights_only=True))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from llm2clip_vlm import configuration
+from llm2clip_vlm.checkpointing import Checkpointer, GracefulExit, NonFiniteGuard
 from llm2clip_vlm.config import RunConfig
 from llm2clip_vlm.data.records import ImageCaptions
 from llm2clip_vlm.logging import get_logger
@@ -51,7 +51,7 @@ from llm2clip_vlm.vision.retrieval import retrieval_metrics
 log = get_logger(__name__)
 
 ImageLoader = Callable[[ImageCaptions], Any]  # record -> PIL RGB image
-CHECKPOINT = "checkpoint"
+CHECKPOINTS = "checkpoints"
 
 
 class CaptionEmbeddings(Protocol):
@@ -277,40 +277,7 @@ class TrainState:
     world_size: int = 1
     losses: list[float] = field(default_factory=list)
     retrieval_before: dict[str, Any] = field(default_factory=dict)
-
-
-def _find_checkpoint(out: Path) -> Path | None:
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):  # .old: killed between the two renames
-        ckpt = out / name
-        if (ckpt / "trainer_state.json").is_file():
-            return ckpt
-    return None
-
-
-def _save_checkpoint(
-    accelerator: Any, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState, out: Path
-) -> None:
-    """Write ``checkpoint.tmp`` completely, then swap it in (a kill never leaves a half checkpoint)."""
-    tmp, final, old = out / (CHECKPOINT + ".tmp"), out / CHECKPOINT, out / (CHECKPOINT + ".old")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    # Each rank its own optimizer state: identical copies under DDP, the rank's shard under FSDP.
-    torch.save(optimizer.state_dict(), tmp / f"optimizer.rank{accelerator.process_index}.pt")
-    model_state = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
-    if accelerator.is_main_process:
-        save_file({k: v.contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    skipped_steps: list[int] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,16 +425,18 @@ def train_stage2(
         model.vision.set_grad_checkpointing(True)
     processor = model.vision.image_processor
 
-    ckpt = _find_checkpoint(out)
+    checkpointer = Checkpointer(out / CHECKPOINTS, accelerator, keep=2)
+    resumed = checkpointer.load()  # weights and state now; optimizer and scheduler after prepare
     state = TrainState(world_size=world)
-    if ckpt is not None:
-        state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+    if resumed is not None:
+        state = TrainState(**resumed.state)
         if state.world_size != world:
             raise ValueError(
-                f"{ckpt} was written by {state.world_size} processes; resume it with the same number (now {world})"
+                f"{resumed.path} was written by {state.world_size} processes; resume it with the same "
+                f"number (now {world})"
             )
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        log.info("stage 2: resuming from %s at step %d", ckpt, state.step)
+        model.load_state_dict(resumed.weights)
+        log.info("stage 2: resuming from %s at step %d", resumed.path, state.step)
 
     groups = build_param_groups(model, s)
     optimizer = torch.optim.AdamW(
@@ -481,11 +450,8 @@ def train_stage2(
         optimizer, functools.partial(cosine_lr_factor, warmup=s.warmup_steps, total=total_steps)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    if ckpt is not None:
-        optimizer.load_state_dict(
-            torch.load(ckpt / f"optimizer.rank{rank}.pt", map_location="cpu", weights_only=True)
-        )
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    if resumed is not None:
+        checkpointer.load(resumed.path, optimizer=optimizer, scheduler=scheduler, with_weights=False)
     raw = accelerator.unwrap_model(model)
     loss_fn: nn.Module = SigLipLoss() if s.loss == "siglip" else ClipLoss()
 
@@ -503,7 +469,7 @@ def train_stage2(
             accelerator.device, accelerator.autocast,
         )  # fmt: skip
 
-    if ckpt is None or not state.retrieval_before:
+    if resumed is None or not state.retrieval_before:
         state.retrieval_before = run_eval()
         _log_retrieval("before", state.retrieval_before)
 
@@ -518,9 +484,16 @@ def train_stage2(
     start_time = time.perf_counter() - state.seconds
     images_seen, loop_start = 0, time.perf_counter()
     last_scale: float | None = None
-    with make_progress(disable=not main) as progress:
+    rel = cfg.reliability
+    guard = NonFiniteGuard(
+        "stage2", rel.skip_nonfinite_steps, rel.max_skipped_steps, list(state.skipped_steps)
+    )
+    with make_progress(disable=not main) as progress, GracefulExit() as signals:
         task = progress.add_task("stage 2", total=total_steps, completed=state.step, status="")
         for pv, emb in loader:
+            if resumed is not None:  # after the loader started: RNG exactly as after the saved step
+                resumed.restore_rng()
+                resumed = None
             pv, emb = pv.to(accelerator.device), emb.to(accelerator.device)
             with accelerator.autocast():
                 feats = model(pixel_values=pv, text_embeddings=emb)
@@ -534,20 +507,21 @@ def train_stage2(
             else:
                 loss = loss_fn(feats["image_features"], feats["text_features"], feats["logit_scale"].float())
             accelerator.backward(loss)
-            if s.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), s.grad_clip)
-            optimizer.step()
+            grad_norm = (
+                accelerator.clip_grad_norm_(model.parameters(), s.grad_clip) if s.grad_clip > 0 else None
+            )
+            global_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
+            if guard.check(global_loss, state.step + 1, grad_norm):
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             raw.clamp_logit_scale()
 
-            global_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
             # From the forward, not the parameter: under FSDP a rank's own shard of it may be empty.
             last_scale = round(feats["logit_scale"].item(), 4)
-            if not math.isfinite(global_loss):
-                raise FloatingPointError(f"stage 2: loss is {global_loss} at step {state.step + 1}")
             state.step += 1
             state.losses.append(global_loss)
+            state.skipped_steps = list(guard.skipped)
             state.seconds = time.perf_counter() - start_time
             images_seen += s.batch_size
             rate = images_seen / max(time.perf_counter() - loop_start, 1e-9)
@@ -559,8 +533,14 @@ def train_stage2(
             if on_step is not None and main:
                 on_step(state.step, global_loss)
             stop = state.step >= total_steps or _time_up(accelerator, s.max_seconds, state.seconds)
-            if (s.save_every_steps > 0 and state.step % s.save_every_steps == 0) or stop:
-                _save_checkpoint(accelerator, model, optimizer, scheduler, state, out)
+            interrupted = signals.should_stop(accelerator)
+            if (s.save_every_steps > 0 and state.step % s.save_every_steps == 0) or stop or interrupted:
+                weights = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
+                checkpointer.save(
+                    state.step, weights=weights if main else None, optimizer=optimizer,
+                    scheduler=scheduler, state=asdict(state),
+                )  # fmt: skip
+            signals.raise_if_requested(accelerator, checkpointer.latest())
             if stop:
                 break
 
@@ -578,6 +558,7 @@ def train_stage2(
                 "first_loss": state.losses[0] if state.losses else None,
                 "final_loss": state.losses[-1] if state.losses else None,
                 "losses": state.losses,
+                "skipped_steps": state.skipped_steps,
                 "processes": world,
                 "logit_scale": last_scale,
             },
