@@ -265,6 +265,29 @@ def main() -> None:
     except KeyboardInterrupt:  # pragma: no cover
         console.print("[red]interrupted[/red]")
         sys.exit(130)
+    except Exception as e:
+        code = _report_known_error(e)
+        if code is None:
+            raise
+        sys.exit(code)
+
+
+def _report_known_error(e: Exception) -> int | None:
+    """One clear line (and an exit status) for the errors a user can act on; None for bugs."""
+    # Imported here, not at the top: they pull in torch, and `--help` must stay instant.
+    from llm2clip_vlm.checkpointing import CheckpointError, NonFiniteError, TrainingInterrupted
+    from llm2clip_vlm.data.captions import DataError
+
+    if isinstance(e, TrainingInterrupted):  # SIGTERM/SIGINT: a checkpoint was saved first
+        console.print(f"[yellow]{e}[/yellow]")
+        return e.exit_code
+    if isinstance(e, DataError):  # names the file/record and the problem
+        console.print(f"[red]data error:[/red] {e}")
+        return 1
+    if isinstance(e, (CheckpointError, NonFiniteError)):
+        console.print(f"[red]error:[/red] {e}")
+        return 1
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

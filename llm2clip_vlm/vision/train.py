@@ -83,8 +83,11 @@ class Stage2TrainData(Dataset):
         load_image: ImageLoader,
         long_caption_ratio: float,
         seed: int,
+        indices: Sequence[int] | None = None,
     ) -> None:
         self.records = records
+        # Sampler positions -> record indices (the usable images when bad ones were skipped).
+        self.indices = list(indices) if indices is not None else list(range(len(records)))
         self.embeddings = embeddings
         self.image_processor = image_processor
         self.load_image = load_image
@@ -92,7 +95,7 @@ class Stage2TrainData(Dataset):
         self.seed = seed
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.indices)
 
     def caption_row(self, epoch: int, index: int) -> int:
         rng = np.random.default_rng((self.seed, epoch, index))
@@ -106,7 +109,8 @@ class Stage2TrainData(Dataset):
         return int(rows[rng.integers(len(rows))])
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, index = item
+        epoch, position = item
+        index = self.indices[position]
         row = self.caption_row(epoch, index)
         emb = torch.from_numpy(np.asarray(self.embeddings[[row]], dtype=np.float32)[0])
         return pixel_values(self.image_processor, self.load_image(self.records[index])), emb
@@ -169,6 +173,16 @@ class HeldoutSet:
     records: Sequence[ImageCaptions]
     text_embeddings: torch.Tensor  # [n_captions, text_dim]
     caption_image: torch.Tensor  # [n_captions] long
+
+    def subset(self, images: Sequence[int]) -> HeldoutSet:
+        """The set restricted to ``images`` (e.g. without the images that failed to decode)."""
+        keep = torch.tensor(list(images), dtype=torch.long)
+        new_index = torch.full((len(self.records),), -1, dtype=torch.long)
+        new_index[keep] = torch.arange(len(keep))
+        rows = new_index[self.caption_image] >= 0
+        return HeldoutSet(
+            [self.records[i] for i in images], self.text_embeddings[rows], new_index[self.caption_image[rows]]
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,6 +328,8 @@ def run_stage2(
     store = EmbeddingStore.open(
         store_dir / "train", captions=train_records, encoder_identity=identity or None
     )
+    # The store keeps every record's rows; images that fail to decode are left out of sampling.
+    usable = _usable_images(cfg, out, "train", train_records)
     heldout: dict[str, HeldoutSet] = {}
     for name, records in heldout_sets.items():
         records = list(records)
@@ -330,17 +346,41 @@ def run_stage2(
             raise FileNotFoundError(
                 f"no embedding store for held-out set {name!r} ({hstore_dir}) and no encoder to embed it"
             )
-        heldout[name] = HeldoutSet(records, emb, caption_image)
+        hs = HeldoutSet(records, emb, caption_image)
+        good = _usable_images(cfg, out, name, records)
+        heldout[name] = hs if good is None else hs.subset(good)
     return train_stage2(
         cfg,
         out,
         train_records,
         store,
         heldout,
+        usable=usable,
         load_image=open_image,
         encoder_path=str(encoder_dir.resolve()) if encoder_dir else "",
         encoder_identity=identity,
     )
+
+
+def _usable_images(
+    cfg: RunConfig, out: Path, name: str, records: Sequence[ImageCaptions]
+) -> list[int] | None:
+    """Decode every image once (``data.verify_images``): indices of the good ones, None if all are.
+
+    Bad images stop the run with a message naming them, or with ``data.skip_bad`` are skipped and
+    listed in ``<out>/bad_records.json`` (see :mod:`llm2clip_vlm.data.images`).
+    """
+    from llm2clip_vlm.data import open_image
+    from llm2clip_vlm.data.images import BadRecords, find_bad_images, write_report
+
+    if not cfg.data.verify_images:
+        return None
+    policy = BadRecords(cfg.data.skip_bad, cfg.data.max_bad_fraction, name=f"{name} images")
+    good = find_bad_images(records, policy, open_image, description=f"checking {name} images")
+    if not policy.skipped:
+        return None
+    write_report(out, name, len(records), policy.skipped)
+    return good
 
 
 def _encode_captions(
@@ -377,6 +417,7 @@ def train_stage2(
     encoder_path: str = "",
     encoder_identity: str = "",
     on_step: Callable[[int, float], None] | None = None,
+    usable: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Train stage 2 and write ``model/``, ``metrics.json`` and ``config.yaml`` into ``output_dir``.
 
@@ -389,6 +430,7 @@ def train_stage2(
         load_image: record -> PIL RGB image.
         encoder_path, encoder_identity: the stage-1 encoder, recorded in the saved model.
         on_step: called as ``on_step(step, loss)`` after every optimizer step (main process).
+        usable: indices of the records to train on (default all; bad images left out).
 
     Returns:
         The metrics written to ``metrics.json`` (``{"stage2": {...}}``).
@@ -404,7 +446,8 @@ def train_stage2(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         configuration.dump(cfg, out / "config.yaml")
-    total_steps = _total_steps(s, len(train_records))
+    usable = list(usable) if usable is not None else list(range(len(train_records)))
+    total_steps = _total_steps(s, len(usable))
 
     set_seed(s.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = LLM2CLIP(
@@ -459,7 +502,7 @@ def train_stage2(
     log.info(
         "stage 2: %s backbone (%s), %.1fM parameters all trained, %d images, %d steps of %d (%d per process), "
         "%s, long-caption ratio %.2f",
-        s.backbone.kind, s.backbone.name_or_path or "random", n_params / 1e6, len(train_records), total_steps,
+        s.backbone.kind, s.backbone.name_or_path or "random", n_params / 1e6, len(usable), total_steps,
         s.batch_size, s.batch_size // world, s.precision, s.long_caption_ratio,
     )  # fmt: skip
 
@@ -473,10 +516,10 @@ def train_stage2(
         state.retrieval_before = run_eval()
         _log_retrieval("before", state.retrieval_before)
 
-    dataset = Stage2TrainData(train_records, embeddings, processor, load_image, s.long_caption_ratio, s.seed)
-    sampler = GlobalBatchSampler(
-        len(train_records), s.batch_size, rank, world, s.seed, state.step, total_steps
+    dataset = Stage2TrainData(
+        train_records, embeddings, processor, load_image, s.long_caption_ratio, s.seed, indices=usable
     )
+    sampler = GlobalBatchSampler(len(usable), s.batch_size, rank, world, s.seed, state.step, total_steps)
     loader = DataLoader(
         dataset, batch_sampler=sampler, num_workers=s.num_workers, persistent_workers=False, pin_memory=False
     )
