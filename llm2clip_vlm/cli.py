@@ -275,17 +275,19 @@ def main() -> None:
 def _report_known_error(e: Exception) -> int | None:
     """One clear line (and an exit status) for the errors a user can act on; None for bugs."""
     # Imported here, not at the top: they pull in torch, and `--help` must stay instant.
+    from rich.markup import escape
+
     from llm2clip_vlm.checkpointing import CheckpointError, NonFiniteError, TrainingInterrupted
     from llm2clip_vlm.data.captions import DataError
 
     if isinstance(e, TrainingInterrupted):  # SIGTERM/SIGINT: a checkpoint was saved first
-        console.print(f"[yellow]{e}[/yellow]")
+        console.print(f"[yellow]{escape(str(e))}[/yellow]", soft_wrap=True)
         return e.exit_code
     if isinstance(e, DataError):  # names the file/record and the problem
-        console.print(f"[red]data error:[/red] {e}")
+        console.print(f"[red]data error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
         return 1
     if isinstance(e, (CheckpointError, NonFiniteError)):
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
         return 1
     return None
 
