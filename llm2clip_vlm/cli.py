@@ -322,6 +322,31 @@ def main() -> None:
     except KeyboardInterrupt:  # pragma: no cover
         console.print("[red]interrupted[/red]")
         sys.exit(130)
+    except Exception as e:
+        code = _report_known_error(e)
+        if code is None:
+            raise
+        sys.exit(code)
+
+
+def _report_known_error(e: Exception) -> int | None:
+    """One clear line (and an exit status) for the errors a user can act on; None for bugs."""
+    # Imported here, not at the top: they pull in torch, and `--help` must stay instant.
+    from rich.markup import escape
+
+    from llm2clip_vlm.checkpointing import CheckpointError, NonFiniteError, TrainingInterrupted
+    from llm2clip_vlm.data.captions import DataError
+
+    if isinstance(e, TrainingInterrupted):  # SIGTERM/SIGINT: a checkpoint was saved first
+        console.print(f"[yellow]{escape(str(e))}[/yellow]", soft_wrap=True)
+        return e.exit_code
+    if isinstance(e, DataError):  # names the file/record and the problem
+        console.print(f"[red]data error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
+        return 1
+    if isinstance(e, (CheckpointError, NonFiniteError)):
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
+        return 1
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from llm2clip_vlm.data.config import DataConfig
 from llm2clip_vlm.llava.config import LlavaConfig
+from llm2clip_vlm.reliability import ReliabilityConfig
 from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.text.config import Stage1Config
 from llm2clip_vlm.vision.config import ExportConfig, Stage2Config
@@ -19,3 +20,4 @@ class RunConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     export: ExportConfig = field(default_factory=ExportConfig)
     llava: LlavaConfig = field(default_factory=LlavaConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)

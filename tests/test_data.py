@@ -174,7 +174,7 @@ def test_missing_columns_and_broken_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"missing column\(s\) \['image'\]"):
         load_caption_set(CaptionSetConfig(path=str(tmp_path / "m.jsonl")))
     (tmp_path / "broken.jsonl").write_text('{"image": "a.png", "short_captions": [\n')
-    with pytest.raises(DataError, match="broken.jsonl: cannot be read"):
+    with pytest.raises(DataError, match=r"broken.jsonl:1: broken JSON line"):
         load_caption_set(CaptionSetConfig(path=str(tmp_path / "broken.jsonl")))
     with pytest.raises(DataError, match="does not exist"):
         load_caption_set(CaptionSetConfig(path=str(tmp_path / "nope.jsonl")))

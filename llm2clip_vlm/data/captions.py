@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ast
 import glob
-import io
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llm2clip_vlm.data.config import CaptionSetConfig, DataConfig
+from llm2clip_vlm.data.images import BadRecords, write_report
 from llm2clip_vlm.data.records import Caption, ImageCaptions
 from llm2clip_vlm.logging import get_logger
 
@@ -81,27 +81,10 @@ def safe_image_path(root: Path, relative: str, where: str) -> Path:
 
 
 def open_image(record: ImageCaptions):  # -> PIL.Image.Image
-    """Open a record's image as RGB (file path or encoded bytes), with a clear error when broken."""
-    from PIL import Image
+    """Open a record's image as RGB (file path or encoded bytes); see :func:`images.load_rgb`."""
+    from llm2clip_vlm.data.images import load_rgb
 
-    try:
-        src = io.BytesIO(record.image) if isinstance(record.image, bytes) else record.image
-        with Image.open(src) as img:
-            img.load()
-            if img.mode == "RGB":
-                return img.copy()
-            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-                # Composite transparent images on white rather than on black garbage.
-                rgba = img.convert("RGBA")
-                background = Image.new("RGB", rgba.size, (255, 255, 255))
-                background.paste(rgba, mask=rgba.getchannel("A"))
-                return background
-            return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        where = record.source or record.key
-        raise DataError(
-            f"{where}: cannot read image {record.image if isinstance(record.image, str) else '<bytes>'}: {e}"
-        ) from e
+    return load_rgb(record.image, record.source or record.key)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,12 +181,64 @@ def _expand_shards(path: str) -> list[str]:
     return files
 
 
+def _json_rows(path: Path) -> tuple[list[tuple[int, dict[str, Any] | DataError]], list[str]]:
+    """``(line or element number, row or DataError)`` of a JSON list or a JSON-lines file.
+
+    Read by hand rather than through ``datasets``: one broken line must be reported (and be
+    skippable) on its own, not fail the whole file with a message that names no line.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    rows: list[tuple[int, dict[str, Any] | DataError]] = []
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # one JSON list of records
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: broken JSON ({e.msg}, column {e.colno})") from e
+        for i, item in enumerate(items):
+            ok = isinstance(item, dict)
+            rows.append((i + 1, item if ok else DataError(f"{path}:{i + 1}: record is not a JSON object")))
+    else:  # JSON lines
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                rows.append((n, DataError(f"{path}:{n}: broken JSON line ({e.msg}, column {e.colno})")))
+                continue
+            ok = isinstance(item, dict)
+            rows.append((n, item if ok else DataError(f"{path}:{n}: record is not a JSON object")))
+    columns = sorted({k for _, r in rows if isinstance(r, dict) for k in r})
+    return rows, columns
+
+
+def _check_columns(cfg: CaptionSetConfig, path: Path, columns: list[str]) -> None:
+    missing = [c for c in [cfg.image_column] if c not in columns]
+    if cfg.key_column and cfg.key_column not in columns:
+        missing.append(cfg.key_column)
+    if not any(c in columns for c in cfg.caption_columns):
+        missing.append(" or ".join(cfg.caption_columns))
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; columns are {columns}")
+
+
 def _load_manifest(cfg: CaptionSetConfig, fmt: str) -> Any:
     import datasets
 
     path = Path(cfg.path)
     if not path.is_file():
         raise DataError(f"{path}: manifest does not exist")
+    if fmt == "json":
+        rows, columns = _json_rows(path)
+        broken = [r for _, r in rows if isinstance(r, DataError)]
+        if broken and not columns:  # not one readable record: the file itself is broken
+            raise DataError(f"{broken[0]} (and no line of {path} is a readable record)")
+        _check_columns(cfg, path, columns)
+        return rows
     kwargs: dict[str, Any] = {}
     if fmt == "csv" and path.suffix.lower() == ".tsv":
         kwargs["delimiter"] = "\t"
@@ -212,13 +247,7 @@ def _load_manifest(cfg: CaptionSetConfig, fmt: str) -> Any:
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets raises a zoo of types for malformed files
         raise DataError(f"{path}: cannot be read as {fmt}: {type(e).__name__}: {e}") from e
-    missing = [c for c in [cfg.image_column] if c not in ds.column_names]
-    if cfg.key_column and cfg.key_column not in ds.column_names:
-        missing.append(cfg.key_column)
-    if not any(c in ds.column_names for c in cfg.caption_columns):
-        missing.append(" or ".join(cfg.caption_columns))
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; columns are {ds.column_names}")
+    _check_columns(cfg, path, ds.column_names)
     return ds
 
 
@@ -226,11 +255,19 @@ def _manifest_records(cfg: CaptionSetConfig, fmt: str) -> Iterator[tuple[str, Im
     ds = _load_manifest(cfg, fmt)
     path = Path(cfg.path)
     root = Path(cfg.image_root) if cfg.image_root else path.parent
-    # JSONL rows are lines (1-based); CSV rows count the header.
+    # JSON: line (JSONL) or element number, 1-based; CSV rows count the header.
     offset = 2 if fmt == "csv" else 1
-    for i, row in enumerate(ds):
-        where = f"{path}:{i + offset}"
+    numbered = ds if fmt == "json" else ((i + offset, row) for i, row in enumerate(ds))
+    for n, row in numbered:
+        where = f"{path}:{n}"
+        if isinstance(row, DataError):  # a broken JSON line
+            yield where, row
+            continue
         try:
+            if cfg.image_column not in row:
+                raise DataError(f"{where}: no {cfg.image_column!r} column")
+            if cfg.key_column and cfg.key_column not in row:
+                raise DataError(f"{where}: no {cfg.key_column!r} column")
             image = row[cfg.image_column]
             if not isinstance(image, str) or not image:
                 raise DataError(f"{where}: image column {cfg.image_column!r} is empty or not a path")
@@ -289,35 +326,20 @@ def load_caption_set(
         raise DataError(f"data set {name or '?'}: no path given")
     fmt = _detect_format(cfg)
     rows = _webdataset_records(cfg) if fmt == "webdataset" else _manifest_records(cfg, fmt)
+    policy = BadRecords(skip_bad, max_bad_fraction, name=cfg.path)
     records: list[ImageCaptions] = []
-    skipped: list[tuple[str, str]] = []
     for where, item in rows:
         if isinstance(item, DataError):
-            if not skip_bad:
-                raise DataError(f"{item} (set data.skip_bad=true to skip bad records)")
-            skipped.append((where, str(item)))
+            policy.add(where, item)
             continue
         records.append(item)
         if cfg.max_images and len(records) >= cfg.max_images:
             break
-    total = len(records) + len(skipped)
+    total = len(records) + len(policy.skipped)
     if total == 0:
         raise DataError(f"{cfg.path}: the data set is empty")
-    if skipped:
-        share = len(skipped) / total
-        log.warning(
-            "%s: skipped %d of %d records (%.1f%%); first: %s",
-            cfg.path,
-            len(skipped),
-            total,
-            100 * share,
-            skipped[0][1],
-        )
-        if share > max_bad_fraction:
-            raise DataError(
-                f"{cfg.path}: {len(skipped)} of {total} records are bad ({100 * share:.1f}% > "
-                f"max_bad_fraction {100 * max_bad_fraction:.1f}%); first: {skipped[0][1]}"
-            )
+    policy.check(total)
+    skipped = policy.skipped
     return CaptionSet(records, name=name or cfg.path, skipped=skipped)
 
 
@@ -375,4 +397,8 @@ def resolve_data(cfg: DataConfig, output_dir: str | Path) -> tuple[CaptionSet, d
     kw = {"skip_bad": cfg.skip_bad, "max_bad_fraction": cfg.max_bad_fraction}
     train = load_caption_set(train_cfg, name="train", **kw)
     heldout = {name: load_caption_set(c, name=name, **kw) for name, c in heldout_cfgs.items()}
+    for name, cs in [("train", train), *heldout.items()]:
+        if cs.skipped:  # the run's report of every skipped record and why
+            report = write_report(output_dir, name, len(cs) + len(cs.skipped), cs.skipped)
+            log.warning("%s: %d bad records skipped, listed in %s", name, len(cs.skipped), report)
     return train, heldout

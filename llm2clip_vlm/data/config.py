@@ -50,3 +50,6 @@ class DataConfig:
     # True = skip, count and report, but stop if more than ``max_bad_fraction`` is bad.
     skip_bad: bool = False
     max_bad_fraction: float = 0.01
+    # Decode every image once before stage 2 / LLaVA training, so a broken image is found (and
+    # stopped at or skipped) up front, not hours into the run. False = find it when it is reached.
+    verify_images: bool = True

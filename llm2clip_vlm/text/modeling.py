@@ -41,8 +41,11 @@ class ModelRef:
     gguf_file: str | None = None
 
     def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for transformers' ``from_pretrained``."""
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        """Keyword arguments for transformers' ``from_pretrained`` (never running a repo's code)."""
+        kw: dict[str, Any] = {"trust_remote_code": False}
+        if self.gguf_file:
+            kw["gguf_file"] = self.gguf_file
+        return kw
 
 
 def _builtin_gguf(name: str) -> ModelRef:
@@ -128,6 +131,7 @@ def load_bidirectional(
     dtype: torch.dtype | str = torch.float32,
     quantization: str = "none",
     device_map: Any = None,
+    allow_pickle: bool = False,
 ) -> nn.Module:
     """Build a decoder LLM with bidirectional attention.
 
@@ -138,6 +142,7 @@ def load_bidirectional(
         dtype: weight dtype of the (non-quantized) parameters.
         quantization: ``none``, ``4bit`` (QLoRA) or ``8bit`` base weights via bitsandbytes.
         device_map: passed to ``from_pretrained`` (e.g. ``{"": device}`` for a quantized base).
+        allow_pickle: accept ``pytorch_model.bin`` weights (pickles); default: safetensors only.
 
     Returns:
         The model, in train mode off (``eval()``), with ``config.is_causal == False``.
@@ -160,6 +165,9 @@ def load_bidirectional(
     kwargs: dict[str, Any] = dict(
         ref.kwargs(), config=config, dtype=dtype, attn_implementation=attn_implementation
     )
+    if not ref.gguf_file and not allow_pickle:
+        # A pickle can run code when loaded: refuse pytorch_model.bin unless explicitly allowed.
+        kwargs["use_safetensors"] = True
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = device_map if device_map is not None else {"": "cpu"}

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from llm2clip_vlm import configuration
+from llm2clip_vlm.checkpointing import Checkpointer, GracefulExit, NonFiniteGuard, Resumed
 from llm2clip_vlm.config import RunConfig
 from llm2clip_vlm.data.records import ImageCaptions
 from llm2clip_vlm.logging import get_logger
@@ -47,17 +46,18 @@ from llm2clip_vlm.text.simcse import SimCSEBatches, Triplet
 log = get_logger(__name__)
 
 CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
-ADAPTER_FILE = "adapter_model.safetensors"
+MNTP_CHECKPOINTS = "mntp"  # under CHECKPOINTS: the MNTP warm-up's own checkpoints
 
 
 @dataclass
 class TrainState:
-    """What a checkpoint restores besides weights and optimizer: the step and the history."""
+    """What a checkpoint restores besides weights, optimizer and RNG: the step (= the data
+    position, since a step's batch is a function of (seed, step)) and the history."""
 
     step: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,6 +128,7 @@ def train_stage1(
         dtype=weight_dtype,
         quantization=s.lora.quantization,
         device_map={"": accelerator.device} if s.lora.quantization != "none" else None,
+        allow_pickle=cfg.reliability.allow_pickle_weights,
     )
     if s.lora.quantization == "none":
         model.to(accelerator.device)
@@ -136,19 +137,24 @@ def train_stage1(
     accelerator.wait_for_everyone()
 
     if s.mntp.enabled:
-        model = _run_mntp(model, tokenizer, cfg, train_records, accelerator)
+        model = _run_mntp(
+            model, tokenizer, cfg, train_records, out / CHECKPOINTS / MNTP_CHECKPOINTS, accelerator
+        )
 
     peft_model = _wrap_lora(decoder_of(model), s)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=s.lr, weight_decay=s.weight_decay)
     scheduler = _scheduler(optimizer, s.lr_schedule, s.warmup_steps, total_steps)
-    state = _resume(out / CHECKPOINTS, peft_model, optimizer, scheduler, accelerator)
+    checkpointer = Checkpointer(out / CHECKPOINTS, accelerator, keep=s.keep_checkpoints)
+    resumed = _resume(checkpointer, peft_model, optimizer, scheduler)
+    state = TrainState(**resumed.state) if resumed else TrainState()
     # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it
     # once per process).
     ddp_model, optimizer = accelerator.prepare(peft_model, optimizer)
     loss_fn = SupervisedSimCSELoss(scale=s.scale)
+    guard = NonFiniteGuard("stage1", cfg.reliability.skip_nonfinite_steps, cfg.reliability.max_skipped_steps)
 
-    state = _train_loop(ddp_model, peft_model, optimizer, scheduler, loss_fn, tokenizer, batches, s, state, total_steps, out, accelerator)  # fmt: skip
+    state = _train_loop(ddp_model, peft_model, optimizer, scheduler, loss_fn, tokenizer, batches, s, state, total_steps, checkpointer, resumed, guard, accelerator)  # fmt: skip
 
     merged = _merge(accelerator.unwrap_model(ddp_model), ref, s, weight_dtype)
     metrics: dict[str, Any] = {}
@@ -169,6 +175,7 @@ def train_stage1(
             "global_batch": s.batch_size,
             "processes": world,
             "loss": state.losses,
+            "skipped_steps": state.skipped_steps,
             "encoder": str(out / "encoder"),
             "encoder_identity": encoder.identity(),
         }
@@ -303,40 +310,57 @@ def _train_loop(
     s: Stage1Config,
     state: TrainState,
     total_steps: int,
-    out: Path,
+    checkpointer: Checkpointer,
+    resumed: Resumed | None,
+    guard: NonFiniteGuard,
     accelerator: Any,
 ) -> TrainState:
     rank, world = accelerator.process_index, accelerator.num_processes
     local = s.batch_size // world
+    guard.skipped = list(state.skipped_steps)
     ddp_model.train()
     started = time.perf_counter() - state.seconds
-    with make_progress(disable=not accelerator.is_main_process) as progress:
+
+    def save() -> None:
+        _save_checkpoint(checkpointer, peft_model, optimizer, scheduler, state)
+
+    with make_progress(disable=not accelerator.is_main_process) as progress, GracefulExit() as signals:
         task = progress.add_task("stage 1 SimCSE", total=total_steps, completed=state.step, status="")
         while state.step < total_steps:
             t0 = time.perf_counter()
             triplets = batches.batch(state.step, s.batch_size)[rank * local : (rank + 1) * local]
+            if resumed is not None:  # dropout continues exactly where the checkpointed run was
+                resumed.restore_rng()
+                resumed = None
             with accelerator.autocast():
                 q, p, n = embed_triplets(ddp_model, tokenizer, triplets, s, accelerator.device)
             loss = loss_fn(q, p, n)
             accelerator.backward(loss)
+            grad_norm = None
             if s.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(peft_model.parameters(), s.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                grad_norm = accelerator.clip_grad_norm_(peft_model.parameters(), s.max_grad_norm)
             # Each rank's loss is the mean over its rows; their mean is the global-batch loss.
             global_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+            if guard.check(global_loss, state.step + 1, grad_norm):
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.losses.append(round(global_loss, 6))
+            state.skipped_steps = list(guard.skipped)
             state.seconds = time.perf_counter() - started
             progress.update(
                 task,
                 advance=1,
                 status=f"loss {global_loss:.4f}  {time.perf_counter() - t0:.2f} s/step  lr {scheduler.get_last_lr()[0]:.2e}",
             )
-            if s.save_every_steps > 0 and state.step % s.save_every_steps == 0 and state.step < total_steps:
-                _save_checkpoint(out / CHECKPOINTS, peft_model, optimizer, scheduler, state, s, accelerator)
-            if _out_of_time(s, state, accelerator):
+            out_of_time = _out_of_time(s, state, accelerator)
+            interrupted = signals.should_stop(accelerator)
+            periodic = s.save_every_steps > 0 and state.step % s.save_every_steps == 0
+            if periodic or out_of_time or interrupted or state.step == total_steps:
+                save()
+            signals.raise_if_requested(accelerator, checkpointer.latest())
+            if out_of_time:
                 log.info("stage1.max_seconds=%s reached after %d steps", s.max_seconds, state.step)
                 break
     return state
@@ -352,90 +376,56 @@ def _out_of_time(s: Stage1Config, state: TrainState, accelerator: Any) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: LoRA adapter + optimizer + scheduler + RNG + step, written atomically
+# Checkpoints (llm2clip_vlm.checkpointing): LoRA adapter + optimizer + scheduler + RNG + step
 # --------------------------------------------------------------------------------------------
-def _save_checkpoint(
-    root: Path,
-    peft_model: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    state: TrainState,
-    s: Stage1Config,
-    accelerator: Any,
-) -> None:
+def _adapter_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
-    final = root / f"step-{state.step:07d}"
-    tmp = root / f".tmp-step-{state.step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    # Each process has its own RNG stream (dropout); all hold identical weights and optimizer state.
-    torch.save(_rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
-        save_file(adapter, tmp / ADAPTER_FILE)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(vars(state)))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # a checkpoint directory exists only when complete
-        for old in sorted(root.glob("step-*"))[: -max(1, s.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def _save_checkpoint(
+    checkpointer: Checkpointer, peft_model: nn.Module, optimizer: Any, scheduler: Any, state: Any
+) -> None:
+    main = checkpointer.accelerator is None or checkpointer.accelerator.is_main_process
+    weights = _adapter_state(peft_model) if main else None
+    checkpointer.save(
+        state.step, weights=weights, optimizer=optimizer, scheduler=scheduler, state=vars(state)
+    )
 
 
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint directory under ``root`` (None if there is none)."""
-    done = [p for p in sorted(root.glob("step-*")) if (p / STATE_FILE).is_file()]
-    return done[-1] if done else None
+    return Checkpointer(root).latest()
 
 
 def _resume(
-    root: Path, peft_model: nn.Module, optimizer: Any, scheduler: Any, accelerator: Any
-) -> TrainState:
+    checkpointer: Checkpointer, peft_model: nn.Module, optimizer: Any, scheduler: Any
+) -> Resumed | None:
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    ckpt = latest_checkpoint(root)
-    if ckpt is None:
-        return TrainState()
-    try:
-        state = TrainState(**json.loads((ckpt / STATE_FILE).read_text()))
-        set_peft_model_state_dict(peft_model, load_file(ckpt / ADAPTER_FILE))
-        # Our own files; weights_only refuses anything but tensors and plain containers.
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        rng_file = ckpt / f"rng-rank{accelerator.process_index}.pt"
-        if rng_file.is_file():
-            rng = torch.load(rng_file, weights_only=True)
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise RuntimeError(f"checkpoint {ckpt} cannot be resumed from: {e}") from e
-    log.info("resuming from %s (step %d)", ckpt, state.step)
-    return state
+    resumed = checkpointer.load(optimizer=optimizer, scheduler=scheduler)
+    if resumed is not None:
+        set_peft_model_state_dict(peft_model, resumed.weights)
+    return resumed
 
 
 # --------------------------------------------------------------------------------------------
 # MNTP warm-up and the final merge
 # --------------------------------------------------------------------------------------------
 def _run_mntp(
-    model: nn.Module, tokenizer: Any, cfg: RunConfig, records: Sequence[ImageCaptions], accelerator: Any
+    model: nn.Module,
+    tokenizer: Any,
+    cfg: RunConfig,
+    records: Sequence[ImageCaptions],
+    ckpt_root: Path,
+    accelerator: Any,
 ) -> nn.Module:
-    """MNTP with its own LoRA on the causal-LM model; the LoRA is merged before SimCSE (as LLM2Vec)."""
+    """MNTP with its own LoRA on the causal-LM model; the LoRA is merged before SimCSE (as LLM2Vec).
+
+    Checkpointed like SimCSE (``ckpt_root``), including once at its end, so a run killed later
+    never redoes it. Masking draws from the torch RNG, which the checkpoints carry.
+    """
     from transformers import get_scheduler
 
     from llm2clip_vlm.text.mntp import mix_texts, mntp_collator, mntp_step_loss, read_text_corpus
@@ -448,27 +438,48 @@ def _run_mntp(
     params = [p for p in lm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=m.lr)
     scheduler = get_scheduler("constant_with_warmup", optimizer, m.warmup_steps, m.steps)
+    checkpointer = Checkpointer(ckpt_root, accelerator, keep=s.keep_checkpoints)
+    resumed = _resume(checkpointer, lm, optimizer, scheduler)
+    state = TrainState(**resumed.state) if resumed else TrainState()
+    if resumed is not None and state.step >= m.steps:
+        resumed.restore_rng()  # SimCSE starts from the RNG state the finished MNTP left
+        resumed = None
+    guard = NonFiniteGuard(
+        "stage1 MNTP", cfg.reliability.skip_nonfinite_steps, cfg.reliability.max_skipped_steps
+    )
+    guard.skipped = list(state.skipped_steps)
     ddp_lm, optimizer = accelerator.prepare(lm, optimizer)
     ddp_lm.train()
     rank, world = accelerator.process_index, accelerator.num_processes
     local = max(1, m.batch_size // world)
-    with make_progress(disable=not accelerator.is_main_process) as progress:
-        task = progress.add_task("stage 1 MNTP", total=m.steps, status="")
-        for step in range(m.steps):
+    with make_progress(disable=not accelerator.is_main_process) as progress, GracefulExit() as signals:
+        task = progress.add_task("stage 1 MNTP", total=m.steps, completed=state.step, status="")
+        while state.step < m.steps:
             texts = mix_texts(
-                captions, corpus, cfg.data.text_corpus_ratio, m.batch_size, seed=s.seed * 100_003 + step
+                captions, corpus, cfg.data.text_corpus_ratio, m.batch_size, seed=s.seed * 100_003 + state.step
             )
+            if resumed is not None:
+                resumed.restore_rng()
+                resumed = None
             with accelerator.autocast():
                 loss = mntp_step_loss(
                     ddp_lm, collator, texts[rank * local : (rank + 1) * local], s.max_length
                 )
             accelerator.backward(loss)
-            optimizer.step()
+            global_loss = accelerator.reduce(loss.detach(), "mean").item()
+            if guard.check(global_loss, state.step + 1):
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            progress.update(
-                task, advance=1, status=f"loss {accelerator.reduce(loss.detach(), 'mean').item():.4f}"
-            )
+            state.step += 1
+            state.losses.append(round(global_loss, 6))
+            state.skipped_steps = list(guard.skipped)
+            progress.update(task, advance=1, status=f"loss {global_loss:.4f}")
+            interrupted = signals.should_stop(accelerator)
+            periodic = s.save_every_steps > 0 and state.step % s.save_every_steps == 0
+            if periodic or interrupted or state.step == m.steps:
+                _save_checkpoint(checkpointer, lm, optimizer, scheduler, state)
+            signals.raise_if_requested(accelerator, checkpointer.latest())
     merged = accelerator.unwrap_model(ddp_lm).merge_and_unload()
     accelerator.free_memory()
     return merged

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from llm2clip_vlm import configuration
+from llm2clip_vlm.checkpointing import Checkpointer, GracefulExit, NonFiniteGuard
 from llm2clip_vlm.config import RunConfig
 from llm2clip_vlm.data.records import ImageCaptions
 from llm2clip_vlm.logging import get_logger
@@ -51,7 +51,7 @@ from llm2clip_vlm.vision.retrieval import retrieval_metrics
 log = get_logger(__name__)
 
 ImageLoader = Callable[[ImageCaptions], Any]  # record -> PIL RGB image
-CHECKPOINT = "checkpoint"
+CHECKPOINTS = "checkpoints"
 
 
 class CaptionEmbeddings(Protocol):
@@ -83,8 +83,11 @@ class Stage2TrainData(Dataset):
         load_image: ImageLoader,
         long_caption_ratio: float,
         seed: int,
+        indices: Sequence[int] | None = None,
     ) -> None:
         self.records = records
+        # Sampler positions -> record indices (the usable images when bad ones were skipped).
+        self.indices = list(indices) if indices is not None else list(range(len(records)))
         self.embeddings = embeddings
         self.image_processor = image_processor
         self.load_image = load_image
@@ -92,7 +95,7 @@ class Stage2TrainData(Dataset):
         self.seed = seed
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.indices)
 
     def caption_row(self, epoch: int, index: int) -> int:
         rng = np.random.default_rng((self.seed, epoch, index))
@@ -106,7 +109,8 @@ class Stage2TrainData(Dataset):
         return int(rows[rng.integers(len(rows))])
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, index = item
+        epoch, position = item
+        index = self.indices[position]
         row = self.caption_row(epoch, index)
         emb = torch.from_numpy(np.asarray(self.embeddings[[row]], dtype=np.float32)[0])
         return pixel_values(self.image_processor, self.load_image(self.records[index])), emb
@@ -169,6 +173,16 @@ class HeldoutSet:
     records: Sequence[ImageCaptions]
     text_embeddings: torch.Tensor  # [n_captions, text_dim]
     caption_image: torch.Tensor  # [n_captions] long
+
+    def subset(self, images: Sequence[int]) -> HeldoutSet:
+        """The set restricted to ``images`` (e.g. without the images that failed to decode)."""
+        keep = torch.tensor(list(images), dtype=torch.long)
+        new_index = torch.full((len(self.records),), -1, dtype=torch.long)
+        new_index[keep] = torch.arange(len(keep))
+        rows = new_index[self.caption_image] >= 0
+        return HeldoutSet(
+            [self.records[i] for i in images], self.text_embeddings[rows], new_index[self.caption_image[rows]]
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,40 +291,7 @@ class TrainState:
     world_size: int = 1
     losses: list[float] = field(default_factory=list)
     retrieval_before: dict[str, Any] = field(default_factory=dict)
-
-
-def _find_checkpoint(out: Path) -> Path | None:
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):  # .old: killed between the two renames
-        ckpt = out / name
-        if (ckpt / "trainer_state.json").is_file():
-            return ckpt
-    return None
-
-
-def _save_checkpoint(
-    accelerator: Any, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState, out: Path
-) -> None:
-    """Write ``checkpoint.tmp`` completely, then swap it in (a kill never leaves a half checkpoint)."""
-    tmp, final, old = out / (CHECKPOINT + ".tmp"), out / CHECKPOINT, out / (CHECKPOINT + ".old")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    # Each rank its own optimizer state: identical copies under DDP, the rank's shard under FSDP.
-    torch.save(optimizer.state_dict(), tmp / f"optimizer.rank{accelerator.process_index}.pt")
-    model_state = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
-    if accelerator.is_main_process:
-        save_file({k: v.contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    skipped_steps: list[int] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,6 +328,8 @@ def run_stage2(
     store = EmbeddingStore.open(
         store_dir / "train", captions=train_records, encoder_identity=identity or None
     )
+    # The store keeps every record's rows; images that fail to decode are left out of sampling.
+    usable = _usable_images(cfg, out, "train", train_records)
     heldout: dict[str, HeldoutSet] = {}
     for name, records in heldout_sets.items():
         records = list(records)
@@ -363,17 +346,41 @@ def run_stage2(
             raise FileNotFoundError(
                 f"no embedding store for held-out set {name!r} ({hstore_dir}) and no encoder to embed it"
             )
-        heldout[name] = HeldoutSet(records, emb, caption_image)
+        hs = HeldoutSet(records, emb, caption_image)
+        good = _usable_images(cfg, out, name, records)
+        heldout[name] = hs if good is None else hs.subset(good)
     return train_stage2(
         cfg,
         out,
         train_records,
         store,
         heldout,
+        usable=usable,
         load_image=open_image,
         encoder_path=str(encoder_dir.resolve()) if encoder_dir else "",
         encoder_identity=identity,
     )
+
+
+def _usable_images(
+    cfg: RunConfig, out: Path, name: str, records: Sequence[ImageCaptions]
+) -> list[int] | None:
+    """Decode every image once (``data.verify_images``): indices of the good ones, None if all are.
+
+    Bad images stop the run with a message naming them, or with ``data.skip_bad`` are skipped and
+    listed in ``<out>/bad_records.json`` (see :mod:`llm2clip_vlm.data.images`).
+    """
+    from llm2clip_vlm.data import open_image
+    from llm2clip_vlm.data.images import BadRecords, find_bad_images, write_report
+
+    if not cfg.data.verify_images:
+        return None
+    policy = BadRecords(cfg.data.skip_bad, cfg.data.max_bad_fraction, name=f"{name} images")
+    good = find_bad_images(records, policy, open_image, description=f"checking {name} images")
+    if not policy.skipped:
+        return None
+    write_report(out, name, len(records), policy.skipped)
+    return good
 
 
 def _encode_captions(
@@ -410,6 +417,7 @@ def train_stage2(
     encoder_path: str = "",
     encoder_identity: str = "",
     on_step: Callable[[int, float], None] | None = None,
+    usable: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Train stage 2 and write ``model/``, ``metrics.json`` and ``config.yaml`` into ``output_dir``.
 
@@ -422,6 +430,7 @@ def train_stage2(
         load_image: record -> PIL RGB image.
         encoder_path, encoder_identity: the stage-1 encoder, recorded in the saved model.
         on_step: called as ``on_step(step, loss)`` after every optimizer step (main process).
+        usable: indices of the records to train on (default all; bad images left out).
 
     Returns:
         The metrics written to ``metrics.json`` (``{"stage2": {...}}``).
@@ -437,7 +446,8 @@ def train_stage2(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         configuration.dump(cfg, out / "config.yaml")
-    total_steps = _total_steps(s, len(train_records))
+    usable = list(usable) if usable is not None else list(range(len(train_records)))
+    total_steps = _total_steps(s, len(usable))
 
     set_seed(s.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = LLM2CLIP(
@@ -458,16 +468,18 @@ def train_stage2(
         model.vision.set_grad_checkpointing(True)
     processor = model.vision.image_processor
 
-    ckpt = _find_checkpoint(out)
+    checkpointer = Checkpointer(out / CHECKPOINTS, accelerator, keep=2)
+    resumed = checkpointer.load()  # weights and state now; optimizer and scheduler after prepare
     state = TrainState(world_size=world)
-    if ckpt is not None:
-        state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+    if resumed is not None:
+        state = TrainState(**resumed.state)
         if state.world_size != world:
             raise ValueError(
-                f"{ckpt} was written by {state.world_size} processes; resume it with the same number (now {world})"
+                f"{resumed.path} was written by {state.world_size} processes; resume it with the same "
+                f"number (now {world})"
             )
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        log.info("stage 2: resuming from %s at step %d", ckpt, state.step)
+        model.load_state_dict(resumed.weights)
+        log.info("stage 2: resuming from %s at step %d", resumed.path, state.step)
 
     groups = build_param_groups(model, s)
     optimizer = torch.optim.AdamW(
@@ -481,11 +493,8 @@ def train_stage2(
         optimizer, functools.partial(cosine_lr_factor, warmup=s.warmup_steps, total=total_steps)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    if ckpt is not None:
-        optimizer.load_state_dict(
-            torch.load(ckpt / f"optimizer.rank{rank}.pt", map_location="cpu", weights_only=True)
-        )
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    if resumed is not None:
+        checkpointer.load(resumed.path, optimizer=optimizer, scheduler=scheduler, with_weights=False)
     raw = accelerator.unwrap_model(model)
     loss_fn: nn.Module = SigLipLoss() if s.loss == "siglip" else ClipLoss()
 
@@ -493,7 +502,7 @@ def train_stage2(
     log.info(
         "stage 2: %s backbone (%s), %.1fM parameters all trained, %d images, %d steps of %d (%d per process), "
         "%s, long-caption ratio %.2f",
-        s.backbone.kind, s.backbone.name_or_path or "random", n_params / 1e6, len(train_records), total_steps,
+        s.backbone.kind, s.backbone.name_or_path or "random", n_params / 1e6, len(usable), total_steps,
         s.batch_size, s.batch_size // world, s.precision, s.long_caption_ratio,
     )  # fmt: skip
 
@@ -503,14 +512,14 @@ def train_stage2(
             accelerator.device, accelerator.autocast,
         )  # fmt: skip
 
-    if ckpt is None or not state.retrieval_before:
+    if resumed is None or not state.retrieval_before:
         state.retrieval_before = run_eval()
         _log_retrieval("before", state.retrieval_before)
 
-    dataset = Stage2TrainData(train_records, embeddings, processor, load_image, s.long_caption_ratio, s.seed)
-    sampler = GlobalBatchSampler(
-        len(train_records), s.batch_size, rank, world, s.seed, state.step, total_steps
+    dataset = Stage2TrainData(
+        train_records, embeddings, processor, load_image, s.long_caption_ratio, s.seed, indices=usable
     )
+    sampler = GlobalBatchSampler(len(usable), s.batch_size, rank, world, s.seed, state.step, total_steps)
     loader = DataLoader(
         dataset, batch_sampler=sampler, num_workers=s.num_workers, persistent_workers=False, pin_memory=False
     )
@@ -518,9 +527,16 @@ def train_stage2(
     start_time = time.perf_counter() - state.seconds
     images_seen, loop_start = 0, time.perf_counter()
     last_scale: float | None = None
-    with make_progress(disable=not main) as progress:
+    rel = cfg.reliability
+    guard = NonFiniteGuard(
+        "stage2", rel.skip_nonfinite_steps, rel.max_skipped_steps, list(state.skipped_steps)
+    )
+    with make_progress(disable=not main) as progress, GracefulExit() as signals:
         task = progress.add_task("stage 2", total=total_steps, completed=state.step, status="")
         for pv, emb in loader:
+            if resumed is not None:  # after the loader started: RNG exactly as after the saved step
+                resumed.restore_rng()
+                resumed = None
             pv, emb = pv.to(accelerator.device), emb.to(accelerator.device)
             with accelerator.autocast():
                 feats = model(pixel_values=pv, text_embeddings=emb)
@@ -534,20 +550,21 @@ def train_stage2(
             else:
                 loss = loss_fn(feats["image_features"], feats["text_features"], feats["logit_scale"].float())
             accelerator.backward(loss)
-            if s.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), s.grad_clip)
-            optimizer.step()
+            grad_norm = (
+                accelerator.clip_grad_norm_(model.parameters(), s.grad_clip) if s.grad_clip > 0 else None
+            )
+            global_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
+            if guard.check(global_loss, state.step + 1, grad_norm):
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             raw.clamp_logit_scale()
 
-            global_loss = float(accelerator.reduce(loss.detach(), reduction="mean"))
             # From the forward, not the parameter: under FSDP a rank's own shard of it may be empty.
             last_scale = round(feats["logit_scale"].item(), 4)
-            if not math.isfinite(global_loss):
-                raise FloatingPointError(f"stage 2: loss is {global_loss} at step {state.step + 1}")
             state.step += 1
             state.losses.append(global_loss)
+            state.skipped_steps = list(guard.skipped)
             state.seconds = time.perf_counter() - start_time
             images_seen += s.batch_size
             rate = images_seen / max(time.perf_counter() - loop_start, 1e-9)
@@ -559,8 +576,14 @@ def train_stage2(
             if on_step is not None and main:
                 on_step(state.step, global_loss)
             stop = state.step >= total_steps or _time_up(accelerator, s.max_seconds, state.seconds)
-            if (s.save_every_steps > 0 and state.step % s.save_every_steps == 0) or stop:
-                _save_checkpoint(accelerator, model, optimizer, scheduler, state, out)
+            interrupted = signals.should_stop(accelerator)
+            if (s.save_every_steps > 0 and state.step % s.save_every_steps == 0) or stop or interrupted:
+                weights = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
+                checkpointer.save(
+                    state.step, weights=weights if main else None, optimizer=optimizer,
+                    scheduler=scheduler, state=asdict(state),
+                )  # fmt: skip
+            signals.raise_if_requested(accelerator, checkpointer.latest())
             if stop:
                 break
 
@@ -578,6 +601,7 @@ def train_stage2(
                 "first_loss": state.losses[0] if state.losses else None,
                 "final_loss": state.losses[-1] if state.losses else None,
                 "losses": state.losses,
+                "skipped_steps": state.skipped_steps,
                 "processes": world,
                 "logit_scale": last_scale,
             },

@@ -1,0 +1,597 @@
+"""Checkpoints every trainer shares: atomic, complete, exactly resumable; plus signal and NaN guards.
+
+What a checkpoint holds (one folder ``<root>/step-0000042/``):
+
+- ``model.safetensors``: the weights the caller passes (full model, LoRA adapter, projector, ...);
+  never pickled;
+- ``optimizer.pt`` (``optimizer.rank<r>.pt`` per rank under FSDP), ``scheduler.pt``, ``scaler.pt``:
+  written with ``torch.save`` and read back **only** with ``torch.load(..., weights_only=True)``;
+- ``rng.rank<r>.safetensors``: python, numpy, torch CPU and CUDA generator states of every rank;
+- ``checkpoint.json``, written last: step, the caller's trainer state (data position, history),
+  the world size and the size of every file (a truncated file is refused on load).
+
+[IMPORTANT] Writing: everything goes to ``<root>/.tmp-step-N``, every file is fsync'ed, then the
+folder is renamed into place and the root fsync'ed. Older checkpoints are pruned only *after* the
+new one is complete, so a kill or a full disk at any moment leaves the last good checkpoint
+usable; a failed write raises :class:`CheckpointWriteError` naming the checkpoint that is still
+good. Weights that are not finite are never written (:class:`NonFiniteError`).
+
+Usage (any accelerate trainer; ``accelerator`` may be None for a plain single process)::
+
+    from llm2clip_vlm.checkpointing import Checkpointer, GracefulExit, NonFiniteGuard
+
+    ckpt = Checkpointer(out / "checkpoints", accelerator, keep=2)
+    resumed = ckpt.load(optimizer=optimizer, scheduler=scheduler)  # None on a fresh run
+    state = {"step": 0, "losses": []}
+    if resumed:
+        model.load_state_dict(resumed.weights, strict=False)  # (before accelerator.prepare)
+        state = resumed.state
+    guard = NonFiniteGuard("llava", skip=cfg.reliability.skip_nonfinite_steps)
+    with GracefulExit() as stop:
+        for batch in batches_from(state["step"]):
+            if resumed:  # RNG as it was right after the saved step (after the loader started)
+                resumed.restore_rng()
+                resumed = None
+            loss = ...; accelerator.backward(loss)
+            if guard.check(loss_value, state["step"] + 1, grad_norm):
+                optimizer.step()
+            scheduler.step(); optimizer.zero_grad()
+            state["step"] += 1
+            if state["step"] % every == 0 or stop.should_stop(accelerator):
+                ckpt.save(state["step"], weights=trainable_state_dict(model), optimizer=optimizer,
+                          scheduler=scheduler, state=state)
+            stop.raise_if_requested(accelerator, ckpt.latest())  # TrainingInterrupted after a save
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+
+from llm2clip_vlm.logging import get_logger
+
+log = get_logger(__name__)
+
+PREFIX = "step-"
+META = "checkpoint.json"
+WEIGHTS = "model.safetensors"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Weight files that are pickles: torch.load on them can run arbitrary code (see load_weights).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read (the message names it and what is still good)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (e.g. disk full); the previous checkpoint is untouched."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/inf loss, gradient or weight (the message names the step or the tensor)."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT arrived; the run stopped after a checkpoint was saved (rerun to resume).
+
+    Attributes:
+        signum: the signal received.
+        checkpoint: the checkpoint the run can resume from (None if none could be written).
+        exit_code: the conventional shell status, 128 + signum.
+    """
+
+    def __init__(self, signum: int, checkpoint: Path | None) -> None:
+        self.signum, self.checkpoint = signum, checkpoint
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint"
+        super().__init__(f"stopped by {name} after saving {where}; run the same command again to resume")
+
+
+# --------------------------------------------------------------------------------------------
+# Files: fsync'ed writes and refusing pickles
+# --------------------------------------------------------------------------------------------
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(
+    tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def _save_pickle(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def _write(writer: Callable[[Any, Path], None], obj: Any, path: Path) -> None:
+    writer(obj, path)
+    _fsync(path)
+
+
+def load_weights(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Load a weight file: safetensors always; a pickle (``.bin``/``.pt``...) only when allowed.
+
+    Args:
+        path: a ``.safetensors`` file, or a pickled state dict.
+        allow_pickle: accept a pickle; it is then read with ``torch.load(weights_only=True)``,
+            which refuses anything but tensors and plain containers.
+
+    Raises:
+        CheckpointError: a pickle without ``allow_pickle``, an unknown format, or an unreadable file.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for truncated headers
+            raise CheckpointError(
+                f"{path}: cannot read the safetensors file ({type(e).__name__}: {e})"
+            ) from e
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path} is a pickle checkpoint, which can run code when loaded; convert it to "
+                "safetensors, or allow it explicitly (--set reliability.allow_pickle_weights=true)"
+            )
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {e}") from e
+    raise CheckpointError(f"{path}: unknown weight format (expected .safetensors)")
+
+
+def from_pretrained_kwargs(allow_pickle: bool = False) -> dict[str, Any]:
+    """Keyword arguments for transformers' ``from_pretrained`` that keep loading safe.
+
+    ``trust_remote_code=False`` (never run a model repository's Python) and, unless pickles are
+    explicitly allowed, ``use_safetensors=True`` (refuse ``pytorch_model.bin``).
+    """
+    kw: dict[str, Any] = {"trust_remote_code": False}
+    if not allow_pickle:
+        kw["use_safetensors"] = True
+    return kw
+
+
+# --------------------------------------------------------------------------------------------
+# RNG states (stored as safetensors: no pickle needed to restore them)
+# --------------------------------------------------------------------------------------------
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Python, numpy, torch CPU (and every CUDA device's) generator states as tensors + metadata."""
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    tensors = {
+        "python": torch.tensor(internal, dtype=torch.int64),
+        "numpy": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    meta = {
+        "python": json.dumps([version, gauss]),
+        "numpy": json.dumps([np_name, int(np_pos), int(np_has_gauss), float(np_gauss)]),
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    version, gauss = json.loads(meta["python"])
+    random.setstate((version, tuple(int(x) for x in tensors["python"].tolist()), gauss))
+    name, pos, has_gauss, cached = json.loads(meta["numpy"])
+    np.random.set_state((name, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [
+        tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))
+    ]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+# --------------------------------------------------------------------------------------------
+# Finiteness
+# --------------------------------------------------------------------------------------------
+def check_finite_weights(weights: Mapping[str, torch.Tensor], where: str = "") -> None:
+    """Raise :class:`NonFiniteError` naming the first tensor holding NaN/inf."""
+    for name, t in weights.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(
+                f"{where + ': ' if where else ''}weight {name!r} holds NaN/inf; not saving it over the "
+                "last good checkpoint (lower the learning rate, or resume from that checkpoint)"
+            )
+
+
+@dataclass
+class NonFiniteGuard:
+    """Decides what to do with a non-finite loss or gradient norm.
+
+    Args:
+        stage: named in messages.
+        skip: skip such steps (no optimizer update) instead of stopping.
+        max_skipped: even when skipping, stop after this many skipped steps in a run.
+    """
+
+    stage: str
+    skip: bool = False
+    max_skipped: int = 100
+    skipped: list[int] = field(default_factory=list)
+
+    def check(self, loss: float, step: int, grad_norm: float | torch.Tensor | None = None) -> bool:
+        """True: take the optimizer step. False: skip it (counted). Raises when not skipping.
+
+        Args:
+            loss: the step's loss (the same value on every rank, e.g. after ``accelerator.reduce``).
+            step: the 1-based number of the step, for the message.
+            grad_norm: the total gradient norm if known (``clip_grad_norm_``'s return value).
+        """
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        if np.isfinite(loss) and np.isfinite(norm):
+            return True
+        what = f"loss is {loss}" if not np.isfinite(loss) else f"gradient norm is {norm} (loss {loss:.4g})"
+        if not self.skip:
+            raise NonFiniteError(
+                f"{self.stage}: {what} at step {step}; stopping without an update (the last "
+                f"checkpoint is intact). Set reliability.skip_nonfinite_steps=true to skip such steps."
+            )
+        self.skipped.append(step)
+        log.warning("%s: %s at step %d; step skipped (%d so far)", self.stage, what, step, len(self.skipped))
+        if len(self.skipped) > self.max_skipped:
+            raise NonFiniteError(
+                f"{self.stage}: {len(self.skipped)} steps had a non-finite loss (last: step {step}); stopping"
+            )
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# SIGTERM / SIGINT
+# --------------------------------------------------------------------------------------------
+class GracefulExit:
+    """Context manager: SIGTERM/SIGINT set a flag instead of killing the process.
+
+    The loop finishes its current step, saves a checkpoint, and calls :meth:`raise_if_requested`.
+    A second SIGINT (Ctrl-C twice) interrupts at once. Outside the main thread it does nothing
+    (signal handlers can only be installed there).
+    """
+
+    def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.signals = tuple(signals)
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+        log.warning(
+            "received %s: finishing the current step, saving a checkpoint, then exiting",
+            signal.Signals(signum).name,
+        )
+
+    def __enter__(self) -> GracefulExit:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def should_stop(self, accelerator: Any = None) -> bool:
+        """Whether any process received a signal (all processes agree, so they stop together)."""
+        return _any_rank(accelerator, self.requested is not None)
+
+    def raise_if_requested(self, accelerator: Any = None, checkpoint: Path | None = None) -> None:
+        """Raise :class:`TrainingInterrupted` if a signal arrived (call after saving)."""
+        if self.should_stop(accelerator):
+            raise TrainingInterrupted(self.requested or signal.SIGTERM, checkpoint)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def _rank(accelerator: Any) -> int:
+    return accelerator.process_index if accelerator is not None else 0
+
+
+def _world(accelerator: Any) -> int:
+    return accelerator.num_processes if accelerator is not None else 1
+
+
+def _is_main(accelerator: Any) -> bool:
+    return accelerator is None or accelerator.is_main_process
+
+
+def _barrier(accelerator: Any) -> None:
+    if accelerator is not None and accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+
+
+def _any_rank(accelerator: Any, flag: bool) -> bool:
+    """True if ``flag`` holds on any process (a collective: every process must call it)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def _sharded_optimizer(accelerator: Any) -> bool:
+    """Under FSDP each rank holds its own shard of the optimizer state; under DDP all are equal."""
+    if accelerator is None:
+        return False
+    return str(getattr(accelerator, "distributed_type", "")).endswith("FSDP")
+
+
+@dataclass
+class Resumed:
+    """A loaded checkpoint: its weights and trainer state, and this rank's RNG state to restore.
+
+    Attributes:
+        path: the checkpoint folder.
+        step: the step it was written after.
+        weights: the saved tensors (CPU), for ``model.load_state_dict``.
+        state: the caller's trainer-state dict (data position, history, ...).
+    """
+
+    path: Path
+    step: int
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    _rng: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None
+
+    def restore_rng(self) -> None:
+        """Put every generator back to where it was when the checkpoint was written.
+
+        Call it at the point of the loop that corresponds to the save (right before the next
+        step's forward, after the data loader was started), so dropout, masking and sampling
+        continue exactly as in an uninterrupted run.
+        """
+        if self._rng is not None:
+            set_rng_state(*self._rng)
+
+
+class Checkpointer:
+    """Writes and finds the checkpoints of one run under ``root``.
+
+    Args:
+        root: folder of the run's checkpoints (``step-NNNNNNN`` subfolders).
+        accelerator: the run's ``accelerate.Accelerator`` (None: one plain process).
+        keep: how many complete checkpoints to keep (the newest; at least 1).
+    """
+
+    def __init__(self, root: str | Path, accelerator: Any = None, keep: int = 2) -> None:
+        self.root = Path(root)
+        self.accelerator = accelerator
+        self.keep = max(1, keep)
+
+    # -- finding ---------------------------------------------------------------------------
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a folder counts once its ``checkpoint.json`` is in)."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name))]
+        return [p for _, p in sorted(found) if (p / META).is_file()]
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (None if there is none)."""
+        done = self.complete()
+        return done[-1] if done else None
+
+    # -- writing ---------------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        *,
+        weights: Mapping[str, torch.Tensor] | None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        state: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write checkpoint ``step`` atomically; every process must call it.
+
+        Args:
+            step: optimizer steps done (the folder's name).
+            weights: tensors to save (only the main process's are written; may be None elsewhere).
+                Refused when not finite.
+            optimizer, scheduler, scaler: saved with their ``state_dict()`` if given.
+            state: JSON-serialisable trainer state (data position, losses, ...).
+
+        Returns:
+            The checkpoint folder.
+
+        Raises:
+            NonFiniteError: the weights hold NaN/inf (nothing is written).
+            CheckpointWriteError: a write failed (disk full, ...); the previous checkpoint is kept.
+        """
+        acc, main, rank = self.accelerator, _is_main(self.accelerator), _rank(self.accelerator)
+        final = self.root / f"{PREFIX}{step:07d}"
+        tmp = self.root / f".tmp-{PREFIX}{step:07d}"
+        bad = None
+        if main and weights is not None:
+            try:
+                check_finite_weights(weights, f"checkpoint {final.name}")
+            except NonFiniteError as e:
+                bad = e
+        if _any_rank(acc, bad is not None):
+            raise bad or NonFiniteError(f"checkpoint {final.name}: another process found NaN/inf weights")
+
+        error: BaseException | None = None
+        try:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+        except OSError as e:
+            error = e
+        _barrier(acc)
+        if error is None and tmp.is_dir():
+            try:
+                tensors, meta = rng_state()
+                _write(lambda o, p: _save_tensors(o, p, meta), tensors, tmp / f"rng.rank{rank}.safetensors")
+                if optimizer is not None and (main or _sharded_optimizer(acc)):
+                    name = f"optimizer.rank{rank}.pt" if _sharded_optimizer(acc) else "optimizer.pt"
+                    _write(_save_pickle, optimizer.state_dict(), tmp / name)
+                if main:
+                    if weights is not None:
+                        _write(lambda o, p: _save_tensors(o, p, {"format": "pt"}), weights, tmp / WEIGHTS)
+                    if scheduler is not None:
+                        _write(_save_pickle, scheduler.state_dict(), tmp / "scheduler.pt")
+                    if scaler is not None:
+                        _write(_save_pickle, scaler.state_dict(), tmp / "scaler.pt")
+            except OSError as e:
+                error = e
+        elif error is None:
+            error = OSError(errno.ENOENT, "temporary checkpoint folder missing", str(tmp))
+        failed = _any_rank(acc, error is not None)
+        if not failed:
+            _barrier(acc)
+            try:
+                if main:
+                    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+                    meta_doc = {
+                        "step": step,
+                        "world_size": _world(acc),
+                        "files": files,
+                        "state": dict(state or {}),
+                    }
+                    _write(_write_json, meta_doc, tmp / META)
+                    _fsync(tmp)
+                    self._swap_in(tmp, final)
+            except OSError as e:
+                error = e
+            failed = _any_rank(acc, error is not None)
+        if failed:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            good = self.latest()
+            reason = error or "another process failed to write its part"
+            raise CheckpointWriteError(
+                f"could not write checkpoint {final}: {reason}; "
+                + (f"the last good checkpoint {good} is intact" if good else "no earlier checkpoint exists")
+            ) from error
+        if main:
+            self._prune()
+        _barrier(acc)
+        log.info("checkpoint %s written", final)
+        return final
+
+    def _swap_in(self, tmp: Path, final: Path) -> None:
+        old = final.with_name(f".old-{final.name}")
+        if final.exists():  # the same step saved again (e.g. after a signal): keep it until replaced
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        os.replace(tmp, final)
+        _fsync(self.root)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _prune(self) -> None:
+        for old in self.complete()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # -- reading ---------------------------------------------------------------------------
+    def load(
+        self,
+        path: str | Path | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        with_weights: bool = True,
+    ) -> Resumed | None:
+        """Load a checkpoint (default: the newest complete one) into optimizer/scheduler/scaler.
+
+        To load weights before ``accelerator.prepare`` and the optimizer after it (FSDP), call it
+        twice: ``load()`` first, then ``load(resumed.path, optimizer=..., with_weights=False)``.
+
+        Weights come back in :attr:`Resumed.weights` (load them into the model yourself, so the
+        caller decides on strictness and on before/after ``accelerator.prepare``); the RNG is
+        restored by :meth:`Resumed.restore_rng` at the right moment of the loop.
+
+        Returns:
+            None when there is no checkpoint.
+
+        Raises:
+            CheckpointError: the checkpoint is incomplete, truncated, from another number of
+                processes, or holds something ``torch.load(weights_only=True)`` refuses.
+        """
+        ckpt = Path(path) if path is not None else self.latest()
+        if ckpt is None:
+            return None
+        rank = _rank(self.accelerator)
+        try:
+            meta = json.loads((ckpt / META).read_text())
+            self._check_files(ckpt, meta)
+            world = _world(self.accelerator)
+            if int(meta.get("world_size", world)) != world and _sharded_optimizer(self.accelerator):
+                raise CheckpointError(
+                    f"written by {meta['world_size']} processes; resume it with the same number (now {world})"
+                )
+            weights = load_weights(ckpt / WEIGHTS) if with_weights and (ckpt / WEIGHTS).is_file() else {}
+            if optimizer is not None:
+                name = f"optimizer.rank{rank}.pt" if _sharded_optimizer(self.accelerator) else "optimizer.pt"
+                optimizer.load_state_dict(torch.load(ckpt / name, map_location="cpu", weights_only=True))
+            if scheduler is not None:
+                scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+            if scaler is not None and (ckpt / "scaler.pt").is_file():
+                scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
+            rng = None
+            rng_file = ckpt / f"rng.rank{rank}.safetensors"
+            if rng_file.is_file():
+                from safetensors import safe_open
+
+                with safe_open(str(rng_file), framework="pt") as f:
+                    rng = ({k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {}))
+            else:
+                log.warning(
+                    "%s has no RNG state for rank %d: dropout/sampling will not continue exactly", ckpt, rank
+                )
+        except CheckpointError as e:
+            raise CheckpointError(f"checkpoint {ckpt} cannot be resumed from: {e}") from e
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as e:
+            raise CheckpointError(
+                f"checkpoint {ckpt} cannot be resumed from: {type(e).__name__}: {e} "
+                "(remove it to fall back to an older one)"
+            ) from e
+        log.info("resuming from %s (step %d)", ckpt, meta["step"])
+        return Resumed(ckpt, int(meta["step"]), weights, dict(meta.get("state", {})), rng)
+
+    @staticmethod
+    def _check_files(ckpt: Path, meta: dict[str, Any]) -> None:
+        for name, size in meta.get("files", {}).items():
+            f = ckpt / name
+            if not f.is_file():
+                raise CheckpointError(f"{name} is missing")
+            if f.stat().st_size != size:
+                raise CheckpointError(f"{name} is {f.stat().st_size} bytes, {size} were written (truncated?)")

@@ -1,0 +1,16 @@
+"""Config section shared by every trainer: what to do with non-finite steps and pickle weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ReliabilityConfig:
+    # A NaN/inf loss or gradient norm: False = stop with a message naming the step;
+    # True = skip the step (no update) and go on, but stop after ``max_skipped_steps`` of them.
+    skip_nonfinite_steps: bool = False
+    max_skipped_steps: int = 100
+    # Accept pickled weights (pytorch_model.bin, .pt): loading a pickle can run code, so it is
+    # refused unless set (even then only through torch.load(weights_only=True)).
+    allow_pickle_weights: bool = False
