@@ -64,18 +64,15 @@ def test_each_bad_record_is_named_in_the_error(folder: Path, case: str) -> None:
 
 
 def test_skip_bad_skips_counts_and_reports_then_stops_past_the_limit(folder: Path) -> None:
-    from llm2clip_vlm.llava.data import BadRecords
+    from llm2clip_vlm.data.images import BadRecords
 
     good = [_rec(100 + i) for i in range(93)] + [_rec(200, image=None, q="text only?")]
     (folder / "data.json").write_text(json.dumps(good + [r for r, _ in BAD.values()]))
-    bad = BadRecords()
-    recs = load_llava_records(folder / "data.json", skip_bad=True, max_bad_fraction=0.1, bad=bad)
+    bad = BadRecords(skip_bad=True, max_bad_fraction=0.1)
+    recs = load_llava_records(folder / "data.json", bad=bad)
     assert len(recs) == 94 and sum(r.has_image for r in recs) == 93
-    report = bad.to_json()
-    assert report["count"] == len(BAD)
-    assert {r["record"].split("[#")[1].split("]")[0] for r in report["records"]} == {
-        str(i) for i in range(94, 101)
-    }
+    assert len(bad.skipped) == len(BAD)
+    assert {w.split("[#")[1].split("]")[0] for w, _ in bad.skipped} == {str(i) for i in range(94, 101)}
     with pytest.raises(DataError, match="7 of 101 records are bad"):
         load_llava_records(folder / "data.json", skip_bad=True, max_bad_fraction=0.05)
 

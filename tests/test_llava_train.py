@@ -142,12 +142,18 @@ def test_cli_bad_record_is_named_and_skip_bad_finishes(parts, tmp_path: Path) ->
         args += ["--set", s]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output
-    assert "bad_pretrain.json[#3]" in result.output and "does not exist" in result.output, result.output
+    assert (
+        "skip_bad" in result.output
+        and "bad_pretrain.json[#3]" in result.output
+        and "does not exist" in result.output
+    ), result.output
     more = ["--set", "llava.pretrain.data.skip_bad=true", "--set", "llava.pretrain.data.max_bad_fraction=0.1"]
     result = CliRunner().invoke(app, args + more)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bad" / "metrics.json").read_text())["bad_records"]
     assert report["count"] == 1 and "#3" in report["records"][0]["record"]
+    listed = json.loads((tmp_path / "bad" / "bad_records.json").read_text())["bad_pretrain.json"]
+    assert listed["records"] == 24 and "does not exist" in listed["skipped"][0]["reason"]
 
 
 class _Killed(Exception):
@@ -164,7 +170,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(parts, tmp_path: Path
 
     with pytest.raises(_Killed):
         run_llava(_cfg(parts, "pretrain", extra), tmp_path / "cut", "pretrain", on_step=kill)
-    assert json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    done = sorted((tmp_path / "cut" / "checkpoints").glob("step-*"))
+    assert [d.name for d in done] == ["step-0000002"]
     resumed = run_llava(_cfg(parts, "pretrain", extra), tmp_path / "cut", "pretrain")
     assert resumed["losses"] == full["losses"]
     a = load_file(str(tmp_path / "full" / "mm_projector.safetensors"))

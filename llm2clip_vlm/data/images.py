@@ -108,16 +108,28 @@ class BadRecords:
         skip_bad: skip bad records instead of stopping (``data.skip_bad``).
         max_bad_fraction: with ``skip_bad``, stop anyway above this share (``data.max_bad_fraction``).
         name: the data set, for messages and the report.
+        option: the config key that turns skipping on, named in the error.
     """
 
-    def __init__(self, skip_bad: bool = False, max_bad_fraction: float = 0.01, name: str = "") -> None:
-        self.skip_bad, self.max_bad_fraction, self.name = skip_bad, max_bad_fraction, name
+    def __init__(
+        self,
+        skip_bad: bool = False,
+        max_bad_fraction: float = 0.01,
+        name: str = "",
+        option: str = "data.skip_bad",
+    ) -> None:
+        self.skip_bad, self.max_bad_fraction, self.name, self.option = (
+            skip_bad,
+            max_bad_fraction,
+            name,
+            option,
+        )
         self.skipped: list[tuple[str, str]] = []
 
     def add(self, where: str, error: Exception) -> None:
         """Record a bad record; raises at once unless skipping."""
         if not self.skip_bad:
-            raise _data_error(f"{error} (set data.skip_bad=true to skip bad records)") from error
+            raise _data_error(f"{error} (set {self.option}=true to skip bad records)") from error
         self.skipped.append((where, str(error)))
 
     def check(self, total: int) -> None:

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from llm2clip_vlm.data.captions import DataError, safe_image_path
+from llm2clip_vlm.data.images import BadRecords
 from llm2clip_vlm.llava.templates import (
     IGNORE_INDEX,
     ConversationError,
@@ -52,20 +53,6 @@ class LlavaRecord:
     @property
     def has_image(self) -> bool:
         return self.image is not None
-
-
-@dataclass
-class BadRecords:
-    """Records skipped under ``skip_bad``: ``(source, reason)`` pairs, reported in ``metrics.json``."""
-
-    items: list[tuple[str, str]] = field(default_factory=list)
-
-    def add(self, source: str, reason: str) -> None:
-        self.items.append((source, reason))
-        log.warning("skipped %s: %s", source, reason)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"count": len(self.items), "records": [{"record": s, "reason": r} for s, r in self.items]}
 
 
 def _read_json_records(path: Path) -> list[tuple[str, Any]]:
@@ -122,14 +109,9 @@ def _check_record(raw: Any, where: str, image_folder: Path, verify_image: bool) 
 
 
 def _verify_image(path: Path, where: str) -> None:
-    """Open the header (cheap): catches non-images, truncated headers and decompression bombs."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.verify()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{where}: cannot read image {path}: {e}") from e
+    """Decode the image once under the package's policy: catches non-images, truncated files,
+    unsupported modes and decompression bombs before training starts."""
+    load_rgb(path, where)
 
 
 def load_llava_records(
@@ -144,6 +126,9 @@ def load_llava_records(
 ) -> list[LlavaRecord]:
     """Read and check LLaVA records (see the module docstring for the policy).
 
+    ``bad`` (default: one built from ``skip_bad`` / ``max_bad_fraction``) collects what was
+    skipped, for the run's report.
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
         DataError: a bad record (default), or too many of them under ``skip_bad``.
@@ -157,7 +142,7 @@ def load_llava_records(
     rows = _read_json_records(path)
     if max_samples:
         rows = rows[:max_samples]
-    bad = bad if bad is not None else BadRecords()
+    bad = bad if bad is not None else BadRecords(skip_bad, max_bad_fraction, name=path.name)
     records = []
     with make_progress() as progress:
         task = progress.add_task(f"checking {path.name}", total=len(rows), status="")
@@ -165,15 +150,9 @@ def load_llava_records(
             try:
                 records.append(_check_record(raw, where, folder, verify_images))
             except DataError as e:
-                if not skip_bad:
-                    raise DataError(f"{e} (set skip_bad to skip bad records)") from e
-                bad.add(where, str(e))
+                bad.add(where, e)  # raises unless skipping
             progress.advance(task)
-    if rows and len(bad.items) > max_bad_fraction * len(rows):
-        raise DataError(
-            f"{path}: {len(bad.items)} of {len(rows)} records are bad, more than max_bad_fraction "
-            f"{max_bad_fraction:.2%}; first: {bad.items[0][0]}: {bad.items[0][1]}"
-        )
+    bad.check(len(rows))
     if not records:
         raise DataError(f"{path}: no usable records")
     return records
@@ -208,11 +187,10 @@ def image_to_pixels(image: Any, image_processor: Any, aspect: str) -> torch.Tens
 
 
 def load_rgb(path: Path, where: str) -> Any:
-    """An RGB image, transparency composited on white; a clear error names the record."""
-    from llm2clip_vlm.data.captions import open_image
-    from llm2clip_vlm.data.records import ImageCaptions
+    """An RGB image under the package's image policy (:func:`llm2clip_vlm.data.images.load_rgb`)."""
+    from llm2clip_vlm.data.images import load_rgb as load
 
-    return open_image(ImageCaptions(key=where, image=str(path), source=where))
+    return load(path, where)
 
 
 # ----------------------------------------------------------------------------------------------

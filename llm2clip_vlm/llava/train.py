@@ -11,7 +11,8 @@
    ratio then cosine (or constant);
 4. loop: accelerate (DDP, FSDP or DeepSpeed through an accelerate config), mixed precision,
    gradient checkpointing, gradient accumulation up to the global batch, grad clipping,
-   checkpoints every N steps (temp folder + rename) that a killed run resumes from exactly;
+   checkpoints (:mod:`llm2clip_vlm.checkpointing`: atomic, RNG included) that a killed run
+   resumes from exactly, SIGTERM/SIGINT save before exiting, non-finite steps stop or are skipped;
 5. held-out questions answered before and after training -> ``metrics.json``; the model saved in
    transformers' LLaVA format (LoRA merged), plus the projector alone in LLaVA's format.
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -38,10 +38,11 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from llm2clip_vlm import configuration
+from llm2clip_vlm.checkpointing import Checkpointer, GracefulExit, NonFiniteGuard
 from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.data.images import BadRecords, write_report
 from llm2clip_vlm.llava.config import LlavaPhaseConfig
 from llm2clip_vlm.llava.data import (
-    BadRecords,
     Batch,
     Collator,
     LlavaDataset,
@@ -56,7 +57,7 @@ from llm2clip_vlm.progress import make_progress
 log = get_logger(__name__)
 
 Phase = Literal["pretrain", "finetune"]
-CHECKPOINT = "checkpoint"
+CHECKPOINTS = "checkpoints"
 TEMPLATE_FILE = "llava_template.json"
 PROJECTOR_FILE = "mm_projector.safetensors"
 # transformers' projector names -> LLaVA's (``model.mm_projector.{0,2}``, mlp2x_gelu).
@@ -294,47 +295,7 @@ class TrainState:
     truncated: int = 0
     dropped: int = 0
     heldout_before: dict[str, Any] = field(default_factory=dict)
-
-
-def _find_checkpoint(out: Path) -> Path | None:
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):  # .old: killed between the two renames
-        if (out / name / "trainer_state.json").is_file():
-            return out / name
-    return None
-
-
-def _save_checkpoint(
-    accelerator: Any, model: Any, optimizer: Any, scheduler: Any, state: TrainState, out: Path
-) -> None:
-    """Write ``checkpoint.tmp`` completely, then swap it in (a kill never leaves half a checkpoint)."""
-    tmp, final, old = out / (CHECKPOINT + ".tmp"), out / CHECKPOINT, out / (CHECKPOINT + ".old")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(optimizer.state_dict(), tmp / f"optimizer.rank{accelerator.process_index}.pt")
-    torch.save(torch.get_rng_state(), tmp / f"rng.rank{accelerator.process_index}.pt")
-    # Collective under FSDP (every rank calls it); the full tensors land on the main process.
-    full = accelerator.get_state_dict(model)
-    names = {n for n, t in accelerator.unwrap_model(model).named_parameters() if t.requires_grad}
-    weights = {n: t.detach().cpu().contiguous() for n, t in (full or {}).items() if n in names}
-    if accelerator.is_main_process:
-        bad = [n for n, t in weights.items() if not torch.isfinite(t).all()]
-        if bad:  # never replace a good checkpoint with NaN weights
-            raise FloatingPointError(
-                f"non-finite weights at step {state.step} ({bad[0]}); checkpoint not written"
-            )
-        save_file(weights, str(tmp / "trainable.safetensors"))
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    skipped_steps: list[int] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +387,9 @@ def run_llava(
         configuration.dump(cfg, out / "config.yaml")
     check_inputs(cfg, phase, init_path)
     data_file, image_folder, heldout_file = phase_data(cfg, phase, out)
-    bad = BadRecords()
+    bad = BadRecords(
+        p.data.skip_bad, p.data.max_bad_fraction, name=data_file.name, option=f"llava.{phase}.data.skip_bad"
+    )
     records = load_llava_records(
         data_file, image_folder, max_samples=p.data.max_samples, skip_bad=p.data.skip_bad,
         max_bad_fraction=p.data.max_bad_fraction, bad=bad,
@@ -461,19 +424,22 @@ def run_llava(
     total_steps = p.max_steps or max(1, int(p.epochs * probe.steps_per_epoch))
     warmup = int(math.ceil(p.warmup_ratio * total_steps))
 
-    ckpt = _find_checkpoint(out)
+    checkpointer = Checkpointer(out / CHECKPOINTS, accelerator, keep=2)
+    resumed = checkpointer.load()  # weights and state now; optimizer and scheduler after prepare
     state = TrainState(world_size=world)
-    if ckpt is not None:
-        state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+    if resumed is not None:
+        state = TrainState(**resumed.state)
         if state.world_size != world:
             raise ValueError(
-                f"{ckpt} was written by {state.world_size} processes; resume with the same number"
+                f"{resumed.path} was written by {state.world_size} processes; resume with the same number"
             )
-        missing = set(trainable_state(model)) - set(saved := load_file(str(ckpt / "trainable.safetensors")))
+        missing = set(trainable_state(model)) - set(resumed.weights)
         if missing:
-            raise ValueError(f"{ckpt} does not match this model: no weights for {sorted(missing)[:3]}")
-        model.load_state_dict(saved, strict=False)
-        log.info("llava %s: resuming from %s at step %d", phase, ckpt, state.step)
+            raise ValueError(
+                f"{resumed.path} does not match this model: no weights for {sorted(missing)[:3]}"
+            )
+        model.load_state_dict(resumed.weights, strict=False)
+        log.info("llava %s: resuming from %s at step %d", phase, resumed.path, state.step)
 
     groups = param_groups(model, p)
     optimizer = torch.optim.AdamW(
@@ -483,12 +449,8 @@ def run_llava(
         optimizer, lambda s: lr_factor(s, warmup, total_steps, p.lr_schedule)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    if ckpt is not None:
-        optimizer.load_state_dict(
-            torch.load(ckpt / f"optimizer.rank{rank}.pt", map_location="cpu", weights_only=True)
-        )
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        torch.set_rng_state(torch.load(ckpt / f"rng.rank{rank}.pt", weights_only=True))
+    if resumed is not None:
+        checkpointer.load(resumed.path, optimizer=optimizer, scheduler=scheduler, with_weights=False)
     raw = accelerator.unwrap_model(model)
 
     n_train = sum(t.numel() for t in raw.parameters() if t.requires_grad)
@@ -532,9 +494,16 @@ def run_llava(
     model.train()
     start_time = time.perf_counter() - state.seconds
     samples_seen, loop_start = 0, time.perf_counter()
-    with make_progress(disable=not main) as progress:
+    rel = cfg.reliability
+    guard = NonFiniteGuard(
+        f"llava {phase}", rel.skip_nonfinite_steps, rel.max_skipped_steps, list(state.skipped_steps)
+    )
+    with make_progress(disable=not main) as progress, GracefulExit() as signals:
         task = progress.add_task(f"llava {phase}", total=total_steps, completed=state.step, status="")
         for batch in loader:
+            if resumed is not None:  # after the loader started: RNG exactly as after the saved step
+                resumed.restore_rng()
+                resumed = None
             state.truncated += batch.truncated
             state.dropped += batch.dropped
             # Supervised tokens of the whole global batch: the loss's denominator (module docstring).
@@ -551,14 +520,16 @@ def run_llava(
                     loss = token_loss_sum(model, mb, accelerator.device) / denom
                 accelerator.backward(loss * world)
                 step_loss += loss.detach()
-            if p.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), p.grad_clip)
-            optimizer.step()
+            grad_norm = (
+                accelerator.clip_grad_norm_(model.parameters(), p.grad_clip) if p.grad_clip > 0 else None
+            )
+            global_loss = float(accelerator.reduce(step_loss, reduction="sum"))
+            # Non-finite loss or gradients: stop naming the step, or skip the update when asked.
+            if guard.check(global_loss, state.step + 1, grad_norm):
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            global_loss = float(accelerator.reduce(step_loss, reduction="sum"))
-            if not math.isfinite(global_loss):
-                raise FloatingPointError(f"llava {phase}: loss is {global_loss} at step {state.step + 1}")
+            state.skipped_steps = list(guard.skipped)
             state.step += 1
             state.losses.append(global_loss)
             state.seconds = time.perf_counter() - start_time
@@ -568,8 +539,16 @@ def run_llava(
             if on_step is not None and main:
                 on_step(state.step, global_loss)
             stop = state.step >= total_steps or _time_up(accelerator, p.max_seconds, state.seconds)
-            if (p.save_every_steps > 0 and state.step % p.save_every_steps == 0) or stop:
-                _save_checkpoint(accelerator, model, optimizer, scheduler, state, out)
+            interrupted = signals.should_stop(accelerator)
+            if (p.save_every_steps > 0 and state.step % p.save_every_steps == 0) or stop or interrupted:
+                full = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
+                names = {n for n, t in raw.named_parameters() if t.requires_grad}
+                weights = {n: t.detach().cpu().contiguous() for n, t in (full or {}).items() if n in names}
+                checkpointer.save(
+                    state.step, weights=weights if main else None, optimizer=optimizer,
+                    scheduler=scheduler, state=asdict(state),
+                )  # fmt: skip
+            signals.raise_if_requested(accelerator, checkpointer.latest())
             if stop:
                 break
 
@@ -600,7 +579,10 @@ def run_llava(
             "records": len(records),
             "truncated_samples": state.truncated,
             "dropped_samples": state.dropped,
-            "bad_records": bad.to_json(),
+            "bad_records": {
+                "count": len(bad.skipped),
+                "records": [{"record": w, "reason": r} for w, r in bad.skipped],
+            },
             "heldout_before": state.heldout_before,
             "heldout_after": after,
             "trainable_parameters": n_train,
@@ -615,6 +597,7 @@ def run_llava(
         # which `torch.load(weights_only=True)` loads without unpickling any code.
         torch.save(projector_state, out / "mm_projector.bin")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_report(out, data_file.name, len(records) + len(bad.skipped), bad.skipped)
     accelerator.wait_for_everyone()
     return metrics
 
