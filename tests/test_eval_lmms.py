@@ -299,6 +299,7 @@ def test_helpers_and_bad_arguments(world: dict[str, Path], tmp_path: Path) -> No
         write_local_tasks(world["data"], tmp_path / "tasks", ["gqa"])
 
 
+@pytest.mark.slow
 def test_cli_eval_on_tiny_model(world: dict[str, Path], tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

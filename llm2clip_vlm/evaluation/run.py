@@ -100,17 +100,21 @@ def resolve_tasks(options: EvalOptions, output: Path) -> tuple[list[str], Any, s
             )
         return list(options.tasks), TaskManager("WARNING"), "standard lmms-eval tasks (hub data)"
     data_dir = Path(options.data_dir)
+    # Under `accelerate launch` every process writes its own copies (same content): no process
+    # reads a file another one is still writing.
+    rank = int(os.environ.get("RANK", "0"))
+    suffix = f".rank{rank}" if rank else ""
     if options.data_dir == DEMO:
         from llm2clip_vlm.evaluation.synthetic_tasks import write_eval_data
 
-        data_dir = output / "eval-data"
+        data_dir = output / f"eval-data{suffix}"
         counts = write_eval_data(data_dir, seed=options.seed)
         log.info("demo data (synthetic world) in %s: %s", data_dir, counts)
     try:
-        names = write_local_tasks(data_dir, output / "tasks", list(options.tasks))
+        names = write_local_tasks(data_dir, output / f"tasks{suffix}", list(options.tasks))
     except (ValueError, FileNotFoundError) as e:
         raise EvalSetupError(str(e)) from e
-    manager = TaskManager("WARNING", include_path=str(output / "tasks"), include_defaults=False)
+    manager = TaskManager("WARNING", include_path=str(output / f"tasks{suffix}"), include_defaults=False)
     return [names[t] for t in options.tasks], manager, f"local copies in {data_dir}"
 
 
@@ -191,10 +195,15 @@ def run_eval(
             label, metrics = load_results_file(path)
         except (OSError, ValueError) as e:
             raise EvalSetupError(f"--compare {path}: {e}") from e
-        rows[label if label not in rows else f"{label} ({path.name})"] = metrics
+        label = label if label not in rows else f"{label} ({path.name})"
+        rows[label] = metrics
         files[label] = str(path)
     source = "results files"
+    main_process = True
     if models:
+        if options.data_dir is not None:
+            # Local copies need no hub: never wait on it (read when datasets/hub are first imported).
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
         require_lmms_eval()
         output.mkdir(parents=True, exist_ok=True)
         import datasets
@@ -205,10 +214,15 @@ def run_eval(
             log.info("evaluating %s on %s (%s)", model_dir, ", ".join(tasks), source)
             results = evaluate_model(model_dir, label, tasks, manager, options, output)
             if results is None:
-                return {}
+                # A non-main process of a multi-process run: it takes part in every model's run
+                # (lmms-eval gathers across processes), rank 0 reports.
+                main_process = False
+                continue
             rows[label] = extract_metrics(results)
             found = sorted((output / label).rglob("*_results.json"))
             files[label] = str(found[-1]) if found else ""
+    if not main_process:
+        return {}
     output.mkdir(parents=True, exist_ok=True)
     title = f"lmms-eval: {source}" + (f" (limit {options.limit})" if options.limit and models else "")
     (output / "comparison.md").write_text(markdown_table(rows, title))
