@@ -329,3 +329,15 @@ def test_cli_eval_on_tiny_model(world: dict[str, Path], tmp_path: Path) -> None:
         app, ["eval", str(world["model"]), "--data-dir", str(tmp_path / "none"), "-o", str(out)]
     )
     assert missing.exit_code == 2 and "no data for task 'mme'" in " ".join(missing.output.split())
+
+
+def test_standard_tasks_need_the_hub(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llm2clip_vlm.evaluation.run import EvalOptions, EvalSetupError, run_eval
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EvalSetupError, match="hub is not reachable.*--data-dir demo"):
+        run_eval([world["model"]], EvalOptions(), tmp_path)
+    with pytest.raises(EvalSetupError, match="not a model directory"):
+        run_eval([tmp_path], EvalOptions(data_dir=str(world["small"])), tmp_path)
