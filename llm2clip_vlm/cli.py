@@ -265,13 +265,89 @@ def llava_finetune(
 
 @app.command("eval")
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="A LLaVA model directory.")],
+    models: Annotated[
+        list[Path] | None, typer.Argument(help="LLaVA model directories (transformers format).")
+    ] = None,
     tasks: Annotated[
-        str, typer.Option(help="Comma-separated lmms-eval tasks.")
+        str, typer.Option(help="Comma-separated tasks: mme, scienceqa_img, vizwiz_vqa_val.")
     ] = "mme,scienceqa_img,vizwiz_vqa_val",
+    data_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--data-dir",
+            help="Local parquet copies of the tasks (docs/DATA.md), or 'demo' for synthetic ones. "
+            "Default: the standard tasks with their hub data.",
+        ),
+    ] = None,
+    output: OutputOpt = Path("runs/eval"),
+    limit: Annotated[
+        int | None, typer.Option(help="Evaluate only the first N documents of each task.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Requests per generate call.")] = 1,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if present).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
+    model_args: Annotated[
+        str, typer.Option(help="Extra model_args for llm2clip_llava (key=value,...).")
+    ] = "",
+    compare: Annotated[
+        list[Path] | None,
+        typer.Option(help="lmms-eval results JSON of earlier runs to compare (repeatable)."),
+    ] = None,
 ) -> None:
-    """Evaluate a VLM with lmms-eval (MME, ScienceQA-IMG, VizWiz)."""
-    _not_built("eval", "issue 6")
+    """Evaluate LLaVA models with lmms-eval (MME, ScienceQA-IMG, VizWiz) and compare them with the paper."""
+    from llm2clip_vlm.evaluation.report import rich_table
+    from llm2clip_vlm.evaluation.run import EvalOptions, EvalSetupError, run_eval
+
+    if not models and not compare:
+        console.print("[red]eval:[/red] give at least one MODEL directory or a --compare results file")
+        raise typer.Exit(2)
+    options = EvalOptions(
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        data_dir=data_dir,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        model_args=model_args,
+    )
+    try:
+        report = run_eval(list(models or []), options, output, compare=list(compare or []))
+    except EvalSetupError as e:
+        console.print(f"[red]eval:[/red] {e}")
+        raise typer.Exit(2) from e
+    if not report:  # non-main processes
+        return
+    Console().print(rich_table(report["rows"], report["title"]))
+    for label, path in report["files"].items():
+        console.print(f"{label}: {path}")
+    console.print(f"table: {output / 'comparison.md'}  summary: {output / 'summary.json'}")
+
+
+@app.command("eval-data")
+def eval_data(
+    out: Annotated[
+        Path, typer.Argument(help="Folder for mme.parquet, scienceqa_img.parquet, vizwiz_vqa_val.parquet.")
+    ],
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
+    mme_images: Annotated[int, typer.Option(help="MME images per category (two questions each).")] = 4,
+    scienceqa: Annotated[int, typer.Option(help="ScienceQA-IMG questions.")] = 24,
+    vizwiz: Annotated[int, typer.Option(help="VizWiz questions.")] = 24,
+    tiny_model: Annotated[
+        Path | None, typer.Option(help="Also write a tiny random LLaVA model here (to try `eval`).")
+    ] = None,
+) -> None:
+    """Write small synthetic local copies of MME, ScienceQA-IMG and VizWiz (the hub data sets' columns)."""
+    from llm2clip_vlm.evaluation.synthetic_tasks import write_eval_data
+
+    counts = write_eval_data(
+        out, seed=seed, mme_images_per_category=mme_images, scienceqa=scienceqa, vizwiz=vizwiz
+    )
+    console.print(f"eval data in {out}: " + ", ".join(f"{t} {n} rows" for t, n in counts.items()))
+    if tiny_model is not None:
+        from llm2clip_vlm.evaluation.tiny import save_tiny_llava
+
+        save_tiny_llava(tiny_model, seed=seed)
+        console.print(f"tiny random LLaVA model in {tiny_model}")
 
 
 @app.command("bench")

@@ -1,0 +1,418 @@
+"""lmms-eval model ``llm2clip_llava``: the package's LLaVA-1.5 models (transformers format) in lmms-eval.
+
+lmms-eval finds it through the ``lmms_eval.models`` entry point (see ``manifest.py``), so
+``lmms-eval --model llm2clip_llava --model_args pretrained=DIR`` and
+``lmms_eval.evaluator.simple_evaluate(model="llm2clip_llava", ...)`` work with no glue code.
+
+What it does the way LLaVA-1.5's own evaluation does:
+- the prompt is the conversation template the model was trained with (``llava_template.json``,
+  default vicuna_v1), with one ``<image>`` placeholder per image in front of the question;
+- images are padded to a square with the image processor's mean colour before preprocessing
+  (``image_aspect_ratio=pad``; a task may ask for ``original`` through its generation kwargs);
+- decoding is greedy unless the task asks for sampling; ``until`` strings end an answer.
+
+Requests are batched (grouped by generation settings, sorted by prompt length) and the answers
+returned in request order. The weights load lazily, so lmms-eval's ``clean()`` (which deletes
+every ``nn.Module`` attribute after a run) leaves a usable object: the next call reloads them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from PIL import Image
+
+from llm2clip_vlm.evaluation.prompt import (
+    ChatTemplate,
+    answer_separator,
+    format_conversation,
+    load_template,
+    with_image_tokens,
+)
+from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.progress import make_progress
+
+log = get_logger(__name__)
+
+MODEL_ID = "llm2clip_llava"
+ASPECT_RATIOS = ("pad", "original")
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+@dataclass
+class PreparedRequest:
+    """One request turned into what the model sees: the prompt text and the images."""
+
+    prompt: str
+    images: list[Image.Image]
+    task: str
+    doc_id: int
+    split: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """A task's generation kwargs resolved against the model's defaults."""
+
+    until: tuple[str, ...]
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float | None
+    num_beams: int
+    image_aspect_ratio: str
+
+
+def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """LLaVA-1.5's ``image_aspect_ratio=pad``: centre the image on a square of ``background``."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    out = Image.new(image.mode, (side, side), background)
+    out.paste(image, ((side - width) // 2, (side - height) // 2))
+    return out
+
+
+def truncate_at_stop(text: str, until: tuple[str, ...] | list[str]) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    cut = len(text)
+    for stop in until:
+        if stop:
+            i = text.find(stop)
+            if i != -1:
+                cut = min(cut, i)
+    return text[:cut]
+
+
+def batch_order(keys: list[str], lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of request indices: same generation settings per batch, longest prompts first.
+
+    Grouping keeps one set of generation kwargs per ``generate`` call; sorting by length keeps
+    padding small and makes an out-of-memory error happen on the first batch, not the last.
+
+    Args:
+        keys: per request, a key of its generation settings.
+        lengths: per request, its prompt length.
+        batch_size: the largest batch.
+
+    Returns:
+        Lists of indices into the requests; every index appears exactly once.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    batches: list[list[int]] = []
+    for members in groups.values():
+        members = sorted(members, key=lambda i: -lengths[i])  # stable: ties keep request order
+        batches.extend(members[s : s + batch_size] for s in range(0, len(members), batch_size))
+    return batches
+
+
+class LLM2CLIPLlava(lmms):
+    """A transformers ``LlavaForConditionalGeneration`` directory as an lmms-eval model.
+
+    Args:
+        pretrained: the model directory (``config.json``, weights, processor files, optionally
+            ``llava_template.json``).
+        device: ``cpu``, ``cuda``, ``cuda:1``, ... (default: cuda when available). Under
+            ``accelerate launch`` each process takes its own GPU.
+        dtype: ``auto`` (as saved), ``float32``, ``bfloat16`` or ``float16``.
+        batch_size: requests per ``generate`` call.
+        max_new_tokens: used when a task does not set it (LLaVA-1.5's evaluation scripts: 128).
+        image_aspect_ratio: ``pad`` (LLaVA-1.5) or ``original``.
+        template: override the conversation template (``vicuna_v1``, ``plain``, ``chat_template``).
+        attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``eager``, ...).
+        max_batch_size: accepted for lmms-eval's CLI; unused.
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        device: str | None = None,
+        dtype: str = "auto",
+        batch_size: int | str = 1,
+        max_new_tokens: int = 128,
+        image_aspect_ratio: str = "pad",
+        template: str | None = None,
+        attn_implementation: str | None = None,
+        max_batch_size: int | None = None,
+        **unexpected: Any,
+    ) -> None:
+        super().__init__()
+        if unexpected:
+            raise TypeError(
+                f"{MODEL_ID}: unknown model_args {sorted(unexpected)}; known: pretrained, device, dtype, "
+                "batch_size, max_new_tokens, image_aspect_ratio, template, attn_implementation"
+            )
+        path = Path(str(pretrained)).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{MODEL_ID}: {path} is not a model directory (no config.json)")
+        if str(dtype) not in DTYPES:
+            raise ValueError(f"{MODEL_ID}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if image_aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(
+                f"{MODEL_ID}: image_aspect_ratio must be pad or original, got {image_aspect_ratio!r}"
+            )
+        self.pretrained = path
+        self.template: ChatTemplate = load_template(path, template)
+        self.dtype = DTYPES[str(dtype)]
+        self.batch_size_per_gpu = int(batch_size) if str(batch_size) != "auto" else 1
+        self.max_new_tokens = int(max_new_tokens)
+        self.image_aspect_ratio = image_aspect_ratio
+        self.attn_implementation = attn_implementation
+
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+        if accelerator.num_processes > 1:
+            # Data parallel: every process holds a whole model; lmms-eval shards the requests by rank.
+            self._device = accelerator.device
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
+        else:
+            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.accelerator = accelerator
+        self._processor: Any = None
+
+    # ------------------------------------------------------------------------------------------
+    # Lazy weights (survive lmms-eval's clean())
+    # ------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        """The LLaVA model, loaded on first use (and again after ``clean()`` deleted it)."""
+        model = self.__dict__.get("_model")
+        if model is None:
+            from transformers import LlavaForConditionalGeneration
+
+            kwargs: dict[str, Any] = {"dtype": self.dtype}
+            if self.attn_implementation:
+                kwargs["attn_implementation"] = self.attn_implementation
+            model = LlavaForConditionalGeneration.from_pretrained(self.pretrained, **kwargs)
+            model.to(self._device).eval()
+            self._model = model
+            log.info("%s: loaded %s on %s (%s)", MODEL_ID, self.pretrained, self._device, model.dtype)
+        return model
+
+    @property
+    def processor(self) -> Any:
+        """The model's ``LlavaProcessor`` (tokenizer padding on the left, for batched generation)."""
+        if self._processor is None:
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(self.pretrained)
+            processor.tokenizer.padding_side = "left"
+            if processor.tokenizer.pad_token is None:
+                processor.tokenizer.pad_token = processor.tokenizer.eos_token
+            self._processor = processor
+        return self._processor
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    # ------------------------------------------------------------------------------------------
+    # Requests -> prompts
+    # ------------------------------------------------------------------------------------------
+    def _doc(self, task: str, split: str, doc_id: int) -> dict[str, Any]:
+        return self.task_dict[task][split][doc_id]
+
+    @staticmethod
+    def _images(visuals: Any) -> list[Image.Image]:
+        if visuals is None:
+            return []
+        images = list(visuals) if isinstance(visuals, list | tuple) else [visuals]
+        for v in images:
+            if not isinstance(v, Image.Image):
+                raise TypeError(f"{MODEL_ID} takes images only; got a {type(v).__name__} visual")
+        return [im.convert("RGB") for im in images]
+
+    def _prompt(self, question: str, images: list[Image.Image]) -> str:
+        user = with_image_tokens(question, len(images))
+        return format_conversation(self.template, [(user, None)], tokenizer=self._template_tokenizer())
+
+    def _template_tokenizer(self) -> Any:
+        # Only the chat_template template needs the tokenizer; the others stay model-free.
+        return self.tokenizer if self.template.name == "chat_template" else None
+
+    def settings(self, gen_kwargs: dict[str, Any]) -> GenerationSettings:
+        """A task's generation kwargs resolved against the model's defaults (greedy by default)."""
+        gen = dict(gen_kwargs or {})
+        until = gen.pop("until", None) or []
+        if isinstance(until, str):
+            until = [until]
+        temperature = float(gen.pop("temperature", 0) or 0)
+        do_sample = bool(gen.pop("do_sample", False)) and temperature > 0
+        top_p = gen.pop("top_p", None)
+        aspect = gen.pop("image_aspect_ratio", self.image_aspect_ratio)
+        if aspect not in ASPECT_RATIOS:
+            aspect = self.image_aspect_ratio
+        return GenerationSettings(
+            until=tuple(until),
+            max_new_tokens=int(gen.pop("max_new_tokens", self.max_new_tokens)),
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=float(top_p) if top_p is not None and do_sample else None,
+            num_beams=int(gen.pop("num_beams", 1) or 1),
+            image_aspect_ratio=aspect,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # The model calls (a test double overrides these two)
+    # ------------------------------------------------------------------------------------------
+    def _encode(self, texts: list[str], images: list[Image.Image], aspect: str) -> dict[str, torch.Tensor]:
+        processor = self.processor
+        if images and aspect == "pad":
+            mean = processor.image_processor.image_mean
+            background = tuple(int(round(255 * m)) for m in mean)
+            images = [expand2square(im, background) for im in images]
+        inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        out = {k: v.to(self._device) for k, v in inputs.items()}
+        if "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
+        return out
+
+    def _generate_batch(self, batch: list[PreparedRequest], settings: GenerationSettings) -> list[str]:
+        """Answers for one batch of prompts (same generation settings), in batch order."""
+        images = [im for req in batch for im in req.images]
+        inputs = self._encode([req.prompt for req in batch], images, settings.image_aspect_ratio)
+        tokenizer = self.tokenizer
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": settings.max_new_tokens,
+            "do_sample": settings.do_sample,
+            "num_beams": settings.num_beams,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+        if settings.do_sample:
+            kwargs["temperature"] = settings.temperature
+            if settings.top_p is not None:
+                kwargs["top_p"] = settings.top_p
+        if settings.until:
+            kwargs["stop_strings"] = list(settings.until)
+            kwargs["tokenizer"] = tokenizer
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **kwargs)
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [truncate_at_stop(t, settings.until).strip() for t in texts]
+
+    # ------------------------------------------------------------------------------------------
+    # lmms API
+    # ------------------------------------------------------------------------------------------
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Greedy (or task-configured) answers, one per request, in request order."""
+        prepared: list[PreparedRequest] = []
+        settings: list[GenerationSettings] = []
+        for ctx, gen_kwargs, doc_to_visual, doc_id, task, split in (r.args for r in requests):
+            images = self._images(doc_to_visual(self._doc(task, split, doc_id)))
+            prepared.append(PreparedRequest(self._prompt(ctx, images), images, task, doc_id, split))
+            settings.append(self.settings(gen_kwargs))
+        keys = [json.dumps(s.__dict__, sort_keys=True) for s in settings]
+        batches = batch_order(keys, [len(p.prompt) for p in prepared], self.batch_size)
+        results: list[str | None] = [None] * len(requests)
+        with make_progress(disable=self.rank != 0) as progress:
+            bar = progress.add_task(f"{MODEL_ID} generate", total=len(requests), status="")
+            for indices in batches:
+                answers = self._generate_batch([prepared[i] for i in indices], settings[indices[0]])
+                if len(answers) != len(indices):
+                    raise RuntimeError(f"{len(indices)} prompts gave {len(answers)} answers")
+                for i, answer in zip(indices, answers, strict=True):
+                    results[i] = answer
+                    self.cache_hook.add_partial("generate_until", (prepared[i].prompt, keys[i]), answer)
+                progress.update(bar, advance=len(indices))
+        return results  # type: ignore[return-value]
+
+    def _score(self, prompt: str, full: str, images: list[Image.Image]) -> tuple[float, bool]:
+        inputs = self._encode([prompt, full], images + images, self.image_aspect_ratio)
+        # Both rows are left-padded; the continuation is the tail of the full row beyond the prompt.
+        mask = inputs["attention_mask"]
+        n_prompt, n_full = int(mask[0].sum()), int(mask[1].sum())
+        n_cont = n_full - n_prompt
+        if n_cont <= 0:
+            raise ValueError(f"empty continuation after the prompt {prompt[-40:]!r}")
+        row = {k: v[1:] for k, v in inputs.items() if k != "pixel_values"}
+        if "pixel_values" in inputs:
+            row["pixel_values"] = inputs["pixel_values"][len(images) :]
+        with torch.inference_mode():
+            logits = self.model(**row).logits[0].float()
+        ids = row["input_ids"][0]
+        # Token t is predicted by the logits at t-1.
+        logprobs = torch.log_softmax(logits[-n_cont - 1 : -1], dim=-1)
+        target = ids[-n_cont:]
+        score = float(logprobs.gather(1, target[:, None]).sum())
+        greedy = bool((logprobs.argmax(-1) == target).all())
+        return score, greedy
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """log P(continuation | prompt, images) summed over the continuation's tokens, and greedy-ness."""
+        results: list[tuple[float, bool]] = []
+        with make_progress(disable=self.rank != 0) as progress:
+            bar = progress.add_task(f"{MODEL_ID} loglikelihood", total=len(requests), status="")
+            for ctx, target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
+                doc = self._doc(task, split, doc_id)
+                continuation = target if isinstance(target, str) else target(doc)
+                images = self._images(doc_to_visual(doc))
+                prompt = self._prompt(ctx, images)
+                full = prompt + answer_separator(self.template) + str(continuation).lstrip()
+                results.append(self._score(prompt, full, images))
+                progress.update(bar, advance=1)
+        return results
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
+        """Multi-round tasks: round 0 asks the task's question; each later round's question and
+        images come from the task's ``doc_to_text(doc, previous_output=..., round_idx=...)`` until
+        it signals the end. Rounds are separate prompts (the task carries the history it wants),
+        as in lmms-eval's reference implementation; the answer is the list of round answers.
+        """
+        results: list[list[str]] = []
+        for ctx, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split in (r.args for r in requests):
+            doc = self._doc(task, split, doc_id)
+            settings = self.settings(gen_kwargs)
+            images = self._images(doc_to_visual(doc))
+            question, answers, info, round_idx = ctx, [], None, 0
+            while True:
+                if round_idx > 0:
+                    visuals, question, terminal, _, info = doc_to_text(
+                        doc, previous_output=list(answers), round_idx=round_idx, previous_round_info=info
+                    )
+                    if terminal:
+                        break
+                    if visuals is not None:
+                        images = self._images(visuals)
+                prepared = PreparedRequest(self._prompt(question, images), images, task, doc_id, split)
+                answers.append(self._generate_batch([prepared], settings)[0])
+                round_idx += 1
+            results.append(answers)
+        return results
+
+
+__all__ = [
+    "LLM2CLIPLlava",
+    "MODEL_ID",
+    "GenerationSettings",
+    "PreparedRequest",
+    "batch_order",
+    "expand2square",
+    "truncate_at_stop",
+]

@@ -1,0 +1,139 @@
+"""The conversation template a LLaVA model was trained with, and prompt formatting for evaluation.
+
+A trained model directory holds ``llava_template.json`` =
+``{"template": "vicuna_v1" | "plain" | "chat_template", "system": "..."}``; without it the model
+is taken to be LLaVA-1.5-style (``vicuna_v1`` with LLaVA-1.5's system prompt). The formatting
+follows LLaVA's ``Conversation.get_prompt`` for ``SeparatorStyle.TWO`` (vicuna_v1) and
+``SeparatorStyle.PLAIN``, so a question is asked exactly the way the model saw it in training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TEMPLATE_FILE = "llava_template.json"
+TEMPLATES = ("vicuna_v1", "plain", "chat_template")
+IMAGE_TOKEN = "<image>"
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """Which template a model was trained with and its system prompt."""
+
+    name: str = "vicuna_v1"
+    system: str = VICUNA_SYSTEM
+
+    def __post_init__(self) -> None:
+        if self.name not in TEMPLATES:
+            raise ValueError(f"unknown conversation template {self.name!r}; known: {', '.join(TEMPLATES)}")
+
+
+def load_template(model_dir: str | Path, override: str | None = None) -> ChatTemplate:
+    """The template of a model directory (``llava_template.json``; default vicuna_v1).
+
+    Args:
+        model_dir: a LLaVA model directory.
+        override: a template name that wins over the file (keeps the file's system prompt, or the
+            default one for vicuna_v1 and none for the others).
+
+    Raises:
+        ValueError: the file is not valid JSON or names an unknown template.
+    """
+    path = Path(model_dir) / TEMPLATE_FILE
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(data, dict) or "template" not in data:
+            raise ValueError(f'{path}: expected {{"template": ..., "system": ...}}, got {data!r}')
+    name = override or data.get("template", "vicuna_v1")
+    default_system = VICUNA_SYSTEM if name == "vicuna_v1" else ""
+    return ChatTemplate(name=name, system=data.get("system", default_system))
+
+
+def with_image_tokens(text: str, n_images: int) -> str:
+    """``<image>`` placeholders in front of the question, as LLaVA-1.5's evaluation puts them.
+
+    Benchmarks' questions carry no placeholder; one per image goes first, then a newline. A text
+    that already holds placeholders is left alone.
+    """
+    if n_images == 0 or IMAGE_TOKEN in text:
+        return text
+    return " ".join([IMAGE_TOKEN] * n_images) + "\n" + text
+
+
+def format_conversation(
+    template: ChatTemplate, turns: list[tuple[str, str | None]], tokenizer: Any = None
+) -> str:
+    """The prompt text for a conversation of (user, assistant) turns.
+
+    The last assistant message may be ``None``: the prompt then ends where the model answers
+    (``... ASSISTANT:`` for vicuna_v1). A given assistant message is closed with the end of turn
+    (``</s>`` for vicuna_v1, a newline for plain).
+
+    Args:
+        template: the model's template.
+        turns: ``[(user_text, assistant_text_or_None), ...]``.
+        tokenizer: needed for ``chat_template`` (its ``apply_chat_template``).
+
+    Raises:
+        ValueError: an open (``None``) assistant turn that is not the last, or ``chat_template``
+            without a tokenizer that has a chat template.
+    """
+    for i, (_, answer) in enumerate(turns[:-1]):
+        if answer is None:
+            raise ValueError(f"turn {i}: only the last assistant message may be open")
+    if template.name == "vicuna_v1":
+        # LLaVA's SeparatorStyle.TWO: sep " " after user turns, sep2 "</s>" after assistant turns.
+        out = template.system + " "
+        for user, answer in turns:
+            out += f"USER: {user} ASSISTANT:"
+            if answer is not None:
+                out += f" {answer}</s>"
+        return out
+    if template.name == "plain":
+        # SeparatorStyle.PLAIN: messages separated by "\n", no roles, no system prompt by default.
+        out = template.system
+        for user, answer in turns:
+            out += f"{user}\n"
+            if answer is not None:
+                out += f"{answer}\n"
+        return out
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("template 'chat_template' needs a tokenizer with a chat template")
+    messages: list[dict[str, str]] = []
+    if template.system:
+        messages.append({"role": "system", "content": template.system})
+    for user, answer in turns:
+        messages.append({"role": "user", "content": user})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+    open_turn = turns[-1][1] is None
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn)
+
+
+def answer_separator(template: ChatTemplate) -> str:
+    """What joins a prompt ending where the model answers and the answer's text."""
+    return " " if template.name == "vicuna_v1" else ""
+
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "TEMPLATES",
+    "TEMPLATE_FILE",
+    "VICUNA_SYSTEM",
+    "ChatTemplate",
+    "answer_separator",
+    "format_conversation",
+    "load_template",
+    "with_image_tokens",
+]
