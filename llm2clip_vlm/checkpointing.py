@@ -346,10 +346,11 @@ def _any_rank(accelerator: Any, flag: bool) -> bool:
 
 
 def _sharded_optimizer(accelerator: Any) -> bool:
-    """Under FSDP each rank holds its own shard of the optimizer state; under DDP all are equal."""
+    """Under FSDP and DeepSpeed (ZeRO) each rank holds its own shard of the optimizer state; under
+    DDP all are equal."""
     if accelerator is None:
         return False
-    return str(getattr(accelerator, "distributed_type", "")).endswith("FSDP")
+    return str(getattr(accelerator, "distributed_type", "")).endswith(("FSDP", "DEEPSPEED"))
 
 
 @dataclass

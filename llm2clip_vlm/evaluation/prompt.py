@@ -14,13 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TEMPLATE_FILE = "llava_template.json"
-TEMPLATES = ("vicuna_v1", "plain", "chat_template")
-IMAGE_TOKEN = "<image>"
-VICUNA_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
+# One source of truth for what training writes and evaluation reads.
+from llm2clip_vlm.llava.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN  # noqa: E402
+from llm2clip_vlm.llava.templates import TEMPLATE_FILE, TEMPLATES, VICUNA_SYSTEM  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -94,11 +90,13 @@ def format_conversation(
             raise ValueError(f"turn {i}: only the last assistant message may be open")
     if template.name == "vicuna_v1":
         # LLaVA's SeparatorStyle.TWO: sep " " after user turns, sep2 "</s>" after assistant turns.
+        # Answers end with the tokenizer's eos, as in training (``</s>`` for Vicuna/Llama).
+        eos = getattr(tokenizer, "eos_token", None) or "</s>"
         out = template.system + " "
         for user, answer in turns:
             out += f"USER: {user} ASSISTANT:"
             if answer is not None:
-                out += f" {answer}</s>"
+                out += f" {answer}{eos}"
         return out
     if template.name == "plain":
         # SeparatorStyle.PLAIN: messages separated by "\n", no roles, no system prompt by default.

@@ -349,7 +349,7 @@ class ModalityBatchSampler(Sampler[list[int]]):
     Epoch ``e`` shuffles the image records and the text-only records with ``seed + e``, cuts each
     into global batches (with ``group_by_modality``; else one shuffled pool), puts the leftovers
     of both in one mixed batch (dropped if smaller than the number of processes), and shuffles the
-    order of the batches. The same ``(seed, epoch)`` gives the same batches for any process count,
+    order of the batches (``full_batches_only`` drops the leftovers). The same ``(seed, epoch)`` gives the same batches for any process count,
     so a resumed run continues the exact sequence.
     """
 
@@ -363,6 +363,7 @@ class ModalityBatchSampler(Sampler[list[int]]):
         start_step: int,
         total_steps: int,
         group_by_modality: bool = True,
+        full_batches_only: bool = False,
     ) -> None:
         if global_batch % world:
             raise ValueError(f"batch_size {global_batch} is not divisible by the {world} processes")
@@ -370,6 +371,8 @@ class ModalityBatchSampler(Sampler[list[int]]):
         self.batch, self.rank, self.world = global_batch, rank, world
         self.seed, self.start, self.total = seed, start_step, total_steps
         self.group = group_by_modality
+        # DeepSpeed fixes the number of micro batches per step: no smaller leftover batch then.
+        self.full_only = full_batches_only
         self.steps_per_epoch = len(self.epoch_batches(0))
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.is_image)} records make no batch of {global_batch}")
@@ -388,7 +391,7 @@ class ModalityBatchSampler(Sampler[list[int]]):
             batches += [pool[k : k + self.batch] for k in range(0, full, self.batch)]
             rest += pool[full:]
         usable = len(rest) // self.world * self.world
-        if usable and len(rest) < self.batch:
+        if usable and len(rest) < self.batch and not self.full_only:
             batches.append(rest[:usable])
         order = torch.randperm(len(batches), generator=g).tolist()
         return [batches[o] for o in order]

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 IGNORE_INDEX = -100
+# Written into every trained model directory: which template (and system prompt) it learnt.
+TEMPLATE_FILE = "llava_template.json"
 IMAGE_PLACEHOLDER = "<image>"
 TEMPLATES = ("plain", "vicuna_v1", "chat_template")
 TemplateName = Literal["plain", "vicuna_v1", "chat_template"]

@@ -50,7 +50,7 @@ from llm2clip_vlm.llava.data import (
     ModalityBatchSampler,
     load_llava_records,
 )
-from llm2clip_vlm.llava.templates import IGNORE_INDEX, VICUNA_SYSTEM, VICUNA_V1_JINJA
+from llm2clip_vlm.llava.templates import IGNORE_INDEX, TEMPLATE_FILE, VICUNA_SYSTEM, VICUNA_V1_JINJA
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
 
@@ -58,7 +58,6 @@ log = get_logger(__name__)
 
 Phase = Literal["pretrain", "finetune"]
 CHECKPOINTS = "checkpoints"
-TEMPLATE_FILE = "llava_template.json"
 PROJECTOR_FILE = "mm_projector.safetensors"
 # transformers' projector names -> LLaVA's (``model.mm_projector.{0,2}``, mlp2x_gelu).
 LLAVA_PROJECTOR_KEYS = {
@@ -414,13 +413,16 @@ def run_llava(
         raise ValueError(
             f"llava.{phase}.batch_size {p.batch_size} must be divisible by the {world} processes"
         )
+    deepspeed = _setup_deepspeed(accelerator, p, phase, world)
 
     dataset = LlavaDataset(
         records, tokenizer, processor.image_processor, p.template, image_token_id, image_seq_length,
         p.max_length, p.image_aspect_ratio, system, skip_bad=p.data.skip_bad,
     )  # fmt: skip
     is_image = [r.has_image for r in records]
-    probe = ModalityBatchSampler(is_image, p.batch_size, 0, world, p.seed, 0, 1, p.group_by_modality)
+    probe = ModalityBatchSampler(
+        is_image, p.batch_size, 0, world, p.seed, 0, 1, p.group_by_modality, full_batches_only=deepspeed
+    )
     total_steps = p.max_steps or max(1, int(p.epochs * probe.steps_per_epoch))
     warmup = int(math.ceil(p.warmup_ratio * total_steps))
 
@@ -485,8 +487,9 @@ def run_llava(
         )
 
     sampler = ModalityBatchSampler(
-        is_image, p.batch_size, rank, world, p.seed, state.step, total_steps, p.group_by_modality
-    )
+        is_image, p.batch_size, rank, world, p.seed, state.step, total_steps, p.group_by_modality,
+        full_batches_only=deepspeed,
+    )  # fmt: skip
     loader = DataLoader(
         dataset, batch_sampler=sampler, num_workers=p.num_workers, collate_fn=Collator(tokenizer.pad_token_id),
         pin_memory=torch.cuda.is_available(),
@@ -515,13 +518,27 @@ def run_llava(
             micro = batch.split(p.micro_batch_size) if len(batch) else []
             for k, mb in enumerate(micro):
                 sync = k == len(micro) - 1
-                ctx = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
+                if deepspeed:
+                    # DeepSpeed accumulates itself and steps at the boundary we mark; it divides
+                    # the loss by its accumulation count, which the scale below undoes.
+                    accelerator.gradient_state._set_sync_gradients(sync)
+                    scale = (
+                        world
+                        * accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]
+                    )
+                    ctx = _nullcontext()
+                else:
+                    scale = world  # DDP averages gradients over processes
+                    ctx = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
                 with ctx, accelerator.autocast():
                     loss = token_loss_sum(model, mb, accelerator.device) / denom
-                accelerator.backward(loss * world)
+                accelerator.backward(loss * scale)
                 step_loss += loss.detach()
+            # Under DeepSpeed, clipping and the update happened in backward (gradient_clipping).
             grad_norm = (
-                accelerator.clip_grad_norm_(model.parameters(), p.grad_clip) if p.grad_clip > 0 else None
+                accelerator.clip_grad_norm_(model.parameters(), p.grad_clip)
+                if p.grad_clip > 0 and not deepspeed
+                else None
             )
             global_loss = float(accelerator.reduce(step_loss, reduction="sum"))
             # Non-finite loss or gradients: stop naming the step, or skip the update when asked.
@@ -600,6 +617,32 @@ def run_llava(
         write_report(out, data_file.name, len(records) + len(bad.skipped), bad.skipped)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _setup_deepspeed(accelerator: Any, p: LlavaPhaseConfig, phase: str, world: int) -> bool:
+    """Fill the DeepSpeed config from the phase (micro batch, accumulation, clipping); False if
+    DeepSpeed is not in use.
+
+    DeepSpeed needs a fixed number of micro batches per step, so ``batch_size`` must split into
+    ``micro_batch_size`` x processes x an integer; a non-finite step cannot be skipped there (the
+    update happens inside ``backward``), only stopped.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    local = p.batch_size // world
+    if local % p.micro_batch_size:
+        raise ValueError(
+            f"llava.{phase}: under DeepSpeed batch_size/processes ({local}) must be a multiple of "
+            f"micro_batch_size ({p.micro_batch_size})"
+        )
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = p.micro_batch_size
+    ds["gradient_accumulation_steps"] = local // p.micro_batch_size
+    ds["train_batch_size"] = p.batch_size
+    ds["gradient_clipping"] = p.grad_clip if p.grad_clip > 0 else 0.0
+    return True
 
 
 class _nullcontext:
