@@ -29,7 +29,9 @@ def test_reference_llava_recipes(name: str) -> None:
         "vicuna_v1", "full", 128, 2e-5, 1.0, 2048,
     )  # fmt: skip
     assert ft.image_aspect_ratio == "pad" and ft.group_by_modality
-    assert pre.precision == ft.precision == "bf16" and pre.gradient_checkpointing and ft.gradient_checkpointing
+    assert (
+        pre.precision == ft.precision == "bf16" and pre.gradient_checkpointing and ft.gradient_checkpointing
+    )
     assert pre.batch_size % (8 * pre.micro_batch_size) == 0 and ft.batch_size % (8 * ft.micro_batch_size) == 0
 
 
@@ -39,12 +41,23 @@ def test_lora_recipe_and_defaults_are_llavas() -> None:
     assert (ft.tune, ft.lora_r, ft.lora_alpha, ft.lr, ft.projector_lr) == ("lora", 128, 256, 2e-4, 2e-5)
     # Defaults alone are the reference too (recipes set only what differs).
     d = RunConfig().llava
-    assert (d.pretrain.template, d.pretrain.lr, d.finetune.template, d.finetune.lr) == ("plain", 1e-3, "vicuna_v1", 2e-5)
+    assert (d.pretrain.template, d.pretrain.lr, d.finetune.template, d.finetune.lr) == (
+        "plain",
+        1e-3,
+        "vicuna_v1",
+        2e-5,
+    )
 
 
 def test_llava_accelerate_configs() -> None:
-    found = {p.name: ClusterConfig.from_yaml_file(str(p)) for p in (RECIPES / "accelerate").glob("llava-*.yaml")}
-    assert set(found) == {"llava-deepspeed-zero3-8gpu.yaml", "llava-deepspeed-zero3-2x8.yaml", "llava-fsdp-8gpu.yaml"}
+    found = {
+        p.name: ClusterConfig.from_yaml_file(str(p)) for p in (RECIPES / "accelerate").glob("llava-*.yaml")
+    }
+    assert set(found) == {
+        "llava-deepspeed-zero3-8gpu.yaml",
+        "llava-deepspeed-zero3-2x8.yaml",
+        "llava-fsdp-8gpu.yaml",
+    }
     ds = found["llava-deepspeed-zero3-8gpu.yaml"]
     assert ds.distributed_type == DistributedType.DEEPSPEED and ds.deepspeed_config["zero_stage"] == 3
     assert found["llava-deepspeed-zero3-2x8.yaml"].num_machines == 2

@@ -225,3 +225,25 @@ def test_qlora_finetune_merges_into_a_full_precision_llava(parts, pretrained: Pa
     before = LlavaForConditionalGeneration.from_pretrained(pretrained / "model")
     q = model.model.language_model.layers[0].self_attn.q_proj.weight
     assert not torch.equal(q, before.model.language_model.layers[0].self_attn.q_proj.weight)
+
+
+def test_token_loss_equals_transformers_loss_with_logits_kept_only_where_needed(
+    parts, pretrained: Path
+) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llm2clip_vlm.llava.data import Collator, LlavaDataset, load_llava_records
+    from llm2clip_vlm.llava.train import token_loss_sum
+
+    model = LlavaForConditionalGeneration.from_pretrained(pretrained / "model").eval()
+    proc = AutoProcessor.from_pretrained(pretrained / "model")
+    recs = load_llava_records(parts["data"] / "llava_instruct.json")[:6]
+    cfg = model.config
+    ds = LlavaDataset(recs, proc.tokenizer, proc.image_processor, "vicuna_v1", cfg.image_token_index,
+                      cfg.image_seq_length, 512)  # fmt: skip
+    batch = Collator(proc.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        ours = token_loss_sum(model, batch, torch.device("cpu"))
+        ref = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    pixel_values=batch.pixel_values, labels=batch.labels).loss  # fmt: skip
+    assert float(ours) == pytest.approx(float(ref) * batch.num_supervised, rel=1e-5)

@@ -265,20 +265,28 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 # Loss
 # --------------------------------------------------------------------------------------------
 def token_loss_sum(model: Any, batch: Batch, device: torch.device) -> torch.Tensor:
-    """Sum of next-token cross-entropies over the supervised tokens of a micro batch."""
+    """Sum of next-token cross-entropies over the supervised tokens of a micro batch.
+
+    Only positions that predict a supervised token in some row go through the LM head
+    (``logits_to_keep``): image tokens, prompts and padding never need the vocabulary-wide logits,
+    which are the largest activation of a step (``[B, T, vocab]``). The loss is unchanged.
+    """
+    targets = batch.labels[:, 1:]
+    # Position p predicts token p + 1; keep the positions where any row has a target.
+    keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    if keep.numel() == 0:  # nothing supervised (all truncated away): a zero loss still in the graph
+        keep = torch.zeros(1, dtype=torch.long)
     kwargs: dict[str, Any] = {
         "input_ids": batch.input_ids.to(device),
         "attention_mask": batch.attention_mask.to(device),
+        "logits_to_keep": keep.to(device),
     }
     if batch.pixel_values is not None:
         kwargs["pixel_values"] = batch.pixel_values.to(device)
-    logits = model(**kwargs).logits
-    labels = batch.labels.to(device)
+    logits = model(**kwargs).logits  # [B, len(keep), vocab]
+    labels = targets[:, keep].to(device)
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
 
 
