@@ -103,7 +103,9 @@ def demo_captions(n_images: int, seed: int = 0) -> list[ImageCaptions]:
     return records
 
 
-def caption_tokenizer(records: list[ImageCaptions], vocab_size: int = 2048, extra: tuple[str, ...] = ()) -> Any:
+def caption_tokenizer(
+    records: list[ImageCaptions], vocab_size: int = 2048, extra: tuple[str, ...] = ()
+) -> Any:
     """A byte-level BPE tokenizer trained on the captions (Llama-like: BOS in front, no EOS).
 
     Trained in memory, so a caption gets a realistic number of tokens (a word is one or two

@@ -96,13 +96,29 @@ PRESETS: dict[str, Stage2Preset] = {
     # (128-d, 4 layers, 64 px / 8 = 65 tokens, like the demo recipe's image size). No gradient
     # checkpointing on the CPU (it would only slow lora down further).
     "tiny": Stage2Preset(
-        ViTShape(64, 8, 128, 4, 4), LLMShape(384, 1344, 10, 6, 2, 0), 32, 256, "fp32", False, "cpu", 1, 3,
+        ViTShape(64, 8, 128, 4, 4),
+        LLMShape(384, 1344, 10, 6, 2, 0),
+        32,
+        256,
+        "fp32",
+        False,
+        "cpu",
+        1,
+        3,
         cpu_threads=1,
     ),  # fmt: skip
     # The same pair at ViT-L/14-336's image-token count (192 px / 8 = 577 tokens): the LLM's
     # share of a step's FLOPs is then the reference pair's on the same captions (flops_ratio ~1).
     "tiny-577": Stage2Preset(
-        ViTShape(192, 8, 128, 4, 4), LLMShape(384, 1344, 10, 6, 2, 0), 32, 256, "fp32", False, "cpu", 1, 3,
+        ViTShape(192, 8, 128, 4, 4),
+        LLMShape(384, 1344, 10, 6, 2, 0),
+        32,
+        256,
+        "fp32",
+        False,
+        "cpu",
+        1,
+        3,
         cpu_threads=1,
     ),  # fmt: skip
     # Reference: CLIP ViT-L/14-336 + Llama-3-8B-Instruct, bf16, gradient checkpointing, batch 64.
@@ -203,7 +219,9 @@ def run(
                 lora_params = [q for q in lora_enc.model.parameters() if q.requires_grad]
                 groups.append({"params": lora_params, "lr": s1.lr, "weight_decay": 0.0})
                 sizes["lora_trainable_params"] = sum(q.numel() for q in lora_params)
-            opt = torch.optim.AdamW(groups, lr=s.lr, betas=tuple(s.betas), eps=s.eps, **fused_adamw_kwargs(dev))
+            opt = torch.optim.AdamW(
+                groups, lr=s.lr, betas=tuple(s.betas), eps=s.eps, **fused_adamw_kwargs(dev)
+            )
             steps[name] = _step_fn(name, model, opt, s.grad_clip, loss_fn, pixels, captions, offline_emb,
                                    frozen, lora_enc, dev, autocast, amp_dtype)  # fmt: skip
             sizes.setdefault("vit_params", count_params(model.vision))
@@ -219,8 +237,12 @@ def run(
     by = {t.name: t for t in timings}
     lengths = [int(x.sum()) for x in frozen.tokenize(captions)["attention_mask"]]
     llm_compute = non_embedding_params(frozen.model)
-    vit_fwd = encoder_flops(sizes["vit_non_embedding_params"], p.vit.num_layers, p.vit.hidden_size, p.vit.tokens)
-    llm_fwd = sum(encoder_flops(llm_compute, p.llm.num_layers, p.llm.hidden_size, t) for t in lengths) / len(lengths)
+    vit_fwd = encoder_flops(
+        sizes["vit_non_embedding_params"], p.vit.num_layers, p.vit.hidden_size, p.vit.tokens
+    )
+    llm_fwd = sum(encoder_flops(llm_compute, p.llm.num_layers, p.llm.hidden_size, t) for t in lengths) / len(
+        lengths
+    )
     vs_lora = paired_ratio(by["lora"], by["offline"])
     vs_online = paired_ratio(by["online"], by["offline"])
     results = {
@@ -252,7 +274,9 @@ def run(
         timings=timings,
         results=results,
         variants=variants,
-        memory_note="" if dev.type == "cuda" else "CPU peak = process peak RSS during one step (all variants' models resident)",
+        memory_note=""
+        if dev.type == "cuda"
+        else "CPU peak = process peak RSS during one step (all variants' models resident)",
     )
 
 
