@@ -475,6 +475,7 @@ def train_stage2(
         lr=s.lr,
         betas=tuple(s.betas),
         eps=s.eps,
+        fused=accelerator.device.type == "cuda",  # one kernel for all parameters on a GPU
     )
     # The scheduler is not given to accelerate: it would step it once per process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -512,7 +513,12 @@ def train_stage2(
         len(train_records), s.batch_size, rank, world, s.seed, state.step, total_steps
     )
     loader = DataLoader(
-        dataset, batch_sampler=sampler, num_workers=s.num_workers, persistent_workers=False, pin_memory=False
+        dataset,
+        batch_sampler=sampler,
+        num_workers=s.num_workers,
+        persistent_workers=False,
+        # Pinned host batches let the copies below overlap with compute on a GPU.
+        pin_memory=accelerator.device.type == "cuda",
     )
     model.train()
     start_time = time.perf_counter() - state.seconds
@@ -521,7 +527,8 @@ def train_stage2(
     with make_progress(disable=not main) as progress:
         task = progress.add_task("stage 2", total=total_steps, completed=state.step, status="")
         for pv, emb in loader:
-            pv, emb = pv.to(accelerator.device), emb.to(accelerator.device)
+            pv = pv.to(accelerator.device, non_blocking=True)
+            emb = emb.to(accelerator.device, non_blocking=True)
             with accelerator.autocast():
                 feats = model(pixel_values=pv, text_embeddings=emb)
             if s.loss == "siglip":
