@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from typer.testing import CliRunner
 
 from llm2clip_vlm.bench import embed, llava, run_suite, stage1, stage2
 from llm2clip_vlm.bench.common import LLMShape
 from llm2clip_vlm.bench.flops import batches_flops, bf16_peak_flops, encoder_flops, peak_share
 from llm2clip_vlm.bench.harness import BenchReport, Timing, render
+from llm2clip_vlm.cli import app
 
 SMALL_LLM = LLMShape(32, 64, 1, 4, 2, 0)
 
@@ -60,6 +62,10 @@ def test_embed_suite(monkeypatch: pytest.MonkeyPatch) -> None:
         assert v["peak_share"] is None  # no bf16 peak on a CPU
     assert d["bucketed"]["padding_share"] < d["unbucketed"]["padding_share"]
     assert d["results"]["captions"] == 16 * 5
+    # Through the CLI: stdout is the JSON object alone (the writer's bars and logs go to stderr).
+    res = CliRunner().invoke(app, ["bench", "embed", "--preset", "test", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["bucketed"]["padding_share"] == d["bucketed"]["padding_share"]
 
 
 def test_stage2_suite_has_the_three_variants(monkeypatch: pytest.MonkeyPatch) -> None:
