@@ -354,7 +354,12 @@ def eval_data(
 def bench(
     suite: Annotated[str, typer.Argument(help="stage1 | embed | stage2 | tower | llava")],
     preset: Annotated[
-        str | None, typer.Option(help="The suite's preset (tower: tiny, tiny-siglip, vit-l-14-336).")
+        str | None,
+        typer.Option(
+            help="The suite's preset; the first is the default. stage1: tiny, llama3-8b; "
+            "embed: tiny, llama3-8b; stage2: tiny, tiny-577, vit-l-336-llama3-8b; "
+            "tower: tiny, tiny-siglip, micro, vit-l-14-336; llava: tiny, vicuna-7b.",
+        ),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: Annotated[

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
+from rich.console import Console
 from rich.logging import RichHandler
 
 _CONFIGURED = False
@@ -28,7 +29,10 @@ def get_logger(name: str) -> logging.Logger:
     if not _CONFIGURED:
         root = logging.getLogger("llm2clip_vlm")
         rank = _rank()
-        handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+        # stderr: stdout carries command results (``bench --json`` must parse).
+        handler = RichHandler(
+            console=Console(stderr=True), show_path=False, rich_tracebacks=False, markup=False
+        )
         fmt = "%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"
         handler.setFormatter(logging.Formatter(fmt))
         root.addHandler(handler)

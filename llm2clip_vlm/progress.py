@@ -19,8 +19,8 @@ def make_progress(disable: bool | None = None, console: Console | None = None) -
     """A rich Progress with count, elapsed/remaining time and a free-text status field.
 
     Use ``progress.add_task(description, total=N, status="")`` and update ``status`` with
-    throughput or loss. Pass ``console=Console(stderr=True)`` when stdout carries a result
-    (e.g. ``--json``).
+    throughput or loss. Bars go to stderr unless ``console`` says otherwise: stdout carries
+    command results (e.g. ``bench --json``).
     """
     if disable is None:
         disable = int(os.environ.get("RANK", "0")) != 0
@@ -33,5 +33,5 @@ def make_progress(disable: bool | None = None, console: Console | None = None) -
         TextColumn("{task.fields[status]}"),
         disable=disable,
         transient=False,
-        console=console,
+        console=console if console is not None else Console(stderr=True),
     )

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from llm2clip_vlm.bench import SUITES, SuiteNotBuilt, run_suite, suite_module
 from llm2clip_vlm.bench import tower as tower_suite
-from llm2clip_vlm.bench.harness import Timing, measure, paired_ratio, render
+from llm2clip_vlm.bench.harness import Timing, measure, paired_ratio, render, reset_peak_rss
 from llm2clip_vlm.cli import app
 from llm2clip_vlm.tower.synthetic import TowerShape
 
@@ -24,9 +24,13 @@ def test_measure_interleaves_and_counts() -> None:
         repeats=3,
         items_per_call=4,
     )
-    # 2 warm-up rounds, then rounds alternate order so neither variant always runs first.
-    assert calls == ["a", "b", "a", "b", "a", "b", "b", "a", "a", "b"]
+    # 2 warm-up rounds, then rounds alternate order so neither variant always runs first, then
+    # one more call each for the peak memory (on Linux, where the peak RSS can be reset).
+    peak_calls = ["a", "b"] if reset_peak_rss() else []
+    assert calls == ["a", "b", "a", "b", "a", "b", "b", "a", "a", "b", *peak_calls]
     assert [t.name for t in timings] == ["a", "b"]
+    if peak_calls:
+        assert all(t.peak_memory_bytes and t.peak_memory_bytes > 0 for t in timings)
     assert all(len(t.times_s) == 3 and t.items_per_call == 4 for t in timings)
 
 

@@ -8,14 +8,16 @@ machine's load (a shared CPU, GPU clocks) hits every variant alike. The suite re
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
+import os
 import platform
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,13 +66,22 @@ class BenchReport:
     timings: list[Timing]
     # Suite-specific derived figures (e.g. overhead_pct).
     results: dict[str, Any] = field(default_factory=dict)
+    # Per-variant figures placed at the top level of the JSON (``{"offline": {...}, ...}``).
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     memory_note: str = ""
+    # At the end of the run: on a shared CPU the timings depend on it.
+    load_average: str = field(default_factory=lambda: load_average())
     date: str = field(default_factory=lambda: _dt.datetime.now().astimezone().isoformat(timespec="seconds"))
     command: str = field(default_factory=lambda: " ".join(["llm2clip-vlm", *sys.argv[1:]]))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["timings"] = [t.summary() for t in self.timings]
+        variants = d.pop("variants")
+        clash = set(variants) & set(d)
+        if clash:
+            raise ValueError(f"variant names {sorted(clash)} clash with report keys")
+        d.update(variants)
         return d
 
 
@@ -97,6 +108,25 @@ def device_name(device: torch.device) -> str:
     return f"CPU {model} ({torch.get_num_threads()} threads)"
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int | None, device: torch.device) -> Iterator[None]:
+    """Run with ``n`` intra-op CPU threads (on a CPU device; None = leave torch's setting).
+
+    [IMPORTANT] On a shared CPU with more runnable processes than cores, torch's threads wait for
+    each other at every op: measured on the 2-core development machine at load average 6-9, one
+    thread ran an embed pass 3-4x faster than two. Tiny presets therefore pin one thread.
+    """
+    if n is None or device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so a timer measures the work and not its launch."""
     if device.type == "cuda":
@@ -115,8 +145,9 @@ def measure(
     """Time each callable ``repeats`` times after ``warmup`` calls, in interleaved rounds.
 
     Round ``r`` runs the variants in order, or reversed when ``r`` is odd, so neither always
-    runs first. Peak memory per variant is taken on a GPU (allocator peak of one extra call);
-    on a CPU there is no per-call peak (see :func:`process_peak_rss`).
+    runs first. Peak memory per variant comes from one extra call: on a GPU the allocator's peak;
+    on a CPU the process's peak resident memory during that call (Linux ``VmHWM``, reset before
+    it), which includes everything resident at the time (other variants' models too).
     """
     from rich.console import Console
 
@@ -148,6 +179,11 @@ def measure(
             fns[name]()
             synchronize(device)
             peaks[name] = int(torch.cuda.max_memory_allocated(device))
+    elif reset_peak_rss():
+        for name in names:
+            reset_peak_rss()
+            fns[name]()
+            peaks[name] = current_peak_rss()
     return [Timing(name, times[name], items_per_call, peaks[name]) for name in names]
 
 
@@ -161,12 +197,47 @@ def process_peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_peak_rss() -> int | None:
+    """Peak resident memory since the last :func:`reset_peak_rss`, in bytes (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_mb(timing: Timing) -> float | None:
+    """A variant's peak memory in MiB (None when it was not measured)."""
+    return None if timing.peak_memory_bytes is None else round(timing.peak_memory_bytes / 2**20, 1)
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages (a shared CPU's timings depend on them)."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def render(report: BenchReport, json_out: bool) -> str:
     """The report as one JSON object, or as a readable table followed by the derived results."""
     if json_out:
         return json.dumps(report.to_dict(), indent=2)
     lines = [
-        f"bench {report.suite} [{report.preset}] on {report.device} ({report.date})",
+        f"bench {report.suite} [{report.preset}] on {report.device} ({report.date}, load average {report.load_average})",
         "  " + ", ".join(f"{k}={v}" for k, v in report.settings.items()),
         f"  {'variant':<12} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'items/s':>10} {'peak mem':>10}",
     ]

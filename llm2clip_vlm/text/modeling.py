@@ -180,6 +180,29 @@ def load_bidirectional(
     return model.eval()
 
 
+def bidirectional_from_config(
+    config: Any,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    attn_implementation: str = "sdpa",
+) -> nn.Module:
+    """A random-weight bidirectional decoder stack (``AutoModel``) built from ``config``, no files.
+
+    For benchmarks at reference sizes (e.g. a Llama-3-8B config): the weights are allocated and
+    initialised directly on ``device`` in ``dtype``. The bidirectional switch is the same as in
+    :func:`load_bidirectional` (``config.is_causal = False`` before building).
+    """
+    config = type(config).from_dict(config.to_dict())  # never mutate the caller's config
+    config.is_causal = False
+    config._attn_implementation = attn_implementation
+    with torch.device(device or "cpu"):
+        model = AutoModel.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    if getattr(model.config, "is_causal", True) is not False:
+        raise RuntimeError("config.is_causal did not survive building; attention would be causal")
+    return model.eval()
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     """The bare decoder stack of a ``*ForCausalLM`` (``model.model``), or the model itself."""
     prefix = getattr(model, "base_model_prefix", "model")

@@ -143,7 +143,10 @@ def train_stage1(
 
     peft_model = _wrap_lora(decoder_of(model), s)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=s.lr, weight_decay=s.weight_decay)
+    # fused: one kernel for all parameters on a GPU (not available for CPU tensors).
+    optimizer = torch.optim.AdamW(
+        trainable, lr=s.lr, weight_decay=s.weight_decay, fused=accelerator.device.type == "cuda"
+    )
     scheduler = _scheduler(optimizer, s.lr_schedule, s.warmup_steps, total_steps)
     checkpointer = Checkpointer(out / CHECKPOINTS, accelerator, keep=s.keep_checkpoints)
     resumed = _resume(checkpointer, peft_model, optimizer, scheduler)

@@ -487,6 +487,7 @@ def train_stage2(
         lr=s.lr,
         betas=tuple(s.betas),
         eps=s.eps,
+        fused=accelerator.device.type == "cuda",  # one kernel for all parameters on a GPU
     )
     # The scheduler is not given to accelerate: it would step it once per process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -521,7 +522,12 @@ def train_stage2(
     )
     sampler = GlobalBatchSampler(len(usable), s.batch_size, rank, world, s.seed, state.step, total_steps)
     loader = DataLoader(
-        dataset, batch_sampler=sampler, num_workers=s.num_workers, persistent_workers=False, pin_memory=False
+        dataset,
+        batch_sampler=sampler,
+        num_workers=s.num_workers,
+        persistent_workers=False,
+        # Pinned host batches let the copies below overlap with compute on a GPU.
+        pin_memory=accelerator.device.type == "cuda",
     )
     model.train()
     start_time = time.perf_counter() - state.seconds
@@ -537,7 +543,8 @@ def train_stage2(
             if resumed is not None:  # after the loader started: RNG exactly as after the saved step
                 resumed.restore_rng()
                 resumed = None
-            pv, emb = pv.to(accelerator.device), emb.to(accelerator.device)
+            pv = pv.to(accelerator.device, non_blocking=True)
+            emb = emb.to(accelerator.device, non_blocking=True)
             with accelerator.autocast():
                 feats = model(pixel_values=pv, text_embeddings=emb)
             if s.loss == "siglip":
