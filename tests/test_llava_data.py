@@ -182,3 +182,18 @@ def test_synthetic_llava_world_writes_answerable_records(tmp_path: Path) -> None
     assert (tmp_path / "again" / "llava_instruct.json").read_text() == (
         tmp_path / "llava_instruct.json"
     ).read_text()
+
+
+def test_truncated_images_are_refused_even_when_another_library_allows_them(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from PIL import ImageFile
+
+    from llm2clip_vlm.data.images import load_rgb
+
+    Image.effect_noise((64, 64), 50).convert("RGB").save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as lmms-eval sets it on import
+    with pytest.raises(DataError, match="cannot read image"):
+        load_rgb(tmp_path / "cut.png", "rec#1")

@@ -61,6 +61,11 @@ def load_rgb(source: str | Path | bytes, where: str = ""):  # -> PIL.Image.Image
 
     from llm2clip_vlm.data.captions import DataError
 
+    from PIL import ImageFile
+
+    # Truncated files are bad data. Some libraries (lmms-eval's task module, at import) switch
+    # PIL to padding truncated images with grey process-wide; training must not inherit that.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     prefix = f"{where}: image {name}" if where else f"image {name}"
     try:
