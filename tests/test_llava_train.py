@@ -97,6 +97,8 @@ def test_finetune_starts_from_the_projector_and_trains_the_llm(
     from transformers import LlavaForConditionalGeneration
 
     extra = [f"llava.finetune.tune={tune}", "llava.finetune.lora_r=4", "llava.finetune.lora_alpha=8"]
+    if tune == "lora":  # LLaVA's set-up: gradient checkpointing through a frozen base with adapters
+        extra.append("llava.finetune.gradient_checkpointing=true")
     seen: list[int] = []
     metrics = run_llava(
         _cfg(parts, "finetune", extra), tmp_path / "ft", "finetune", init=pretrained,
