@@ -205,7 +205,7 @@ def _instruction_settings(s: Stage1Config) -> dict[str, str]:
 
 
 def _total_steps(s: Stage1Config, batches: SimCSEBatches) -> int:
-    if s.epochs == 0 and s.max_steps == 0:
+    if s.epochs == 0:
         return 0  # no training: the encoder is the base LLM (bidirectional, mean pooled)
     steps = max(1, math.ceil(s.epochs * batches.steps_per_epoch(s.batch_size)))
     return min(steps, s.max_steps) if s.max_steps > 0 else steps
