@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from llm2clip_vlm import configuration
-from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.config import RunConfig, apply_runtime
 
 app = typer.Typer(
     name="llm2clip-vlm",
@@ -49,10 +49,12 @@ def demo_recipe_path() -> Path:
 def resolve_config(recipe: Path | None, overrides: list[str] | None) -> RunConfig:
     """Defaults <- recipe (or the embedded demo recipe) <- ``--set`` overrides."""
     try:
-        return configuration.load(RunConfig, recipe or demo_recipe_path(), overrides or [])
-    except configuration.ConfigError as e:
+        cfg = configuration.load(RunConfig, recipe or demo_recipe_path(), overrides or [])
+        apply_runtime(cfg.runtime)
+    except ValueError as e:  # ConfigError, or a value apply_runtime refuses
         console.print(f"[red]config error:[/red] {e}")
         raise typer.Exit(2) from e
+    return cfg
 
 
 def _not_built(command: str, issue: str) -> None:

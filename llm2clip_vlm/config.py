@@ -13,6 +13,26 @@ from llm2clip_vlm.vision.config import ExportConfig, Stage2Config
 
 
 @dataclass
+class RuntimeConfig:
+    """Process settings that change speed, not results (no stage fingerprint includes them)."""
+
+    # torch intra-op CPU threads; 0 = torch's default (one per core). On a CPU shared with other
+    # busy processes, fewer threads than cores avoids OpenMP threads spinning while they wait for
+    # each other's turn on a core (see the demo recipe for the measured effect).
+    threads: int = 0
+
+
+def apply_runtime(runtime: RuntimeConfig) -> None:
+    """Apply ``runtime`` to this process (called once a command has resolved its config)."""
+    if runtime.threads < 0:
+        raise ValueError(f"runtime.threads must be >= 0, got {runtime.threads}")
+    if runtime.threads:
+        import torch
+
+        torch.set_num_threads(runtime.threads)
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -21,3 +41,4 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     llava: LlavaConfig = field(default_factory=LlavaConfig)
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

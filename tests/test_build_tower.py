@@ -72,6 +72,12 @@ def test_build_tower_end_to_end_then_skip_then_rerun_downstream(tmp_path: Path) 
             "t2i_r10",
         }
     assert "zero-shot retrieval" in out
+    # The demo recipe embeds one short + one long caption per training image (embed and stage 2
+    # cut the same way, or stage 2 would refuse the store); held-out sets stay whole (3 short each).
+    from llm2clip_vlm.store.store import EmbeddingStore
+
+    assert EmbeddingStore.open(run / "store" / "train", verify_checksums=False).num_rows == 2 * 48
+    assert EmbeddingStore.open(run / "store" / "heldout-short", verify_checksums=False).num_rows == 3 * 16
     # The tower is plain transformers: AutoModel + AutoImageProcessor, no code of ours.
     tower = AutoModel.from_pretrained(run / "tower")
     processor = AutoImageProcessor.from_pretrained(run / "tower")

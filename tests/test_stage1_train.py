@@ -154,3 +154,17 @@ def test_qlora_4bit_base_on_cpu(tmp_path: Path) -> None:
     plain = CaptionEncoder(load_bidirectional(ModelRef(str(tiny))), enc.tokenizer, 48)
     texts = ["2 red circles", "3 blue stars"]
     assert not torch.allclose(enc.encode(texts), plain.encode(texts), atol=1e-4)  # the LoRA trained
+
+
+def test_zero_epochs_saves_the_base_llm_as_the_encoder(tiny: Path, tmp_path: Path) -> None:
+    """``epochs: 0`` = the "without stage 1" baseline: the base LLM, bidirectional, mean pooled."""
+    cfg = tiny_cfg(tiny, epochs=0, max_steps=4)  # max_steps only caps the epochs
+    metrics = train_stage1(cfg, tmp_path / "run", scene_records(32), scene_records(20, offset=200))
+    assert metrics["steps"] == 0 and metrics["loss"] == []
+    assert metrics["cra_after"] == metrics["cra_before"]
+    enc = CaptionEncoder.from_pretrained(tmp_path / "run" / "encoder", device="cpu")
+    assert enc.model.config.is_causal is False
+    base = load_bidirectional(ModelRef(str(tiny)), dtype=torch.float32).state_dict()
+    saved = enc.model.state_dict()
+    assert set(saved) == set(base)
+    assert all(torch.equal(saved[k], base[k]) for k in base)  # not one weight moved

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 CaptionKind = Literal["short", "long"]
@@ -37,3 +38,24 @@ class ImageCaptions:
     @property
     def long(self) -> list[str]:
         return self.of_kind("long")
+
+
+def keep_captions(records: Sequence[ImageCaptions], per_kind: int) -> list[ImageCaptions]:
+    """The records with at most ``per_kind`` captions of each kind (the first ones, order kept).
+
+    ``per_kind`` 0 keeps everything (the records themselves, not copies).
+    """
+    if per_kind < 0:
+        raise ValueError(f"captions per kind must be >= 0, got {per_kind}")
+    if per_kind == 0:
+        return list(records)
+    out = []
+    for r in records:
+        seen = {"short": 0, "long": 0}
+        kept = []
+        for c in r.captions:
+            if seen[c.kind] < per_kind:
+                seen[c.kind] += 1
+                kept.append(c)
+        out.append(replace(r, captions=kept))
+    return out

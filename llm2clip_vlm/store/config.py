@@ -17,3 +17,7 @@ class EmbedConfig:
     # Sort captions by token length so batches carry little padding.
     bucket_by_length: bool = True
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # Embed (and train stage 2 on) at most this many captions of each kind per *training* image,
+    # the first ones (0 = all). Held-out sets are always embedded whole. Where the LLM pass is
+    # the bottleneck (a CPU), more images with fewer captions each is the better trade.
+    train_captions_per_kind: int = 0

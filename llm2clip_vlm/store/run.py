@@ -13,7 +13,7 @@ from typing import Any
 
 from llm2clip_vlm import configuration
 from llm2clip_vlm.config import RunConfig
-from llm2clip_vlm.data.records import ImageCaptions
+from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.logging import get_logger
 
 log = get_logger(__name__)
@@ -89,6 +89,7 @@ def run_embed(
         with state.main_process_first():  # the demo world is generated once, by rank 0
             data = resolve_data(cfg.data, out)
     train, heldout = data
+    train = keep_captions(train, cfg.embed.train_captions_per_kind)
     if rank == 0:
         configuration.dump(cfg, out / "config.yaml")
     encoder = CaptionEncoder.from_pretrained(encoder_dir, device=state.device)

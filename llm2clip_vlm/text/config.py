@@ -58,6 +58,8 @@ class Stage1Config:
     lr_schedule: Literal["linear", "constant", "cosine"] = "linear"
     # Gradient-norm clip (the HF Trainer default the reference ran with); 0 = off.
     max_grad_norm: float = 1.0
+    # 0 = no training (whatever max_steps says): the saved encoder is the base LLM, bidirectional and
+    # mean pooled (the "without stage 1" baseline of the ablation).
     epochs: float = 1.0
     # Stop after this many optimizer steps (0 = run the epochs) / this many seconds (0 = no limit).
     max_steps: int = 0

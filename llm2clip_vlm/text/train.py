@@ -166,7 +166,8 @@ def train_stage1(
             merged, tokenizer, s.max_length, _instruction_settings(s), s.pooling, s.pad_to_multiple_of
         )
         encoder.save_pretrained(out / "encoder")
-        cra_after = _cra(merged, tokenizer, s, pairs, accelerator)
+        # Zero steps leave the weights as they were (the LoRA's B is zero): CRA is unchanged.
+        cra_after = _cra(merged, tokenizer, s, pairs, accelerator) if state.step else cra_before
         metrics = {
             "cra_before": cra_before,
             "cra_after": cra_after,
@@ -214,6 +215,8 @@ def _instruction_settings(s: Stage1Config) -> dict[str, str]:
 
 
 def _total_steps(s: Stage1Config, batches: SimCSEBatches) -> int:
+    if s.epochs == 0:
+        return 0  # no training: the encoder is the base LLM (bidirectional, mean pooled)
     steps = max(1, math.ceil(s.epochs * batches.steps_per_epoch(s.batch_size)))
     return min(steps, s.max_steps) if s.max_steps > 0 else steps
 

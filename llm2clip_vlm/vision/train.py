@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from llm2clip_vlm import configuration
 from llm2clip_vlm.checkpointing import Checkpointer, GracefulExit, NonFiniteGuard
 from llm2clip_vlm.config import RunConfig
-from llm2clip_vlm.data.records import ImageCaptions
+from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.losses import ClipLoss, SigLipLoss
 from llm2clip_vlm.progress import make_progress
@@ -324,7 +324,8 @@ def run_stage2(
         identity = json.loads(meta_file.read_text())["identity"]
 
     train_set, heldout_sets = resolve_data(cfg.data, out)
-    train_records = list(train_set)
+    # The same captions the store was written from (``embed`` applies the same cut).
+    train_records = keep_captions(train_set, cfg.embed.train_captions_per_kind)
     store = EmbeddingStore.open(
         store_dir / "train", captions=train_records, encoder_identity=identity or None
     )

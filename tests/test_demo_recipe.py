@@ -1,0 +1,54 @@
+"""The embedded demo recipe and the knobs it uses to fit a shared 2-core CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import typer
+
+from llm2clip_vlm import configuration
+from llm2clip_vlm.cli import demo_recipe_path, resolve_config
+from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.data.records import Caption, ImageCaptions, keep_captions
+from llm2clip_vlm.vision.train import _total_steps
+
+
+def test_keep_captions_keeps_the_first_of_each_kind_in_order() -> None:
+    caps = [Caption("s1", "short"), Caption("l1", "long"), Caption("s2", "short"), Caption("l2", "long")]
+    caps.append(Caption("s3", "short"))
+    records = [ImageCaptions("a", "/a.png", caps, source="x:1"), ImageCaptions("b", "/b.png", caps[1:2])]
+    one = keep_captions(records, 1)
+    assert [c.text for c in one[0].captions] == ["s1", "l1"]
+    assert [c.text for c in one[1].captions] == ["l1"]  # an image without short captions keeps its long one
+    assert (one[0].key, one[0].source) == ("a", "x:1")
+    assert [c.text for c in keep_captions(records, 2)[0].captions] == ["s1", "l1", "s2", "l2"]
+    assert keep_captions(records, 0)[0] is records[0]
+    assert len(records[0].captions) == 5  # the input is not changed
+    with pytest.raises(ValueError, match="captions per kind"):
+        keep_captions(records, -1)
+
+
+def test_runtime_threads_are_applied_by_every_command() -> None:
+    before = torch.get_num_threads()
+    try:
+        resolve_config(None, ["runtime.threads=1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(typer.Exit):
+        resolve_config(None, ["runtime.threads=-2"])
+
+
+def test_demo_recipe_schedules_fit_the_demo_world() -> None:
+    cfg = configuration.load(RunConfig, demo_recipe_path())
+    s2 = cfg.stage2
+    # The cosine schedule must have room to warm up and then decay over many steps.
+    total = _total_steps(s2, cfg.data.demo_train_images)
+    assert total >= 100 and s2.warmup_steps < total // 5
+    assert s2.max_seconds > 0 and cfg.stage1.max_seconds > 0
+    # Every held-out set has at least 500 images (the acceptance floor of a retrieval set).
+    assert cfg.data.demo_heldout_images >= 500
+    # A random ViT trains from scratch: no layer-wise decay, an lr far above the fine-tuning 1e-5.
+    assert s2.layer_decay == 1.0 and s2.lr >= 1e-4
+    # fp32 everywhere: bf16 autocast is slower on CPUs without bf16 units.
+    assert (cfg.stage1.precision, cfg.embed.precision, s2.precision) == ("fp32",) * 3
