@@ -98,9 +98,13 @@ def phase_data(cfg: RunConfig, phase: Phase, output_dir: Path) -> tuple[Path, st
         held = Path(p.data.heldout_path) if p.data.heldout_path else None
         return Path(p.data.path), p.data.image_folder, held
     root = demo_llava_dir(cfg, output_dir)
-    name = "llava_pretrain.json" if phase == "pretrain" else "llava_instruct.json"
+    if phase == "pretrain":
+        # A caption-trained model is not asked questions: the demo's held-out questions measure
+        # finetuning (their "before" is the pretrained model).
+        held = Path(p.data.heldout_path) if p.data.heldout_path else None
+        return root / "llava_pretrain.json", "", held
     held = Path(p.data.heldout_path) if p.data.heldout_path else root / "llava_heldout.json"
-    return root / name, "", held
+    return root / "llava_instruct.json", "", held
 
 
 # --------------------------------------------------------------------------------------------
