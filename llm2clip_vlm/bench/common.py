@@ -65,6 +65,20 @@ def check_device(device: torch.device, preset: str) -> None:
         )
 
 
+def resolve_run(preset: str, p: Any, device: str | None, warmup: int | None, repeats: int | None
+                ) -> tuple[torch.device, int, int]:  # fmt: skip
+    """The device (checked), warm-up and repeat counts of a run: the CLI's values over the preset's.
+
+    Raises:
+        RuntimeError: a CUDA device was asked for and there is none.
+    """
+    from llm2clip_vlm.bench.harness import resolve_device
+
+    dev = resolve_device(device or p.device)
+    check_device(dev, preset)
+    return dev, p.warmup if warmup is None else warmup, p.repeats if repeats is None else repeats
+
+
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (of the trainable ones only, when asked)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -28,11 +28,11 @@ from llm2clip_vlm.bench.common import (
     LLAMA3_8B,
     LLMShape,
     caption_tokenizer,
-    check_device,
     count_params,
     demo_captions,
     llama_config,
     non_embedding_params,
+    resolve_run,
 )
 from llm2clip_vlm.bench.flops import batches_flops, bf16_peak_flops, peak_share
 from llm2clip_vlm.bench.harness import (
@@ -42,7 +42,6 @@ from llm2clip_vlm.bench.harness import (
     measure,
     paired_ratio,
     peak_mb,
-    resolve_device,
 )
 from llm2clip_vlm.data.records import Caption, ImageCaptions
 
@@ -114,10 +113,7 @@ def run(
     from llm2clip_vlm.text.modeling import bidirectional_from_config
 
     p = PRESETS[preset]
-    dev = resolve_device(device or p.device)
-    check_device(dev, preset)
-    warmup = p.warmup if warmup is None else warmup
-    repeats = p.repeats if repeats is None else repeats
+    dev, warmup, repeats = resolve_run(preset, p, device, warmup, repeats)
 
     records = repeat_captions(demo_captions(p.images, seed=0), p.caption_repeat)
     tokenizer = caption_tokenizer(demo_captions(200, seed=1))

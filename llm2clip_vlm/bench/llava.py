@@ -29,12 +29,12 @@ from llm2clip_vlm.bench.common import (
     DTYPES,
     VICUNA_7B,
     LLMShape,
-    check_device,
     count_params,
     fused_adamw_kwargs,
     llama_config,
+    resolve_run,
 )
-from llm2clip_vlm.bench.harness import BenchReport, cpu_threads, device_name, measure, peak_mb, resolve_device
+from llm2clip_vlm.bench.harness import BenchReport, cpu_threads, device_name, measure, peak_mb
 from llm2clip_vlm.tower.synthetic import VIT_L_14_336, TowerShape
 
 VARIANTS = ("pretrain", "finetune-full", "finetune-lora")
@@ -176,10 +176,7 @@ def run(
         RuntimeError: a CUDA device was asked for and there is none.
     """
     p = PRESETS[preset]
-    dev = resolve_device(device or p.device)
-    check_device(dev, preset)
-    warmup = p.warmup if warmup is None else warmup
-    repeats = p.repeats if repeats is None else repeats
+    dev, warmup, repeats = resolve_run(preset, p, device, warmup, repeats)
     autocast = p.dtype != "fp32"
     timings = []
     results: dict[str, Any] = {}

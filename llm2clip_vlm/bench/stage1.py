@@ -24,11 +24,11 @@ from llm2clip_vlm.bench.common import (
     LLAMA3_8B,
     LLMShape,
     caption_tokenizer,
-    check_device,
     count_params,
     demo_captions,
     fused_adamw_kwargs,
     llama_config,
+    resolve_run,
 )
 from llm2clip_vlm.bench.harness import (
     BenchReport,
@@ -36,7 +36,6 @@ from llm2clip_vlm.bench.harness import (
     device_name,
     measure,
     peak_mb,
-    resolve_device,
 )
 
 
@@ -111,10 +110,7 @@ def run(
     from llm2clip_vlm.text.train import _wrap_lora, embed_triplets
 
     p = PRESETS[preset]
-    dev = resolve_device(device or p.device)
-    check_device(dev, preset)
-    warmup = p.warmup if warmup is None else warmup
-    repeats = p.repeats if repeats is None else repeats
+    dev, warmup, repeats = resolve_run(preset, p, device, warmup, repeats)
 
     s = Stage1Config(
         max_length=p.max_length,

@@ -28,12 +28,12 @@ from llm2clip_vlm.bench.common import (
     LLAMA3_8B,
     LLMShape,
     caption_tokenizer,
-    check_device,
     count_params,
     demo_captions,
     fused_adamw_kwargs,
     llama_config,
     non_embedding_params,
+    resolve_run,
 )
 from llm2clip_vlm.bench.flops import encoder_flops
 from llm2clip_vlm.bench.harness import (
@@ -43,7 +43,6 @@ from llm2clip_vlm.bench.harness import (
     measure,
     paired_ratio,
     peak_mb,
-    resolve_device,
 )
 
 TARGET_VS_LORA = 4.0
@@ -180,10 +179,7 @@ def run(
     from llm2clip_vlm.text.train import _wrap_lora
 
     p = PRESETS[preset]
-    dev = resolve_device(device or p.device)
-    check_device(dev, preset)
-    warmup = p.warmup if warmup is None else warmup
-    repeats = p.repeats if repeats is None else repeats
+    dev, warmup, repeats = resolve_run(preset, p, device, warmup, repeats)
     autocast = p.dtype != "fp32"
     amp_dtype = DTYPES[p.dtype]
 

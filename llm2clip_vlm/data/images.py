@@ -57,11 +57,9 @@ def load_rgb(source: str | Path | bytes, where: str = ""):  # -> PIL.Image.Image
         DataError: naming ``where``, the file and the problem.
     """
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageFile
 
     from llm2clip_vlm.data.captions import DataError
-
-    from PIL import ImageFile
 
     # Truncated files are bad data. Some libraries (lmms-eval's task module, at import) switch
     # PIL to padding truncated images with grey process-wide; training must not inherit that.

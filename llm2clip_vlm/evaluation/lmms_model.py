@@ -35,6 +35,7 @@ from llm2clip_vlm.evaluation.prompt import (
     load_template,
     with_image_tokens,
 )
+from llm2clip_vlm.llava.data import expand_to_square
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
 
@@ -71,15 +72,8 @@ class GenerationSettings:
     image_aspect_ratio: str
 
 
-def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """LLaVA-1.5's ``image_aspect_ratio=pad``: centre the image on a square of ``background``."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    out = Image.new(image.mode, (side, side), background)
-    out.paste(image, ((side - width) // 2, (side - height) // 2))
-    return out
+# LLaVA-1.5's ``image_aspect_ratio=pad``: the same function training pads with.
+expand2square = expand_to_square
 
 
 def truncate_at_stop(text: str, until: tuple[str, ...] | list[str]) -> str:
