@@ -249,3 +249,20 @@ def test_token_loss_equals_transformers_loss_with_logits_kept_only_where_needed(
         ref = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     pixel_values=batch.pixel_values, labels=batch.labels).loss  # fmt: skip
     assert float(ours) == pytest.approx(float(ref) * batch.num_supervised, rel=1e-5)
+
+
+def test_an_llm_with_pickled_weights_only_is_refused_unless_allowed(parts, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm2clip_vlm.llava.assemble import build_llava_model
+
+    pickled = tmp_path / "pickled-llm"
+    llm = AutoModelForCausalLM.from_pretrained(parts["llm"])
+    llm.config.save_pretrained(pickled)
+    torch.save(llm.state_dict(), pickled / "pytorch_model.bin")  # how older hub checkpoints ship
+    AutoTokenizer.from_pretrained(parts["llm"]).save_pretrained(pickled)
+    assert (pickled / "pytorch_model.bin").is_file() and not (pickled / "model.safetensors").exists()
+    with pytest.raises(OSError, match="safetensors"):
+        build_llava_model(parts["tower"], pickled)
+    model, _ = build_llava_model(parts["tower"], pickled, allow_pickle=True)
+    assert model.config.text_config.hidden_size == 64

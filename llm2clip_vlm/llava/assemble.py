@@ -58,6 +58,7 @@ def build_llava_model(
     dtype: torch.dtype | None = None,
     image_token: str = "<image>",
     quantization: str = "none",
+    allow_pickle: bool = False,
 ) -> tuple[Any, Any]:
     """A LLaVA-1.5 model and its processor from an exported tower and a causal LM.
 
@@ -74,6 +75,8 @@ def build_llava_model(
         image_token: the placeholder added to the tokenizer as a special token.
         quantization: ``none``, ``4bit`` (QLoRA) or ``8bit``: the LLM's linear layers through
             bitsandbytes; the tower and the projector stay in ``dtype``.
+        allow_pickle: accept an LLM whose weights exist only as pickles (``pytorch_model.bin``);
+            refused by default (``reliability.allow_pickle_weights``). Repository code never runs.
 
     Returns:
         ``(LlavaForConditionalGeneration, LlavaProcessor)``, ready for ``save_pretrained``.
@@ -127,7 +130,11 @@ def build_llava_model(
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     image_token_id = tokenizer.convert_tokens_to_ids(image_token)
 
+    from llm2clip_vlm.checkpointing import from_pretrained_kwargs
+
     lm_kwargs: dict[str, Any] = dict(ref.kwargs(), dtype=dtype or "auto")
+    if not ref.gguf_file:  # a GGUF file is no pickle; transformers reads it itself
+        lm_kwargs.update(from_pretrained_kwargs(allow_pickle))
     qconfig = quantization_config(quantization, dtype or torch.float32)
     if qconfig is not None:
         if ref.gguf_file:

@@ -183,6 +183,7 @@ def build_model(
         select_strategy=cfg.llava.select_strategy,
         dtype=torch.float32,
         quantization=quant,
+        allow_pickle=cfg.reliability.allow_pickle_weights,
     )
     if init is not None:
         load_projector(model.model.multi_modal_projector, init)
@@ -330,6 +331,7 @@ def _merged_model(cfg: RunConfig, phase: Phase, model: Any, init: Path | None) -
     base, _ = build_llava_model(
         cfg.llava.tower, cfg.llava.llm, vision_feature_layer=cfg.llava.vision_feature_layer,
         select_strategy=cfg.llava.select_strategy, dtype=torch.float32,
+        allow_pickle=cfg.reliability.allow_pickle_weights,
     )  # fmt: skip
     fresh = get_peft_model(base, model.peft_config["default"])
     set_peft_model_state_dict(fresh, adapters)

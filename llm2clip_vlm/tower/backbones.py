@@ -121,7 +121,10 @@ def _clip_config(path: Path) -> Any:
 def _clip_model(path: Path, device_map: Any) -> nn.Module:
     from transformers import CLIPVisionModel
 
-    return CLIPVisionModel.from_pretrained(path, device_map=device_map, local_files_only=True)
+    # Exported towers are safetensors: a pickled checkpoint in a tower folder is refused.
+    return CLIPVisionModel.from_pretrained(
+        path, device_map=device_map, local_files_only=True, use_safetensors=True, trust_remote_code=False
+    )
 
 
 def _siglip_config(path: Path) -> Any:
@@ -133,7 +136,9 @@ def _siglip_config(path: Path) -> Any:
 def _siglip_model(path: Path, device_map: Any) -> nn.Module:
     from transformers import SiglipVisionModel
 
-    return SiglipVisionModel.from_pretrained(path, device_map=device_map, local_files_only=True)
+    return SiglipVisionModel.from_pretrained(
+        path, device_map=device_map, local_files_only=True, use_safetensors=True, trust_remote_code=False
+    )
 
 
 def _auto_image_processor(path: Path) -> Any:
