@@ -530,6 +530,7 @@ class Checkpointer:
         scheduler: Any = None,
         scaler: Any = None,
         with_weights: bool = True,
+        same_world_size: bool = False,
     ) -> Resumed | None:
         """Load a checkpoint (default: the newest complete one) into optimizer/scheduler/scaler.
 
@@ -539,6 +540,9 @@ class Checkpointer:
         Weights come back in :attr:`Resumed.weights` (load them into the model yourself, so the
         caller decides on strictness and on before/after ``accelerator.prepare``); the RNG is
         restored by :meth:`Resumed.restore_rng` at the right moment of the loop.
+
+        ``same_world_size`` refuses a checkpoint written by another number of processes even when
+        the optimizer is not sharded (trainers whose data slices or RNG streams are per rank).
 
         Returns:
             None when there is no checkpoint.
@@ -555,7 +559,9 @@ class Checkpointer:
             meta = json.loads((ckpt / META).read_text())
             self._check_files(ckpt, meta)
             world = _world(self.accelerator)
-            if int(meta.get("world_size", world)) != world and _sharded_optimizer(self.accelerator):
+            if int(meta.get("world_size", world)) != world and (
+                same_world_size or _sharded_optimizer(self.accelerator)
+            ):
                 raise CheckpointError(
                     f"written by {meta['world_size']} processes; resume it with the same number (now {world})"
                 )

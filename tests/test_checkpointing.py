@@ -158,3 +158,19 @@ def test_sigterm_finishes_the_step_then_raises() -> None:
             stop.raise_if_requested(checkpoint=Path("ck/step-0000003"))
         assert e.value.exit_code == 143 and e.value.checkpoint == Path("ck/step-0000003")
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_same_world_size_refuses_a_checkpoint_of_another_process_count(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from llm2clip_vlm.checkpointing import CheckpointError
+
+    model, opt, _ = _setup()
+    Checkpointer(tmp_path).save(1, weights=model.state_dict(), optimizer=opt, state={})
+    two = SimpleNamespace(
+        num_processes=2, process_index=0, is_main_process=True, distributed_type="MULTI_CPU"
+    )
+    # Replicated optimizer state is loadable by any process count unless the trainer needs the same one.
+    assert Checkpointer(tmp_path, two).load().step == 1
+    with pytest.raises(CheckpointError, match="written by 1 processes; resume it with the same number"):
+        Checkpointer(tmp_path, two).load(same_world_size=True)

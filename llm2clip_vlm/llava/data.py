@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from llm2clip_vlm.data.captions import DataError, safe_image_path
-from llm2clip_vlm.data.images import BadRecords
+from llm2clip_vlm.data.images import BadRecords, load_rgb
 from llm2clip_vlm.llava.templates import (
     IGNORE_INDEX,
     ConversationError,
@@ -186,13 +186,6 @@ def image_to_pixels(image: Any, image_processor: Any, aspect: str) -> torch.Tens
     return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
-def load_rgb(path: Path, where: str) -> Any:
-    """An RGB image under the package's image policy (:func:`llm2clip_vlm.data.images.load_rgb`)."""
-    from llm2clip_vlm.data.images import load_rgb as load
-
-    return load(path, where)
-
-
 # ----------------------------------------------------------------------------------------------
 # Samples and batches
 # ----------------------------------------------------------------------------------------------
@@ -233,9 +226,6 @@ class LlavaDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
-
-    def is_image(self, i: int) -> bool:
-        return self.records[i].has_image
 
     def __getitem__(self, i: int) -> Sample | None:
         rec = self.records[i]

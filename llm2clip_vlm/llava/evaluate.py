@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from llm2clip_vlm.llava.data import LlavaRecord, image_to_pixels, load_rgb
+from llm2clip_vlm.data.images import load_rgb
+from llm2clip_vlm.llava.data import LlavaRecord, image_to_pixels
 from llm2clip_vlm.llava.templates import TemplateName, generation_prompt
 from llm2clip_vlm.progress import make_progress
 

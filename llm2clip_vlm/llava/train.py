@@ -28,6 +28,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -441,14 +442,12 @@ def run_llava(
     warmup = int(math.ceil(p.warmup_ratio * total_steps))
 
     checkpointer = Checkpointer(out / CHECKPOINTS, accelerator, keep=2)
-    resumed = checkpointer.load()  # weights and state now; optimizer and scheduler after prepare
+    # Weights and state now, optimizer and scheduler after prepare; each rank slices the global
+    # batch, so only the same number of processes continues the same run.
+    resumed = checkpointer.load(same_world_size=True)
     state = TrainState(world_size=world)
     if resumed is not None:
         state = TrainState(**resumed.state)
-        if state.world_size != world:
-            raise ValueError(
-                f"{resumed.path} was written by {state.world_size} processes; resume with the same number"
-            )
         missing = set(trainable_state(model)) - set(resumed.weights)
         if missing:
             raise ValueError(
@@ -540,10 +539,10 @@ def run_llava(
                         world
                         * accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]
                     )
-                    ctx = _nullcontext()
+                    ctx = nullcontext()
                 else:
                     scale = world  # DDP averages gradients over processes
-                    ctx = accelerator.no_sync(model) if not sync and world > 1 else _nullcontext()
+                    ctx = accelerator.no_sync(model) if not sync and world > 1 else nullcontext()
                 with ctx, accelerator.autocast():
                     loss = token_loss_sum(model, mb, accelerator.device) / denom
                 accelerator.backward(loss * scale)
@@ -657,11 +656,3 @@ def _setup_deepspeed(accelerator: Any, p: LlavaPhaseConfig, phase: str, world: i
     ds["train_batch_size"] = p.batch_size
     ds["gradient_clipping"] = p.grad_clip if p.grad_clip > 0 else 0.0
     return True
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

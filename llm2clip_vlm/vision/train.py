@@ -470,15 +470,12 @@ def train_stage2(
     processor = model.vision.image_processor
 
     checkpointer = Checkpointer(out / CHECKPOINTS, accelerator, keep=2)
-    resumed = checkpointer.load()  # weights and state now; optimizer and scheduler after prepare
+    # Weights and state now, optimizer and scheduler after prepare; each rank slices the global
+    # batch, so only the same number of processes continues the same run.
+    resumed = checkpointer.load(same_world_size=True)
     state = TrainState(world_size=world)
     if resumed is not None:
         state = TrainState(**resumed.state)
-        if state.world_size != world:
-            raise ValueError(
-                f"{resumed.path} was written by {state.world_size} processes; resume it with the same "
-                f"number (now {world})"
-            )
         model.load_state_dict(resumed.weights)
         log.info("stage 2: resuming from %s at step %d", resumed.path, state.step)
 
