@@ -10,17 +10,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LMMS_EVAL_SPEC="${LMMS_EVAL_SPEC:-lmms-eval==0.7.3}"
-EVAL_DEPS=(loguru sacrebleu "evaluate>=0.4" "tenacity>=8.3" pytz pytablewriter jsonlines)
+# filelock 4.3.1 removed filelock._api, which lmms-eval 0.7.3's evaluator imports.
+EVAL_DEPS=(loguru sacrebleu "evaluate>=0.4" "tenacity>=8.3" pytz pytablewriter jsonlines "filelock<4.3.1")
+LOCK="${LLM2CLIP_LOCK:-requirements/lock-cpu.txt}"
 
 torch_before=$(python -c "import torch; print(torch.__version__)")
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 # Pin the installed torch: nothing below may replace it.
 echo "torch==${torch_before}" > "$constraints"
+# ...and every other package stays at its locked version.
+if [ "$LOCK" != "none" ]; then grep -v '^torch==' "$LOCK" >> "$constraints"; fi
 
 # Dependencies first, so pip does not list lmms-eval's unmet ones as "conflicts" while installing them.
 python -m pip install -q -c "$constraints" "${EVAL_DEPS[@]}"
-python -m pip install -q --no-deps "$LMMS_EVAL_SPEC"
+python -m pip install -q -c "$constraints" --no-deps "$LMMS_EVAL_SPEC"
 # Re-register our entry points (lmms_eval.models) in case the package was installed before them.
 python -m pip install -q --no-deps -e .
 
