@@ -417,7 +417,7 @@ def _report_known_error(e: Exception) -> int | None:
     # Imported here, not at the top: they pull in torch, and `--help` must stay instant.
     from rich.markup import escape
 
-    from llm2clip_vlm.checkpointing import CheckpointError, NonFiniteError, TrainingInterrupted
+    from llm2clip_vlm.training.checkpoint import CheckpointError, NonFiniteError, TrainingInterrupted
     from llm2clip_vlm.data.captions import DataError
 
     if isinstance(e, TrainingInterrupted):  # SIGTERM/SIGINT: a checkpoint was saved first

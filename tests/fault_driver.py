@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from llm2clip_vlm import checkpointing, configuration  # noqa: E402
+from llm2clip_vlm import configuration  # noqa: E402
+from llm2clip_vlm.training import checkpoint as checkpointing  # noqa: E402
 from llm2clip_vlm.config import RunConfig  # noqa: E402
 
 STAGE2_TINY = [
@@ -128,7 +129,7 @@ def main() -> None:
     p.add_argument("--kill-in-save", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(1)
-    from llm2clip_vlm.losses import ClipLoss, SupervisedSimCSELoss
+    from llm2clip_vlm.training.losses import ClipLoss, SupervisedSimCSELoss
 
     if args.kill_at_loss:
         kill_at_loss(SupervisedSimCSELoss if args.stage == "stage1" else ClipLoss, args.kill_at_loss)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from llm2clip_vlm import checkpointing
-from llm2clip_vlm.checkpointing import (
+from llm2clip_vlm.training import checkpoint as checkpointing
+from llm2clip_vlm.training.checkpoint import (
     Checkpointer,
     CheckpointError,
     CheckpointWriteError,
@@ -163,7 +163,7 @@ def test_sigterm_finishes_the_step_then_raises() -> None:
 def test_same_world_size_refuses_a_checkpoint_of_another_process_count(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from llm2clip_vlm.checkpointing import CheckpointError
+    from llm2clip_vlm.training.checkpoint import CheckpointError
 
     model, opt, _ = _setup()
     Checkpointer(tmp_path).save(1, weights=model.state_dict(), optimizer=opt, state={})

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from llm2clip_vlm.losses import ClipLoss, SigLipLoss
+from llm2clip_vlm.training.losses import ClipLoss, SigLipLoss
 
 
 def _softplus(x: float) -> float:

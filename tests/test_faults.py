@@ -25,13 +25,14 @@ from fault_driver import run_stage1, run_stage2
 from PIL import Image
 from safetensors.torch import load_file
 
-from llm2clip_vlm import checkpointing, configuration
-from llm2clip_vlm.checkpointing import Checkpointer, CheckpointWriteError, NonFiniteError, TrainingInterrupted
+from llm2clip_vlm import configuration
+from llm2clip_vlm.training import checkpoint as checkpointing
+from llm2clip_vlm.training.checkpoint import Checkpointer, CheckpointWriteError, NonFiniteError, TrainingInterrupted
 from llm2clip_vlm.config import RunConfig
 from llm2clip_vlm.data import DataError, load_caption_set
 from llm2clip_vlm.data.config import CaptionSetConfig
 from llm2clip_vlm.data.images import load_rgb
-from llm2clip_vlm.losses import ClipLoss
+from llm2clip_vlm.training.losses import ClipLoss
 from llm2clip_vlm.text.tiny import save_tiny_llm
 
 DRIVER = Path(__file__).with_name("fault_driver.py")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from stage2_world import FakeStore, load_image, make_world
 
 from llm2clip_vlm import configuration
-from llm2clip_vlm.checkpointing import Checkpointer
+from llm2clip_vlm.training.checkpoint import Checkpointer
 from llm2clip_vlm.config import RunConfig
 from llm2clip_vlm.vision.retrieval import retrieval_metrics
 from llm2clip_vlm.vision.train import (

@@ -3,7 +3,7 @@
 The step is what :mod:`llm2clip_vlm.text.train` runs per optimizer step: the global batch of
 :class:`~llm2clip_vlm.text.simcse.SimCSEBatches` (query with instruction, positive, hard negative
 per image), :func:`~llm2clip_vlm.text.train.embed_triplets` (length-sorted chunks, mean pooling
-over caption tokens), :class:`~llm2clip_vlm.losses.SupervisedSimCSELoss` (scale 50), backward,
+over caption tokens), :class:`~llm2clip_vlm.training.losses.SupervisedSimCSELoss` (scale 50), backward,
 grad clip, AdamW step, on a LoRA-wrapped bidirectional LLM (r16/alpha32 on all 7 projections,
 :func:`~llm2clip_vlm.text.train._wrap_lora`). ``qlora`` loads the same random weights 4-bit
 (bitsandbytes NF4) through :func:`~llm2clip_vlm.text.modeling.load_bidirectional`; it is skipped,
@@ -103,7 +103,7 @@ def run(
     Raises:
         RuntimeError: a CUDA device was asked for and there is none.
     """
-    from llm2clip_vlm.losses import SupervisedSimCSELoss
+    from llm2clip_vlm.training.losses import SupervisedSimCSELoss
     from llm2clip_vlm.text.config import LoraConfig, Stage1Config
     from llm2clip_vlm.text.modeling import bidirectional_from_config
     from llm2clip_vlm.text.simcse import SimCSEBatches

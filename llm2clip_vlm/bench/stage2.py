@@ -1,7 +1,7 @@
 """``bench stage2``: one stage-2 training step, three ways of providing the text side.
 
 Same device, same vision model (a fresh :class:`~llm2clip_vlm.vision.model.LLM2CLIP` per variant,
-same seed), same global batch of images and captions, same loss (:class:`~llm2clip_vlm.losses.ClipLoss`),
+same seed), same global batch of images and captions, same loss (:class:`~llm2clip_vlm.training.losses.ClipLoss`),
 same optimiser (AdamW with the stage-2 parameter groups), grad clip and logit-scale clamp:
 
 - ``offline``: caption embeddings precomputed (as read from the store), moved to the device;
@@ -172,7 +172,7 @@ def run(
     Raises:
         RuntimeError: a CUDA device was asked for and there is none.
     """
-    from llm2clip_vlm.losses import ClipLoss
+    from llm2clip_vlm.training.losses import ClipLoss
     from llm2clip_vlm.text.config import Stage1Config
     from llm2clip_vlm.text.encoder import CaptionEncoder
     from llm2clip_vlm.text.modeling import bidirectional_from_config

@@ -130,7 +130,7 @@ def build_llava_model(
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     image_token_id = tokenizer.convert_tokens_to_ids(image_token)
 
-    from llm2clip_vlm.checkpointing import from_pretrained_kwargs
+    from llm2clip_vlm.training.checkpoint import from_pretrained_kwargs
 
     lm_kwargs: dict[str, Any] = dict(ref.kwargs(), dtype=dtype or "auto")
     if not ref.gguf_file:  # a GGUF file is no pickle; transformers reads it itself

@@ -11,7 +11,7 @@
    ratio then cosine (or constant);
 4. loop: accelerate (DDP, FSDP or DeepSpeed through an accelerate config), mixed precision,
    gradient checkpointing, gradient accumulation up to the global batch, grad clipping,
-   checkpoints (:mod:`llm2clip_vlm.checkpointing`: atomic, RNG included) that a killed run
+   checkpoints (:mod:`llm2clip_vlm.training.checkpoint`: atomic, RNG included) that a killed run
    resumes from exactly, SIGTERM/SIGINT save before exiting, non-finite steps stop or are skipped;
 5. held-out questions answered before and after training -> ``metrics.json``; the model saved in
    transformers' LLaVA format (LoRA merged), plus the projector alone in LLaVA's format.
@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from llm2clip_vlm import configuration
-from llm2clip_vlm.checkpointing import Checkpointer, GracefulExit, NonFiniteGuard
+from llm2clip_vlm.training.checkpoint import Checkpointer, GracefulExit, NonFiniteGuard
 from llm2clip_vlm.config import RunConfig
 from llm2clip_vlm.data.images import BadRecords, write_report
 from llm2clip_vlm.llava.config import LlavaPhaseConfig

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from llm2clip_vlm import configuration
-from llm2clip_vlm.checkpointing import Checkpointer, GracefulExit, NonFiniteGuard, Resumed
+from llm2clip_vlm.training.checkpoint import Checkpointer, GracefulExit, NonFiniteGuard, Resumed
 from llm2clip_vlm.config import RunConfig
 from llm2clip_vlm.data.records import ImageCaptions
 from llm2clip_vlm.logging import get_logger
-from llm2clip_vlm.losses import SupervisedSimCSELoss
+from llm2clip_vlm.training.losses import SupervisedSimCSELoss
 from llm2clip_vlm.progress import make_progress
 from llm2clip_vlm.text.config import Stage1Config
 from llm2clip_vlm.text.cra import caption_pairs, caption_retrieval_accuracy
@@ -382,7 +382,7 @@ def _out_of_time(s: Stage1Config, state: TrainState, accelerator: Any) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints (llm2clip_vlm.checkpointing): LoRA adapter + optimizer + scheduler + RNG + step
+# Checkpoints (llm2clip_vlm.training.checkpoint): LoRA adapter + optimizer + scheduler + RNG + step
 # --------------------------------------------------------------------------------------------
 def _adapter_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict

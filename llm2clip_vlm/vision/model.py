@@ -61,7 +61,7 @@ class LLM2CLIP(nn.Module):
     """Vision backbone + re-initialised image head + text adaptor + logit scale (+ bias for SigLIP).
 
     ``forward`` returns open_clip's dict of L2-normalised features and ``exp(logit_scale)``, so the
-    losses of :mod:`llm2clip_vlm.losses` take it directly.
+    losses of :mod:`llm2clip_vlm.training.losses` take it directly.
     """
 
     def __init__(self, config: LLM2CLIPConfig, backbone: VisionBackbone | None = None) -> None:

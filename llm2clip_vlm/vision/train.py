@@ -38,11 +38,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from llm2clip_vlm import configuration
-from llm2clip_vlm.checkpointing import Checkpointer, GracefulExit, NonFiniteGuard
+from llm2clip_vlm.training.checkpoint import Checkpointer, GracefulExit, NonFiniteGuard
 from llm2clip_vlm.config import RunConfig
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.logging import get_logger
-from llm2clip_vlm.losses import ClipLoss, SigLipLoss
+from llm2clip_vlm.training.losses import ClipLoss, SigLipLoss
 from llm2clip_vlm.progress import make_progress
 from llm2clip_vlm.vision.config import Stage2Config
 from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig

@@ -18,7 +18,7 @@ good. Weights that are not finite are never written (:class:`NonFiniteError`).
 
 Usage (any accelerate trainer; ``accelerator`` may be None for a plain single process)::
 
-    from llm2clip_vlm.checkpointing import Checkpointer, GracefulExit, NonFiniteGuard
+    from llm2clip_vlm.training.checkpoint import Checkpointer, GracefulExit, NonFiniteGuard
 
     ckpt = Checkpointer(out / "checkpoints", accelerator, keep=2)
     resumed = ckpt.load(optimizer=optimizer, scheduler=scheduler)  # None on a fresh run
