@@ -6,7 +6,7 @@ The pipeline, one subpackage per layer:
 - ``text``    stage 1: a decoder LLM made bidirectional and trained as a caption embedder
 - ``store``   the caption embedding store (every caption encoded once, memory-mapped)
 - ``vision``  stage 2: a CLIP/SigLIP vision encoder aligned to the frozen LLM; export
-- ``losses``  the distributed-aware contrastive loss family used by both stages
+- ``training`` the one training loop, checkpoints, schedules and the contrastive losses
 
 Importing the package is light: heavy modules load on first use of the names below.
 """
@@ -23,11 +23,11 @@ _LAZY = {
     "CaptionEncoder": "llm2clip_vlm.text.encoder",
     "LLM2CLIP": "llm2clip_vlm.vision.model",
     "LLM2CLIPVisionTower": "llm2clip_vlm.tower.llava_tower",
-    "RunConfig": "llm2clip_vlm.config",
+    "RunConfig": "llm2clip_vlm.recipe",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from llm2clip_vlm.config import RunConfig
+    from llm2clip_vlm.recipe import RunConfig
     from llm2clip_vlm.text.encoder import CaptionEncoder
     from llm2clip_vlm.tower.llava_tower import LLM2CLIPVisionTower
     from llm2clip_vlm.vision.model import LLM2CLIP

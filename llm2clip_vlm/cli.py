@@ -17,8 +17,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from llm2clip_vlm import configuration
-from llm2clip_vlm.config import RunConfig, apply_runtime
+from llm2clip_vlm import config_io
+from llm2clip_vlm.recipe import RunConfig, apply_runtime
 
 app = typer.Typer(
     name="llm2clip-vlm",
@@ -49,7 +49,7 @@ def demo_recipe_path() -> Path:
 def resolve_config(recipe: Path | None, overrides: list[str] | None) -> RunConfig:
     """Defaults <- recipe (or the embedded demo recipe) <- ``--set`` overrides."""
     try:
-        cfg = configuration.load(RunConfig, recipe or demo_recipe_path(), overrides or [])
+        cfg = config_io.load(RunConfig, recipe or demo_recipe_path(), overrides or [])
         apply_runtime(cfg.runtime)
     except ValueError as e:  # ConfigError, or a value apply_runtime refuses
         console.print(f"[red]config error:[/red] {e}")

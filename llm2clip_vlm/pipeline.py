@@ -27,8 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llm2clip_vlm import configuration
-from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm import config_io
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.logging import get_logger
 
 log = get_logger(__name__)
@@ -46,7 +46,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 
 def stage_fingerprint(cfg: RunConfig, stage: str, upstream: str) -> str:
     """Hash of the config sections a stage reads and the fingerprint of the stage before it."""
-    payload = {s: configuration.to_dict(getattr(cfg, s)) for s in STAGE_SECTIONS[stage]}
+    payload = {s: config_io.to_dict(getattr(cfg, s)) for s in STAGE_SECTIONS[stage]}
     if stage == "embed":
         # Where the encoder comes from is decided by the pipeline, not by this field.
         payload["embed"].pop("encoder", None)
@@ -80,7 +80,7 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
         raise ValueError(f"--from-stage must be one of {', '.join(STAGES)}, got {from_stage!r}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    configuration.dump(cfg, output_dir / "config.yaml")
+    config_io.dump(cfg, output_dir / "config.yaml")
     # All stages share one data location, so the demo world is generated once.
     if not cfg.data.train.path and not cfg.data.demo_dir:
         cfg.data.demo_dir = str(output_dir / "demo-data")

@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from llm2clip_vlm import configuration  # noqa: E402
+from llm2clip_vlm import config_io  # noqa: E402
 from llm2clip_vlm.training import checkpoint as checkpointing  # noqa: E402
-from llm2clip_vlm.config import RunConfig  # noqa: E402
+from llm2clip_vlm.recipe import RunConfig  # noqa: E402
 
 STAGE2_TINY = [
     "stage2.backbone.image_size=32",
@@ -76,7 +76,7 @@ def run_stage1(model: Path, out: Path) -> dict[str, Any]:
 
 
 def stage2_cfg(extra: list[str] | None = None) -> RunConfig:
-    return configuration.load(RunConfig, None, STAGE2_TINY + (extra or []))
+    return config_io.load(RunConfig, None, STAGE2_TINY + (extra or []))
 
 
 def run_stage2(data: Path, out: Path, extra: list[str] | None = None, **kw: Any) -> dict[str, Any]:

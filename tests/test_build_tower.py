@@ -9,9 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llm2clip_vlm import configuration
+from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import app
-from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.pipeline import stage_fingerprint
 
 TINY = [
@@ -44,7 +44,7 @@ def _build(tmp_path: Path, llm: Path, extra: list[str] = (), from_stage: str | N
 
 def test_fingerprints_follow_the_sections_each_stage_reads() -> None:
     a = RunConfig()
-    b = configuration.load(RunConfig, None, ["stage2.lr=3e-5"])
+    b = config_io.load(RunConfig, None, ["stage2.lr=3e-5"])
     assert stage_fingerprint(a, "stage1", "") == stage_fingerprint(b, "stage1", "")
     assert stage_fingerprint(a, "stage2", "x") != stage_fingerprint(b, "stage2", "x")
     assert stage_fingerprint(a, "export", "u1") != stage_fingerprint(a, "export", "u2")  # upstream counts

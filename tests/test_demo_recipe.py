@@ -6,9 +6,9 @@ import pytest
 import torch
 import typer
 
-from llm2clip_vlm import configuration
+from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import demo_recipe_path, resolve_config
-from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.data.records import Caption, ImageCaptions, keep_captions
 from llm2clip_vlm.vision.train import _total_steps
 
@@ -40,7 +40,7 @@ def test_runtime_threads_are_applied_by_every_command() -> None:
 
 
 def test_demo_recipe_schedules_fit_the_demo_world() -> None:
-    cfg = configuration.load(RunConfig, demo_recipe_path())
+    cfg = config_io.load(RunConfig, demo_recipe_path())
     s2 = cfg.stage2
     # The cosine schedule must have room to warm up and then decay over many steps.
     total = _total_steps(s2, cfg.data.demo_train_images)

@@ -25,10 +25,10 @@ from fault_driver import run_stage1, run_stage2
 from PIL import Image
 from safetensors.torch import load_file
 
-from llm2clip_vlm import configuration
+from llm2clip_vlm import config_io
 from llm2clip_vlm.training import checkpoint as checkpointing
 from llm2clip_vlm.training.checkpoint import Checkpointer, CheckpointWriteError, NonFiniteError, TrainingInterrupted
-from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.data import DataError, load_caption_set
 from llm2clip_vlm.data.config import CaptionSetConfig
 from llm2clip_vlm.data.images import load_rgb
@@ -176,7 +176,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("demo-run")
     write_demo_dataset(root / "data", seed=0, train_images=32, heldout_images=16, show_progress=False)
     enc = make_encoder_dir(root / "enc")
-    cfg = configuration.load(RunConfig, None, _demo_overrides(root / "data") + [f"embed.encoder={enc}"])
+    cfg = config_io.load(RunConfig, None, _demo_overrides(root / "data") + [f"embed.encoder={enc}"])
     run_embed(cfg, root / "store")
     return {"data": root / "data", "enc": enc, "store": root / "store"}
 
@@ -202,7 +202,7 @@ def test_corrupt_store_shard_is_refused_by_stage2(demo_run: dict[str, Path], tmp
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF  # one flipped bit of one embedding
     shard.write_bytes(bytes(data))
-    cfg = configuration.load(RunConfig, None, _demo_overrides(demo_run["data"]))
+    cfg = config_io.load(RunConfig, None, _demo_overrides(demo_run["data"]))
     with pytest.raises(StoreMismatchError, match=rf"shard .*{shard.name} is corrupt"):
         stage2(cfg, tmp_path / "s2", store_dir=store, encoder_dir=demo_run["enc"])
 
@@ -301,8 +301,8 @@ def test_manifest_paths_must_stay_inside_the_image_root(tmp_path: Path) -> None:
 def test_yaml_recipe_with_a_python_tag_is_refused(tmp_path: Path) -> None:
     recipe = tmp_path / "evil.yaml"
     recipe.write_text("stage1:\n  model: !!python/object/apply:os.system ['touch pwned']\n")
-    with pytest.raises(configuration.ConfigError, match="not valid YAML"):
-        configuration.load(RunConfig, recipe)
+    with pytest.raises(config_io.ConfigError, match="not valid YAML"):
+        config_io.load(RunConfig, recipe)
     assert not Path("pwned").exists()
 
 

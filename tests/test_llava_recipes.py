@@ -8,16 +8,16 @@ import pytest
 from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.utils import DistributedType
 
-from llm2clip_vlm import configuration
+from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import demo_recipe_path
-from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.recipe import RunConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @pytest.mark.parametrize("name", ["llava15-7b-clip-vit-l-14-336.yaml", "llava15-7b-llm2clip.yaml"])
 def test_reference_llava_recipes(name: str) -> None:
-    cfg = configuration.load(RunConfig, RECIPES / name)
+    cfg = config_io.load(RunConfig, RECIPES / name)
     pre, ft = cfg.llava.pretrain, cfg.llava.finetune
     assert cfg.llava.tower and cfg.llava.llm.endswith("vicuna-7b-v1.5")
     assert (cfg.llava.vision_feature_layer, cfg.llava.select_strategy) == (-2, "default")
@@ -36,7 +36,7 @@ def test_reference_llava_recipes(name: str) -> None:
 
 
 def test_lora_recipe_and_defaults_are_llavas() -> None:
-    cfg = configuration.load(RunConfig, RECIPES / "llava15-7b-llm2clip-lora.yaml")
+    cfg = config_io.load(RunConfig, RECIPES / "llava15-7b-llm2clip-lora.yaml")
     ft = cfg.llava.finetune
     assert (ft.tune, ft.lora_r, ft.lora_alpha, ft.lr, ft.projector_lr) == ("lora", 128, 256, 2e-4, 2e-5)
     # Defaults alone are the reference too (recipes set only what differs).
@@ -66,7 +66,7 @@ def test_llava_accelerate_configs() -> None:
 
 
 def test_demo_recipe_runs_llava_on_the_cpu_demo() -> None:
-    cfg = configuration.load(RunConfig, demo_recipe_path())
+    cfg = config_io.load(RunConfig, demo_recipe_path())
     assert cfg.llava.llm == "builtin:smollm2-135m-instruct" and cfg.llava.tower
     for p in (cfg.llava.pretrain, cfg.llava.finetune):
         assert p.precision == "fp32" and p.max_seconds > 0 and not p.data.path

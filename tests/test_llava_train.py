@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from llm2clip_vlm import configuration
+from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import app
-from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.data.synthetic_llava import write_llava_demo
 from llm2clip_vlm.llava.train import LLAVA_PROJECTOR_KEYS, run_llava
 from llm2clip_vlm.text.tiny import save_tiny_llm
@@ -49,7 +49,7 @@ def _overrides(parts: dict[str, Path], phase: str, extra: list[str] = ()) -> lis
 
 
 def _cfg(parts, phase, extra=()) -> RunConfig:
-    return configuration.load(RunConfig, None, _overrides(parts, phase, list(extra)))
+    return config_io.load(RunConfig, None, _overrides(parts, phase, list(extra)))
 
 
 @pytest.fixture(scope="module")
@@ -200,14 +200,14 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) ->
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
     torch.set_num_threads(1)
-    cfg = configuration.load(RunConfig, None, overrides)
+    cfg = config_io.load(RunConfig, None, overrides)
     run_llava(cfg, Path(out), "pretrain")
 
 
 @pytest.mark.slow  # spawns 2 processes
 def test_two_processes_match_one_process_with_the_same_global_batch(parts, tmp_path: Path) -> None:
     overrides = _overrides(parts, "pretrain")
-    one = run_llava(configuration.load(RunConfig, None, overrides), tmp_path / "one", "pretrain")["losses"]
+    one = run_llava(config_io.load(RunConfig, None, overrides), tmp_path / "one", "pretrain")["losses"]
     mp.spawn(_worker, args=(2, _free_port(), overrides, str(tmp_path / "two")), nprocs=2)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())["losses"]
     assert len(two) == 3 and two == pytest.approx(one, abs=1e-5)

@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from stage2_world import FakeStore, load_image, make_world
 
-from llm2clip_vlm import configuration
+from llm2clip_vlm import config_io
 from llm2clip_vlm.training.checkpoint import Checkpointer
-from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.vision.retrieval import retrieval_metrics
 from llm2clip_vlm.vision.train import (
     CHECKPOINTS,
@@ -122,7 +122,7 @@ def _world(root: Path, n_train: int, n_held: int) -> tuple[list, FakeStore, dict
 def _run(root: Path, out: Path, overrides: list[str], **kw: Any) -> dict[str, Any]:
     n_train, n_held = kw.pop("n_train", 32), kw.pop("n_held", 8)
     train, store, heldout = _world(root, n_train, n_held)
-    cfg = configuration.load(RunConfig, None, TINY + overrides)
+    cfg = config_io.load(RunConfig, None, TINY + overrides)
     return train_stage2(cfg, out, train, store, heldout, load_image=load_image, **kw)
 
 
@@ -137,7 +137,7 @@ def test_tiny_end_to_end_run_learns_and_writes_its_outputs(tmp_path: Path) -> No
     )["stage2"]
     run = tmp_path / "run"
     assert json.loads((run / "metrics.json").read_text())["stage2"] == metrics
-    assert configuration.load(RunConfig, run / "config.yaml").stage2.max_steps == 16
+    assert config_io.load(RunConfig, run / "config.yaml").stage2.max_steps == 16
     assert (run / "model" / "vision" / "model.safetensors").is_file()
     before, after = metrics["retrieval_before"]["short"], metrics["retrieval"]["short"]
     assert set(after) == {

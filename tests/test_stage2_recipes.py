@@ -8,9 +8,9 @@ import pytest
 from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.utils import DistributedType
 
-from llm2clip_vlm import configuration
+from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import demo_recipe_path
-from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.vision.backbones import known_backbones
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -25,7 +25,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_reference_stage2_recipes(name: str) -> None:
-    cfg = configuration.load(RunConfig, RECIPES / name)
+    cfg = config_io.load(RunConfig, RECIPES / name)
     kind, width = EXPECTED[name]
     s = cfg.stage2
     assert s.backbone.kind == kind and s.backbone.kind in known_backbones() and s.backbone.name_or_path
@@ -51,7 +51,7 @@ def test_accelerate_configs_parse() -> None:
 
 
 def test_demo_recipe_stage2_fits_the_demo_world() -> None:
-    cfg = configuration.load(RunConfig, demo_recipe_path())
+    cfg = config_io.load(RunConfig, demo_recipe_path())
     s = cfg.stage2
     assert s.backbone.name_or_path == "" and s.backbone.image_size == 64 and s.backbone.patch_size == 8
     assert s.batch_size <= cfg.data.demo_train_images

@@ -11,7 +11,7 @@ from store_driver import make_encoder_dir, make_records
 from typer.testing import CliRunner
 
 from llm2clip_vlm.cli import app
-from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.store.run import MissingEncoderError, resolve_encoder_dir, run_embed
 from llm2clip_vlm.store.store import EmbeddingStore

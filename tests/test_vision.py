@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from llm2clip_vlm import configuration
-from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm import config_io
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.vision.adaptor import ResidualMLPBlock, TextAdaptor
 from llm2clip_vlm.vision.backbones import create_backbone, known_backbones
 from llm2clip_vlm.vision.config import VisionBackboneConfig
@@ -150,7 +150,7 @@ def test_logit_scale_clamp_and_siglip_bias() -> None:
 
 
 def test_param_groups_weight_decay_and_layer_decay_are_exact() -> None:
-    cfg = configuration.load(RunConfig, None, ["stage2.lr=1e-3", "stage2.head_lr=5e-3"])
+    cfg = config_io.load(RunConfig, None, ["stage2.lr=1e-3", "stage2.head_lr=5e-3"])
     model = _tiny_model()
     groups = build_param_groups(model, cfg.stage2)
     by_param = {id(p): g for g in groups for p in g["params"]}

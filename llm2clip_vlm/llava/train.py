@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from llm2clip_vlm import configuration
+from llm2clip_vlm import config_io
 from llm2clip_vlm.training.checkpoint import Checkpointer, GracefulExit, NonFiniteGuard
-from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.data.images import BadRecords, write_report
 from llm2clip_vlm.llava.config import LlavaPhaseConfig
 from llm2clip_vlm.llava.data import (
@@ -398,7 +398,7 @@ def run_llava(
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        configuration.dump(cfg, out / "config.yaml")
+        config_io.dump(cfg, out / "config.yaml")
     check_inputs(cfg, phase, init_path)
     data_file, image_folder, heldout_file = phase_data(cfg, phase, out)
     bad = BadRecords(

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llm2clip_vlm import configuration
-from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm import config_io
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.logging import get_logger
 
@@ -91,7 +91,7 @@ def run_embed(
     train, heldout = data
     train = keep_captions(train, cfg.embed.train_captions_per_kind)
     if rank == 0:
-        configuration.dump(cfg, out / "config.yaml")
+        config_io.dump(cfg, out / "config.yaml")
     encoder = CaptionEncoder.from_pretrained(encoder_dir, device=state.device)
     log.info("embed: encoder %s (%s), %d process(es)", encoder_dir, encoder.identity()[:12], world)
     summary: dict[str, dict[str, Any]] = {}

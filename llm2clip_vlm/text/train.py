@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from llm2clip_vlm import configuration
+from llm2clip_vlm import config_io
 from llm2clip_vlm.training.checkpoint import Checkpointer, GracefulExit, NonFiniteGuard, Resumed
-from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.data.records import ImageCaptions
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.training.losses import SupervisedSimCSELoss
@@ -100,7 +100,7 @@ def train_stage1(
     set_seed(s.seed)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        configuration.dump(cfg, out / "config.yaml")
+        config_io.dump(cfg, out / "config.yaml")
     world = accelerator.num_processes
     if s.mntp.enabled and s.lora.quantization != "none":
         raise ValueError(

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from llm2clip_vlm import configuration
-from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm import config_io
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.vision.model import LLM2CLIP
 
@@ -56,7 +56,7 @@ def export_tower(
     if not model_src.is_dir():
         raise FileNotFoundError(f"{run_dir} is not a finished stage-2 run (no model/ folder)")
     cfg_file = run_dir / "config.yaml"
-    cfg = configuration.load(RunConfig, cfg_file) if cfg_file.is_file() else RunConfig()
+    cfg = config_io.load(RunConfig, cfg_file) if cfg_file.is_file() else RunConfig()
     dtype = dtype or cfg.export.dtype
     if dtype not in DTYPES:
         raise ValueError(f"export dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -119,7 +119,7 @@ def _provenance(
             "train": cfg.data.train.path or f"synthetic demo world (seed {cfg.data.demo_seed})",
             "heldout": sorted(s2.get("retrieval", {})),
         },
-        "stage2": configuration.to_dict(cfg.stage2),
+        "stage2": config_io.to_dict(cfg.stage2),
         "run_dir": str(run_dir.resolve()),
         "retrieval": s2.get("retrieval", {}),
         "retrieval_before": s2.get("retrieval_before", {}),

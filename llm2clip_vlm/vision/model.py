@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llm2clip_vlm import configuration
+from llm2clip_vlm import config_io
 from llm2clip_vlm.vision.adaptor import TextAdaptor, new_image_head
 from llm2clip_vlm.vision.backbones import VisionBackbone, create_backbone
 from llm2clip_vlm.vision.config import VisionBackboneConfig
@@ -149,7 +149,7 @@ class LLM2CLIP(nn.Module):
         self.vision.save_pretrained(path / VISION_DIR)
         state = {k: v.detach().contiguous().cpu() for k, v in self.head_state_dict().items()}
         save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
-        cfg = configuration.to_dict(self.config)
+        cfg = config_io.to_dict(self.config)
         cfg["backbone"]["name_or_path"] = VISION_DIR  # relative: the folder can move
         cfg["format"] = FORMAT_VERSION
         (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
@@ -175,8 +175,8 @@ class LLM2CLIP(nn.Module):
         if version != FORMAT_VERSION:
             raise ValueError(f"{cfg_file}: format {version!r}, this version reads {FORMAT_VERSION}")
         try:
-            config = configuration.build(LLM2CLIPConfig, raw)
-        except configuration.ConfigError as e:
+            config = config_io.build(LLM2CLIPConfig, raw)
+        except config_io.ConfigError as e:
             raise ValueError(f"{cfg_file}: {e}") from e
         config.backbone = dataclasses.replace(config.backbone, name_or_path=str(path / VISION_DIR))
         if encoder_path is not None:

@@ -37,9 +37,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from llm2clip_vlm import configuration
+from llm2clip_vlm import config_io
 from llm2clip_vlm.training.checkpoint import Checkpointer, GracefulExit, NonFiniteGuard
-from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.training.losses import ClipLoss, SigLipLoss
@@ -446,7 +446,7 @@ def train_stage2(
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        configuration.dump(cfg, out / "config.yaml")
+        config_io.dump(cfg, out / "config.yaml")
     usable = list(usable) if usable is not None else list(range(len(train_records)))
     total_steps = _total_steps(s, len(usable))
 

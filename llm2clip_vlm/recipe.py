@@ -1,4 +1,4 @@
-"""The run configuration: one section per pipeline stage, shared by every CLI command."""
+"""The recipe schema: RunConfig, one section per pipeline stage (imported only by the CLI and the pipeline)."""
 
 from __future__ import annotations
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llm2clip_vlm import configuration
+from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import demo_recipe_path
-from llm2clip_vlm.config import RunConfig
-from llm2clip_vlm.configuration import ConfigError
+from llm2clip_vlm.recipe import RunConfig
+from llm2clip_vlm.config_io import ConfigError
 
 
 def test_defaults_are_the_reference_method() -> None:
@@ -25,15 +25,15 @@ def test_defaults_are_the_reference_method() -> None:
 def test_recipe_and_overrides(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"stage1": {"lr": 1e-4, "lora": {"r": 8}}}))
-    cfg = configuration.load(
+    cfg = config_io.load(
         RunConfig, recipe, ["stage1.lora.alpha=64", "stage2.loss=siglip", "stage1.lr=3e-4"]
     )
     assert cfg.stage1.lr == 3e-4  # the override wins over the recipe
     assert cfg.stage1.lora.r == 8 and cfg.stage1.lora.alpha == 64
     assert cfg.stage1.lora.dropout == 0.05  # untouched keys of a partial section keep their defaults
     assert cfg.stage2.loss == "siglip"
-    out = configuration.dump(cfg, tmp_path / "run" / "config.yaml")
-    assert configuration.load(RunConfig, out) == cfg  # the resolved config round-trips
+    out = config_io.dump(cfg, tmp_path / "run" / "config.yaml")
+    assert config_io.load(RunConfig, out) == cfg  # the resolved config round-trips
 
 
 @pytest.mark.parametrize(
@@ -51,24 +51,24 @@ def test_recipe_and_overrides(tmp_path: Path) -> None:
 )
 def test_bad_keys_and_types_are_refused_by_name(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-        configuration.load(RunConfig, None, [override])
+        config_io.load(RunConfig, None, [override])
 
 
 def test_recipe_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
-        configuration.load(RunConfig, tmp_path / "missing.yaml")
+        config_io.load(RunConfig, tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
-        configuration.load(RunConfig, bad)
+        config_io.load(RunConfig, bad)
     unsafe = tmp_path / "unsafe.yaml"
     unsafe.write_text("stage1: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        configuration.load(RunConfig, unsafe)
+        config_io.load(RunConfig, unsafe)
 
 
 def test_embedded_demo_recipe_loads() -> None:
-    cfg = configuration.load(RunConfig, demo_recipe_path())
+    cfg = config_io.load(RunConfig, demo_recipe_path())
     assert cfg.stage1.model.startswith("builtin:")
 
 
@@ -77,4 +77,4 @@ def test_every_recipe_in_the_repo_validates() -> None:
     for recipe in sorted(root.rglob("*.yaml")):
         if "accelerate" in recipe.parts:  # accelerate launcher configs, not run configs
             continue
-        configuration.load(RunConfig, recipe)
+        config_io.load(RunConfig, recipe)

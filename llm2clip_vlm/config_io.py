@@ -1,4 +1,4 @@
-"""Typed, nested run configuration: YAML recipes + ``--set key=value`` overrides.
+"""Config machinery: build typed dataclasses from YAML recipes + ``--set key=value`` overrides, dump them.
 
 Every command of the CLI resolves one :class:`RunConfig` (a tree of dataclasses, one section per
 pipeline stage). A recipe YAML sets only what differs from the defaults; ``--set a.b=c`` overrides
