@@ -82,7 +82,7 @@ def demo_data(
 @app.command("stage1")
 def stage1(recipe: RecipeArg = None, output: OutputOpt = Path("runs/stage1"), set_: SetOpt = None) -> None:
     """Stage 1: make a decoder LLM a caption embedder (bidirectional, MNTP, supervised SimCSE)."""
-    from llm2clip_vlm.text.train import run_stage1
+    from llm2clip_vlm.commands import run_stage1
 
     cfg = resolve_config(recipe, set_)
     metrics = run_stage1(cfg, output)
@@ -146,7 +146,7 @@ def stage2(
     set_: SetOpt = None,
 ) -> None:
     """Stage 2: align a CLIP vision encoder to the frozen LLM through stored caption embeddings."""
-    from llm2clip_vlm.vision.train import run_stage2
+    from llm2clip_vlm.commands import run_stage2
 
     cfg = resolve_config(recipe, set_)
     run_stage2(cfg, output, store_dir=store, encoder_dir=encoder)
@@ -202,7 +202,8 @@ def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | 
                init: Path | None) -> None:  # fmt: skip
     from llm2clip_vlm.data.captions import DataError
     from llm2clip_vlm.llava.templates import ConversationError
-    from llm2clip_vlm.llava.train import MissingInputError, run_llava
+    from llm2clip_vlm.commands import run_llava
+    from llm2clip_vlm.llava.model import MissingInputError
 
     cfg = resolve_config(recipe, set_)
     if tower:

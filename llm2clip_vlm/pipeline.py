@@ -94,7 +94,7 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
     encoder_dir = dirs["stage1"] / "encoder"
 
     def do_stage1() -> None:
-        from llm2clip_vlm.text.train import run_stage1
+        from llm2clip_vlm.commands import run_stage1
 
         run_stage1(cfg, dirs["stage1"])
 
@@ -104,7 +104,7 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
         run_embed(cfg, dirs["embed"], stage1_output=dirs["stage1"])
 
     def do_stage2() -> None:
-        from llm2clip_vlm.vision.train import run_stage2
+        from llm2clip_vlm.commands import run_stage2
 
         run_stage2(cfg, dirs["stage2"], store_dir=dirs["embed"], encoder_dir=encoder_dir)
 

@@ -36,11 +36,11 @@ STAGE2_TINY = [
     "stage2.backbone.num_heads=2",
     "stage2.embed_dim=16",
     "stage2.num_workers=0",
-    "stage2.precision=fp32",
+    "stage2.loop.precision=fp32",
     "stage2.eval_batch_size=64",
     "stage2.batch_size=8",
-    "stage2.max_steps=5",
-    "stage2.save_every_steps=2",
+    "stage2.loop.max_steps=5",
+    "stage2.loop.save_every_steps=2",
     "stage2.lr=1e-3",
 ]
 
@@ -89,7 +89,10 @@ def run_stage2(data: Path, out: Path, extra: list[str] | None = None, **kw: Any)
     hstore = FakeStore(held, seed=0)
     owner = torch.tensor([i for i, r in enumerate(held) for _ in r.captions])
     heldout = {"short": HeldoutSet(held, torch.from_numpy(hstore.array.astype("float32")), owner)}
-    return train_stage2(stage2_cfg(extra), out, train, FakeStore(train), heldout, load_image=load_image, **kw)
+    cfg = stage2_cfg(extra)
+    return train_stage2(
+        cfg.stage2, out, train, FakeStore(train), heldout, load_image=load_image, reliability=cfg.reliability, **kw
+    )
 
 
 def kill_at_loss(loss_cls: type, n: int) -> None:

@@ -19,7 +19,7 @@ def test_defaults_are_the_reference_method() -> None:
     assert (cfg.stage1.lora.r, cfg.stage1.lora.alpha, cfg.stage1.lora.dropout) == (16, 32, 0.05)
     assert cfg.stage1.lr == 2e-4 and cfg.stage1.warmup_steps == 300 and cfg.stage1.batch_size == 512
     assert cfg.stage2.lr == 1e-5 and cfg.stage2.layer_decay == 0.85 and cfg.stage2.betas == [0.9, 0.98]
-    assert cfg.stage2.weight_decay == 0.05 and cfg.stage2.grad_clip == 5.0 and cfg.stage2.eps == 1e-6
+    assert cfg.stage2.weight_decay == 0.05 and cfg.stage2.loop.grad_clip == 5.0 and cfg.stage2.eps == 1e-6
 
 
 def test_recipe_and_overrides(tmp_path: Path) -> None:

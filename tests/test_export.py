@@ -28,7 +28,7 @@ def test_exported_tower_matches_the_trained_model(tmp_path: Path, loss: str, kin
         run,
         [
             "stage2.batch_size=8",
-            "stage2.max_steps=2",
+            "stage2.loop.max_steps=2",
             "stage2.lr=1e-3",
             f"stage2.loss={loss}",
             f"stage2.backbone.kind={kind}",
@@ -69,7 +69,7 @@ def test_exported_tower_matches_the_trained_model(tmp_path: Path, loss: str, kin
 
 def test_export_in_bf16_and_through_the_cli(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    _run(tmp_path / "data", run, ["stage2.batch_size=8", "stage2.max_steps=1"])
+    _run(tmp_path / "data", run, ["stage2.batch_size=8", "stage2.loop.max_steps=1"])
     result = CliRunner().invoke(
         app,
         [

@@ -102,16 +102,16 @@ def test_stage2_sigkill_mid_step_and_mid_checkpoint_resumes_bit_identically(tmp_
 
 
 def test_stage2_sigterm_saves_then_exits_and_resumes_identically(tmp_path: Path) -> None:
-    full = run_stage2(tmp_path / "data", tmp_path / "full", ["stage2.max_steps=3"])["stage2"]
+    full = run_stage2(tmp_path / "data", tmp_path / "full", ["stage2.loop.max_steps=3"])["stage2"]
 
     def sigterm(step: int, loss: float) -> None:
         if step == 1:  # arrives mid-run; the step finishes, a checkpoint is written, then it stops
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(TrainingInterrupted, match="SIGTERM.*step-0000001") as e:
-        run_stage2(tmp_path / "data", tmp_path / "cut", ["stage2.max_steps=3"], on_step=sigterm)
+        run_stage2(tmp_path / "data", tmp_path / "cut", ["stage2.loop.max_steps=3"], on_step=sigterm)
     assert e.value.exit_code == 143
-    resumed = run_stage2(tmp_path / "data", tmp_path / "cut", ["stage2.max_steps=3"])["stage2"]
+    resumed = run_stage2(tmp_path / "data", tmp_path / "cut", ["stage2.loop.max_steps=3"])["stage2"]
     assert resumed["train"]["losses"] == full["train"]["losses"]
     _assert_identical(_weights(tmp_path / "full", 3), _weights(tmp_path / "cut", 3))
 
@@ -192,7 +192,7 @@ def test_corrupt_store_shard_is_refused_by_stage2(demo_run: dict[str, Path], tmp
     import shutil
 
     from llm2clip_vlm.store.reader import StoreMismatchError
-    from llm2clip_vlm.vision.train import run_stage2 as stage2
+    from llm2clip_vlm.commands import run_stage2 as stage2
 
     store = tmp_path / "store"
     shutil.copytree(demo_run["store"], store)
@@ -359,7 +359,7 @@ def test_cli_names_broken_files_and_skips_them_on_request(demo_run: dict[str, Pa
     (data / rec[4]["image"]).write_bytes(b"GIF89a garbage")  # line 5: unreadable
     (data / "train.jsonl").write_text("\n".join(lines) + "\n")
     common = [f"--set=embed.encoder={demo_run['enc']}", *[f"--set={o}" for o in _demo_overrides(data)]]
-    tiny = [f"--set={o}" for o in ["stage2.max_steps=2", *STAGE2_TINY_CLI]]
+    tiny = [f"--set={o}" for o in ["stage2.loop.max_steps=2", *STAGE2_TINY_CLI]]
 
     r = _cli("embed", "-o", str(tmp_path / "store"), *common)
     assert r.returncode == 1 and "train.jsonl:7: broken JSON line" in r.stderr and "skip_bad" in r.stderr
@@ -385,6 +385,6 @@ def test_cli_names_broken_files_and_skips_them_on_request(demo_run: dict[str, Pa
 
 STAGE2_TINY_CLI = [
     "stage2.backbone.image_size=32", "stage2.backbone.hidden_size=32", "stage2.backbone.num_layers=2",
-    "stage2.backbone.num_heads=2", "stage2.embed_dim=16", "stage2.num_workers=0", "stage2.precision=fp32",
+    "stage2.backbone.num_heads=2", "stage2.embed_dim=16", "stage2.num_workers=0", "stage2.loop.precision=fp32",
     "stage2.eval_batch_size=32", "stage2.batch_size=8",
 ]  # fmt: skip

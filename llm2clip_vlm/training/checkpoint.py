@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.training import dist
 
 log = get_logger(__name__)
 
@@ -309,7 +310,7 @@ class GracefulExit:
 
     def should_stop(self, accelerator: Any = None) -> bool:
         """Whether any process received a signal (all processes agree, so they stop together)."""
-        return _any_rank(accelerator, self.requested is not None)
+        return dist.any_rank(accelerator, self.requested is not None)
 
     def raise_if_requested(self, accelerator: Any = None, checkpoint: Path | None = None) -> None:
         """Raise :class:`TrainingInterrupted` if a signal arrived (call after saving)."""
@@ -320,39 +321,6 @@ class GracefulExit:
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
-def _rank(accelerator: Any) -> int:
-    return accelerator.process_index if accelerator is not None else 0
-
-
-def _world(accelerator: Any) -> int:
-    return accelerator.num_processes if accelerator is not None else 1
-
-
-def _is_main(accelerator: Any) -> bool:
-    return accelerator is None or accelerator.is_main_process
-
-
-def _barrier(accelerator: Any) -> None:
-    if accelerator is not None and accelerator.num_processes > 1:
-        accelerator.wait_for_everyone()
-
-
-def _any_rank(accelerator: Any, flag: bool) -> bool:
-    """True if ``flag`` holds on any process (a collective: every process must call it)."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
-
-
-def _sharded_optimizer(accelerator: Any) -> bool:
-    """Under FSDP and DeepSpeed (ZeRO) each rank holds its own shard of the optimizer state; under
-    DDP all are equal."""
-    if accelerator is None:
-        return False
-    return str(getattr(accelerator, "distributed_type", "")).endswith(("FSDP", "DEEPSPEED"))
-
-
 @dataclass
 class Resumed:
     """A loaded checkpoint: its weights and trainer state, and this rank's RNG state to restore.
@@ -435,7 +403,7 @@ class Checkpointer:
             NonFiniteError: the weights hold NaN/inf (nothing is written).
             CheckpointWriteError: a write failed (disk full, ...); the previous checkpoint is kept.
         """
-        acc, main, rank = self.accelerator, _is_main(self.accelerator), _rank(self.accelerator)
+        acc, main, rank = self.accelerator, dist.is_main(self.accelerator), dist.rank(self.accelerator)
         final = self.root / f"{PREFIX}{step:07d}"
         tmp = self.root / f".tmp-{PREFIX}{step:07d}"
         bad = None
@@ -444,7 +412,7 @@ class Checkpointer:
                 check_finite_weights(weights, f"checkpoint {final.name}")
             except NonFiniteError as e:
                 bad = e
-        if _any_rank(acc, bad is not None):
+        if dist.any_rank(acc, bad is not None):
             raise bad or NonFiniteError(f"checkpoint {final.name}: another process found NaN/inf weights")
 
         error: BaseException | None = None
@@ -454,13 +422,13 @@ class Checkpointer:
                 tmp.mkdir(parents=True)
         except OSError as e:
             error = e
-        _barrier(acc)
+        dist.barrier(acc)
         if error is None and tmp.is_dir():
             try:
                 tensors, meta = rng_state()
                 _write(lambda o, p: _save_tensors(o, p, meta), tensors, tmp / f"rng.rank{rank}.safetensors")
-                if optimizer is not None and (main or _sharded_optimizer(acc)):
-                    name = f"optimizer.rank{rank}.pt" if _sharded_optimizer(acc) else "optimizer.pt"
+                if optimizer is not None and (main or dist.sharded_optimizer(acc)):
+                    name = f"optimizer.rank{rank}.pt" if dist.sharded_optimizer(acc) else "optimizer.pt"
                     _write(_save_pickle, optimizer.state_dict(), tmp / name)
                 if main:
                     if weights is not None:
@@ -473,15 +441,15 @@ class Checkpointer:
                 error = e
         elif error is None:
             error = OSError(errno.ENOENT, "temporary checkpoint folder missing", str(tmp))
-        failed = _any_rank(acc, error is not None)
+        failed = dist.any_rank(acc, error is not None)
         if not failed:
-            _barrier(acc)
+            dist.barrier(acc)
             try:
                 if main:
                     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
                     meta_doc = {
                         "step": step,
-                        "world_size": _world(acc),
+                        "world_size": dist.world(acc),
                         "files": files,
                         "state": dict(state or {}),
                     }
@@ -490,7 +458,7 @@ class Checkpointer:
                     self._swap_in(tmp, final)
             except OSError as e:
                 error = e
-            failed = _any_rank(acc, error is not None)
+            failed = dist.any_rank(acc, error is not None)
         if failed:
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -502,7 +470,7 @@ class Checkpointer:
             ) from error
         if main:
             self._prune()
-        _barrier(acc)
+        dist.barrier(acc)
         log.info("checkpoint %s written", final)
         return final
 
@@ -554,20 +522,20 @@ class Checkpointer:
         ckpt = Path(path) if path is not None else self.latest()
         if ckpt is None:
             return None
-        rank = _rank(self.accelerator)
+        rank = dist.rank(self.accelerator)
         try:
             meta = json.loads((ckpt / META).read_text())
             self._check_files(ckpt, meta)
-            world = _world(self.accelerator)
+            world = dist.world(self.accelerator)
             if int(meta.get("world_size", world)) != world and (
-                same_world_size or _sharded_optimizer(self.accelerator)
+                same_world_size or dist.sharded_optimizer(self.accelerator)
             ):
                 raise CheckpointError(
                     f"written by {meta['world_size']} processes; resume it with the same number (now {world})"
                 )
             weights = load_weights(ckpt / WEIGHTS) if with_weights and (ckpt / WEIGHTS).is_file() else {}
             if optimizer is not None:
-                name = f"optimizer.rank{rank}.pt" if _sharded_optimizer(self.accelerator) else "optimizer.pt"
+                name = f"optimizer.rank{rank}.pt" if dist.sharded_optimizer(self.accelerator) else "optimizer.pt"
                 optimizer.load_state_dict(torch.load(ckpt / name, map_location="cpu", weights_only=True))
             if scheduler is not None:
                 scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from llm2clip_vlm.training.config import LoopConfig
+
 
 @dataclass
 class VisionBackboneConfig:
@@ -45,21 +47,13 @@ class Stage2Config:
     eps: float = 1e-6
     # Layer-wise lr decay over the ViT: block l of L gets lr * layer_decay ** (L + 1 - l).
     layer_decay: float = 0.85
-    warmup_steps: int = 0
-    grad_clip: float = 5.0
-    epochs: float = 1.0
-    # 0 = run ``epochs``; otherwise exactly this many optimizer steps (the cosine schedule's length).
-    max_steps: int = 0
-    # Stop early after this many seconds of training (0 = no limit); the schedule is not shortened.
-    max_seconds: float = 0.0
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     gradient_checkpointing: bool = True
     # DataLoader worker processes (image decoding and preprocessing).
     num_workers: int = 2
-    # Checkpoint (weights, optimizer, schedule) every N steps; a killed run resumes from it.
-    save_every_steps: int = 500
     seed: int = 42
     eval_batch_size: int = 256
+    # The loop: precision, steps/epochs, time budget, warm-up and cosine schedule, clipping, saving.
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(grad_clip=5.0))
 
 
 @dataclass

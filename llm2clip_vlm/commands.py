@@ -1,0 +1,113 @@
+"""The command layer: turn a resolved :class:`RunConfig` into each stage's own section + inputs.
+
+The CLI and the pipeline call these; trainers below them never see the recipe schema. Each
+function writes ``config.yaml`` (the config exactly as run) into its output directory before the
+stage starts, resolves the data and inputs the stage needs, and calls the stage's trainer with
+its own section (``cfg.stage1``, ``cfg.stage2``, ``cfg.llava``) and explicit arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llm2clip_vlm import config_io
+from llm2clip_vlm.recipe import RunConfig
+
+
+def write_config(cfg: RunConfig, output_dir: Path) -> None:
+    """``<output_dir>/config.yaml``, written by the main process only."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        config_io.dump(cfg, output_dir / "config.yaml")
+
+
+def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
+    """``llm2clip-vlm stage1``: resolve the data of ``cfg`` and train (see ``train_stage1``)."""
+    from llm2clip_vlm.data import resolve_data
+    from llm2clip_vlm.text.mntp import read_text_corpus
+    from llm2clip_vlm.text.train import train_stage1
+
+    out = Path(output_dir)
+    train_set, heldout = resolve_data(cfg.data, out)
+    if "short" not in heldout:
+        raise ValueError("stage 1 needs a held-out set of short captions (key 'short') for CRA")
+    write_config(cfg, out)
+    corpus = read_text_corpus(cfg.data.text_corpus) if cfg.stage1.mntp.enabled and cfg.data.text_corpus else []
+    return train_stage1(
+        cfg.stage1, out, list(train_set), list(heldout["short"]),
+        text_corpus=corpus, text_corpus_ratio=cfg.data.text_corpus_ratio, reliability=cfg.reliability,
+    )  # fmt: skip
+
+
+def run_stage2(
+    cfg: RunConfig, output_dir: str | Path, store_dir: str | Path, encoder_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """``llm2clip-vlm stage2``: resolve data, open the stores, train (see ``train_stage2``).
+
+    Args:
+        cfg: the run config.
+        output_dir: the stage-2 run directory (resumes from its checkpoint).
+        store_dir: the ``embed`` output: ``train/`` and one ``heldout-<name>/`` per held-out set.
+        encoder_dir: the stage-1 encoder or a stage-1 run directory (default ``cfg.embed.encoder``);
+            its identity must match the stores'. Held-out sets without a store are encoded with it.
+    """
+    from llm2clip_vlm.data import open_image, resolve_data
+    from llm2clip_vlm.data.records import keep_captions
+    from llm2clip_vlm.store.run import encoder_identity, resolve_encoder_dir
+    from llm2clip_vlm.store.store import EmbeddingStore
+    from llm2clip_vlm.vision.inputs import heldout_sets, usable_images
+    from llm2clip_vlm.vision.train import train_stage2
+
+    out = Path(output_dir)
+    store_dir = Path(store_dir)
+    wanted = encoder_dir or cfg.embed.encoder
+    encoder = resolve_encoder_dir(wanted) if wanted else None
+    identity = encoder_identity(encoder) if encoder is not None else ""
+
+    train_set, heldout_records = resolve_data(cfg.data, out)
+    # The same captions the store was written from (``embed`` applies the same cut).
+    train_records = keep_captions(train_set, cfg.embed.train_captions_per_kind)
+    store = EmbeddingStore.open(store_dir / "train", captions=train_records, encoder_identity=identity or None)
+
+    def usable(name: str, records: Any) -> list[int] | None:
+        if not cfg.data.verify_images:
+            return None
+        return usable_images(
+            out, name, records, skip_bad=cfg.data.skip_bad, max_bad_fraction=cfg.data.max_bad_fraction
+        )
+
+    # The store keeps every record's rows; images that fail to decode are left out of sampling.
+    train_usable = usable("train", train_records)
+    heldout = heldout_sets(
+        heldout_records, store_dir, encoder, identity, out / "heldout", cfg.embed.batch_size, usable
+    )
+    write_config(cfg, out)
+    return train_stage2(
+        cfg.stage2, out, train_records, store, heldout, usable=train_usable, load_image=open_image,
+        reliability=cfg.reliability, encoder_path=str(encoder.resolve()) if encoder else "",
+        encoder_identity=identity,
+    )  # fmt: skip
+
+
+def run_llava(
+    cfg: RunConfig,
+    output_dir: str | Path,
+    phase: str,
+    init: str | Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """``llava-pretrain`` / ``llava-finetune``: resolve the phase's data and train it."""
+    from llm2clip_vlm.llava.inputs import phase_data
+    from llm2clip_vlm.llava.train import train_llava
+
+    out = Path(output_dir)
+    data = phase_data(cfg.llava, phase, out, demo_dir=cfg.data.demo_dir, demo_seed=cfg.data.demo_seed)
+    write_config(cfg, out)
+    return train_llava(
+        cfg.llava, phase, out, data, init=Path(init) if init else None, reliability=cfg.reliability,
+        on_step=on_step,
+    )  # fmt: skip
+

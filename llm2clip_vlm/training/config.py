@@ -1,0 +1,38 @@
+"""``LoopConfig``: the settings of the one training loop, with the same names in every stage.
+
+Each stage's config section embeds one (``stage1.loop``, ``stage2.loop``, ``llava.pretrain.loop``,
+``llava.finetune.loop``); a stage's defaults come from its own ``default_factory``. The loop reads
+nothing else from the recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Precision = Literal["bf16", "fp16", "fp32"]
+Schedule = Literal["cosine", "linear", "constant"]
+
+
+@dataclass
+class LoopConfig:
+    # Mixed precision of the forward/backward (fp32 master weights; accelerate's autocast).
+    precision: Precision = "bf16"
+    # Passes over the training data; a stage turns it into its number of optimizer steps.
+    epochs: float = 1.0
+    # 0 = run ``epochs``; otherwise exactly this many optimizer steps (the schedule's length).
+    max_steps: int = 0
+    # Stop early after this many seconds of training (0 = no limit); the schedule is not shortened.
+    max_seconds: float = 0.0
+    # Linear warm-up over this many steps: lr factor (step + 1) / warmup_steps, 1 from then on.
+    warmup_steps: int = 0
+    # Warm-up as a share of the total steps (rounded up), used when ``warmup_steps`` is 0.
+    warmup_ratio: float = 0.0
+    # After warm-up: cosine to 0, linear to 0, or constant at the base lr.
+    schedule: Schedule = "cosine"
+    # Clip the global gradient norm to this (0 = off).
+    grad_clip: float = 1.0
+    # Checkpoint (weights, optimizer, schedule, RNG) every N steps (0 = only at the end / on stop).
+    save_every_steps: int = 500
+    # Checkpoints kept in ``<output>/checkpoints`` (the newest; older ones are deleted).
+    keep_checkpoints: int = 2

@@ -1,0 +1,233 @@
+"""The one training loop every stage runs (stage 1's MNTP and SimCSE, stage 2, both LLaVA phases).
+
+A stage supplies a :class:`Stage`: its prepared model, optimizer and scheduler, a ``step`` that
+turns one batch into a backward pass and returns the global loss, what a checkpoint stores, and
+hooks such as clamping the logit scale. :class:`Run` owns everything else, top to bottom:
+
+    resume (weights before ``prepare``, optimizer/scheduler after) -> for each batch:
+    RNG restore (first step after a resume) -> stage.step -> grad clip -> NaN guard ->
+    optimizer/scheduler step -> hooks -> state, progress, ``on_step`` -> time budget ->
+    periodic / final / on-signal checkpoint -> exit on signal
+
+[IMPORTANT] Every decision that ends or saves a step (time budget, signals, the loss the guard
+checks) is the same on every rank: the budget and the signal flags are reduced over processes,
+and the stage's step returns a loss already reduced. A rank stopping alone would hang the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.progress import make_progress
+from llm2clip_vlm.training import dist
+from llm2clip_vlm.training.checkpoint import Checkpointer, GracefulExit, NonFiniteGuard, Resumed
+from llm2clip_vlm.training.config import LoopConfig
+
+log = get_logger(__name__)
+
+OnStep = Callable[[int, float], None]
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides weights, optimizer, scheduler and RNG.
+
+    ``step`` is also the data position: every stage's batch of step ``k`` is a function of
+    ``(seed, k)``. ``extra`` holds a stage's own history (held-out results measured before
+    training, counters of truncated samples, ...).
+    """
+
+    step: int = 0
+    seconds: float = 0.0
+    world_size: int = 1
+    losses: list[float] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        """Read a checkpoint's state; keys that are not fields (older checkpoints) go to ``extra``."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        extra = dict(data.get("extra", {}))
+        extra.update({k: v for k, v in data.items() if k not in known and k != "extra"})
+        return cls(**{k: v for k, v in data.items() if k in known}, extra=extra)
+
+
+@dataclass
+class StepOutput:
+    """What a stage's step returns: the global loss (same value on every rank) and log text."""
+
+    loss: float
+    status: str = ""
+
+
+@dataclass
+class Stage:
+    """What a stage hands to the loop.
+
+    Attributes:
+        name: shown in the progress bar and in messages (``"stage 2"``, ``"llava finetune"``).
+        model: the prepared (DDP/FSDP/DeepSpeed-wrapped) model; set to train mode by the loop.
+        optimizer, scheduler: stepped once per optimizer step by the loop.
+        step: forward + backward of this rank's part of one global batch; returns the global loss.
+        weights: what a checkpoint stores (called on every rank: a collective under FSDP); the
+            main process returns the tensors, the others may return None.
+        clip_parameters: the parameters whose global norm ``loop.grad_clip`` clips; None when the
+            stage's engine clips inside ``backward`` (DeepSpeed).
+        after_update: called after every optimizer step (e.g. clamp the logit scale).
+        samples_per_step: global samples per step (for the throughput shown).
+        unit: what a sample is called in the progress line.
+    """
+
+    name: str
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    step: Callable[[Any], StepOutput]
+    weights: Callable[[], dict[str, torch.Tensor] | None]
+    clip_parameters: Callable[[], Iterable[torch.nn.Parameter]] | None
+    after_update: Callable[[], None] | None = None
+    samples_per_step: int = 0
+    unit: str = "samples"
+
+
+class Run:
+    """One stage's training run: its checkpoints, the resumed state, and the loop.
+
+    Args:
+        name: named in messages (the NaN guard, logs).
+        loop: the stage's :class:`LoopConfig`.
+        checkpoints: the folder of this run's checkpoints.
+        accelerator: the run's ``accelerate.Accelerator``.
+        skip_nonfinite, max_skipped: the NaN guard's policy (``reliability.*``).
+        same_world_size: refuse a checkpoint of another process count (per-rank data slices).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        loop: LoopConfig,
+        checkpoints: Path,
+        accelerator: Any,
+        *,
+        skip_nonfinite: bool = False,
+        max_skipped: int = 100,
+        same_world_size: bool = False,
+    ) -> None:
+        self.name, self.loop, self.accelerator = name, loop, accelerator
+        self.skip_nonfinite, self.max_skipped = skip_nonfinite, max_skipped
+        self.checkpointer = Checkpointer(checkpoints, accelerator, keep=loop.keep_checkpoints)
+        # Weights and state now; optimizer and scheduler after ``prepare`` (see :meth:`prepare`).
+        self.resumed: Resumed | None = self.checkpointer.load(same_world_size=same_world_size)
+        self.state = (
+            TrainState.from_dict(self.resumed.state)
+            if self.resumed is not None
+            else TrainState(world_size=dist.world(accelerator))
+        )
+        if self.resumed is not None:
+            log.info("%s: resuming from %s at step %d", name, self.resumed.path, self.state.step)
+        self.samples_seen = 0
+        self.loop_seconds = 0.0
+
+    @property
+    def resumed_weights(self) -> dict[str, torch.Tensor] | None:
+        """The checkpoint's weights, to load into the model before :meth:`prepare` (None: fresh)."""
+        return self.resumed.weights if self.resumed is not None else None
+
+    def prepare(self, model: nn.Module, optimizer: Any, scheduler: Any) -> tuple[Any, Any]:
+        """``accelerator.prepare(model, optimizer)``, then the optimizer and scheduler states of the
+        checkpoint (after wrapping: under FSDP the optimizer state is per-shard)."""
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        if self.resumed is not None:
+            self.checkpointer.load(
+                self.resumed.path, optimizer=optimizer, scheduler=scheduler, with_weights=False
+            )
+        return model, optimizer
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples_seen / max(self.loop_seconds, 1e-9)
+
+    def save(self, stage: Stage) -> None:
+        """Write a checkpoint of the current step (every rank calls it)."""
+        weights = stage.weights()
+        self.checkpointer.save(
+            self.state.step,
+            weights=weights if dist.is_main(self.accelerator) else None,
+            optimizer=stage.optimizer,
+            scheduler=stage.scheduler,
+            state=dataclasses.asdict(self.state),
+        )
+
+    def train(self, stage: Stage, batches: Iterable[Any], total_steps: int, on_step: OnStep | None = None) -> TrainState:
+        """Run ``stage`` from ``state.step`` to ``total_steps`` (or the time budget).
+
+        Args:
+            stage: what the stage supplies.
+            batches: this rank's batches, starting at the resumed step.
+            total_steps: the schedule's length.
+            on_step: called as ``on_step(step, loss)`` after every optimizer step (main process).
+
+        Returns:
+            The final :class:`TrainState` (also ``self.state``).
+        """
+        acc, loop, state = self.accelerator, self.loop, self.state
+        main = dist.is_main(acc)
+        resumed, self.resumed = self.resumed, None
+        if state.step >= total_steps:
+            if resumed is not None:  # what follows starts from the RNG the finished run left
+                resumed.restore_rng()
+            return state
+        guard = NonFiniteGuard(self.name, self.skip_nonfinite, self.max_skipped, list(state.skipped_steps))
+        stage.model.train()
+        started = time.perf_counter() - state.seconds
+        loop_start = time.perf_counter()
+        with make_progress(disable=not main) as progress, GracefulExit() as signals:
+            task = progress.add_task(self.name, total=total_steps, completed=state.step, status="")
+            for batch in batches:
+                if resumed is not None:  # after the loader started: RNG exactly as after the saved step
+                    resumed.restore_rng()
+                    resumed = None
+                out = stage.step(batch)
+                grad_norm = None
+                if loop.grad_clip > 0 and stage.clip_parameters is not None:
+                    grad_norm = acc.clip_grad_norm_(stage.clip_parameters(), loop.grad_clip)
+                if guard.check(out.loss, state.step + 1, grad_norm):
+                    stage.optimizer.step()
+                stage.scheduler.step()
+                stage.optimizer.zero_grad(set_to_none=True)
+                if stage.after_update is not None:
+                    stage.after_update()
+
+                state.step += 1
+                state.losses.append(out.loss)
+                state.skipped_steps = list(guard.skipped)
+                state.seconds = time.perf_counter() - started
+                self.samples_seen += stage.samples_per_step
+                self.loop_seconds = time.perf_counter() - loop_start
+                status = f"loss {out.loss:.4f} {out.status} {self.samples_per_second:.1f} {stage.unit}/s"
+                progress.update(task, completed=state.step, status=" ".join(status.split()))
+                if on_step is not None and main:
+                    on_step(state.step, out.loss)
+
+                out_of_time = loop.max_seconds > 0 and dist.any_rank(acc, state.seconds >= loop.max_seconds)
+                stop = state.step >= total_steps or out_of_time
+                interrupted = signals.should_stop(acc)
+                periodic = loop.save_every_steps > 0 and state.step % loop.save_every_steps == 0
+                if periodic or stop or interrupted:
+                    self.save(stage)
+                signals.raise_if_requested(acc, self.checkpointer.latest())
+                if out_of_time:
+                    log.info("%s: max_seconds=%s reached after %d steps", self.name, loop.max_seconds, state.step)
+                if stop:
+                    break
+        return state

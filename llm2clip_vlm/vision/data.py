@@ -1,0 +1,154 @@
+"""Stage-2 data: sampled (image, caption embedding) pairs, the global-batch sampler, held-out sets.
+
+[IMPORTANT] The global batch is ``stage2.batch_size`` whatever the number of processes: the
+sampler cuts one global batch per step and each rank takes its contiguous slice, in rank order.
+With the local-loss formulation the mean of the ranks' losses is then exactly the 1-process loss,
+which the 2-process test pins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from llm2clip_vlm.data.records import ImageCaptions
+
+ImageLoader = Callable[[ImageCaptions], Any]  # record -> PIL RGB image
+
+
+class CaptionEmbeddings(Protocol):
+    """What stage 2 needs from the embedding store (rows = captions in data-set order)."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def caption_rows(self, image_index: int, kind: str) -> np.ndarray: ...
+
+    def __getitem__(self, rows: Any) -> np.ndarray: ...
+
+
+
+class Stage2TrainData(Dataset):
+    """(pixel_values, caption embedding) per ``(epoch, image index)``.
+
+    The caption is drawn from a generator seeded by ``(seed, epoch, index)``: the choice does not
+    depend on worker, process count or resume point.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageCaptions],
+        embeddings: CaptionEmbeddings,
+        image_processor: Any,
+        load_image: ImageLoader,
+        long_caption_ratio: float,
+        seed: int,
+        indices: Sequence[int] | None = None,
+    ) -> None:
+        self.records = records
+        # Sampler positions -> record indices (the usable images when bad ones were skipped).
+        self.indices = list(indices) if indices is not None else list(range(len(records)))
+        self.embeddings = embeddings
+        self.image_processor = image_processor
+        self.load_image = load_image
+        self.long_ratio = long_caption_ratio
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def caption_row(self, epoch: int, index: int) -> int:
+        rng = np.random.default_rng((self.seed, epoch, index))
+        short = self.embeddings.caption_rows(index, "short")
+        long = self.embeddings.caption_rows(index, "long")
+        if len(short) == 0 and len(long) == 0:
+            raise ValueError(f"{self.records[index].source or self.records[index].key}: image has no caption")
+        # Draw the coin even when one kind is missing so the stream of draws stays aligned.
+        use_long = rng.random() < self.long_ratio
+        rows = long if (use_long and len(long)) or not len(short) else short
+        return int(rows[rng.integers(len(rows))])
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, position = item
+        index = self.indices[position]
+        row = self.caption_row(epoch, index)
+        emb = torch.from_numpy(np.asarray(self.embeddings[[row]], dtype=np.float32)[0])
+        return pixel_values(self.image_processor, self.load_image(self.records[index])), emb
+
+
+
+def pixel_values(image_processor: Any, image: Any) -> torch.Tensor:
+    """``[3, H, W]`` float tensor of one PIL image through the backbone's own processor."""
+    return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+
+class ImageList(Dataset):
+    """Pixel values of a list of records (held-out images, in order)."""
+
+    def __init__(self, records: Sequence[ImageCaptions], processor: Any, load_image: ImageLoader) -> None:
+        self.records, self.processor, self.load_image = records, processor, load_image
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return pixel_values(self.processor, self.load_image(self.records[i]))
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields this rank's slice of global batch ``step`` for ``step in [start_step, total_steps)``.
+
+    Epoch ``e`` is a permutation drawn from ``seed + e``; the last incomplete batch of an epoch is
+    dropped (contrastive batches should be full).
+    """
+
+    def __init__(
+        self, n: int, global_batch: int, rank: int, world: int, seed: int, start_step: int, total_steps: int
+    ) -> None:
+        if global_batch % world:
+            raise ValueError(f"stage2.batch_size {global_batch} is not divisible by the {world} processes")
+        if n < global_batch:
+            raise ValueError(f"stage2.batch_size {global_batch} is larger than the {n} training images")
+        self.n, self.batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.start, self.total = seed, start_step, total_steps
+        self.steps_per_epoch = n // global_batch
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        local = self.batch // self.world
+        perm, perm_epoch = None, -1
+        for step in range(self.start, self.total):
+            epoch, k = divmod(step, self.steps_per_epoch)
+            if epoch != perm_epoch:
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                perm_epoch = epoch
+            batch = perm[k * self.batch : (k + 1) * self.batch]
+            mine = batch[self.rank * local : (self.rank + 1) * local]
+            yield [(epoch, int(i)) for i in mine]
+
+
+@dataclass
+class HeldoutSet:
+    """A retrieval set: images, one stage-1 embedding per caption, and each caption's image."""
+
+    records: Sequence[ImageCaptions]
+    text_embeddings: torch.Tensor  # [n_captions, text_dim]
+    caption_image: torch.Tensor  # [n_captions] long
+
+    def subset(self, images: Sequence[int]) -> HeldoutSet:
+        """The set restricted to ``images`` (e.g. without the images that failed to decode)."""
+        keep = torch.tensor(list(images), dtype=torch.long)
+        new_index = torch.full((len(self.records),), -1, dtype=torch.long)
+        new_index[keep] = torch.arange(len(keep))
+        rows = new_index[self.caption_image] >= 0
+        return HeldoutSet(
+            [self.records[i] for i in images], self.text_embeddings[rows], new_index[self.caption_image[rows]]
+        )
