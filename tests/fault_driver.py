@@ -47,14 +47,9 @@ STAGE2_TINY = [
 
 def stage1_cfg(model: Path, **stage1: Any) -> RunConfig:
     """Tiny stage 1 with MNTP first and LoRA dropout on: both draw from the RNG a resume restores."""
-    cfg = RunConfig()
-    base = dict(
-        model=str(model), batch_size=8, max_length=48, warmup_steps=1, max_steps=4, precision="fp32",
-        gradient_checkpointing=False, chunk_size=8, cra_captions=10, lr=1e-2, save_every_steps=2,
-        eval_batch_size=32,
-    )  # fmt: skip
-    base.update(stage1)
-    cfg.stage1 = dataclasses.replace(cfg.stage1, **base)  # type: ignore[arg-type]
+    from test_stage1_train import tiny_cfg
+
+    cfg = tiny_cfg(model, cra_captions=10, save_every_steps=2, eval_batch_size=32, **stage1)
     cfg.stage1.lora.dropout = 0.1
     cfg.stage1.mntp = dataclasses.replace(
         cfg.stage1.mntp, enabled=True, steps=2, batch_size=8, warmup_steps=0
@@ -72,7 +67,8 @@ def run_stage1(model: Path, out: Path) -> dict[str, Any]:
     from llm2clip_vlm.text.train import train_stage1
 
     train, held = stage1_data()
-    return train_stage1(stage1_cfg(model), out, train, held)
+    cfg = stage1_cfg(model)
+    return train_stage1(cfg.stage1, out, train, held, reliability=cfg.reliability)
 
 
 def stage2_cfg(extra: list[str] | None = None) -> RunConfig:

@@ -22,6 +22,7 @@ from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.text.modeling import ModelRef, load_bidirectional
 from llm2clip_vlm.text.tiny import save_tiny_llm
 from llm2clip_vlm.text.train import CHECKPOINTS, latest_checkpoint, train_stage1
+from llm2clip_vlm.training.config import LoopConfig
 
 COLOURS = ["red", "blue", "green", "yellow"]
 SHAPES = ["circle", "square", "star"]
@@ -46,14 +47,20 @@ def scene_records(n: int, offset: int = 0) -> list[ImageCaptions]:
     return out
 
 
+LOOP_KEYS = {f.name for f in dataclasses.fields(LoopConfig)}
+
+
 def tiny_cfg(model: Path, **stage1: object) -> RunConfig:
+    """A tiny stage-1 config; keyword arguments that are LoopConfig fields go to ``stage1.loop``."""
     cfg = RunConfig()
-    base = dict(
-        model=str(model), batch_size=8, max_length=48, warmup_steps=1, max_steps=4, precision="fp32",
-        gradient_checkpointing=False, chunk_size=8, cra_captions=20, lr=1e-2, save_every_steps=0,
+    base: dict[str, object] = dict(
+        model=str(model), batch_size=8, max_length=48, gradient_checkpointing=False, chunk_size=8,
+        cra_captions=20, lr=1e-2,
     )  # fmt: skip
-    base.update(stage1)
-    cfg.stage1 = dataclasses.replace(cfg.stage1, **base)  # type: ignore[arg-type]
+    loop: dict[str, object] = dict(warmup_steps=1, max_steps=4, precision="fp32", save_every_steps=0)
+    for k, v in stage1.items():
+        (loop if k in LOOP_KEYS else base)[k] = v
+    cfg.stage1 = dataclasses.replace(cfg.stage1, **base, loop=dataclasses.replace(cfg.stage1.loop, **loop))  # type: ignore[arg-type]
     cfg.stage1.lora.dropout = 0.0  # dropout would make runs with different process counts differ
     return cfg
 
@@ -77,7 +84,7 @@ def test_cra_constructed_case() -> None:
 def test_resume_reproduces_the_uninterrupted_run(tiny: Path, tmp_path: Path) -> None:
     train, held = scene_records(64), scene_records(20, offset=200)
     cfg = tiny_cfg(tiny, save_every_steps=2, lora=dataclasses.replace(RunConfig().stage1.lora, dropout=0.1))
-    full = train_stage1(cfg, tmp_path / "full", train, held)
+    full = train_stage1(cfg.stage1, tmp_path / "full", train, held)
     # Every save_every_steps and at the end; the newest keep_checkpoints (2) are kept.
     assert latest_checkpoint(tmp_path / "full" / CHECKPOINTS).name == "step-0000004"  # type: ignore[union-attr]
     ckpt = tmp_path / "full" / CHECKPOINTS / "step-0000002"
@@ -86,7 +93,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny: Path, tmp_path: Path) -> 
     # A run killed after step 3 leaves the step-2 checkpoint; restarting resumes from it.
     (tmp_path / "killed" / CHECKPOINTS).mkdir(parents=True)
     shutil.copytree(ckpt, tmp_path / "killed" / CHECKPOINTS / ckpt.name)
-    resumed = train_stage1(cfg, tmp_path / "killed", train, held)
+    resumed = train_stage1(cfg.stage1, tmp_path / "killed", train, held)
     assert resumed["loss"][:2] == full["loss"][:2]  # restored history
     assert resumed["loss"][2:] == pytest.approx(full["loss"][2:], abs=1e-6)
     assert resumed["steps"] == full["steps"] == 4
@@ -108,7 +115,7 @@ sys.path.insert(0, {tests!r})
 from test_stage1_train import scene_records, tiny_cfg
 from llm2clip_vlm.text.train import train_stage1
 from pathlib import Path
-train_stage1(tiny_cfg(Path({model!r}), max_steps=3, chunk_size=5), sys.argv[1], scene_records(64), scene_records(20, 200))
+train_stage1(tiny_cfg(Path({model!r}), max_steps=3, chunk_size=5).stage1, sys.argv[1], scene_records(64), scene_records(20, 200))
 """
 
 
@@ -146,7 +153,7 @@ def test_qlora_4bit_base_on_cpu(tmp_path: Path) -> None:
     assert base.config.is_causal is False
     cfg = tiny_cfg(tiny, max_steps=2)
     cfg.stage1.lora.quantization = "4bit"
-    m = train_stage1(cfg, tmp_path / "q", scene_records(64), scene_records(20, 200))
+    m = train_stage1(cfg.stage1, tmp_path / "q", scene_records(64), scene_records(20, 200))
     assert len(m["loss"]) == 2 and all(math.isfinite(x) for x in m["loss"])
     # The saved embedder is the full-precision base with the LoRA merged, not a 4-bit model.
     enc = CaptionEncoder.from_pretrained(tmp_path / "q" / "encoder", device="cpu")
@@ -159,7 +166,7 @@ def test_qlora_4bit_base_on_cpu(tmp_path: Path) -> None:
 def test_zero_epochs_saves_the_base_llm_as_the_encoder(tiny: Path, tmp_path: Path) -> None:
     """``epochs: 0`` = the "without stage 1" baseline: the base LLM, bidirectional, mean pooled."""
     cfg = tiny_cfg(tiny, epochs=0, max_steps=4)  # max_steps only caps the epochs
-    metrics = train_stage1(cfg, tmp_path / "run", scene_records(32), scene_records(20, offset=200))
+    metrics = train_stage1(cfg.stage1, tmp_path / "run", scene_records(32), scene_records(20, offset=200))
     assert metrics["steps"] == 0 and metrics["loss"] == []
     assert metrics["cra_after"] == metrics["cra_before"]
     enc = CaptionEncoder.from_pretrained(tmp_path / "run" / "encoder", device="cpu")

@@ -2,10 +2,10 @@
 
 The step is what :mod:`llm2clip_vlm.text.train` runs per optimizer step: the global batch of
 :class:`~llm2clip_vlm.text.simcse.SimCSEBatches` (query with instruction, positive, hard negative
-per image), :func:`~llm2clip_vlm.text.train.embed_triplets` (length-sorted chunks, mean pooling
+per image), :func:`~llm2clip_vlm.text.simcse.embed_triplets` (length-sorted chunks, mean pooling
 over caption tokens), :class:`~llm2clip_vlm.training.losses.SupervisedSimCSELoss` (scale 50), backward,
 grad clip, AdamW step, on a LoRA-wrapped bidirectional LLM (r16/alpha32 on all 7 projections,
-:func:`~llm2clip_vlm.text.train._wrap_lora`). ``qlora`` loads the same random weights 4-bit
+:func:`~llm2clip_vlm.text.lora.wrap_lora`). ``qlora`` loads the same random weights 4-bit
 (bitsandbytes NF4) through :func:`~llm2clip_vlm.text.modeling.load_bidirectional`; it is skipped,
 with the reason in the results, where bitsandbytes cannot run on the device.
 """
@@ -107,7 +107,8 @@ def run(
     from llm2clip_vlm.text.config import LoraConfig, Stage1Config
     from llm2clip_vlm.text.modeling import bidirectional_from_config
     from llm2clip_vlm.text.simcse import SimCSEBatches
-    from llm2clip_vlm.text.train import _wrap_lora, embed_triplets
+    from llm2clip_vlm.text.lora import wrap_lora
+    from llm2clip_vlm.text.simcse import embed_triplets
 
     p = PRESETS[preset]
     dev, warmup, repeats = resolve_run(preset, p, device, warmup, repeats)
@@ -115,7 +116,6 @@ def run(
     s = Stage1Config(
         max_length=p.max_length,
         chunk_size=p.chunk_size,
-        precision=p.precision,  # type: ignore[arg-type]
         gradient_checkpointing=p.gradient_checkpointing,
         batch_size=p.batch_size,
         pad_to_multiple_of=p.pad_to_multiple_of,
@@ -131,7 +131,7 @@ def run(
     results: dict[str, Any] = {}
 
     def make_step(model: torch.nn.Module, cfg: Stage1Config) -> Any:
-        peft_model = _wrap_lora(model, cfg)
+        peft_model = wrap_lora(model, cfg)
         peft_model.train()
         trainable = [q for q in peft_model.parameters() if q.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, **fused_adamw_kwargs(dev))

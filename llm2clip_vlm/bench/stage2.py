@@ -176,7 +176,7 @@ def run(
     from llm2clip_vlm.text.config import Stage1Config
     from llm2clip_vlm.text.encoder import CaptionEncoder
     from llm2clip_vlm.text.modeling import bidirectional_from_config
-    from llm2clip_vlm.text.train import _wrap_lora
+    from llm2clip_vlm.text.lora import wrap_lora
 
     p = PRESETS[preset]
     dev, warmup, repeats = resolve_run(preset, p, device, warmup, repeats)
@@ -204,7 +204,7 @@ def run(
 
         lora_enc = llm()
         s1 = Stage1Config(gradient_checkpointing=p.gradient_checkpointing)
-        lora_enc.model = _wrap_lora(lora_enc.model, s1)
+        lora_enc.model = wrap_lora(lora_enc.model, s1)
         lora_enc.model.train()
 
         steps: dict[str, Any] = {}
@@ -218,7 +218,7 @@ def run(
             opt = torch.optim.AdamW(
                 groups, lr=s.lr, betas=tuple(s.betas), eps=s.eps, **fused_adamw_kwargs(dev)
             )
-            steps[name] = _step_fn(name, model, opt, s.grad_clip, loss_fn, pixels, captions, offline_emb,
+            steps[name] = _step_fn(name, model, opt, s.loop.grad_clip, loss_fn, pixels, captions, offline_emb,
                                    frozen, lora_enc, dev, autocast, amp_dtype)  # fmt: skip
             sizes.setdefault("vit_params", count_params(model.vision))
             sizes.setdefault("clip_trainable_params", count_params(model, trainable_only=True))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from llm2clip_vlm.training.config import LoopConfig
+
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -35,7 +37,6 @@ class Stage1Config:
     # Local directory, hub id, a ``.gguf`` file, or ``builtin:smollm2-135m-instruct``.
     model: str = "builtin:smollm2-135m-instruct"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     max_length: int = 512
     pad_to_multiple_of: int = 16
     pooling: Literal["mean"] = "mean"
@@ -52,25 +53,18 @@ class Stage1Config:
     # Global batch (queries per optimizer step, summed over processes).
     batch_size: int = 512
     lr: float = 2e-4
-    warmup_steps: int = 300
     weight_decay: float = 0.0
-    # After warmup: the reference (llm2vec on the HF Trainer) decays linearly to 0; "constant" holds lr.
-    lr_schedule: Literal["linear", "constant", "cosine"] = "linear"
-    # Gradient-norm clip (the HF Trainer default the reference ran with); 0 = off.
-    max_grad_norm: float = 1.0
-    # 0 = no training (whatever max_steps says): the saved encoder is the base LLM, bidirectional and
-    # mean pooled (the "without stage 1" baseline of the ablation).
-    epochs: float = 1.0
-    # Stop after this many optimizer steps (0 = run the epochs) / this many seconds (0 = no limit).
-    max_steps: int = 0
-    max_seconds: float = 0.0
     gradient_checkpointing: bool = True
     # Split each batch into length-sorted chunks of this many sequences for the forward pass.
     chunk_size: int = 0
-    save_every_steps: int = 200
-    # Checkpoints kept in <output>/checkpoints (older ones are deleted).
-    keep_checkpoints: int = 2
     seed: int = 42
     # Caption Retrieval Accuracy on held-out caption pairs (number of captions retrieved among).
     cra_captions: int = 1000
     eval_batch_size: int = 64
+    # The loop. The reference (llm2vec on the HF Trainer) warms up, then decays linearly to 0 and
+    # clips the gradient norm at 1.0 (the HF Trainer default). ``loop.epochs`` 0 = no training
+    # (whatever max_steps says): the saved encoder is the base LLM, bidirectional and mean pooled
+    # (the "without stage 1" baseline of the ablation).
+    loop: LoopConfig = field(
+        default_factory=lambda: LoopConfig(warmup_steps=300, schedule="linear", grad_clip=1.0, save_every_steps=200)
+    )

@@ -9,15 +9,23 @@ Captions are mixed and shuffled with a plain-text corpus at ``data.text_corpus_r
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
+
+from llm2clip_vlm.reliability import ReliabilityConfig
+from llm2clip_vlm.text.config import Stage1Config
+from llm2clip_vlm.text.lora import adapter_state, load_adapter, wrap_lora
+from llm2clip_vlm.training.loop import Run, Stage, StepOutput
+from llm2clip_vlm.training.optim import adamw, make_scheduler
 
 BLANK_MASK_TOKEN = "_"
 
@@ -85,3 +93,59 @@ def mntp_step_loss(
     device = next(model.parameters()).device
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
     return mntp_loss(out.logits, batch["labels"].to(device))
+
+
+def train_mntp(
+    model: nn.Module,
+    tokenizer: Any,
+    s: Stage1Config,
+    captions: Sequence[str],
+    corpus: Sequence[str],
+    corpus_ratio: float,
+    checkpoints: Path,
+    accelerator: Any,
+    reliability: ReliabilityConfig,
+) -> nn.Module:
+    """MNTP with its own LoRA on the causal-LM model; the LoRA is merged before SimCSE (as LLM2Vec).
+
+    Runs on the one loop (``s.loop`` with MNTP's steps, warm-up and a constant lr, no clipping and
+    no time budget) and is checkpointed under ``checkpoints``, including once at its end, so a run
+    killed later never redoes it. Masking draws from the torch RNG, which the checkpoints carry.
+    """
+    m = s.mntp
+    loop = dataclasses.replace(
+        s.loop, max_steps=m.steps, warmup_steps=m.warmup_steps, warmup_ratio=0.0, schedule="constant",
+        grad_clip=0.0, max_seconds=0.0,
+    )  # fmt: skip
+    collator = mntp_collator(tokenizer, m.mlm_probability, s.pad_to_multiple_of)
+    lm = wrap_lora(model, s)
+    optimizer = adamw([p for p in lm.parameters() if p.requires_grad], m.lr, accelerator.device, fused=None)
+    scheduler = make_scheduler(optimizer, loop, m.steps)
+    run = Run("stage 1 MNTP", loop, checkpoints, accelerator, skip_nonfinite=reliability.skip_nonfinite_steps,
+              max_skipped=reliability.max_skipped_steps)  # fmt: skip
+    if run.resumed_weights is not None:
+        load_adapter(lm, run.resumed_weights)
+    ddp_lm, optimizer = run.prepare(lm, optimizer, scheduler)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    local = max(1, m.batch_size // world)
+
+    def batches() -> Iterator[list[str]]:
+        for k in range(run.state.step, m.steps):
+            texts = mix_texts(captions, corpus, corpus_ratio, m.batch_size, seed=s.seed * 100_003 + k)
+            yield texts[rank * local : (rank + 1) * local]
+
+    def step(texts: list[str]) -> StepOutput:
+        with accelerator.autocast():
+            loss = mntp_step_loss(ddp_lm, collator, texts, s.max_length)
+        accelerator.backward(loss)
+        return StepOutput(round(float(accelerator.reduce(loss.detach(), "mean")), 6))
+
+    def weights() -> dict[str, torch.Tensor] | None:
+        return adapter_state(lm) if accelerator.is_main_process else None
+
+    stage = Stage("stage 1 MNTP", ddp_lm, optimizer, scheduler, step, weights, None,
+                  samples_per_step=m.batch_size, unit="texts")  # fmt: skip
+    run.train(stage, batches(), m.steps)
+    merged = accelerator.unwrap_model(ddp_lm).merge_and_unload()
+    accelerator.free_memory()
+    return merged

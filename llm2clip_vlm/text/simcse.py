@@ -17,12 +17,16 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from llm2clip_vlm.data.records import Caption, ImageCaptions
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.text.config import Stage1Config
+from llm2clip_vlm.text.pooling import mean_pool, tokenize
 
 log = get_logger(__name__)
 
@@ -139,3 +143,38 @@ class SimCSEBatches:
             if text != positive.text:  # an identical caption elsewhere is no negative
                 return text
         return text
+
+
+def embed_triplets(
+    model: nn.Module, tokenizer: Any, triplets: list[Triplet], s: Stage1Config, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Embed queries (with instructions), positives and negatives, with gradient.
+
+    All sequences of the step are sorted by length and embedded in chunks of ``s.chunk_size``
+    (0 = one chunk), each padded to a multiple of ``s.pad_to_multiple_of``: little padding, and
+    stable shapes (on a CPU, bf16 steps were erratic without it).
+    """
+    items: list[tuple[str, str | None]] = [(t.query, t.instruction) for t in triplets]
+    items += [(t.positive, None) for t in triplets]
+    if triplets[0].negative is not None:
+        items += [(t.negative, None) for t in triplets if t.negative is not None]
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1] or ""))
+    chunk = s.chunk_size or len(items)
+    pooled: list[torch.Tensor | None] = [None] * len(items)
+    for start in range(0, len(order), chunk):
+        idx = order[start : start + chunk]
+        enc = tokenize(
+            tokenizer,
+            [items[i][0] for i in idx],
+            [items[i][1] for i in idx],
+            s.max_length,
+            s.pad_to_multiple_of,
+        )
+        hidden = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
+        emb = mean_pool(hidden.last_hidden_state.float(), enc["embed_mask"].to(device))
+        for row, i in enumerate(idx):
+            pooled[i] = emb[row]
+    stacked = torch.stack(pooled)  # type: ignore[arg-type]
+    n = len(triplets)
+    negatives = stacked[2 * n :] if len(items) > 2 * n else None
+    return stacked[:n], stacked[n : 2 * n], negatives

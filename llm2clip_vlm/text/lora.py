@@ -1,0 +1,79 @@
+"""LoRA on stage 1's decoder: wrap (optionally on a k-bit base), read/write the adapter, merge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.text.config import Stage1Config
+from llm2clip_vlm.text.modeling import ModelRef, decoder_of, load_bidirectional
+
+log = get_logger(__name__)
+
+
+def wrap_lora(decoder: nn.Module, s: Stage1Config) -> nn.Module:
+    """``decoder`` with LoRA adapters on ``s.lora.target_modules`` (the base frozen)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    gc_kwargs = {"use_reentrant": False}  # non-reentrant: works with DDP and several forwards per step
+    if s.lora.quantization != "none":
+        decoder = prepare_model_for_kbit_training(
+            decoder,
+            use_gradient_checkpointing=s.gradient_checkpointing,
+            gradient_checkpointing_kwargs=gc_kwargs,
+        )
+    elif s.gradient_checkpointing:
+        decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    lora = LoraConfig(
+        r=s.lora.r,
+        lora_alpha=s.lora.alpha,
+        lora_dropout=s.lora.dropout,
+        target_modules=list(s.lora.target_modules),
+    )
+    model = get_peft_model(decoder, lora)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info(
+        "LoRA r=%d on %s: %d trainable of %d parameters (base frozen)",
+        s.lora.r,
+        s.lora.target_modules,
+        n_train,
+        n_all,
+    )
+    return model
+
+
+def adapter_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA adapter's tensors (CPU), what a stage-1 checkpoint stores."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def load_adapter(peft_model: nn.Module, weights: dict[str, Any]) -> None:
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(peft_model, weights)
+
+
+def merge_lora(peft_model: nn.Module, ref: ModelRef, s: Stage1Config, weight_dtype: torch.dtype) -> nn.Module:
+    """Merge the LoRA into a full-precision base (a quantized base is reloaded unquantized first)."""
+    if s.lora.quantization != "none":
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        adapter = get_peft_model_state_dict(peft_model)
+        base = decoder_of(
+            load_bidirectional(ref, attn_implementation=s.attn_implementation, dtype=weight_dtype)
+        )
+        peft_model = wrap_lora(base, s)
+        set_peft_model_state_dict(peft_model, adapter)
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    if hasattr(merged, "gradient_checkpointing_disable") and getattr(
+        merged, "is_gradient_checkpointing", False
+    ):
+        merged.gradient_checkpointing_disable()
+    return merged
