@@ -142,7 +142,7 @@ def run(
                 q, pos, neg = embed_triplets(peft_model, tokenizer, triplets, cfg, dev)
             loss = loss_fn(q, pos, neg)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.loop.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
