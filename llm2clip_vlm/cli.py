@@ -102,7 +102,8 @@ def embed(recipe: RecipeArg = None, output: OutputOpt = Path("runs/store"), set_
     """
     from rich.table import Table
 
-    from llm2clip_vlm.store.run import MissingEncoderError, run_embed
+    from llm2clip_vlm.commands import run_embed
+    from llm2clip_vlm.store.run import MissingEncoderError
     from llm2clip_vlm.store.store import StoreInputError, StoreMismatchError
 
     cfg = resolve_config(recipe, set_)
@@ -200,7 +201,7 @@ TowerOpt = Annotated[
 
 def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | None, tower: str | None,
                init: Path | None) -> None:  # fmt: skip
-    from llm2clip_vlm.data.captions import DataError
+    from llm2clip_vlm.data.errors import DataError
     from llm2clip_vlm.llava.templates import ConversationError
     from llm2clip_vlm.commands import run_llava
     from llm2clip_vlm.llava.model import MissingInputError
@@ -419,7 +420,7 @@ def _report_known_error(e: Exception) -> int | None:
     from rich.markup import escape
 
     from llm2clip_vlm.training.checkpoint import CheckpointError, NonFiniteError, TrainingInterrupted
-    from llm2clip_vlm.data.captions import DataError
+    from llm2clip_vlm.data.errors import DataError
 
     if isinstance(e, TrainingInterrupted):  # SIGTERM/SIGINT: a checkpoint was saved first
         console.print(f"[yellow]{escape(str(e))}[/yellow]", soft_wrap=True)

@@ -8,11 +8,12 @@ its own section (``cfg.stage1``, ``cfg.stage2``, ``cfg.llava``) and explicit arg
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from llm2clip_vlm import config_io
+from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.recipe import RunConfig
 
 
@@ -42,6 +43,19 @@ def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def run_embed(
+    cfg: RunConfig,
+    output_dir: str | Path,
+    stage1_output: str | Path | None = None,
+    data: tuple[Sequence[ImageCaptions], Mapping[str, Sequence[ImageCaptions]]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """``llm2clip-vlm embed``: one store per split of ``cfg.data`` (see ``embed_splits``)."""
+    from llm2clip_vlm.store.run import embed_splits
+
+    write_config(cfg, Path(output_dir))
+    return embed_splits(cfg.embed, cfg.data, output_dir, stage1_output=stage1_output, data=data)
+
+
 def run_stage2(
     cfg: RunConfig, output_dir: str | Path, store_dir: str | Path, encoder_dir: str | Path | None = None
 ) -> dict[str, Any]:
@@ -55,7 +69,6 @@ def run_stage2(
             its identity must match the stores'. Held-out sets without a store are encoded with it.
     """
     from llm2clip_vlm.data import open_image, resolve_data
-    from llm2clip_vlm.data.records import keep_captions
     from llm2clip_vlm.store.run import encoder_identity, resolve_encoder_dir
     from llm2clip_vlm.store.store import EmbeddingStore
     from llm2clip_vlm.vision.inputs import heldout_sets, usable_images

@@ -20,6 +20,7 @@ Layout of ``DIR``::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -80,10 +81,11 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
         raise ValueError(f"--from-stage must be one of {', '.join(STAGES)}, got {from_stage!r}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config_io.dump(cfg, output_dir / "config.yaml")
-    # All stages share one data location, so the demo world is generated once.
+    # All stages share one data location, so the demo world is generated once. Set before the
+    # config is written, on a copy: config.yaml is exactly the config the stages run with.
     if not cfg.data.train.path and not cfg.data.demo_dir:
-        cfg.data.demo_dir = str(output_dir / "demo-data")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, demo_dir=str(output_dir / "demo-data")))
+    config_io.dump(cfg, output_dir / "config.yaml")
 
     dirs = {
         "stage1": output_dir / "stage1",
@@ -99,7 +101,7 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
         run_stage1(cfg, dirs["stage1"])
 
     def do_embed() -> None:
-        from llm2clip_vlm.store.run import run_embed
+        from llm2clip_vlm.commands import run_embed
 
         run_embed(cfg, dirs["embed"], stage1_output=dirs["stage1"])
 

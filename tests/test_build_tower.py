@@ -17,7 +17,7 @@ from llm2clip_vlm.pipeline import stage_fingerprint
 TINY = [
     "data.demo_train_images=48",
     "data.demo_heldout_images=16",
-    "stage1.max_steps=2",
+    "stage1.loop.max_steps=2",
     "stage1.batch_size=4",
     "stage1.cra_captions=16",
     "stage2.loop.max_steps=2",
@@ -61,6 +61,11 @@ def test_build_tower_end_to_end_then_skip_then_rerun_downstream(tmp_path: Path) 
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"cra_before", "cra_after"} <= set(metrics["stage1"])
+    # config.yaml is the config as run: the demo data location the pipeline chose is in it, and
+    # every stage's own config.yaml is the same config.
+    written = config_io.load(RunConfig, run / "config.yaml")
+    assert written.data.demo_dir == str(run / "demo-data")
+    assert all(config_io.load(RunConfig, run / d / "config.yaml") == written for d in ("stage1", "store", "stage2"))
     for name in ("short", "long"):
         m = metrics["stage2"]["retrieval"][name]
         assert m["n_images"] == 16 and set(m) >= {

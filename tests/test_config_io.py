@@ -17,7 +17,7 @@ def test_defaults_are_the_reference_method() -> None:
     cfg = RunConfig()
     assert cfg.stage1.scale == 50.0
     assert (cfg.stage1.lora.r, cfg.stage1.lora.alpha, cfg.stage1.lora.dropout) == (16, 32, 0.05)
-    assert cfg.stage1.lr == 2e-4 and cfg.stage1.warmup_steps == 300 and cfg.stage1.batch_size == 512
+    assert cfg.stage1.lr == 2e-4 and cfg.stage1.loop.warmup_steps == 300 and cfg.stage1.batch_size == 512
     assert cfg.stage2.lr == 1e-5 and cfg.stage2.layer_decay == 0.85 and cfg.stage2.betas == [0.9, 0.98]
     assert cfg.stage2.weight_decay == 0.05 and cfg.stage2.loop.grad_clip == 5.0 and cfg.stage2.eps == 1e-6
 
@@ -78,3 +78,20 @@ def test_every_recipe_in_the_repo_validates() -> None:
         if "accelerate" in recipe.parts:  # accelerate launcher configs, not run configs
             continue
         config_io.load(RunConfig, recipe)
+
+
+def test_every_stage_embeds_one_loop_config_with_its_own_defaults() -> None:
+    from llm2clip_vlm.training.config import LoopConfig
+
+    cfg = config_io.load(RunConfig, None, ["stage2.loop.max_steps=3", "llava.finetune.loop.keep_checkpoints=5"])
+    loops = {
+        "stage1": cfg.stage1.loop, "stage2": cfg.stage2.loop,
+        "pretrain": cfg.llava.pretrain.loop, "finetune": cfg.llava.finetune.loop,
+    }  # fmt: skip
+    assert all(type(loop) is LoopConfig for loop in loops.values())
+    # A partial loop section keeps the stage's own defaults for the keys it does not set.
+    assert (cfg.stage2.loop.max_steps, cfg.stage2.loop.grad_clip) == (3, 5.0)
+    assert (cfg.stage1.loop.schedule, cfg.stage1.loop.warmup_steps, cfg.stage1.loop.grad_clip) == ("linear", 300, 1.0)
+    assert (cfg.llava.finetune.loop.warmup_ratio, cfg.llava.finetune.loop.keep_checkpoints) == (0.03, 5)
+    with pytest.raises(ConfigError, match="stage2.grad_clip"):
+        config_io.load(RunConfig, None, ["stage2.grad_clip=1.0"])  # the old place is refused

@@ -10,7 +10,7 @@ from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import demo_recipe_path, resolve_config
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.data.records import Caption, ImageCaptions, keep_captions
-from llm2clip_vlm.vision.train import _total_steps
+from llm2clip_vlm.vision.train import total_steps
 
 
 def test_keep_captions_keeps_the_first_of_each_kind_in_order() -> None:
@@ -43,12 +43,12 @@ def test_demo_recipe_schedules_fit_the_demo_world() -> None:
     cfg = config_io.load(RunConfig, demo_recipe_path())
     s2 = cfg.stage2
     # The cosine schedule must have room to warm up and then decay over many steps.
-    total = _total_steps(s2, cfg.data.demo_train_images)
-    assert total >= 100 and s2.warmup_steps < total // 5
-    assert s2.max_seconds > 0 and cfg.stage1.max_seconds > 0
+    total = total_steps(s2, cfg.data.demo_train_images)
+    assert total >= 100 and s2.loop.warmup_steps < total // 5
+    assert s2.loop.max_seconds > 0 and cfg.stage1.loop.max_seconds > 0
     # Every held-out set has at least 500 images (the acceptance floor of a retrieval set).
     assert cfg.data.demo_heldout_images >= 500
     # A random ViT trains from scratch: no layer-wise decay, an lr far above the fine-tuning 1e-5.
     assert s2.layer_decay == 1.0 and s2.lr >= 1e-4
     # fp32 everywhere: bf16 autocast is slower on CPUs without bf16 units.
-    assert (cfg.stage1.precision, cfg.embed.precision, s2.precision) == ("fp32",) * 3
+    assert (cfg.stage1.loop.precision, cfg.embed.precision, s2.loop.precision) == ("fp32",) * 3

@@ -171,7 +171,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from store_driver import make_encoder_dir
 
     from llm2clip_vlm.data.synthetic import write_demo_dataset
-    from llm2clip_vlm.store.run import run_embed
+    from llm2clip_vlm.commands import run_embed
 
     root = tmp_path_factory.mktemp("demo-run")
     write_demo_dataset(root / "data", seed=0, train_images=32, heldout_images=16, show_progress=False)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import AddedToken, CLIPImageProcessor
 
-from llm2clip_vlm.data.captions import DataError
+from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.synthetic_llava import QUESTION_TYPES, make_question, write_llava_demo
 from llm2clip_vlm.llava.data import (
     Collator,
@@ -64,7 +64,7 @@ def test_each_bad_record_is_named_in_the_error(folder: Path, case: str) -> None:
 
 
 def test_skip_bad_skips_counts_and_reports_then_stops_past_the_limit(folder: Path) -> None:
-    from llm2clip_vlm.data.images import BadRecords
+    from llm2clip_vlm.data.errors import BadRecords
 
     good = [_rec(100 + i) for i in range(93)] + [_rec(200, image=None, q="text only?")]
     (folder / "data.json").write_text(json.dumps(good + [r for r, _ in BAD.values()]))

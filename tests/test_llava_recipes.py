@@ -21,16 +21,16 @@ def test_reference_llava_recipes(name: str) -> None:
     pre, ft = cfg.llava.pretrain, cfg.llava.finetune
     assert cfg.llava.tower and cfg.llava.llm.endswith("vicuna-7b-v1.5")
     assert (cfg.llava.vision_feature_layer, cfg.llava.select_strategy) == (-2, "default")
-    assert (pre.template, pre.tune, pre.batch_size, pre.lr, pre.epochs, pre.max_length) == (
+    assert (pre.template, pre.tune, pre.batch_size, pre.lr, pre.loop.epochs, pre.max_length) == (
         "plain", "projector", 256, 1e-3, 1.0, 2048,
     )  # fmt: skip
-    assert (pre.warmup_ratio, pre.weight_decay, pre.lr_schedule) == (0.03, 0.0, "cosine")
-    assert (ft.template, ft.tune, ft.batch_size, ft.lr, ft.epochs, ft.max_length) == (
+    assert (pre.loop.warmup_ratio, pre.weight_decay, pre.loop.schedule) == (0.03, 0.0, "cosine")
+    assert (ft.template, ft.tune, ft.batch_size, ft.lr, ft.loop.epochs, ft.max_length) == (
         "vicuna_v1", "full", 128, 2e-5, 1.0, 2048,
     )  # fmt: skip
     assert ft.image_aspect_ratio == "pad" and ft.group_by_modality
     assert (
-        pre.precision == ft.precision == "bf16" and pre.gradient_checkpointing and ft.gradient_checkpointing
+        pre.loop.precision == ft.loop.precision == "bf16" and pre.gradient_checkpointing and ft.gradient_checkpointing
     )
     assert pre.batch_size % (8 * pre.micro_batch_size) == 0 and ft.batch_size % (8 * ft.micro_batch_size) == 0
 
@@ -69,4 +69,4 @@ def test_demo_recipe_runs_llava_on_the_cpu_demo() -> None:
     cfg = config_io.load(RunConfig, demo_recipe_path())
     assert cfg.llava.llm == "builtin:smollm2-135m-instruct" and cfg.llava.tower
     for p in (cfg.llava.pretrain, cfg.llava.finetune):
-        assert p.precision == "fp32" and p.max_seconds > 0 and not p.data.path
+        assert p.loop.precision == "fp32" and p.loop.max_seconds > 0 and not p.data.path

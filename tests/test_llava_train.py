@@ -18,7 +18,8 @@ from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import app
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.data.synthetic_llava import write_llava_demo
-from llm2clip_vlm.llava.train import LLAVA_PROJECTOR_KEYS, run_llava
+from llm2clip_vlm.commands import run_llava
+from llm2clip_vlm.llava.model import LLAVA_PROJECTOR_KEYS
 from llm2clip_vlm.text.tiny import save_tiny_llm
 from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
 
@@ -42,8 +43,8 @@ def _overrides(parts: dict[str, Path], phase: str, extra: list[str] = ()) -> lis
     return [
         f"llava.tower={parts['tower']}", f"llava.llm={parts['llm']}",
         f"{p}.data.path={parts['data'] / name}", f"{p}.data.heldout_path={parts['data'] / 'llava_heldout.json'}",
-        f"{p}.batch_size=8", f"{p}.micro_batch_size=4", f"{p}.num_workers=0", f"{p}.precision=fp32",
-        f"{p}.max_steps=3", f"{p}.eval_max_new_tokens=3", f"{p}.lr=1e-3", f"{p}.warmup_ratio=0",
+        f"{p}.batch_size=8", f"{p}.micro_batch_size=4", f"{p}.num_workers=0", f"{p}.loop.precision=fp32",
+        f"{p}.loop.max_steps=3", f"{p}.eval_max_new_tokens=3", f"{p}.lr=1e-3", f"{p}.loop.warmup_ratio=0",
         f"{p}.gradient_checkpointing=false", *extra,
     ]  # fmt: skip
 
@@ -138,7 +139,7 @@ def test_cli_bad_record_is_named_and_skip_bad_finishes(parts, tmp_path: Path) ->
     records[3]["image"] = "images/pretrain/missing.png"
     bad = parts["data"] / "bad_pretrain.json"
     bad.write_text(json.dumps(records))
-    base = [*_overrides(parts, "pretrain", ["llava.pretrain.max_steps=1"]), f"llava.pretrain.data.path={bad}"]
+    base = [*_overrides(parts, "pretrain", ["llava.pretrain.loop.max_steps=1"]), f"llava.pretrain.data.path={bad}"]
     args = ["llava-pretrain", "-o", str(tmp_path / "bad")]
     for s in base:
         args += ["--set", s]
@@ -163,7 +164,7 @@ class _Killed(Exception):
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_weights(parts, tmp_path: Path) -> None:
-    extra = ["llava.pretrain.max_steps=4", "llava.pretrain.save_every_steps=2"]
+    extra = ["llava.pretrain.loop.max_steps=4", "llava.pretrain.loop.save_every_steps=2"]
     full = run_llava(_cfg(parts, "pretrain", extra), tmp_path / "full", "pretrain")
 
     def kill(step: int, loss: float) -> None:
@@ -218,7 +219,7 @@ def test_qlora_finetune_merges_into_a_full_precision_llava(parts, pretrained: Pa
     from transformers import LlavaForConditionalGeneration
 
     extra = ["llava.finetune.tune=qlora", "llava.finetune.lora_r=4", "llava.finetune.lora_alpha=8",
-             "llava.finetune.max_steps=2"]  # fmt: skip
+             "llava.finetune.loop.max_steps=2"]  # fmt: skip
     metrics = run_llava(_cfg(parts, "finetune", extra), tmp_path / "q", "finetune", init=pretrained)
     assert metrics["steps"] == 2 and all(map(lambda x: x == x, metrics["losses"]))
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "q" / "model")
@@ -235,7 +236,7 @@ def test_token_loss_equals_transformers_loss_with_logits_kept_only_where_needed(
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from llm2clip_vlm.llava.data import Collator, LlavaDataset, load_llava_records
-    from llm2clip_vlm.llava.train import token_loss_sum
+    from llm2clip_vlm.llava.step import token_loss_sum
 
     model = LlavaForConditionalGeneration.from_pretrained(pretrained / "model").eval()
     proc = AutoProcessor.from_pretrained(pretrained / "model")

@@ -16,7 +16,7 @@ from llm2clip_vlm.vision.adaptor import ResidualMLPBlock, TextAdaptor
 from llm2clip_vlm.vision.backbones import create_backbone, known_backbones
 from llm2clip_vlm.vision.config import VisionBackboneConfig
 from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
-from llm2clip_vlm.vision.train import build_param_groups, cosine_lr_factor
+from llm2clip_vlm.vision.train import build_param_groups
 
 TINY = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2, "num_heads": 2}
 
@@ -182,11 +182,3 @@ def test_param_groups_weight_decay_and_layer_decay_are_exact() -> None:
             assert wd == 0.0, name
         else:
             assert wd == 0.05, name
-
-
-def test_cosine_schedule_without_and_with_warmup() -> None:
-    assert cosine_lr_factor(0, warmup=0, total=10) == 1.0  # no warmup: full lr at the first step
-    assert cosine_lr_factor(5, warmup=0, total=10) == pytest.approx(0.5)
-    assert cosine_lr_factor(10, warmup=0, total=10) == pytest.approx(0.0)
-    assert cosine_lr_factor(1, warmup=3, total=13) == pytest.approx(0.5)
-    assert cosine_lr_factor(8, warmup=3, total=13) == pytest.approx(0.5)

@@ -2,11 +2,11 @@
 
 from llm2clip_vlm.data.captions import (
     CaptionSet,
-    DataError,
     load_caption_set,
     open_image,
     resolve_data,
 )
+from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.records import Caption, ImageCaptions
 
 __all__ = [

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from llm2clip_vlm.data.config import CaptionSetConfig, DataConfig
-from llm2clip_vlm.data.images import BadRecords, write_report
+from llm2clip_vlm.data.errors import BadRecords, DataError, write_report
+from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.data.records import Caption, ImageCaptions
 from llm2clip_vlm.logging import get_logger
 
@@ -35,10 +36,6 @@ log = get_logger(__name__)
 
 MANIFEST_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
-
-
-class DataError(ValueError):
-    """A data set or record that cannot be used; the message names the file/record and the problem."""
 
 
 class CaptionSet(Sequence[ImageCaptions]):
@@ -82,8 +79,6 @@ def safe_image_path(root: Path, relative: str, where: str) -> Path:
 
 def open_image(record: ImageCaptions):  # -> PIL.Image.Image
     """Open a record's image as RGB (file path or encoded bytes); see :func:`images.load_rgb`."""
-    from llm2clip_vlm.data.images import load_rgb
-
     return load_rgb(record.image, record.source or record.key)
 
 

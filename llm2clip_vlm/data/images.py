@@ -15,8 +15,8 @@ Image policy (:func:`load_rgb`), the same for stage 2, the held-out sets and LLa
   *before* decoding, from the header alone, so a bomb never allocates its pixels.
 - Unreadable, truncated (``LOAD_TRUNCATED_IMAGES`` stays off) or missing files: refused.
 
-Every refusal is a :class:`~llm2clip_vlm.data.captions.DataError` naming the record and the problem.
-:class:`BadRecords` applies the policy: stop at the first bad record (default), or with
+Every refusal is a :class:`~llm2clip_vlm.data.errors.DataError` naming the record and the problem.
+:class:`~llm2clip_vlm.data.errors.BadRecords` applies the policy: stop at the first bad record (default), or with
 ``data.skip_bad`` skip, count, write ``bad_records.json`` and stop once more than
 ``data.max_bad_fraction`` is bad.
 """
@@ -24,26 +24,18 @@ Every refusal is a :class:`~llm2clip_vlm.data.captions.DataError` naming the rec
 from __future__ import annotations
 
 import io
-import json
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from llm2clip_vlm.data.errors import BadRecords, DataError
 from llm2clip_vlm.logging import get_logger
 
 log = get_logger(__name__)
 
-REPORT_FILE = "bad_records.json"
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _CONVERTIBLE = ("L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV")
-
-
-def _data_error(message: str) -> Exception:
-    from llm2clip_vlm.data.captions import DataError
-
-    return DataError(message)
 
 
 def load_rgb(source: str | Path | bytes, where: str = ""):  # -> PIL.Image.Image
@@ -59,8 +51,6 @@ def load_rgb(source: str | Path | bytes, where: str = ""):  # -> PIL.Image.Image
     import numpy as np
     from PIL import Image, ImageFile
 
-    from llm2clip_vlm.data.captions import DataError
-
     # Truncated files are bad data. Some libraries (lmms-eval's task module, at import) switch
     # PIL to padding truncated images with grey process-wide; training must not inherit that.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -71,7 +61,7 @@ def load_rgb(source: str | Path | bytes, where: str = ""):  # -> PIL.Image.Image
         with Image.open(src) as img:
             limit = Image.MAX_IMAGE_PIXELS
             if limit and img.width * img.height > limit:
-                raise _data_error(
+                raise DataError(
                     f"{prefix} is {img.width}x{img.height} = {img.width * img.height} pixels, above the "
                     f"limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS): a possible decompression bomb, refused"
                 )
@@ -90,7 +80,7 @@ def load_rgb(source: str | Path | bytes, where: str = ""):  # -> PIL.Image.Image
                 return Image.fromarray(grey, mode="L").convert("RGB")
             if mode in _CONVERTIBLE:
                 return img.convert("RGB")
-            raise _data_error(
+            raise DataError(
                 f"{prefix} has unsupported mode {mode!r} (RGB, grey, palette, CMYK, alpha, 16-bit)"
             )
     except DataError:
@@ -102,76 +92,6 @@ def load_rgb(source: str | Path | bytes, where: str = ""):  # -> PIL.Image.Image
     except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated, bad header
         lead = f"{where}: cannot read image {name}" if where else f"cannot read image {name}"
         raise DataError(f"{lead}: {type(e).__name__}: {e}") from e
-
-
-class BadRecords:
-    """The bad-input policy: stop at the first bad record, or skip, count and report.
-
-    Args:
-        skip_bad: skip bad records instead of stopping (``data.skip_bad``).
-        max_bad_fraction: with ``skip_bad``, stop anyway above this share (``data.max_bad_fraction``).
-        name: the data set, for messages and the report.
-        option: the config key that turns skipping on, named in the error.
-    """
-
-    def __init__(
-        self,
-        skip_bad: bool = False,
-        max_bad_fraction: float = 0.01,
-        name: str = "",
-        option: str = "data.skip_bad",
-    ) -> None:
-        self.skip_bad, self.max_bad_fraction, self.name, self.option = (
-            skip_bad,
-            max_bad_fraction,
-            name,
-            option,
-        )
-        self.skipped: list[tuple[str, str]] = []
-
-    def add(self, where: str, error: Exception) -> None:
-        """Record a bad record; raises at once unless skipping."""
-        if not self.skip_bad:
-            raise _data_error(f"{error} (set {self.option}=true to skip bad records)") from error
-        self.skipped.append((where, str(error)))
-
-    def check(self, total: int) -> None:
-        """After a pass over ``total`` records: log the skips and stop if too many were bad."""
-        if not self.skipped:
-            return
-        share = len(self.skipped) / max(total, 1)
-        log.warning(
-            "%s: skipped %d of %d records (%.1f%%); first: %s",
-            self.name, len(self.skipped), total, 100 * share, self.skipped[0][1],
-        )  # fmt: skip
-        if share > self.max_bad_fraction:
-            raise _data_error(
-                f"{self.name}: {len(self.skipped)} of {total} records are bad ({100 * share:.1f}% > "
-                f"max_bad_fraction {100 * self.max_bad_fraction:.1f}%); first: {self.skipped[0][1]}"
-            )
-
-
-def write_report(
-    out_dir: str | Path, name: str, total: int, skipped: Sequence[tuple[str, str]]
-) -> Path | None:
-    """Add the skipped records of data set ``name`` to ``<out_dir>/bad_records.json`` (merged).
-
-    The report maps each data set to ``{"records": total, "skipped": [{"record", "reason"}, ...]}``.
-    Nothing is written when nothing was skipped and there is no report yet.
-    """
-    path = Path(out_dir) / REPORT_FILE
-    if not skipped and not path.is_file():
-        return None
-    report: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    entry = report.setdefault(name, {"records": total, "skipped": []})
-    entry["records"] = max(int(entry.get("records", 0)), total)
-    seen = {s["record"] for s in entry["skipped"]}
-    entry["skipped"] += [{"record": w, "reason": r} for w, r in skipped if w not in seen]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def find_bad_images(
@@ -186,7 +106,6 @@ def find_bad_images(
     Bad images go through ``policy`` (stop at the first, or skip and count; then
     :meth:`BadRecords.check`). Decoding runs in threads (PIL releases the GIL while decoding).
     """
-    from llm2clip_vlm.data.captions import DataError
     from llm2clip_vlm.progress import make_progress
 
     def probe(i: int) -> Exception | None:

@@ -273,7 +273,7 @@ def _scenes(rng: random.Random, n: int, family_share: float, attributes: tuple[s
     return scenes[:n]
 
 
-def _png_bytes(img: Image.Image) -> bytes:
+def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False)
     return buf.getvalue()
@@ -349,7 +349,7 @@ def write_demo_dataset(
                     "short_captions": short_captions(scene, srng, n_short) if split != "heldout_long" else [],
                     "long_captions": long_captions(scene, srng, n_long) if split != "heldout_short" else [],
                 }
-                png = _png_bytes(draw_scene(scene, image_size))
+                png = png_bytes(draw_scene(scene, image_size))
                 (img_dir / f"{key}.png").write_bytes(png)
                 lines.append(json.dumps(record))
                 if split == "train":

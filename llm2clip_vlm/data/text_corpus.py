@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from llm2clip_vlm.data.captions import DataError
+from llm2clip_vlm.data.errors import DataError
 
 
 def _expand(path: str) -> list[Path]:

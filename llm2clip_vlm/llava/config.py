@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from llm2clip_vlm.training.config import LoopConfig
+
 
 @dataclass
 class LlavaDataConfig:
@@ -55,28 +57,20 @@ class LlavaPhaseConfig:
     # Learning rate of the projector (0 = ``lr``); LLaVA's LoRA recipe uses 2e-5 with lr 2e-4.
     projector_lr: float = 0.0
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip: float = 1.0
-    epochs: float = 1.0
-    # 0 = run ``epochs``; otherwise exactly this many optimizer steps (the schedule's length).
-    max_steps: int = 0
-    # Stop early after this many seconds of training (0 = no limit); the schedule is not shortened.
-    max_seconds: float = 0.0
     max_length: int = 2048
     # pad = LLaVA-1.5's ``image_aspect_ratio=pad`` (pad to square with the processor's mean colour);
     # none = the processor's own resize and centre crop.
     image_aspect_ratio: Literal["pad", "none"] = "pad"
     # Batches hold only image records or only text-only records (LLaVA's group_by_modality_length).
     group_by_modality: bool = True
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     gradient_checkpointing: bool = True
     num_workers: int = 4
-    save_every_steps: int = 500
     seed: int = 42
     # Held-out question answering: greedy answers of at most this many tokens, this many per batch.
     eval_max_new_tokens: int = 16
     eval_batch_size: int = 16
+    # The loop: LLaVA-1.5 warms up over 3% of the steps, then decays the lr on a cosine.
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(warmup_ratio=0.03))
 
 
 def _pretrain_defaults() -> LlavaPhaseConfig:

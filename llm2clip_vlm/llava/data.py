@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from llm2clip_vlm.data.captions import DataError, safe_image_path
-from llm2clip_vlm.data.images import BadRecords, load_rgb
+from llm2clip_vlm.data.captions import safe_image_path
+from llm2clip_vlm.data.errors import BadRecords, DataError
+from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.llava.templates import (
     IGNORE_INDEX,
     ConversationError,

@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llm2clip_vlm import config_io
-from llm2clip_vlm.recipe import RunConfig
+from llm2clip_vlm.data.config import DataConfig
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.store.config import EmbedConfig
 
 log = get_logger(__name__)
 
@@ -64,20 +64,22 @@ def store_names(heldout: Mapping[str, Any]) -> list[str]:
     return ["train"] + [f"heldout-{name}" for name in heldout]
 
 
-def run_embed(
-    cfg: RunConfig,
+def embed_splits(
+    embed: EmbedConfig,
+    data_cfg: DataConfig,
     output_dir: str | Path,
     stage1_output: str | Path | None = None,
     data: tuple[Sequence[ImageCaptions], Mapping[str, Sequence[ImageCaptions]]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Embed the train split and every held-out set of ``cfg.data`` into ``output_dir``.
+    """Embed the train split and every held-out set of ``data_cfg`` into ``output_dir``.
 
     Args:
-        cfg: the run config (``cfg.embed`` for the store, ``cfg.data`` for the captions).
-        output_dir: the store root; gets ``config.yaml``, ``train/`` and ``heldout-<name>/``.
+        embed: the ``embed`` section (the encoder, the store's format).
+        data_cfg: the ``data`` section (where the captions come from).
+        output_dir: the store root; gets ``train/`` and ``heldout-<name>/``.
         stage1_output: a stage-1 run directory, used when ``embed.encoder`` is empty.
         data: already-resolved ``(train, {name: heldout})`` (a pipeline that has them); default:
-            ``llm2clip_vlm.data.resolve_data(cfg.data, output_dir)``.
+            ``llm2clip_vlm.data.resolve_data(data_cfg, output_dir)``.
 
     Returns:
         Per sub-store: its path, rows, images, dim, dtype, shards and padding share (empty on
@@ -89,23 +91,21 @@ def run_embed(
     from llm2clip_vlm.text.encoder import CaptionEncoder
 
     out = Path(output_dir)
-    encoder_dir = resolve_encoder_dir(cfg.embed.encoder, stage1_output)
+    encoder_dir = resolve_encoder_dir(embed.encoder, stage1_output)
     state = PartialState()  # joins the process group under accelerate launch / torchrun
     rank, world = state.process_index, state.num_processes
     if data is None:
         from llm2clip_vlm.data import resolve_data
 
         with state.main_process_first():  # the demo world is generated once, by rank 0
-            data = resolve_data(cfg.data, out)
+            data = resolve_data(data_cfg, out)
     train, heldout = data
-    train = keep_captions(train, cfg.embed.train_captions_per_kind)
-    if rank == 0:
-        config_io.dump(cfg, out / "config.yaml")
+    train = keep_captions(train, embed.train_captions_per_kind)
     encoder = CaptionEncoder.from_pretrained(encoder_dir, device=state.device)
     log.info("embed: encoder %s (%s), %d process(es)", encoder_dir, encoder.identity()[:12], world)
     summary: dict[str, dict[str, Any]] = {}
     for name, records in zip(store_names(heldout), [train, *heldout.values()], strict=True):
-        path = write_store(encoder, records, out / name, cfg.embed, rank=rank, world_size=world)
+        path = write_store(encoder, records, out / name, embed, rank=rank, world_size=world)
         if rank != 0:
             continue
         # Checksums were verified shard by shard while writing; shapes are enough here.

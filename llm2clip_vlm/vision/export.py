@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from llm2clip_vlm import config_io
-from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.vision.config import ExportConfig, Stage2Config
 from llm2clip_vlm.vision.model import LLM2CLIP
 
 log = get_logger(__name__)
@@ -55,9 +55,10 @@ def export_tower(
     model_src = run_dir / "model"
     if not model_src.is_dir():
         raise FileNotFoundError(f"{run_dir} is not a finished stage-2 run (no model/ folder)")
+    # The run's config.yaml as plain data: provenance only copies from it (any version of it).
     cfg_file = run_dir / "config.yaml"
-    cfg = config_io.load(RunConfig, cfg_file) if cfg_file.is_file() else RunConfig()
-    dtype = dtype or cfg.export.dtype
+    cfg = config_io.read_yaml(cfg_file) if cfg_file.is_file() else {}
+    dtype = dtype or cfg.get("export", {}).get("dtype", ExportConfig().dtype)
     if dtype not in DTYPES:
         raise ValueError(f"export dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     metrics = (
@@ -106,20 +107,22 @@ def _verify(out_dir: Path, backbone: Any, reference: tuple[torch.Tensor, torch.T
 
 
 def _provenance(
-    cfg: RunConfig, model: LLM2CLIP, metrics: dict[str, Any], run_dir: Path, dtype: str
+    cfg: dict[str, Any], model: LLM2CLIP, metrics: dict[str, Any], run_dir: Path, dtype: str
 ) -> dict[str, Any]:
     c = model.config
     s2 = metrics.get("stage2", {})
+    stage2 = cfg.get("stage2", config_io.to_dict(Stage2Config()))
+    data = cfg.get("data", {})
     return {
         "method": "LLM2CLIP stage 2 (arXiv 2411.04997): vision encoder aligned to a frozen LLM caption embedder",
-        "backbone": {"kind": c.backbone.kind, "init": cfg.stage2.backbone.name_or_path or "random (demo)"},
+        "backbone": {"kind": c.backbone.kind, "init": stage2.get("backbone", {}).get("name_or_path") or "random (demo)"},
         "dtype": dtype,
         "caption_encoder": {"path": c.encoder_path, "identity": c.encoder_identity, "dim": c.text_dim},
         "data": {
-            "train": cfg.data.train.path or f"synthetic demo world (seed {cfg.data.demo_seed})",
+            "train": data.get("train", {}).get("path") or f"synthetic demo world (seed {data.get('demo_seed', 0)})",
             "heldout": sorted(s2.get("retrieval", {})),
         },
-        "stage2": config_io.to_dict(cfg.stage2),
+        "stage2": stage2,
         "run_dir": str(run_dir.resolve()),
         "retrieval": s2.get("retrieval", {}),
         "retrieval_before": s2.get("retrieval_before", {}),

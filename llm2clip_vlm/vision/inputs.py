@@ -62,7 +62,8 @@ def usable_images(
     listed in ``<out>/bad_records.json`` (see :mod:`llm2clip_vlm.data.images`).
     """
     from llm2clip_vlm.data import open_image
-    from llm2clip_vlm.data.images import BadRecords, find_bad_images, write_report
+    from llm2clip_vlm.data.errors import BadRecords, write_report
+    from llm2clip_vlm.data.images import find_bad_images
 
     policy = BadRecords(skip_bad, max_bad_fraction, name=f"{name} images")
     good = find_bad_images(records, policy, open_image, description=f"checking {name} images")

@@ -1,0 +1,49 @@
+"""Where a LLaVA phase's data comes from: the configured files, or the demo world's LLaVA splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
+from llm2clip_vlm.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class PhaseData(NamedTuple):
+    """A phase's records file, the folder its image paths are relative to, and its held-out file."""
+
+    records: Path
+    image_folder: str
+    heldout: Path | None
+
+
+def demo_llava_dir(demo_dir: str, demo_seed: int, output_dir: Path) -> Path:
+    """The demo world's LLaVA splits (written once, next to the run, when missing)."""
+    from llm2clip_vlm.data.synthetic_llava import SPEC_VERSION, write_llava_demo
+
+    root = Path(demo_dir) / "llava" if demo_dir else output_dir / "demo-llava"
+    info = root / "llava_dataset.json"
+    if info.is_file():
+        spec = json.loads(info.read_text())
+        if spec.get("seed") == demo_seed and spec.get("version") == SPEC_VERSION:
+            return root
+    log.info("writing the synthetic LLaVA demo data to %s", root)
+    write_llava_demo(root, seed=demo_seed)
+    return root
+
+
+def phase_data(llava: LlavaConfig, phase: str, output_dir: Path, demo_dir: str = "", demo_seed: int = 0) -> PhaseData:
+    """The data of ``phase`` (``pretrain`` / ``finetune``); the demo world's when none is set."""
+    p: LlavaPhaseConfig = getattr(llava, phase)
+    held = Path(p.data.heldout_path) if p.data.heldout_path else None
+    if p.data.path:
+        return PhaseData(Path(p.data.path), p.data.image_folder, held)
+    root = demo_llava_dir(demo_dir, demo_seed, output_dir)
+    if phase == "pretrain":
+        # A caption-trained model is not asked questions: the demo's held-out questions measure
+        # finetuning (their "before" is the pretrained model).
+        return PhaseData(root / "llava_pretrain.json", "", held)
+    return PhaseData(root / "llava_instruct.json", "", held or root / "llava_heldout.json")

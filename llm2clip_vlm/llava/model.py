@@ -1,0 +1,202 @@
+"""The LLaVA model of a phase: build it on a tower with the right parts frozen, the projector in
+LLaVA's format, and saving in transformers' LLaVA format (LoRA merged).
+
+The tower is always frozen; the projector always trains; the LLM is frozen (``projector``), fully
+trained (``full``), or gets LoRA adapters (``lora``, ``qlora`` on a 4-bit base).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from llm2clip_vlm.llava.assemble import build_llava_model
+from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
+from llm2clip_vlm.llava.templates import TEMPLATE_FILE, VICUNA_SYSTEM, VICUNA_V1_JINJA
+from llm2clip_vlm.logging import get_logger
+
+log = get_logger(__name__)
+
+PROJECTOR_FILE = "mm_projector.safetensors"
+# transformers' projector names -> LLaVA's (``model.mm_projector.{0,2}``, mlp2x_gelu).
+LLAVA_PROJECTOR_KEYS = {
+    "linear_1.weight": "model.mm_projector.0.weight",
+    "linear_1.bias": "model.mm_projector.0.bias",
+    "linear_2.weight": "model.mm_projector.2.weight",
+    "linear_2.bias": "model.mm_projector.2.bias",
+}
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+class MissingInputError(FileNotFoundError):
+    """A required input (tower, pretrained projector) is not where the config says."""
+
+
+
+def projector_state_for_llava(projector: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The projector's weights under LLaVA's names (usable as ``pretrain_mm_mlp_adapter``)."""
+    return {
+        LLAVA_PROJECTOR_KEYS[k]: v.detach().float().cpu().contiguous()
+        for k, v in projector.state_dict().items()
+    }
+
+
+def load_projector(projector: torch.nn.Module, path: Path) -> None:
+    """Load a projector from a ``mm_projector.safetensors`` (our names or LLaVA's), or a run directory.
+
+    Only safetensors are read: a ``.bin`` is a pickle and is refused (load it yourself with
+    ``torch.load(..., weights_only=True)`` and save it with safetensors if you trust it).
+    """
+    if path.is_dir():
+        path = path / PROJECTOR_FILE
+    if not path.is_file():
+        raise MissingInputError(
+            f"pretrained projector {path} does not exist: run `llm2clip-vlm llava-pretrain` first "
+            "or set llava.finetune init with --from"
+        )
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only safetensors projector files are read (pickle files are refused)")
+    state = load_file(str(path))
+    inverse = {v: k for k, v in LLAVA_PROJECTOR_KEYS.items()}
+    state = {inverse.get(k, k): v for k, v in state.items()}
+    projector.load_state_dict(state)
+
+
+def check_inputs(llava: LlavaConfig, phase: str, init: Path | None) -> None:
+    """Fail before any loading when the tower or (finetuning) the pretrained projector is missing."""
+    tower = llava.tower
+    if not tower:
+        raise MissingInputError(
+            "llava.tower is not set: pass --tower DIR (an exported tower, e.g. the `tower/` folder "
+            "that `llm2clip-vlm build-tower` writes) or set llava.tower in the recipe"
+        )
+    if not Path(tower.removeprefix("llm2clip:")).is_dir():
+        raise MissingInputError(
+            f"tower {tower} does not exist: build one with `llm2clip-vlm build-tower --output DIR` "
+            "and pass --tower DIR/tower"
+        )
+    if phase == "finetune":
+        if init is None:
+            raise MissingInputError(
+                "llava-finetune starts from a pretrained projector: pass --from DIR (a llava-pretrain "
+                "output) or a mm_projector.safetensors file"
+            )
+        path = init / PROJECTOR_FILE if init.is_dir() else init
+        if not path.is_file():
+            raise MissingInputError(
+                f"pretrained projector {path} does not exist: run `llm2clip-vlm llava-pretrain` first "
+                "or pass --from a mm_projector.safetensors file"
+            )
+
+
+def build_model(
+    llava: LlavaConfig, phase: str, init: Path | None, compute_dtype: torch.dtype, allow_pickle: bool = False
+) -> tuple[Any, Any]:
+    """The LLaVA model for ``phase`` with the right parts frozen, and its processor."""
+    p: LlavaPhaseConfig = getattr(llava, phase)
+    tower = llava.tower
+    check_inputs(llava, phase, init)
+    quant = "4bit" if p.tune == "qlora" else "none"
+    model, processor = build_llava_model(
+        tower,
+        llava.llm,
+        vision_feature_layer=llava.vision_feature_layer,
+        select_strategy=llava.select_strategy,
+        dtype=torch.float32,
+        quantization=quant,
+        allow_pickle=allow_pickle,
+    )
+    if init is not None:
+        load_projector(model.model.multi_modal_projector, init)
+        log.info("projector loaded from %s", init)
+    model.requires_grad_(False)
+    # Frozen parts need no fp32 master copy: keep them in the compute dtype (memory, speed).
+    model.model.vision_tower.to(compute_dtype)
+    if p.tune == "projector":
+        model.model.language_model.to(compute_dtype)
+        model.lm_head.to(compute_dtype)
+    elif p.tune == "full":
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    else:  # lora / qlora
+        from peft import LoraConfig, get_peft_model
+
+        if quant == "none":
+            model.model.language_model.to(compute_dtype)
+            model.lm_head.to(compute_dtype)
+        lora = LoraConfig(
+            r=p.lora_r,
+            lora_alpha=p.lora_alpha,
+            lora_dropout=p.lora_dropout,
+            target_modules=LORA_TARGETS,
+            bias="none",
+        )
+        model = get_peft_model(model, lora)
+    projector = projector_of(model)
+    projector.to(torch.float32).requires_grad_(True)
+    if p.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # The LLM's first layer input comes from frozen embeddings: its output must require grad
+        # for non-reentrant checkpointing to build a graph back to the projector.
+        base_model(model).enable_input_require_grads()
+    return model, processor
+
+
+def base_model(model: Any) -> Any:
+    """The LlavaForConditionalGeneration under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def projector_of(model: Any) -> torch.nn.Module:
+    return base_model(model).model.multi_modal_projector
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """Every trainable tensor by name (what a checkpoint stores)."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def merged_model(llava: LlavaConfig, p: LlavaPhaseConfig, model: Any, allow_pickle: bool = False) -> Any:
+    """A plain LlavaForConditionalGeneration with the LoRA merged (full precision for QLoRA)."""
+    if p.tune in ("projector", "full"):
+        return model
+    if p.tune == "lora":
+        return model.merge_and_unload()
+    # QLoRA: merging into 4-bit weights would re-quantize them; rebuild the base in full precision,
+    # load the adapters and the projector into it, merge there.
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapters = get_peft_model_state_dict(model)
+    projector = {k: v.detach().clone() for k, v in projector_of(model).state_dict().items()}
+    base, _ = build_llava_model(
+        llava.tower, llava.llm, vision_feature_layer=llava.vision_feature_layer,
+        select_strategy=llava.select_strategy, dtype=torch.float32, allow_pickle=allow_pickle,
+    )  # fmt: skip
+    fresh = get_peft_model(base, model.peft_config["default"])
+    set_peft_model_state_dict(fresh, adapters)
+    merged = fresh.merge_and_unload()
+    merged.model.multi_modal_projector.load_state_dict(projector)
+    return merged
+
+
+def save_llava(
+    model: Any, processor: Any, out: Path, template: str, system: str | None, dtype: torch.dtype
+) -> None:
+    """``out``: the model in transformers' LLaVA format + processor + which template it learnt."""
+    model = model.to(dtype)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    if template == "vicuna_v1":
+        # transformers (lmms-eval, serving engines) then build the prompt the model was trained on.
+        processor.chat_template = VICUNA_V1_JINJA
+    processor.save_pretrained(out)
+    info = {
+        "template": template,
+        "system": system if system is not None else (VICUNA_SYSTEM if template == "vicuna_v1" else ""),
+    }
+    (out / TEMPLATE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+

@@ -1,0 +1,112 @@
+"""One LLaVA optimizer step: micro batches, gradient accumulation, DDP or DeepSpeed, token-mean loss.
+
+[IMPORTANT] The loss of a step is the mean over every supervised token of the *global* batch:
+each micro batch adds ``sum of its token losses / global token count``, times the number of
+processes because DDP averages gradients. So the loss and the update do not depend on the
+micro-batch size or the process count (a 2-process test pins it), unlike a mean of per-batch means.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llm2clip_vlm.llava.config import LlavaPhaseConfig
+from llm2clip_vlm.llava.data import Batch
+from llm2clip_vlm.llava.templates import IGNORE_INDEX
+from llm2clip_vlm.training import dist
+from llm2clip_vlm.training.loop import StepOutput
+
+
+def token_loss_sum(model: Any, batch: Batch, device: torch.device) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the supervised tokens of a micro batch.
+
+    Only positions that predict a supervised token in some row go through the LM head
+    (``logits_to_keep``): image tokens, prompts and padding never need the vocabulary-wide logits,
+    which are the largest activation of a step (``[B, T, vocab]``). The loss is unchanged.
+    """
+    targets = batch.labels[:, 1:]
+    # Position p predicts token p + 1; keep the positions where any row has a target.
+    keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    if keep.numel() == 0:  # nothing supervised (all truncated away): a zero loss still in the graph
+        keep = torch.zeros(1, dtype=torch.long)
+    kwargs: dict[str, Any] = {
+        "input_ids": batch.input_ids.to(device),
+        "attention_mask": batch.attention_mask.to(device),
+        "logits_to_keep": keep.to(device),
+    }
+    if batch.pixel_values is not None:
+        kwargs["pixel_values"] = batch.pixel_values.to(device)
+    logits = model(**kwargs).logits  # [B, len(keep), vocab]
+    labels = targets[:, keep].to(device)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def setup_deepspeed(accelerator: Any, p: LlavaPhaseConfig, phase: str) -> bool:
+    """Fill the DeepSpeed config from the phase (micro batch, accumulation, clipping); False if
+    DeepSpeed is not in use.
+
+    DeepSpeed needs a fixed number of micro batches per step, so ``batch_size`` must split into
+    ``micro_batch_size`` x processes x an integer; a non-finite step cannot be skipped there (the
+    update happens inside ``backward``), only stopped.
+    """
+    if not dist.uses(accelerator, "DEEPSPEED"):
+        return False
+    local = p.batch_size // accelerator.num_processes
+    if local % p.micro_batch_size:
+        raise ValueError(
+            f"llava.{phase}: under DeepSpeed batch_size/processes ({local}) must be a multiple of "
+            f"micro_batch_size ({p.micro_batch_size})"
+        )
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = p.micro_batch_size
+    ds["gradient_accumulation_steps"] = local // p.micro_batch_size
+    ds["train_batch_size"] = p.batch_size
+    ds["gradient_clipping"] = p.loop.grad_clip if p.loop.grad_clip > 0 else 0.0
+    return True
+
+
+class LlavaStep:
+    """``step(batch)`` for the loop: the global batch's token-mean loss, accumulated over micro
+    batches; under DeepSpeed the engine accumulates, clips and updates inside ``backward``."""
+
+    def __init__(
+        self, accelerator: Any, model: Any, micro_batch_size: int, deepspeed: bool, counts: dict[str, Any]
+    ) -> None:
+        self.accelerator, self.model = accelerator, model
+        self.micro, self.deepspeed = micro_batch_size, deepspeed
+        # Truncated / dropped samples so far: the run's state (checkpointed with it).
+        self.counts = counts
+        counts.setdefault("truncated", 0)
+        counts.setdefault("dropped", 0)
+
+    def __call__(self, batch: Batch) -> StepOutput:
+        acc, world = self.accelerator, self.accelerator.num_processes
+        self.counts["truncated"] += batch.truncated
+        self.counts["dropped"] += batch.dropped
+        # Supervised tokens of the whole global batch: the loss's denominator (module docstring).
+        n_tokens = acc.reduce(torch.tensor([batch.num_supervised], device=acc.device), "sum")
+        denom = max(1.0, float(n_tokens.item()))
+        step_loss = torch.zeros((), device=acc.device)
+        micro = batch.split(self.micro) if len(batch) else []
+        for k, mb in enumerate(micro):
+            sync = k == len(micro) - 1
+            if self.deepspeed:
+                # DeepSpeed accumulates itself and steps at the boundary we mark; it divides the
+                # loss by its accumulation count, which the scale below undoes.
+                acc.sync_gradients = sync
+                scale = world * acc.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]
+                ctx: Any = nullcontext()
+            else:
+                scale = world  # DDP averages gradients over processes
+                ctx = acc.no_sync(self.model) if not sync and world > 1 else nullcontext()
+            with ctx, acc.autocast():
+                loss = token_loss_sum(self.model, mb, acc.device) / denom
+            acc.backward(loss * scale)
+            step_loss += loss.detach()
+        return StepOutput(dist.reduce_float(acc, step_loss, "sum"))

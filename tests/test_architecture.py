@@ -1,0 +1,143 @@
+"""The package's shape: every module imports, the import graph has no cycle (function-local
+imports included), the recipe schema stays above the stages, no private names cross modules, and
+the trainers stay small."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "llm2clip_vlm"
+# The command layer: the only modules that may see the recipe schema (RunConfig).
+COMMAND_LAYER = {f"{PACKAGE}.cli", f"{PACKAGE}.pipeline", f"{PACKAGE}.commands", f"{PACKAGE}.recipe"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> list[tuple[str, list[str], bool]]:
+    """``(module imported, names taken from it, inside TYPE_CHECKING)`` for every import of ``path``."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    type_only: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            type_only |= {id(n) for n in ast.walk(node)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, [], id(node) in type_only) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                mod = f"{base}.{node.module}" if node.module else base
+            else:
+                mod = node.module or ""
+            names = [a.name for a in node.names]
+            # ``from pkg import submodule`` imports the submodule.
+            subs = [f"{mod}.{n}" for n in names if f"{mod}.{n}" in MODULES]
+            found.append((mod, [n for n in names if f"{mod}.{n}" not in MODULES], id(node) in type_only))
+            found += [(s, [], id(node) in type_only) for s in subs]
+    return [(m, n, t) for m, n, t in found if m == PACKAGE or m.startswith(PACKAGE + ".")]
+
+
+def _graph() -> dict[str, set[str]]:
+    return {
+        name: {m for m, _, type_only in _imports(name, path) if m in MODULES and m != name and not type_only}
+        for name, path in MODULES.items()
+    }
+
+
+def test_every_module_imports() -> None:
+    for name in MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:  # only an optional third-party package may be missing
+            assert (e.name or "").split(".")[0] != PACKAGE, f"{name}: {e}"
+
+
+def test_the_import_graph_has_no_cycle() -> None:
+    graph = _graph()
+    # Tarjan's strongly connected components: any component of 2+ modules is a cycle.
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_only_the_command_layer_imports_the_recipe_schema() -> None:
+    offenders = sorted(
+        name
+        for name, path in MODULES.items()
+        if name not in COMMAND_LAYER
+        and any(m == f"{PACKAGE}.recipe" and not type_only for m, _, type_only in _imports(name, path))
+    )
+    assert not offenders, f"below the CLI/pipeline, these import the recipe schema: {offenders}"
+
+
+def test_no_private_name_crosses_a_module() -> None:
+    offenders = sorted(
+        f"{name} imports {mod}.{n}"
+        for name, path in MODULES.items()
+        for mod, names, _ in _imports(name, path)
+        for n in names
+        if n.startswith("_") and not n.startswith("__") and mod != name
+    )
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("trainer", ["text/train.py", "vision/train.py", "llava/train.py"])
+def test_each_trainer_is_about_300_lines(trainer: str) -> None:
+    lines = (ROOT / PACKAGE / trainer).read_text().count("\n")
+    assert lines <= 300, f"{trainer} has {lines} lines"
+
+
+def test_every_trainer_runs_the_one_loop() -> None:
+    for trainer in ("text.train", "text.mntp", "vision.train", "llava.train"):
+        imported = {m for m, _, _ in _imports(f"{PACKAGE}.{trainer}", MODULES[f"{PACKAGE}.{trainer}"])}
+        assert f"{PACKAGE}.training.loop" in imported, trainer
+        source = MODULES[f"{PACKAGE}.{trainer}"].read_text()
+        # The loop owns these: no trainer has its own copy.
+        for owned in ("GracefulExit", "NonFiniteGuard", "make_progress", "LambdaLR", "class TrainState"):
+            assert owned not in source, f"{trainer} still has {owned}"
