@@ -141,3 +141,32 @@ def test_image_placeholder_rules(conv, has_image: bool, message: str) -> None:
 def test_malformed_conversations_are_refused(tok, conv, message: str) -> None:
     with pytest.raises(ConversationError, match=message):
         tokenize_conversation("vicuna_v1", conv, tok)
+
+
+@pytest.mark.parametrize("name", ["plain", "vicuna_v1", "chat_template"])
+def test_training_heldout_scoring_and_lmms_eval_use_one_template(name: str) -> None:
+    """One registry: the held-out scorer's prompt and the lmms-eval model's prompt are the same
+    text, and (vicuna_v1, chat_template) the training text of the answered turn continues it."""
+    from llm2clip_vlm.evaluation.prompt import ChatTemplate, answer_separator, format_conversation, with_image_tokens
+    from llm2clip_vlm.llava.templates import get_template
+
+    t = tiny_tokenizer()
+    t.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    t.chat_template = (
+        "{% for m in messages %}{{ '<s>' + m['role'] + '\n' + m['content'] + '</s>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<s>assistant\n' }}{% endif %}"
+    )
+    system = get_template(name).default_system
+    heldout = generation_prompt(name, "What colour?", t, system=system)
+    lmms = format_conversation(ChatTemplate(name, system), [(with_image_tokens("What colour?", 1), None)], t)
+    assert heldout == lmms
+    conv = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    text, spans = render(name, conv, t, system=system)
+    if name == "plain":
+        # LLaVA's own two behaviours, both kept: preprocess_plain trains on "<image>" + caption +
+        # "\n" (the question dropped); Conversation.get_prompt (PLAIN) asks "<image>\nQ\n".
+        assert (heldout, text, [text[a:b] for a, b in spans]) == ("<image>\nWhat colour?\n", "<image>red\n", ["red\n"])
+    else:
+        sep = answer_separator(ChatTemplate(name, system))
+        assert text.startswith(heldout + sep) and text[len(heldout + sep) :].startswith("red")
+        assert [text[a:b] for a, b in spans] == ["red</s>"]

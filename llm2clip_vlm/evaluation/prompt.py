@@ -2,9 +2,10 @@
 
 A trained model directory holds ``llava_template.json`` =
 ``{"template": "vicuna_v1" | "plain" | "chat_template", "system": "..."}``; without it the model
-is taken to be LLaVA-1.5-style (``vicuna_v1`` with LLaVA-1.5's system prompt). The formatting
-follows LLaVA's ``Conversation.get_prompt`` for ``SeparatorStyle.TWO`` (vicuna_v1) and
-``SeparatorStyle.PLAIN``, so a question is asked exactly the way the model saw it in training.
+is taken to be LLaVA-1.5-style (``vicuna_v1`` with LLaVA-1.5's system prompt). The formatting is
+the template registry's (:mod:`llm2clip_vlm.llava.templates`), the one training and held-out
+scoring use: LLaVA's ``Conversation.get_prompt`` for ``SeparatorStyle.TWO`` (vicuna_v1) and
+``SeparatorStyle.PLAIN``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 # One source of truth for what training writes and evaluation reads.
-from llm2clip_vlm.llava.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN  # noqa: E402
-from llm2clip_vlm.llava.templates import TEMPLATE_FILE, TEMPLATES, VICUNA_SYSTEM  # noqa: E402
+from llm2clip_vlm.llava.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN
+from llm2clip_vlm.llava.templates import TEMPLATE_FILE, TEMPLATES, VICUNA_SYSTEM, get_template
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ def with_image_tokens(text: str, n_images: int) -> str:
 def format_conversation(
     template: ChatTemplate, turns: list[tuple[str, str | None]], tokenizer: Any = None
 ) -> str:
-    """The prompt text for a conversation of (user, assistant) turns.
+    """The prompt text for a conversation of (user, assistant) turns, from the template registry
+    (:mod:`llm2clip_vlm.llava.templates`) that training uses too.
 
     The last assistant message may be ``None``: the prompt then ends where the model answers
     (``... ASSISTANT:`` for vicuna_v1). A given assistant message is closed with the end of turn
@@ -85,43 +87,12 @@ def format_conversation(
         ValueError: an open (``None``) assistant turn that is not the last, or ``chat_template``
             without a tokenizer that has a chat template.
     """
-    for i, (_, answer) in enumerate(turns[:-1]):
-        if answer is None:
-            raise ValueError(f"turn {i}: only the last assistant message may be open")
-    if template.name == "vicuna_v1":
-        # LLaVA's SeparatorStyle.TWO: sep " " after user turns, sep2 "</s>" after assistant turns.
-        # Answers end with the tokenizer's eos, as in training (``</s>`` for Vicuna/Llama).
-        eos = getattr(tokenizer, "eos_token", None) or "</s>"
-        out = template.system + " "
-        for user, answer in turns:
-            out += f"USER: {user} ASSISTANT:"
-            if answer is not None:
-                out += f" {answer}{eos}"
-        return out
-    if template.name == "plain":
-        # SeparatorStyle.PLAIN: messages separated by "\n", no roles, no system prompt by default.
-        out = template.system
-        for user, answer in turns:
-            out += f"{user}\n"
-            if answer is not None:
-                out += f"{answer}\n"
-        return out
-    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("template 'chat_template' needs a tokenizer with a chat template")
-    messages: list[dict[str, str]] = []
-    if template.system:
-        messages.append({"role": "system", "content": template.system})
-    for user, answer in turns:
-        messages.append({"role": "user", "content": user})
-        if answer is not None:
-            messages.append({"role": "assistant", "content": answer})
-    open_turn = turns[-1][1] is None
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn)
+    return get_template(template.name).prompt(turns, tokenizer, template.system)
 
 
 def answer_separator(template: ChatTemplate) -> str:
     """What joins a prompt ending where the model answers and the answer's text."""
-    return " " if template.name == "vicuna_v1" else ""
+    return get_template(template.name).answer_separator
 
 
 __all__ = [

@@ -1,16 +1,13 @@
 """Conversation templates of LLaVA-1.5 and their label masks, exact to the token.
 
 A LLaVA record's ``conversations`` (alternating ``human`` / ``gpt`` turns, the first human turn
-holding one ``<image>``) become one token sequence and its labels:
-
-- ``plain`` (projector pretraining, LLaVA's ``conv_llava_plain``): the human turn is dropped and
-  replaced by the image; the text is ``<image>`` + the caption + ``"\\n"``, and the loss is on the
-  caption and the newline.
-- ``vicuna_v1`` (instruction tuning, LLaVA's ``conv_vicuna_v1``):
-  ``"{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"``; the loss
-  is on every assistant answer and the ``</s>`` (the tokenizer's eos) after it, nothing else.
-- ``chat_template``: the LLM's own chat template (``tokenizer.apply_chat_template``); the loss is
-  on every assistant message and the end-of-turn token right after it.
+holding one ``<image>``) become one token sequence and its labels. One class per template
+(:class:`PlainTemplate`, :class:`VicunaV1Template`, :class:`LLMChatTemplate`, looked up with
+:func:`get_template`) writes a conversation both for training (with the answers' character
+spans) and for generation; training (:mod:`llm2clip_vlm.llava.data`), held-out scoring
+(:mod:`llm2clip_vlm.llava.evaluate`) and the lmms-eval model (:mod:`llm2clip_vlm.evaluation.prompt`)
+all use them. A new template is one more class in :data:`REGISTRY` (and its name in the config's
+``Literal``).
 
 [IMPORTANT] LLaVA computes its masks by re-tokenizing pieces of the prompt and subtracting
 lengths, which silently goes wrong when a tokenizer merges across a piece boundary (its
@@ -28,13 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 IGNORE_INDEX = -100
 # Written into every trained model directory: which template (and system prompt) it learnt.
 TEMPLATE_FILE = "llava_template.json"
 IMAGE_PLACEHOLDER = "<image>"
-TEMPLATES = ("plain", "vicuna_v1", "chat_template")
 TemplateName = Literal["plain", "vicuna_v1", "chat_template"]
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -127,65 +123,159 @@ def _normalise_image_turn(question: str) -> str:
     return f"{IMAGE_PLACEHOLDER}\n{rest}" if rest else IMAGE_PLACEHOLDER
 
 
-def render(
-    template: TemplateName,
-    conversations: Sequence[dict[str, Any]],
-    tokenizer: Any,
-    system: str | None = None,
-) -> tuple[str, list[tuple[int, int]]]:
-    """The prompt text of a conversation and the character spans that carry the loss.
+class Template:
+    """One conversation template: how a conversation is written for training (with the character
+    spans of the answers, which carry the loss) and for generation (ending where the model answers).
 
-    Args:
-        template: ``plain``, ``vicuna_v1`` or ``chat_template``.
-        conversations: LLaVA turns (``{"from": "human"|"gpt", "value": ...}``).
-        tokenizer: the LLM's tokenizer (its eos ends vicuna_v1 answers; its chat template for
-            ``chat_template``).
-        system: system prompt (vicuna_v1 default: LLaVA-1.5's).
-
-    Returns:
-        ``(text, spans)``: ``spans`` are ``[start, end)`` character ranges of supervised text.
+    Both go through :meth:`text`, so a model is asked questions exactly as it was trained, except
+    where LLaVA itself differs (``plain``, see :class:`PlainTemplate`).
     """
-    pairs = conversation_turns(conversations)
-    if template == "plain":
-        # LLaVA's preprocess_plain: the human turn is replaced by the image alone.
-        answer = pairs[0][1]
+
+    name: ClassVar[str]
+    default_system: ClassVar[str] = ""
+    # What joins a generation prompt and the answer text (the prompt ends before it).
+    answer_separator: ClassVar[str] = ""
+
+    def system(self, system: str | None) -> str:
+        return self.default_system if system is None else system
+
+    def text(
+        self, turns: Sequence[tuple[str, str | None]], tokenizer: Any, system: str | None = None
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """``(text, answer spans)`` of ``[(question, answer), ...]``; a last answer of None leaves
+        the text open where the model answers."""
+        raise NotImplementedError
+
+    def render(
+        self, conversations: Sequence[dict[str, Any]], tokenizer: Any, system: str | None = None
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """Training: the text of a LLaVA conversation and the ``[start, end)`` spans with loss."""
+        pairs = conversation_turns(conversations)
+        turns = [(_normalise_image_turn(q) if i == 0 else q, a) for i, (q, a) in enumerate(pairs)]
+        return self.text(turns, tokenizer, system)
+
+    def prompt(
+        self, turns: Sequence[tuple[str, str | None]], tokenizer: Any = None, system: str | None = None
+    ) -> str:
+        """Generation: the prompt text of ``turns``; the last answer may be None (open)."""
+        for i, (_, answer) in enumerate(turns[:-1]):
+            if answer is None:
+                raise ValueError(f"turn {i}: only the last assistant message may be open")
+        return self.text(turns, tokenizer, system)[0]
+
+
+class PlainTemplate(Template):
+    """LLaVA's ``conv_llava_plain`` (projector pretraining).
+
+    Training is LLaVA's ``preprocess_plain``: the human turn is replaced by the image alone,
+    ``<image>`` + caption + ``"\\n"``, with the loss on the caption and the newline. Generation is
+    LLaVA's ``Conversation.get_prompt`` for ``SeparatorStyle.PLAIN``: the system prompt (none by
+    default), then every message followed by ``"\\n"``, no roles (``"<image>\\nQ\\n"``).
+    """
+
+    name = "plain"
+
+    def render(
+        self, conversations: Sequence[dict[str, Any]], tokenizer: Any, system: str | None = None
+    ) -> tuple[str, list[tuple[int, int]]]:
+        answer = conversation_turns(conversations)[0][1]
         text = f"{IMAGE_PLACEHOLDER}{answer}\n"
         return text, [(len(IMAGE_PLACEHOLDER), len(text))]
-    if template == "vicuna_v1":
-        eos = tokenizer.eos_token
+
+    def text(
+        self, turns: Sequence[tuple[str, str | None]], tokenizer: Any, system: str | None = None
+    ) -> tuple[str, list[tuple[int, int]]]:
+        out, spans = self.system(system), []
+        for question, answer in turns:
+            out += f"{question}\n"
+            if answer is not None:
+                spans.append((len(out), len(out) + len(answer) + 1))
+                out += f"{answer}\n"
+        return out, spans
+
+
+class VicunaV1Template(Template):
+    """LLaVA-1.5's ``conv_vicuna_v1`` (``SeparatorStyle.TWO``):
+    ``"{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:"``; the loss is on every answer
+    and the ``</s>`` (the tokenizer's eos) after it."""
+
+    name = "vicuna_v1"
+    default_system = VICUNA_SYSTEM
+    answer_separator = " "
+
+    def text(
+        self, turns: Sequence[tuple[str, str | None]], tokenizer: Any, system: str | None = None
+    ) -> tuple[str, list[tuple[int, int]]]:
+        eos = getattr(tokenizer, "eos_token", None)
         if not eos:
-            raise ConversationError("vicuna_v1 needs a tokenizer with an eos token to end answers")
-        text = (VICUNA_SYSTEM if system is None else system) + " "
-        spans = []
-        for i, (q, a) in enumerate(pairs):
-            q = _normalise_image_turn(q) if i == 0 else q
-            text += f"USER: {q} ASSISTANT: "
-            start = len(text)
-            text += a + eos
-            spans.append((start, len(text)))
-        return text, spans
-    if template == "chat_template":
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConversationError("template 'chat_template' but the tokenizer has no chat template")
-        messages = [] if system is None else [{"role": "system", "content": system}]
-        for i, (q, a) in enumerate(pairs):
-            messages.append({"role": "user", "content": _normalise_image_turn(q) if i == 0 else q})
-            messages.append({"role": "assistant", "content": a})
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
+            if tokenizer is not None and all(a is not None for _, a in turns):
+                raise ConversationError("vicuna_v1 needs a tokenizer with an eos token to end answers")
+            eos = "</s>"  # Vicuna's / Llama's, for prompts built without a tokenizer
+        out, spans = self.system(system) + " ", []
+        for question, answer in turns:
+            out += f"USER: {question} ASSISTANT:"
+            if answer is not None:
+                out += " "
+                spans.append((len(out), len(out) + len(answer) + len(eos)))
+                out += answer + eos
+        return out, spans
+
+
+class LLMChatTemplate(Template):
+    """The LLM's own chat template (``tokenizer.apply_chat_template``); the loss is on every
+    assistant message and the end-of-turn token right after it."""
+
+    name = "chat_template"
+
+    def text(
+        self, turns: Sequence[tuple[str, str | None]], tokenizer: Any, system: str | None = None
+    ) -> tuple[str, list[tuple[int, int]]]:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ConversationError("template 'chat_template' needs a tokenizer with a chat template")
+        system = self.system(system)
+        messages = [{"role": "system", "content": system}] if system else []
+        for question, answer in turns:
+            messages.append({"role": "user", "content": question})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": answer})
+        open_turn = turns[-1][1] is None
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn)
         spans, pos = [], 0
         end_of_turn = tokenizer.eos_token or ""
-        for _, a in pairs:
-            start = text.find(a, pos)
+        for _, answer in turns:
+            if answer is None:
+                continue
+            start = text.find(answer, pos)
             if start < 0:
                 raise ConversationError("the chat template changed an answer's text; cannot locate it")
-            end = start + len(a)
+            end = start + len(answer)
             # The end-of-turn token after the answer is learnt too (it stops generation).
             if end_of_turn and text.startswith(end_of_turn, end):
                 end += len(end_of_turn)
             spans.append((start, end))
             pos = end
         return text, spans
-    raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
+
+
+REGISTRY: dict[str, Template] = {t.name: t for t in (PlainTemplate(), VicunaV1Template(), LLMChatTemplate())}
+TEMPLATES = tuple(REGISTRY)
+
+
+def get_template(name: str) -> Template:
+    """The registered template ``name`` (unknown names are refused, listing the known ones)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown template {name!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def render(
+    template: TemplateName,
+    conversations: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    system: str | None = None,
+) -> tuple[str, list[tuple[int, int]]]:
+    """Training text of a conversation and the character spans that carry the loss."""
+    return get_template(template).render(conversations, tokenizer, system)
 
 
 def generation_prompt(
@@ -195,15 +285,7 @@ def generation_prompt(
     q = _normalise_image_turn(question)
     if has_image and IMAGE_PLACEHOLDER not in q:
         q = f"{IMAGE_PLACEHOLDER}\n{q}"
-    if template == "plain":
-        return IMAGE_PLACEHOLDER if has_image else ""
-    if template == "vicuna_v1":
-        return f"{VICUNA_SYSTEM if system is None else system} USER: {q} ASSISTANT:"
-    if template == "chat_template":
-        messages = [] if system is None else [{"role": "system", "content": system}]
-        messages.append({"role": "user", "content": q})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
+    return get_template(template).prompt([(q, None)], tokenizer, system)
 
 
 def tokenize_conversation(
