@@ -22,14 +22,14 @@ __version__ = "0.1.0"
 _LAZY = {
     "CaptionEncoder": "llm2clip_vlm.text.encoder",
     "LLM2CLIP": "llm2clip_vlm.vision.model",
-    "LLM2CLIPVisionTower": "llm2clip_vlm.tower.llava_tower",
+    "LLM2CLIPVisionTower": "llm2clip_vlm.adapters.llava.tower",
     "RunConfig": "llm2clip_vlm.recipe",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from llm2clip_vlm.recipe import RunConfig
     from llm2clip_vlm.text.encoder import CaptionEncoder
-    from llm2clip_vlm.tower.llava_tower import LLM2CLIPVisionTower
+    from llm2clip_vlm.adapters.llava.tower import LLM2CLIPVisionTower
     from llm2clip_vlm.vision.model import LLM2CLIP
 
 

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llm2clip_vlm.tower.llava_patch import _split_launcher_args, patch_llava
+from llm2clip_vlm.adapters.llava.patch import split_launcher_args, patch_llava
 from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
 
 SHAPE = TowerShape(
@@ -231,20 +231,20 @@ def test_patch_without_llava_says_how_to_fix() -> None:
 
 
 def test_launcher_argument_split() -> None:
-    assert _split_launcher_args(["--local_rank=3", "train.py", "--bf16", "True"]) == (
+    assert split_launcher_args(["--local_rank=3", "train.py", "--bf16", "True"]) == (
         ["--local_rank=3"],
         "train.py",
         False,
         ["--bf16", "True"],
     )
-    assert _split_launcher_args(["--local_rank", "1", "-m", "llava.eval.x", "--a"]) == (
+    assert split_launcher_args(["--local_rank", "1", "-m", "llava.eval.x", "--a"]) == (
         ["--local_rank", "1"],
         "llava.eval.x",
         True,
         ["--a"],
     )
     with pytest.raises(SystemExit, match="usage"):
-        _split_launcher_args(["--bf16"])
+        split_launcher_args(["--bf16"])
 
 
 @pytest.mark.parametrize("as_module", [False, True], ids=["script", "module"])
@@ -254,7 +254,7 @@ def test_launcher_runs_llava_code_patched(tmp_path: Path, towers: dict[str, Path
     (root / "llava" / "train" / "__init__.py").write_text("")
     (root / "llava" / "train" / "probe.py").write_text(LAUNCHED_SCRIPT)
     target = ["-m", "llava.train.probe"] if as_module else ["llava/train/probe.py"]
-    cmd = [sys.executable, "-m", "llm2clip_vlm.tower.llava_patch", "--local_rank=0", *target]
+    cmd = [sys.executable, "-m", "llm2clip_vlm.adapters.llava.patch", "--local_rank=0", *target]
     cmd += ["--bf16", "True", f"llm2clip:{towers['clip']}"]
     out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -141,3 +141,20 @@ def test_every_trainer_runs_the_one_loop() -> None:
         # The loop owns these: no trainer has its own copy.
         for owned in ("GracefulExit", "NonFiniteGuard", "make_progress", "LambdaLR", "class TrainState"):
             assert owned not in source, f"{trainer} still has {owned}"
+
+
+def test_bench_is_outside_the_core_import_graph() -> None:
+    importers = sorted(
+        name
+        for name, path in MODULES.items()
+        if not name.startswith(f"{PACKAGE}.bench")
+        and any(m.startswith(f"{PACKAGE}.bench") for m, _, _ in _imports(name, path))
+    )
+    assert importers == [f"{PACKAGE}.cli"]  # the `bench` command, lazily
+    tree = ast.parse(MODULES[f"{PACKAGE}.cli"].read_text())
+    top_level = [n for n in tree.body if isinstance(n, ast.ImportFrom) and (n.module or "").startswith(f"{PACKAGE}.bench")]
+    assert not top_level
+    for name in MODULES:
+        if name.startswith(f"{PACKAGE}.bench"):
+            text = MODULES[name].read_text()
+            assert "issue " not in text.lower() and "SPEC section" not in text, name

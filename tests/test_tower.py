@@ -241,7 +241,7 @@ def test_package_import_stays_light() -> None:
     import subprocess
     import sys
 
-    code = "import sys, llm2clip_vlm; print('llm2clip_vlm.tower.llava_tower' in sys.modules, 'torch' in sys.modules)"
+    code = "import sys, llm2clip_vlm; print('llm2clip_vlm.adapters.llava.tower' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()

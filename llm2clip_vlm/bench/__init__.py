@@ -1,5 +1,7 @@
 """Benchmarks of the package's hot loops: ``llm2clip-vlm bench SUITE [--preset P] [--json]``.
 
+Outside the core import graph: only the CLI's ``bench`` command imports it, lazily (a test pins it).
+
 Each suite is a module ``llm2clip_vlm.bench.<suite>`` with ``PRESETS`` (name -> settings; the
 first is the default) and ``run(preset, *, device, warmup, repeats) -> BenchReport``, built on the
 shared :mod:`~llm2clip_vlm.bench.harness`. Adding a suite = adding its module; :func:`run_suite`
@@ -15,13 +17,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     from llm2clip_vlm.bench.harness import BenchReport
 
-# Every suite the CLI knows, with the issue that built it.
+# Every suite the CLI knows, with what it measures.
 SUITES: dict[str, str] = {
-    "stage1": "issue 7",
-    "embed": "issue 7",
-    "stage2": "issue 7",
-    "tower": "issue 4",
-    "llava": "issue 7",
+    "stage1": "a stage-1 SimCSE step (LoRA, chunked embedding, loss)",
+    "embed": "the caption-embedding pass (bucketing, padding, throughput)",
+    "stage2": "a stage-2 step: offline store vs online LLM vs LoRA",
+    "tower": "the tower inside LLaVA: overhead per batch",
+    "llava": "a LLaVA training step",
 }
 
 
@@ -40,7 +42,7 @@ def suite_module(name: str) -> str:
         raise ValueError(f"unknown bench suite {name!r}; known: {', '.join(SUITES)}")
     module = f"{__name__}.{name}"
     if importlib.util.find_spec(module) is None:
-        raise SuiteNotBuilt(f"bench suite {name!r} is not built yet ({SUITES[name]})")
+        raise SuiteNotBuilt(f"bench suite {name!r} ({SUITES[name]}) is not built yet")
     return module
 
 

@@ -5,7 +5,7 @@ into a fresh store with the package's real writer and a random-weight bidirectio
 deletes it. Reported per variant: captions/s, tokens/s (caption tokens, and tokens the model
 computed, padding included), the padding share of computed tokens, and on a GPU the share of the
 device's dense bf16 peak that the model FLOPs reach (see :mod:`llm2clip_vlm.bench.flops`).
-Targets (issue 7): bucketing keeps padding under 10% of computed tokens; an 8B model reaches at
+Targets: bucketing keeps padding under 10% of computed tokens; an 8B model reaches at
 least 50% of the bf16 peak on a GPU.
 """
 

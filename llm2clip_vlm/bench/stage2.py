@@ -10,7 +10,7 @@ same optimiser (AdamW with the stage-2 parameter groups), grad clip and logit-sc
 - ``lora``: the LLM with LoRA (r16/alpha32 on all 7 projections, as stage 1) trained in the loop,
   gradients through it: the baseline the paper compares with.
 
-Targets (issue 7) on the tiny preset: offline >= 4x the samples/s of lora and >= 3x online.
+Targets on the tiny preset: offline >= 4x the samples/s of lora and >= 3x online.
 What the ratios depend on: the LLM's forward FLOPs per sample against the ViT's (``flops_ratio``
 in the results; see docs/BENCHMARKS.md).
 """

@@ -4,7 +4,7 @@ Both variants run the same weights (the tower's own wrapped model), on the same 
 in the same dtype, under ``no_grad``: "raw" is ``model(pixel_values=x, output_hidden_states=True)``,
 what LLaVA's code would call; "tower" is ``tower(x)``. The tower is a random-weight model saved
 in the exported format and loaded through the tower's real ``from_pretrained`` path.
-Target (issue 4): overhead <= 2% per batch.
+Target: overhead <= 2% per batch.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def run(
     Raises:
         RuntimeError: a CUDA device was asked for and there is none.
     """
-    from llm2clip_vlm.tower.llava_tower import LLM2CLIPVisionTower
+    from llm2clip_vlm.adapters.llava.tower import LLM2CLIPVisionTower
 
     p = PRESETS[preset]
     dev = resolve_device(device or p.device)

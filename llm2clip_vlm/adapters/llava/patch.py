@@ -9,14 +9,14 @@ unchanged. A CLIP-format tower needs none of this: pass its directory as ``--vis
 
 Use it either from code, before the model is built::
 
-    from llm2clip_vlm.tower.llava_patch import patch_llava
+    from llm2clip_vlm.adapters.llava.patch import patch_llava
     patch_llava()
 
 or as a launcher that patches and then runs a LLaVA script or module unchanged::
 
-    python -m llm2clip_vlm.tower.llava_patch llava/train/train_mem.py --vision_tower llm2clip:/towers/t ...
-    python -m llm2clip_vlm.tower.llava_patch -m llava.eval.model_vqa_loader --model-path ...
-    deepspeed --module llm2clip_vlm.tower.llava_patch llava/train/train_mem.py --deepspeed ... # (1)
+    python -m llm2clip_vlm.adapters.llava.patch llava/train/train_mem.py --vision_tower llm2clip:/towers/t ...
+    python -m llm2clip_vlm.adapters.llava.patch -m llava.eval.model_vqa_loader --model-path ...
+    deepspeed --module llm2clip_vlm.adapters.llava.patch llava/train/train_mem.py --deepspeed ... # (1)
 
 (1) deepspeed puts ``--local_rank=N`` before the script path; the launcher hands it on to the script.
 """
@@ -48,7 +48,7 @@ def make_builder(original: Callable[..., Any]) -> Callable[..., Any]:
     def build_vision_tower(vision_tower_cfg: Any, **kwargs: Any) -> Any:
         name = tower_name(vision_tower_cfg)
         if isinstance(name, str) and name.startswith(PREFIX):
-            from llm2clip_vlm.tower.llava_tower import LLM2CLIPVisionTower
+            from llm2clip_vlm.adapters.llava.tower import LLM2CLIPVisionTower
 
             return LLM2CLIPVisionTower(name, args=vision_tower_cfg, **kwargs)
         return original(vision_tower_cfg, **kwargs)
@@ -90,7 +90,7 @@ def patch_llava(package: str = "llava") -> Callable[..., Any]:
     return installed
 
 
-def _split_launcher_args(argv: list[str]) -> tuple[list[str], str, bool, list[str]]:
+def split_launcher_args(argv: list[str]) -> tuple[list[str], str, bool, list[str]]:
     """``[--local_rank=N ...] (SCRIPT | -m MODULE) [ARGS...]`` -> (leading flags, target, is_module, args)."""
     leading: list[str] = []
     i = 0
@@ -106,7 +106,7 @@ def _split_launcher_args(argv: list[str]) -> tuple[list[str], str, bool, list[st
         return leading, rest[1], True, rest[2:]
     if not rest or rest[0].startswith("-"):
         raise SystemExit(
-            "usage: python -m llm2clip_vlm.tower.llava_patch (SCRIPT.py | -m MODULE) [ARGS...]\n"
+            "usage: python -m llm2clip_vlm.adapters.llava.patch (SCRIPT.py | -m MODULE) [ARGS...]\n"
             "patches LLaVA's build_vision_tower for 'llm2clip:' towers, then runs SCRIPT/MODULE with ARGS"
         )
     return leading, rest[0], False, rest[1:]
@@ -114,7 +114,7 @@ def _split_launcher_args(argv: list[str]) -> tuple[list[str], str, bool, list[st
 
 def main(argv: list[str] | None = None) -> None:
     """Patch LLaVA, then run a script or module as ``__main__`` with the remaining arguments."""
-    leading, target, is_module, args = _split_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    leading, target, is_module, args = split_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if not is_module:
         # A script's own folder is first on sys.path when Python runs it; keep that behaviour.
         sys.path.insert(0, str(Path(target).resolve().parent))
