@@ -27,9 +27,9 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from llm2clip_vlm.adapters.llava.tower import LLM2CLIPVisionTower
     from llm2clip_vlm.recipe import RunConfig
     from llm2clip_vlm.text.encoder import CaptionEncoder
-    from llm2clip_vlm.adapters.llava.tower import LLM2CLIPVisionTower
     from llm2clip_vlm.vision.model import LLM2CLIP
 
 

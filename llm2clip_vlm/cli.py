@@ -201,10 +201,10 @@ TowerOpt = Annotated[
 
 def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | None, tower: str | None,
                init: Path | None) -> None:  # fmt: skip
-    from llm2clip_vlm.data.errors import DataError
-    from llm2clip_vlm.llava.templates import ConversationError
     from llm2clip_vlm.commands import run_llava
+    from llm2clip_vlm.data.errors import DataError
     from llm2clip_vlm.llava.model import MissingInputError
+    from llm2clip_vlm.llava.templates import ConversationError
 
     cfg = resolve_config(recipe, set_)
     if tower:
@@ -419,8 +419,8 @@ def _report_known_error(e: Exception) -> int | None:
     # Imported here, not at the top: they pull in torch, and `--help` must stay instant.
     from rich.markup import escape
 
-    from llm2clip_vlm.training.checkpoint import CheckpointError, NonFiniteError, TrainingInterrupted
     from llm2clip_vlm.data.errors import DataError
+    from llm2clip_vlm.training.checkpoint import CheckpointError, NonFiniteError, TrainingInterrupted
 
     if isinstance(e, TrainingInterrupted):  # SIGTERM/SIGINT: a checkpoint was saved first
         console.print(f"[yellow]{escape(str(e))}[/yellow]", soft_wrap=True)

@@ -36,7 +36,9 @@ def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     if "short" not in heldout:
         raise ValueError("stage 1 needs a held-out set of short captions (key 'short') for CRA")
     write_config(cfg, out)
-    corpus = read_text_corpus(cfg.data.text_corpus) if cfg.stage1.mntp.enabled and cfg.data.text_corpus else []
+    corpus = (
+        read_text_corpus(cfg.data.text_corpus) if cfg.stage1.mntp.enabled and cfg.data.text_corpus else []
+    )
     return train_stage1(
         cfg.stage1, out, list(train_set), list(heldout["short"]),
         text_corpus=corpus, text_corpus_ratio=cfg.data.text_corpus_ratio, reliability=cfg.reliability,
@@ -50,8 +52,9 @@ def run_embed(
     data: tuple[Sequence[ImageCaptions], Mapping[str, Sequence[ImageCaptions]]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``llm2clip-vlm embed``: one store per split of ``cfg.data`` (see ``embed_splits``)."""
-    from llm2clip_vlm.store.run import embed_splits
+    from llm2clip_vlm.store.run import embed_splits, resolve_encoder_dir
 
+    resolve_encoder_dir(cfg.embed.encoder, stage1_output)  # a missing encoder is refused before any write
     write_config(cfg, Path(output_dir))
     return embed_splits(cfg.embed, cfg.data, output_dir, stage1_output=stage1_output, data=data)
 
@@ -83,7 +86,9 @@ def run_stage2(
     train_set, heldout_records = resolve_data(cfg.data, out)
     # The same captions the store was written from (``embed`` applies the same cut).
     train_records = keep_captions(train_set, cfg.embed.train_captions_per_kind)
-    store = EmbeddingStore.open(store_dir / "train", captions=train_records, encoder_identity=identity or None)
+    store = EmbeddingStore.open(
+        store_dir / "train", captions=train_records, encoder_identity=identity or None
+    )
 
     def usable(name: str, records: Any) -> list[int] | None:
         if not cfg.data.verify_images:
@@ -114,13 +119,14 @@ def run_llava(
 ) -> dict[str, Any]:
     """``llava-pretrain`` / ``llava-finetune``: resolve the phase's data and train it."""
     from llm2clip_vlm.llava.inputs import phase_data
+    from llm2clip_vlm.llava.model import check_inputs
     from llm2clip_vlm.llava.train import train_llava
 
     out = Path(output_dir)
+    check_inputs(cfg.llava, phase, Path(init) if init else None)  # before anything is written
     data = phase_data(cfg.llava, phase, out, demo_dir=cfg.data.demo_dir, demo_seed=cfg.data.demo_seed)
     write_config(cfg, out)
     return train_llava(
         cfg.llava, phase, out, data, init=Path(init) if init else None, reliability=cfg.reliability,
         on_step=on_step,
     )  # fmt: skip
-

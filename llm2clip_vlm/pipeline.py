@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from llm2clip_vlm import config_io
-from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.recipe import RunConfig
 
 log = get_logger(__name__)
 
@@ -84,7 +84,9 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
     # All stages share one data location, so the demo world is generated once. Set before the
     # config is written, on a copy: config.yaml is exactly the config the stages run with.
     if not cfg.data.train.path and not cfg.data.demo_dir:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, demo_dir=str(output_dir / "demo-data")))
+        cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, demo_dir=str(output_dir / "demo-data"))
+        )
     config_io.dump(cfg, output_dir / "config.yaml")
 
     dirs = {

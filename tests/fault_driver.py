@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from llm2clip_vlm import config_io  # noqa: E402
-from llm2clip_vlm.training import checkpoint as checkpointing  # noqa: E402
 from llm2clip_vlm.recipe import RunConfig  # noqa: E402
+from llm2clip_vlm.training import checkpoint as checkpointing  # noqa: E402
 
 STAGE2_TINY = [
     "stage2.backbone.image_size=32",
@@ -87,7 +87,14 @@ def run_stage2(data: Path, out: Path, extra: list[str] | None = None, **kw: Any)
     heldout = {"short": HeldoutSet(held, torch.from_numpy(hstore.array.astype("float32")), owner)}
     cfg = stage2_cfg(extra)
     return train_stage2(
-        cfg.stage2, out, train, FakeStore(train), heldout, load_image=load_image, reliability=cfg.reliability, **kw
+        cfg.stage2,
+        out,
+        train,
+        FakeStore(train),
+        heldout,
+        load_image=load_image,
+        reliability=cfg.reliability,
+        **kw,
     )
 
 

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llm2clip_vlm.adapters.llava.patch import split_launcher_args, patch_llava
+from llm2clip_vlm.adapters.llava.patch import patch_llava, split_launcher_args
 from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
 
 SHAPE = TowerShape(

@@ -152,7 +152,11 @@ def test_bench_is_outside_the_core_import_graph() -> None:
     )
     assert importers == [f"{PACKAGE}.cli"]  # the `bench` command, lazily
     tree = ast.parse(MODULES[f"{PACKAGE}.cli"].read_text())
-    top_level = [n for n in tree.body if isinstance(n, ast.ImportFrom) and (n.module or "").startswith(f"{PACKAGE}.bench")]
+    top_level = [
+        n
+        for n in tree.body
+        if isinstance(n, ast.ImportFrom) and (n.module or "").startswith(f"{PACKAGE}.bench")
+    ]
     assert not top_level
     for name in MODULES:
         if name.startswith(f"{PACKAGE}.bench"):

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import app
-from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.pipeline import stage_fingerprint
+from llm2clip_vlm.recipe import RunConfig
 
 TINY = [
     "data.demo_train_images=48",
@@ -65,7 +65,9 @@ def test_build_tower_end_to_end_then_skip_then_rerun_downstream(tmp_path: Path) 
     # every stage's own config.yaml is the same config.
     written = config_io.load(RunConfig, run / "config.yaml")
     assert written.data.demo_dir == str(run / "demo-data")
-    assert all(config_io.load(RunConfig, run / d / "config.yaml") == written for d in ("stage1", "store", "stage2"))
+    assert all(
+        config_io.load(RunConfig, run / d / "config.yaml") == written for d in ("stage1", "store", "stage2")
+    )
     for name in ("short", "long"):
         m = metrics["stage2"]["retrieval"][name]
         assert m["n_images"] == 16 and set(m) >= {

@@ -9,8 +9,8 @@ import yaml
 
 from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import demo_recipe_path
-from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.config_io import ConfigError
+from llm2clip_vlm.recipe import RunConfig
 
 
 def test_defaults_are_the_reference_method() -> None:
@@ -25,9 +25,7 @@ def test_defaults_are_the_reference_method() -> None:
 def test_recipe_and_overrides(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"stage1": {"lr": 1e-4, "lora": {"r": 8}}}))
-    cfg = config_io.load(
-        RunConfig, recipe, ["stage1.lora.alpha=64", "stage2.loss=siglip", "stage1.lr=3e-4"]
-    )
+    cfg = config_io.load(RunConfig, recipe, ["stage1.lora.alpha=64", "stage2.loss=siglip", "stage1.lr=3e-4"])
     assert cfg.stage1.lr == 3e-4  # the override wins over the recipe
     assert cfg.stage1.lora.r == 8 and cfg.stage1.lora.alpha == 64
     assert cfg.stage1.lora.dropout == 0.05  # untouched keys of a partial section keep their defaults
@@ -83,7 +81,9 @@ def test_every_recipe_in_the_repo_validates() -> None:
 def test_every_stage_embeds_one_loop_config_with_its_own_defaults() -> None:
     from llm2clip_vlm.training.config import LoopConfig
 
-    cfg = config_io.load(RunConfig, None, ["stage2.loop.max_steps=3", "llava.finetune.loop.keep_checkpoints=5"])
+    cfg = config_io.load(
+        RunConfig, None, ["stage2.loop.max_steps=3", "llava.finetune.loop.keep_checkpoints=5"]
+    )
     loops = {
         "stage1": cfg.stage1.loop, "stage2": cfg.stage2.loop,
         "pretrain": cfg.llava.pretrain.loop, "finetune": cfg.llava.finetune.loop,
@@ -91,7 +91,11 @@ def test_every_stage_embeds_one_loop_config_with_its_own_defaults() -> None:
     assert all(type(loop) is LoopConfig for loop in loops.values())
     # A partial loop section keeps the stage's own defaults for the keys it does not set.
     assert (cfg.stage2.loop.max_steps, cfg.stage2.loop.grad_clip) == (3, 5.0)
-    assert (cfg.stage1.loop.schedule, cfg.stage1.loop.warmup_steps, cfg.stage1.loop.grad_clip) == ("linear", 300, 1.0)
+    assert (cfg.stage1.loop.schedule, cfg.stage1.loop.warmup_steps, cfg.stage1.loop.grad_clip) == (
+        "linear",
+        300,
+        1.0,
+    )
     assert (cfg.llava.finetune.loop.warmup_ratio, cfg.llava.finetune.loop.keep_checkpoints) == (0.03, 5)
     with pytest.raises(ConfigError, match="stage2.grad_clip"):
         config_io.load(RunConfig, None, ["stage2.grad_clip=1.0"])  # the old place is refused

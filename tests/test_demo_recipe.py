@@ -8,8 +8,8 @@ import typer
 
 from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import demo_recipe_path, resolve_config
-from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.data.records import Caption, ImageCaptions, keep_captions
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.vision.train import total_steps
 
 

@@ -26,14 +26,19 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from llm2clip_vlm import config_io
-from llm2clip_vlm.training import checkpoint as checkpointing
-from llm2clip_vlm.training.checkpoint import Checkpointer, CheckpointWriteError, NonFiniteError, TrainingInterrupted
-from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.data import DataError, load_caption_set
 from llm2clip_vlm.data.config import CaptionSetConfig
 from llm2clip_vlm.data.images import load_rgb
-from llm2clip_vlm.training.losses import ClipLoss
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.text.tiny import save_tiny_llm
+from llm2clip_vlm.training import checkpoint as checkpointing
+from llm2clip_vlm.training.checkpoint import (
+    Checkpointer,
+    CheckpointWriteError,
+    NonFiniteError,
+    TrainingInterrupted,
+)
+from llm2clip_vlm.training.losses import ClipLoss
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -170,8 +175,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A small demo world, a tiny stage-1 encoder and its embedding stores (the `embed` output)."""
     from store_driver import make_encoder_dir
 
-    from llm2clip_vlm.data.synthetic import write_demo_dataset
     from llm2clip_vlm.commands import run_embed
+    from llm2clip_vlm.data.synthetic import write_demo_dataset
 
     root = tmp_path_factory.mktemp("demo-run")
     write_demo_dataset(root / "data", seed=0, train_images=32, heldout_images=16, show_progress=False)
@@ -191,8 +196,8 @@ def _demo_overrides(data: Path) -> list[str]:
 def test_corrupt_store_shard_is_refused_by_stage2(demo_run: dict[str, Path], tmp_path: Path) -> None:
     import shutil
 
-    from llm2clip_vlm.store.reader import StoreMismatchError
     from llm2clip_vlm.commands import run_stage2 as stage2
+    from llm2clip_vlm.store.reader import StoreMismatchError
 
     store = tmp_path / "store"
     shutil.copytree(demo_run["store"], store)

@@ -30,7 +30,9 @@ def test_reference_llava_recipes(name: str) -> None:
     )  # fmt: skip
     assert ft.image_aspect_ratio == "pad" and ft.group_by_modality
     assert (
-        pre.loop.precision == ft.loop.precision == "bf16" and pre.gradient_checkpointing and ft.gradient_checkpointing
+        pre.loop.precision == ft.loop.precision == "bf16"
+        and pre.gradient_checkpointing
+        and ft.gradient_checkpointing
     )
     assert pre.batch_size % (8 * pre.micro_batch_size) == 0 and ft.batch_size % (8 * ft.micro_batch_size) == 0
 

@@ -147,7 +147,12 @@ def test_malformed_conversations_are_refused(tok, conv, message: str) -> None:
 def test_training_heldout_scoring_and_lmms_eval_use_one_template(name: str) -> None:
     """One registry: the held-out scorer's prompt and the lmms-eval model's prompt are the same
     text, and (vicuna_v1, chat_template) the training text of the answered turn continues it."""
-    from llm2clip_vlm.evaluation.prompt import ChatTemplate, answer_separator, format_conversation, with_image_tokens
+    from llm2clip_vlm.evaluation.prompt import (
+        ChatTemplate,
+        answer_separator,
+        format_conversation,
+        with_image_tokens,
+    )
     from llm2clip_vlm.llava.templates import get_template
 
     t = tiny_tokenizer()
@@ -165,7 +170,11 @@ def test_training_heldout_scoring_and_lmms_eval_use_one_template(name: str) -> N
     if name == "plain":
         # LLaVA's own two behaviours, both kept: preprocess_plain trains on "<image>" + caption +
         # "\n" (the question dropped); Conversation.get_prompt (PLAIN) asks "<image>\nQ\n".
-        assert (heldout, text, [text[a:b] for a, b in spans]) == ("<image>\nWhat colour?\n", "<image>red\n", ["red\n"])
+        assert (heldout, text, [text[a:b] for a, b in spans]) == (
+            "<image>\nWhat colour?\n",
+            "<image>red\n",
+            ["red\n"],
+        )
     else:
         sep = answer_separator(ChatTemplate(name, system))
         assert text.startswith(heldout + sep) and text[len(heldout + sep) :].startswith("red")

@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import app
-from llm2clip_vlm.recipe import RunConfig
-from llm2clip_vlm.data.synthetic_llava import write_llava_demo
 from llm2clip_vlm.commands import run_llava
+from llm2clip_vlm.data.synthetic_llava import write_llava_demo
 from llm2clip_vlm.llava.model import LLAVA_PROJECTOR_KEYS
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.text.tiny import save_tiny_llm
 from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
 
@@ -139,7 +139,10 @@ def test_cli_bad_record_is_named_and_skip_bad_finishes(parts, tmp_path: Path) ->
     records[3]["image"] = "images/pretrain/missing.png"
     bad = parts["data"] / "bad_pretrain.json"
     bad.write_text(json.dumps(records))
-    base = [*_overrides(parts, "pretrain", ["llava.pretrain.loop.max_steps=1"]), f"llava.pretrain.data.path={bad}"]
+    base = [
+        *_overrides(parts, "pretrain", ["llava.pretrain.loop.max_steps=1"]),
+        f"llava.pretrain.data.path={bad}",
+    ]
     args = ["llava-pretrain", "-o", str(tmp_path / "bad")]
     for s in base:
         args += ["--set", s]

@@ -7,8 +7,8 @@ import math
 import torch
 
 from llm2clip_vlm.data.records import Caption, ImageCaptions
-from llm2clip_vlm.training.losses import SupervisedSimCSELoss
 from llm2clip_vlm.text.simcse import SimCSEBatches, similar_images
+from llm2clip_vlm.training.losses import SupervisedSimCSELoss
 
 INSTR = {"short": "S-instr", "long": "L-instr"}
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.data.records import Caption, ImageCaptions
+from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.text.cra import caption_pairs, cra_from_embeddings
 from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.text.modeling import ModelRef, load_bidirectional

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from stage2_world import FakeStore, load_image, make_world
 
 from llm2clip_vlm import config_io
-from llm2clip_vlm.training.checkpoint import Checkpointer
 from llm2clip_vlm.recipe import RunConfig
+from llm2clip_vlm.training.checkpoint import Checkpointer
 from llm2clip_vlm.vision.retrieval import retrieval_metrics
 from llm2clip_vlm.vision.train import (
     CHECKPOINTS,
@@ -123,6 +123,7 @@ def _run(root: Path, out: Path, overrides: list[str], **kw: Any) -> dict[str, An
     n_train, n_held = kw.pop("n_train", 32), kw.pop("n_held", 8)
     train, store, heldout = _world(root, n_train, n_held)
     cfg = config_io.load(RunConfig, None, TINY + overrides)
+    config_io.dump(cfg, out / "config.yaml")  # as commands.run_stage2 does (export reads it)
     return train_stage2(
         cfg.stage2, out, train, store, heldout, load_image=load_image, reliability=cfg.reliability, **kw
     )
@@ -165,7 +166,12 @@ class _Killed(Exception):
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
-    common = ["stage2.batch_size=8", "stage2.loop.max_steps=6", "stage2.loop.save_every_steps=3", "stage2.lr=1e-3"]
+    common = [
+        "stage2.batch_size=8",
+        "stage2.loop.max_steps=6",
+        "stage2.loop.save_every_steps=3",
+        "stage2.lr=1e-3",
+    ]
     full = _run(tmp_path / "data", tmp_path / "full", common)["stage2"]
 
     def kill(step: int, loss: float) -> None:

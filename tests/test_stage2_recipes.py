@@ -30,7 +30,13 @@ def test_reference_stage2_recipes(name: str) -> None:
     s = cfg.stage2
     assert s.backbone.kind == kind and s.backbone.kind in known_backbones() and s.backbone.name_or_path
     assert s.embed_dim == width
-    assert (s.lr, s.batch_size, s.layer_decay, s.loop.grad_clip, s.loop.warmup_steps) == (1e-5, 4096, 0.85, 5.0, 0)
+    assert (s.lr, s.batch_size, s.layer_decay, s.loop.grad_clip, s.loop.warmup_steps) == (
+        1e-5,
+        4096,
+        0.85,
+        5.0,
+        0,
+    )
     assert s.loop.precision == "bf16" and s.gradient_checkpointing
     assert {"coco", "flickr30k", "urban1k", "docci"} <= set(cfg.data.heldout)
 

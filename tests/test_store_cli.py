@@ -11,9 +11,9 @@ from store_driver import make_encoder_dir, make_records
 from typer.testing import CliRunner
 
 from llm2clip_vlm.cli import app
+from llm2clip_vlm.commands import run_embed
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.store.config import EmbedConfig
-from llm2clip_vlm.commands import run_embed
 from llm2clip_vlm.store.run import MissingEncoderError, resolve_encoder_dir
 from llm2clip_vlm.store.store import EmbeddingStore
 from llm2clip_vlm.text.encoder import CaptionEncoder

@@ -37,7 +37,9 @@ def test_warmup_is_the_reference_formula_then_each_schedule() -> None:
 
 def test_groups_exclude_biases_and_norms_from_weight_decay() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
-    groups = grouped(model.named_parameters(), lambda n: ("head" if n.startswith("2") else "body", 0.1), 0.05, 0.1)
+    groups = grouped(
+        model.named_parameters(), lambda n: ("head" if n.startswith("2") else "body", 0.1), 0.05, 0.1
+    )
     by_name = {g["name"]: g for g in groups}
     assert set(by_name) == {"body.decay", "body.no_decay", "head.decay", "head.no_decay"}
     assert by_name["body.no_decay"]["weight_decay"] == 0.0 and by_name["body.decay"]["weight_decay"] == 0.05

@@ -17,8 +17,6 @@ from torch import nn
 
 from llm2clip_vlm.data.records import Caption, ImageCaptions
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass(frozen=True)
 class LLMShape:

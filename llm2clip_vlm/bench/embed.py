@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from llm2clip_vlm.bench.common import (
-    DTYPES,
     LLAMA3_8B,
     LLMShape,
     caption_tokenizer,
@@ -44,6 +43,7 @@ from llm2clip_vlm.bench.harness import (
     peak_mb,
 )
 from llm2clip_vlm.data.records import Caption, ImageCaptions
+from llm2clip_vlm.training.optim import DTYPES
 
 TARGET_PADDING_SHARE = 0.10
 TARGET_PEAK_SHARE = 0.50

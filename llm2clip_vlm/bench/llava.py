@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from llm2clip_vlm.bench.common import (
-    DTYPES,
     VICUNA_7B,
     LLMShape,
     count_params,
@@ -36,6 +35,7 @@ from llm2clip_vlm.bench.common import (
 )
 from llm2clip_vlm.bench.harness import BenchReport, cpu_threads, device_name, measure, peak_mb
 from llm2clip_vlm.tower.synthetic import VIT_L_14_336, TowerShape
+from llm2clip_vlm.training.optim import DTYPES
 
 VARIANTS = ("pretrain", "finetune-full", "finetune-lora")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"

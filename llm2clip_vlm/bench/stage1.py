@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from llm2clip_vlm.bench.common import (
-    DTYPES,
     LLAMA3_8B,
     LLMShape,
     caption_tokenizer,
@@ -37,6 +36,7 @@ from llm2clip_vlm.bench.harness import (
     measure,
     peak_mb,
 )
+from llm2clip_vlm.training.optim import DTYPES
 
 
 @dataclass(frozen=True)
@@ -103,12 +103,11 @@ def run(
     Raises:
         RuntimeError: a CUDA device was asked for and there is none.
     """
-    from llm2clip_vlm.training.losses import SupervisedSimCSELoss
     from llm2clip_vlm.text.config import LoraConfig, Stage1Config
-    from llm2clip_vlm.text.modeling import bidirectional_from_config
-    from llm2clip_vlm.text.simcse import SimCSEBatches
     from llm2clip_vlm.text.lora import wrap_lora
-    from llm2clip_vlm.text.simcse import embed_triplets
+    from llm2clip_vlm.text.modeling import bidirectional_from_config
+    from llm2clip_vlm.text.simcse import SimCSEBatches, embed_triplets
+    from llm2clip_vlm.training.losses import SupervisedSimCSELoss
 
     p = PRESETS[preset]
     dev, warmup, repeats = resolve_run(preset, p, device, warmup, repeats)

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from llm2clip_vlm.bench.common import (
-    DTYPES,
     LLAMA3_8B,
     LLMShape,
     caption_tokenizer,
@@ -44,6 +43,7 @@ from llm2clip_vlm.bench.harness import (
     paired_ratio,
     peak_mb,
 )
+from llm2clip_vlm.training.optim import DTYPES
 
 TARGET_VS_LORA = 4.0
 TARGET_VS_ONLINE = 3.0
@@ -172,11 +172,11 @@ def run(
     Raises:
         RuntimeError: a CUDA device was asked for and there is none.
     """
-    from llm2clip_vlm.training.losses import ClipLoss
     from llm2clip_vlm.text.config import Stage1Config
     from llm2clip_vlm.text.encoder import CaptionEncoder
-    from llm2clip_vlm.text.modeling import bidirectional_from_config
     from llm2clip_vlm.text.lora import wrap_lora
+    from llm2clip_vlm.text.modeling import bidirectional_from_config
+    from llm2clip_vlm.training.losses import ClipLoss
 
     p = PRESETS[preset]
     dev, warmup, repeats = resolve_run(preset, p, device, warmup, repeats)

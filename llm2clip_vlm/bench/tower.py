@@ -26,8 +26,8 @@ from llm2clip_vlm.bench.harness import (
     resolve_device,
 )
 from llm2clip_vlm.tower.synthetic import VIT_L_14_336, TowerShape, save_random_tower
+from llm2clip_vlm.training.optim import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET_OVERHEAD_PCT = 2.0
 
 

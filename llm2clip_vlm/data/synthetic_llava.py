@@ -27,8 +27,8 @@ from llm2clip_vlm.data.synthetic import (
     POSITIONS,
     SHAPES,
     Scene,
-    png_bytes,
     draw_scene,
+    png_bytes,
     random_scene,
     short_captions,
 )

@@ -35,7 +35,9 @@ def demo_llava_dir(demo_dir: str, demo_seed: int, output_dir: Path) -> Path:
     return root
 
 
-def phase_data(llava: LlavaConfig, phase: str, output_dir: Path, demo_dir: str = "", demo_seed: int = 0) -> PhaseData:
+def phase_data(
+    llava: LlavaConfig, phase: str, output_dir: Path, demo_dir: str = "", demo_seed: int = 0
+) -> PhaseData:
     """The data of ``phase`` (``pretrain`` / ``finetune``); the demo world's when none is set."""
     p: LlavaPhaseConfig = getattr(llava, phase)
     held = Path(p.data.heldout_path) if p.data.heldout_path else None

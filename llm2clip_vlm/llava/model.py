@@ -36,7 +36,6 @@ class MissingInputError(FileNotFoundError):
     """A required input (tower, pretrained projector) is not where the config says."""
 
 
-
 def projector_state_for_llava(projector: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The projector's weights under LLaVA's names (usable as ``pretrain_mm_mlp_adapter``)."""
     return {
@@ -199,4 +198,3 @@ def save_llava(
         "system": system if system is not None else (VICUNA_SYSTEM if template == "vicuna_v1" else ""),
     }
     (out / TEMPLATE_FILE).write_text(json.dumps(info, indent=2) + "\n")
-

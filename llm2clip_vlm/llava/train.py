@@ -26,7 +26,13 @@ from torch.utils.data import DataLoader
 
 from llm2clip_vlm.data.errors import BadRecords, write_report
 from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
-from llm2clip_vlm.llava.data import Collator, LlavaDataset, LlavaRecord, ModalityBatchSampler, load_llava_records
+from llm2clip_vlm.llava.data import (
+    Collator,
+    LlavaDataset,
+    LlavaRecord,
+    ModalityBatchSampler,
+    load_llava_records,
+)
 from llm2clip_vlm.llava.evaluate import answer_questions, score
 from llm2clip_vlm.llava.inputs import PhaseData
 from llm2clip_vlm.llava.model import (
@@ -99,7 +105,10 @@ def train_llava(
     if main:
         out.mkdir(parents=True, exist_ok=True)
     bad = BadRecords(
-        p.data.skip_bad, p.data.max_bad_fraction, name=data.records.name, option=f"llava.{phase}.data.skip_bad"
+        p.data.skip_bad,
+        p.data.max_bad_fraction,
+        name=data.records.name,
+        option=f"llava.{phase}.data.skip_bad",
     )
     records = load_llava_records(
         data.records, data.image_folder, max_samples=p.data.max_samples, skip_bad=p.data.skip_bad,
@@ -121,7 +130,9 @@ def train_llava(
     if p.micro_batch_size <= 0:
         raise ValueError(f"llava.{phase}.micro_batch_size must be positive, got {p.micro_batch_size}")
     if p.batch_size % world:
-        raise ValueError(f"llava.{phase}.batch_size {p.batch_size} must be divisible by the {world} processes")
+        raise ValueError(
+            f"llava.{phase}.batch_size {p.batch_size} must be divisible by the {world} processes"
+        )
     deepspeed = setup_deepspeed(accelerator, p, phase)
 
     dataset = LlavaDataset(
@@ -140,9 +151,13 @@ def train_llava(
     if run.resumed is not None:
         missing = set(trainable_state(model)) - set(run.resumed.weights)
         if missing:
-            raise ValueError(f"{run.resumed.path} does not match this model: no weights for {sorted(missing)[:3]}")
+            raise ValueError(
+                f"{run.resumed.path} does not match this model: no weights for {sorted(missing)[:3]}"
+            )
         model.load_state_dict(run.resumed.weights, strict=False)
-    optimizer = adamw(param_groups(model, p), p.lr, accelerator.device, betas=(0.9, 0.999), eps=1e-8, fused=None)
+    optimizer = adamw(
+        param_groups(model, p), p.lr, accelerator.device, betas=(0.9, 0.999), eps=1e-8, fused=None
+    )
     scheduler = make_scheduler(optimizer, p.loop, total_steps)
     model, optimizer = run.prepare(model, optimizer, scheduler)
     raw = accelerator.unwrap_model(model)
@@ -174,7 +189,11 @@ def train_llava(
 
     if heldout and not state.extra.get("heldout_before") and world == 1:
         state.extra["heldout_before"] = run_heldout()
-        log.info("held-out accuracy before: %.1f%% (%d questions)", state.extra["heldout_before"]["accuracy"], len(heldout))
+        log.info(
+            "held-out accuracy before: %.1f%% (%d questions)",
+            state.extra["heldout_before"]["accuracy"],
+            len(heldout),
+        )
 
     sampler = ModalityBatchSampler(
         is_image, p.batch_size, rank, world, p.seed, state.step, total_steps, p.group_by_modality,
@@ -199,7 +218,11 @@ def train_llava(
     after = run_heldout() if world == 1 else {}
     before = state.extra.get("heldout_before", {})
     if after:
-        log.info("held-out accuracy after: %.1f%% (before %.1f%%)", after["accuracy"], before.get("accuracy", float("nan")))
+        log.info(
+            "held-out accuracy after: %.1f%% (before %.1f%%)",
+            after["accuracy"],
+            before.get("accuracy", float("nan")),
+        )
     metrics: dict[str, Any] = {}
     if main:
         k = max(1, min(10, len(state.losses) // 5))

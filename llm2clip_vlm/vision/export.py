@@ -24,12 +24,11 @@ import torch
 
 from llm2clip_vlm import config_io
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.training.optim import DTYPES
 from llm2clip_vlm.vision.config import ExportConfig, Stage2Config
 from llm2clip_vlm.vision.model import LLM2CLIP
 
 log = get_logger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def export_tower(
@@ -115,11 +114,15 @@ def _provenance(
     data = cfg.get("data", {})
     return {
         "method": "LLM2CLIP stage 2 (arXiv 2411.04997): vision encoder aligned to a frozen LLM caption embedder",
-        "backbone": {"kind": c.backbone.kind, "init": stage2.get("backbone", {}).get("name_or_path") or "random (demo)"},
+        "backbone": {
+            "kind": c.backbone.kind,
+            "init": stage2.get("backbone", {}).get("name_or_path") or "random (demo)",
+        },
         "dtype": dtype,
         "caption_encoder": {"path": c.encoder_path, "identity": c.encoder_identity, "dim": c.text_dim},
         "data": {
-            "train": data.get("train", {}).get("path") or f"synthetic demo world (seed {data.get('demo_seed', 0)})",
+            "train": data.get("train", {}).get("path")
+            or f"synthetic demo world (seed {data.get('demo_seed', 0)})",
             "heldout": sorted(s2.get("retrieval", {})),
         },
         "stage2": stage2,
@@ -158,7 +161,7 @@ def model_card(p: dict[str, Any]) -> str:
         f"- training data: {p['data']['train']}",
         f"- stage 2: {p['train'].get('steps', '?')} steps, global batch {s2['batch_size']}, lr {s2['lr']} "
         f"(head {s2['head_lr'] or s2['lr']}), layer decay {s2['layer_decay']}, loss {s2['loss']}, "
-        f"long-caption ratio {s2['long_caption_ratio']}, {s2['precision']}",
+        f"long-caption ratio {s2['long_caption_ratio']}, {(s2.get('loop') or s2).get('precision', '?')}",
         f"- run: `{p['run_dir']}` (full config in its `config.yaml`, also in `llm2clip_provenance.json`)",
         "",
         "## Zero-shot retrieval on held-out sets (percent)",

@@ -42,7 +42,9 @@ def heldout_sets(
             hstore = EmbeddingStore.open(hstore_dir, captions=records, encoder_identity=identity or None)
             emb = torch.from_numpy(np.asarray(hstore[np.arange(len(caption_image))], dtype=np.float32))
         elif encoder_dir is not None:
-            emb = encode_captions(encoder_dir, records, batch_size, cache_dir / f"{name}.safetensors", identity)
+            emb = encode_captions(
+                encoder_dir, records, batch_size, cache_dir / f"{name}.safetensors", identity
+            )
         else:
             raise FileNotFoundError(
                 f"no embedding store for held-out set {name!r} ({hstore_dir}) and no encoder to embed it"

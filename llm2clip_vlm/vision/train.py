@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.reliability import ReliabilityConfig
 from llm2clip_vlm.training import dist
-from llm2clip_vlm.training.losses import ClipLoss, SigLipLoss
 from llm2clip_vlm.training.loop import OnStep, Run, Stage, StepOutput
+from llm2clip_vlm.training.losses import ClipLoss, SigLipLoss
 from llm2clip_vlm.training.optim import adamw, grouped, make_scheduler
 from llm2clip_vlm.vision.config import Stage2Config
 from llm2clip_vlm.vision.data import (
@@ -132,7 +132,7 @@ def train_stage2(
     processor = model.vision.image_processor
 
     # Each rank slices the global batch, so only the same number of processes continues a run.
-    run = Run("stage 2", s.loop, out / CHECKPOINTS, accelerator, skip_nonfinite=rel.skip_nonfinite_steps,
+    run = Run("stage2", s.loop, out / CHECKPOINTS, accelerator, skip_nonfinite=rel.skip_nonfinite_steps,
               max_skipped=rel.max_skipped_steps, same_world_size=True)  # fmt: skip
     if run.resumed_weights is not None:
         model.load_state_dict(run.resumed_weights)
@@ -178,7 +178,9 @@ def train_stage2(
             feats = model(pixel_values=pv, text_embeddings=emb)
         scale = feats["logit_scale"].float()
         if s.loss == "siglip":
-            loss = loss_fn(feats["image_features"], feats["text_features"], scale, feats["logit_bias"].float())
+            loss = loss_fn(
+                feats["image_features"], feats["text_features"], scale, feats["logit_bias"].float()
+            )
         else:
             loss = loss_fn(feats["image_features"], feats["text_features"], scale)
         accelerator.backward(loss)
