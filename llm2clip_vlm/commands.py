@@ -13,8 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from llm2clip_vlm import config_io
+from llm2clip_vlm.data import open_image, resolve_data
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
+from llm2clip_vlm.llava.inputs import phase_data
+from llm2clip_vlm.llava.model import check_inputs
+from llm2clip_vlm.llava.train import train_llava
 from llm2clip_vlm.recipe import RunConfig
+from llm2clip_vlm.store.run import embed_splits, encoder_identity, resolve_encoder_dir
+from llm2clip_vlm.store.store import EmbeddingStore
+from llm2clip_vlm.text.mntp import read_text_corpus
+from llm2clip_vlm.text.train import train_stage1
+from llm2clip_vlm.vision.inputs import heldout_sets, usable_images
+from llm2clip_vlm.vision.train import train_stage2
 
 
 def write_config(cfg: RunConfig, output_dir: Path) -> None:
@@ -27,9 +37,6 @@ def write_config(cfg: RunConfig, output_dir: Path) -> None:
 
 def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     """``llm2clip-vlm stage1``: resolve the data of ``cfg`` and train (see ``train_stage1``)."""
-    from llm2clip_vlm.data import resolve_data
-    from llm2clip_vlm.text.mntp import read_text_corpus
-    from llm2clip_vlm.text.train import train_stage1
 
     out = Path(output_dir)
     train_set, heldout = resolve_data(cfg.data, out)
@@ -52,7 +59,6 @@ def run_embed(
     data: tuple[Sequence[ImageCaptions], Mapping[str, Sequence[ImageCaptions]]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``llm2clip-vlm embed``: one store per split of ``cfg.data`` (see ``embed_splits``)."""
-    from llm2clip_vlm.store.run import embed_splits, resolve_encoder_dir
 
     resolve_encoder_dir(cfg.embed.encoder, stage1_output)  # a missing encoder is refused before any write
     write_config(cfg, Path(output_dir))
@@ -71,11 +77,6 @@ def run_stage2(
         encoder_dir: the stage-1 encoder or a stage-1 run directory (default ``cfg.embed.encoder``);
             its identity must match the stores'. Held-out sets without a store are encoded with it.
     """
-    from llm2clip_vlm.data import open_image, resolve_data
-    from llm2clip_vlm.store.run import encoder_identity, resolve_encoder_dir
-    from llm2clip_vlm.store.store import EmbeddingStore
-    from llm2clip_vlm.vision.inputs import heldout_sets, usable_images
-    from llm2clip_vlm.vision.train import train_stage2
 
     out = Path(output_dir)
     store_dir = Path(store_dir)
@@ -118,9 +119,6 @@ def run_llava(
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
     """``llava-pretrain`` / ``llava-finetune``: resolve the phase's data and train it."""
-    from llm2clip_vlm.llava.inputs import phase_data
-    from llm2clip_vlm.llava.model import check_inputs
-    from llm2clip_vlm.llava.train import train_llava
 
     out = Path(output_dir)
     check_inputs(cfg.llava, phase, Path(init) if init else None)  # before anything is written

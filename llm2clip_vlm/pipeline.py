@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from llm2clip_vlm import config_io
+from llm2clip_vlm.commands import run_embed, run_stage1, run_stage2
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.recipe import RunConfig
+from llm2clip_vlm.vision.export import export_tower
 
 log = get_logger(__name__)
 
@@ -98,23 +100,15 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
     encoder_dir = dirs["stage1"] / "encoder"
 
     def do_stage1() -> None:
-        from llm2clip_vlm.commands import run_stage1
-
         run_stage1(cfg, dirs["stage1"])
 
     def do_embed() -> None:
-        from llm2clip_vlm.commands import run_embed
-
         run_embed(cfg, dirs["embed"], stage1_output=dirs["stage1"])
 
     def do_stage2() -> None:
-        from llm2clip_vlm.commands import run_stage2
-
         run_stage2(cfg, dirs["stage2"], store_dir=dirs["embed"], encoder_dir=encoder_dir)
 
     def do_export() -> None:
-        from llm2clip_vlm.vision.export import export_tower
-
         export_tower(dirs["stage2"], dirs["export"], model_dir=output_dir / "model")
 
     actions: dict[str, Callable[[], None]] = {

@@ -30,6 +30,7 @@ from llm2clip_vlm.data.config import CaptionSetConfig, DataConfig
 from llm2clip_vlm.data.errors import BadRecords, DataError, write_report
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.data.records import Caption, ImageCaptions
+from llm2clip_vlm.data.synthetic import demo_spec, write_demo_dataset
 from llm2clip_vlm.logging import get_logger
 
 log = get_logger(__name__)
@@ -347,7 +348,6 @@ def demo_dir_for(cfg: DataConfig, output_dir: str | Path) -> Path:
 
 def ensure_demo_data(cfg: DataConfig, output_dir: str | Path) -> Path:
     """Generate the demo world unless a complete one with the same settings is already there."""
-    from llm2clip_vlm.data.synthetic import demo_spec, write_demo_dataset
 
     root = demo_dir_for(cfg, output_dir)
     spec = demo_spec(cfg.demo_seed, cfg.demo_train_images, cfg.demo_heldout_images, 64)

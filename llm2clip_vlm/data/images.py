@@ -31,6 +31,7 @@ from typing import Any
 
 from llm2clip_vlm.data.errors import BadRecords, DataError
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.progress import make_progress
 
 log = get_logger(__name__)
 
@@ -106,7 +107,6 @@ def find_bad_images(
     Bad images go through ``policy`` (stop at the first, or skip and count; then
     :meth:`BadRecords.check`). Decoding runs in threads (PIL releases the GIL while decoding).
     """
-    from llm2clip_vlm.progress import make_progress
 
     def probe(i: int) -> Exception | None:
         try:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from llm2clip_vlm.progress import make_progress
+
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 COLOURS = {
     "red": (220, 40, 40),
@@ -312,7 +314,6 @@ def write_demo_dataset(
     ``short_captions``, ``long_captions``), ``shards/train-NNNNN.tar`` (webdataset: ``<key>.png``,
     ``<key>.json``, ``<key>.txt``), ``text/corpus.txt`` and ``dataset.json``.
     """
-    from llm2clip_vlm.progress import make_progress
 
     out = Path(out)
     rng = random.Random(seed)

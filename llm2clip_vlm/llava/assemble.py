@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.text.modeling import quantization_config, resolve_model_ref
 from llm2clip_vlm.tower.backbones import TowerFormat, detect_tower_format, resolve_tower_path
+from llm2clip_vlm.training.checkpoint import from_pretrained_kwargs
 
 log = get_logger(__name__)
 
@@ -120,8 +122,6 @@ def build_llava_model(
     # Tokens the LM sees per image: every position of the hidden state, minus CLS for "default".
     num_tokens = n_side**2 + (1 if has_cls else 0) - (1 if strategy == "default" else 0)
 
-    from llm2clip_vlm.text.modeling import quantization_config, resolve_model_ref
-
     ref = resolve_model_ref(str(llm_name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(ref.path, **ref.kwargs())
     tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
@@ -129,8 +129,6 @@ def build_llava_model(
         # Batched generation and training need a pad token; LLaVA-1.5 pads with unk/eos too.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-
-    from llm2clip_vlm.training.checkpoint import from_pretrained_kwargs
 
     lm_kwargs: dict[str, Any] = dict(ref.kwargs(), dtype=dtype or "auto")
     if not ref.gguf_file:  # a GGUF file is no pickle; transformers reads it itself

@@ -37,6 +37,7 @@ from llm2clip_vlm.llava.templates import (
     tokenize_conversation,
 )
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.progress import make_progress
 
 log = get_logger(__name__)
 
@@ -134,7 +135,6 @@ def load_llava_records(
         FileNotFoundError: ``path`` does not exist.
         DataError: a bad record (default), or too many of them under ``skip_bad``.
     """
-    from llm2clip_vlm.progress import make_progress
 
     path = Path(path)
     if not path.is_file():

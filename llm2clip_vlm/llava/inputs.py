@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+from llm2clip_vlm.data.synthetic_llava import SPEC_VERSION, write_llava_demo
 from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
 from llm2clip_vlm.logging import get_logger
 
@@ -22,7 +23,6 @@ class PhaseData(NamedTuple):
 
 def demo_llava_dir(demo_dir: str, demo_seed: int, output_dir: Path) -> Path:
     """The demo world's LLaVA splits (written once, next to the run, when missing)."""
-    from llm2clip_vlm.data.synthetic_llava import SPEC_VERSION, write_llava_demo
 
     root = Path(demo_dir) / "llava" if demo_dir else output_dir / "demo-llava"
     info = root / "llava_dataset.json"

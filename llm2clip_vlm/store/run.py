@@ -12,10 +12,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from llm2clip_vlm.data import resolve_data
 from llm2clip_vlm.data.config import DataConfig
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.store.config import EmbedConfig
+from llm2clip_vlm.store.store import EmbeddingStore, write_store
+from llm2clip_vlm.text.encoder import ENCODER_FILE, CaptionEncoder
 
 log = get_logger(__name__)
 
@@ -34,7 +37,6 @@ def resolve_encoder_dir(encoder: str | Path | None, stage1_output: str | Path | 
         MissingEncoderError: neither is given.
         FileNotFoundError: the directory holds no CaptionEncoder.
     """
-    from llm2clip_vlm.text.encoder import ENCODER_FILE
 
     if encoder:
         path = Path(encoder)
@@ -54,7 +56,6 @@ def resolve_encoder_dir(encoder: str | Path | None, stage1_output: str | Path | 
 
 def encoder_identity(encoder_dir: Path) -> str:
     """The identity a stage-1 encoder directory records (what its stores were written with)."""
-    from llm2clip_vlm.text.encoder import ENCODER_FILE
 
     return str(json.loads((encoder_dir / ENCODER_FILE).read_text())["identity"])
 
@@ -87,16 +88,11 @@ def embed_splits(
     """
     from accelerate import PartialState
 
-    from llm2clip_vlm.store.store import EmbeddingStore, write_store
-    from llm2clip_vlm.text.encoder import CaptionEncoder
-
     out = Path(output_dir)
     encoder_dir = resolve_encoder_dir(embed.encoder, stage1_output)
     state = PartialState()  # joins the process group under accelerate launch / torchrun
     rank, world = state.process_index, state.num_processes
     if data is None:
-        from llm2clip_vlm.data import resolve_data
-
         with state.main_process_first():  # the demo world is generated once, by rank 0
             data = resolve_data(data_cfg, out)
     train, heldout = data

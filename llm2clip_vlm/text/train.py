@@ -29,6 +29,7 @@ from llm2clip_vlm.text.config import Stage1Config
 from llm2clip_vlm.text.cra import caption_pairs, caption_retrieval_accuracy
 from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.text.lora import adapter_state, load_adapter, merge_lora, wrap_lora
+from llm2clip_vlm.text.mntp import train_mntp
 from llm2clip_vlm.text.modeling import decoder_of, load_bidirectional, load_tokenizer, resolve_model_ref
 from llm2clip_vlm.text.simcse import SimCSEBatches, Triplet, embed_triplets
 from llm2clip_vlm.training import dist
@@ -105,8 +106,6 @@ def train_stage1(
     accelerator.wait_for_everyone()
 
     if s.mntp.enabled:
-        from llm2clip_vlm.text.mntp import train_mntp
-
         captions = [c.text for r in train_records for c in r.captions]
         model = train_mntp(
             model, tokenizer, s, captions, list(text_corpus), text_corpus_ratio,

@@ -15,7 +15,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from llm2clip_vlm.data import open_image
+from llm2clip_vlm.data.errors import BadRecords, write_report
+from llm2clip_vlm.data.images import find_bad_images
 from llm2clip_vlm.data.records import ImageCaptions
+from llm2clip_vlm.store.store import EmbeddingStore
+from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.vision.data import HeldoutSet
 
 UsableFn = Callable[[str, Sequence[ImageCaptions]], "list[int] | None"]
@@ -31,7 +36,6 @@ def heldout_sets(
     usable: UsableFn,
 ) -> dict[str, HeldoutSet]:
     """One :class:`HeldoutSet` per held-out set, restricted to the images ``usable`` keeps."""
-    from llm2clip_vlm.store.store import EmbeddingStore
 
     heldout: dict[str, HeldoutSet] = {}
     for name, records in sets.items():
@@ -63,9 +67,6 @@ def usable_images(
     Bad images stop the run with a message naming them, or with ``skip_bad`` are skipped and
     listed in ``<out>/bad_records.json`` (see :mod:`llm2clip_vlm.data.images`).
     """
-    from llm2clip_vlm.data import open_image
-    from llm2clip_vlm.data.errors import BadRecords, write_report
-    from llm2clip_vlm.data.images import find_bad_images
 
     policy = BadRecords(skip_bad, max_bad_fraction, name=f"{name} images")
     good = find_bad_images(records, policy, open_image, description=f"checking {name} images")
@@ -79,7 +80,6 @@ def encode_captions(
     encoder_dir: Path, records: Sequence[ImageCaptions], batch_size: int, cache: Path, identity: str
 ) -> torch.Tensor:
     """Held-out caption embeddings from the stage-1 encoder, cached per encoder identity."""
-    from llm2clip_vlm.text.encoder import CaptionEncoder
 
     texts = [c.text for r in records for c in r.captions]
     key = hashlib.sha256(json.dumps([identity, texts]).encode()).hexdigest()

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llm2clip_vlm import config_io
+from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.vision.adaptor import TextAdaptor, new_image_head
 from llm2clip_vlm.vision.backbones import VisionBackbone, create_backbone
 from llm2clip_vlm.vision.config import VisionBackboneConfig
@@ -120,8 +121,6 @@ class LLM2CLIP(nn.Module):
     def caption_encoder(self) -> Any:
         """The stage-1 CaptionEncoder (loaded on first use from ``config.encoder_path``)."""
         if self._encoder is None:
-            from llm2clip_vlm.text.encoder import CaptionEncoder
-
             if not self.config.encoder_path:
                 raise ValueError(
                     "this LLM2CLIP does not know its stage-1 encoder; pass encoder_path to "
