@@ -68,6 +68,7 @@ def _toy_run(out: Path, loop: LoopConfig, on_step=None, nan_at: int = 0, skip: b
     scheduler = make_scheduler(optimizer, loop, loop.max_steps)
     model, optimizer = run.prepare(model, optimizer, scheduler)
     clamps: list[int] = []
+    started_at = dict(run.state.extra.get("data", {"position": 0}))  # where a stream would restart
 
     def batches():
         for k in range(run.state.step, loop.max_steps):
@@ -84,8 +85,9 @@ def _toy_run(out: Path, loop: LoopConfig, on_step=None, nan_at: int = 0, skip: b
         return StepOutput(dist.reduce_float(acc, loss))
 
     stage = Stage("toy", model, optimizer, scheduler, step, lambda: dict(model.state_dict()), model.parameters,
-                  after_update=lambda: clamps.append(1))  # fmt: skip
+                  after_update=lambda: clamps.append(1), data_state=lambda: {"position": run.state.step})  # fmt: skip
     state = run.train(stage, batches(), loop.max_steps, on_step)
+    state.extra["started_at"] = started_at
     return state, {k: v.clone() for k, v in model.state_dict().items()}, len(clamps)
 
 
@@ -103,6 +105,7 @@ def test_the_loop_resumes_exactly_keeps_n_checkpoints_and_calls_hooks(tmp_path: 
         _toy_run(tmp_path / "cut", loop, on_step=stop)
     resumed, w_cut, hooks = _toy_run(tmp_path / "cut", loop)
     assert hooks == 2  # steps 5 and 6 only
+    assert resumed.extra["started_at"] == {"position": 4}  # the data state saved with step 4
     assert resumed.losses == full.losses  # history restored, the rest recomputed bit for bit
     assert all(torch.equal(w_full[k], w_cut[k]) for k in w_full)
 

@@ -84,6 +84,9 @@ class Stage:
         clip_parameters: the parameters whose global norm ``loop.grad_clip`` clips; None when the
             stage's engine clips inside ``backward`` (DeepSpeed).
         after_update: called after every optimizer step (e.g. clamp the logit scale).
+        data_state: for a data stream whose position is not a function of the step (streamed
+            shards): its resumable state (JSON-able), stored in ``state.extra["data"]`` with every
+            checkpoint; the stage reads it back from ``run.state.extra`` to restart the stream.
         samples_per_step: global samples per step (for the throughput shown).
         unit: what a sample is called in the progress line.
     """
@@ -96,6 +99,7 @@ class Stage:
     weights: Callable[[], dict[str, torch.Tensor] | None]
     clip_parameters: Callable[[], Iterable[torch.nn.Parameter]] | None
     after_update: Callable[[], None] | None = None
+    data_state: Callable[[], dict[str, Any]] | None = None
     samples_per_step: int = 0
     unit: str = "samples"
 
@@ -159,6 +163,8 @@ class Run:
 
     def save(self, stage: Stage) -> None:
         """Write a checkpoint of the current step (every rank calls it)."""
+        if stage.data_state is not None:
+            self.state.extra["data"] = stage.data_state()
         weights = stage.weights()
         self.checkpointer.save(
             self.state.step,
