@@ -95,8 +95,13 @@ def test_adaptor_is_exactly_the_reference_architecture() -> None:
         assert (block.fc1.in_features, block.fc1.out_features) == (d, 2 * d)
         assert (block.fc2.in_features, block.fc2.out_features) == (2 * d, d)
         assert isinstance(block.norm, nn.LayerNorm) and isinstance(block.act, nn.GELU)
-    assert isinstance(ad.norm, nn.LayerNorm) and ad.proj.bias is None
+    # The last Linear has a bias, as the reference TextProj(proj_bias=True)
+    # (microsoft/LLM2CLIP llm2clip/eva_clip/model.py:232,238).
+    assert isinstance(ad.norm, nn.LayerNorm) and ad.proj.bias is not None
     assert (ad.proj.in_features, ad.proj.out_features) == (d, e)
+    assert sorted(k for k in ad.state_dict() if not k.startswith("blocks.")) == [
+        "norm.bias", "norm.weight", "proj.bias", "proj.weight"
+    ]
 
     x = torch.randn(5, d) * 7.0
     # The same computation written out: normalise, 4 pre-norm residual MLPs, norm, project.
