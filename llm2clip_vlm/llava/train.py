@@ -258,9 +258,13 @@ def param_groups(model: Any, p: LlavaPhaseConfig) -> list[dict[str, Any]]:
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Linear warm-up from ``1/(warmup+1)``, then cosine to 0 at ``total`` (or constant)."""
+    """Linear warm-up from ``1/warmup``, then cosine to 0 at ``total`` (or constant)."""
     if step < warmup:
-        return (step + 1) / (warmup + 1)
+        # (step + 1) / warmup: full lr at the last warm-up step, as open_clip's and the LLM2CLIP
+        # trainer's _warmup_lr (microsoft/LLM2CLIP llm2clip/training/scheduler.py:9-10).
+        # transformers' schedule under LLaVA's Trainer is step / warmup, i.e. the same ramp one
+        # step later, starting from lr 0.
+        return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))

@@ -45,6 +45,7 @@ from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.losses import ClipLoss, SigLipLoss
 from llm2clip_vlm.progress import make_progress
 from llm2clip_vlm.vision.config import Stage2Config
+from llm2clip_vlm.vision.decay import exempt_from_weight_decay
 from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
 from llm2clip_vlm.vision.retrieval import retrieval_metrics
 
@@ -191,7 +192,8 @@ class HeldoutSet:
 def build_param_groups(model: LLM2CLIP, s: Stage2Config) -> list[dict[str, Any]]:
     """AdamW parameter groups: (layer, decay / no decay), each with its own lr.
 
-    - no weight decay on 0/1-d parameters: biases, norm scales, the CLS embedding, logit scale/bias;
+    - no weight decay on 0/1-d parameters (biases, norm scales, logit scale/bias) nor on the
+      positional and class embeddings (:mod:`llm2clip_vlm.vision.decay`, as the reference);
     - backbone layer ``l`` (0 = stem, ``L + 1`` = after the last block) gets
       ``lr * layer_decay ** (L + 1 - l)``;
     - the new parts (image head, text adaptor, logit scale/bias) get ``head_lr`` (or ``lr``).
@@ -205,7 +207,7 @@ def build_param_groups(model: LLM2CLIP, s: Stage2Config) -> list[dict[str, Any]]
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim < 2
+        no_decay = exempt_from_weight_decay(name, p)
         if name.startswith("vision."):
             layer = layer_of[name[len("vision.") :]]
             key, lr = f"vision.layer{layer}", s.lr * s.layer_decay ** (top - layer)
@@ -228,7 +230,9 @@ def build_param_groups(model: LLM2CLIP, s: Stage2Config) -> list[dict[str, Any]]
 def cosine_lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up to 1, then cosine decay to 0 at ``total`` (multiplies every group's lr)."""
     if step < warmup:
-        return (step + 1) / (warmup + 1)
+        # The reference's _warmup_lr: base_lr * (step + 1) / warmup_length (microsoft/LLM2CLIP
+        # llm2clip/training/scheduler.py:9-10): full lr at the last warm-up step.
+        return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
