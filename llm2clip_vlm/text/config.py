@@ -28,6 +28,12 @@ class MNTPConfig:
     batch_size: int = 32
     lr: float = 5e-5
     warmup_steps: int = 100
+    # The reference runs MNTP on the HF Trainer with its defaults (microsoft/LLM2CLIP
+    # llm_caption_contrastive/run_mntp.py:936 + train_configs/mntp/MetaLlama3_cc3m.json set none
+    # of these): weight decay 0, gradient-norm clip 1.0, linear decay to 0 after the warm-up.
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_schedule: Literal["linear", "constant", "cosine"] = "linear"
 
 
 @dataclass

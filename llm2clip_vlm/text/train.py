@@ -432,9 +432,7 @@ def _run_mntp(
     Checkpointed like SimCSE (``ckpt_root``), including once at its end, so a run killed later
     never redoes it. Masking draws from the torch RNG, which the checkpoints carry.
     """
-    from transformers import get_scheduler
-
-    from llm2clip_vlm.text.mntp import mix_texts, mntp_collator, mntp_step_loss, read_text_corpus
+    from llm2clip_vlm.text.mntp import mix_texts, mntp_collator, mntp_optimizer, mntp_step_loss, read_text_corpus
 
     s, m = cfg.stage1, cfg.stage1.mntp
     captions = [c.text for r in records for c in r.captions]
@@ -442,8 +440,7 @@ def _run_mntp(
     collator = mntp_collator(tokenizer, m.mlm_probability, s.pad_to_multiple_of)
     lm = _wrap_lora(model, s)
     params = [p for p in lm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=m.lr)
-    scheduler = get_scheduler("constant_with_warmup", optimizer, m.warmup_steps, m.steps)
+    optimizer, scheduler = mntp_optimizer(params, m)
     checkpointer = Checkpointer(ckpt_root, accelerator, keep=s.keep_checkpoints)
     resumed = _resume(checkpointer, lm, optimizer, scheduler)
     state = TrainState(**resumed.state) if resumed else TrainState()
@@ -473,6 +470,8 @@ def _run_mntp(
                 )
             accelerator.backward(loss)
             global_loss = accelerator.reduce(loss.detach(), "mean").item()
+            if m.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(ddp_lm.parameters(), m.max_grad_norm)
             if guard.check(global_loss, state.step + 1):
                 optimizer.step()
             scheduler.step()
