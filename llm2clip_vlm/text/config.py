@@ -45,6 +45,11 @@ class Stage1Config:
     max_length: int = 512
     pad_to_multiple_of: int = 16
     pooling: Literal["mean"] = "mean"
+    # How every caption is wrapped before tokenization, stored in the encoder directory (so `embed`
+    # wraps as stage 1 did): "auto" = the reference's choice, the Llama-3 chat header
+    # "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>" for Llama-3 Instruct
+    # tokenizers, bare text otherwise; "none"; or a template with one {text}.
+    caption_template: str = "auto"
     # Instructions prepended to queries (short -> long, long -> short); pooling skips them.
     instruction_short_query: str = "Given a sentence, retrieve a detailed relevant sentence"
     instruction_long_query: str = "Given a detailed sentence, retrieve a short relevant sentence"

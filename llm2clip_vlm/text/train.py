@@ -40,7 +40,7 @@ from llm2clip_vlm.text.modeling import (
     load_tokenizer,
     resolve_model_ref,
 )
-from llm2clip_vlm.text.pooling import mean_pool, tokenize
+from llm2clip_vlm.text.pooling import mean_pool, resolve_caption_template, tokenize
 from llm2clip_vlm.text.simcse import SimCSEBatches, Triplet
 
 log = get_logger(__name__)
@@ -111,6 +111,7 @@ def train_stage1(
 
     ref = resolve_model_ref(s.model)
     tokenizer = load_tokenizer(ref)
+    log.info("stage 1: captions wrapped as %r", resolve_caption_template(s.caption_template, tokenizer) or "{text}")
     weight_dtype = _weight_dtype(s, accelerator.device)
     instructions = {"short": s.instruction_short_query, "long": s.instruction_long_query}
     batches = SimCSEBatches(train_records, instructions, s.seed, s.hard_negatives, s.similar_negatives)
@@ -163,7 +164,8 @@ def train_stage1(
     metrics: dict[str, Any] = {}
     if main:
         encoder = CaptionEncoder(
-            merged, tokenizer, s.max_length, _instruction_settings(s), s.pooling, s.pad_to_multiple_of
+            merged, tokenizer, s.max_length, _instruction_settings(s), s.pooling, s.pad_to_multiple_of,
+            caption_template=resolve_caption_template(s.caption_template, tokenizer),
         )
         encoder.save_pretrained(out / "encoder")
         # Zero steps leave the weights as they were (the LoRA's B is zero): CRA is unchanged.
@@ -261,7 +263,10 @@ def _wrap_lora(decoder: nn.Module, s: Stage1Config) -> nn.Module:
 def _cra(
     decoder: nn.Module, tokenizer: Any, s: Stage1Config, pairs: list[tuple[str, str]], accelerator: Any
 ) -> float:
-    encoder = CaptionEncoder(decoder, tokenizer, s.max_length, pad_to_multiple_of=s.pad_to_multiple_of)
+    encoder = CaptionEncoder(
+        decoder, tokenizer, s.max_length, pad_to_multiple_of=s.pad_to_multiple_of,
+        caption_template=resolve_caption_template(s.caption_template, tokenizer),
+    )
     if s.precision != "fp32":
         encoder.autocast_dtype = DTYPES[s.precision]
     return round(caption_retrieval_accuracy(encoder, pairs, s.eval_batch_size), 2)
@@ -294,6 +299,7 @@ def embed_triplets(
             [items[i][1] for i in idx],
             s.max_length,
             s.pad_to_multiple_of,
+            resolve_caption_template(s.caption_template, tokenizer),
         )
         hidden = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
         emb = mean_pool(hidden.last_hidden_state.float(), enc["embed_mask"].to(device))
