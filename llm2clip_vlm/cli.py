@@ -200,14 +200,19 @@ def import_tower(
 
 @app.command("import-encoder")
 def import_encoder(
-    source: Annotated[Path, typer.Argument(help="A llm2vec-style LLM: merged checkpoint, or the base for --adapter.")],
+    source: Annotated[
+        Path, typer.Argument(help="A llm2vec-style LLM: merged checkpoint, or the base for --adapter.")
+    ],
     output: OutputOpt = Path("runs/imported-encoder"),
     adapter: Annotated[
         list[Path] | None,
         typer.Option("--adapter", help="PEFT adapter directory merged onto SOURCE, in order (repeatable)."),
     ] = None,
     caption_template: Annotated[
-        str, typer.Option(help="'auto' (Llama-3 Instruct: the reference's chat header), 'none', or a {text} template.")
+        str,
+        typer.Option(
+            help="'auto' (Llama-3 Instruct: the reference's chat header), 'none', or a {text} template."
+        ),
     ] = "auto",
     max_length: Annotated[int, typer.Option(help="Token limit (the reference: 512).")] = 512,
 ) -> None:
@@ -215,17 +220,25 @@ def import_encoder(
     from llm2clip_vlm.imports.encoder import import_encoder as do_import
 
     summary = _run_import(
-        do_import, source, output, adapters=adapter or [], caption_template=caption_template, max_length=max_length
+        do_import,
+        source,
+        output,
+        adapters=adapter or [],
+        caption_template=caption_template,
+        max_length=max_length,
     )
     console.print(f"caption encoder: {summary['path']} (identity {summary['identity'][:12]})")
 
 
 @app.command("import-embeddings")
 def import_embeddings(
-    shards: Annotated[list[Path], typer.Argument(help="Image shards (x.tar) whose x_text_embeddings.tar lie beside them.")],
+    shards: Annotated[
+        list[Path], typer.Argument(help="Image shards (x.tar) whose x_text_embeddings.tar lie beside them.")
+    ],
     output: OutputOpt = Path("runs/imported-store"),
     encoder: Annotated[
-        Path | None, typer.Option(help="The CaptionEncoder the side-cars were made with (its identity is recorded).")
+        Path | None,
+        typer.Option(help="The CaptionEncoder the side-cars were made with (its identity is recorded)."),
     ] = None,
     dtype: Annotated[str, typer.Option(help="Store dtype: fp32 | bf16 | fp16.")] = "fp32",
 ) -> None:

@@ -11,7 +11,13 @@ from transformers import AutoModelForCausalLM
 
 from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.text.modeling import ModelRef, load_bidirectional, load_tokenizer
-from llm2clip_vlm.text.pooling import LLAMA3_CHAT_TEMPLATE, format_query, mean_pool, resolve_caption_template, tokenize
+from llm2clip_vlm.text.pooling import (
+    LLAMA3_CHAT_TEMPLATE,
+    format_query,
+    mean_pool,
+    resolve_caption_template,
+    tokenize,
+)
 from llm2clip_vlm.text.tiny import tiny_config, tiny_tokenizer
 
 HEADER = "<|start_header_id|>user<|end_header_id|>\n\n"
@@ -20,7 +26,9 @@ SEPARATOR = "!@#$%^&*()"  # LLM2Vec's instruction separator
 
 def llama3_like_tokenizer():
     tok = tiny_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+    )
     tok.chat_template = (
         "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
         " + m['content'] + '<|eot_id|>' }}{% endfor %}"

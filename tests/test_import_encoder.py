@@ -71,7 +71,9 @@ def oracle(release: dict[str, Path]) -> tuple[torch.Tensor, torch.nn.Module]:
 
 
 def test_base_plus_adapters_matches_the_reference(release: dict[str, Path], tmp_path: Path) -> None:
-    summary = import_encoder(release["base"], tmp_path / "enc", adapters=[release["mntp"], release["supervised"]])
+    summary = import_encoder(
+        release["base"], tmp_path / "enc", adapters=[release["mntp"], release["supervised"]]
+    )
     assert [a["modules"] for a in summary["adapters"]] == [3 * 2, 3 * 2]  # 3 targets x 2 layers
     assert summary["caption_template"] == LLAMA3_CHAT_TEMPLATE  # Llama-3 Instruct: the reference's header
     encoder = CaptionEncoder.from_pretrained(tmp_path / "enc", device="cpu")
@@ -80,7 +82,9 @@ def test_base_plus_adapters_matches_the_reference(release: dict[str, Path], tmp_
     assert (got - expected).abs().max() < 1e-5
     # The merge is not a no-op: without the adapters the embeddings differ.
     bare = import_encoder(release["base"], tmp_path / "bare")
-    assert not torch.allclose(CaptionEncoder.from_pretrained(tmp_path / "bare", device="cpu").encode(CAPTIONS), expected, atol=1e-3)
+    assert not torch.allclose(
+        CaptionEncoder.from_pretrained(tmp_path / "bare", device="cpu").encode(CAPTIONS), expected, atol=1e-3
+    )
     assert bare["identity"] != summary["identity"]
 
 
@@ -91,7 +95,10 @@ def test_merged_release_layout(release: dict[str, Path], tmp_path: Path) -> None
     merged.save_pretrained(src)
     llama3_like_tokenizer().save_pretrained(src)
     cfg = json.loads((src / "config.json").read_text())
-    cfg.update(architectures=["LlamaEncoderModel"], auto_map={"AutoModel": "modeling_bidirectional_llama_encoder.LlamaEncoderModel"})
+    cfg.update(
+        architectures=["LlamaEncoderModel"],
+        auto_map={"AutoModel": "modeling_bidirectional_llama_encoder.LlamaEncoderModel"},
+    )
     (src / "config.json").write_text(json.dumps(cfg))
     (src / "modeling_bidirectional_llama_encoder.py").write_text("raise SystemExit('remote code was run')\n")
     import_encoder(src, tmp_path / "enc")
@@ -115,7 +122,14 @@ def test_merged_release_layout(release: dict[str, Path], tmp_path: Path) -> None
 
 def test_cli_import_encoder(release: dict[str, Path], tmp_path: Path) -> None:
     runner = CliRunner()
-    args = ["import-encoder", str(release["base"]), "-o", str(tmp_path / "enc"), "--adapter", str(release["mntp"])]
+    args = [
+        "import-encoder",
+        str(release["base"]),
+        "-o",
+        str(tmp_path / "enc"),
+        "--adapter",
+        str(release["mntp"]),
+    ]
     ok = runner.invoke(app, args)
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "enc" / "llm2clip_encoder.json").is_file()

@@ -41,7 +41,11 @@ def official_shard(root: Path, name: str, n: int, seed: int) -> tuple[Path, dict
         for i in range(n):
             key = f"{name}{i:04d}"
             _add(img, f"{key}.jpg", buf.getvalue())
-            caps = {"raw_caption": f"raw {key}", "shortSV_captions": f"short {key}", "longSV_captions": f"a long caption of {key}"}
+            caps = {
+                "raw_caption": f"raw {key}",
+                "shortSV_captions": f"short {key}",
+                "longSV_captions": f"a long caption of {key}",
+            }
             _add(img, f"{key}.json", json.dumps(caps).encode())
             for field in ("shortSV_captions", "longSV_captions"):
                 v = rng.standard_normal(DIM).astype(np.float32)
@@ -59,7 +63,9 @@ def test_sidecars_become_a_store_row_for_row(tmp_path: Path) -> None:
     records = [r for s in (a, b) for r in load_caption_set(
         CaptionSetConfig(path=str(s), format="webdataset", caption_columns={"shortSV_captions": "short", "longSV_captions": "long"}))]  # fmt: skip
     store = EmbeddingStore.open(tmp_path / "store" / "train", captions=records)
-    expected = np.stack([{**va, **vb}[f"{r.key}.{f}"] for r in records for f in ("shortSV_captions", "longSV_captions")])
+    expected = np.stack(
+        [{**va, **vb}[f"{r.key}.{f}"] for r in records for f in ("shortSV_captions", "longSV_captions")]
+    )
     assert np.array_equal(store[np.arange(10)], expected)  # fp32: exactly the side-car values
     assert store.encoder_identity.startswith("official-sidecars:")
 
@@ -87,5 +93,7 @@ def test_cli_import_embeddings(tmp_path: Path) -> None:
     shard, _ = official_shard(tmp_path, "00000", 2, 0)
     ok = CliRunner().invoke(app, ["import-embeddings", str(shard), "-o", str(tmp_path / "store")])
     assert ok.exit_code == 0, ok.output
-    bad = CliRunner().invoke(app, ["import-embeddings", str(tmp_path / "none.tar"), "-o", str(tmp_path / "s")])
+    bad = CliRunner().invoke(
+        app, ["import-embeddings", str(tmp_path / "none.tar"), "-o", str(tmp_path / "s")]
+    )
     assert bad.exit_code == 1 and "none.tar" in bad.output

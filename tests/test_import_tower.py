@@ -52,7 +52,10 @@ def released_tower(path: Path, prefix: str = "text_adapter.adaptor.", image_size
     config = {
         "_name_or_path": "LLM2CLIP-Openai-L-14",
         "architectures": ["LLM2CLIPModel"],
-        "auto_map": {"AutoConfig": "configuration_clip.CLIPConfig", "AutoModel": "modeling_clip.LLM2CLIPModel"},
+        "auto_map": {
+            "AutoConfig": "configuration_clip.CLIPConfig",
+            "AutoModel": "modeling_clip.LLM2CLIPModel",
+        },
         "initializer_factor": 1.0,
         "logit_scale_init_value": 2.6592,
         "model_type": "clip",
@@ -70,7 +73,9 @@ def released_tower(path: Path, prefix: str = "text_adapter.adaptor.", image_size
 
 @pytest.mark.parametrize("prefix", ["text_adapter.adaptor.", "text.text_adaptor."])
 def test_imported_tower_and_head_match_the_release(tmp_path: Path, prefix: str) -> None:
-    vision, proj, state = released_tower(tmp_path / "release", prefix, image_size_in_config=prefix.startswith("text."))
+    vision, proj, state = released_tower(
+        tmp_path / "release", prefix, image_size_in_config=prefix.startswith("text.")
+    )
     summary = import_tower(tmp_path / "release", tmp_path / "out")
     assert (summary["adaptor_prefix"], summary["adaptor_blocks"], summary["image_size"]) == (prefix, 4, SIZE)
     px = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
@@ -82,7 +87,9 @@ def test_imported_tower_and_head_match_the_release(tmp_path: Path, prefix: str) 
         got = tower(pixel_values=px, output_hidden_states=True)
     assert torch.equal(got.hidden_states[-2], ref.hidden_states[-2])
     processor = CLIPImageProcessor.from_pretrained(tmp_path / "out" / "tower")
-    assert processor.crop_size == {"height": SIZE, "width": SIZE} and processor.size == {"shortest_edge": SIZE}
+    assert processor.crop_size == {"height": SIZE, "width": SIZE} and processor.size == {
+        "shortest_edge": SIZE
+    }
 
     # LLaVA-1.5's duck type by plain path: patch features of layer -2.
     llava = LLM2CLIPVisionTower(str(tmp_path / "out" / "tower"), SimpleNamespace(mm_vision_select_layer=-2))
@@ -126,7 +133,9 @@ def test_anything_unexpected_is_refused_by_name(tmp_path: Path) -> None:
         import_tower(src, tmp_path / "o3")
 
     cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**cfg, "vision_config": {**cfg["vision_config"], "image_size": 48}}))
+    (src / "config.json").write_text(
+        json.dumps({**cfg, "vision_config": {**cfg["vision_config"], "image_size": 48}})
+    )
     with pytest.raises(ImportRefused, match="image_size 48"):
         import_tower(src, tmp_path / "o4")
     (src / "config.json").write_text(json.dumps({**cfg, "model_type": "evaclip"}))

@@ -150,7 +150,9 @@ def _sentencepiece_like_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     chars = sorted(set(VICUNA_SYSTEM + "USER:ASSISTANT<>image\nHow many? 3 apples Hi."))
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<image>", "▁", *[c for c in chars if c != " "]])}
+    vocab = {
+        t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<image>", "▁", *[c for c in chars if c != " "]])
+    }
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")

@@ -90,7 +90,9 @@ def test_pairs_are_cross_kind_like_the_reference() -> None:
         )
         for i in range(4)
     ]
-    only_short = ImageCaptions(key="img4", image="/data/4.png", captions=[Caption("a", "short"), Caption("b", "short")])
+    only_short = ImageCaptions(
+        key="img4", image="/data/4.png", captions=[Caption("a", "short"), Caption("b", "short")]
+    )
     batches = SimCSEBatches([*five_short_one_long, only_short], INSTR, seed=0, hard_negatives=False)
     kind = {c.text: c.kind for r in [*five_short_one_long, only_short] for c in r.captions}
     query_kinds = []

@@ -135,9 +135,21 @@ def test_reported_shape_equals_returned(
     towers: dict[str, Path], kind: str, select_feature: str | None, layer: int
 ) -> None:
     tower = LLM2CLIPVisionTower(str(towers[kind]), _args(select_feature, layer), delay_load=True)
-    before = (tower.tokens_per_image, tower.num_patches, tower.hidden_size, tower.num_patches_per_side, tower.image_size)
+    before = (
+        tower.tokens_per_image,
+        tower.num_patches,
+        tower.hidden_size,
+        tower.num_patches_per_side,
+        tower.image_size,
+    )
     tower.load_model()
-    after = (tower.tokens_per_image, tower.num_patches, tower.hidden_size, tower.num_patches_per_side, tower.image_size)
+    after = (
+        tower.tokens_per_image,
+        tower.num_patches,
+        tower.hidden_size,
+        tower.num_patches_per_side,
+        tower.image_size,
+    )
     assert before == after
     feats = tower(torch.zeros(2, 3, tower.image_size, tower.image_size))
     assert feats.shape == (2, tower.tokens_per_image, tower.hidden_size)

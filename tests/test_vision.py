@@ -100,7 +100,10 @@ def test_adaptor_is_exactly_the_reference_architecture() -> None:
     assert isinstance(ad.norm, nn.LayerNorm) and ad.proj.bias is not None
     assert (ad.proj.in_features, ad.proj.out_features) == (d, e)
     assert sorted(k for k in ad.state_dict() if not k.startswith("blocks.")) == [
-        "norm.bias", "norm.weight", "proj.bias", "proj.weight"
+        "norm.bias",
+        "norm.weight",
+        "proj.bias",
+        "proj.weight",
     ]
 
     x = torch.randn(5, d) * 7.0
@@ -185,7 +188,10 @@ def test_param_groups_weight_decay_and_layer_decay_are_exact() -> None:
         is_norm_or_bias = name.endswith("bias") or "norm" in name or "layrnorm" in name
         # Positional and class embeddings are exempt, as the reference's no_weight_decay()
         # {'pos_embed', 'cls_token'} (microsoft/LLM2CLIP llm2clip/eva_clip/eva_vit_model.py:550-551).
-        embeddings = ("vision.model.embeddings.class_embedding", "vision.model.embeddings.position_embedding.weight")
+        embeddings = (
+            "vision.model.embeddings.class_embedding",
+            "vision.model.embeddings.position_embedding.weight",
+        )
         if is_norm_or_bias or name in ("logit_scale", *embeddings):
             assert wd == 0.0, name
         else:
@@ -198,7 +204,9 @@ def test_cosine_schedule_without_and_with_warmup() -> None:
     assert cosine_lr_factor(10, warmup=0, total=10) == pytest.approx(0.0)
     # Warm-up (step + 1) / warmup, as the reference's _warmup_lr (microsoft/LLM2CLIP
     # llm2clip/training/scheduler.py:9-10): 1/3, 2/3, then the full lr at the last warm-up step.
-    assert [cosine_lr_factor(s, warmup=3, total=13) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    assert [cosine_lr_factor(s, warmup=3, total=13) for s in range(4)] == pytest.approx(
+        [1 / 3, 2 / 3, 1.0, 1.0]
+    )
     assert cosine_lr_factor(8, warmup=3, total=13) == pytest.approx(0.5)
 
 

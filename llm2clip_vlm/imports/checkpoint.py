@@ -70,7 +70,9 @@ def load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return state
 
 
-def expect_shape(state: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], where: Path) -> torch.Tensor:
+def expect_shape(
+    state: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], where: Path
+) -> torch.Tensor:
     """``state[name]`` with exactly ``shape``, or :class:`ImportRefused` naming the tensor."""
     if name not in state:
         raise ImportRefused(f"{where}: tensor {name!r} is missing")

@@ -62,14 +62,20 @@ def _decoder(src: Path) -> nn.Module:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
-        raise ImportRefused(f"{where}: tensor {unexpected[0]!r} has no place in a {type(model).__name__} ({len(unexpected)} unknown)")
+        raise ImportRefused(
+            f"{where}: tensor {unexpected[0]!r} has no place in a {type(model).__name__} ({len(unexpected)} unknown)"
+        )
     # Tied / derived buffers (e.g. rotary inv_freq) are rebuilt from the config; weights are not.
     missing_params = [k for k in missing if k in dict(model.named_parameters())]
     if missing_params:
-        raise ImportRefused(f"{where}: tensor {missing_params[0]!r} is missing ({len(missing_params)} missing)")
+        raise ImportRefused(
+            f"{where}: tensor {missing_params[0]!r} is missing ({len(missing_params)} missing)"
+        )
     for name, t in state.items():
         if tuple(t.shape) != tuple(expected[name].shape):
-            raise ImportRefused(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies {tuple(expected[name].shape)}")
+            raise ImportRefused(
+                f"{where}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies {tuple(expected[name].shape)}"
+            )
     model.load_state_dict(state, strict=False)
     return model.eval()
 
@@ -105,7 +111,9 @@ def merge_lora(model: nn.Module, adapter_dir: Path) -> int:
         for module, ab in sorted(pairs.items()):
             target = modules.get(module)
             if not isinstance(target, nn.Linear):
-                raise ImportRefused(f"{files[0]}: LoRA for {module!r}, which is not a Linear of the base model")
+                raise ImportRefused(
+                    f"{files[0]}: LoRA for {module!r}, which is not a Linear of the base model"
+                )
             if set(ab) != {"A", "B"}:
                 raise ImportRefused(f"{files[0]}: LoRA for {module!r} lacks lora_{'B' if 'A' in ab else 'A'}")
             a, b = ab["A"].float(), ab["B"].float()
@@ -171,7 +179,9 @@ def import_encoder(
         caption_template=template,
     )
     encoder.save_pretrained(out)
-    log.info("caption encoder %s (identity %s, captions wrapped as %r)", out, encoder.identity()[:12], template)
+    log.info(
+        "caption encoder %s (identity %s, captions wrapped as %r)", out, encoder.identity()[:12], template
+    )
     return {
         "path": str(out),
         "identity": encoder.identity(),

@@ -59,16 +59,22 @@ def read_sidecar(path: Path) -> dict[str, dict[str, np.ndarray]]:
                 continue
             field = next((k for k in KEYS if member.name.endswith("." + k)), None)
             if field is None:
-                raise ImportRefused(f"{path}: member {member.name!r} is not <key>.shortSV_captions / <key>.longSV_captions")
+                raise ImportRefused(
+                    f"{path}: member {member.name!r} is not <key>.shortSV_captions / <key>.longSV_captions"
+                )
             key = member.name[: -len(field) - 1]
             data = tar.extractfile(member).read()  # type: ignore[union-attr]
             if len(data) % 4 or not data:
-                raise ImportRefused(f"{path}: member {member.name!r} has {len(data)} bytes, not a float32 vector")
+                raise ImportRefused(
+                    f"{path}: member {member.name!r} has {len(data)} bytes, not a float32 vector"
+                )
             vec = np.frombuffer(data, dtype="<f4").copy()
             if dim is None:
                 dim = vec.size
             elif vec.size != dim:
-                raise ImportRefused(f"{path}: member {member.name!r} is {vec.size}-d, earlier vectors are {dim}-d")
+                raise ImportRefused(
+                    f"{path}: member {member.name!r} is {vec.size}-d, earlier vectors are {dim}-d"
+                )
             if not np.isfinite(vec).all():
                 raise ImportRefused(f"{path}: member {member.name!r} holds non-finite values")
             out.setdefault(key, {})[field] = vec
@@ -86,7 +92,9 @@ class _Precomputed:
     pooling = "mean"
     pad_to_multiple_of = None
 
-    def __init__(self, texts: list[str], vectors: np.ndarray, identity: str, tokenizer: Any, shard_size: int) -> None:
+    def __init__(
+        self, texts: list[str], vectors: np.ndarray, identity: str, tokenizer: Any, shard_size: int
+    ) -> None:
         self._texts, self._vectors, self._identity = texts, vectors, identity
         self.tokenizer, self.max_length, self._shard_size = tokenizer, 512, shard_size
 
@@ -176,11 +184,25 @@ def import_sidecars(
 
         meta = read_json(Path(encoder) / ENCODER_FILE)
         if int(meta.get("dim", -1)) != matrix.shape[1]:
-            raise ImportRefused(f"{Path(encoder) / ENCODER_FILE}: dim {meta.get('dim')} but the side-cars are {matrix.shape[1]}-d")
+            raise ImportRefused(
+                f"{Path(encoder) / ENCODER_FILE}: dim {meta.get('dim')} but the side-cars are {matrix.shape[1]}-d"
+            )
         identity = str(meta["identity"])
         tokenizer = load_tokenizer(ModelRef(str(encoder)))
     texts = [c.text for r in records for c in r.captions]
-    embed = EmbedConfig(dtype=dtype, batch_size=shard_size, shard_size=shard_size, bucket_by_length=False, precision="fp32")  # type: ignore[arg-type]
-    path = write_store(_Precomputed(texts, matrix, identity, tokenizer, shard_size), records, Path(out) / "train", embed)
-    log.info("store %s: %d captions of %d images from %d side-cars", path, len(texts), len(records), len(paths))
-    return {"path": str(path), "rows": len(texts), "images": len(records), "dim": int(matrix.shape[1]), "identity": identity}
+    embed = EmbedConfig(
+        dtype=dtype, batch_size=shard_size, shard_size=shard_size, bucket_by_length=False, precision="fp32"
+    )  # type: ignore[arg-type]
+    path = write_store(
+        _Precomputed(texts, matrix, identity, tokenizer, shard_size), records, Path(out) / "train", embed
+    )
+    log.info(
+        "store %s: %d captions of %d images from %d side-cars", path, len(texts), len(records), len(paths)
+    )
+    return {
+        "path": str(path),
+        "rows": len(texts),
+        "images": len(records),
+        "dim": int(matrix.shape[1]),
+        "identity": identity,
+    }

@@ -31,7 +31,13 @@ from typing import Any
 
 import torch
 
-from llm2clip_vlm.imports.checkpoint import ImportRefused, expect_shape, load_tensors, read_json, safetensors_files
+from llm2clip_vlm.imports.checkpoint import (
+    ImportRefused,
+    expect_shape,
+    load_tensors,
+    read_json,
+    safetensors_files,
+)
 from llm2clip_vlm.logging import get_logger
 
 log = get_logger(__name__)
@@ -56,11 +62,15 @@ def find_adaptor(state: dict[str, torch.Tensor], where: Path) -> tuple[str, int]
     if not prefixes:
         raise ImportRefused(f"{where}: no text adaptor (no tensor named like '<prefix>0.fn.0.weight')")
     if len(prefixes) > 1:
-        raise ImportRefused(f"{where}: several adaptor-like tensor groups ({', '.join(sorted(prefixes))}); expected one")
+        raise ImportRefused(
+            f"{where}: several adaptor-like tensor groups ({', '.join(sorted(prefixes))}); expected one"
+        )
     prefix, indices = next(iter(prefixes.items()))
     n = len(indices)
     if indices != set(range(n)):
-        raise ImportRefused(f"{where}: adaptor blocks {sorted(indices)} under {prefix!r} are not numbered 0..{n - 1}")
+        raise ImportRefused(
+            f"{where}: adaptor blocks {sorted(indices)} under {prefix!r} are not numbered 0..{n - 1}"
+        )
     return prefix, n
 
 
@@ -92,7 +102,9 @@ def adaptor_state(
     # proj_bias=True in the reference (model.py:232,238): a missing bias is a different model.
     names["proj.bias"] = (f"{prefix}{blocks + 1}.bias", (e,))
     if hidden != 2 * d:
-        raise ImportRefused(f"{where}: tensor {prefix}0.fn.0.weight widens {d} -> {hidden}; the reference expands x2")
+        raise ImportRefused(
+            f"{where}: tensor {prefix}0.fn.0.weight widens {d} -> {hidden}; the reference expands x2"
+        )
     ours = {k: expect_shape(state, src, shape, where) for k, (src, shape) in names.items()}
     return ours, [src for src, _ in names.values()], d, e
 
@@ -101,7 +113,14 @@ def _vision_config(cfg: dict[str, Any], state: dict[str, torch.Tensor], where: P
     from transformers import CLIPVisionConfig
 
     vc = dict(cfg["vision_config"])
-    for volatile in ("model_type", "architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+    for volatile in (
+        "model_type",
+        "architectures",
+        "transformers_version",
+        "_name_or_path",
+        "torch_dtype",
+        "dtype",
+    ):
         vc.pop(volatile, None)
     config = CLIPVisionConfig(**vc)
     pos_name = f"{VISION_PREFIX}embeddings.position_embedding.weight"
@@ -167,7 +186,11 @@ def import_tower(src: str | Path, out: str | Path, dtype: str | None = None) -> 
     expected = set(inner.state_dict())
     missing, unexpected = sorted(expected - set(vision)), sorted(set(vision) - expected)
     if missing or unexpected:
-        what = f"missing {VISION_PREFIX}{missing[0]}" if missing else f"unexpected {VISION_PREFIX}{unexpected[0]}"
+        what = (
+            f"missing {VISION_PREFIX}{missing[0]}"
+            if missing
+            else f"unexpected {VISION_PREFIX}{unexpected[0]}"
+        )
         raise ImportRefused(
             f"{where}: vision tensors do not match a CLIPVisionModel built from config.json ({what}; "
             f"{len(missing)} missing, {len(unexpected)} unexpected)"
@@ -186,11 +209,15 @@ def import_tower(src: str | Path, out: str | Path, dtype: str | None = None) -> 
     head = expect_shape(state, IMAGE_HEAD, (embed_dim, hidden), where)
     projection_dim = cfg.get("projection_dim")
     if projection_dim is not None and int(projection_dim) != embed_dim:
-        raise ImportRefused(f"{cfg_file}: projection_dim {projection_dim} but the adaptor/head output {embed_dim}")
+        raise ImportRefused(
+            f"{cfg_file}: projection_dim {projection_dim} but the adaptor/head output {embed_dim}"
+        )
     used = {IMAGE_HEAD, *adaptor_names, *(VISION_PREFIX + k for k in vision)}
     if LOGIT_SCALE in state:
         if state[LOGIT_SCALE].numel() != 1:
-            raise ImportRefused(f"{where}: tensor 'logit_scale' has shape {tuple(state[LOGIT_SCALE].shape)}, expected a scalar")
+            raise ImportRefused(
+                f"{where}: tensor 'logit_scale' has shape {tuple(state[LOGIT_SCALE].shape)}, expected a scalar"
+            )
         used.add(LOGIT_SCALE)
     else:
         log.warning("%s: no logit_scale; the stage-2 checkpoint starts it at ln(1/0.07)", where)
@@ -207,7 +234,10 @@ def import_tower(src: str | Path, out: str | Path, dtype: str | None = None) -> 
     tower.to(target).save_pretrained(tower_dir)
     size = int(vision_cfg.image_size)
     CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=CLIP_MEAN, image_std=CLIP_STD
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
     ).save_pretrained(tower_dir)
 
     # -- the stage-2 checkpoint: our LLM2CLIP with the released head, adaptor and scale ----------

@@ -108,7 +108,12 @@ class CaptionEncoder(nn.Module):
         """Tokenized batch with ``embed_mask`` (see :func:`llm2clip_vlm.text.pooling.tokenize`)."""
         return dict(
             tokenize(
-                self.tokenizer, texts, instruction, self.max_length, self.pad_to_multiple_of, self.caption_template
+                self.tokenizer,
+                texts,
+                instruction,
+                self.max_length,
+                self.pad_to_multiple_of,
+                self.caption_template,
             )
         )
 
@@ -232,7 +237,9 @@ class CaptionEncoder(nn.Module):
         model.to(device)
         template = meta.get("caption_template")
         if template is not None and (not isinstance(template, str) or template.count("{text}") != 1):
-            raise ValueError(f"{meta_file}: caption_template must be a string with one {{text}}, got {template!r}")
+            raise ValueError(
+                f"{meta_file}: caption_template must be a string with one {{text}}, got {template!r}"
+            )
         enc = cls(
             model,
             load_tokenizer(ref),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
-
 # The Llama-3 chat header the reference wraps every text in, for Llama-3 *Instruct* models, both
 # in stage-1 training (microsoft/LLM2CLIP llm_caption_contrastive/run_supervised.py:50-55, :265)
 # and when it extracts the stage-2 embeddings (llm2clip/llm2vec/llm2vec.py:174-181, forced by
@@ -36,7 +35,9 @@ def resolve_caption_template(setting: str, tokenizer: PreTrainedTokenizerBase) -
         chat = chat if isinstance(chat, str) else str(chat)
         return LLAMA3_CHAT_TEMPLATE if "<|start_header_id|>" in chat and "<|eot_id|>" in chat else None
     if setting.count(TEXT_FIELD) != 1:
-        raise ValueError(f"caption template {setting!r} must contain {TEXT_FIELD} exactly once (or be 'auto'/'none')")
+        raise ValueError(
+            f"caption template {setting!r} must contain {TEXT_FIELD} exactly once (or be 'auto'/'none')"
+        )
     return setting
 
 

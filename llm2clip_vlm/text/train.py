@@ -111,7 +111,9 @@ def train_stage1(
 
     ref = resolve_model_ref(s.model)
     tokenizer = load_tokenizer(ref)
-    log.info("stage 1: captions wrapped as %r", resolve_caption_template(s.caption_template, tokenizer) or "{text}")
+    log.info(
+        "stage 1: captions wrapped as %r", resolve_caption_template(s.caption_template, tokenizer) or "{text}"
+    )
     weight_dtype = _weight_dtype(s, accelerator.device)
     instructions = {"short": s.instruction_short_query, "long": s.instruction_long_query}
     batches = SimCSEBatches(train_records, instructions, s.seed, s.hard_negatives, s.similar_negatives)
@@ -164,7 +166,12 @@ def train_stage1(
     metrics: dict[str, Any] = {}
     if main:
         encoder = CaptionEncoder(
-            merged, tokenizer, s.max_length, _instruction_settings(s), s.pooling, s.pad_to_multiple_of,
+            merged,
+            tokenizer,
+            s.max_length,
+            _instruction_settings(s),
+            s.pooling,
+            s.pad_to_multiple_of,
             caption_template=resolve_caption_template(s.caption_template, tokenizer),
         )
         encoder.save_pretrained(out / "encoder")
@@ -264,7 +271,10 @@ def _cra(
     decoder: nn.Module, tokenizer: Any, s: Stage1Config, pairs: list[tuple[str, str]], accelerator: Any
 ) -> float:
     encoder = CaptionEncoder(
-        decoder, tokenizer, s.max_length, pad_to_multiple_of=s.pad_to_multiple_of,
+        decoder,
+        tokenizer,
+        s.max_length,
+        pad_to_multiple_of=s.pad_to_multiple_of,
         caption_template=resolve_caption_template(s.caption_template, tokenizer),
     )
     if s.precision != "fp32":
@@ -438,7 +448,13 @@ def _run_mntp(
     Checkpointed like SimCSE (``ckpt_root``), including once at its end, so a run killed later
     never redoes it. Masking draws from the torch RNG, which the checkpoints carry.
     """
-    from llm2clip_vlm.text.mntp import mix_texts, mntp_collator, mntp_optimizer, mntp_step_loss, read_text_corpus
+    from llm2clip_vlm.text.mntp import (
+        mix_texts,
+        mntp_collator,
+        mntp_optimizer,
+        mntp_step_loss,
+        read_text_corpus,
+    )
 
     s, m = cfg.stage1, cfg.stage1.mntp
     captions = [c.text for r in records for c in r.captions]
