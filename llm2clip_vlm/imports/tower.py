@@ -109,7 +109,7 @@ def adaptor_state(
     return ours, [src for src, _ in names.values()], d, e
 
 
-def _vision_config(cfg: dict[str, Any], state: dict[str, torch.Tensor], where: Path) -> Any:
+def _vision_config(cfg: dict[str, Any], state: dict[str, torch.Tensor], where: Path, cfg_file: Path) -> Any:
     from transformers import CLIPVisionConfig
 
     vc = dict(cfg["vision_config"])
@@ -133,7 +133,7 @@ def _vision_config(cfg: dict[str, Any], state: dict[str, torch.Tensor], where: P
     size = side * int(config.patch_size)
     if "image_size" in vc and int(vc["image_size"]) != size:
         raise ImportRefused(
-            f"{where.parent / 'config.json'}: vision_config.image_size {vc['image_size']} but the position "
+            f"{cfg_file}: vision_config.image_size {vc['image_size']} but the position "
             f"embedding is for {size} px ({side}x{side} patches of {config.patch_size})"
         )
     config.image_size = size  # the -224 release's config leaves it at the default; the weights decide
@@ -178,7 +178,7 @@ def import_tower(src: str | Path, out: str | Path, dtype: str | None = None) -> 
     state = load_tensors(files)
     where = files[0] if len(files) == 1 else src
 
-    vision_cfg = _vision_config(cfg, state, where)
+    vision_cfg = _vision_config(cfg, state, where, cfg_file)
     vision = {k[len(VISION_PREFIX) :]: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
     tower = CLIPVisionModel(vision_cfg).eval()
     # transformers 5 flattened CLIPVisionModel (no .vision_model); 4.x nests it. Same tensor names.
