@@ -158,3 +158,21 @@ def test_cli_import_tower(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "tower" / "config.json").is_file()
     bad = runner.invoke(app, ["import-tower", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o2")])
     assert bad.exit_code == 1 and "nowhere" in bad.output and "Traceback" not in bad.output
+
+
+def test_imported_tower_assembles_into_llava(tmp_path: Path) -> None:
+    """The released recipe's path: llava.tower = OUT/tower, a plain directory."""
+    from llm2clip_vlm.llava.assemble import build_llava_model
+    from llm2clip_vlm.text.tiny import save_tiny_llm
+
+    vision, _, _ = released_tower(tmp_path / "release")
+    import_tower(tmp_path / "release", tmp_path / "out")
+    model, _ = build_llava_model(tmp_path / "out" / "tower", save_tiny_llm(tmp_path / "llm"))
+    assert model.config.image_seq_length == (SIZE // PATCH) ** 2
+    px = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = torch.stack(list(model.model.get_image_features(pixel_values=px).pooler_output))
+        expected = model.model.multi_modal_projector(
+            vision(pixel_values=px, output_hidden_states=True).hidden_states[-2][:, 1:]
+        )
+    assert torch.equal(got, expected)
