@@ -135,3 +135,25 @@ def test_cli_import_encoder(release: dict[str, Path], tmp_path: Path) -> None:
     assert (tmp_path / "enc" / "llm2clip_encoder.json").is_file()
     bad = runner.invoke(app, ["import-encoder", str(tmp_path / "missing"), "-o", str(tmp_path / "e2")])
     assert bad.exit_code == 1 and "missing" in bad.output and "Traceback" not in bad.output
+
+
+def test_embed_runs_on_the_imported_encoder(release: dict[str, Path], tmp_path: Path) -> None:
+    """`embed` writes a store with the imported encoder; it wraps captions as the encoder says."""
+    from llm2clip_vlm.data.records import Caption, ImageCaptions
+    from llm2clip_vlm.store.config import EmbedConfig
+    from llm2clip_vlm.store.store import EmbeddingStore, write_store
+
+    import_encoder(release["base"], tmp_path / "enc", adapters=[release["mntp"], release["supervised"]])
+    encoder = CaptionEncoder.from_pretrained(tmp_path / "enc", device="cpu")
+    records = [
+        ImageCaptions(
+            f"k{i}", f"/x/{i}.jpg", [Caption(CAPTIONS[i], "short"), Caption(CAPTIONS[-1 - i], "long")]
+        )
+        for i in range(3)
+    ]
+    write_store(
+        encoder, records, tmp_path / "store", EmbedConfig(dtype="fp32", shard_size=4, precision="fp32")
+    )
+    store = EmbeddingStore.open(tmp_path / "store", captions=records, encoder_identity=encoder.identity())
+    expected, _ = oracle(release)  # embeddings of CAPTIONS in order
+    assert (torch.from_numpy(store[[0, 2, 4]]) - expected).abs().max() < 1e-5
