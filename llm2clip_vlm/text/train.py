@@ -30,7 +30,7 @@ from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.losses import SupervisedSimCSELoss
 from llm2clip_vlm.progress import make_progress
 from llm2clip_vlm.text.config import Stage1Config
-from llm2clip_vlm.text.cra import caption_pairs, caption_retrieval_accuracy
+from llm2clip_vlm.text.cra import caption_pairs, caption_retrieval_accuracy, choose_cra_source
 from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.text.modeling import (
     DTYPES,
@@ -68,9 +68,16 @@ def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     from llm2clip_vlm.data import resolve_data
 
     train_set, heldout = resolve_data(cfg.data, Path(output_dir))
-    if "short" not in heldout:
-        raise ValueError("stage 1 needs a held-out set of short captions (key 'short') for CRA")
-    return train_stage1(cfg, output_dir, list(train_set), list(heldout["short"]))
+    source = choose_cra_source(train_set, heldout, cfg.stage1.cra_set, cfg.stage1.cra_captions)
+    if source.from_training_data:
+        log.warning(
+            "CRA: no held-out set has two or more short captions per image; holding the last %d "
+            "training images out of stage-1 training to measure it (set data.heldout / stage1.cra_set)",
+            len(source.records),
+        )
+    else:
+        log.info("CRA on held-out set %r", source.name)
+    return train_stage1(cfg, output_dir, source.train_records, source.records, source.describe())
 
 
 def train_stage1(
@@ -78,6 +85,7 @@ def train_stage1(
     output_dir: str | Path,
     train_records: Sequence[ImageCaptions],
     heldout_records: Sequence[ImageCaptions],
+    cra_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a caption embedder and write ``encoder/``, ``metrics.json`` and ``config.yaml``.
 
@@ -86,6 +94,7 @@ def train_stage1(
         output_dir: run directory; a run with checkpoints in it resumes from the latest.
         train_records: training images with their captions.
         heldout_records: held-out images with >= 2 short captions each (for CRA).
+        cra_info: where the CRA pairs come from (:meth:`CRASource.describe`), for ``metrics.json``.
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -172,6 +181,7 @@ def train_stage1(
             "cra_before": cra_before,
             "cra_after": cra_after,
             "cra_captions": 2 * len(pairs),
+            **(cra_info or {}),
             "steps": state.step,
             "planned_steps": total_steps,
             "train_seconds": round(state.seconds, 1),
