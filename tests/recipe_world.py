@@ -231,13 +231,12 @@ def write_timm_eva(root: Path) -> Path:
     import timm
     from timm.models import save_for_hf
 
-    model = timm.create_model(
-        "eva02_tiny_patch14_224", pretrained=False, img_size=28, embed_dim=32, depth=2, num_heads=2,
-        num_classes=0,
-    )  # fmt: skip
+    # The overrides go into config.json (model_args), so timm's local-dir loader rebuilds this size.
+    args = {"img_size": 28, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=0, **args)
     path = root / EVA02
     path.mkdir(parents=True, exist_ok=True)
-    save_for_hf(model, str(path), safe_serialization="only")
+    save_for_hf(model, str(path), model_args=args, safe_serialization="only")
     return path
 
 

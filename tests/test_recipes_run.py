@@ -174,6 +174,7 @@ def test_stage2_openai_clip_recipe_and_export(world: Path, store: Path, tower: P
     assert CLIPVisionModel.from_pretrained(tower).config.hidden_size == 32
 
 
+@pytest.mark.slow  # its own embed + stage 2 (~15 s idle, ~40 s on a loaded 2-core machine)
 def test_stage2_siglip_recipe_on_webdataset_shards(in_world: Path, stage1_run: Path) -> None:
     """The SigLIP2 recipe, with its training data as img2dataset shards instead of the CSV."""
     recipe = str(RECIPES / "stage2-siglip2-so400m.yaml")
