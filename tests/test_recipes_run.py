@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -103,13 +104,19 @@ def test_every_recipe_has_a_run() -> None:
     assert set(RUN_BY.values()) <= tests
 
 
+# What each command printed (stdout and stderr; not a terminal, so progress comes as log lines).
+OUTPUT: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def stage1_run(world: Path) -> Path:
     """``stage1-llama3-8b.yaml`` as its header says: ``-o runs/cc-8b`` (the stage-2 recipes' encoder)."""
     cwd = Path.cwd()
     os.chdir(world)
     try:
-        cli("stage1", str(RECIPES / "stage1-llama3-8b.yaml"), "-o", "runs/cc-8b", *sets(S1))
+        OUTPUT["stage1"] = cli(
+            "stage1", str(RECIPES / "stage1-llama3-8b.yaml"), "-o", "runs/cc-8b", *sets(S1)
+        )
     finally:
         os.chdir(cwd)
     return world / "runs" / "cc-8b"
@@ -123,6 +130,8 @@ def test_stage1_recipe_without_heldout_set(stage1_run: Path) -> None:
     assert m["cra_set"] == "train" and m["cra_from_training_data"] is True
     assert m["cra_held_out_of_training"] == 4 and m["cra_captions"] == 8
     assert (stage1_run / "encoder" / "config.json").is_file()
+    assert "holding the last 4 training images out of stage-1 training" in OUTPUT["stage1"]
+    assert re.search(r"stage 1 SimCSE: step 2/2 \(100%\)  loss \d+\.\d+ .*s/step, elapsed", OUTPUT["stage1"])
 
 
 @pytest.mark.slow  # a 4-bit (bitsandbytes) base on the CPU, then a bf16 reload for the merge
@@ -139,7 +148,9 @@ def store(world: Path, stage1_run: Path) -> Path:
     os.chdir(world)
     try:
         recipe = RECIPES / "stage2-openai-clip-vit-l-14-336.yaml"
-        cli("embed", str(recipe), "-o", "runs/store", "--set=embed.encoder=runs/cc-8b/encoder")
+        OUTPUT["embed"] = cli(
+            "embed", str(recipe), "-o", "runs/store", "--set=embed.encoder=runs/cc-8b/encoder"
+        )
     finally:
         os.chdir(cwd)
     return world / "runs" / "store"
@@ -152,8 +163,8 @@ def tower(world: Path, store: Path) -> Path:
     os.chdir(world)
     try:
         recipe = str(RECIPES / "stage2-openai-clip-vit-l-14-336.yaml")
-        cli("stage2", recipe, "--store", "runs/store", "--encoder", "runs/cc-8b/encoder",
-            "-o", "runs/stage2-clip-l336", *sets(S2))  # fmt: skip
+        OUTPUT["stage2"] = cli("stage2", recipe, "--store", "runs/store", "--encoder", "runs/cc-8b/encoder",
+                               "-o", "runs/stage2-clip-l336", *sets(S2))  # fmt: skip
         cli("export-tower", "runs/stage2-clip-l336", "-o", "runs/llm2clip-clip-l336/tower")
     finally:
         os.chdir(cwd)
@@ -172,6 +183,9 @@ def test_stage2_openai_clip_recipe_and_export(world: Path, store: Path, tower: P
     assert (retrieval["coco"]["n_images"], retrieval["coco"]["n_captions"]) == (8, 40)  # 5 per image
     assert (retrieval["docci"]["n_images"], retrieval["docci"]["n_captions"]) == (8, 8)
     assert CLIPVisionModel.from_pretrained(tower).config.hidden_size == 32
+    # Progress as log lines: the store's captions, the training steps.
+    assert re.search(r"embed train: caption 160/160 \(100%\)  .*\|  .*, done", OUTPUT["embed"])
+    assert re.search(r"stage 2: step 2/2 \(100%\)  loss \d+\.\d+ .*\|  .*, done", OUTPUT["stage2"])
 
 
 @pytest.mark.slow  # its own embed + stage 2 (~15 s idle, ~40 s on a loaded 2-core machine)
@@ -199,7 +213,8 @@ def test_stage2_eva02_recipe(in_world: Path, store: Path) -> None:
 @pytest.mark.slow  # pretrain + full finetune of a tiny Vicuna-style Llama in bf16 on the CPU
 def test_llava_clip_baseline_recipe(in_world: Path) -> None:
     recipe = str(RECIPES / "llava15-7b-clip-vit-l-14-336.yaml")
-    cli("llava-pretrain", recipe, "-o", "runs/llava15-clip/pretrain", *sets(_llava("pretrain")))
+    out = cli("llava-pretrain", recipe, "-o", "runs/llava15-clip/pretrain", *sets(_llava("pretrain")))
+    assert re.search(r"llava pretrain: step 2/2 \(100%\)  loss \d+\.\d+ .*\|  .*, done", out)
     cli("llava-finetune", recipe, "--from", "runs/llava15-clip/pretrain", "-o", "runs/llava15-clip/finetune",
         *sets(_llava("finetune")))  # fmt: skip
     m = _metrics(in_world / "runs/llava15-clip/finetune/metrics.json")
@@ -256,6 +271,7 @@ def test_eval_script(world: Path, tmp_path: Path) -> None:
            "--model-args", "max_new_tokens=4"]  # fmt: skip
     r = subprocess.run(cmd, cwd=world, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"llm2clip_llava generate: request \d+/\d+ \(100%\)", r.stderr)  # progress lines
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(summary["rows"]) == {"clip", "llm2clip"}
     for metrics in summary["rows"].values():
