@@ -89,8 +89,16 @@ def stage1(recipe: RecipeArg = None, output: OutputOpt = Path("runs/stage1"), se
     if metrics:  # empty on non-main processes
         console.print(
             f"stage 1: CRA {metrics['cra_before']:.1f} -> {metrics['cra_after']:.1f} "
-            f"({metrics['steps']} steps, {metrics['train_seconds']:.0f} s); embedder in {metrics['encoder']}"
+            f"on {_cra_where(metrics)} ({metrics['steps']} steps, {metrics['train_seconds']:.0f} s); "
+            f"embedder in {metrics['encoder']}"
         )
+
+
+def _cra_where(metrics: dict) -> str:
+    """Where stage 1 measured CRA, for its summary line."""
+    if metrics.get("cra_from_training_data"):
+        return f"{metrics.get('cra_held_out_of_training', '?')} training images held out of training"
+    return f"held-out set {metrics.get('cra_set', '?')!r}"
 
 
 @app.command("embed")

@@ -215,7 +215,7 @@ def build_model(
     projector = _projector(model)
     projector.to(torch.float32).requires_grad_(True)
     if p.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # The LLM's first layer input comes from frozen embeddings: its output must require grad
         # for non-reentrant checkpointing to build a graph back to the projector.
         _base(model).enable_input_require_grads()
@@ -329,7 +329,7 @@ def _merged_model(cfg: RunConfig, phase: Phase, model: Any, init: Path | None) -
     # load the adapters and the projector into it, merge there.
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    adapters = get_peft_model_state_dict(model)
+    adapters = get_peft_model_state_dict(model, save_embedding_layers=False)  # no embedding LoRA
     projector = {k: v.detach().clone() for k, v in _projector(model).state_dict().items()}
     from llm2clip_vlm.llava.assemble import build_llava_model
 

@@ -84,4 +84,8 @@ class Stage1Config:
     seed: int = 42
     # Caption Retrieval Accuracy on held-out caption pairs (number of captions retrieved among).
     cra_captions: int = 1000
+    # The held-out set (a name in data.heldout) whose short-caption pairs CRA reads. Empty = the
+    # first held-out set with two or more short captions per image; if there is none, a slice of
+    # the training data is held out of stage-1 training for it (said in the log and metrics.json).
+    cra_set: str = ""
     eval_batch_size: int = 64

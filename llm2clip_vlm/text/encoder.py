@@ -153,7 +153,7 @@ class CaptionEncoder(nn.Module):
         device = self.device
         autocast = self.autocast_dtype is not None and self.autocast_dtype != self.dtype
         with make_progress(disable=not show_progress) as progress:
-            task = progress.add_task("encode", total=len(texts), status="")
+            task = progress.add_task("encode", total=len(texts), status="", unit="caption")
             for start in range(0, len(texts), batch_size):
                 idx = order[start : start + batch_size]
                 batch = {

@@ -30,7 +30,7 @@ from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.losses import SupervisedSimCSELoss
 from llm2clip_vlm.progress import make_progress
 from llm2clip_vlm.text.config import Stage1Config
-from llm2clip_vlm.text.cra import caption_pairs, caption_retrieval_accuracy
+from llm2clip_vlm.text.cra import caption_pairs, caption_retrieval_accuracy, choose_cra_source
 from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.text.modeling import (
     DTYPES,
@@ -68,9 +68,16 @@ def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     from llm2clip_vlm.data import resolve_data
 
     train_set, heldout = resolve_data(cfg.data, Path(output_dir))
-    if "short" not in heldout:
-        raise ValueError("stage 1 needs a held-out set of short captions (key 'short') for CRA")
-    return train_stage1(cfg, output_dir, list(train_set), list(heldout["short"]))
+    source = choose_cra_source(train_set, heldout, cfg.stage1.cra_set, cfg.stage1.cra_captions)
+    if source.from_training_data:
+        log.warning(
+            "CRA: no held-out set has two or more short captions per image; holding the last %d "
+            "training images out of stage-1 training to measure it (set data.heldout / stage1.cra_set)",
+            len(source.records),
+        )
+    else:
+        log.info("CRA on held-out set %r", source.name)
+    return train_stage1(cfg, output_dir, source.train_records, source.records, source.describe())
 
 
 def train_stage1(
@@ -78,6 +85,7 @@ def train_stage1(
     output_dir: str | Path,
     train_records: Sequence[ImageCaptions],
     heldout_records: Sequence[ImageCaptions],
+    cra_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a caption embedder and write ``encoder/``, ``metrics.json`` and ``config.yaml``.
 
@@ -86,6 +94,7 @@ def train_stage1(
         output_dir: run directory; a run with checkpoints in it resumes from the latest.
         train_records: training images with their captions.
         heldout_records: held-out images with >= 2 short captions each (for CRA).
+        cra_info: where the CRA pairs come from (:meth:`CRASource.describe`), for ``metrics.json``.
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -181,6 +190,7 @@ def train_stage1(
             "cra_before": cra_before,
             "cra_after": cra_after,
             "cra_captions": 2 * len(pairs),
+            **(cra_info or {}),
             "steps": state.step,
             "planned_steps": total_steps,
             "train_seconds": round(state.seconds, 1),
@@ -241,13 +251,11 @@ def _wrap_lora(decoder: nn.Module, s: Stage1Config) -> nn.Module:
 
     gc_kwargs = {"use_reentrant": False}  # non-reentrant: works with DDP and several forwards per step
     if s.lora.quantization != "none":
-        decoder = prepare_model_for_kbit_training(
-            decoder,
-            use_gradient_checkpointing=s.gradient_checkpointing,
-            gradient_checkpointing_kwargs=gc_kwargs,
-        )
-    elif s.gradient_checkpointing:
-        decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        # Checkpointing is switched on below for both bases: peft's own switch calls transformers'
+        # deprecated gradient_checkpointing_enable (a FutureWarning on every QLoRA run).
+        decoder = prepare_model_for_kbit_training(decoder, use_gradient_checkpointing=False)
+    if s.gradient_checkpointing:
+        decoder.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
     lora = LoraConfig(
         r=s.lora.r,
         lora_alpha=s.lora.alpha,
@@ -403,7 +411,10 @@ def _out_of_time(s: Stage1Config, state: TrainState, accelerator: Any) -> bool:
 def _adapter_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
+    # save_embedding_layers=False: no LoRA targets the embeddings and the vocabulary is unchanged;
+    # "auto" would look for the base's config.json (absent for GGUF bases) and warn on every save.
+    state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def _save_checkpoint(
@@ -517,7 +528,7 @@ def _merge(peft_model: nn.Module, ref: ModelRef, s: Stage1Config, weight_dtype: 
     if s.lora.quantization != "none":
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        adapter = get_peft_model_state_dict(peft_model)
+        adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
         base = decoder_of(
             load_bidirectional(ref, attn_implementation=s.attn_implementation, dtype=weight_dtype)
         )
@@ -525,8 +536,6 @@ def _merge(peft_model: nn.Module, ref: ModelRef, s: Stage1Config, weight_dtype: 
         set_peft_model_state_dict(peft_model, adapter)
     merged = peft_model.merge_and_unload()
     merged.eval()
-    if hasattr(merged, "gradient_checkpointing_disable") and getattr(
-        merged, "is_gradient_checkpointing", False
-    ):
-        merged.gradient_checkpointing_disable()
+    if getattr(merged, "is_activation_checkpointing", False):
+        merged.activation_checkpointing_disable()
     return merged
