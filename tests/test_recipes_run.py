@@ -48,6 +48,7 @@ RUN_BY = {
     "llava15-7b-clip-vit-l-14-336.yaml": "test_llava_clip_baseline_recipe",
     "llava15-7b-llm2clip.yaml": "test_llava_llm2clip_recipes",
     "llava15-7b-llm2clip-lora.yaml": "test_llava_llm2clip_recipes",
+    "llava15-7b-llm2clip-released.yaml": "test_llava_released_tower_recipe",
     "eval-llava15-7b.sh": "test_eval_script",
     "demo.yaml": "test_demo_recipe_end_to_end",
 }
@@ -250,6 +251,24 @@ def test_llava_llm2clip_recipes(in_world: Path, tower: Path) -> None:
     assert _metrics(in_world / "runs/llava15-llm2clip/finetune/metrics.json")["tune"] == "full"
     m = _metrics(in_world / "runs/llava15-llm2clip/finetune-lora/metrics.json")
     assert m["steps"] == 2 and m["tune"] == "lora"
+
+
+@pytest.mark.slow  # import a released-layout tower, then pretrain + finetune on it
+def test_llava_released_tower_recipe(in_world: Path) -> None:
+    from test_import_tower import released_tower
+
+    # The recipe's own commands: download (here: a tiny checkpoint in the release's hub layout),
+    # import-tower into the path the recipe names, then the two LLaVA phases.
+    released_tower(in_world / "checkpoints/LLM2CLIP-Openai-L-14-336")
+    cli("import-tower", "checkpoints/LLM2CLIP-Openai-L-14-336", "-o",
+        "checkpoints/llm2clip-openai-l-14-336-imported")  # fmt: skip
+    recipe = str(RECIPES / "llava15-7b-llm2clip-released.yaml")
+    pre = "runs/llava15-released/pretrain"
+    cli("llava-pretrain", recipe, "-o", pre, *sets(_llava("pretrain")))
+    cli("llava-finetune", recipe, "--from", pre, "-o", "runs/llava15-released/finetune",
+        *sets(_llava("finetune")))  # fmt: skip
+    m = _metrics(in_world / "runs/llava15-released/finetune/metrics.json")
+    assert m["steps"] == 2 and m["tune"] == "full"
 
 
 @pytest.mark.slow  # lmms-eval on two tiny LLaVA models, synthetic local task copies (~1 min)
