@@ -89,8 +89,16 @@ def stage1(recipe: RecipeArg = None, output: OutputOpt = Path("runs/stage1"), se
     if metrics:  # empty on non-main processes
         console.print(
             f"stage 1: CRA {metrics['cra_before']:.1f} -> {metrics['cra_after']:.1f} "
-            f"({metrics['steps']} steps, {metrics['train_seconds']:.0f} s); embedder in {metrics['encoder']}"
+            f"on {_cra_where(metrics)} ({metrics['steps']} steps, {metrics['train_seconds']:.0f} s); "
+            f"embedder in {metrics['encoder']}"
         )
+
+
+def _cra_where(metrics: dict) -> str:
+    """Where stage 1 measured CRA, for its summary line."""
+    if metrics.get("cra_from_training_data"):
+        return f"{metrics.get('cra_held_out_of_training', '?')} training images held out of training"
+    return f"held-out set {metrics.get('cra_set', '?')!r}"
 
 
 @app.command("embed")
@@ -172,6 +180,82 @@ def export_tower(
 
     do_export(run, output, model_dir=model_output, dtype=dtype)
     console.print(f"tower: {output}")
+
+
+# -- importers of the released LLM2CLIP models (llm2clip_vlm/imports) --------------------------
+def _run_import(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    """Run an importer; a refused input is one line naming the file and key (exit 1)."""
+    from llm2clip_vlm.imports.checkpoint import ImportRefused
+
+    try:
+        return fn(*args, **kwargs)
+    except (ImportRefused, FileNotFoundError) as e:
+        console.print(f"[red]import refused:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from e
+
+
+@app.command("import-tower")
+def import_tower(
+    source: Annotated[Path, typer.Argument(help="A downloaded release, e.g. LLM2CLIP-Openai-L-14-336/.")],
+    output: OutputOpt = Path("runs/imported-tower"),
+    dtype: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: as released).")] = None,
+) -> None:
+    """Convert a released LLM2CLIP tower: OUTPUT/tower (CLIPVisionModel) + OUTPUT/model (stage 2)."""
+    from llm2clip_vlm.imports.tower import import_tower as do_import
+
+    summary = _run_import(do_import, source, output, dtype=dtype)
+    console.print(f"tower: {summary['tower']}\nstage-2 checkpoint: {summary['model']}")
+
+
+@app.command("import-encoder")
+def import_encoder(
+    source: Annotated[
+        Path, typer.Argument(help="A llm2vec-style LLM: merged checkpoint, or the base for --adapter.")
+    ],
+    output: OutputOpt = Path("runs/imported-encoder"),
+    adapter: Annotated[
+        list[Path] | None,
+        typer.Option("--adapter", help="PEFT adapter directory merged onto SOURCE, in order (repeatable)."),
+    ] = None,
+    caption_template: Annotated[
+        str,
+        typer.Option(
+            help="'auto' (Llama-3 Instruct: the reference's chat header), 'none', or a {text} template."
+        ),
+    ] = "auto",
+    max_length: Annotated[int, typer.Option(help="Token limit (the reference: 512).")] = 512,
+) -> None:
+    """Convert a released stage-1 LLM (e.g. LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned) to a CaptionEncoder."""
+    from llm2clip_vlm.imports.encoder import import_encoder as do_import
+
+    summary = _run_import(
+        do_import,
+        source,
+        output,
+        adapters=adapter or [],
+        caption_template=caption_template,
+        max_length=max_length,
+    )
+    console.print(f"caption encoder: {summary['path']} (identity {summary['identity'][:12]})")
+
+
+@app.command("import-embeddings")
+def import_embeddings(
+    shards: Annotated[
+        list[Path], typer.Argument(help="Image shards (x.tar) whose x_text_embeddings.tar lie beside them.")
+    ],
+    output: OutputOpt = Path("runs/imported-store"),
+    encoder: Annotated[
+        Path | None,
+        typer.Option(help="The CaptionEncoder the side-cars were made with (its identity is recorded)."),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="Store dtype: fp32 | bf16 | fp16.")] = "fp32",
+) -> None:
+    """Read the official *_text_embeddings.tar side-cars into an embedding store."""
+    from llm2clip_vlm.imports.sidecar import import_sidecars
+
+    summary = _run_import(import_sidecars, shards, output, encoder=encoder, dtype=dtype)
+    console.print(f"store: {summary['path']} ({summary['rows']} captions of {summary['images']} images)")
 
 
 @app.command("build-tower")

@@ -18,13 +18,17 @@ from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.llava.inputs import phase_data
 from llm2clip_vlm.llava.model import check_inputs
 from llm2clip_vlm.llava.train import train_llava
+from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.store.run import embed_splits, encoder_identity, resolve_encoder_dir
 from llm2clip_vlm.store.store import EmbeddingStore
+from llm2clip_vlm.text.cra import choose_cra_source
 from llm2clip_vlm.text.mntp import read_text_corpus
 from llm2clip_vlm.text.train import train_stage1
 from llm2clip_vlm.vision.inputs import heldout_sets, usable_images
 from llm2clip_vlm.vision.train import train_stage2
+
+log = get_logger(__name__)
 
 
 def write_config(cfg: RunConfig, output_dir: Path) -> None:
@@ -37,18 +41,24 @@ def write_config(cfg: RunConfig, output_dir: Path) -> None:
 
 def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     """``llm2clip-vlm stage1``: resolve the data of ``cfg`` and train (see ``train_stage1``)."""
-
     out = Path(output_dir)
     train_set, heldout = resolve_data(cfg.data, out)
-    if "short" not in heldout:
-        raise ValueError("stage 1 needs a held-out set of short captions (key 'short') for CRA")
+    source = choose_cra_source(train_set, heldout, cfg.stage1.cra_set, cfg.stage1.cra_captions)
+    if source.from_training_data:
+        log.warning(
+            "CRA: no held-out set has two or more short captions per image; holding the last %d "
+            "training images out of stage-1 training to measure it (set data.heldout / stage1.cra_set)",
+            len(source.records),
+        )
+    else:
+        log.info("CRA on held-out set %r", source.name)
     write_config(cfg, out)
     corpus = (
         read_text_corpus(cfg.data.text_corpus) if cfg.stage1.mntp.enabled and cfg.data.text_corpus else []
     )
     return train_stage1(
-        cfg.stage1, out, list(train_set), list(heldout["short"]),
-        text_corpus=corpus, text_corpus_ratio=cfg.data.text_corpus_ratio, reliability=cfg.reliability,
+        cfg.stage1, out, source.train_records, source.records, text_corpus=corpus,
+        text_corpus_ratio=cfg.data.text_corpus_ratio, reliability=cfg.reliability, cra_info=source.describe(),
     )  # fmt: skip
 
 

@@ -20,12 +20,19 @@ class RuntimeConfig:
     # busy processes, fewer threads than cores avoids OpenMP threads spinning while they wait for
     # each other's turn on a core (see the demo recipe for the measured effect).
     threads: int = 0
+    # When stderr is not a terminal (nohup, slurm, CI), long loops log a progress line (step,
+    # loss, s/step, ETA) every this many seconds and/or steps (0 = not by that criterion).
+    progress_seconds: float = 30.0
+    progress_steps: int = 0
 
 
 def apply_runtime(runtime: RuntimeConfig) -> None:
     """Apply ``runtime`` to this process (called once a command has resolved its config)."""
+    from llm2clip_vlm.progress import configure_lines
+
     if runtime.threads < 0:
         raise ValueError(f"runtime.threads must be >= 0, got {runtime.threads}")
+    configure_lines(runtime.progress_seconds, runtime.progress_steps)
     if runtime.threads:
         import torch
 

@@ -23,6 +23,7 @@ Every refusal is a :class:`~llm2clip_vlm.data.errors.DataError` naming the recor
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,7 @@ def load_rgb(source: str | Path | bytes, where: str = ""):  # -> PIL.Image.Image
     # Truncated files are bad data. Some libraries (lmms-eval's task module, at import) switch
     # PIL to padding truncated images with grey process-wide; training must not inherit that.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+    _quiet_bomb_warning()
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     prefix = f"{where}: image {name}" if where else f"image {name}"
     try:
@@ -95,6 +97,23 @@ def load_rgb(source: str | Path | bytes, where: str = ""):  # -> PIL.Image.Image
         raise DataError(f"{lead}: {type(e).__name__}: {e}") from e
 
 
+@functools.cache
+def _quiet_bomb_warning() -> None:
+    """Silence PIL's ``DecompressionBombWarning`` (once per process).
+
+    PIL warns in ``Image.open`` for images above ``MAX_IMAGE_PIXELS`` and raises above twice that;
+    :func:`load_rgb` refuses everything above ``MAX_IMAGE_PIXELS`` itself, with a message naming
+    the record, so the raw warning was only noise printed before that refusal. A process-wide
+    filter rather than ``warnings.catch_warnings``: images are opened from several threads, and
+    catch_warnings is not thread-safe.
+    """
+    import warnings
+
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def find_bad_images(
     records: Sequence[Any],
     policy: BadRecords,
@@ -117,7 +136,7 @@ def find_bad_images(
 
     good: list[int] = []
     with make_progress() as progress, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        task = progress.add_task(description, total=len(records), status="")
+        task = progress.add_task(description, total=len(records), status="", unit="image")
         for i, error in enumerate(pool.map(probe, range(len(records)))):
             if error is None:
                 good.append(i)

@@ -326,7 +326,7 @@ class LLM2CLIPLlava(lmms):
         batches = batch_order(keys, [len(p.prompt) for p in prepared], self.batch_size)
         results: list[str | None] = [None] * len(requests)
         with make_progress(disable=self.rank != 0) as progress:
-            bar = progress.add_task(f"{MODEL_ID} generate", total=len(requests), status="")
+            bar = progress.add_task(f"{MODEL_ID} generate", total=len(requests), status="", unit="request")
             for indices in batches:
                 answers = self._generate_batch([prepared[i] for i in indices], settings[indices[0]])
                 if len(answers) != len(indices):
@@ -362,7 +362,9 @@ class LLM2CLIPLlava(lmms):
         """log P(continuation | prompt, images) summed over the continuation's tokens, and greedy-ness."""
         results: list[tuple[float, bool]] = []
         with make_progress(disable=self.rank != 0) as progress:
-            bar = progress.add_task(f"{MODEL_ID} loglikelihood", total=len(requests), status="")
+            bar = progress.add_task(
+                f"{MODEL_ID} loglikelihood", total=len(requests), status="", unit="request"
+            )
             for ctx, target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
                 doc = self._doc(task, split, doc_id)
                 continuation = target if isinstance(target, str) else target(doc)

@@ -146,7 +146,7 @@ def load_llava_records(
     bad = bad if bad is not None else BadRecords(skip_bad, max_bad_fraction, name=path.name)
     records = []
     with make_progress() as progress:
-        task = progress.add_task(f"checking {path.name}", total=len(rows), status="")
+        task = progress.add_task(f"checking {path.name}", total=len(rows), status="", unit="record")
         for where, raw in rows:
             try:
                 records.append(_check_record(raw, where, folder, verify_images))

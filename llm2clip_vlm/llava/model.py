@@ -138,7 +138,7 @@ def build_model(
     projector = projector_of(model)
     projector.to(torch.float32).requires_grad_(True)
     if p.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # The LLM's first layer input comes from frozen embeddings: its output must require grad
         # for non-reentrant checkpointing to build a graph back to the projector.
         base_model(model).enable_input_require_grads()
@@ -169,7 +169,7 @@ def merged_model(llava: LlavaConfig, p: LlavaPhaseConfig, model: Any, allow_pick
     # load the adapters and the projector into it, merge there.
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    adapters = get_peft_model_state_dict(model)
+    adapters = get_peft_model_state_dict(model, save_embedding_layers=False)  # no embedding LoRA
     projector = {k: v.detach().clone() for k, v in projector_of(model).state_dict().items()}
     base, _ = build_llava_model(
         llava.tower, llava.llm, vision_feature_layer=llava.vision_feature_layer,

@@ -45,6 +45,9 @@ class CaptionEncoder(nn.Module):
         max_length: truncation length in tokens.
         instructions: ``{"short_query": ..., "long_query": ...}`` used for queries.
         pad_to_multiple_of: pad batches to this multiple (stable, fast kernels on CPU bf16).
+        caption_template: wrapping of every text, with one ``{text}`` (e.g. the Llama-3 chat header
+            the reference uses for Llama-3 Instruct), or None; stored with the encoder so that
+            stage 1 and ``embed`` always wrap alike.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class CaptionEncoder(nn.Module):
         instructions: dict[str, str] | None = None,
         pooling: str = "mean",
         pad_to_multiple_of: int | None = 16,
+        caption_template: str | None = None,
     ) -> None:
         super().__init__()
         if pooling != "mean":
@@ -65,6 +69,7 @@ class CaptionEncoder(nn.Module):
         self.instructions = dict(instructions or {})
         self.pooling = pooling
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.caption_template = caption_template
         # Autocast dtype for encode() on fp32 weights (e.g. bf16 on a CPU); None = weights' dtype.
         self.autocast_dtype: torch.dtype | None = None
         self._identity: str | None = None
@@ -85,20 +90,32 @@ class CaptionEncoder(nn.Module):
 
     def settings(self) -> dict[str, Any]:
         """Everything besides the weights that changes an embedding."""
-        return {
+        settings: dict[str, Any] = {
             "pooling": self.pooling,
             "instructions": self.instructions,
             "max_length": self.max_length,
             "query_format": "{instruction}; {text}",
             "dim": self.hidden_size,
         }
+        if self.caption_template is not None:  # absent = bare text (identities of older encoders kept)
+            settings["caption_template"] = self.caption_template
+        return settings
 
     # -- forward ----------------------------------------------------------------------------
     def tokenize(
         self, texts: list[str], instruction: str | list[str | None] | None = None
     ) -> dict[str, torch.Tensor]:
         """Tokenized batch with ``embed_mask`` (see :func:`llm2clip_vlm.text.pooling.tokenize`)."""
-        return dict(tokenize(self.tokenizer, texts, instruction, self.max_length, self.pad_to_multiple_of))
+        return dict(
+            tokenize(
+                self.tokenizer,
+                texts,
+                instruction,
+                self.max_length,
+                self.pad_to_multiple_of,
+                self.caption_template,
+            )
+        )
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, embed_mask: torch.Tensor
@@ -136,7 +153,7 @@ class CaptionEncoder(nn.Module):
         device = self.device
         autocast = self.autocast_dtype is not None and self.autocast_dtype != self.dtype
         with make_progress(disable=not show_progress) as progress:
-            task = progress.add_task("encode", total=len(texts), status="")
+            task = progress.add_task("encode", total=len(texts), status="", unit="caption")
             for start in range(0, len(texts), batch_size):
                 idx = order[start : start + batch_size]
                 batch = {
@@ -218,7 +235,19 @@ class CaptionEncoder(nn.Module):
         ref = ModelRef(str(path))
         model = load_bidirectional(ref, attn_implementation=attn_implementation, dtype=dtype or "auto")
         model.to(device)
-        enc = cls(model, load_tokenizer(ref), int(meta["max_length"]), meta["instructions"], meta["pooling"])
+        template = meta.get("caption_template")
+        if template is not None and (not isinstance(template, str) or template.count("{text}") != 1):
+            raise ValueError(
+                f"{meta_file}: caption_template must be a string with one {{text}}, got {template!r}"
+            )
+        enc = cls(
+            model,
+            load_tokenizer(ref),
+            int(meta["max_length"]),
+            meta["instructions"],
+            meta["pooling"],
+            caption_template=template,
+        )
         if int(meta.get("dim", enc.hidden_size)) != enc.hidden_size:
             raise ValueError(f"{meta_file}: dim {meta['dim']} != model hidden size {enc.hidden_size}")
         # The identity was computed from exactly these weights at save time; a weight dtype change

@@ -20,13 +20,11 @@ def wrap_lora(decoder: nn.Module, s: Stage1Config) -> nn.Module:
 
     gc_kwargs = {"use_reentrant": False}  # non-reentrant: works with DDP and several forwards per step
     if s.lora.quantization != "none":
-        decoder = prepare_model_for_kbit_training(
-            decoder,
-            use_gradient_checkpointing=s.gradient_checkpointing,
-            gradient_checkpointing_kwargs=gc_kwargs,
-        )
-    elif s.gradient_checkpointing:
-        decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        # Checkpointing is switched on below for both bases: peft's own switch calls transformers'
+        # deprecated gradient_checkpointing_enable (a FutureWarning on every QLoRA run).
+        decoder = prepare_model_for_kbit_training(decoder, use_gradient_checkpointing=False)
+    if s.gradient_checkpointing:
+        decoder.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
     lora = LoraConfig(
         r=s.lora.r,
         lora_alpha=s.lora.alpha,
@@ -50,7 +48,10 @@ def adapter_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA adapter's tensors (CPU), what a stage-1 checkpoint stores."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
+    # save_embedding_layers=False: no LoRA targets the embeddings and the vocabulary is unchanged;
+    # "auto" would look for the base's config.json (absent for GGUF bases) and warn on every save.
+    state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def load_adapter(peft_model: nn.Module, weights: dict[str, Any]) -> None:
@@ -64,7 +65,7 @@ def merge_lora(peft_model: nn.Module, ref: ModelRef, s: Stage1Config, weight_dty
     if s.lora.quantization != "none":
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        adapter = get_peft_model_state_dict(peft_model)
+        adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
         base = decoder_of(
             load_bidirectional(ref, attn_implementation=s.attn_implementation, dtype=weight_dtype)
         )
@@ -72,8 +73,6 @@ def merge_lora(peft_model: nn.Module, ref: ModelRef, s: Stage1Config, weight_dty
         set_peft_model_state_dict(peft_model, adapter)
     merged = peft_model.merge_and_unload()
     merged.eval()
-    if hasattr(merged, "gradient_checkpointing_disable") and getattr(
-        merged, "is_gradient_checkpointing", False
-    ):
-        merged.gradient_checkpointing_disable()
+    if getattr(merged, "is_activation_checkpointing", False):
+        merged.activation_checkpointing_disable()
     return merged

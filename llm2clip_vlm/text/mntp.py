@@ -24,6 +24,7 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBas
 from llm2clip_vlm.reliability import ReliabilityConfig
 from llm2clip_vlm.text.config import Stage1Config
 from llm2clip_vlm.text.lora import adapter_state, load_adapter, wrap_lora
+from llm2clip_vlm.training.config import LoopConfig
 from llm2clip_vlm.training.loop import Run, Stage, StepOutput
 from llm2clip_vlm.training.optim import adamw, make_scheduler
 
@@ -39,6 +40,20 @@ def mntp_collator(
     return DataCollatorForLanguageModeling(
         tokenizer, mlm=True, mlm_probability=mlm_probability, pad_to_multiple_of=pad_to_multiple_of
     )
+
+
+def mntp_loop(s: Stage1Config) -> LoopConfig:
+    """MNTP's loop settings: ``s.loop`` with MNTP's own steps, warm-up, schedule and clipping.
+
+    The reference runs MNTP on the HF Trainer with its defaults (warm-up ``step / warmup`` from lr
+    0, linear decay to 0, clip 1.0, weight decay 0; see :class:`~llm2clip_vlm.text.config.MNTPConfig`).
+    No time budget: MNTP always finishes, so SimCSE starts from the same merged model.
+    """
+    m = s.mntp
+    return dataclasses.replace(
+        s.loop, max_steps=m.steps, warmup_steps=m.warmup_steps, warmup_ratio=0.0, schedule=m.schedule,
+        warmup_from_zero=True, grad_clip=m.grad_clip, max_seconds=0.0,
+    )  # fmt: skip
 
 
 def mntp_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -108,18 +123,15 @@ def train_mntp(
 ) -> nn.Module:
     """MNTP with its own LoRA on the causal-LM model; the LoRA is merged before SimCSE (as LLM2Vec).
 
-    Runs on the one loop (``s.loop`` with MNTP's steps, warm-up and a constant lr, no clipping and
-    no time budget) and is checkpointed under ``checkpoints``, including once at its end, so a run
+    Runs on the one loop (:func:`mntp_loop`) and is checkpointed under ``checkpoints``, including once at its end, so a run
     killed later never redoes it. Masking draws from the torch RNG, which the checkpoints carry.
     """
     m = s.mntp
-    loop = dataclasses.replace(
-        s.loop, max_steps=m.steps, warmup_steps=m.warmup_steps, warmup_ratio=0.0, schedule="constant",
-        grad_clip=0.0, max_seconds=0.0,
-    )  # fmt: skip
+    loop = mntp_loop(s)
     collator = mntp_collator(tokenizer, m.mlm_probability, s.pad_to_multiple_of)
     lm = wrap_lora(model, s)
-    optimizer = adamw([p for p in lm.parameters() if p.requires_grad], m.lr, accelerator.device, fused=None)
+    trainable = [p for p in lm.parameters() if p.requires_grad]
+    optimizer = adamw(trainable, m.lr, accelerator.device, weight_decay=m.weight_decay, fused=None)
     scheduler = make_scheduler(optimizer, loop, m.steps)
     run = Run("stage1 MNTP", loop, checkpoints, accelerator, skip_nonfinite=reliability.skip_nonfinite_steps,
               max_skipped=reliability.max_skipped_steps)  # fmt: skip
@@ -143,7 +155,7 @@ def train_mntp(
     def weights() -> dict[str, torch.Tensor] | None:
         return adapter_state(lm) if accelerator.is_main_process else None
 
-    stage = Stage("stage 1 MNTP", ddp_lm, optimizer, scheduler, step, weights, None,
+    stage = Stage("stage 1 MNTP", ddp_lm, optimizer, scheduler, step, weights, ddp_lm.parameters,
                   samples_per_step=m.batch_size, unit="texts")  # fmt: skip
     run.train(stage, batches(), m.steps)
     merged = accelerator.unwrap_model(ddp_lm).merge_and_unload()

@@ -31,6 +31,7 @@ from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.text.lora import adapter_state, load_adapter, merge_lora, wrap_lora
 from llm2clip_vlm.text.mntp import train_mntp
 from llm2clip_vlm.text.modeling import decoder_of, load_bidirectional, load_tokenizer, resolve_model_ref
+from llm2clip_vlm.text.pooling import resolve_caption_template
 from llm2clip_vlm.text.simcse import SimCSEBatches, Triplet, embed_triplets
 from llm2clip_vlm.training import dist
 from llm2clip_vlm.training.checkpoint import Checkpointer
@@ -53,6 +54,7 @@ def train_stage1(
     text_corpus: Sequence[str] = (),
     text_corpus_ratio: float = 0.0,
     reliability: ReliabilityConfig | None = None,
+    cra_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a caption embedder and write ``encoder/`` and ``metrics.json``.
 
@@ -63,6 +65,7 @@ def train_stage1(
         heldout_records: held-out images with >= 2 short captions each (for CRA).
         text_corpus, text_corpus_ratio: plain texts MNTP mixes with the captions, and their share.
         reliability: what to do with non-finite steps (default: stop).
+        cra_info: where the CRA pairs come from (:meth:`CRASource.describe`), for ``metrics.json``.
 
     Returns:
         The metrics written to ``metrics.json`` (empty on non-main processes).
@@ -83,6 +86,9 @@ def train_stage1(
 
     ref = resolve_model_ref(s.model)
     tokenizer = load_tokenizer(ref)
+    log.info(
+        "stage 1: captions wrapped as %r", resolve_caption_template(s.caption_template, tokenizer) or "{text}"
+    )
     weight_dtype = _weight_dtype(s, accelerator.device)
     instructions = {"short": s.instruction_short_query, "long": s.instruction_long_query}
     batches = SimCSEBatches(train_records, instructions, s.seed, s.hard_negatives, s.similar_negatives)
@@ -149,7 +155,13 @@ def train_stage1(
     metrics: dict[str, Any] = {}
     if main:
         encoder = CaptionEncoder(
-            merged, tokenizer, s.max_length, _instruction_settings(s), s.pooling, s.pad_to_multiple_of
+            merged,
+            tokenizer,
+            s.max_length,
+            _instruction_settings(s),
+            s.pooling,
+            s.pad_to_multiple_of,
+            caption_template=resolve_caption_template(s.caption_template, tokenizer),
         )
         encoder.save_pretrained(out / "encoder")
         # Zero steps leave the weights as they were (the LoRA's B is zero): CRA is unchanged.
@@ -158,6 +170,7 @@ def train_stage1(
             "cra_before": cra_before,
             "cra_after": cra_after,
             "cra_captions": 2 * len(pairs),
+            **(cra_info or {}),
             "steps": state.step,
             "planned_steps": steps,
             "train_seconds": round(state.seconds, 1),
@@ -202,7 +215,10 @@ def total_steps(s: Stage1Config, batches: SimCSEBatches) -> int:
 
 
 def _cra(decoder: nn.Module, tokenizer: Any, s: Stage1Config, pairs: list[tuple[str, str]]) -> float:
-    encoder = CaptionEncoder(decoder, tokenizer, s.max_length, pad_to_multiple_of=s.pad_to_multiple_of)
+    encoder = CaptionEncoder(
+        decoder, tokenizer, s.max_length, pad_to_multiple_of=s.pad_to_multiple_of,
+        caption_template=resolve_caption_template(s.caption_template, tokenizer),
+    )  # fmt: skip
     if s.loop.precision != "fp32":
         encoder.autocast_dtype = DTYPES[s.loop.precision]
     return round(caption_retrieval_accuracy(encoder, pairs, s.eval_batch_size), 2)

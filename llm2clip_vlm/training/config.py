@@ -28,6 +28,10 @@ class LoopConfig:
     warmup_steps: int = 0
     # Warm-up as a share of the total steps (rounded up), used when ``warmup_steps`` is 0.
     warmup_ratio: float = 0.0
+    # False: the warm-up factor is (step + 1) / warmup_steps (open_clip's and LLM2CLIP's
+    # _warmup_lr: full lr at the last warm-up step). True: step / warmup_steps from lr 0, as
+    # transformers' schedules under the HF Trainer that stage 1's references (llm2vec) ran on.
+    warmup_from_zero: bool = False
     # After warm-up: cosine to 0, linear to 0, or constant at the base lr.
     schedule: Schedule = "cosine"
     # Clip the global gradient norm to this (0 = off).

@@ -1,8 +1,9 @@
 """Optimiser pieces every stage shares: precision names, AdamW parameter groups, one lr schedule.
 
-The schedule is the reference's (open_clip / EVA-CLIP ``_warmup_lr``): a linear warm-up whose
-factor is ``(step + 1) / warmup`` (so the last warm-up step runs at the full lr), then cosine or
-linear decay to 0 at the last step, or a constant lr.
+The schedule: a linear warm-up whose factor is ``(step + 1) / warmup`` (open_clip's and
+LLM2CLIP's ``_warmup_lr``: the last warm-up step runs at the full lr; or ``step / warmup`` from
+lr 0, transformers' schedules, for the stages whose reference ran on the HF Trainer), then cosine
+or linear decay to 0 at the last step, or a constant lr.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ def warmup_steps(loop: LoopConfig, total_steps: int) -> int:
     return int(math.ceil(loop.warmup_ratio * total_steps))
 
 
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """The factor on every group's base lr for 0-based optimizer step ``step`` of ``total``."""
+def lr_factor(step: int, warmup: int, total: int, schedule: str, from_zero: bool = False) -> float:
+    """The factor on every group's base lr for 0-based optimizer step ``step`` of ``total``.
+
+    Warm-up: ``(step + 1) / warmup``, or ``step / warmup`` with ``from_zero`` (transformers').
+    """
     if step < warmup:
-        return (step + 1) / warmup
+        return (step + (0 if from_zero else 1)) / warmup
     if schedule == "constant":
         return 1.0
     if schedule == "linear":
@@ -45,10 +49,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, loop: LoopConfig, total_ste
     It is never given to ``accelerator.prepare``: accelerate would step it once per process.
     """
     warmup = warmup_steps(loop, total_steps)
-    schedule = loop.schedule
+    schedule, from_zero = loop.schedule, loop.warmup_from_zero
 
     def factor(step: int) -> float:
-        return lr_factor(step, warmup, total_steps, schedule)
+        return lr_factor(step, warmup, total_steps, schedule, from_zero)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -58,11 +62,12 @@ def grouped(
     part_of: Callable[[str], tuple[str, float]],
     weight_decay: float,
     base_lr: float,
+    no_decay: Callable[[str, torch.nn.Parameter], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups keyed by (part, decay / no decay), in first-seen order.
 
-    Trainable parameters only. 0/1-d parameters (biases, norm scales, embeddings such as a CLS
-    token or a logit scale) get no weight decay. ``part_of(name)`` gives the group name and lr of a
+    Trainable parameters only. ``no_decay(name, p)`` picks the parameters without weight decay
+    (default: the 0/1-d ones: biases, norm scales, a CLS token or a logit scale). ``part_of(name)`` gives the group name and lr of a
     parameter. Each group carries ``name`` (for logs and tests) and ``lr_scale`` (relative to
     ``base_lr``); :func:`adamw` drops ``name`` before building the optimiser.
     """
@@ -70,16 +75,16 @@ def grouped(
     for name, p in named_parameters:
         if not p.requires_grad:
             continue
-        no_decay = p.ndim < 2
+        exempt = no_decay(name, p) if no_decay is not None else p.ndim < 2
         part, lr = part_of(name)
         g = groups.setdefault(
-            (part, no_decay),
+            (part, exempt),
             {
-                "name": f"{part}.{'no_decay' if no_decay else 'decay'}",
+                "name": f"{part}.{'no_decay' if exempt else 'decay'}",
                 "params": [],
                 "lr": lr,
                 "lr_scale": lr / base_lr if base_lr else 1.0,
-                "weight_decay": 0.0 if no_decay else weight_decay,
+                "weight_decay": 0.0 if exempt else weight_decay,
             },
         )
         g["params"].append(p)

@@ -40,6 +40,7 @@ from llm2clip_vlm.vision.data import (
     ImageLoader,
     Stage2TrainData,
 )
+from llm2clip_vlm.vision.decay import exempt_from_weight_decay
 from llm2clip_vlm.vision.evaluate import evaluate_retrieval, log_retrieval
 from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
 
@@ -51,7 +52,8 @@ CHECKPOINTS = "checkpoints"
 def build_param_groups(model: LLM2CLIP, s: Stage2Config) -> list[dict[str, Any]]:
     """AdamW parameter groups: (layer, decay / no decay), each with its own lr.
 
-    - no weight decay on 0/1-d parameters: biases, norm scales, the CLS embedding, logit scale/bias;
+    - no weight decay on 0/1-d parameters (biases, norm scales, logit scale/bias) nor on the
+      positional and class embeddings (:mod:`llm2clip_vlm.vision.decay`, as the reference);
     - backbone layer ``l`` (0 = stem, ``L + 1`` = after the last block) gets
       ``lr * layer_decay ** (L + 1 - l)``;
     - the new parts (image head, text adaptor, logit scale/bias) get ``head_lr`` (or ``lr``).
@@ -68,7 +70,7 @@ def build_param_groups(model: LLM2CLIP, s: Stage2Config) -> list[dict[str, Any]]
             return f"vision.layer{layer}", s.lr * s.layer_decay ** (top - layer)
         return "new", head_lr
 
-    return grouped(model.named_parameters(), part_of, s.weight_decay, s.lr)
+    return grouped(model.named_parameters(), part_of, s.weight_decay, s.lr, no_decay=exempt_from_weight_decay)
 
 
 def total_steps(s: Stage2Config, n_images: int) -> int:
