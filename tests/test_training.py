@@ -56,7 +56,7 @@ class _Stop(Exception):
     pass
 
 
-def _toy_run(out: Path, loop: LoopConfig, on_step=None, nan_at: int = 0, skip: bool = False):
+def _toy_run(out: Path, loop: LoopConfig, on_step=None, nan_at: int = 0, skip: bool = False, tracker=None):
     """A noisy linear regression on the one loop: data and dropout from (seed, step) and the RNG."""
     torch.manual_seed(0)
     acc = dist.make_accelerator(loop.precision)
@@ -82,11 +82,11 @@ def _toy_run(out: Path, loop: LoopConfig, on_step=None, nan_at: int = 0, skip: b
         if nan_at and run.state.step + 1 == nan_at:
             loss = loss * float("nan")
         acc.backward(loss)
-        return StepOutput(dist.reduce_float(acc, loss))
+        return StepOutput(dist.reduce_float(acc, loss), metrics={"tokens": 16})
 
     stage = Stage("toy", model, optimizer, scheduler, step, lambda: dict(model.state_dict()), model.parameters,
                   after_update=lambda: clamps.append(1), data_state=lambda: {"position": run.state.step})  # fmt: skip
-    state = run.train(stage, batches(), loop.max_steps, on_step)
+    state = run.train(stage, batches(), loop.max_steps, on_step, tracker)
     state.extra["started_at"] = started_at
     return state, {k: v.clone() for k, v in model.state_dict().items()}, len(clamps)
 
@@ -120,3 +120,22 @@ def test_the_nan_guard_stops_or_skips_and_the_budget_stops(tmp_path: Path) -> No
     state, _, _ = _toy_run(tmp_path / "budget", budget)
     assert state.step == 1  # stopped after the first step, and saved it
     assert Checkpointer(tmp_path / "budget").latest().name == "step-0000001"  # type: ignore[union-attr]
+
+
+def test_a_tracker_sees_every_step_with_the_lr_and_the_steps_own_metrics(tmp_path: Path) -> None:
+    class Tracker:
+        def __init__(self) -> None:
+            self.calls: list[dict] = []
+
+        def train_step(self, step: int, **kw) -> None:
+            self.calls.append(dict(kw, step=step))
+
+    tracker = Tracker()
+    loop = LoopConfig(precision="fp32", max_steps=3, warmup_steps=2, save_every_steps=0)
+    state, _, _ = _toy_run(tmp_path / "run", loop, tracker=tracker)
+    assert [c["step"] for c in tracker.calls] == [1, 2, 3]
+    assert [c["last"] for c in tracker.calls] == [False, False, True]
+    assert [c["loss"] for c in tracker.calls] == state.losses
+    # lr after each step's scheduler step: warm-up 2/2 (full), then cosine at 1 of 1 (0).
+    assert [round(c["lr"], 6) for c in tracker.calls] == [0.05, 0.05, 0.0]
+    assert all(c["tokens"] == 16 and c["grad_norm"] is not None and c["samples"] == 0 for c in tracker.calls)

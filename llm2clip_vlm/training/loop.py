@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -64,10 +64,19 @@ class TrainState:
 
 @dataclass
 class StepOutput:
-    """What a stage's step returns: the global loss (same value on every rank) and log text."""
+    """What a stage's step returns: the global loss (same value on every rank), log text, and
+    measurements for a tracker (e.g. ``tokens``, ``logit_scale``)."""
 
     loss: float
     status: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class StepTracker(Protocol):
+    """Receives every optimizer step (an experiment tracker; main process only)."""
+
+    def train_step(self, step: int, *, loss: float, lr: float, grad_norm: Any, samples: int, last: bool,
+                   **metrics: Any) -> None: ...  # fmt: skip
 
 
 @dataclass
@@ -175,7 +184,12 @@ class Run:
         )
 
     def train(
-        self, stage: Stage, batches: Iterable[Any], total_steps: int, on_step: OnStep | None = None
+        self,
+        stage: Stage,
+        batches: Iterable[Any],
+        total_steps: int,
+        on_step: OnStep | None = None,
+        tracker: StepTracker | None = None,
     ) -> TrainState:
         """Run ``stage`` from ``state.step`` to ``total_steps`` (or the time budget).
 
@@ -184,6 +198,7 @@ class Run:
             batches: this rank's batches, starting at the resumed step.
             total_steps: the schedule's length.
             on_step: called as ``on_step(step, loss)`` after every optimizer step (main process).
+            tracker: told of every step (loss, lr, grad norm, samples, the step's own metrics).
 
         Returns:
             The final :class:`TrainState` (also ``self.state``).
@@ -230,6 +245,11 @@ class Run:
                 out_of_time = loop.max_seconds > 0 and dist.any_rank(acc, state.seconds >= loop.max_seconds)
                 stop = state.step >= total_steps or out_of_time
                 interrupted = signals.should_stop(acc)
+                if tracker is not None:
+                    tracker.train_step(
+                        state.step, loss=out.loss, lr=stage.scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                        samples=stage.samples_per_step, last=stop or interrupted, **out.metrics,
+                    )  # fmt: skip
                 periodic = loop.save_every_steps > 0 and state.step % loop.save_every_steps == 0
                 if periodic or stop or interrupted:
                     self.save(stage)
