@@ -25,6 +25,7 @@ from llm2clip_vlm.store.store import EmbeddingStore
 from llm2clip_vlm.text.cra import choose_cra_source
 from llm2clip_vlm.text.mntp import read_text_corpus
 from llm2clip_vlm.text.train import train_stage1
+from llm2clip_vlm.training import dist
 from llm2clip_vlm.vision.inputs import heldout_sets, usable_images
 from llm2clip_vlm.vision.train import train_stage2
 
@@ -33,9 +34,7 @@ log = get_logger(__name__)
 
 def write_config(cfg: RunConfig, output_dir: Path) -> None:
     """``<output_dir>/config.yaml``, written by the main process only."""
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    if dist.process_state().is_main_process:
         config_io.dump(cfg, output_dir / "config.yaml")
 
 

@@ -19,6 +19,7 @@ from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.store.store import EmbeddingStore, write_store
 from llm2clip_vlm.text.encoder import ENCODER_FILE, CaptionEncoder
+from llm2clip_vlm.training import dist
 
 log = get_logger(__name__)
 
@@ -86,11 +87,9 @@ def embed_splits(
         Per sub-store: its path, rows, images, dim, dtype, shards and padding share (empty on
         non-main processes).
     """
-    from accelerate import PartialState
-
     out = Path(output_dir)
     encoder_dir = resolve_encoder_dir(embed.encoder, stage1_output)
-    state = PartialState()  # joins the process group under accelerate launch / torchrun
+    state = dist.process_state()  # joins the process group under accelerate launch / torchrun
     rank, world = state.process_index, state.num_processes
     if data is None:
         with state.main_process_first():  # the demo world is generated once, by rank 0

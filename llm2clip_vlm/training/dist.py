@@ -55,6 +55,17 @@ def uses(accelerator: Any, kind: str) -> bool:
     return str(getattr(accelerator, "distributed_type", "")).endswith(kind)
 
 
+def process_state() -> Any:
+    """This process's place in the run (accelerate's ``PartialState``; joins the process group).
+
+    ``cpu=True`` without a GPU, as :func:`make_accelerator` asks: a ``PartialState`` made first
+    without it would pin a CPU run launched on several processes to one process per rank.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def make_accelerator(precision: str) -> Any:
     """An ``Accelerator`` with the stage's precision, also after another stage ran in this process.
 
