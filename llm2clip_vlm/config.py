@@ -9,6 +9,7 @@ from llm2clip_vlm.llava.config import LlavaConfig
 from llm2clip_vlm.reliability import ReliabilityConfig
 from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.text.config import Stage1Config
+from llm2clip_vlm.tracking.config import TrackingConfig
 from llm2clip_vlm.vision.config import ExportConfig, Stage2Config
 
 
@@ -42,3 +43,4 @@ class RunConfig:
     llava: LlavaConfig = field(default_factory=LlavaConfig)
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
