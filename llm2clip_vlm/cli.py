@@ -352,6 +352,28 @@ def eval_data(
         console.print(f"tiny random LLaVA model in {tiny_model}")
 
 
+@app.command("report")
+def report(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run directories (stage1, stage2, llava-*, or a build-tower DIR).")
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The HTML file to write (a folder gets report.html).")
+    ] = Path("report.html"),
+    title: Annotated[str, typer.Option(help="Page title.")] = "llm2clip-vlm run report",
+) -> None:
+    """One self-contained HTML page: loss/lr curves of all runs, CRA, retrieval, LLaVA answers."""
+    from llm2clip_vlm.reports import NotARunError, load_runs, write_report
+
+    try:
+        found = load_runs(runs)
+    except NotARunError as e:
+        console.print(f"[red]report:[/red] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2) from e
+    path = write_report(found, output, title)
+    console.print(f"report: {path} ({len(found)} runs)")
+
+
 @app.command("bench")
 def bench(
     suite: Annotated[str, typer.Argument(help="stage1 | embed | stage2 | tower | llava")],
