@@ -536,7 +536,9 @@ def run_llava(
             # Supervised tokens of the whole global batch: the loss's denominator (module docstring).
             # (and all input tokens, for the tokens/s the tracker logs)
             n_tokens = accelerator.reduce(
-                torch.tensor([batch.num_supervised, int(batch.attention_mask.sum())], device=accelerator.device),
+                torch.tensor(
+                    [batch.num_supervised, int(batch.attention_mask.sum())], device=accelerator.device
+                ),
                 "sum",
             )
             denom = max(1.0, float(n_tokens[0].item()))
@@ -649,6 +651,10 @@ def run_llava(
         # which `torch.load(weights_only=True)` loads without unpickling any code.
         torch.save(projector_state, out / "mm_projector.bin")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        from llm2clip_vlm.hub.cards import llava_card  # the hub model card of model/
+
+        card = llava_card(cfg, phase, metrics, out, init_path, data_file, heldout_file)
+        (out / "model" / "README.md").write_text(card)
         write_report(out, data_file.name, len(records) + len(bad.skipped), bad.skipped)
     tracker.finish()
     accelerator.wait_for_everyone()
