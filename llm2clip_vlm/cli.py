@@ -240,8 +240,9 @@ def build_tower(
     cfg = resolve_config(recipe, set_)
     metrics = run_build_tower(cfg, output, from_stage=from_stage)
     print_metrics(metrics, output)
-    _report_and_logs(output, [output])
-    _push(output / "tower", push_to_hub)
+    if os.environ.get("RANK", "0") == "0":  # one process writes the report and uploads
+        _report_and_logs(output, [output])
+        _push(output / "tower", push_to_hub)
 
 
 TowerOpt = Annotated[
