@@ -148,3 +148,20 @@ def test_stage2_sigkilled_and_resumed_has_each_step_once(tmp_path: Path) -> None
     gallery = json.loads((out / "gallery" / "retrieval.json").read_text())["short"]
     assert len(gallery["text_to_image"]) == 6 and all(len(q["top"]) == 5 for q in gallery["text_to_image"])
     assert all((out / "gallery" / rel).is_file() for rel in gallery["images"].values())
+
+
+def test_costly_token_counts_run_on_logged_steps_only(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def count() -> int:
+        calls.append(1)
+        return 50
+
+    t = RunTracker.start(tmp_path, TrackingConfig(log_every_steps=4, log_with=[]), stage="stage1", main=True)
+    for step in range(1, 9):
+        t.train_step(step, loss=1.0, samples=2, tokens=count)
+    t.finish()
+    assert len(calls) == 2  # steps 4 and 8
+    train = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    # 4 steps of 50 tokens and 2 samples each: the same time base for both rates.
+    assert all(r["tokens_per_s"] == pytest.approx(25 * r["samples_per_s"], rel=1e-3) for r in train)

@@ -374,7 +374,7 @@ def _train_loop(
             tracker.train_step(
                 state.step, loss=global_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
                 samples=s.batch_size, last=out_of_time or interrupted or state.step == total_steps,
-                tokens=_token_count(tokenizer, batches.batch(state.step - 1, s.batch_size), s.max_length) if tracker.enabled else 0,
+                tokens=lambda: _token_count(tokenizer, batches.batch(state.step - 1, s.batch_size), s.max_length),
             )  # fmt: skip
             periodic = s.save_every_steps > 0 and state.step % s.save_every_steps == 0
             if periodic or out_of_time or interrupted or state.step == total_steps:

@@ -16,7 +16,7 @@ import math
 import resource
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,22 +165,27 @@ class RunTracker:
         lr: Any = None,
         grad_norm: Any = None,
         samples: int = 0,
-        tokens: int = 0,
+        tokens: int | Callable[[], int] = 0,
         last: bool = False,
         **extra: Any,
     ) -> None:
         """Count one optimizer step; log a training line every ``log_every_steps`` and at ``last``.
 
         ``loss``, ``grad_norm`` and ``extra`` may be tensors: they are read only on logged steps.
-        ``samples`` / ``tokens`` are this step's global counts (for throughput).
+        ``samples`` / ``tokens`` are this step's global counts (for throughput). ``tokens`` may be a
+        function where counting costs time (stage 1 tokenizes the step's texts again): it is
+        called on logged steps only, and its count stands for every step of the window.
         """
         if not self.enabled:
             return
         self._window.samples += samples
-        self._window.tokens += tokens
         self._window.steps += 1
+        if not callable(tokens):
+            self._window.tokens += tokens
         if not (last or step % self.cfg.log_every_steps == 0):
             return
+        if callable(tokens):
+            self._window.tokens = tokens() * self._window.steps
         values: dict[str, Any] = {"loss": _number(loss), "lr": _number(lr), "grad_norm": _number(grad_norm)}
         values.update({k: _number(v) for k, v in extra.items()})
         values = {k: v for k, v in values.items() if v is not None}
