@@ -25,7 +25,7 @@ def _image(i: int) -> Image.Image:
 
 
 def write_stage1(run: Path, steps: int = 40) -> Path:
-    log = MetricsLog(run)
+    log = MetricsLog(run, stage="stage1")
     log.write(0, {"cra": 2.5}, kind="eval")
     for s in range(5, steps + 1, 5):
         log.write(s, {"loss": 2.8 * math.exp(-s / 15) + 0.2, "lr": 2e-4, "grad_norm": 3.0 / s,
@@ -54,7 +54,7 @@ def write_stage2(run: Path, images: Path, seed: int, steps: int = 30, quality: f
     )
     held = SimpleNamespace(records=records, caption_image=owner)
     r = {"n_images": 12, "n_captions": 24}
-    log = MetricsLog(run)
+    log = MetricsLog(run, stage="stage2")
     log.write(0, {"retrieval": {"held": {**r, "i2t_r1": 8.3, "i2t_r5": 41.7, "i2t_r10": 83.3,
                                          "t2i_r1": 8.3, "t2i_r5": 45.8, "t2i_r10": 87.5}}}, kind="eval")  # fmt: skip
     for s in range(1, steps + 1):

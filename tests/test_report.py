@@ -54,6 +54,16 @@ def test_a_build_tower_dir_gives_its_stages_and_runs_are_classified(runs: dict[s
     assert (after["step"], after["retrieval/held/i2t_r1"]) == (30, 30.0)
 
 
+def test_a_run_without_evaluations_is_classified_by_its_stage(tmp_path: Path) -> None:
+    from llm2clip_vlm.tracking.metrics_log import MetricsLog
+
+    log = MetricsLog(tmp_path / "pre", stage="llava-pretrain")
+    log.write(1, {"loss": 2.0})
+    log.close()
+    (run,) = load_runs([tmp_path / "pre"])
+    assert run.kind == "llava" and run.series("loss") == ([1], [2.0])
+
+
 def test_page_has_the_curves_tables_and_galleries(page: Path) -> None:
     html = page.read_text()
     # Self-contained: nothing fetched from anywhere.

@@ -67,6 +67,7 @@ def test_tracker_logs_every_n_steps_to_jsonl_and_tensorboard(tmp_path: Path) -> 
     assert [r["step"] for r in train] == [3, 6, 7]
     assert {"loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "peak_rss_gib"} <= set(train[0])
     assert train[0]["loss"] == 2.0 and train[0]["tokens_per_s"] > 0
+    assert {r["stage"] for r in rows} == {"stage2"}
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("stage2/loss")] == [3, 6, 7]

@@ -17,6 +17,8 @@ from llm2clip_vlm.tracking.gallery import ANSWERS_FILE, GALLERY_DIR, RETRIEVAL_F
 from llm2clip_vlm.tracking.metrics_log import FILENAME, read_jsonl
 
 BUILD_STAGES = ("stage1", "stage2")
+# What each trainer writes as ``stage`` -> the report's section for it.
+STAGE_KINDS = {"stage1": "stage1", "stage2": "stage2", "llava-pretrain": "llava", "llava-finetune": "llava"}
 
 
 class NotARunError(ValueError):
@@ -36,12 +38,15 @@ class Run:
     @property
     def kind(self) -> str:
         """``stage1`` (CRA), ``stage2`` (retrieval), ``llava`` (held-out answers) or ``train``."""
-        keys = {k for r in self.evals for k in r}
+        stages = {r.get("stage") for r in self.rows} & set(STAGE_KINDS)
+        if len(stages) == 1:
+            return STAGE_KINDS[stages.pop()]
+        keys = {k for r in self.evals for k in r}  # lines without a stage: what was measured
         if "cra" in keys:
             return "stage1"
         if any(k.startswith("retrieval/") for k in keys):
             return "stage2"
-        if any(k.startswith("heldout/") for k in keys) or "llava" in self.label:
+        if any(k.startswith("heldout/") for k in keys):
             return "llava"
         return "train"
 

@@ -1,6 +1,7 @@
 """``metrics.jsonl``: one JSON object per logged step, the single source for reports.
 
-Each line is ``{"step": int, "kind": "train" | "eval", "time": unix seconds, <flat scalars>}``;
+Each line is ``{"step": int, "kind": "train" | "eval", "stage": str, "time": unix seconds,
+<flat scalars>}`` (``stage``: ``stage1``, ``stage2``, ``llava-pretrain``, ``llava-finetune``);
 nested values are flattened with ``/`` (``retrieval/heldout/i2t_r1``), the names the trackers get.
 
 [IMPORTANT] A resumed run repeats the steps after its checkpoint. Opening the log with
@@ -59,8 +60,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 class MetricsLog:
     """Appends lines to ``RUN/metrics.jsonl``; see the module docstring for the resume rule."""
 
-    def __init__(self, run_dir: str | Path, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: str | Path, resume_step: int | None = None, stage: str = "") -> None:
         self.path = Path(run_dir) / FILENAME
+        self.stage = stage
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_jsonl(self.path) if resume_step is not None and r["step"] <= resume_step]
         self._seen = {(r["step"], r.get("kind", "train")) for r in kept}
@@ -77,7 +79,10 @@ class MetricsLog:
         """Append one line; returns it, or None when ``(step, kind)`` is already recorded."""
         if self.has(step, kind):
             return None
-        row: dict[str, Any] = {"step": int(step), "kind": kind, "time": round(time.time(), 3)}
+        row: dict[str, Any] = {"step": int(step), "kind": kind}
+        if self.stage:
+            row["stage"] = self.stage
+        row["time"] = round(time.time(), 3)
         row.update(flatten(values))
         self._file.write(_dump(row))
         self._file.flush()  # a killed run keeps every line it logged

@@ -136,7 +136,7 @@ class RunTracker:
             )
         if not main:
             return cls(run_dir, cfg, stage, None, [])
-        metrics = MetricsLog(run_dir, resume_step)
+        metrics = MetricsLog(run_dir, resume_step, stage)
         run_name = cfg.run_name or f"{run_dir.resolve().name}-{stage}"
         trackers = []
         for backend in dict.fromkeys(cfg.log_with):  # once each, in order
@@ -220,7 +220,7 @@ class RunTracker:
         scalars = {
             f"{self.stage}/{k}" if kind == "train" else k: v
             for k, v in row.items()
-            if k not in ("step", "kind", "time") and isinstance(v, (int, float)) and math.isfinite(v)
+            if k not in ("step", "kind", "stage", "time") and isinstance(v, (int, float)) and math.isfinite(v)
         }
         for tracker in list(self.trackers):
             try:
