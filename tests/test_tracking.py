@@ -166,3 +166,23 @@ def test_costly_token_counts_run_on_logged_steps_only(tmp_path: Path) -> None:
     train = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     # 4 steps of 50 tokens and 2 samples each: the same time base for both rates.
     assert all(r["tokens_per_s"] == pytest.approx(25 * r["samples_per_s"], rel=1e-3) for r in train)
+
+
+def test_a_backend_that_fails_to_start_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import accelerate.tracking
+
+    def broken(self: object) -> None:
+        raise RuntimeError("no tracking server at http://localhost:5000\nlong traceback text")
+
+    monkeypatch.setattr(tracker_mod, "backend_available", lambda name: True)
+    monkeypatch.setattr(accelerate.tracking.MLflowTracker, "start", broken)
+    caplog.set_level(logging.WARNING, logger="llm2clip_vlm")
+    t = RunTracker.start(tmp_path, TrackingConfig(log_with=["mlflow"]), stage="stage2", main=True)
+    t.train_step(1, loss=1.0, samples=1, last=True)
+    t.finish()
+    assert t.trackers == []
+    assert [r.getMessage() for r in caplog.records if "mlflow" in r.getMessage()] == [
+        "tracking: mlflow could not start (no tracking server at http://localhost:5000); this run logs without it"
+    ]
