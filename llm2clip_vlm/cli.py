@@ -39,6 +39,15 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config value: section.key=value (repeatable)."),
 ]
+PushOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--push-to-hub",
+        metavar="REPO",
+        help="Also upload the model directory (with its model card) to this hub repo, with your own "
+        "credentials (hf auth login / HF_TOKEN).",
+    ),
+]
 
 
 def demo_recipe_path() -> Path:
@@ -55,6 +64,43 @@ def resolve_config(recipe: Path | None, overrides: list[str] | None) -> RunConfi
         console.print(f"[red]config error:[/red] {e}")
         raise typer.Exit(2) from e
     return cfg
+
+
+def _push(folder: Path, repo: str | None) -> None:
+    """``--push-to-hub``: upload ``folder``; a failure is one line and leaves the finished run alone."""
+    if not repo:
+        return
+    from llm2clip_vlm.hub.push import PushError, push_to_hub
+
+    try:
+        url = push_to_hub(folder, repo)
+    except PushError as e:
+        console.print(f"[red]push-to-hub:[/red] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2) from e
+    except Exception as e:  # network, credentials, permissions: the hub client says which
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        console.print(
+            f"[red]push-to-hub {repo}:[/red] {escape(first)} (the run's files are intact)", soft_wrap=True
+        )
+        raise typer.Exit(1) from e
+    console.print(f"pushed {folder} to {repo}: {url}", soft_wrap=True)
+
+
+def _report_and_logs(output: Path, runs: list[Path]) -> None:
+    """Write ``OUTPUT/report.html`` from the run(s) and say where it and the TensorBoard logs are."""
+    from llm2clip_vlm.reports import NotARunError, load_runs, write_report
+
+    try:
+        path = write_report(load_runs(runs), output / "report.html")
+        console.print(f"report: {path}", soft_wrap=True)
+    except (NotARunError, OSError, ValueError) as e:  # never costs the finished run
+        console.print(f"[yellow]report not written:[/yellow] {escape(str(e))}", soft_wrap=True)
+    boards = sorted({p.parent for run in runs for p in run.glob("**/tensorboard/events.out.tfevents.*")})
+    if boards:
+        console.print(
+            f"TensorBoard logs: {', '.join(map(str, boards))}  (tensorboard --logdir {output})",
+            soft_wrap=True,
+        )
 
 
 def _not_built(command: str, issue: str) -> None:
@@ -173,12 +219,14 @@ def export_tower(
     dtype: Annotated[
         str | None, typer.Option(help="fp32 | bf16 | fp16 (default: the run's export.dtype).")
     ] = None,
+    push_to_hub: PushOpt = None,
 ) -> None:
     """Export the stage-2 vision encoder in its own transformers format (a LLaVA vision tower)."""
     from llm2clip_vlm.vision.export import export_tower as do_export
 
     do_export(run, output, model_dir=model_output, dtype=dtype)
     console.print(f"tower: {output}")
+    _push(output, push_to_hub)
 
 
 # -- importers of the released LLM2CLIP models (llm2clip_vlm/imports) --------------------------
@@ -265,6 +313,7 @@ def build_tower(
     from_stage: Annotated[
         str | None, typer.Option(help="Rerun from this stage: stage1 | embed | stage2 | export.")
     ] = None,
+    push_to_hub: PushOpt = None,
 ) -> None:
     """Stage 1, embed, stage 2 and export in one command (stages whose artifact matches are skipped)."""
     from llm2clip_vlm.pipeline import STAGES, print_metrics, run_build_tower
@@ -275,6 +324,9 @@ def build_tower(
     cfg = resolve_config(recipe, set_)
     metrics = run_build_tower(cfg, output, from_stage=from_stage)
     print_metrics(metrics, output)
+    if os.environ.get("RANK", "0") == "0":  # one process writes the report and uploads
+        _report_and_logs(output, [output])
+        _push(output / "tower", push_to_hub)
 
 
 TowerOpt = Annotated[
@@ -283,7 +335,7 @@ TowerOpt = Annotated[
 
 
 def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | None, tower: str | None,
-               init: Path | None) -> None:  # fmt: skip
+               init: Path | None, push_to_hub: str | None = None) -> None:  # fmt: skip
     from llm2clip_vlm.data.captions import DataError
     from llm2clip_vlm.llava.templates import ConversationError
     from llm2clip_vlm.llava.train import MissingInputError, run_llava
@@ -318,6 +370,8 @@ def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | 
     if metrics["truncated_samples"]:
         console.print(f"{metrics['truncated_samples']} samples were truncated to max_length")
     console.print(f"model: {output / 'model'}   projector: {output / 'mm_projector.safetensors'}")
+    _report_and_logs(output, [output])
+    _push(output / "model", push_to_hub)
 
 
 @app.command("llava-pretrain")
@@ -326,9 +380,10 @@ def llava_pretrain(
     output: OutputOpt = Path("runs/llava-pretrain"),
     set_: SetOpt = None,
     tower: TowerOpt = None,
+    push_to_hub: PushOpt = None,
 ) -> None:
     """LLaVA-1.5 projector pretraining on top of a tower (only the projector trains)."""
-    _run_llava("pretrain", recipe, output, set_, tower, None)
+    _run_llava("pretrain", recipe, output, set_, tower, None, push_to_hub)
 
 
 @app.command("llava-finetune")
@@ -344,9 +399,10 @@ def llava_finetune(
             help="The pretrained projector: a llava-pretrain output or a mm_projector.safetensors file.",
         ),
     ] = Path("runs/llava-pretrain"),
+    push_to_hub: PushOpt = None,
 ) -> None:
     """LLaVA-1.5 instruction tuning (projector + LLM: full, LoRA or QLoRA)."""
-    _run_llava("finetune", recipe, output, set_, tower, init)
+    _run_llava("finetune", recipe, output, set_, tower, init, push_to_hub)
 
 
 @app.command("eval")
@@ -434,6 +490,28 @@ def eval_data(
 
         save_tiny_llava(tiny_model, seed=seed)
         console.print(f"tiny random LLaVA model in {tiny_model}")
+
+
+@app.command("report")
+def report(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run directories (stage1, stage2, llava-*, or a build-tower DIR).")
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The HTML file to write (a folder gets report.html).")
+    ] = Path("report.html"),
+    title: Annotated[str, typer.Option(help="Page title.")] = "llm2clip-vlm run report",
+) -> None:
+    """One self-contained HTML page: loss/lr curves of all runs, CRA, retrieval, LLaVA answers."""
+    from llm2clip_vlm.reports import NotARunError, load_runs, write_report
+
+    try:
+        found = load_runs(runs)
+    except NotARunError as e:
+        console.print(f"[red]report:[/red] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2) from e
+    path = write_report(found, output, title)
+    console.print(f"report: {path} ({len(found)} runs)")
 
 
 @app.command("bench")

@@ -54,6 +54,7 @@ from llm2clip_vlm.llava.data import (
 from llm2clip_vlm.llava.templates import IGNORE_INDEX, TEMPLATE_FILE, VICUNA_SYSTEM, VICUNA_V1_JINJA
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
+from llm2clip_vlm.tracking.tracker import RunTracker
 
 log = get_logger(__name__)
 
@@ -388,7 +389,7 @@ def run_llava(
     """
     from accelerate.utils import set_seed
 
-    from llm2clip_vlm.llava.evaluate import answer_questions, score
+    from llm2clip_vlm.llava.evaluate import answer_questions, is_correct, score
     from llm2clip_vlm.vision.train import _make_accelerator, _time_up
 
     p: LlavaPhaseConfig = getattr(cfg.llava, phase)
@@ -492,9 +493,12 @@ def run_llava(
         )  # fmt: skip
         result = score(heldout, preds)
         result["examples"] = [
-            {"question": r.conversations[0]["value"], "answer": r.extra.get("answer"), "prediction": pr}
-            for r, pr in list(zip(heldout, preds, strict=True))[:5]
-        ]
+            {"question": r.conversations[0]["value"], "answer": r.extra.get("answer"), "prediction": pr,
+             "question_type": r.extra.get("question_type", ""), "image": str(r.image) if r.image else None,
+             "correct": is_correct(pr, str(r.extra.get("answer", r.conversations[1]["value"])),
+                                   str(r.extra.get("question_type", "")))}
+            for r, pr in list(zip(heldout, preds, strict=True))[:8]
+        ]  # fmt: skip
         return result
 
     if heldout and not state.heldout_before and world == 1:
@@ -502,6 +506,13 @@ def run_llava(
         log.info(
             "held-out accuracy before: %.1f%% (%d questions)", state.heldout_before["accuracy"], len(heldout)
         )
+
+    tracker = RunTracker.start(
+        out, cfg.tracking, stage=f"llava-{phase}", main=main, resume_step=state.step if resumed else None,
+        config=configuration.to_dict(cfg),
+    )  # fmt: skip
+    if state.heldout_before:
+        tracker.log(0, {"heldout": state.heldout_before})
 
     sampler = ModalityBatchSampler(
         is_image, p.batch_size, rank, world, p.seed, state.step, total_steps, p.group_by_modality,
@@ -527,10 +538,14 @@ def run_llava(
             state.truncated += batch.truncated
             state.dropped += batch.dropped
             # Supervised tokens of the whole global batch: the loss's denominator (module docstring).
+            # (and all input tokens, for the tokens/s the tracker logs)
             n_tokens = accelerator.reduce(
-                torch.tensor([batch.num_supervised], device=accelerator.device), "sum"
+                torch.tensor(
+                    [batch.num_supervised, int(batch.attention_mask.sum())], device=accelerator.device
+                ),
+                "sum",
             )
-            denom = max(1.0, float(n_tokens.item()))
+            denom = max(1.0, float(n_tokens[0].item()))
             step_loss = torch.zeros((), device=accelerator.device)
             micro = batch.split(p.micro_batch_size) if len(batch) else []
             for k, mb in enumerate(micro):
@@ -574,6 +589,10 @@ def run_llava(
                 on_step(state.step, global_loss)
             stop = state.step >= total_steps or _time_up(accelerator, p.max_seconds, state.seconds)
             interrupted = signals.should_stop(accelerator)
+            tracker.train_step(
+                state.step, loss=global_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                samples=p.batch_size, tokens=int(n_tokens[1].item()), last=stop or interrupted,
+            )  # fmt: skip
             if (p.save_every_steps > 0 and state.step % p.save_every_steps == 0) or stop or interrupted:
                 full = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
                 names = {n for n, t in raw.named_parameters() if t.requires_grad}
@@ -588,6 +607,11 @@ def run_llava(
 
     after = run_heldout() if world == 1 else {}
     if after:
+        tracker.log(state.step, {"heldout": after})
+        from llm2clip_vlm.data.images import load_rgb
+        from llm2clip_vlm.tracking.gallery import write_answer_gallery
+
+        write_answer_gallery(out, after["examples"], lambda path: load_rgb(str(path), str(path)))
         log.info(
             "held-out accuracy after: %.1f%% (before %.1f%%)",
             after["accuracy"],
@@ -631,7 +655,12 @@ def run_llava(
         # which `torch.load(weights_only=True)` loads without unpickling any code.
         torch.save(projector_state, out / "mm_projector.bin")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        from llm2clip_vlm.hub.cards import llava_card  # the hub model card of model/
+
+        card = llava_card(cfg, phase, metrics, out, init_path, data_file, heldout_file)
+        (out / "model" / "README.md").write_text(card)
         write_report(out, data_file.name, len(records) + len(bad.skipped), bad.skipped)
+    tracker.finish()
     accelerator.wait_for_everyone()
     return metrics
 

@@ -42,6 +42,7 @@ from llm2clip_vlm.text.modeling import (
 )
 from llm2clip_vlm.text.pooling import mean_pool, resolve_caption_template, tokenize
 from llm2clip_vlm.text.simcse import SimCSEBatches, Triplet
+from llm2clip_vlm.tracking.tracker import RunTracker
 
 log = get_logger(__name__)
 
@@ -168,8 +169,13 @@ def train_stage1(
     ddp_model, optimizer = accelerator.prepare(peft_model, optimizer)
     loss_fn = SupervisedSimCSELoss(scale=s.scale)
     guard = NonFiniteGuard("stage1", cfg.reliability.skip_nonfinite_steps, cfg.reliability.max_skipped_steps)
+    tracker = RunTracker.start(
+        out, cfg.tracking, stage="stage1", main=main, resume_step=state.step if resumed else None,
+        config=configuration.to_dict(cfg),
+    )  # fmt: skip
+    tracker.log(0, {"cra": cra_before})
 
-    state = _train_loop(ddp_model, peft_model, optimizer, scheduler, loss_fn, tokenizer, batches, s, state, total_steps, checkpointer, resumed, guard, accelerator)  # fmt: skip
+    state = _train_loop(ddp_model, peft_model, optimizer, scheduler, loss_fn, tokenizer, batches, s, state, total_steps, checkpointer, resumed, guard, accelerator, tracker)  # fmt: skip
 
     merged = _merge(accelerator.unwrap_model(ddp_model), ref, s, weight_dtype)
     metrics: dict[str, Any] = {}
@@ -203,6 +209,7 @@ def train_stage1(
             "encoder_identity": encoder.identity(),
         }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        tracker.log(state.step, {"cra": cra_after})
         log.info(
             "stage 1 done: CRA %.1f -> %.1f after %d steps (%.0f s)",
             cra_before,
@@ -210,6 +217,7 @@ def train_stage1(
             state.step,
             state.seconds,
         )
+    tracker.finish()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
@@ -344,6 +352,7 @@ def _train_loop(
     resumed: Resumed | None,
     guard: NonFiniteGuard,
     accelerator: Any,
+    tracker: RunTracker,
 ) -> TrainState:
     rank, world = accelerator.process_index, accelerator.num_processes
     local = s.batch_size // world
@@ -386,6 +395,11 @@ def _train_loop(
             )
             out_of_time = _out_of_time(s, state, accelerator)
             interrupted = signals.should_stop(accelerator)
+            tracker.train_step(
+                state.step, loss=global_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                samples=s.batch_size, last=out_of_time or interrupted or state.step == total_steps,
+                tokens=lambda: _token_count(tokenizer, batches.batch(state.step - 1, s.batch_size), s.max_length),
+            )  # fmt: skip
             periodic = s.save_every_steps > 0 and state.step % s.save_every_steps == 0
             if periodic or out_of_time or interrupted or state.step == total_steps:
                 save()
@@ -394,6 +408,13 @@ def _train_loop(
                 log.info("stage1.max_seconds=%s reached after %d steps", s.max_seconds, state.step)
                 break
     return state
+
+
+def _token_count(tokenizer: Any, triplets: list[Triplet], max_length: int) -> int:
+    """Tokens the step embedded over all processes (queries with instructions, positives, negatives)."""
+    texts = [(t.instruction or "") + t.query for t in triplets] + [t.positive for t in triplets]
+    texts += [t.negative for t in triplets if t.negative is not None]
+    return sum(len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"])
 
 
 def _out_of_time(s: Stage1Config, state: TrainState, accelerator: Any) -> bool:

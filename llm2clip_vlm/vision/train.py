@@ -44,6 +44,7 @@ from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.losses import ClipLoss, SigLipLoss
 from llm2clip_vlm.progress import make_progress
+from llm2clip_vlm.tracking.tracker import RunTracker
 from llm2clip_vlm.vision.config import Stage2Config
 from llm2clip_vlm.vision.decay import exempt_from_weight_decay
 from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
@@ -256,10 +257,12 @@ def evaluate_retrieval(
     num_workers: int,
     device: torch.device,
     autocast: Callable[[], Any],
+    similarities: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, float | int]]:
     """Zero-shot retrieval metrics of every held-out set (``model`` may be DDP/FSDP-wrapped).
 
     Every process runs it (an FSDP model needs all ranks in its forward); only the main one writes.
+    ``similarities``, when given, receives each set's ``[images, captions]`` similarity matrix.
     """
     was_training = model.training
     model.eval()
@@ -279,6 +282,8 @@ def evaluate_retrieval(
                 text_features.append(model(text_embeddings=emb)["text_features"].float())
         sim = torch.cat(image_features) @ torch.cat(text_features).T
         results[name] = retrieval_metrics(sim.cpu(), hs.caption_image)
+        if similarities is not None:
+            similarities[name] = sim.cpu()
     model.train(was_training)
     return results
 
@@ -509,15 +514,20 @@ def train_stage2(
         s.batch_size, s.batch_size // world, s.precision, s.long_caption_ratio,
     )  # fmt: skip
 
-    def run_eval() -> dict[str, Any]:
+    def run_eval(similarities: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         return evaluate_retrieval(
             model, heldout, processor, load_image, s.eval_batch_size, s.num_workers,
-            accelerator.device, accelerator.autocast,
+            accelerator.device, accelerator.autocast, similarities,
         )  # fmt: skip
 
     if resumed is None or not state.retrieval_before:
         state.retrieval_before = run_eval()
         _log_retrieval("before", state.retrieval_before)
+    tracker = RunTracker.start(
+        out, cfg.tracking, stage="stage2", main=main, resume_step=state.step if resumed else None,
+        config=configuration.to_dict(cfg),
+    )  # fmt: skip
+    tracker.log(0, {"retrieval": state.retrieval_before})
 
     dataset = Stage2TrainData(
         train_records, embeddings, processor, load_image, s.long_caption_ratio, s.seed, indices=usable
@@ -586,6 +596,10 @@ def train_stage2(
                 on_step(state.step, global_loss)
             stop = state.step >= total_steps or _time_up(accelerator, s.max_seconds, state.seconds)
             interrupted = signals.should_stop(accelerator)
+            tracker.train_step(
+                state.step, loss=global_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                logit_scale=last_scale, samples=s.batch_size, last=stop or interrupted,
+            )  # fmt: skip
             if (s.save_every_steps > 0 and state.step % s.save_every_steps == 0) or stop or interrupted:
                 weights = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
                 checkpointer.save(
@@ -596,8 +610,14 @@ def train_stage2(
             if stop:
                 break
 
-    after = run_eval()
+    similarities: dict[str, torch.Tensor] = {}
+    after = run_eval(similarities)
     _log_retrieval("after", after)
+    tracker.log(state.step, {"retrieval": after})
+    if main:  # what the report's retrieval gallery shows
+        from llm2clip_vlm.tracking.gallery import write_retrieval_gallery
+
+        write_retrieval_gallery(out, heldout, similarities, load_image)
     metrics = {
         "stage2": {
             "retrieval": after,
@@ -626,6 +646,7 @@ def train_stage2(
     if main and to_save is not None:
         to_save.save_pretrained(out / "model")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    tracker.finish()
     accelerator.wait_for_everyone()
     return metrics
 
