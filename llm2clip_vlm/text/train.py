@@ -26,6 +26,7 @@ from llm2clip_vlm import configuration
 from llm2clip_vlm.checkpointing import Checkpointer, GracefulExit, NonFiniteGuard, Resumed
 from llm2clip_vlm.config import RunConfig
 from llm2clip_vlm.data.records import ImageCaptions
+from llm2clip_vlm.errors import UserError
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.losses import SupervisedSimCSELoss
 from llm2clip_vlm.progress import make_progress
@@ -69,7 +70,10 @@ def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
 
     train_set, heldout = resolve_data(cfg.data, Path(output_dir))
     if "short" not in heldout:
-        raise ValueError("stage 1 needs a held-out set of short captions (key 'short') for CRA")
+        raise UserError(
+            "stage 1 needs a held-out set named 'short' (short captions, for caption retrieval "
+            f"accuracy); the data has {sorted(heldout) or 'none'}: add data.heldout.short"
+        )
     return train_stage1(cfg, output_dir, list(train_set), list(heldout["short"]))
 
 
