@@ -11,7 +11,7 @@ import os
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -64,13 +64,14 @@ def resolve_config(recipe: Path | None, overrides: list[str] | None) -> RunConfi
     return cfg
 
 
-def claim_output(
+def claimed_output(
     output: Path, command: str, cfg: RunConfig | None, allow_config_change: bool = False
-) -> None:
-    """Refuse an --output that is a file, another command's run, or a run with another config."""
-    from llm2clip_vlm.run_dir import claim
+) -> Any:
+    """Context: refuse an --output that is a file, another command's run or a run with another
+    config; record the owner once the run has started (see llm2clip_vlm.run_dir)."""
+    from llm2clip_vlm.run_dir import claimed
 
-    claim(output, command, cfg, allow_config_change=allow_config_change)
+    return claimed(output, command, cfg, allow_config_change=allow_config_change)
 
 
 def _not_built(command: str, issue: str) -> None:
@@ -106,8 +107,8 @@ def stage1(
     from llm2clip_vlm.text.train import run_stage1
 
     cfg = resolve_config(recipe, set_)
-    claim_output(output, "stage1", cfg, allow_config_change)
-    metrics = run_stage1(cfg, output)
+    with claimed_output(output, "stage1", cfg, allow_config_change):
+        metrics = run_stage1(cfg, output)
     if metrics:  # empty on non-main processes
         console.print(
             f"stage 1: CRA {metrics['cra_before']:.1f} -> {metrics['cra_after']:.1f} "
@@ -133,9 +134,9 @@ def embed(
     from llm2clip_vlm.store.store import StoreInputError, StoreMismatchError
 
     cfg = resolve_config(recipe, set_)
-    claim_output(output, "embed", cfg, allow_config_change)
     try:
-        summary = run_embed(cfg, output)
+        with claimed_output(output, "embed", cfg, allow_config_change):
+            summary = run_embed(cfg, output)
     except MissingEncoderError as e:
         console.print(f"[red]embed:[/red] {e}")
         raise typer.Exit(2) from e
@@ -178,8 +179,8 @@ def stage2(
     from llm2clip_vlm.vision.train import run_stage2
 
     cfg = resolve_config(recipe, set_)
-    claim_output(output, "stage2", cfg, allow_config_change)
-    run_stage2(cfg, output, store_dir=store, encoder_dir=encoder)
+    with claimed_output(output, "stage2", cfg, allow_config_change):
+        run_stage2(cfg, output, store_dir=store, encoder_dir=encoder)
 
 
 @app.command("export-tower")
@@ -202,8 +203,8 @@ def export_tower(
 
     if not (run / "model").is_dir():  # before --output is created
         raise UserError(f"{run} is not a finished stage-2 run (no model/ folder): give a `stage2` --output")
-    claim_output(output, "export-tower", None)
-    do_export(run, output, model_dir=model_output, dtype=dtype)
+    with claimed_output(output, "export-tower", None):
+        do_export(run, output, model_dir=model_output, dtype=dtype)
     console.print(f"tower: {output}")
 
 
@@ -223,8 +224,8 @@ def build_tower(
         console.print(f"[red]--from-stage must be one of {', '.join(STAGES)}[/red], got {from_stage!r}")
         raise typer.Exit(2)
     cfg = resolve_config(recipe, set_)
-    claim_output(output, "build-tower", None)
-    metrics = run_build_tower(cfg, output, from_stage=from_stage)
+    with claimed_output(output, "build-tower", None):
+        metrics = run_build_tower(cfg, output, from_stage=from_stage)
     print_metrics(metrics, output)
 
 
@@ -242,9 +243,9 @@ def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | 
     cfg = resolve_config(recipe, set_)
     if tower:
         cfg.llava.tower = tower
-    claim_output(output, f"llava-{phase}", cfg, allow_config_change)
     try:
-        metrics = run_llava(cfg, output, phase, init=init)  # type: ignore[arg-type]
+        with claimed_output(output, f"llava-{phase}", cfg, allow_config_change):
+            metrics = run_llava(cfg, output, phase, init=init)  # type: ignore[arg-type]
     except (MissingInputError, FileNotFoundError) as e:
         console.print(f"[red]llava-{phase}:[/red] {escape(str(e))}", soft_wrap=True)  # paths stay copyable
         raise typer.Exit(2) from e

@@ -1,6 +1,6 @@
 """Output directories have an owner: the command that wrote them, and the config they resume with.
 
-Before a command writes anything, :func:`claim` checks its ``--output``:
+Before a command writes anything, :func:`check` (through :func:`claimed`) checks its ``--output``:
 
 - it must be a directory (or not exist yet), not a file;
 - it must not belong to another command: ``run.json`` names the owner; directories written
@@ -12,14 +12,16 @@ Before a command writes anything, :func:`claim` checks its ``--output``:
   time budget, evaluation batch). A changed ``lr`` or ``batch_size`` would otherwise silently
   mix two schedules; the refusal names the keys, and ``--allow-config-change`` overrides it.
 
-Only once the checks pass is ``run.json`` written; ``config.yaml`` is written by the run itself
-after its inputs are validated, so a refused command leaves the directory as it was.
+Nothing is written by the checks. ``config.yaml`` is written by the run itself once its inputs
+are validated, and ``run.json`` (the owner) after that, so a refused command leaves the directory
+as it was.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,17 +109,14 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], sections: tup
     return changes
 
 
-def claim(out: str | Path, command: str, cfg: Any = None, *, allow_config_change: bool = False) -> Path:
-    """Check that ``command`` may write into ``out`` (see the module docstring), then own it.
+def check(out: str | Path, command: str, cfg: Any = None, *, allow_config_change: bool = False) -> Path:
+    """Check that ``command`` may write into ``out`` (see the module docstring); writes nothing.
 
     Args:
         out: the ``--output`` directory.
         command: the CLI command (``stage1``, ``embed``, ``stage2``, ``llava-pretrain``...).
         cfg: the resolved run config (None: nothing to compare, e.g. ``export-tower``).
         allow_config_change: resume even when the config differs (``--allow-config-change``).
-
-    Returns:
-        ``out`` as a Path (created).
 
     Raises:
         RunDirError: ``out`` is a file, belongs to another command, or holds work made with
@@ -130,10 +129,13 @@ def claim(out: str | Path, command: str, cfg: Any = None, *, allow_config_change
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--output {out} is a file, not a directory: give a directory path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as e:
-        raise RunDirError(f"--output {out} cannot be a directory: {e.filename} is a file") from e
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunDirError(f"--output {out} cannot be created: {parent} is a file")
+            break
+    if not out.is_dir():
+        return out
     owner = infer_owner(out)
     legacy_llava = owner == "llava" and command.startswith("llava-")  # before run.json existed
     if owner is not None and owner != command and not legacy_llava:
@@ -157,5 +159,23 @@ def claim(out: str | Path, command: str, cfg: Any = None, *, allow_config_change
                 f"--output {out} holds a `{command}` run made with another config ({shown}); resuming "
                 "would mix the two. Use another --output, or --allow-config-change to resume anyway"
             )
-    (out / OWNER_FILE).write_text(json.dumps({"command": command}, indent=2) + "\n")
     return out
+
+
+@contextmanager
+def claimed(
+    out: str | Path, command: str, cfg: Any = None, *, allow_config_change: bool = False
+) -> Iterator[Path]:
+    """:func:`check` ``out``, run the body, then record ``command`` as its owner (``run.json``).
+
+    The owner is recorded once the run got far enough to write its ``config.yaml`` (or, for
+    commands without one, to write anything), also when it then fails or is interrupted, so a
+    refused command leaves no trace. A SIGKILLed run gets its record when it is resumed.
+    """
+    out = check(out, command, cfg, allow_config_change=allow_config_change)
+    try:
+        yield out
+    finally:
+        started = (out / CONFIG_FILE).is_file() if cfg is not None else out.is_dir() and any(out.iterdir())
+        if started and not (out / OWNER_FILE).is_file():
+            (out / OWNER_FILE).write_text(json.dumps({"command": command}, indent=2) + "\n")

@@ -449,9 +449,6 @@ def train_stage2(
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[s.precision]
     accelerator = _make_accelerator(Accelerator, mixed)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        configuration.dump(cfg, out / "config.yaml")
     usable = list(usable) if usable is not None else list(range(len(train_records)))
     total_steps = _total_steps(s, len(usable))
 
@@ -474,6 +471,9 @@ def train_stage2(
     if s.gradient_checkpointing:
         model.vision.set_grad_checkpointing(True)
     processor = model.vision.image_processor
+    if main:  # once the inputs (stores, backbone weights) are known to be usable
+        out.mkdir(parents=True, exist_ok=True)
+        configuration.dump(cfg, out / "config.yaml")
 
     checkpointer = Checkpointer(out / CHECKPOINTS, accelerator, keep=2)
     # Weights and state now, optimizer and scheduler after prepare; each rank slices the global
