@@ -256,7 +256,7 @@ def encoder_identity(path: str | Path) -> str:
     The saved identity when every weight file still has the size and sha256 recorded at save
     time (a file whose size and mtime are unchanged is not re-hashed); otherwise an identity
     derived from the files' actual hashes, with a warning, so stores made with the old weights
-    are refused. Encoders saved before the record existed get the derived identity too.
+    are refused. Encoders saved before the record existed keep their saved identity (warned).
 
     Raises:
         FileNotFoundError: ``path`` holds no CaptionEncoder.
@@ -272,21 +272,23 @@ def encoder_identity(path: str | Path) -> str:
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_file}: not valid JSON ({e})") from e
     recorded: dict[str, dict[str, Any]] = meta.get("weight_files") or {}
-    actual = _weight_records_quick(path, recorded)
-    if recorded and actual == {k: v["sha256"] for k, v in recorded.items()}:
+    if not recorded:
+        # Saved before weight records existed: its stores carry this identity; trust it, once more.
+        log.warning("%s: saved without weight hashes; its identity is taken from %s", path, ENCODER_FILE)
         return str(meta["identity"])
-    if recorded:
-        changed = sorted(
-            set(actual) ^ set(recorded)
-            | {k for k in actual if recorded.get(k, {}).get("sha256") != actual[k]}
-        )
-        log.warning(
-            "%s: weight file(s) %s differ from those the encoder was saved with; its identity is "
-            "derived from the files now there", path, ", ".join(changed),
-        )  # fmt: skip
+    actual = _weight_records_quick(path, recorded)
+    if actual == {k: v["sha256"] for k, v in recorded.items()}:
+        return str(meta["identity"])
+    changed = sorted(
+        set(actual) ^ set(recorded) | {k for k in actual if recorded.get(k, {}).get("sha256") != actual[k]}
+    )
+    log.warning(
+        "%s: weight file(s) %s differ from those the encoder was saved with; its identity is "
+        "derived from the files now there", path, ", ".join(changed),
+    )  # fmt: skip
     settings = {k: meta.get(k) for k in ("pooling", "instructions", "max_length", "dim", "format")}
     blob = json.dumps({"settings": settings, "weights": actual, "config": _config_text(path)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest() if actual else str(meta["identity"])
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _weight_records_quick(path: Path, recorded: dict[str, dict[str, Any]]) -> dict[str, str]:
