@@ -25,8 +25,11 @@ class UserError(Exception):
     exit_code = 2
 
 
-class PickleRefusedError(UserError):
-    """Weights that exist only as pickles, refused without ``reliability.allow_pickle_weights``."""
+class PickleRefusedError(UserError, OSError):
+    """Weights that exist only as pickles, refused without ``reliability.allow_pickle_weights``.
+
+    Also an ``OSError``: what transformers raises for a folder without usable weights.
+    """
 
 
 class RunDirError(UserError):
