@@ -169,7 +169,7 @@ def check_inputs(cfg: RunConfig, phase: Phase, init: Path | None) -> None:
                 "output) or a mm_projector.safetensors file"
             )
         path = init / PROJECTOR_FILE if init.is_dir() else init
-        if path.suffix != ".safetensors":
+        if path.is_file() and path.suffix != ".safetensors":
             raise PickleRefusedError(_PICKLED_PROJECTOR.format(path=path))
         if not path.is_file():
             raise MissingInputError(
