@@ -32,7 +32,7 @@ def test_fault_injection_case(world: object, name: str, fn: object) -> None:
 
 # -- fast checks of the pieces -------------------------------------------------------------------
 def test_checkpoint_with_flipped_bytes_is_refused_naming_the_file(tmp_path: Path) -> None:
-    from llm2clip_vlm.checkpointing import CheckpointError, Checkpointer
+    from llm2clip_vlm.checkpointing import Checkpointer, CheckpointError
 
     ckpt = Checkpointer(tmp_path)
     path = ckpt.save(1, weights={"w": torch.arange(64, dtype=torch.float32)}, state={"step": 1})
@@ -49,8 +49,14 @@ def test_checkpoint_with_flipped_bytes_is_refused_naming_the_file(tmp_path: Path
 def test_config_changes_ignore_speed_settings() -> None:
     from llm2clip_vlm.run_dir import config_changes
 
-    old = {"stage2": {"lr": 1e-3, "num_workers": 2, "backbone": {"hidden_size": 32}}, "runtime": {"threads": 1}}
-    new = {"stage2": {"lr": 2e-3, "num_workers": 0, "backbone": {"hidden_size": 64}}, "runtime": {"threads": 2}}
+    old = {
+        "stage2": {"lr": 1e-3, "num_workers": 2, "backbone": {"hidden_size": 32}},
+        "runtime": {"threads": 1},
+    }
+    new = {
+        "stage2": {"lr": 2e-3, "num_workers": 0, "backbone": {"hidden_size": 64}},
+        "runtime": {"threads": 2},
+    }
     assert config_changes(old, new, ("stage2", "runtime")) == [
         "stage2.backbone.hidden_size: 32 -> 64",
         "stage2.lr: 0.001 -> 0.002",
