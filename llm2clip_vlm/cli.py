@@ -11,7 +11,7 @@ import os
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -35,6 +35,13 @@ RecipeArg = Annotated[
     typer.Argument(help="Recipe YAML (only what differs from the defaults). Default: the embedded demo."),
 ]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output directory of the run.")]
+AllowChangeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-config-change",
+        help="Resume a run whose config differs (beyond speed settings) from the one it was started with.",
+    ),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config value: section.key=value (repeatable)."),
@@ -103,6 +110,16 @@ def _report_and_logs(output: Path, runs: list[Path]) -> None:
         )
 
 
+def claimed_output(
+    output: Path, command: str, cfg: RunConfig | None, allow_config_change: bool = False
+) -> Any:
+    """Context: refuse an --output that is a file, another command's run or a run with another
+    config; record the owner once the run has started (see llm2clip_vlm.run_dir)."""
+    from llm2clip_vlm.run_dir import claimed
+
+    return claimed(output, command, cfg, allow_config_change=allow_config_change)
+
+
 def _not_built(command: str, issue: str) -> None:
     console.print(f"[yellow]`llm2clip-vlm {command}` is not built yet[/yellow] ({issue}). Nothing was run.")
     raise typer.Exit(3)
@@ -126,12 +143,18 @@ def demo_data(
 
 
 @app.command("stage1")
-def stage1(recipe: RecipeArg = None, output: OutputOpt = Path("runs/stage1"), set_: SetOpt = None) -> None:
+def stage1(
+    recipe: RecipeArg = None,
+    output: OutputOpt = Path("runs/stage1"),
+    set_: SetOpt = None,
+    allow_config_change: AllowChangeOpt = False,
+) -> None:
     """Stage 1: make a decoder LLM a caption embedder (bidirectional, MNTP, supervised SimCSE)."""
     from llm2clip_vlm.text.train import run_stage1
 
     cfg = resolve_config(recipe, set_)
-    metrics = run_stage1(cfg, output)
+    with claimed_output(output, "stage1", cfg, allow_config_change):
+        metrics = run_stage1(cfg, output)
     if metrics:  # empty on non-main processes
         console.print(
             f"stage 1: CRA {metrics['cra_before']:.1f} -> {metrics['cra_after']:.1f} "
@@ -148,7 +171,12 @@ def _cra_where(metrics: dict) -> str:
 
 
 @app.command("embed")
-def embed(recipe: RecipeArg = None, output: OutputOpt = Path("runs/store"), set_: SetOpt = None) -> None:
+def embed(
+    recipe: RecipeArg = None,
+    output: OutputOpt = Path("runs/store"),
+    set_: SetOpt = None,
+    allow_config_change: AllowChangeOpt = False,
+) -> None:
     """Encode every caption once with a stage-1 embedder into the embedding store.
 
     Writes ``OUTPUT/train`` and ``OUTPUT/heldout-<name>`` (one store per split) and
@@ -161,7 +189,8 @@ def embed(recipe: RecipeArg = None, output: OutputOpt = Path("runs/store"), set_
 
     cfg = resolve_config(recipe, set_)
     try:
-        summary = run_embed(cfg, output)
+        with claimed_output(output, "embed", cfg, allow_config_change):
+            summary = run_embed(cfg, output)
     except MissingEncoderError as e:
         console.print(f"[red]embed:[/red] {e}")
         raise typer.Exit(2) from e
@@ -198,12 +227,14 @@ def stage2(
         typer.Option(help="The stage-1 CaptionEncoder (default: embed.encoder of the config)."),
     ] = None,
     set_: SetOpt = None,
+    allow_config_change: AllowChangeOpt = False,
 ) -> None:
     """Stage 2: align a CLIP vision encoder to the frozen LLM through stored caption embeddings."""
     from llm2clip_vlm.vision.train import run_stage2
 
     cfg = resolve_config(recipe, set_)
-    run_stage2(cfg, output, store_dir=store, encoder_dir=encoder)
+    with claimed_output(output, "stage2", cfg, allow_config_change):
+        run_stage2(cfg, output, store_dir=store, encoder_dir=encoder)
 
 
 @app.command("export-tower")
@@ -222,9 +253,13 @@ def export_tower(
     push_to_hub: PushOpt = None,
 ) -> None:
     """Export the stage-2 vision encoder in its own transformers format (a LLaVA vision tower)."""
+    from llm2clip_vlm.errors import UserError
     from llm2clip_vlm.vision.export import export_tower as do_export
 
-    do_export(run, output, model_dir=model_output, dtype=dtype)
+    if not (run / "model").is_dir():  # before --output is created
+        raise UserError(f"{run} is not a finished stage-2 run (no model/ folder): give a `stage2` --output")
+    with claimed_output(output, "export-tower", None):
+        do_export(run, output, model_dir=model_output, dtype=dtype)
     console.print(f"tower: {output}")
     _push(output, push_to_hub)
 
@@ -322,7 +357,8 @@ def build_tower(
         console.print(f"[red]--from-stage must be one of {', '.join(STAGES)}[/red], got {from_stage!r}")
         raise typer.Exit(2)
     cfg = resolve_config(recipe, set_)
-    metrics = run_build_tower(cfg, output, from_stage=from_stage)
+    with claimed_output(output, "build-tower", None):
+        metrics = run_build_tower(cfg, output, from_stage=from_stage)
     print_metrics(metrics, output)
     if os.environ.get("RANK", "0") == "0":  # one process writes the report and uploads
         _report_and_logs(output, [output])
@@ -335,7 +371,8 @@ TowerOpt = Annotated[
 
 
 def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | None, tower: str | None,
-               init: Path | None, push_to_hub: str | None = None) -> None:  # fmt: skip
+               init: Path | None, push_to_hub: str | None = None,
+               allow_config_change: bool = False) -> None:  # fmt: skip
     from llm2clip_vlm.data.captions import DataError
     from llm2clip_vlm.llava.templates import ConversationError
     from llm2clip_vlm.llava.train import MissingInputError, run_llava
@@ -344,7 +381,8 @@ def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | 
     if tower:
         cfg.llava.tower = tower
     try:
-        metrics = run_llava(cfg, output, phase, init=init)  # type: ignore[arg-type]
+        with claimed_output(output, f"llava-{phase}", cfg, allow_config_change):
+            metrics = run_llava(cfg, output, phase, init=init)  # type: ignore[arg-type]
     except (MissingInputError, FileNotFoundError) as e:
         console.print(f"[red]llava-{phase}:[/red] {escape(str(e))}", soft_wrap=True)  # paths stay copyable
         raise typer.Exit(2) from e
@@ -381,9 +419,10 @@ def llava_pretrain(
     set_: SetOpt = None,
     tower: TowerOpt = None,
     push_to_hub: PushOpt = None,
+    allow_config_change: AllowChangeOpt = False,
 ) -> None:
     """LLaVA-1.5 projector pretraining on top of a tower (only the projector trains)."""
-    _run_llava("pretrain", recipe, output, set_, tower, None, push_to_hub)
+    _run_llava("pretrain", recipe, output, set_, tower, None, push_to_hub, allow_config_change)
 
 
 @app.command("llava-finetune")
@@ -400,9 +439,10 @@ def llava_finetune(
         ),
     ] = Path("runs/llava-pretrain"),
     push_to_hub: PushOpt = None,
+    allow_config_change: AllowChangeOpt = False,
 ) -> None:
     """LLaVA-1.5 instruction tuning (projector + LLM: full, LoRA or QLoRA)."""
-    _run_llava("finetune", recipe, output, set_, tower, init, push_to_hub)
+    _run_llava("finetune", recipe, output, set_, tower, init, push_to_hub, allow_config_change)
 
 
 @app.command("eval")
@@ -568,30 +608,24 @@ def main() -> None:
         console.print("[red]interrupted[/red]")
         sys.exit(130)
     except Exception as e:
-        code = _report_known_error(e)
-        if code is None:
-            raise
-        sys.exit(code)
+        sys.exit(_report_error(e))
 
 
-def _report_known_error(e: Exception) -> int | None:
-    """One clear line (and an exit status) for the errors a user can act on; None for bugs."""
-    # Imported here, not at the top: they pull in torch, and `--help` must stay instant.
-    from rich.markup import escape
+def _report_error(e: Exception) -> int:
+    """One line (and an exit status) for an error the user can fix; a traceback for a bug."""
+    import traceback
 
-    from llm2clip_vlm.checkpointing import CheckpointError, NonFiniteError, TrainingInterrupted
-    from llm2clip_vlm.data.captions import DataError
+    from llm2clip_vlm.errors import BUG_EXIT_CODE, bug_report, describe
 
-    if isinstance(e, TrainingInterrupted):  # SIGTERM/SIGINT: a checkpoint was saved first
-        console.print(f"[yellow]{escape(str(e))}[/yellow]", soft_wrap=True)
-        return e.exit_code
-    if isinstance(e, DataError):  # names the file/record and the problem
-        console.print(f"[red]data error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
-        return 1
-    if isinstance(e, (CheckpointError, NonFiniteError)):
-        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
-        return 1
-    return None
+    known = describe(e)
+    if known is None:
+        traceback.print_exception(e)
+        console.print(f"[red]{escape(bug_report(e))}[/red]", soft_wrap=True, highlight=False)
+        return BUG_EXIT_CODE
+    label = f"[{known.style}]{known.label}:[/{known.style}] " if known.label else ""
+    text = escape(known.message) if known.label else f"[{known.style}]{escape(known.message)}[/{known.style}]"
+    console.print(label + text, soft_wrap=True, highlight=False)  # one line: paths stay copyable
+    return known.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -42,6 +42,7 @@ from llm2clip_vlm import configuration
 from llm2clip_vlm.checkpointing import Checkpointer, GracefulExit, NonFiniteGuard
 from llm2clip_vlm.config import RunConfig
 from llm2clip_vlm.data.images import BadRecords, write_report
+from llm2clip_vlm.errors import PickleRefusedError
 from llm2clip_vlm.llava.config import LlavaPhaseConfig
 from llm2clip_vlm.llava.data import (
     Batch,
@@ -69,6 +70,14 @@ LLAVA_PROJECTOR_KEYS = {
     "linear_2.bias": "model.mm_projector.2.bias",
 }
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+# A projector given as a pickle (LLaVA's own mm_projector.bin): never torch.load'ed.
+_PICKLED_PROJECTOR = (
+    "{path}: only a mm_projector.safetensors projector is read (a .bin is a pickle, which can run "
+    "code when loaded): pass --from the llava-pretrain output directory, or convert the file with "
+    "safetensors if you trust it"
+)
 
 
 class MissingInputError(FileNotFoundError):
@@ -134,7 +143,7 @@ def load_projector(projector: torch.nn.Module, path: Path) -> None:
             "or set llava.finetune init with --from"
         )
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: only safetensors projector files are read (pickle files are refused)")
+        raise PickleRefusedError(_PICKLED_PROJECTOR.format(path=path))
     state = load_file(str(path))
     inverse = {v: k for k, v in LLAVA_PROJECTOR_KEYS.items()}
     state = {inverse.get(k, k): v for k, v in state.items()}
@@ -161,6 +170,8 @@ def check_inputs(cfg: RunConfig, phase: Phase, init: Path | None) -> None:
                 "output) or a mm_projector.safetensors file"
             )
         path = init / PROJECTOR_FILE if init.is_dir() else init
+        if path.is_file() and path.suffix != ".safetensors":
+            raise PickleRefusedError(_PICKLED_PROJECTOR.format(path=path))
         if not path.is_file():
             raise MissingInputError(
                 f"pretrained projector {path} does not exist: run `llm2clip-vlm llava-pretrain` first "
@@ -401,9 +412,6 @@ def run_llava(
 
     accelerator = _make_accelerator(Accelerator, mixed)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        configuration.dump(cfg, out / "config.yaml")
     check_inputs(cfg, phase, init_path)
     data_file, image_folder, heldout_file = phase_data(cfg, phase, out)
     bad = BadRecords(
@@ -419,6 +427,9 @@ def run_llava(
             heldout_file, max_samples=p.data.heldout_max_samples, skip_bad=p.data.skip_bad,
             max_bad_fraction=p.data.max_bad_fraction,
         )  # fmt: skip
+    if main:  # only once the inputs are known to be usable (a refused run leaves no config.yaml)
+        out.mkdir(parents=True, exist_ok=True)
+        configuration.dump(cfg, out / "config.yaml")
 
     set_seed(p.seed)
     model, processor = build_model(cfg, phase, init_path, compute_dtype)

@@ -108,9 +108,6 @@ def train_stage1(
     accelerator = Accelerator(mixed_precision=_mixed_precision(s), cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     set_seed(s.seed)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        configuration.dump(cfg, out / "config.yaml")
     world = accelerator.num_processes
     if s.mntp.enabled and s.lora.quantization != "none":
         raise ValueError(
@@ -145,6 +142,9 @@ def train_stage1(
     )
     if s.lora.quantization == "none":
         model.to(accelerator.device)
+    if main:  # once the inputs (data, base weights) are known to be usable
+        out.mkdir(parents=True, exist_ok=True)
+        configuration.dump(cfg, out / "config.yaml")
 
     cra_before = _cra(decoder_of(model), tokenizer, s, pairs, accelerator) if main else None
     accelerator.wait_for_everyone()

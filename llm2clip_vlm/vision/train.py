@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from llm2clip_vlm import configuration
+from llm2clip_vlm.bad_samples import MidRunBadImages, gather_failures, load_or_replace
 from llm2clip_vlm.checkpointing import Checkpointer, GracefulExit, NonFiniteGuard
 from llm2clip_vlm.config import RunConfig
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
@@ -45,6 +46,7 @@ from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.losses import ClipLoss, SigLipLoss
 from llm2clip_vlm.progress import make_progress
 from llm2clip_vlm.tracking.tracker import RunTracker
+from llm2clip_vlm.vision.backbones import create_backbone
 from llm2clip_vlm.vision.config import Stage2Config
 from llm2clip_vlm.vision.decay import exempt_from_weight_decay
 from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
@@ -110,12 +112,16 @@ class Stage2TrainData(Dataset):
         rows = long if (use_long and len(long)) or not len(short) else short
         return int(rows[rng.integers(len(rows))])
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """``(pixel_values, caption embedding, failures)``: an unreadable image is replaced by a
+        deterministic other one and reported in ``failures`` (see :mod:`llm2clip_vlm.bad_samples`)."""
         epoch, position = item
-        index = self.indices[position]
+        image, index, failures = load_or_replace(
+            self.load_image, self.records, self.indices, position, epoch, self.seed
+        )
         row = self.caption_row(epoch, index)
         emb = torch.from_numpy(np.asarray(self.embeddings[[row]], dtype=np.float32)[0])
-        return pixel_values(self.image_processor, self.load_image(self.records[index])), emb
+        return pixel_values(self.image_processor, image), emb, failures
 
 
 def pixel_values(image_processor: Any, image: Any) -> torch.Tensor:
@@ -301,6 +307,8 @@ class TrainState:
     losses: list[float] = field(default_factory=list)
     retrieval_before: dict[str, Any] = field(default_factory=dict)
     skipped_steps: list[int] = field(default_factory=list)
+    # Images found unreadable mid-run and skipped: [record, reason] (data.verify_images=false).
+    bad_images: list[list[str]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,17 +328,13 @@ def run_stage2(
     """
     from llm2clip_vlm.data import open_image, resolve_data
     from llm2clip_vlm.store.store import EmbeddingStore
-    from llm2clip_vlm.text.encoder import ENCODER_FILE
+    from llm2clip_vlm.text.encoder import encoder_identity
 
     out = Path(output_dir)
     store_dir = Path(store_dir)
     encoder_dir = Path(encoder_dir or cfg.embed.encoder) if (encoder_dir or cfg.embed.encoder) else None
-    identity = ""
-    if encoder_dir is not None:
-        meta_file = encoder_dir / ENCODER_FILE
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{encoder_dir} is not a CaptionEncoder directory (no {ENCODER_FILE})")
-        identity = json.loads(meta_file.read_text())["identity"]
+    # From the weight files on disk (checked against their save-time hashes), not from the JSON.
+    identity = encoder_identity(encoder_dir) if encoder_dir is not None else ""
 
     train_set, heldout_sets = resolve_data(cfg.data, out)
     # The same captions the store was written from (``embed`` applies the same cut).
@@ -339,7 +343,7 @@ def run_stage2(
         store_dir / "train", captions=train_records, encoder_identity=identity or None
     )
     # The store keeps every record's rows; images that fail to decode are left out of sampling.
-    usable = _usable_images(cfg, out, "train", train_records)
+    usable = _usable_images(cfg, out, "train", train_records, earlier=train_set.skipped)
     heldout: dict[str, HeldoutSet] = {}
     for name, records in heldout_sets.items():
         records = list(records)
@@ -357,7 +361,7 @@ def run_stage2(
                 f"no embedding store for held-out set {name!r} ({hstore_dir}) and no encoder to embed it"
             )
         hs = HeldoutSet(records, emb, caption_image)
-        good = _usable_images(cfg, out, name, records)
+        good = _usable_images(cfg, out, name, records, earlier=heldout_sets[name].skipped)
         heldout[name] = hs if good is None else hs.subset(good)
     return train_stage2(
         cfg,
@@ -373,7 +377,7 @@ def run_stage2(
 
 
 def _usable_images(
-    cfg: RunConfig, out: Path, name: str, records: Sequence[ImageCaptions]
+    cfg: RunConfig, out: Path, name: str, records: Sequence[ImageCaptions], earlier: Sequence[Any] = ()
 ) -> list[int] | None:
     """Decode every image once (``data.verify_images``): indices of the good ones, None if all are.
 
@@ -385,7 +389,8 @@ def _usable_images(
 
     if not cfg.data.verify_images:
         return None
-    policy = BadRecords(cfg.data.skip_bad, cfg.data.max_bad_fraction, name=f"{name} images")
+    # The records skipped while reading count too: max_bad_fraction bounds all phases together.
+    policy = BadRecords(cfg.data.skip_bad, cfg.data.max_bad_fraction, name=f"{name} images", earlier=earlier)
     good = find_bad_images(records, policy, open_image, description=f"checking {name} images")
     if not policy.skipped:
         return None
@@ -453,9 +458,6 @@ def train_stage2(
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[s.precision]
     accelerator = _make_accelerator(Accelerator, mixed)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        configuration.dump(cfg, out / "config.yaml")
     usable = list(usable) if usable is not None else list(range(len(train_records)))
     total_steps = _total_steps(s, len(usable))
 
@@ -472,11 +474,15 @@ def train_stage2(
             logit_bias_init=s.logit_bias_init,
             encoder_path=encoder_path,
             encoder_identity=encoder_identity,
-        )
+        ),
+        backbone=create_backbone(s.backbone, allow_pickle=cfg.reliability.allow_pickle_weights),
     )
     if s.gradient_checkpointing:
         model.vision.set_grad_checkpointing(True)
     processor = model.vision.image_processor
+    if main:  # once the inputs (stores, backbone weights) are known to be usable
+        out.mkdir(parents=True, exist_ok=True)
+        configuration.dump(cfg, out / "config.yaml")
 
     checkpointer = Checkpointer(out / CHECKPOINTS, accelerator, keep=2)
     # Weights and state now, optimizer and scheduler after prepare; each rank slices the global
@@ -549,9 +555,21 @@ def train_stage2(
     guard = NonFiniteGuard(
         "stage2", rel.skip_nonfinite_steps, rel.max_skipped_steps, list(state.skipped_steps)
     )
+    bad_images = MidRunBadImages(
+        cfg.data.skip_bad,
+        cfg.data.max_bad_fraction,
+        out,
+        "train",
+        len(train_records),
+        state.bad_images,
+        write=main,
+    )
     with make_progress(disable=not main) as progress, GracefulExit() as signals:
         task = progress.add_task("stage 2", total=total_steps, completed=state.step, status="")
-        for pv, emb in loader:
+        for pv, emb, failures in loader:
+            # Stops (one line naming the file) unless data.skip_bad; every rank decides alike.
+            bad_images.add(gather_failures(accelerator, failures))
+            state.bad_images = [list(x) for x in bad_images.seen]
             if resumed is not None:  # after the loader started: RNG exactly as after the saved step
                 resumed.restore_rng()
                 resumed = None
@@ -631,6 +649,7 @@ def train_stage2(
                 "final_loss": state.losses[-1] if state.losses else None,
                 "losses": state.losses,
                 "skipped_steps": state.skipped_steps,
+                "bad_images": len(state.bad_images),
                 "processes": world,
                 "logit_scale": last_scale,
             },
