@@ -15,27 +15,30 @@ from typing import Any
 from llm2clip_vlm import config_io
 from llm2clip_vlm.data import open_image, resolve_data
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
+from llm2clip_vlm.hub.cards import llava_card, tower_card
 from llm2clip_vlm.llava.inputs import phase_data
 from llm2clip_vlm.llava.model import check_inputs
 from llm2clip_vlm.llava.train import train_llava
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.recipe import RunConfig
-from llm2clip_vlm.store.run import embed_splits, encoder_identity, resolve_encoder_dir
+from llm2clip_vlm.store.run import embed_splits, resolve_encoder_dir
 from llm2clip_vlm.store.store import EmbeddingStore
 from llm2clip_vlm.text.cra import choose_cra_source
+from llm2clip_vlm.text.encoder import encoder_identity
 from llm2clip_vlm.text.mntp import read_text_corpus
 from llm2clip_vlm.text.train import train_stage1
-from llm2clip_vlm.training import dist
+from llm2clip_vlm.vision.export import export_tower
 from llm2clip_vlm.vision.inputs import heldout_sets, usable_images
 from llm2clip_vlm.vision.train import train_stage2
 
 log = get_logger(__name__)
 
 
-def write_config(cfg: RunConfig, output_dir: Path) -> None:
-    """``<output_dir>/config.yaml``, written by the main process only."""
-    if dist.process_state().is_main_process:
-        config_io.dump(cfg, output_dir / "config.yaml")
+def config_writer(cfg: RunConfig, output_dir: Path) -> Callable[[], None]:
+    """What a stage calls (main process) once its inputs are usable: write ``config.yaml``, the
+    config exactly as run. A refused run leaves no config.yaml (the run directory's owner check
+    relies on it)."""
+    return lambda: config_io.dump(cfg, output_dir / "config.yaml")
 
 
 def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
@@ -51,13 +54,13 @@ def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
         )
     else:
         log.info("CRA on held-out set %r", source.name)
-    write_config(cfg, out)
     corpus = (
         read_text_corpus(cfg.data.text_corpus) if cfg.stage1.mntp.enabled and cfg.data.text_corpus else []
     )
     return train_stage1(
         cfg.stage1, out, source.train_records, source.records, text_corpus=corpus,
-        text_corpus_ratio=cfg.data.text_corpus_ratio, reliability=cfg.reliability, cra_info=source.describe(),
+        text_corpus_ratio=cfg.data.text_corpus_ratio, reliability=cfg.reliability, cra_info=source.describe(), on_ready=config_writer(cfg, out),
+        tracking=cfg.tracking, run_config=config_io.to_dict(cfg),
     )  # fmt: skip
 
 
@@ -70,8 +73,10 @@ def run_embed(
     """``llm2clip-vlm embed``: one store per split of ``cfg.data`` (see ``embed_splits``)."""
 
     resolve_encoder_dir(cfg.embed.encoder, stage1_output)  # a missing encoder is refused before any write
-    write_config(cfg, Path(output_dir))
-    return embed_splits(cfg.embed, cfg.data, output_dir, stage1_output=stage1_output, data=data)
+    return embed_splits(
+        cfg.embed, cfg.data, output_dir, stage1_output=stage1_output, data=data,
+        on_ready=config_writer(cfg, Path(output_dir)),
+    )  # fmt: skip
 
 
 def run_stage2(
@@ -100,23 +105,43 @@ def run_stage2(
         store_dir / "train", captions=train_records, encoder_identity=identity or None
     )
 
+    skipped = {"train": train_set.skipped, **{n: s.skipped for n, s in heldout_records.items()}}
+
     def usable(name: str, records: Any) -> list[int] | None:
         if not cfg.data.verify_images:
             return None
+        # The records skipped while reading count too: max_bad_fraction bounds all phases together.
         return usable_images(
-            out, name, records, skip_bad=cfg.data.skip_bad, max_bad_fraction=cfg.data.max_bad_fraction
-        )
+            out, name, records, skip_bad=cfg.data.skip_bad, max_bad_fraction=cfg.data.max_bad_fraction,
+            earlier=skipped[name],
+        )  # fmt: skip
 
     # The store keeps every record's rows; images that fail to decode are left out of sampling.
     train_usable = usable("train", train_records)
     heldout = heldout_sets(
         heldout_records, store_dir, encoder, identity, out / "heldout", cfg.embed.batch_size, usable
     )
-    write_config(cfg, out)
     return train_stage2(
         cfg.stage2, out, train_records, store, heldout, usable=train_usable, load_image=open_image,
         reliability=cfg.reliability, encoder_path=str(encoder.resolve()) if encoder else "",
-        encoder_identity=identity,
+        encoder_identity=identity, skip_bad=cfg.data.skip_bad, max_bad_fraction=cfg.data.max_bad_fraction,
+        tracking=cfg.tracking, run_config=config_io.to_dict(cfg), on_ready=config_writer(cfg, out),
+    )  # fmt: skip
+
+
+def run_export(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    model_dir: str | Path | None = None,
+    dtype: str | None = None,
+    verify: bool = True,
+) -> Path:
+    """``export-tower``: the stage-2 run's tower and retrieval model, with the hub card of its config."""
+    cfg_file = Path(run_dir) / "config.yaml"
+    cfg = config_io.load(RunConfig, cfg_file) if cfg_file.is_file() else RunConfig()
+    return export_tower(
+        run_dir, out_dir, model_dir=model_dir, dtype=dtype, verify=verify,
+        card=lambda provenance: tower_card(provenance, cfg),
     )  # fmt: skip
 
 
@@ -132,8 +157,12 @@ def run_llava(
     out = Path(output_dir)
     check_inputs(cfg.llava, phase, Path(init) if init else None)  # before anything is written
     data = phase_data(cfg.llava, phase, out, demo_dir=cfg.data.demo_dir, demo_seed=cfg.data.demo_seed)
-    write_config(cfg, out)
-    return train_llava(
+    metrics = train_llava(
         cfg.llava, phase, out, data, init=Path(init) if init else None, reliability=cfg.reliability,
-        on_step=on_step,
+        on_step=on_step, tracking=cfg.tracking, run_config=config_io.to_dict(cfg),
+        on_ready=config_writer(cfg, out),
     )  # fmt: skip
+    if metrics:  # the main process: the hub model card of model/
+        card = llava_card(cfg, phase, metrics, out, Path(init) if init else None, data.records, data.heldout)
+        (out / "model" / "README.md").write_text(card)
+    return metrics

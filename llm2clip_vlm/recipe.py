@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llm2clip_vlm.data.config import DataConfig
+from llm2clip_vlm.hub.config import HubConfig
 from llm2clip_vlm.llava.config import LlavaConfig
 from llm2clip_vlm.reliability import ReliabilityConfig
 from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.text.config import Stage1Config
+from llm2clip_vlm.tracking.config import TrackingConfig
 from llm2clip_vlm.vision.config import ExportConfig, Stage2Config
 
 
@@ -49,3 +51,5 @@ class RunConfig:
     llava: LlavaConfig = field(default_factory=LlavaConfig)
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)

@@ -48,9 +48,12 @@ def _imports(name: str, path: Path) -> list[tuple[str, list[str], bool]]:
             else:
                 mod = node.module or ""
             names = [a.name for a in node.names]
-            # ``from pkg import submodule`` imports the submodule.
+            # ``from pkg import submodule`` imports the submodule (its parent package is only
+            # initialised on the way, as for every submodule import): an edge to the submodule.
             subs = [f"{mod}.{n}" for n in names if f"{mod}.{n}" in MODULES]
-            found.append((mod, [n for n in names if f"{mod}.{n}" not in MODULES], id(node) in type_only))
+            others = [n for n in names if f"{mod}.{n}" not in MODULES]
+            if others or not subs:
+                found.append((mod, others, id(node) in type_only))
             found += [(s, [], id(node) in type_only) for s in subs]
     return [(m, n, t) for m, n, t in found if m == PACKAGE or m.startswith(PACKAGE + ".")]
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from llm2clip_vlm import LLM2CLIP
 from llm2clip_vlm.cli import app
-from llm2clip_vlm.vision.export import export_tower
+from llm2clip_vlm.commands import run_export as export_tower
 
 
 @pytest.mark.parametrize(

@@ -183,13 +183,14 @@ def _json_rows(path: Path) -> tuple[list[tuple[int, dict[str, Any] | DataError]]
     Read by hand rather than through ``datasets``: one broken line must be reported (and be
     skippable) on its own, not fail the whole file with a message that names no line.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    raw = path.read_bytes()
     rows: list[tuple[int, dict[str, Any] | DataError]] = []
-    stripped = text.lstrip()
-    if stripped.startswith("["):  # one JSON list of records
+    if raw.lstrip().startswith(b"["):  # one JSON list of records: one bad byte spoils the file
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}): {e.reason}") from e
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
@@ -197,8 +198,16 @@ def _json_rows(path: Path) -> tuple[list[tuple[int, dict[str, Any] | DataError]]
         for i, item in enumerate(items):
             ok = isinstance(item, dict)
             rows.append((i + 1, item if ok else DataError(f"{path}:{i + 1}: record is not a JSON object")))
-    else:  # JSON lines
-        for n, line in enumerate(text.splitlines(), start=1):
+    else:  # JSON lines: a line that is not UTF-8 is one bad record (skippable), not a bad file
+        for n, raw_line in enumerate(raw.splitlines(), start=1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = raw_line[e.start]
+                rows.append(
+                    (n, DataError(f"{path}:{n}: not UTF-8 (byte 0x{bad:02x} at column {e.start + 1})"))
+                )
+                continue
             if not line.strip():
                 continue
             try:
@@ -242,9 +251,30 @@ def _load_manifest(cfg: CaptionSetConfig, fmt: str) -> Any:
     try:
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets raises a zoo of types for malformed files
+        where = _csv_bad_line(path, kwargs.get("delimiter", ",")) if fmt == "csv" else None
+        if where is not None:
+            raise DataError(f"{path}:{where[0]}: malformed CSV row ({where[1]})") from e
         raise DataError(f"{path}: cannot be read as {fmt}: {type(e).__name__}: {e}") from e
     _check_columns(cfg, path, ds.column_names)
     return ds
+
+
+def _csv_bad_line(path: Path, delimiter: str) -> tuple[int, str] | None:
+    """The first line of a CSV file that does not parse or has another field count than the header."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter=delimiter, strict=True)
+            header = next(reader, [])
+            for row in reader:
+                if row and len(row) != len(header):
+                    return reader.line_num, f"{len(row)} fields, the header has {len(header)}"
+    except csv.Error as e:
+        return reader.line_num, str(e)
+    except UnicodeDecodeError as e:
+        return 0, f"not UTF-8 ({e.reason})"
+    return None
 
 
 def _manifest_records(cfg: CaptionSetConfig, fmt: str) -> Iterator[tuple[str, ImageCaptions | DataError]]:
@@ -324,10 +354,16 @@ def load_caption_set(
     rows = _webdataset_records(cfg) if fmt == "webdataset" else _manifest_records(cfg, fmt)
     policy = BadRecords(skip_bad, max_bad_fraction, name=cfg.path)
     records: list[ImageCaptions] = []
+    first_seen: dict[str, str] = {}  # key -> where it first appeared
     for where, item in rows:
+        if isinstance(item, ImageCaptions) and item.key in first_seen:
+            # Two records of one key would be two "different" images to the contrastive loss and
+            # the store: refused, or skipped (and reported) under skip_bad.
+            item = DataError(f"{where}: duplicate key {item.key!r} (first at {first_seen[item.key]})")
         if isinstance(item, DataError):
             policy.add(where, item)
             continue
+        first_seen[item.key] = where
         records.append(item)
         if cfg.max_images and len(records) >= cfg.max_images:
             break

@@ -29,6 +29,8 @@ class BadRecords:
         max_bad_fraction: with ``skip_bad``, stop anyway above this share (``data.max_bad_fraction``).
         name: the data set, for messages and the report.
         option: the config key that turns skipping on, named in the error.
+        earlier: records of the same data set already skipped by an earlier phase (reading the
+            manifest): ``max_bad_fraction`` bounds the total over all phases, not each phase.
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class BadRecords:
         max_bad_fraction: float = 0.01,
         name: str = "",
         option: str = "data.skip_bad",
+        earlier: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.skip_bad, self.max_bad_fraction, self.name, self.option = (
             skip_bad,
@@ -45,6 +48,7 @@ class BadRecords:
             option,
         )
         self.skipped: list[tuple[str, str]] = []
+        self.earlier = list(earlier)
 
     def add(self, where: str, error: Exception) -> None:
         """Record a bad record; raises at once unless skipping."""
@@ -53,18 +57,25 @@ class BadRecords:
         self.skipped.append((where, str(error)))
 
     def check(self, total: int) -> None:
-        """After a pass over ``total`` records: log the skips and stop if too many were bad."""
+        """After a pass over ``total`` records: log the skips and stop if too many were bad.
+
+        ``total`` counts the records this phase saw; the earlier phases' skips are added to both
+        the bad and the total count.
+        """
         if not self.skipped:
             return
-        share = len(self.skipped) / max(total, 1)
+        bad, total = len(self.skipped) + len(self.earlier), total + len(self.earlier)
+        share = bad / max(total, 1)
         log.warning(
             "%s: skipped %d of %d records (%.1f%%); first: %s",
             self.name, len(self.skipped), total, 100 * share, self.skipped[0][1],
         )  # fmt: skip
         if share > self.max_bad_fraction:
+            phases = f" ({len(self.earlier)} when reading, {len(self.skipped)} here)" if self.earlier else ""
+            first = (self.earlier or self.skipped)[0][1]
             raise DataError(
-                f"{self.name}: {len(self.skipped)} of {total} records are bad ({100 * share:.1f}% > "
-                f"max_bad_fraction {100 * self.max_bad_fraction:.1f}%); first: {self.skipped[0][1]}"
+                f"{self.name}: {bad} of {total} records are bad{phases} ({100 * share:.1f}% > "
+                f"max_bad_fraction {100 * self.max_bad_fraction:.1f}%); first: {first}"
             )
 
 

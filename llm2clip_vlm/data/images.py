@@ -134,15 +134,36 @@ def find_bad_images(
         except DataError as e:
             return e
 
+    from llm2clip_vlm.training.checkpoint import GracefulExit
+
     good: list[int] = []
-    with make_progress() as progress, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        task = progress.add_task(description, total=len(records), status="", unit="image")
-        for i, error in enumerate(pool.map(probe, range(len(records)))):
-            if error is None:
-                good.append(i)
-            else:
-                r = records[i]
-                policy.add(getattr(r, "source", "") or getattr(r, "key", str(i)), error)
-            progress.advance(task)
+    # SIGTERM/SIGINT stop the check at the next image with a message (and 128 + signal), rather
+    # than killing the process silently; there is nothing to save yet.
+    with GracefulExit() as signals, make_progress() as progress:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            task = progress.add_task(description, total=len(records), status="", unit="image")
+            for i, error in enumerate(pool.map(probe, range(len(records)))):
+                if signals.requested is not None:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    break
+                if error is None:
+                    good.append(i)
+                else:
+                    r = records[i]
+                    policy.add(getattr(r, "source", "") or getattr(r, "key", str(i)), error)
+                progress.advance(task)
+        if signals.requested is not None:
+            raise _interrupted_check(signals.requested, description)
     policy.check(len(records))
     return good
+
+
+def _interrupted_check(signum: int, description: str) -> Exception:
+    import signal
+
+    from llm2clip_vlm.training.checkpoint import TrainingInterrupted
+
+    e = TrainingInterrupted(signum, None)
+    name = signal.Signals(signum).name
+    e.args = (f"stopped by {name} while {description} (nothing to save yet); run the same command again",)
+    return e

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from llm2clip_vlm.errors import PickleRefusedError
 from llm2clip_vlm.llava.assemble import build_llava_model
 from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
 from llm2clip_vlm.llava.templates import TEMPLATE_FILE, VICUNA_SYSTEM, VICUNA_V1_JINJA
@@ -30,6 +31,14 @@ LLAVA_PROJECTOR_KEYS = {
     "linear_2.bias": "model.mm_projector.2.bias",
 }
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+# A projector given as a pickle (LLaVA's own mm_projector.bin): never torch.load'ed.
+PICKLED_PROJECTOR = (
+    "{path}: only a mm_projector.safetensors projector is read (a .bin is a pickle, which can run "
+    "code when loaded): pass --from the llava-pretrain output directory, or convert the file with "
+    "safetensors if you trust it"
+)
 
 
 class MissingInputError(FileNotFoundError):
@@ -58,7 +67,7 @@ def load_projector(projector: torch.nn.Module, path: Path) -> None:
             "or set llava.finetune init with --from"
         )
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: only safetensors projector files are read (pickle files are refused)")
+        raise PickleRefusedError(PICKLED_PROJECTOR.format(path=path))
     state = load_file(str(path))
     inverse = {v: k for k, v in LLAVA_PROJECTOR_KEYS.items()}
     state = {inverse.get(k, k): v for k, v in state.items()}
@@ -85,6 +94,8 @@ def check_inputs(llava: LlavaConfig, phase: str, init: Path | None) -> None:
                 "output) or a mm_projector.safetensors file"
             )
         path = init / PROJECTOR_FILE if init.is_dir() else init
+        if path.is_file() and path.suffix != ".safetensors":
+            raise PickleRefusedError(PICKLED_PROJECTOR.format(path=path))
         if not path.is_file():
             raise MissingInputError(
                 f"pretrained projector {path} does not exist: run `llm2clip-vlm llava-pretrain` first "

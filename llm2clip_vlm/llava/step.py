@@ -89,9 +89,11 @@ class LlavaStep:
         acc, world = self.accelerator, self.accelerator.num_processes
         self.counts["truncated"] += batch.truncated
         self.counts["dropped"] += batch.dropped
-        # Supervised tokens of the whole global batch: the loss's denominator (module docstring).
-        n_tokens = acc.reduce(torch.tensor([batch.num_supervised], device=acc.device), "sum")
-        denom = max(1.0, float(n_tokens.item()))
+        # Supervised tokens of the whole global batch: the loss's denominator (module docstring);
+        # and all input tokens, for the tokens/s a tracker logs.
+        counts = [batch.num_supervised, int(batch.attention_mask.sum())]
+        n_tokens = acc.reduce(torch.tensor(counts, device=acc.device), "sum")
+        denom = max(1.0, float(n_tokens[0].item()))
         step_loss = torch.zeros((), device=acc.device)
         micro = batch.split(self.micro) if len(batch) else []
         for k, mb in enumerate(micro):
@@ -109,4 +111,6 @@ class LlavaStep:
                 loss = token_loss_sum(self.model, mb, acc.device) / denom
             acc.backward(loss * scale)
             step_loss += loss.detach()
-        return StepOutput(dist.reduce_float(acc, step_loss, "sum"))
+        return StepOutput(
+            dist.reduce_float(acc, step_loss, "sum"), metrics={"tokens": int(n_tokens[1].item())}
+        )

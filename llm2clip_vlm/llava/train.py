@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from llm2clip_vlm.data.errors import BadRecords, write_report
+from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
 from llm2clip_vlm.llava.data import (
     Collator,
@@ -33,7 +35,7 @@ from llm2clip_vlm.llava.data import (
     ModalityBatchSampler,
     load_llava_records,
 )
-from llm2clip_vlm.llava.evaluate import answer_questions, score
+from llm2clip_vlm.llava.evaluate import answer_questions, is_correct, score
 from llm2clip_vlm.llava.inputs import PhaseData
 from llm2clip_vlm.llava.model import (
     PROJECTOR_FILE,
@@ -48,6 +50,9 @@ from llm2clip_vlm.llava.model import (
 from llm2clip_vlm.llava.step import LlavaStep, setup_deepspeed
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.reliability import ReliabilityConfig
+from llm2clip_vlm.tracking.config import TrackingConfig
+from llm2clip_vlm.tracking.gallery import write_answer_gallery
+from llm2clip_vlm.tracking.tracker import RunTracker
 from llm2clip_vlm.training import dist
 from llm2clip_vlm.training.loop import OnStep, Run, Stage
 from llm2clip_vlm.training.optim import DTYPES, adamw, grouped, make_scheduler
@@ -77,6 +82,9 @@ def train_llava(
     init: Path | None = None,
     reliability: ReliabilityConfig | None = None,
     on_step: OnStep | None = None,
+    tracking: TrackingConfig | None = None,
+    run_config: dict[str, Any] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train one phase (``pretrain``: projector only; ``finetune``) into ``output_dir``.
 
@@ -89,6 +97,8 @@ def train_llava(
             required for ``finetune``.
         reliability: non-finite steps and pickled weights (default: stop / refuse).
         on_step: called as ``on_step(step, loss)`` after every optimizer step (main process).
+        tracking, run_config: the ``tracking`` section and the resolved config it records.
+        on_ready: called on the main process once the inputs are usable (writes config.yaml).
 
     Returns:
         The metrics written to ``metrics.json`` (empty on non-main processes).
@@ -102,8 +112,6 @@ def train_llava(
     accelerator = dist.make_accelerator(p.loop.precision)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     check_inputs(llava, phase, init)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     bad = BadRecords(
         p.data.skip_bad,
         p.data.max_bad_fraction,
@@ -120,6 +128,10 @@ def train_llava(
             data.heldout, max_samples=p.data.heldout_max_samples, skip_bad=p.data.skip_bad,
             max_bad_fraction=p.data.max_bad_fraction,
         )  # fmt: skip
+    if main:  # only once the inputs are known to be usable (a refused run leaves no config.yaml)
+        out.mkdir(parents=True, exist_ok=True)
+        if on_ready is not None:
+            on_ready()
 
     set_seed(p.seed)
     model, processor = build_model(llava, phase, init, compute_dtype, rel.allow_pickle_weights)
@@ -182,9 +194,12 @@ def train_llava(
         )  # fmt: skip
         result = score(heldout, preds)
         result["examples"] = [
-            {"question": r.conversations[0]["value"], "answer": r.extra.get("answer"), "prediction": pr}
-            for r, pr in list(zip(heldout, preds, strict=True))[:5]
-        ]
+            {"question": r.conversations[0]["value"], "answer": r.extra.get("answer"), "prediction": pr,
+             "question_type": r.extra.get("question_type", ""), "image": str(r.image) if r.image else None,
+             "correct": is_correct(pr, str(r.extra.get("answer", r.conversations[1]["value"])),
+                                   str(r.extra.get("question_type", "")))}
+            for r, pr in list(zip(heldout, preds, strict=True))[:8]
+        ]  # fmt: skip
         return result
 
     if heldout and not state.extra.get("heldout_before") and world == 1:
@@ -194,6 +209,13 @@ def train_llava(
             state.extra["heldout_before"]["accuracy"],
             len(heldout),
         )
+
+    tracker = RunTracker.start(
+        out, tracking or TrackingConfig(), stage=f"llava-{phase}", main=main,
+        resume_step=state.step if run.resumed is not None else None, config=run_config,
+    )  # fmt: skip
+    if state.extra.get("heldout_before"):
+        tracker.log(0, {"heldout": state.extra["heldout_before"]})
 
     sampler = ModalityBatchSampler(
         is_image, p.batch_size, rank, world, p.seed, state.step, total_steps, p.group_by_modality,
@@ -213,11 +235,13 @@ def train_llava(
     # Under DeepSpeed, clipping and the update happen in backward (gradient_clipping).
     stage = Stage(f"llava {phase}", model, optimizer, scheduler, step, weights,
                   None if deepspeed else model.parameters, samples_per_step=p.batch_size)  # fmt: skip
-    run.train(stage, loader, total_steps, on_step)
+    run.train(stage, loader, total_steps, on_step, tracker)
 
     after = run_heldout() if world == 1 else {}
     before = state.extra.get("heldout_before", {})
     if after:
+        tracker.log(state.step, {"heldout": after})
+        write_answer_gallery(out, after["examples"], lambda path: load_rgb(str(path), str(path)))
         log.info(
             "held-out accuracy after: %.1f%% (before %.1f%%)",
             after["accuracy"],
@@ -254,5 +278,6 @@ def train_llava(
         torch.save(projector_state, out / "mm_projector.bin")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_report(out, data.records.name, len(records) + len(bad.skipped), bad.skipped)
+    tracker.finish()
     accelerator.wait_for_everyone()
     return metrics

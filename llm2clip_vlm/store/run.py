@@ -8,7 +8,7 @@ when a pipeline (``build-tower``) passes one.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +55,6 @@ def resolve_encoder_dir(encoder: str | Path | None, stage1_output: str | Path | 
     return path
 
 
-def encoder_identity(encoder_dir: Path) -> str:
-    """The identity a stage-1 encoder directory records (what its stores were written with)."""
-
-    return str(json.loads((encoder_dir / ENCODER_FILE).read_text())["identity"])
-
-
 def store_names(heldout: Mapping[str, Any]) -> list[str]:
     """Sub-store names in the order they are written: ``train``, then ``heldout-<name>``."""
     return ["train"] + [f"heldout-{name}" for name in heldout]
@@ -72,6 +66,7 @@ def embed_splits(
     output_dir: str | Path,
     stage1_output: str | Path | None = None,
     data: tuple[Sequence[ImageCaptions], Mapping[str, Sequence[ImageCaptions]]] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Embed the train split and every held-out set of ``data_cfg`` into ``output_dir``.
 
@@ -97,9 +92,14 @@ def embed_splits(
     train, heldout = data
     train = keep_captions(train, embed.train_captions_per_kind)
     encoder = CaptionEncoder.from_pretrained(encoder_dir, device=state.device)
+    if rank == 0 and on_ready is not None:  # once the data and the encoder are known to be usable
+        on_ready()
     log.info("embed: encoder %s (%s), %d process(es)", encoder_dir, encoder.identity()[:12], world)
     summary: dict[str, dict[str, Any]] = {}
     for name, records in zip(store_names(heldout), [train, *heldout.values()], strict=True):
+        if rank == 0:
+            _drop_if_other_encoder(out / name, encoder.identity())
+        state.wait_for_everyone()
         path = write_store(encoder, records, out / name, embed, rank=rank, world_size=world)
         if rank != 0:
             continue
@@ -115,3 +115,29 @@ def embed_splits(
             "padding_share": store.manifest["tokens"]["padding_share"],
         }
     return summary
+
+
+def _drop_if_other_encoder(path: Path, identity: str) -> None:
+    """Remove a (partial) store that the same encoder path made with other weights.
+
+    The encoder's identity follows its weight files; when they were replaced, every embedding of
+    the old store is stale, so it is embedded again instead of being refused (a different
+    ``embed.encoder`` path is a config change, refused before this by the run directory check).
+    """
+    import shutil
+
+    from llm2clip_vlm.store.format import PLAN
+
+    plan = path / PLAN
+    if not plan.is_file():
+        return
+    try:
+        old = json.loads(plan.read_text()).get("encoder_identity")
+    except json.JSONDecodeError:
+        return  # the writer reports it
+    if old and old != identity:
+        log.warning(
+            "%s was embedded by encoder %s..., the encoder's weights are now %s...: embedding again",
+            path, old[:12], identity[:12],
+        )  # fmt: skip
+        shutil.rmtree(path)

@@ -2,8 +2,14 @@
 
 On disk it is a plain transformers model directory (``config.json`` with ``is_causal: false``,
 ``model.safetensors``), its tokenizer, and ``llm2clip_encoder.json`` with the pooling and
-instruction settings and a content hash. :meth:`CaptionEncoder.identity` is what the embedding
-store records, so embeddings made by another embedder (or other settings) are refused.
+instruction settings, a content hash (the identity) and the size and sha256 of every weight file.
+:meth:`CaptionEncoder.identity` is what the embedding store records, so embeddings made by another
+embedder (or other settings) are refused.
+
+The identity follows the weights on disk, not the JSON: on load, :func:`encoder_identity` checks
+the weight files against the sizes and hashes recorded at save time (re-hashing only a file whose
+size or mtime changed). Weights replaced after saving give another identity, so ``embed`` and
+``stage2`` do not take them for the encoder that made a store.
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
 from llm2clip_vlm.text.modeling import ModelRef, load_bidirectional, load_tokenizer, save_model
 from llm2clip_vlm.text.pooling import mean_pool, tokenize
 
 ENCODER_FILE = "llm2clip_encoder.json"
 FORMAT_VERSION = 1
+
+log = get_logger(__name__)
 
 
 def hash_state_dict(state: dict[str, torch.Tensor]) -> str:
@@ -200,6 +209,7 @@ class CaptionEncoder(nn.Module):
         save_model(model, path)
         self.tokenizer.save_pretrained(path)
         meta = dict(self.settings(), format=FORMAT_VERSION, identity=self.identity())
+        meta["weight_files"] = _weight_records(path)  # hashed once here, checked on every load
         (path / ENCODER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return path
 
@@ -250,11 +260,78 @@ class CaptionEncoder(nn.Module):
         )
         if int(meta.get("dim", enc.hidden_size)) != enc.hidden_size:
             raise ValueError(f"{meta_file}: dim {meta['dim']} != model hidden size {enc.hidden_size}")
-        # The identity was computed from exactly these weights at save time; a weight dtype change
-        # on load does change the embeddings, so it is folded in.
+        # The identity of the weights on disk (checked against the save-time record); a weight
+        # dtype change on load does change the embeddings, so it is folded in.
+        identity = encoder_identity(path)
         enc._identity = (
-            meta["identity"]
-            if dtype is None
-            else hashlib.sha256(f"{meta['identity']}|{dtype}".encode()).hexdigest()
+            identity if dtype is None else hashlib.sha256(f"{identity}|{dtype}".encode()).hexdigest()
         )
         return enc
+
+
+def _weight_records(path: Path) -> dict[str, dict[str, Any]]:
+    from llm2clip_vlm.identity import file_sha256, folder_files
+
+    records = {}
+    for f in folder_files(path, (".safetensors", ".bin", ".gguf")):
+        st = f.stat()
+        records[f.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(f)}
+    return records
+
+
+def encoder_identity(path: str | Path) -> str:
+    """The identity of the encoder saved in ``path``, true to the weight files on disk.
+
+    The saved identity when every weight file still has the size and sha256 recorded at save
+    time (a file whose size and mtime are unchanged is not re-hashed); otherwise an identity
+    derived from the files' actual hashes, with a warning, so stores made with the old weights
+    are refused. Encoders saved before the record existed keep their saved identity (warned).
+
+    Raises:
+        FileNotFoundError: ``path`` holds no CaptionEncoder.
+        ValueError: its ``llm2clip_encoder.json`` is unreadable.
+    """
+
+    path = Path(path)
+    meta_file = path / ENCODER_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a CaptionEncoder directory (no {ENCODER_FILE})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_file}: not valid JSON ({e})") from e
+    recorded: dict[str, dict[str, Any]] = meta.get("weight_files") or {}
+    if not recorded:
+        # Saved before weight records existed: its stores carry this identity; trust it, once more.
+        log.warning("%s: saved without weight hashes; its identity is taken from %s", path, ENCODER_FILE)
+        return str(meta["identity"])
+    actual = _weight_records_quick(path, recorded)
+    if actual == {k: v["sha256"] for k, v in recorded.items()}:
+        return str(meta["identity"])
+    changed = sorted(
+        set(actual) ^ set(recorded) | {k for k in actual if recorded.get(k, {}).get("sha256") != actual[k]}
+    )
+    log.warning(
+        "%s: weight file(s) %s differ from those the encoder was saved with; its identity is "
+        "derived from the files now there", path, ", ".join(changed),
+    )  # fmt: skip
+    settings = {k: meta.get(k) for k in ("pooling", "instructions", "max_length", "dim", "format")}
+    blob = json.dumps({"settings": settings, "weights": actual, "config": _config_text(path)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _weight_records_quick(path: Path, recorded: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """``{file: sha256}`` of the weight files now in ``path``; unchanged size+mtime reuse the record."""
+    from llm2clip_vlm.identity import file_sha256, folder_files
+
+    out = {}
+    for f in folder_files(path, (".safetensors", ".bin", ".gguf")):
+        st, rec = f.stat(), recorded.get(f.name, {})
+        same = rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns
+        out[f.name] = rec["sha256"] if same and "sha256" in rec else file_sha256(f)
+    return out
+
+
+def _config_text(path: Path) -> str:
+    config = path / "config.json"
+    return hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else ""

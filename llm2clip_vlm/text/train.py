@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ from llm2clip_vlm.text.mntp import train_mntp
 from llm2clip_vlm.text.modeling import decoder_of, load_bidirectional, load_tokenizer, resolve_model_ref
 from llm2clip_vlm.text.pooling import resolve_caption_template
 from llm2clip_vlm.text.simcse import SimCSEBatches, Triplet, embed_triplets
+from llm2clip_vlm.tracking.config import TrackingConfig
+from llm2clip_vlm.tracking.tracker import RunTracker
 from llm2clip_vlm.training import dist
 from llm2clip_vlm.training.checkpoint import Checkpointer
 from llm2clip_vlm.training.loop import Run, Stage, StepOutput
@@ -55,6 +57,9 @@ def train_stage1(
     text_corpus_ratio: float = 0.0,
     reliability: ReliabilityConfig | None = None,
     cra_info: dict[str, Any] | None = None,
+    tracking: TrackingConfig | None = None,
+    run_config: dict[str, Any] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train a caption embedder and write ``encoder/`` and ``metrics.json``.
 
@@ -66,6 +71,8 @@ def train_stage1(
         text_corpus, text_corpus_ratio: plain texts MNTP mixes with the captions, and their share.
         reliability: what to do with non-finite steps (default: stop).
         cra_info: where the CRA pairs come from (:meth:`CRASource.describe`), for ``metrics.json``.
+        tracking, run_config: the ``tracking`` section and the resolved config it records.
+        on_ready: called on the main process once the inputs are usable (writes config.yaml).
 
     Returns:
         The metrics written to ``metrics.json`` (empty on non-main processes).
@@ -107,6 +114,10 @@ def train_stage1(
     )  # fmt: skip
     if s.lora.quantization == "none":
         model.to(accelerator.device)
+    if main:  # once the inputs (data, base weights) are known to be usable
+        out.mkdir(parents=True, exist_ok=True)
+        if on_ready is not None:
+            on_ready()
 
     cra_before = _cra(decoder_of(model), tokenizer, s, pairs) if main else None
     accelerator.wait_for_everyone()
@@ -126,6 +137,11 @@ def train_stage1(
               skip_nonfinite=rel.skip_nonfinite_steps, max_skipped=rel.max_skipped_steps)  # fmt: skip
     if run.resumed_weights is not None:
         load_adapter(peft_model, run.resumed_weights)
+    tracker = RunTracker.start(
+        out, tracking or TrackingConfig(), stage="stage1", main=main,
+        resume_step=run.state.step if run.resumed is not None else None, config=run_config,
+    )  # fmt: skip
+    tracker.log(0, {"cra": cra_before})
     ddp_model, optimizer = run.prepare(peft_model, optimizer, scheduler)
     loss_fn = SupervisedSimCSELoss(scale=s.scale)
     local = s.batch_size // world
@@ -135,13 +151,18 @@ def train_stage1(
             yield batches.batch(k, s.batch_size)[rank * local : (rank + 1) * local]
 
     def step(triplets: list[Triplet]) -> StepOutput:
+        k = run.state.step
         with accelerator.autocast():
             q, p, n = embed_triplets(ddp_model, tokenizer, triplets, s, accelerator.device)
         loss = loss_fn(q, p, n)
         accelerator.backward(loss)
         # Each rank's loss is the mean over its rows; their mean is the global-batch loss.
+        # Tokens of the global batch, counted only when the tracker logs the step.
+        tokens = lambda: _token_count(tokenizer, batches.batch(k, s.batch_size), s.max_length)  # noqa: E731
         return StepOutput(
-            round(dist.reduce_float(accelerator, loss), 6), f"lr {scheduler.get_last_lr()[0]:.2e}"
+            round(dist.reduce_float(accelerator, loss), 6),
+            f"lr {scheduler.get_last_lr()[0]:.2e}",
+            {"tokens": tokens},
         )
 
     def weights() -> dict[str, torch.Tensor] | None:
@@ -149,7 +170,7 @@ def train_stage1(
 
     stage = Stage("stage 1 SimCSE", ddp_model, optimizer, scheduler, step, weights, peft_model.parameters,
                   samples_per_step=s.batch_size, unit="queries")  # fmt: skip
-    state = run.train(stage, my_batches(), steps)
+    state = run.train(stage, my_batches(), steps, tracker=tracker)
 
     merged = merge_lora(accelerator.unwrap_model(ddp_model), ref, s, weight_dtype)
     metrics: dict[str, Any] = {}
@@ -183,6 +204,7 @@ def train_stage1(
             "encoder_identity": encoder.identity(),
         }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        tracker.log(state.step, {"cra": cra_after})
         log.info(
             "stage 1 done: CRA %.1f -> %.1f after %d steps (%.0f s)",
             cra_before,
@@ -190,6 +212,7 @@ def train_stage1(
             state.step,
             state.seconds,
         )
+    tracker.finish()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
@@ -222,6 +245,13 @@ def _cra(decoder: nn.Module, tokenizer: Any, s: Stage1Config, pairs: list[tuple[
     if s.loop.precision != "fp32":
         encoder.autocast_dtype = DTYPES[s.loop.precision]
     return round(caption_retrieval_accuracy(encoder, pairs, s.eval_batch_size), 2)
+
+
+def _token_count(tokenizer: Any, triplets: list[Triplet], max_length: int) -> int:
+    """Tokens the step embedded over all processes (queries with instructions, positives, negatives)."""
+    texts = [(t.instruction or "") + t.query for t in triplets] + [t.positive for t in triplets]
+    texts += [t.negative for t in triplets if t.negative is not None]
+    return sum(len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"])
 
 
 def latest_checkpoint(root: Path) -> Path | None:

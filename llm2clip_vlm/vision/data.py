@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from llm2clip_vlm.bad_samples import load_or_replace
 from llm2clip_vlm.data.records import ImageCaptions
 
 ImageLoader = Callable[[ImageCaptions], Any]  # record -> PIL RGB image
@@ -72,12 +73,16 @@ class Stage2TrainData(Dataset):
         rows = long if (use_long and len(long)) or not len(short) else short
         return int(rows[rng.integers(len(rows))])
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """``(pixel_values, caption embedding, failures)``: an unreadable image is replaced by a
+        deterministic other one and reported in ``failures`` (see :mod:`llm2clip_vlm.bad_samples`)."""
         epoch, position = item
-        index = self.indices[position]
+        image, index, failures = load_or_replace(
+            self.load_image, self.records, self.indices, position, epoch, self.seed
+        )
         row = self.caption_row(epoch, index)
         emb = torch.from_numpy(np.asarray(self.embeddings[[row]], dtype=np.float32)[0])
-        return pixel_values(self.image_processor, self.load_image(self.records[index])), emb
+        return pixel_values(self.image_processor, image), emb, failures
 
 
 def pixel_values(image_processor: Any, image: Any) -> torch.Tensor:

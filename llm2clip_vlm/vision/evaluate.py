@@ -26,10 +26,12 @@ def evaluate_retrieval(
     num_workers: int,
     device: torch.device,
     autocast: Callable[[], Any],
+    similarities: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, float | int]]:
     """Zero-shot retrieval metrics of every held-out set (``model`` may be DDP/FSDP-wrapped).
 
     Every process runs it (an FSDP model needs all ranks in its forward); only the main one writes.
+    ``similarities``, when given, receives each set's ``[images, captions]`` similarity matrix.
     """
     was_training = model.training
     model.eval()
@@ -49,6 +51,8 @@ def evaluate_retrieval(
                 text_features.append(model(text_embeddings=emb)["text_features"].float())
         sim = torch.cat(image_features) @ torch.cat(text_features).T
         results[name] = retrieval_metrics(sim.cpu(), hs.caption_image)
+        if similarities is not None:
+            similarities[name] = sim.cpu()
     model.train(was_training)
     return results
 

@@ -60,7 +60,13 @@ def heldout_sets(
 
 
 def usable_images(
-    out: Path, name: str, records: Sequence[ImageCaptions], *, skip_bad: bool, max_bad_fraction: float
+    out: Path,
+    name: str,
+    records: Sequence[ImageCaptions],
+    *,
+    skip_bad: bool,
+    max_bad_fraction: float,
+    earlier: Sequence[tuple[str, str]] = (),
 ) -> list[int] | None:
     """Decode every image once: indices of the good ones, None if all are.
 
@@ -68,7 +74,7 @@ def usable_images(
     listed in ``<out>/bad_records.json`` (see :mod:`llm2clip_vlm.data.images`).
     """
 
-    policy = BadRecords(skip_bad, max_bad_fraction, name=f"{name} images")
+    policy = BadRecords(skip_bad, max_bad_fraction, name=f"{name} images", earlier=earlier)
     good = find_bad_images(records, policy, open_image, description=f"checking {name} images")
     if not policy.skipped:
         return None

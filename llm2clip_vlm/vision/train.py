@@ -18,7 +18,7 @@ Reads like the run it is, top to bottom:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from llm2clip_vlm.bad_samples import MidRunBadImages, gather_failures
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.reliability import ReliabilityConfig
+from llm2clip_vlm.tracking.config import TrackingConfig
+from llm2clip_vlm.tracking.gallery import write_retrieval_gallery
+from llm2clip_vlm.tracking.tracker import RunTracker
 from llm2clip_vlm.training import dist
 from llm2clip_vlm.training.loop import OnStep, Run, Stage, StepOutput
 from llm2clip_vlm.training.losses import ClipLoss, SigLipLoss
 from llm2clip_vlm.training.optim import adamw, grouped, make_scheduler
+from llm2clip_vlm.vision.backbones import create_backbone
 from llm2clip_vlm.vision.config import Stage2Config
 from llm2clip_vlm.vision.data import (
     CaptionEmbeddings,
@@ -93,6 +98,11 @@ def train_stage2(
     encoder_identity: str = "",
     on_step: OnStep | None = None,
     usable: Sequence[int] | None = None,
+    skip_bad: bool = False,
+    max_bad_fraction: float = 0.01,
+    tracking: TrackingConfig | None = None,
+    run_config: dict[str, Any] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train stage 2 and write ``model/`` and ``metrics.json`` into ``output_dir``.
 
@@ -107,6 +117,10 @@ def train_stage2(
         encoder_path, encoder_identity: the stage-1 encoder, recorded in the saved model.
         on_step: called as ``on_step(step, loss)`` after every optimizer step (main process).
         usable: indices of the records to train on (default all; bad images left out).
+        skip_bad, max_bad_fraction: images found unreadable while training (``data.*``): stop, or
+            replace them deterministically and stop above this share.
+        tracking, run_config: the ``tracking`` section and the resolved config it records.
+        on_ready: called on the main process once the inputs are usable (writes config.yaml).
 
     Returns:
         The metrics written to ``metrics.json`` (``{"stage2": {...}}``).
@@ -127,12 +141,15 @@ def train_stage2(
             adaptor_blocks=s.adaptor_blocks, loss=s.loss, logit_scale_init=s.logit_scale_init,
             logit_scale_max=s.logit_scale_max, logit_bias_init=s.logit_bias_init,
             encoder_path=encoder_path, encoder_identity=encoder_identity,
-        )
+        ),
+        backbone=create_backbone(s.backbone, allow_pickle=rel.allow_pickle_weights),
     )  # fmt: skip
+    if main and on_ready is not None:  # once the inputs (stores, backbone weights) are known to be usable
+        out.mkdir(parents=True, exist_ok=True)
+        on_ready()
     if s.gradient_checkpointing:
         model.vision.set_grad_checkpointing(True)
     processor = model.vision.image_processor
-
     # Each rank slices the global batch, so only the same number of processes continues a run.
     run = Run("stage2", s.loop, out / CHECKPOINTS, accelerator, skip_nonfinite=rel.skip_nonfinite_steps,
               max_skipped=rel.max_skipped_steps, same_world_size=True)  # fmt: skip
@@ -151,16 +168,30 @@ def train_stage2(
         len(usable), steps, s.batch_size, s.batch_size // world, s.loop.precision, s.long_caption_ratio,
     )  # fmt: skip
 
-    def run_eval() -> dict[str, Any]:
+    def run_eval(similarities: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         return evaluate_retrieval(
             model, heldout, processor, load_image, s.eval_batch_size, s.num_workers,
-            accelerator.device, accelerator.autocast,
+            accelerator.device, accelerator.autocast, similarities,
         )  # fmt: skip
 
     state = run.state
     if not state.extra.get("retrieval_before"):
         state.extra["retrieval_before"] = run_eval()
         log_retrieval("before", state.extra["retrieval_before"])
+    tracker = RunTracker.start(
+        out, tracking or TrackingConfig(), stage="stage2", main=main,
+        resume_step=state.step if run.resumed is not None else None, config=run_config,
+    )  # fmt: skip
+    tracker.log(0, {"retrieval": state.extra["retrieval_before"]})
+    bad_images = MidRunBadImages(
+        skip_bad,
+        max_bad_fraction,
+        out,
+        "train",
+        len(train_records),
+        state.extra.get("bad_images", []),
+        write=main,
+    )
 
     dataset = Stage2TrainData(
         train_records, embeddings, processor, load_image, s.long_caption_ratio, s.seed, indices=usable
@@ -174,8 +205,11 @@ def train_stage2(
     )
     last_scale: list[float] = []
 
-    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
-        pv, emb = (t.to(accelerator.device, non_blocking=True) for t in batch)
+    def step(batch: tuple[torch.Tensor, torch.Tensor, Any]) -> StepOutput:
+        # Images unreadable mid-run: stop naming the file unless data.skip_bad; every rank decides alike.
+        bad_images.add(gather_failures(accelerator, batch[2]))
+        state.extra["bad_images"] = [list(x) for x in bad_images.seen]
+        pv, emb = (t.to(accelerator.device, non_blocking=True) for t in batch[:2])
         with accelerator.autocast():
             feats = model(pixel_values=pv, text_embeddings=emb)
         scale = feats["logit_scale"].float()
@@ -188,17 +222,23 @@ def train_stage2(
         accelerator.backward(loss)
         # From the forward, not the parameter: under FSDP a rank's own shard of it may be empty.
         last_scale[:] = [round(feats["logit_scale"].item(), 4)]
-        return StepOutput(dist.reduce_float(accelerator, loss), f"scale {last_scale[0]:.1f}")
+        return StepOutput(
+            dist.reduce_float(accelerator, loss), f"scale {last_scale[0]:.1f}", {"logit_scale": last_scale[0]}
+        )
 
     def weights() -> dict[str, torch.Tensor] | None:
         return accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
 
     stage = Stage("stage 2", model, optimizer, scheduler, step, weights, model.parameters,
                   after_update=raw.clamp_logit_scale, samples_per_step=s.batch_size, unit="img")  # fmt: skip
-    run.train(stage, loader, steps, on_step)
+    run.train(stage, loader, steps, on_step, tracker)
 
-    after = run_eval()
+    similarities: dict[str, torch.Tensor] = {}
+    after = run_eval(similarities)
     log_retrieval("after", after)
+    tracker.log(state.step, {"retrieval": after})
+    if main:  # what the report's retrieval gallery shows
+        write_retrieval_gallery(out, heldout, similarities, load_image)
     metrics = {
         "stage2": {
             "retrieval": after,
@@ -212,6 +252,7 @@ def train_stage2(
                 "final_loss": state.losses[-1] if state.losses else None,
                 "losses": state.losses,
                 "skipped_steps": state.skipped_steps,
+                "bad_images": len(state.extra.get("bad_images", [])),
                 "processes": world,
                 "logit_scale": last_scale[0] if last_scale else None,
             },
@@ -228,5 +269,6 @@ def train_stage2(
         out.mkdir(parents=True, exist_ok=True)
         to_save.save_pretrained(out / "model")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    tracker.finish()
     accelerator.wait_for_everyone()
     return metrics
