@@ -41,13 +41,13 @@ ENV = dict(
 
 STAGE2_TINY = [
     "stage2.backbone.image_size=32", "stage2.backbone.hidden_size=32", "stage2.backbone.num_layers=2",
-    "stage2.backbone.num_heads=2", "stage2.embed_dim=16", "stage2.num_workers=0", "stage2.precision=fp32",
-    "stage2.eval_batch_size=32", "stage2.batch_size=8", "stage2.max_steps=2", "stage2.save_every_steps=1",
+    "stage2.backbone.num_heads=2", "stage2.embed_dim=16", "stage2.num_workers=0", "stage2.loop.precision=fp32",
+    "stage2.eval_batch_size=32", "stage2.batch_size=8", "stage2.loop.max_steps=2", "stage2.loop.save_every_steps=1",
 ]  # fmt: skip
-STAGE1_TINY = ["stage1.max_steps=2", "stage1.batch_size=4", "stage1.cra_captions=16"]
+STAGE1_TINY = ["stage1.loop.max_steps=2", "stage1.batch_size=4", "stage1.cra_captions=16"]
 BUILD_TINY = [
     "data.demo_train_images=48", "data.demo_heldout_images=16", *STAGE1_TINY,
-    "stage2.max_steps=2", "stage2.batch_size=8", "stage2.embed_dim=32", "stage2.num_workers=0",
+    "stage2.loop.max_steps=2", "stage2.batch_size=8", "stage2.embed_dim=32", "stage2.num_workers=0",
     "stage2.backbone.hidden_size=32", "stage2.backbone.num_layers=2", "stage2.backbone.num_heads=2",
     "stage2.backbone.image_size=32",
 ]  # fmt: skip
@@ -226,7 +226,7 @@ def case_skip_bad_mid_run(w: World) -> str:
     rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
     victim = _batch_positions(32, 8, 3)[0]  # met in step 4, after the checkpoint of step 3
     (data / rows[victim]["image"]).write_bytes(b"GIF89a not an image")
-    lazy = ["--set=data.verify_images=false", "--set=stage2.max_steps=4"]
+    lazy = ["--set=data.verify_images=false", "--set=stage2.loop.max_steps=4"]
     skip = ["--set=data.skip_bad=true", "--set=data.max_bad_fraction=0.2"]
 
     r = w.stage2(w.root / "mid-stop", *lazy, "--set=stage2.num_workers=2", data=data)

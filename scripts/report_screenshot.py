@@ -29,9 +29,9 @@ def main() -> None:
     from fault_driver import run_stage2, stage1_cfg, stage1_data
 
     from llm2clip_vlm import config_io
-    from llm2clip_vlm.recipe import RunConfig
+    from llm2clip_vlm.commands import run_llava
     from llm2clip_vlm.data.synthetic_llava import write_llava_demo
-    from llm2clip_vlm.llava.train import run_llava
+    from llm2clip_vlm.recipe import RunConfig
     from llm2clip_vlm.reports import load_runs, write_report
     from llm2clip_vlm.text.tiny import save_tiny_llm
     from llm2clip_vlm.text.train import train_stage1
@@ -43,9 +43,9 @@ def main() -> None:
     track = ["tracking.log_every_steps=2"]
     s1 = stage1_cfg(save_tiny_llm(work / "llm"), epochs=4, max_steps=24, lr=5e-3)
     s1.tracking.log_every_steps = 2
-    train_stage1(s1, work / "build" / "stage1", *stage1_data())
+    train_stage1(s1.stage1, work / "build" / "stage1", *stage1_data(), tracking=s1.tracking)
     for name, ratio in (("build/stage2", 0.5), ("stage2-long-only", 1.0)):
-        extra = [f"stage2.long_caption_ratio={ratio}", "stage2.max_steps=40", "stage2.lr=2e-3", *track]
+        extra = [f"stage2.long_caption_ratio={ratio}", "stage2.loop.max_steps=40", "stage2.lr=2e-3", *track]
         run_stage2(work / "data", work / name, extra)
 
     data = work / "llava-data"
@@ -58,8 +58,8 @@ def main() -> None:
         cfg = config_io.load(RunConfig, None, [
             f"llava.tower={tower}", f"llava.llm={llm}", f"{p}.data.path={data / name}",
             f"{p}.data.heldout_path={data / 'llava_heldout.json'}", f"{p}.batch_size=8", f"{p}.micro_batch_size=8",
-            f"{p}.num_workers=0", f"{p}.precision=fp32", f"{p}.max_steps={steps}", f"{p}.eval_max_new_tokens=3",
-            f"{p}.lr=2e-3", f"{p}.warmup_ratio=0", f"{p}.gradient_checkpointing=false", *track,
+            f"{p}.num_workers=0", f"{p}.loop.precision=fp32", f"{p}.loop.max_steps={steps}", f"{p}.eval_max_new_tokens=3",
+            f"{p}.lr=2e-3", f"{p}.loop.warmup_ratio=0", f"{p}.gradient_checkpointing=false", *track,
             *([f"{p}.tune=full"] if phase == "finetune" else []),
         ])  # fmt: skip
         run_llava(cfg, work / f"llava-{phase}", phase, init=init)  # type: ignore[arg-type]

@@ -68,7 +68,10 @@ def run_stage1(model: Path, out: Path) -> dict[str, Any]:
 
     train, held = stage1_data()
     cfg = stage1_cfg(model)
-    return train_stage1(cfg.stage1, out, train, held, reliability=cfg.reliability)
+    return train_stage1(
+        cfg.stage1, out, train, held, reliability=cfg.reliability, tracking=cfg.tracking,
+        run_config=config_io.to_dict(cfg), on_ready=lambda: config_io.dump(cfg, out / "config.yaml"),
+    )  # fmt: skip
 
 
 def stage2_cfg(extra: list[str] | None = None) -> RunConfig:
@@ -86,16 +89,19 @@ def run_stage2(data: Path, out: Path, extra: list[str] | None = None, **kw: Any)
     owner = torch.tensor([i for i, r in enumerate(held) for _ in r.captions])
     heldout = {"short": HeldoutSet(held, torch.from_numpy(hstore.array.astype("float32")), owner)}
     cfg = stage2_cfg(extra)
+    store = FakeStore(train)
     return train_stage2(
-        cfg.stage2,
-        out,
-        train,
-        FakeStore(train),
-        heldout,
-        load_image=load_image,
-        reliability=cfg.reliability,
-        **kw,
+        cfg.stage2, out, train, store, heldout, load_image=load_image, **stage2_inputs(cfg, out), **kw
     )
+
+
+def stage2_inputs(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    """The explicit inputs ``commands.run_stage2`` gives ``train_stage2`` besides the data."""
+    return dict(
+        reliability=cfg.reliability, skip_bad=cfg.data.skip_bad, max_bad_fraction=cfg.data.max_bad_fraction,
+        tracking=cfg.tracking, run_config=config_io.to_dict(cfg),
+        on_ready=lambda: config_io.dump(cfg, out / "config.yaml"),
+    )  # fmt: skip
 
 
 def kill_at_loss(loss_cls: type, n: int) -> None:

@@ -61,7 +61,9 @@ def test_exported_tower_card_parses_with_model_index_and_uploads_the_right_files
 
     run = tmp_path / "run"
     extra = ["hub.datasets=[pixparse/cc3m-wds]", "hub.tags=[demo]"]
-    metrics = _run(tmp_path / "data", run, ["stage2.batch_size=8", "stage2.max_steps=2", *extra])["stage2"]
+    metrics = _run(tmp_path / "data", run, ["stage2.batch_size=8", "stage2.loop.max_steps=2", *extra])[
+        "stage2"
+    ]
     tower = export_tower(run, tmp_path / "export" / "tower")
     text = (tower / "README.md").read_text()
     meta = front_matter(text)

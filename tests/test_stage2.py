@@ -123,9 +123,10 @@ def _run(root: Path, out: Path, overrides: list[str], **kw: Any) -> dict[str, An
     n_train, n_held = kw.pop("n_train", 32), kw.pop("n_held", 8)
     train, store, heldout = _world(root, n_train, n_held)
     cfg = config_io.load(RunConfig, None, TINY + overrides)
-    config_io.dump(cfg, out / "config.yaml")  # as commands.run_stage2 does (export reads it)
+    from fault_driver import stage2_inputs  # what commands.run_stage2 passes (config.yaml, tracking)
+
     return train_stage2(
-        cfg.stage2, out, train, store, heldout, load_image=load_image, reliability=cfg.reliability, **kw
+        cfg.stage2, out, train, store, heldout, load_image=load_image, **stage2_inputs(cfg, out), **kw
     )
 
 
