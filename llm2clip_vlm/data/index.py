@@ -148,12 +148,16 @@ class RecordIndex(Sequence[ImageCaptions]):
         texts, kinds = c["texts"][i].as_py(), c["kinds"][i].as_py()
         captions = [Caption(t, KIND_NAMES[k]) for t, k in zip(texts, kinds, strict=True)]  # type: ignore[arg-type]
         if self.meta["kind"] == "shards":
+            return ImageCaptions(key, self.read_image(i), captions, self.describe(i))
+        return ImageCaptions(key, c["image"][i].as_py(), captions, self.describe(i))
+
+    def describe(self, i: int) -> str:
+        """Where record ``i`` comes from (``manifest:line`` or ``shard.tar:key``), for messages."""
+        c = self._cols
+        if self.meta["kind"] == "shards":
             shard = c["shard"][i].as_py()
-            tar_key = c["line"][i].as_py()
-            return ImageCaptions(
-                key, self.read_image(i), captions, f"{self.sources[shard]}:{self.tar_keys(shard)[tar_key]}"
-            )
-        return ImageCaptions(key, c["image"][i].as_py(), captions, f"{self.sources[0]}:{c['line'][i].as_py()}")
+            return f"{self.sources[shard]}:{self.tar_keys(shard)[c['line'][i].as_py()]}"
+        return f"{self.sources[0]}:{c['line'][i].as_py()}"
 
     def __iter__(self) -> Iterator[ImageCaptions]:
         for i in range(len(self)):
