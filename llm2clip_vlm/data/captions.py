@@ -399,6 +399,15 @@ class IndexedRecords(Sequence[ImageCaptions]):
             yield self.index[i]
 
 
+def record_index(records: Sequence[ImageCaptions]) -> RecordIndex | None:
+    """The index behind a set read by :func:`load_caption_set` (also through ``keep_captions``)."""
+    from llm2clip_vlm.data.records import KeptCaptions
+
+    while isinstance(records, (CaptionSet, KeptCaptions)):
+        records = records.records
+    return records.index if isinstance(records, IndexedRecords) else None
+
+
 def load_caption_set(
     cfg: CaptionSetConfig, *, skip_bad: bool = False, max_bad_fraction: float = 0.01, name: str = ""
 ) -> CaptionSet:

@@ -26,7 +26,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from llm2clip_vlm.data.captions import DataError, safe_image_path
+from llm2clip_vlm.data.check import check_images
 from llm2clip_vlm.data.images import BadRecords, load_rgb
+from llm2clip_vlm.data.index import file_identity
 from llm2clip_vlm.llava.templates import (
     IGNORE_INDEX,
     ConversationError,
@@ -114,6 +116,14 @@ def _verify_image(path: Path, where: str) -> None:
     load_rgb(path, where)
 
 
+def _check_key(path: Path, folder: Path, max_samples: int) -> str:
+    """The identity of a LLaVA data file as read (the image check's cache key)."""
+    import hashlib
+
+    blob = json.dumps([file_identity(path), str(folder.resolve()), max_samples], sort_keys=True)
+    return "llava-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
 def load_llava_records(
     path: str | Path,
     image_folder: str | Path = "",
@@ -123,11 +133,14 @@ def load_llava_records(
     max_bad_fraction: float = 0.01,
     verify_images: bool = True,
     bad: BadRecords | None = None,
+    check_workers: int = 4,
 ) -> list[LlavaRecord]:
     """Read and check LLaVA records (see the module docstring for the policy).
 
     ``bad`` (default: one built from ``skip_bad`` / ``max_bad_fraction``) collects what was
-    skipped, for the run's report.
+    skipped, for the run's report. With ``verify_images`` every image is decoded once, by
+    ``check_workers`` threads, and the result is cached by the data file's identity
+    (:mod:`llm2clip_vlm.data.check`): a second start decodes nothing.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -148,11 +161,20 @@ def load_llava_records(
         task = progress.add_task(f"checking {path.name}", total=len(rows), status="")
         for where, raw in rows:
             try:
-                records.append(_check_record(raw, where, folder, verify_images))
+                records.append(_check_record(raw, where, folder, verify_image=False))
             except DataError as e:
                 bad.add(where, e)  # raises unless skipping
             progress.advance(task)
-    bad.check(len(rows))
+    if verify_images:
+        good = check_images(
+            records, bad, lambda r: _verify_image(r.image, r.source), key=_check_key(path, folder, max_samples),
+            workers=check_workers, description=f"checking {path.name} images", select=lambda r: r.has_image,
+            total=len(rows),
+        )  # fmt: skip
+        if good is not None:
+            records = [records[i] for i in good]
+    else:
+        bad.check(len(rows))
     if not records:
         raise DataError(f"{path}: no usable records")
     return records

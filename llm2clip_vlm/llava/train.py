@@ -406,13 +406,15 @@ def run_llava(
     )
     records = load_llava_records(
         data_file, image_folder, max_samples=p.data.max_samples, skip_bad=p.data.skip_bad,
-        max_bad_fraction=p.data.max_bad_fraction, bad=bad,
+        max_bad_fraction=p.data.max_bad_fraction, bad=bad, verify_images=p.data.verify_images,
+        check_workers=p.data.check_workers,
     )  # fmt: skip
     heldout: list[LlavaRecord] = []
     if heldout_file is not None and heldout_file.is_file():
         heldout = load_llava_records(
             heldout_file, max_samples=p.data.heldout_max_samples, skip_bad=p.data.skip_bad,
-            max_bad_fraction=p.data.max_bad_fraction,
+            max_bad_fraction=p.data.max_bad_fraction, verify_images=p.data.verify_images,
+            check_workers=p.data.check_workers,
         )  # fmt: skip
 
     set_seed(p.seed)

@@ -292,6 +292,8 @@ class TrainState:
     losses: list[float] = field(default_factory=list)
     retrieval_before: dict[str, Any] = field(default_factory=dict)
     skipped_steps: list[int] = field(default_factory=list)
+    # With data.stream: the stream position of every process and worker (data/stream.py).
+    data_position: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +332,7 @@ def run_stage2(
         store_dir / "train", captions=train_records, encoder_identity=identity or None
     )
     # The store keeps every record's rows; images that fail to decode are left out of sampling.
-    usable = _usable_images(cfg, out, "train", train_records)
+    usable = None if cfg.data.stream else _usable_images(cfg, out, "train", train_records)
     heldout: dict[str, HeldoutSet] = {}
     for name, records in heldout_sets.items():
         records = list(records)
@@ -366,18 +368,23 @@ def run_stage2(
 def _usable_images(
     cfg: RunConfig, out: Path, name: str, records: Sequence[ImageCaptions]
 ) -> list[int] | None:
-    """Decode every image once (``data.verify_images``): indices of the good ones, None if all are.
+    """Decode every image once per data set (``data.verify_images``): good indices, None if all are.
 
     Bad images stop the run with a message naming them, or with ``data.skip_bad`` are skipped and
     listed in ``<out>/bad_records.json`` (see :mod:`llm2clip_vlm.data.images`).
     """
-    from llm2clip_vlm.data import open_image
-    from llm2clip_vlm.data.images import BadRecords, find_bad_images, write_report
+    from llm2clip_vlm.data.check import check_caption_images
+    from llm2clip_vlm.data.images import BadRecords, write_report
 
     if not cfg.data.verify_images:
         return None
     policy = BadRecords(cfg.data.skip_bad, cfg.data.max_bad_fraction, name=f"{name} images")
-    good = find_bad_images(records, policy, open_image, description=f"checking {name} images")
+    # Cached by the data set's identity: decoded once, not at every start (data/check.py).
+    good = check_caption_images(
+        records, policy, workers=cfg.data.check_workers, description=f"checking {name} images"
+    )
+    if good is None:
+        return None
     if not policy.skipped:
         return None
     write_report(out, name, len(records), policy.skipped)
@@ -518,15 +525,24 @@ def train_stage2(
     dataset = Stage2TrainData(
         train_records, embeddings, processor, load_image, s.long_caption_ratio, s.seed, indices=usable
     )
-    sampler = GlobalBatchSampler(len(usable), s.batch_size, rank, world, s.seed, state.step, total_steps)
-    loader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=s.num_workers,
-        persistent_workers=False,
-        # Pinned host batches let the copies below overlap with compute on a GPU.
-        pin_memory=accelerator.device.type == "cuda",
-    )
+    loader: Any
+    if cfg.data.stream:  # each rank reads its own shards (vision/stream.py)
+        from llm2clip_vlm.vision.stream import Stage2Stream
+
+        loader = Stage2Stream(
+            cfg, train_records, dataset, state.data_position, rank=rank, world=world,
+            pin_memory=accelerator.device.type == "cuda",
+        )  # fmt: skip
+    else:
+        sampler = GlobalBatchSampler(len(usable), s.batch_size, rank, world, s.seed, state.step, total_steps)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=s.num_workers,
+            persistent_workers=False,
+            # Pinned host batches let the copies below overlap with compute on a GPU.
+            pin_memory=accelerator.device.type == "cuda",
+        )
     model.train()
     start_time = time.perf_counter() - state.seconds
     images_seen, loop_start = 0, time.perf_counter()
@@ -584,6 +600,8 @@ def train_stage2(
             interrupted = signals.should_stop(accelerator)
             if (s.save_every_steps > 0 and state.step % s.save_every_steps == 0) or stop or interrupted:
                 weights = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
+                if cfg.data.stream:
+                    state.data_position = loader.state_dict()  # a collective too
                 checkpointer.save(
                     state.step, weights=weights if main else None, optimizer=optimizer,
                     scheduler=scheduler, state=asdict(state),
