@@ -71,7 +71,9 @@ def test_processes_start_at_their_own_chunk(tmp_path: Path, monkeypatch: pytest.
     assert sorted(rank0.calls) == [*range(0, 20), *range(30, 40)]  # chunk 2 was rank 1's
 
 
-def test_llava_images_are_checked_once_with_the_same_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_llava_images_are_checked_once_with_the_same_switch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import json
 
     from PIL import Image
@@ -84,7 +86,9 @@ def test_llava_images_are_checked_once_with_the_same_switch(tmp_path: Path, monk
     (tmp_path / "2.png").write_bytes(b"not a png")
     conv = [{"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": "a square"}]
     data = tmp_path / "d.json"
-    data.write_text(json.dumps([{"id": str(i), "image": f"{i}.png", "conversations": conv} for i in range(3)]))
+    data.write_text(
+        json.dumps([{"id": str(i), "image": f"{i}.png", "conversations": conv} for i in range(3)])
+    )
     calls: list[str] = []
     real = llava_data.load_rgb
     monkeypatch.setattr(llava_data, "load_rgb", lambda p, w="": (calls.append(str(p)), real(p, w))[1])

@@ -76,7 +76,10 @@ def test_shard_index_reads_no_image_bytes_and_serves_them_by_seek(tmp_path: Path
             buf = io.BytesIO()
             Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(buf, format="PNG")
             images[f"k{i}"] = buf.getvalue()
-            for name, data in ((f"k{i}.png", buf.getvalue()), (f"k{i}.json", json.dumps({"short_captions": [f"c{i}"]}).encode())):
+            for name, data in (
+                (f"k{i}.png", buf.getvalue()),
+                (f"k{i}.json", json.dumps({"short_captions": [f"c{i}"]}).encode()),
+            ):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))

@@ -23,7 +23,9 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLM2CLIP_VLM_CACHE", str(tmp_path / "cache"))
 
 
-def write_shards(folder: Path, shards: int, per_shard: int, image_bytes: int = 64, bad: set[int] = frozenset()) -> Path:
+def write_shards(
+    folder: Path, shards: int, per_shard: int, image_bytes: int = 64, bad: set[int] = frozenset()
+) -> Path:
     """Shards whose 'image' of record i is ``i`` as text padded to ``image_bytes`` (or b'BAD')."""
     folder.mkdir(parents=True, exist_ok=True)
     i = 0
@@ -31,7 +33,10 @@ def write_shards(folder: Path, shards: int, per_shard: int, image_bytes: int = 6
         with tarfile.open(folder / f"s-{s:03d}.tar", "w") as tar:
             for _ in range(per_shard):
                 img = b"BAD" if i in bad else str(i).encode().ljust(image_bytes, b" ")
-                for name, data in ((f"{i:06d}.jpg", img), (f"{i:06d}.json", json.dumps({"short_captions": [f"c{i}"]}).encode())):
+                for name, data in (
+                    (f"{i:06d}.jpg", img),
+                    (f"{i:06d}.json", json.dumps({"short_captions": [f"c{i}"]}).encode()),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -51,7 +56,9 @@ def _transform(epoch: int, rid: int, data: bytes) -> tuple[torch.Tensor, torch.T
 
 
 def _stream(index: RecordIndex, rank: int = 0, world: int = 1, workers: int = 0, **kw) -> ShardStream:
-    return ShardStream(index, len(index), _transform, rank=rank, world=world, workers=workers, seed=5, buffer=7, **kw)
+    return ShardStream(
+        index, len(index), _transform, rank=rank, world=world, workers=workers, seed=5, buffer=7, **kw
+    )
 
 
 def _take(loader: StreamLoader, batches: int) -> list[list[int]]:
@@ -64,7 +71,9 @@ def _take(loader: StreamLoader, batches: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize(("shards", "workers"), [(6, 0), (6, 2), (8, 2), (1, 2)])
-def test_ranks_and_workers_read_disjoint_records_covering_the_epoch(tmp_path: Path, shards: int, workers: int) -> None:
+def test_ranks_and_workers_read_disjoint_records_covering_the_epoch(
+    tmp_path: Path, shards: int, workers: int
+) -> None:
     per_shard = 24 // shards
     index = _index(write_shards(tmp_path / "d", shards, per_shard))
     seen: list[int] = []
@@ -72,7 +81,12 @@ def test_ranks_and_workers_read_disjoint_records_covering_the_epoch(tmp_path: Pa
         stream = _stream(index, rank, 2, workers)
         for w in range(max(1, workers)):
             unit = stream.unit_of(w)
-            ids = [int(s[0]) for s, _ in zip(stream.unit_samples(unit), range(stream.plan.epoch_length(0, unit)))]
+            ids = [
+                int(s[0])
+                for s, _ in zip(
+                    stream.unit_samples(unit), range(stream.plan.epoch_length(0, unit)), strict=False
+                )
+            ]
             assert len(ids) == len(set(ids))
             seen += ids
     assert sorted(seen) == list(range(24))  # disjoint, and together one epoch
@@ -91,17 +105,26 @@ def test_the_buffer_shuffles_within_a_unit_and_epochs_differ(tmp_path: Path) -> 
     assert (np.diff(cursor) >= 0).all() and cursor[-1] == len(order0)
     # An id is never emitted before it was read.
     read = plan.epoch_ids(0, 0).tolist()
-    assert all(read.index(i) < c for i, c in zip(order0.tolist(), cursor.tolist()))
+    assert all(read.index(i) < c for i, c in zip(order0.tolist(), cursor.tolist(), strict=False))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_mid_epoch_and_across_epochs_emits_exactly_the_same_batches(tmp_path: Path, workers: int) -> None:
+def test_resume_mid_epoch_and_across_epochs_emits_exactly_the_same_batches(
+    tmp_path: Path, workers: int
+) -> None:
     index = _index(write_shards(tmp_path / "d", 6, 9, bad={4, 30}))
     skipped: list[str] = []
 
     def make(positions=None, bad=None, first=0) -> StreamLoader:
         stream = _stream(
-            index, 0, 1, workers, positions=positions, bad=bad, first_worker=first, on_bad=lambda w, e: skipped.append(w)
+            index,
+            0,
+            1,
+            workers,
+            positions=positions,
+            bad=bad,
+            first_worker=first,
+            on_bad=lambda w, e: skipped.append(w),
         )
         return StreamLoader(stream, local_batch=4, num_workers=workers)
 
@@ -129,9 +152,11 @@ def test_resume_mid_epoch_and_across_epochs_emits_exactly_the_same_batches(tmp_p
 def test_only_the_shuffle_buffer_holds_image_bytes(tmp_path: Path) -> None:
     image = 50_000
     index = _index(write_shards(tmp_path / "d", 4, 50, image_bytes=image))
-    stream = ShardStream(index, len(index), lambda e, i, d: (torch.tensor(i),), rank=0, world=1, workers=0, seed=0, buffer=8)
+    stream = ShardStream(
+        index, len(index), lambda e, i, d: (torch.tensor(i),), rank=0, world=1, workers=0, seed=0, buffer=8
+    )
     tracemalloc.start()
-    n = sum(1 for _ in zip(stream.unit_samples(0), range(200)))
+    n = sum(1 for _ in zip(stream.unit_samples(0), range(200), strict=False))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert n == 200

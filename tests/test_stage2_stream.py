@@ -51,7 +51,10 @@ def write_world_shards(root: Path, n: int, shards: int) -> Path:
         with tarfile.open(root / "shards" / f"w-{s:03d}.tar", "w") as tar:
             for r in records[s * per : (s + 1) * per]:
                 caps = {"short_captions": r.short, "long_captions": r.long}
-                for name, data in ((f"{r.key}.png", Path(str(r.image)).read_bytes()), (f"{r.key}.json", json.dumps(caps).encode())):
+                for name, data in (
+                    (f"{r.key}.png", Path(str(r.image)).read_bytes()),
+                    (f"{r.key}.json", json.dumps(caps).encode()),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -116,7 +119,9 @@ def _worker(rank: int, world: int, port: int, root: str, out: str, overrides: li
 def test_two_processes_stream_disjoint_shards(tmp_path: Path) -> None:
     overrides = ["stage2.max_steps=4", "stage2.save_every_steps=4"]
     write_world_shards(tmp_path / "data", 48, 4)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "data"), str(tmp_path / "two"), overrides), nprocs=2)
+    mp.spawn(
+        _worker, args=(2, _free_port(), str(tmp_path / "data"), str(tmp_path / "two"), overrides), nprocs=2
+    )
     losses = [json.loads((tmp_path / "two" / f"losses.rank{r}.json").read_text()) for r in range(2)]
     assert losses[0] == losses[1] and len(losses[0]) == 4  # one global loss per step
     state = json.loads((tmp_path / "two" / CHECKPOINTS / "step-0000004" / "checkpoint.json").read_text())

@@ -31,6 +31,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llm2clip_vlm.data.config import CaptionSetConfig, DataConfig
 from llm2clip_vlm.data.images import BadRecords, write_report
 from llm2clip_vlm.data.index import BadRow, RecordIndex, Row, open_or_build, scan_tar
@@ -349,7 +351,9 @@ class _ShardRows:
                     except DataError as e:
                         yield BadRow(position - 1, where, str(e))
             except (tarfile.TarError, OSError) as e:
-                raise DataError(f"{shard}: cannot be read as a webdataset shard: {type(e).__name__}: {e}") from e
+                raise DataError(
+                    f"{shard}: cannot be read as a webdataset shard: {type(e).__name__}: {e}"
+                ) from e
 
 
 def index_caption_set(cfg: CaptionSetConfig, cache_dir: Path | None = None) -> RecordIndex:
@@ -373,7 +377,9 @@ def index_caption_set(cfg: CaptionSetConfig, cache_dir: Path | None = None) -> R
     path = Path(cfg.path)
     if not path.is_file():
         raise DataError(f"{path}: manifest does not exist")
-    return open_or_build([str(path)], settings, "manifest", lambda: _manifest_rows(cfg, fmt), cache_dir=cache_dir)
+    return open_or_build(
+        [str(path)], settings, "manifest", lambda: _manifest_rows(cfg, fmt), cache_dir=cache_dir
+    )
 
 
 class IndexedRecords(Sequence[ImageCaptions]):
@@ -406,6 +412,32 @@ def record_index(records: Sequence[ImageCaptions]) -> RecordIndex | None:
     while isinstance(records, (CaptionSet, KeptCaptions)):
         records = records.records
     return records.index if isinstance(records, IndexedRecords) else None
+
+
+def caption_counts(records: Sequence[ImageCaptions]) -> np.ndarray:
+    """Captions per record (int64), from the index's columns when ``records`` has one.
+
+    What a store's cheap check compares; through the index it builds no record (vectorised over
+    the memory-mapped ``kinds`` column, with the ``keep_captions`` cut applied).
+    """
+    from llm2clip_vlm.data.records import KeptCaptions
+
+    per_kind, inner = 0, records
+    while isinstance(inner, (CaptionSet, KeptCaptions)):
+        if isinstance(inner, KeptCaptions):
+            per_kind = inner.per_kind if not per_kind else min(per_kind, inner.per_kind)
+        inner = inner.records
+    if not isinstance(inner, IndexedRecords):
+        return np.asarray([len(r.captions) for r in records], dtype=np.int64)
+    kinds = inner.index.table.column("kinds").combine_chunks()
+    offsets = kinds.offsets.to_numpy()[: inner.n + 1].astype(np.int64)
+    flat = kinds.values.to_numpy()[: offsets[-1]]
+    long_cum = np.concatenate([[0], np.cumsum(flat == 1, dtype=np.int64)])
+    long = long_cum[offsets[1:]] - long_cum[offsets[:-1]]
+    short = np.diff(offsets) - long
+    if per_kind:
+        short, long = np.minimum(short, per_kind), np.minimum(long, per_kind)
+    return short + long
 
 
 def load_caption_set(

@@ -102,7 +102,9 @@ def check_images(
             reasons.update(bad)
             progress.advance(task, hi - lo)
     if key is not None:
-        log.info("%s: %d of %d images decoded now, the rest known from %s", description, decoded, n, directory)
+        log.info(
+            "%s: %d of %d images decoded now, the rest known from %s", description, decoded, n, directory
+        )
     bad_indices = np.flatnonzero(status == 2)
     for i in bad_indices.tolist():  # in record order: the first bad one stops the run
         where, reason = reasons[i]

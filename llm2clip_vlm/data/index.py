@@ -70,7 +70,9 @@ def file_identity(path: str | Path) -> dict[str, Any]:
     st = p.stat()
     h = hashlib.sha256()
     with open(p, "rb") as f:
-        for start in sorted({0, max(0, st.st_size // 2 - _SAMPLE_BYTES // 2), max(0, st.st_size - _SAMPLE_BYTES)}):
+        for start in sorted(
+            {0, max(0, st.st_size // 2 - _SAMPLE_BYTES // 2), max(0, st.st_size - _SAMPLE_BYTES)}
+        ):
             f.seek(start)
             h.update(f.read(_SAMPLE_BYTES))
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample_sha256": h.hexdigest()}
@@ -234,19 +236,41 @@ def open_or_build(
         cache_dir: cache root (default :func:`cache_root`).
         shard_keys: for shards, called after ``rows()`` is exhausted: tar keys per shard.
     """
+    directory = build_table(
+        files, settings, kind, rows, _schema(), _caption_columns, cache_dir=cache_dir, side_files=shard_keys
+    )
+    return RecordIndex(directory)
+
+
+def build_table(
+    files: Sequence[str],
+    settings: dict[str, Any],
+    kind: str,
+    rows: Callable[[], Iterable[Any]],
+    schema: Any,
+    columns: Callable[[list[Any]], dict[str, list[Any]]],
+    *,
+    cache_dir: Path | None = None,
+    side_files: Callable[[], dict[int, list[str]]] | None = None,
+) -> Path:
+    """The directory of the cached Arrow table of ``files`` (any schema), built when missing.
+
+    ``rows()`` yields good rows (turned into columns ``schema`` by ``columns(batch)``) and
+    :class:`BadRow` s; see :func:`open_or_build` for the rest.
+    """
     key = identity_key(files, settings)
     root = (cache_dir or cache_root()) / "index"
     directory = root / key
     if (directory / "meta.json").is_file():
-        return RecordIndex(directory)
+        return directory
     root.mkdir(parents=True, exist_ok=True)
     # Built in a private temp folder and renamed: concurrent ranks may build the same index; the
     # first rename wins and the others use it (their own copy is removed).
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
     try:
-        n, bad = _write_rows(tmp / "records.arrow", rows())
-        if shard_keys is not None:
-            for shard, keys in shard_keys().items():
+        n, bad = _write_rows(tmp / "records.arrow", rows(), schema, columns)
+        if side_files is not None:
+            for shard, keys in side_files().items():
                 (tmp / f"keys-{shard:06d}.json").write_text(json.dumps(keys))
         (tmp / "bad.json").write_text(
             json.dumps([{"position": b.position, "where": b.where, "reason": b.reason} for b in bad])
@@ -268,7 +292,20 @@ def open_or_build(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("indexed %d records of %s (%d bad) in %s", n, files[0] if files else "?", len(bad), directory)
-    return RecordIndex(directory)
+    return directory
+
+
+def open_table(directory: Path) -> tuple[Any, dict[str, Any], list[BadRow]]:
+    """``(memory-mapped Arrow table, meta, bad rows)`` of a directory :func:`build_table` wrote."""
+    import pyarrow as pa
+
+    meta = json.loads((directory / "meta.json").read_text())
+    table = pa.ipc.open_file(pa.memory_map(str(directory / "records.arrow"), "r")).read_all()
+    bad = [
+        BadRow(int(r["position"]), r["where"], r["reason"])
+        for r in json.loads((directory / "bad.json").read_text())
+    ]
+    return table, meta, bad
 
 
 def _schema() -> Any:
@@ -288,25 +325,30 @@ def _schema() -> Any:
     )
 
 
-def _write_rows(path: Path, rows: Iterable[Row | BadRow]) -> tuple[int, list[BadRow]]:
+def _caption_columns(batch: list[Row]) -> dict[str, list[Any]]:
+    return {
+        "key": [r.key for r in batch],
+        "image": [r.image for r in batch],
+        "shard": [r.shard for r in batch],
+        "offset": [r.offset for r in batch],
+        "size": [r.size for r in batch],
+        "line": [r.line for r in batch],
+        "texts": [[c.text for c in r.captions] for r in batch],
+        "kinds": [[KIND_CODES[c.kind] for c in r.captions] for r in batch],
+    }
+
+
+def _write_rows(
+    path: Path, rows: Iterable[Any], schema: Any, columns: Callable[[list[Any]], dict[str, list[Any]]]
+) -> tuple[int, list[BadRow]]:
     import pyarrow as pa
 
-    schema = _schema()
     bad: list[BadRow] = []
     n = 0
-    batch: list[Row] = []
+    batch: list[Any] = []
 
     def flush(writer: Any) -> None:
-        cols = {
-            "key": [r.key for r in batch],
-            "image": [r.image for r in batch],
-            "shard": [r.shard for r in batch],
-            "offset": [r.offset for r in batch],
-            "size": [r.size for r in batch],
-            "line": [r.line for r in batch],
-            "texts": [[c.text for c in r.captions] for r in batch],
-            "kinds": [[KIND_CODES[c.kind] for c in r.captions] for r in batch],
-        }
+        cols = columns(batch)
         writer.write_batch(pa.record_batch([pa.array(cols[f.name], f.type) for f in schema], schema=schema))
         batch.clear()
 
@@ -336,7 +378,9 @@ class TarRecord:
     texts: dict[str, bytes]  # extension -> bytes of json/txt members
 
 
-def scan_tar(path: str, image_extensions: Sequence[str], text_extensions: Sequence[str] = ("json", "txt")) -> Iterator[TarRecord]:
+def scan_tar(
+    path: str, image_extensions: Sequence[str], text_extensions: Sequence[str] = ("json", "txt")
+) -> Iterator[TarRecord]:
     """The records of a webdataset shard in tar order (consecutive members sharing a key).
 
     Image members are not read: ``tarfile`` in random-access mode seeks past their data.

@@ -82,7 +82,9 @@ class StreamPlan:
         perm = np.random.default_rng((self.seed, epoch)).permutation(self.num_shards)
         if self.num_shards >= self.units:
             mine = perm[unit :: self.units]
-            return np.concatenate([np.arange(starts[s], starts[s + 1]) for s in mine] or [np.zeros(0, np.int64)])
+            return np.concatenate(
+                [np.arange(starts[s], starts[s + 1]) for s in mine] or [np.zeros(0, np.int64)]
+            )
         ids = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in perm])
         return ids[unit :: self.units]
 
@@ -115,7 +117,9 @@ class StreamPlan:
     def locate(self, unit: int, position: int) -> tuple[int, int]:
         """``(epoch, emission within the epoch)`` of a unit's ``position``-th emission overall."""
         if self.epoch_length(0, unit) == 0:
-            raise ValueError(f"stream unit {unit} has no records ({self.shard_starts[-1]} records, {self.units} units)")
+            raise ValueError(
+                f"stream unit {unit} has no records ({self.shard_starts[-1]} records, {self.units} units)"
+            )
         epoch = 0
         while True:
             length = self.epoch_length(epoch, unit)
@@ -133,7 +137,9 @@ class _ByteReader:
         self.shards = index.meta["kind"] == "shards"
         self._file: Any = None
         self._shard = -1
-        self._cols = (index.column("shard"), index.column("offset"), index.column("size")) if self.shards else None
+        self._cols = (
+            (index.column("shard"), index.column("offset"), index.column("size")) if self.shards else None
+        )
 
     def read(self, i: int) -> bytes:
         if not self.shards:
@@ -255,7 +261,9 @@ class StreamLoader:
     checkpoint stores (gathered over ranks), :meth:`positions_for` what a resumed run passes back.
     """
 
-    def __init__(self, stream: ShardStream, local_batch: int, num_workers: int, pin_memory: bool = False) -> None:
+    def __init__(
+        self, stream: ShardStream, local_batch: int, num_workers: int, pin_memory: bool = False
+    ) -> None:
         self.stream = stream
         self.batches = 0
         self.positions: dict[int, int] = dict(stream.positions)
@@ -312,7 +320,13 @@ class StreamLoader:
         """
         if not state:
             return {}, {}, 0
-        want = {"world": world, "workers": max(1, workers), "seed": seed, "buffer": max(1, buffer), "records": records}
+        want = {
+            "world": world,
+            "workers": max(1, workers),
+            "seed": seed,
+            "buffer": max(1, buffer),
+            "records": records,
+        }
         got = {k: state.get(k) for k in want}
         if got != want:
             diff = ", ".join(f"{k} {got[k]} -> {want[k]}" for k in want if got[k] != want[k])
