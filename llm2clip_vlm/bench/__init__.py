@@ -22,6 +22,7 @@ SUITES: dict[str, str] = {
     "stage2": "issue 7",
     "tower": "issue 4",
     "llava": "issue 7",
+    "data": "issue 12",
 }
 
 
