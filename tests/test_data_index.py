@@ -100,3 +100,34 @@ def test_max_images_counts_only_the_bad_records_before_the_cut(tmp_path: Path) -
 
     with pytest.raises(DataError, match=r"m\.jsonl:9: broken JSON line"):
         load_caption_set(CaptionSetConfig(path=str(m), max_images=9))
+
+
+def test_embedding_reads_captions_of_shards_without_image_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llm2clip_vlm.data.captions import caption_counts
+    from llm2clip_vlm.data.index import RecordIndex
+    from llm2clip_vlm.data.records import keep_captions
+    from llm2clip_vlm.store import format as fmt
+
+    shard = tmp_path / "s-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(6):
+            caps = {"short_captions": [f"s{i}", f"t{i}"], "long_captions": [f"long {i}"]}
+            for name, data in ((f"k{i}.jpg", b"x" * 100), (f"k{i}.json", json.dumps(caps).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    records = keep_captions(load_caption_set(CaptionSetConfig(path=str(shard))), 1)
+
+    def no_bytes(self: RecordIndex, i: int) -> bytes:
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr(RecordIndex, "read_image", no_bytes)
+    table = fmt.caption_table(records)
+    assert table.num_rows == 12 and table.texts[2:5] == ["s1", "long 1", "s2"]
+    assert caption_counts(records).tolist() == [2] * 6
+    assert (
+        caption_counts(keep_captions(load_caption_set(CaptionSetConfig(path=str(shard))), 0)).tolist()
+        == [3] * 6
+    )

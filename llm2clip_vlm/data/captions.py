@@ -414,6 +414,22 @@ def record_index(records: Sequence[ImageCaptions]) -> RecordIndex | None:
     return records.index if isinstance(records, IndexedRecords) else None
 
 
+def captions_only(records: Sequence[ImageCaptions]) -> Sequence[ImageCaptions]:
+    """The same records for a reader of captions only: shard records skip reading their image.
+
+    ``embed`` walks every record for its captions; through this view it reads no image byte.
+    """
+    from llm2clip_vlm.data.records import KeptCaptions
+
+    if isinstance(records, CaptionSet):
+        return captions_only(records.records)
+    if isinstance(records, KeptCaptions):
+        return KeptCaptions(captions_only(records.records), records.per_kind)
+    if isinstance(records, IndexedRecords):
+        return IndexedRecords(records.index.without_images(), records.n)
+    return records
+
+
 def caption_counts(records: Sequence[ImageCaptions]) -> np.ndarray:
     """Captions per record (int64), from the index's columns when ``records`` has one.
 

@@ -126,13 +126,22 @@ class RecordIndex(Sequence[ImageCaptions]):
         self.table = pa.ipc.open_file(self._mmap).read_all()
         self._cols = {name: self.table.column(name) for name in self.table.column_names}
         self._files: dict[int, Any] = {}
+        # False: shard records come without their image bytes (for readers of captions only).
+        self.images = True
 
     # Workers started with ``spawn`` get the directory and map the file again.
     def __getstate__(self) -> dict[str, Any]:
-        return {"directory": self.directory}
+        return {"directory": self.directory, "images": self.images}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["directory"])  # type: ignore[misc]
+        self.images = state.get("images", True)
+
+    def without_images(self) -> RecordIndex:
+        """The same index whose shard records carry no image bytes (``image=b""``)."""
+        other = RecordIndex(self.directory)
+        other.images = False
+        return other
 
     # -- the sequence --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -150,7 +159,7 @@ class RecordIndex(Sequence[ImageCaptions]):
         texts, kinds = c["texts"][i].as_py(), c["kinds"][i].as_py()
         captions = [Caption(t, KIND_NAMES[k]) for t, k in zip(texts, kinds, strict=True)]  # type: ignore[arg-type]
         if self.meta["kind"] == "shards":
-            return ImageCaptions(key, self.read_image(i), captions, self.describe(i))
+            return ImageCaptions(key, self.read_image(i) if self.images else b"", captions, self.describe(i))
         return ImageCaptions(key, c["image"][i].as_py(), captions, self.describe(i))
 
     def describe(self, i: int) -> str:
