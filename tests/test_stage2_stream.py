@@ -131,7 +131,7 @@ def test_two_processes_stream_disjoint_shards(tmp_path: Path) -> None:
     os.environ["LLM2CLIP_VLM_CACHE"] = str(tmp_path / "data" / "cache")
     index = record_index(load_caption_set(CaptionSetConfig(path=str(tmp_path / "data" / "shards"))))
     assert index is not None
-    plan = StreamPlan.of_index(index, len(index), seed=0, units=2, buffer=6)
+    plan = StreamPlan.of_index(index, len(index), seed=position["seed"], units=2, buffer=6)
     read = {}
     for unit, (pos, _bad) in position["units"].items():
         assert pos == 4 * 4  # 4 steps of a local batch of 4
@@ -140,3 +140,35 @@ def test_two_processes_stream_disjoint_shards(tmp_path: Path) -> None:
         assert len(shards) == 2  # two of the four shards each
     assert not read["0"] & read["1"]
     assert np.isfinite(losses[0]).all()
+
+
+@pytest.mark.slow  # accelerate launch, 2 processes: ~1 min on a shared 2-core CPU
+def test_accelerate_launch_two_cpu_processes_stream_disjoint_shards(tmp_path: Path) -> None:
+    """The reference DDP launcher config, as users run it (``accelerate launch``), on 2 CPU processes.
+
+    The FSDP config cannot run on a CPU (see docs/BENCHMARKS.md, "FSDP on CPU"): accelerate
+    1.15 builds FSDP only with an accelerator device.
+    """
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    write_world_shards(tmp_path / "data", 48, 4)
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "recipes/accelerate/ddp-8gpu.yaml"),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+        str(repo / "tests/stage2_stream_driver.py"), str(tmp_path / "data"), str(tmp_path / "out"),
+        "stage2.max_steps=3", "stage2.save_every_steps=3",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [json.loads((tmp_path / "out" / f"losses.rank{r}.json").read_text()) for r in range(2)]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+    state = json.loads((tmp_path / "out" / CHECKPOINTS / "step-0000003" / "checkpoint.json").read_text())
+    position = state["state"]["data_position"]
+    assert position["world"] == 2 and {u: p for u, (p, _) in position["units"].items()} == {"0": 12, "1": 12}
+    os.environ["LLM2CLIP_VLM_CACHE"] = str(tmp_path / "data" / "cache")
+    index = record_index(load_caption_set(CaptionSetConfig(path=str(tmp_path / "data" / "shards"))))
+    assert index is not None
+    plan = StreamPlan.of_index(index, len(index), seed=position["seed"], units=2, buffer=6)
+    assert not set(plan.epoch_order(0, 0)[0][:12].tolist()) & set(plan.epoch_order(0, 1)[0][:12].tolist())
