@@ -156,9 +156,9 @@ def caption_table(records: Sequence[ImageCaptions]) -> CaptionTable:
     return CaptionTable(
         texts=_RowTexts(records, offset_array),
         kinds=np.asarray(kinds, dtype=np.uint8),
-        hashes=np.frombuffer(bytes(digests), dtype=np.uint8).reshape(-1, 32).copy(),
+        hashes=np.frombuffer(digests, dtype=np.uint8).reshape(-1, 32).copy(),
         offsets=offset_array,
-        key_hashes=np.frombuffer(bytes(key_digests), dtype=np.uint8).reshape(-1, 32).copy(),
+        key_hashes=np.frombuffer(key_digests, dtype=np.uint8).reshape(-1, 32).copy(),
         keys=_Keys(records),
     )
 
