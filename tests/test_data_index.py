@@ -131,3 +131,22 @@ def test_embedding_reads_captions_of_shards_without_image_bytes(
         caption_counts(keep_captions(load_caption_set(CaptionSetConfig(path=str(shard))), 0)).tolist()
         == [3] * 6
     )
+
+
+def test_image_paths_match_the_general_resolver(tmp_path: Path) -> None:
+    from llm2clip_vlm.data.captions import DataError, ImagePaths, safe_image_path
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.png").write_bytes(b"x")
+    (tmp_path / "outside.png").write_bytes(b"x")
+    (root / "link.png").symlink_to(tmp_path / "outside.png")
+    (root / "inlink.png").symlink_to(root / "sub" / "a.png")
+    (root / "dirlink").symlink_to(tmp_path)
+    resolve = ImagePaths(root)
+    for rel in ("sub/a.png", "sub/../sub/a.png", "inlink.png", "missing.png", "sub/.."):
+        path, is_file = resolve(rel, "m:1")
+        assert path == safe_image_path(root, rel, "m:1") and is_file == path.is_file(), rel
+    for rel in ("../outside.png", "link.png", "dirlink/outside.png", "/etc/passwd"):
+        with pytest.raises(DataError, match="leaves the image root"):
+            resolve(rel, "m:1")
