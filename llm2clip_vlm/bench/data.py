@@ -427,6 +427,7 @@ def _main() -> None:
     fn = {
         "read": _child_read,
         "store": _child_store,
+        "verify": _child_verify,
         "stage2": _child_stage2,
         "throughput": _child_throughput,
     }[task]
