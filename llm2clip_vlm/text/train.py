@@ -66,11 +66,15 @@ class TrainState:
 def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     """``llm2clip-vlm stage1``: resolve the data of ``cfg`` and train (see :func:`train_stage1`)."""
     from llm2clip_vlm.data import resolve_data
+    from llm2clip_vlm.data.captions import captions_only
 
     train_set, heldout = resolve_data(cfg.data, Path(output_dir))
     if "short" not in heldout:
         raise ValueError("stage 1 needs a held-out set of short captions (key 'short') for CRA")
-    return train_stage1(cfg, output_dir, list(train_set), list(heldout["short"]))
+    # Stage 1 reads captions only: shard records come without their image bytes.
+    return train_stage1(
+        cfg, output_dir, list(captions_only(train_set)), list(captions_only(heldout["short"]))
+    )
 
 
 def train_stage1(
