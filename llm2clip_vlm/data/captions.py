@@ -485,15 +485,24 @@ def caption_counts(records: Sequence[ImageCaptions]) -> np.ndarray:
         inner = inner.records
     if not isinstance(inner, IndexedRecords):
         return np.asarray([len(r.captions) for r in records], dtype=np.int64)
-    kinds = inner.index.table.column("kinds").combine_chunks()
-    offsets = kinds.offsets.to_numpy()[: inner.n + 1].astype(np.int64)
-    flat = kinds.values.to_numpy()[: offsets[-1]]
-    long_cum = np.concatenate([[0], np.cumsum(flat == 1, dtype=np.int64)])
-    long = long_cum[offsets[1:]] - long_cum[offsets[:-1]]
-    short = np.diff(offsets) - long
-    if per_kind:
-        short, long = np.minimum(short, per_kind), np.minimum(long, per_kind)
-    return short + long
+    # int32 throughout (a few bytes per caption): this runs at every stage-2 start.
+    counts = np.empty(inner.n, dtype=np.int64)
+    done = 0
+    for chunk in inner.index.table.column("kinds").chunks:  # one chunk per 8192 indexed rows
+        if done >= inner.n:
+            break
+        take = min(len(chunk), inner.n - done)
+        offsets = chunk.offsets.to_numpy()[: take + 1]
+        flat = chunk.values.to_numpy()
+        long_cum = np.zeros(len(flat) + 1, dtype=np.int32)
+        np.cumsum(flat == 1, out=long_cum[1:])
+        long = long_cum[offsets[1:]] - long_cum[offsets[:-1]]
+        short = np.diff(offsets) - long
+        if per_kind:
+            short, long = np.minimum(short, per_kind), np.minimum(long, per_kind)
+        counts[done : done + take] = short + long
+        done += take
+    return counts
 
 
 def load_caption_set(

@@ -87,7 +87,7 @@ class Stage2TrainData(Dataset):
     ) -> None:
         self.records = records
         # Sampler positions -> record indices (the usable images when bad ones were skipped).
-        self.indices = list(indices) if indices is not None else list(range(len(records)))
+        self.indices = list(indices) if indices is not None else range(len(records))  # no list at 10M
         self.embeddings = embeddings
         self.image_processor = image_processor
         self.load_image = load_image
@@ -454,7 +454,7 @@ def train_stage2(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         configuration.dump(cfg, out / "config.yaml")
-    usable = list(usable) if usable is not None else list(range(len(train_records)))
+    usable = list(usable) if usable is not None else range(len(train_records))  # no list at 10M
     total_steps = _total_steps(s, len(usable))
 
     set_seed(s.seed)  # identical initial weights on every rank (DDP also broadcasts them)
