@@ -22,9 +22,14 @@ CFG = EmbedConfig(dtype="fp32", batch_size=4, shard_size=8, precision="fp32")
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CaptionEncoder]:
+def enc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_encoder_dir(tmp_path_factory.mktemp("enc"))
+
+
+@pytest.fixture(scope="module")
+def encoder(enc_dir: Path) -> Iterator[CaptionEncoder]:
     torch.set_num_threads(1)
-    yield CaptionEncoder.from_pretrained(make_encoder_dir(tmp_path_factory.mktemp("enc")), device="cpu")
+    yield CaptionEncoder.from_pretrained(enc_dir, device="cpu")
 
 
 def _records(n: int) -> list[ImageCaptions]:
@@ -82,3 +87,51 @@ def test_verify_store_command_passes_a_good_store(tmp_path: Path, encoder: Capti
     out = write_store(encoder, _records(6), tmp_path / "s", CFG)
     result = CliRunner().invoke(app, ["verify-store", str(out)])
     assert result.exit_code == 0 and "ok (6 images, 12 captions" in result.output
+
+
+@pytest.mark.slow  # torchrun, 2 processes: ~1 min on a shared 2-core CPU
+def test_two_processes_embed_captions_streamed_from_shards(
+    tmp_path: Path, enc_dir: Path, encoder: CaptionEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+    import io
+    import json
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    from llm2clip_vlm.data.captions import load_caption_set
+    from llm2clip_vlm.data.config import CaptionSetConfig
+
+    monkeypatch.setenv("LLM2CLIP_VLM_CACHE", str(tmp_path / "cache"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    records = _records(24)
+    for s in range(3):
+        with tarfile.open(shards / f"s-{s}.tar", "w") as tar:
+            for r in records[8 * s : 8 * s + 8]:
+                caps = {"short_captions": r.short, "long_captions": r.long}
+                for name, data in (
+                    (f"{r.key}.jpg", b"\xff" * 5000),
+                    (f"{r.key}.json", json.dumps(caps).encode()),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    one = write_store(encoder, load_caption_set(CaptionSetConfig(path=str(shards))), tmp_path / "one", CFG)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(dataclasses.asdict(CFG)))
+    driver = Path(__file__).with_name("store_driver.py")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+         str(enc_dir), str(shards), str(tmp_path / "two"), str(cfg)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    def files(path: Path) -> dict[str, bytes]:
+        return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+    assert files(tmp_path / "two") == files(one)  # each rank wrote its share; the same store
+    EmbeddingStore.open(tmp_path / "two", captions=load_caption_set(CaptionSetConfig(path=str(shards))))
