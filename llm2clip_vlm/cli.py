@@ -216,6 +216,29 @@ def embed(
     console.print(table)
 
 
+@app.command("verify-store")
+def verify_store(
+    store: Annotated[Path, typer.Argument(help="an embedding store directory (e.g. runs/store/train)")],
+) -> None:
+    """Re-hash every shard and check every table of an embedding store (what opening skips at scale).
+
+    Opening a large store checks sizes, shapes and a sample of rows only; run this after copying a
+    store, or when in doubt. Exit 1 with one line naming what differs.
+    """
+    from llm2clip_vlm.store.store import EmbeddingStore, StoreMismatchError
+
+    try:
+        opened = EmbeddingStore.open(store, verify_checksums=True)
+    except StoreMismatchError as e:
+        console.print(f"[red]verify-store:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from e
+    console.print(
+        f"{store}: ok ({opened.num_images} images, {opened.num_rows} captions, "
+        f"{len(opened.manifest['shards'])} shards re-hashed)",
+        soft_wrap=True,
+    )
+
+
 @app.command("stage2")
 def stage2(
     recipe: RecipeArg = None,

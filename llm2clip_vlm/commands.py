@@ -14,6 +14,7 @@ from typing import Any
 
 from llm2clip_vlm import config_io
 from llm2clip_vlm.data import open_image, resolve_data
+from llm2clip_vlm.data.captions import captions_only
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.hub.cards import llava_card, tower_card
 from llm2clip_vlm.llava.inputs import phase_data
@@ -44,8 +45,10 @@ def config_writer(cfg: RunConfig, output_dir: Path) -> Callable[[], None]:
 def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     """``llm2clip-vlm stage1``: resolve the data of ``cfg`` and train (see ``train_stage1``)."""
     out = Path(output_dir)
-    train_set, heldout = resolve_data(cfg.data, out)
-    source = choose_cra_source(train_set, heldout, cfg.stage1.cra_set, cfg.stage1.cra_captions)
+    train_set, heldout_sets = resolve_data(cfg.data, out)
+    # Stage 1 reads captions only: shard records come without their image bytes.
+    heldout = {name: captions_only(records) for name, records in heldout_sets.items()}
+    source = choose_cra_source(captions_only(train_set), heldout, cfg.stage1.cra_set, cfg.stage1.cra_captions)
     if source.from_training_data:
         log.warning(
             "CRA: no held-out set has two or more short captions per image; holding the last %d "
@@ -113,11 +116,12 @@ def run_stage2(
         # The records skipped while reading count too: max_bad_fraction bounds all phases together.
         return usable_images(
             out, name, records, skip_bad=cfg.data.skip_bad, max_bad_fraction=cfg.data.max_bad_fraction,
-            earlier=skipped[name],
+            earlier=skipped[name], workers=cfg.data.check_workers,
         )  # fmt: skip
 
     # The store keeps every record's rows; images that fail to decode are left out of sampling.
-    train_usable = usable("train", train_records)
+    # A streamed training set is checked while it is read (no up-front pass over millions of images).
+    train_usable = None if cfg.data.stream else usable("train", train_records)
     heldout = heldout_sets(
         heldout_records, store_dir, encoder, identity, out / "heldout", cfg.embed.batch_size, usable
     )
@@ -126,6 +130,7 @@ def run_stage2(
         reliability=cfg.reliability, encoder_path=str(encoder.resolve()) if encoder else "",
         encoder_identity=identity, skip_bad=cfg.data.skip_bad, max_bad_fraction=cfg.data.max_bad_fraction,
         tracking=cfg.tracking, run_config=config_io.to_dict(cfg), on_ready=config_writer(cfg, out),
+        shuffle_buffer=cfg.data.shuffle_buffer if cfg.data.stream else 0,
     )  # fmt: skip
 
 

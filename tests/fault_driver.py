@@ -101,6 +101,7 @@ def stage2_inputs(cfg: RunConfig, out: Path) -> dict[str, Any]:
         reliability=cfg.reliability, skip_bad=cfg.data.skip_bad, max_bad_fraction=cfg.data.max_bad_fraction,
         tracking=cfg.tracking, run_config=config_io.to_dict(cfg),
         on_ready=lambda: config_io.dump(cfg, out / "config.yaml"),
+        shuffle_buffer=cfg.data.shuffle_buffer if cfg.data.stream else 0,
     )  # fmt: skip
 
 

@@ -91,7 +91,14 @@ def main() -> None:
     if sleep:
         encoder = SlowEncoder(encoder, sleep)
     cfg = EmbedConfig(**json.loads(cfg_json.read_text()))
-    write_store(encoder, load_records(records), out, cfg, rank=rank, world_size=world)
+    if records.suffix == ".json":
+        data = load_records(records)
+    else:  # webdataset shards: the captions are read from the shards' index, no image byte
+        from llm2clip_vlm.data.captions import load_caption_set
+        from llm2clip_vlm.data.config import CaptionSetConfig
+
+        data = load_caption_set(CaptionSetConfig(path=str(records)))
+    write_store(encoder, data, out, cfg, rank=rank, world_size=world)
     if world > 1:
         torch.distributed.destroy_process_group()
 

@@ -24,6 +24,7 @@ SUITES: dict[str, str] = {
     "stage2": "a stage-2 step: offline store vs online LLM vs LoRA",
     "tower": "the tower inside LLaVA: overhead per batch",
     "llava": "a LLaVA training step",
+    "data": "the data path: manifest/shard readers, index, image check, stage-2 loader",
 }
 
 

@@ -1,6 +1,6 @@
 """Reading image-caption data sets into :class:`CaptionSet` (a sequence of ``ImageCaptions``).
 
-Formats (all read through Hugging Face ``datasets``; see ``docs/DATA.md``):
+Formats (see ``docs/DATA.md``):
 
 - manifests: ``.json`` / ``.jsonl`` / ``.csv`` / ``.tsv`` / ``.parquet`` with an image column and
   caption columns mapped to a type (``CaptionSetConfig.caption_columns``). A caption column may
@@ -8,6 +8,10 @@ Formats (all read through Hugging Face ``datasets``; see ``docs/DATA.md``):
   ``"['a cat', 'a cat on a mat']"``), parsed with ``json``/``ast.literal_eval``, never ``eval``.
 - webdataset tar shards as img2dataset writes them: ``<key>.<jpg|png|webp>`` + ``<key>.json``
   (caption columns inside) and/or ``<key>.txt`` (one short caption).
+
+Every format is read once into a cached, memory-mapped columnar index (:mod:`.index`); a
+:class:`CaptionSet` builds each record when it is accessed, so it holds O(1) Python memory per
+record and never the images' bytes.
 
 Bad records (a missing image file, a path leaving the image root, no caption, an empty or
 non-text caption, a missing column) raise :class:`DataError` naming the file, row and problem;
@@ -22,14 +26,18 @@ import glob
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from llm2clip_vlm.data.config import CaptionSetConfig, DataConfig
 from llm2clip_vlm.data.errors import BadRecords, DataError, write_report
 from llm2clip_vlm.data.images import load_rgb
-from llm2clip_vlm.data.records import Caption, ImageCaptions
+from llm2clip_vlm.data.index import BadRow, RecordIndex, Row, open_or_build, scan_tar
+from llm2clip_vlm.data.records import Caption, ImageCaptions, KeptCaptions
 from llm2clip_vlm.data.synthetic import demo_spec, write_demo_dataset
 from llm2clip_vlm.logging import get_logger
 
@@ -43,7 +51,7 @@ class CaptionSet(Sequence[ImageCaptions]):
     """The records of one image-caption data set, plus what was skipped while reading it."""
 
     def __init__(
-        self, records: list[ImageCaptions], name: str = "", skipped: list[tuple[str, str]] | None = None
+        self, records: Sequence[ImageCaptions], name: str = "", skipped: list[tuple[str, str]] | None = None
     ):
         self.records = records
         self.name = name
@@ -76,6 +84,45 @@ def safe_image_path(root: Path, relative: str, where: str) -> Path:
     if not path.is_relative_to(root):
         raise DataError(f"{where}: image path {relative!r} leaves the image root {root}")
     return path
+
+
+class ImagePaths:
+    """:func:`safe_image_path` + "is it a file" for many records, resolving each folder once.
+
+    ``Path.resolve`` per record costs two syscalls per path component (measured: half of the
+    time to index a manifest). Images share few folders: a folder's real path is cached, and only
+    the file itself is checked (``lstat``; a symlink is followed and must stay under the root).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root.resolve())
+        self._dirs: dict[str, str] = {}
+
+    def __call__(self, relative: str, where: str) -> tuple[Path, bool]:
+        """``(resolved path, is a file)``; raises DataError when the path leaves the root."""
+        import stat
+
+        joined = os.path.join(self.root, relative)
+        parent, name = os.path.split(joined)
+        if name in ("", ".", ".."):  # unusual: take the slow, general path
+            path = safe_image_path(Path(self.root), relative, where)
+            return path, path.is_file()
+        real_parent = self._dirs.get(parent)
+        if real_parent is None:
+            real_parent = os.path.realpath(parent)
+            if len(self._dirs) < 1_000_000:
+                self._dirs[parent] = real_parent
+        candidate = os.path.join(real_parent, name)
+        try:
+            st = os.lstat(candidate)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            candidate = os.path.realpath(candidate)
+            st = os.stat(candidate) if os.path.exists(candidate) else None
+        if candidate != self.root and not candidate.startswith(self.root + os.sep):
+            raise DataError(f"{where}: image path {relative!r} leaves the image root {self.root}")
+        return Path(candidate), st is not None and stat.S_ISREG(st.st_mode)
 
 
 def open_image(record: ImageCaptions):  # -> PIL.Image.Image
@@ -177,48 +224,38 @@ def _expand_shards(path: str) -> list[str]:
     return files
 
 
-def _json_rows(path: Path) -> tuple[list[tuple[int, dict[str, Any] | DataError]], list[str]]:
+def _json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
     """``(line or element number, row or DataError)`` of a JSON list or a JSON-lines file.
 
     Read by hand rather than through ``datasets``: one broken line must be reported (and be
-    skippable) on its own, not fail the whole file with a message that names no line.
+    skippable) on its own, not fail the whole file with a message that names no line. JSON lines
+    are streamed (one line in memory at a time); a JSON list is parsed whole.
     """
-    raw = path.read_bytes()
-    rows: list[tuple[int, dict[str, Any] | DataError]] = []
-    if raw.lstrip().startswith(b"["):  # one JSON list of records: one bad byte spoils the file
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw.count(b"\n", 0, e.start) + 1
-            raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}): {e.reason}") from e
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: broken JSON ({e.msg}, column {e.colno})") from e
-        for i, item in enumerate(items):
-            ok = isinstance(item, dict)
-            rows.append((i + 1, item if ok else DataError(f"{path}:{i + 1}: record is not a JSON object")))
-    else:  # JSON lines: a line that is not UTF-8 is one bad record (skippable), not a bad file
-        for n, raw_line in enumerate(raw.splitlines(), start=1):
-            try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad = raw_line[e.start]
-                rows.append(
-                    (n, DataError(f"{path}:{n}: not UTF-8 (byte 0x{bad:02x} at column {e.start + 1})"))
-                )
-                continue
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                rows.append((n, DataError(f"{path}:{n}: broken JSON line ({e.msg}, column {e.colno})")))
-                continue
-            ok = isinstance(item, dict)
-            rows.append((n, item if ok else DataError(f"{path}:{n}: record is not a JSON object")))
-    columns = sorted({k for _, r in rows if isinstance(r, dict) for k in r})
-    return rows, columns
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096).lstrip()
+            f.seek(0)
+            if head.startswith("["):  # one JSON list of records
+                try:
+                    items = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{e.lineno}: broken JSON ({e.msg}, column {e.colno})") from e
+                for i, item in enumerate(items):
+                    ok = isinstance(item, dict)
+                    yield i + 1, item if ok else DataError(f"{path}:{i + 1}: record is not a JSON object")
+                return
+            for n, line in enumerate(f, start=1):  # JSON lines
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield n, DataError(f"{path}:{n}: broken JSON line ({e.msg}, column {e.colno})")
+                    continue
+                ok = isinstance(item, dict)
+                yield n, item if ok else DataError(f"{path}:{n}: record is not a JSON object")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from e
 
 
 def _check_columns(cfg: CaptionSetConfig, path: Path, columns: list[str]) -> None:
@@ -231,64 +268,66 @@ def _check_columns(cfg: CaptionSetConfig, path: Path, columns: list[str]) -> Non
         raise DataError(f"{path}: missing column(s) {missing}; columns are {columns}")
 
 
-def _load_manifest(cfg: CaptionSetConfig, fmt: str) -> Any:
-    import datasets
+def _table_rows(path: Path, fmt: str, cfg: CaptionSetConfig) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows of a CSV/TSV (line numbers count the header) or parquet file, streamed in batches.
 
-    path = Path(cfg.path)
-    if not path.is_file():
-        raise DataError(f"{path}: manifest does not exist")
-    if fmt == "json":
-        rows, columns = _json_rows(path)
-        broken = [r for _, r in rows if isinstance(r, DataError)]
-        if broken and not columns:  # not one readable record: the file itself is broken
-            raise DataError(f"{broken[0]} (and no line of {path} is a readable record)")
-        _check_columns(cfg, path, columns)
-        return rows
-    kwargs: dict[str, Any] = {}
-    if fmt == "csv" and path.suffix.lower() == ".tsv":
-        kwargs["delimiter"] = "\t"
-    datasets.disable_progress_bars()
-    try:
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
-    except Exception as e:  # datasets raises a zoo of types for malformed files
-        where = _csv_bad_line(path, kwargs.get("delimiter", ",")) if fmt == "csv" else None
-        if where is not None:
-            raise DataError(f"{path}:{where[0]}: malformed CSV row ({where[1]})") from e
-        raise DataError(f"{path}: cannot be read as {fmt}: {type(e).__name__}: {e}") from e
-    _check_columns(cfg, path, ds.column_names)
-    return ds
+    Read with ``csv`` / ``pyarrow.parquet`` directly: ``datasets`` would first copy the whole
+    manifest into its Arrow cache. Empty CSV cells read as missing (as pandas reads them).
+    """
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
 
-
-def _csv_bad_line(path: Path, delimiter: str) -> tuple[int, str] | None:
-    """The first line of a CSV file that does not parse or has another field count than the header."""
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a broken file
+            raise DataError(f"{path}: cannot be read as parquet: {type(e).__name__}: {e}") from e
+        _check_columns(cfg, path, pf.schema_arrow.names)
+        n = 0
+        for batch in pf.iter_batches(batch_size=8192):
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+        return
     import csv
 
+    csv.field_size_limit(1 << 30)  # DreamLIP long captions exceed the default 128 KiB limit
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f, delimiter=delimiter, strict=True)
-            header = next(reader, [])
-            for row in reader:
-                if row and len(row) != len(header):
-                    return reader.line_num, f"{len(row)} fields, the header has {len(header)}"
-    except csv.Error as e:
-        return reader.line_num, str(e)
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: cannot be read as csv: the file is empty")
+            _check_columns(cfg, path, header)
+            for i, values in enumerate(reader):
+                if not values:
+                    continue
+                yield i + 2, {h: (v if v != "" else None) for h, v in zip(header, values, strict=False)}
     except UnicodeDecodeError as e:
-        return 0, f"not UTF-8 ({e.reason})"
-    return None
+        raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    except csv.Error as e:
+        raise DataError(f"{path}: cannot be read as csv: {e}") from e
 
 
-def _manifest_records(cfg: CaptionSetConfig, fmt: str) -> Iterator[tuple[str, ImageCaptions | DataError]]:
-    ds = _load_manifest(cfg, fmt)
+def _manifest_rows(cfg: CaptionSetConfig, fmt: str) -> Iterator[Row | BadRow]:
+    """Every record of a manifest as an index row (good) or a bad row (with where and why)."""
     path = Path(cfg.path)
     root = Path(cfg.image_root) if cfg.image_root else path.parent
-    # JSON: line (JSONL) or element number, 1-based; CSV rows count the header.
-    offset = 2 if fmt == "csv" else 1
-    numbered = ds if fmt == "json" else ((i + offset, row) for i, row in enumerate(ds))
+    resolve = ImagePaths(root)
+    numbered: Iterable[tuple[int, dict[str, Any] | DataError]]
+    numbered = _json_rows(path) if fmt == "json" else _table_rows(path, fmt, cfg)
+    columns: set[str] = set()
+    first_broken: DataError | None = None
+    position = 0
     for n, row in numbered:
         where = f"{path}:{n}"
+        position += 1
         if isinstance(row, DataError):  # a broken JSON line
-            yield where, row
+            first_broken = first_broken or row
+            yield BadRow(position - 1, where, str(row))
             continue
+        if fmt == "json" and not columns.issuperset(row):
+            columns.update(row)
         try:
             if cfg.image_column not in row:
                 raise DataError(f"{where}: no {cfg.image_column!r} column")
@@ -297,47 +336,172 @@ def _manifest_records(cfg: CaptionSetConfig, fmt: str) -> Iterator[tuple[str, Im
             image = row[cfg.image_column]
             if not isinstance(image, str) or not image:
                 raise DataError(f"{where}: image column {cfg.image_column!r} is empty or not a path")
-            image_path = safe_image_path(root, image, where)
-            if not image_path.is_file():
+            image_path, is_file = resolve(image, where)
+            if not is_file:
                 raise DataError(f"{where}: image file {image_path} does not exist")
             key = str(row[cfg.key_column]) if cfg.key_column else image
-            yield where, ImageCaptions(key, str(image_path), _captions_of(row, cfg, where), where)
+            yield Row(key, str(image_path), 0, 0, 0, n, _captions_of(row, cfg, where))
         except DataError as e:
-            yield where, e
+            yield BadRow(position - 1, where, str(e))
+    if fmt == "json":
+        # JSON has no header: the columns are known only after the pass (the index is not kept).
+        if first_broken is not None and not columns:  # not one readable record: the file is broken
+            raise DataError(f"{first_broken} (and no line of {path} is a readable record)")
+        _check_columns(cfg, path, sorted(columns))
 
 
-def _webdataset_records(cfg: CaptionSetConfig) -> Iterator[tuple[str, ImageCaptions | DataError]]:
-    import datasets
+class _ShardRows:
+    """Every record of the shards as index rows; ``keys`` holds each shard's tar keys afterwards."""
 
-    shards = _expand_shards(cfg.path)
-    datasets.disable_progress_bars()
-    for shard in shards:
-        try:
-            ds = datasets.load_dataset("webdataset", data_files=shard, split="train")
-            image_cols = [c for c in ds.column_names if c.lower() in IMAGE_EXTENSIONS]
-            ds = ds.cast_column(image_cols[0], datasets.Image(decode=False)) if image_cols else ds
-        except Exception as e:
-            raise DataError(f"{shard}: cannot be read as a webdataset shard: {type(e).__name__}: {e}") from e
-        for row in ds:
-            key = row.get("__key__", "?")
-            where = f"{shard}:{key}"
+    def __init__(self, cfg: CaptionSetConfig, shards: list[str]) -> None:
+        self.cfg, self.shards = cfg, shards
+        self.keys: dict[int, list[str]] = {}
+
+    def __iter__(self) -> Iterator[Row | BadRow]:
+        cfg = self.cfg
+        position = 0
+        for s, shard in enumerate(self.shards):
+            keys: list[str] = []
+            self.keys[s] = keys
             try:
-                image = next((row[c] for c in image_cols if row.get(c) is not None), None)
-                if image is None:
-                    raise DataError(f"{where}: no image member ({'/'.join(IMAGE_EXTENSIONS)})")
-                fields = dict(row.get("json") or {})
-                if row.get("txt") and not any(c in fields for c in cfg.caption_columns):
-                    fields[next(iter(cfg.caption_columns))] = row["txt"]
-                key = str(fields.get(cfg.key_column, key)) if cfg.key_column else key
-                yield where, ImageCaptions(key, image["bytes"], _captions_of(fields, cfg, where), where)
-            except DataError as e:
-                yield where, e
+                for rec in scan_tar(shard, IMAGE_EXTENSIONS):
+                    where = f"{shard}:{rec.key}"
+                    keys.append(rec.key)
+                    position += 1
+                    try:
+                        if rec.image is None:
+                            raise DataError(f"{where}: no image member ({'/'.join(IMAGE_EXTENSIONS)})")
+                        fields: dict[str, Any] = {}
+                        if "json" in rec.texts:
+                            try:
+                                parsed = json.loads(rec.texts["json"])
+                            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                                raise DataError(f"{where}: broken .json member ({e})") from e
+                            fields = dict(parsed) if isinstance(parsed, dict) else {}
+                        txt = rec.texts.get("txt", b"").decode("utf-8", errors="replace")
+                        if txt and not any(c in fields for c in cfg.caption_columns):
+                            fields[next(iter(cfg.caption_columns))] = txt
+                        key = str(fields.get(cfg.key_column, rec.key)) if cfg.key_column else rec.key
+                        offset, size = rec.image
+                        yield Row(key, None, s, offset, size, len(keys) - 1, _captions_of(fields, cfg, where))
+                    except DataError as e:
+                        yield BadRow(position - 1, where, str(e))
+            except (tarfile.TarError, OSError) as e:
+                raise DataError(
+                    f"{shard}: cannot be read as a webdataset shard: {type(e).__name__}: {e}"
+                ) from e
+
+
+def index_caption_set(cfg: CaptionSetConfig, cache_dir: Path | None = None) -> RecordIndex:
+    """The cached columnar index of a data set (built on the first call; see :mod:`.index`)."""
+    if not cfg.path:
+        raise DataError("no path given")
+    fmt = _detect_format(cfg)
+    settings = {
+        "format": fmt,
+        "image_root": str(Path(cfg.image_root).resolve()) if cfg.image_root else "",
+        "image_column": cfg.image_column,
+        "key_column": cfg.key_column,
+        "caption_columns": cfg.caption_columns,
+    }
+    if fmt == "webdataset":
+        shards = _expand_shards(cfg.path)
+        reader = _ShardRows(cfg, shards)
+        return open_or_build(
+            shards, settings, "shards", lambda: reader, cache_dir=cache_dir, shard_keys=lambda: reader.keys
+        )
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise DataError(f"{path}: manifest does not exist")
+    return open_or_build(
+        [str(path)], settings, "manifest", lambda: _manifest_rows(cfg, fmt), cache_dir=cache_dir
+    )
+
+
+class IndexedRecords(Sequence[ImageCaptions]):
+    """The first ``n`` records of an index (``max_images``), map-style, built on access."""
+
+    def __init__(self, index: RecordIndex, n: int) -> None:
+        self.index, self.n = index, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> ImageCaptions:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]  # type: ignore[return-value]
+        if i < 0:
+            i += self.n
+        if not 0 <= i < self.n:
+            raise IndexError(f"record {i} out of range ({self.n} records)")
+        return self.index[i]
+
+    def __iter__(self) -> Iterator[ImageCaptions]:
+        for i in range(self.n):
+            yield self.index[i]
+
+
+def record_index(records: Sequence[ImageCaptions]) -> RecordIndex | None:
+    """The index behind a set read by :func:`load_caption_set` (also through ``keep_captions``)."""
+    while isinstance(records, (CaptionSet, KeptCaptions)):
+        records = records.records
+    return records.index if isinstance(records, IndexedRecords) else None
+
+
+def captions_only(records: Sequence[ImageCaptions]) -> Sequence[ImageCaptions]:
+    """The same records for a reader of captions only: shard records skip reading their image.
+
+    ``embed`` walks every record for its captions; through this view it reads no image byte.
+    """
+    if isinstance(records, CaptionSet):
+        return captions_only(records.records)
+    if isinstance(records, KeptCaptions):
+        return KeptCaptions(captions_only(records.records), records.per_kind)
+    if isinstance(records, IndexedRecords):
+        return IndexedRecords(records.index.without_images(), records.n)
+    return records
+
+
+def caption_counts(records: Sequence[ImageCaptions]) -> np.ndarray:
+    """Captions per record (int64), from the index's columns when ``records`` has one.
+
+    What a store's cheap check compares; through the index it builds no record (vectorised over
+    the memory-mapped ``kinds`` column, with the ``keep_captions`` cut applied).
+    """
+    per_kind, inner = 0, records
+    while isinstance(inner, (CaptionSet, KeptCaptions)):
+        if isinstance(inner, KeptCaptions):
+            per_kind = inner.per_kind if not per_kind else min(per_kind, inner.per_kind)
+        inner = inner.records
+    if not isinstance(inner, IndexedRecords):
+        return np.asarray([len(r.captions) for r in records], dtype=np.int64)
+    # int32 throughout (a few bytes per caption): this runs at every stage-2 start.
+    counts = np.empty(inner.n, dtype=np.int64)
+    done = 0
+    for chunk in inner.index.table.column("kinds").chunks:  # one chunk per 8192 indexed rows
+        if done >= inner.n:
+            break
+        take = min(len(chunk), inner.n - done)
+        offsets = chunk.offsets.to_numpy()[: take + 1]
+        flat = chunk.values.to_numpy()
+        long_cum = np.zeros(len(flat) + 1, dtype=np.int32)
+        np.cumsum(flat == 1, out=long_cum[1:])
+        long = long_cum[offsets[1:]] - long_cum[offsets[:-1]]
+        short = np.diff(offsets) - long
+        if per_kind:
+            short, long = np.minimum(short, per_kind), np.minimum(long, per_kind)
+        counts[done : done + take] = short + long
+        done += take
+    return counts
 
 
 def load_caption_set(
     cfg: CaptionSetConfig, *, skip_bad: bool = False, max_bad_fraction: float = 0.01, name: str = ""
 ) -> CaptionSet:
-    """Read one image-caption data set.
+    """Read one image-caption data set (through its cached index: see :mod:`.index`).
+
+    Records are built on access (a manifest record holds its image path; a shard record reads its
+    image bytes from the tar when accessed), so the set costs O(1) Python memory per record.
 
     Args:
         cfg: where the data is and how its columns map to captions.
@@ -350,29 +514,18 @@ def load_caption_set(
     """
     if not cfg.path:
         raise DataError(f"data set {name or '?'}: no path given")
-    fmt = _detect_format(cfg)
-    rows = _webdataset_records(cfg) if fmt == "webdataset" else _manifest_records(cfg, fmt)
+    index = index_caption_set(cfg)
+    n = min(len(index), cfg.max_images) if cfg.max_images else len(index)
     policy = BadRecords(skip_bad, max_bad_fraction, name=cfg.path)
-    records: list[ImageCaptions] = []
-    first_seen: dict[str, str] = {}  # key -> where it first appeared
-    for where, item in rows:
-        if isinstance(item, ImageCaptions) and item.key in first_seen:
-            # Two records of one key would be two "different" images to the contrastive loss and
-            # the store: refused, or skipped (and reported) under skip_bad.
-            item = DataError(f"{where}: duplicate key {item.key!r} (first at {first_seen[item.key]})")
-        if isinstance(item, DataError):
-            policy.add(where, item)
-            continue
-        first_seen[item.key] = where
-        records.append(item)
-        if cfg.max_images and len(records) >= cfg.max_images:
-            break
-    total = len(records) + len(policy.skipped)
+    for j, bad in enumerate(index.bad()):
+        # A bad record is reached when fewer than ``n`` good records come before it.
+        if bad.position - j < n or not cfg.max_images:
+            policy.add(bad.where, DataError(bad.reason))
+    total = n + len(policy.skipped)
     if total == 0:
         raise DataError(f"{cfg.path}: the data set is empty")
     policy.check(total)
-    skipped = policy.skipped
-    return CaptionSet(records, name=name or cfg.path, skipped=skipped)
+    return CaptionSet(IndexedRecords(index, n), name=name or cfg.path, skipped=policy.skipped)
 
 
 # ----------------------------------------------------------------------------------------------

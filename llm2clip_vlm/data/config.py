@@ -53,3 +53,10 @@ class DataConfig:
     # Decode every image once before stage 2 / LLaVA training, so a broken image is found (and
     # stopped at or skipped) up front, not hours into the run. False = find it when it is reached.
     verify_images: bool = True
+    # Worker threads of that check (its result is cached by the data set's identity: see docs/DATA.md).
+    check_workers: int = 4
+    # Stage 2: stream the training set instead of sampling it at random: each process and
+    # DataLoader worker reads its own shards in order through a shuffle buffer of this many
+    # records (images are then checked while training, under the same skip_bad policy).
+    stream: bool = False
+    shuffle_buffer: int = 2000

@@ -29,6 +29,11 @@ class LlavaDataConfig:
     # than ``max_bad_fraction`` of the records are bad.
     skip_bad: bool = False
     max_bad_fraction: float = 0.01
+    # Decode every image once before training (the result is cached by the data file's identity,
+    # so later starts decode nothing); False = find a bad image when it is reached.
+    verify_images: bool = True
+    # Threads that decode images for that check.
+    check_workers: int = 4
     # Held-out question records (``{"question_type", "answer"}`` extras) scored by exact match
     # before and after training (empty = none; the demo uses its held-out split).
     heldout_path: str = ""

@@ -22,12 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from llm2clip_vlm.data.captions import safe_image_path
+from llm2clip_vlm.data.check import check_images
 from llm2clip_vlm.data.errors import BadRecords, DataError
 from llm2clip_vlm.data.images import load_rgb
+from llm2clip_vlm.data.index import BadRow, build_table, file_identity, open_table
 from llm2clip_vlm.llava.templates import (
     IGNORE_INDEX,
     ConversationError,
@@ -37,7 +40,6 @@ from llm2clip_vlm.llava.templates import (
     tokenize_conversation,
 )
 from llm2clip_vlm.logging import get_logger
-from llm2clip_vlm.progress import make_progress
 
 log = get_logger(__name__)
 
@@ -116,6 +118,14 @@ def _verify_image(path: Path, where: str) -> None:
     load_rgb(path, where)
 
 
+def _check_key(path: Path, folder: Path, max_samples: int) -> str:
+    """The identity of a LLaVA data file as read (the image check's cache key)."""
+    import hashlib
+
+    blob = json.dumps([file_identity(path), str(folder.resolve()), max_samples], sort_keys=True)
+    return "llava-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
 def load_llava_records(
     path: str | Path,
     image_folder: str | Path = "",
@@ -125,38 +135,117 @@ def load_llava_records(
     max_bad_fraction: float = 0.01,
     verify_images: bool = True,
     bad: BadRecords | None = None,
-) -> list[LlavaRecord]:
+    check_workers: int = 4,
+) -> Sequence[LlavaRecord]:
     """Read and check LLaVA records (see the module docstring for the policy).
 
-    ``bad`` (default: one built from ``skip_bad`` / ``max_bad_fraction``) collects what was
-    skipped, for the run's report.
+    The file is read and checked once into a cached, memory-mapped index
+    (:mod:`llm2clip_vlm.data.index`); the records are built when accessed, so they cost O(1)
+    Python memory each. ``bad`` (default: one built from ``skip_bad`` / ``max_bad_fraction``)
+    collects what was skipped, for the run's report. With ``verify_images`` every image is
+    decoded once, by ``check_workers`` threads, and the result is cached by the data file's
+    identity (:mod:`llm2clip_vlm.data.check`): a second start decodes nothing.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         DataError: a bad record (default), or too many of them under ``skip_bad``.
     """
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LLaVA data file {path} does not exist")
     folder = Path(image_folder) if image_folder else path.parent
-    rows = _read_json_records(path)
-    if max_samples:
-        rows = rows[:max_samples]
+    settings = {"reader": "llava", "image_folder": str(folder.resolve())}
+    directory = build_table(
+        [str(path)], settings, "llava", lambda: _index_rows(path, folder), _llava_schema(), _llava_columns
+    )
+    table, _meta, bad_rows = open_table(directory)
+    positions = table.column("position").to_numpy()
+    # ``max_samples`` counts records as they are in the file, good and bad.
+    n_good = int(np.searchsorted(positions, max_samples)) if max_samples else len(positions)
+    total = n_good + sum(1 for b in bad_rows if not max_samples or b.position < max_samples)
     bad = bad if bad is not None else BadRecords(skip_bad, max_bad_fraction, name=path.name)
-    records = []
-    with make_progress() as progress:
-        task = progress.add_task(f"checking {path.name}", total=len(rows), status="", unit="record")
-        for where, raw in rows:
-            try:
-                records.append(_check_record(raw, where, folder, verify_images))
-            except DataError as e:
-                bad.add(where, e)  # raises unless skipping
-            progress.advance(task)
-    bad.check(len(rows))
-    if not records:
+    for b in bad_rows:
+        if not max_samples or b.position < max_samples:
+            bad.add(b.where, DataError(b.reason))  # raises unless skipping
+    records = LlavaRecords(table, np.arange(n_good))
+    if verify_images:
+        good = check_images(
+            records, bad, lambda r: _verify_image(r.image, r.source), key=_check_key(path, folder, max_samples),
+            workers=check_workers, description=f"checking {path.name} images", select=lambda r: r.has_image,
+            total=total,
+        )  # fmt: skip
+        if good is not None:
+            records = LlavaRecords(table, np.asarray(good, dtype=np.int64))
+    else:
+        bad.check(total)
+    if not len(records):
         raise DataError(f"{path}: no usable records")
     return records
+
+
+def _index_rows(path: Path, folder: Path) -> Iterator[dict[str, Any] | BadRow]:
+    """Every record of a LLaVA file, checked (without decoding images), as index rows."""
+    for position, (where, raw) in enumerate(_read_json_records(path)):
+        try:
+            rec = _check_record(raw, where, folder, verify_image=False)
+        except DataError as e:
+            yield BadRow(position, where, str(e))
+            continue
+        yield {
+            "id": rec.id,
+            "image": str(rec.image) if rec.image is not None else None,
+            "record": json.dumps([rec.conversations, rec.extra]),
+            "source": rec.source,
+            "position": position,
+        }
+
+
+def _llava_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [("id", pa.string()), ("image", pa.string()), ("record", pa.string()), ("source", pa.string()),
+         ("position", pa.int64())]
+    )  # fmt: skip
+
+
+def _llava_columns(batch: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {name: [r[name] for r in batch] for name in ("id", "image", "record", "source", "position")}
+
+
+class LlavaRecords(Sequence[LlavaRecord]):
+    """Checked LLaVA records over the memory-mapped index; ``rows`` = the table rows kept."""
+
+    def __init__(self, table: Any, rows: np.ndarray) -> None:
+        self.table, self.rows = table, rows
+        self._cols = {name: table.column(name) for name in ("id", "image", "record", "source")}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> LlavaRecord:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]  # type: ignore[return-value]
+        row = int(self.rows[i])
+        c = self._cols
+        image = c["image"][row].as_py()
+        conversations, extra = json.loads(c["record"][row].as_py())
+        return LlavaRecord(
+            c["id"][row].as_py(),
+            Path(image) if image is not None else None,
+            conversations,
+            c["source"][row].as_py(),
+            extra,
+        )
+
+    def __iter__(self) -> Iterator[LlavaRecord]:
+        for i in range(len(self)):
+            yield self[i]
+
+    @property
+    def has_image(self) -> np.ndarray:
+        """Per record, whether it has an image (from the column alone: no record is built)."""
+        return self.table.column("image").is_null().to_numpy(zero_copy_only=False)[self.rows] == False  # noqa: E712
 
 
 # ----------------------------------------------------------------------------------------------

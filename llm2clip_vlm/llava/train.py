@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +120,15 @@ def train_llava(
     )
     records = load_llava_records(
         data.records, data.image_folder, max_samples=p.data.max_samples, skip_bad=p.data.skip_bad,
-        max_bad_fraction=p.data.max_bad_fraction, bad=bad,
+        max_bad_fraction=p.data.max_bad_fraction, bad=bad, verify_images=p.data.verify_images,
+        check_workers=p.data.check_workers,
     )  # fmt: skip
-    heldout: list[LlavaRecord] = []
+    heldout: Sequence[LlavaRecord] = []
     if data.heldout is not None and data.heldout.is_file():
         heldout = load_llava_records(
             data.heldout, max_samples=p.data.heldout_max_samples, skip_bad=p.data.skip_bad,
-            max_bad_fraction=p.data.max_bad_fraction,
+            max_bad_fraction=p.data.max_bad_fraction, verify_images=p.data.verify_images,
+            check_workers=p.data.check_workers,
         )  # fmt: skip
     if main:  # only once the inputs are known to be usable (a refused run leaves no config.yaml)
         out.mkdir(parents=True, exist_ok=True)

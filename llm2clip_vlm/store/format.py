@@ -18,6 +18,7 @@ This module needs only numpy (no torch), so opening a store for reading stays li
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import os
@@ -56,14 +57,19 @@ class StoreInputError(ValueError):
 
 @dataclass(frozen=True)
 class CaptionTable:
-    """The caption rows of a data set, flattened, with their hashes (what a store is keyed by)."""
+    """The caption rows of a data set, flattened, with their hashes (what a store is keyed by).
 
-    texts: list[str]
+    ``texts`` and ``keys`` are views that build records on access (``texts[a:b]`` reads only the
+    images covering rows ``a..b-1``): with an indexed data set, embedding streams its captions
+    instead of holding every text in Python memory.
+    """
+
+    texts: Sequence[str]
     kinds: np.ndarray  # [rows] uint8
     hashes: np.ndarray  # [rows, 32] uint8
     offsets: np.ndarray  # [images + 1] int64
     key_hashes: np.ndarray  # [images, 32] uint8
-    keys: list[str]
+    keys: Sequence[str]
 
     @property
     def num_rows(self) -> int:
@@ -79,23 +85,59 @@ class CaptionTable:
         return image, row - int(self.offsets[image])
 
 
+class _RowTexts(Sequence[str]):
+    """Caption texts by row, read from the records on access."""
+
+    def __init__(self, records: Sequence[ImageCaptions], offsets: np.ndarray) -> None:
+        self.records, self.offsets = records, offsets
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, rows: int | slice) -> Any:  # type: ignore[override]
+        if isinstance(rows, slice):
+            lo, hi, step = rows.indices(len(self))
+            if step != 1 or hi <= lo:
+                return [self[i] for i in range(lo, hi, step)]
+            first = int(np.searchsorted(self.offsets, lo, side="right")) - 1
+            last = int(np.searchsorted(self.offsets, hi - 1, side="right")) - 1
+            texts = [c.text for i in range(first, last + 1) for c in self.records[i].captions]
+            base = int(self.offsets[first])
+            return texts[lo - base : hi - base]
+        image = int(np.searchsorted(self.offsets, rows, side="right")) - 1
+        return self.records[image].captions[rows - int(self.offsets[image])].text
+
+
+class _Keys(Sequence[str]):
+    def __init__(self, records: Sequence[ImageCaptions]) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        return str(self.records[i].key)
+
+
 def caption_digest(text: str, kind: str) -> bytes:
     """sha256 of one caption (its kind is part of it: the same text as short and long differs)."""
     return hashlib.sha256(f"{kind}\x00{text}".encode()).digest()
 
 
 def caption_table(records: Sequence[ImageCaptions]) -> CaptionTable:
-    """Flatten a caption set into rows, validating every caption.
+    """Flatten a caption set into rows, validating every caption (one pass; texts not kept).
 
     Raises:
         StoreInputError: a caption is empty, not a string, or of an unknown kind (the message
             names the record's key, its source and the caption's position).
     """
-    texts: list[str] = []
-    kinds: list[int] = []
-    digests: list[bytes] = []
-    offsets = [0]
-    keys: list[str] = []
+    from llm2clip_vlm.data.captions import captions_only
+
+    records = captions_only(records)  # shard records: no image bytes read
+    kinds = array.array("B")
+    digests = bytearray()
+    key_digests = bytearray()
+    offsets = array.array("q", [0])
     for i, rec in enumerate(records):
         where = f"record {i} (key {rec.key!r}{', ' + rec.source if rec.source else ''})"
         for j, cap in enumerate(rec.captions):
@@ -106,18 +148,18 @@ def caption_table(records: Sequence[ImageCaptions]) -> CaptionTable:
                 raise StoreInputError(f"{where}: caption {j} ({kind}) is empty")
             if kind not in KINDS:
                 raise StoreInputError(f"{where}: caption {j} has unknown kind {kind!r} (expected short/long)")
-            texts.append(text)
             kinds.append(KINDS.index(kind))
-            digests.append(caption_digest(text, kind))
-        offsets.append(len(texts))
-        keys.append(str(rec.key))
+            digests += caption_digest(text, kind)
+        offsets.append(len(kinds))
+        key_digests += hashlib.sha256(str(rec.key).encode()).digest()
+    offset_array = np.asarray(offsets, dtype=np.int64)
     return CaptionTable(
-        texts=texts,
+        texts=_RowTexts(records, offset_array),
         kinds=np.asarray(kinds, dtype=np.uint8),
-        hashes=_digest_array(digests),
-        offsets=np.asarray(offsets, dtype=np.int64),
-        key_hashes=_digest_array([hashlib.sha256(k.encode()).digest() for k in keys]),
-        keys=keys,
+        hashes=np.frombuffer(digests, dtype=np.uint8).reshape(-1, 32).copy(),
+        offsets=offset_array,
+        key_hashes=np.frombuffer(key_digests, dtype=np.uint8).reshape(-1, 32).copy(),
+        keys=_Keys(records),
     )
 
 

@@ -5,11 +5,20 @@ data set's captions, the embedder's identity) and against itself (every shard pr
 recorded shape and dtype, with the recorded checksum). Any difference raises
 :class:`StoreMismatchError` saying exactly what differs; a store is never silently used.
 
+What opening costs: a store of at most :data:`FULL_CHECK_BYTES` is checked in full (every shard
+re-hashed, every caption compared). A larger one gets the cheap checks only, so that no rank
+rereads hundreds of GB at each start: the manifest and the hash tables' shapes, every shard's
+presence, shape and dtype (from its header), each image's caption count, and
+:data:`SAMPLE_ROWS` caption rows (plus the first and last) compared with the data. The full
+check runs at write time and on demand: ``llm2clip-vlm verify-store DIR`` or
+``EmbeddingStore.open(..., verify_checksums=True)``.
+
 Only numpy is needed here: stage 2 reads rows without importing the LLM side.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +31,11 @@ from llm2clip_vlm.store import format as fmt
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+
+# Stores up to this size are verified in full at every open (cheap); larger ones by sampling.
+FULL_CHECK_BYTES = 256 << 20
+SAMPLE_ROWS = 1024
 
 
 class StoreMismatchError(ValueError):
@@ -62,7 +76,7 @@ class EmbeddingStore:
         *,
         captions: Sequence[ImageCaptions] | None = None,
         encoder_identity: str | None = None,
-        verify_checksums: bool = True,
+        verify_checksums: bool | None = None,
     ) -> EmbeddingStore:
         """Open a store, refusing it if it does not match.
 
@@ -71,8 +85,9 @@ class EmbeddingStore:
             captions: the data set the caller will pair with it; every row's caption hash and the
                 image keys must match.
             encoder_identity: the embedder the caller expects (``CaptionEncoder.identity()``).
-            verify_checksums: re-hash every shard (reads the whole store once). Without it, shard
-                shapes, dtypes and file sizes are still checked.
+            verify_checksums: True = re-hash every shard and compare every caption (reads the
+                whole store once); False = the cheap checks only (see the module docstring);
+                None (default) = True for a store of at most :data:`FULL_CHECK_BYTES`.
 
         Raises:
             StoreMismatchError: incomplete store, corrupt or truncated shard, other embedder,
@@ -80,9 +95,10 @@ class EmbeddingStore:
         """
         path = Path(path)
         manifest = _read_manifest(path)
-        _check_metadata(path, manifest)
+        full = verify_checksums if verify_checksums is not None else store_bytes(path) <= FULL_CHECK_BYTES
+        _check_metadata(path, manifest, full)
         for shard in manifest["shards"]:
-            _check_shard(path, shard, manifest, verify_checksums)
+            _check_shard(path, shard, manifest, full)
         if encoder_identity is not None and manifest["encoder_identity"] != encoder_identity:
             raise StoreMismatchError(
                 f"{path} was embedded by encoder {manifest['encoder_identity'][:16]}..., "
@@ -90,7 +106,10 @@ class EmbeddingStore:
                 "settings); re-run `llm2clip-vlm embed` with this encoder"
             )
         if captions is not None:
-            _check_captions(path, manifest, captions)
+            if full:
+                _check_captions(path, manifest, captions)
+            else:
+                _check_caption_sample(path, manifest, captions)
         return cls(path, manifest)
 
     # -- reading ----------------------------------------------------------------------------
@@ -181,12 +200,19 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _load_array(path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def store_bytes(path: Path) -> int:
+    """Bytes of a store's files (what a full check reads)."""
+    return sum(f.stat().st_size for f in (*path.glob("*.npy"), *(path / fmt.SHARD_DIR).glob("*.npy")))
+
+
+def _load_array(
+    path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype, mmap: bool = False
+) -> np.ndarray:
     file = path / name
     if not file.is_file():
         raise StoreMismatchError(f"{file} is missing (incomplete store)")
     try:
-        a = np.load(file, allow_pickle=False)
+        a = np.load(file, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as e:
         raise StoreMismatchError(f"{file} is unreadable ({e})") from e
     if a.shape != shape or a.dtype != dtype:
@@ -194,16 +220,16 @@ def _load_array(path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype) 
     return a
 
 
-def _check_metadata(path: Path, m: dict[str, Any]) -> None:
+def _check_metadata(path: Path, m: dict[str, Any], full: bool = True) -> None:
     rows, images = int(m["num_rows"]), int(m["num_images"])
-    hashes = _load_array(path, fmt.CAPTION_HASHES, (rows, 32), np.dtype(np.uint8))
-    if fmt.array_sha256(hashes) != m.get("captions_sha256"):
+    hashes = _load_array(path, fmt.CAPTION_HASHES, (rows, 32), np.dtype(np.uint8), mmap=not full)
+    if full and fmt.array_sha256(hashes) != m.get("captions_sha256"):
         raise StoreMismatchError(f"{path / fmt.CAPTION_HASHES} does not match the manifest's captions_sha256")
-    _load_array(path, fmt.CAPTION_KINDS, (rows,), np.dtype(np.uint8))
+    _load_array(path, fmt.CAPTION_KINDS, (rows,), np.dtype(np.uint8), mmap=not full)
     offsets = _load_array(path, fmt.IMAGE_OFFSETS, (images + 1,), np.dtype(np.int64))
     if offsets[0] != 0 or offsets[-1] != rows or (np.diff(offsets) < 0).any():
         raise StoreMismatchError(f"{path / fmt.IMAGE_OFFSETS} is inconsistent with {rows} rows")
-    _load_array(path, fmt.IMAGE_KEY_HASHES, (images, 32), np.dtype(np.uint8))
+    _load_array(path, fmt.IMAGE_KEY_HASHES, (images, 32), np.dtype(np.uint8), mmap=not full)
     expected = 0
     for shard in m["shards"]:
         if shard["start"] != expected or shard["stop"] <= shard["start"]:
@@ -265,3 +291,45 @@ def _check_captions(path: Path, m: dict[str, Any], captions: Sequence[ImageCapti
         raise StoreMismatchError(
             f"{path}: image {i} has key {table.keys[i]!r} in the data, another key in the store"
         )
+
+
+def _check_caption_sample(path: Path, m: dict[str, Any], captions: Sequence[ImageCaptions]) -> None:
+    """The cheap caption check: every image's caption count, and a sample of rows and keys."""
+    from llm2clip_vlm.data.captions import caption_counts
+
+    counts = caption_counts(captions)
+    rows = int(counts.sum())
+    if len(counts) != m["num_images"] or rows != m["num_rows"]:
+        raise StoreMismatchError(
+            f"{path} holds {m['num_rows']} captions of {m['num_images']} images; the data has "
+            f"{rows} captions of {len(counts)} images"
+        )
+    offsets = np.load(path / fmt.IMAGE_OFFSETS, allow_pickle=False)
+    data_offsets = np.concatenate([[0], np.cumsum(counts)])
+    if not np.array_equal(offsets, data_offsets):
+        image = int(np.flatnonzero(offsets != data_offsets)[0]) - 1
+        raise StoreMismatchError(f"{path}: image {image} has a different number of captions than in the data")
+    if rows == 0:
+        return
+    sample = np.random.default_rng(0).choice(rows, size=min(SAMPLE_ROWS, rows), replace=False)
+    sample = np.unique(np.concatenate([sample, [0, rows - 1]]))
+    stored = np.load(path / fmt.CAPTION_HASHES, mmap_mode="r", allow_pickle=False)
+    keys = np.load(path / fmt.IMAGE_KEY_HASHES, mmap_mode="r", allow_pickle=False)
+    images = np.searchsorted(offsets, sample, side="right") - 1
+    checked_keys: set[int] = set()
+    for row, image in zip(sample.tolist(), images.tolist(), strict=True):
+        rec = captions[image]
+        j = row - int(offsets[image])
+        cap = rec.captions[j]
+        if fmt.caption_digest(cap.text, cap.kind) != bytes(stored[row]):
+            raise StoreMismatchError(
+                f"{path}: row {row} (image {image} key {rec.key!r}, caption {j}, {cap.kind}) differs from "
+                f"the data: the store was embedded from another text than {cap.text!r} "
+                f"(found by the sampled check); re-run `llm2clip-vlm embed`"
+            )
+        if image not in checked_keys:
+            checked_keys.add(image)
+            if hashlib.sha256(str(rec.key).encode()).digest() != bytes(keys[image]):
+                raise StoreMismatchError(
+                    f"{path}: image {image} has key {rec.key!r} in the data, another key in the store"
+                )

@@ -1,4 +1,5 @@
-"""Stage-2 data: sampled (image, caption embedding) pairs, the global-batch sampler, held-out sets.
+"""Stage-2 data: sampled (image, caption embedding) pairs, the global-batch sampler, the training
+loader (map-style or streamed: :func:`train_loader`), held-out sets.
 
 [IMPORTANT] The global batch is ``stage2.batch_size`` whatever the number of processes: the
 sampler cuts one global batch per step and each rank takes its contiguous slice, in rank order.
@@ -8,16 +9,17 @@ which the 2-process test pins.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from llm2clip_vlm.bad_samples import load_or_replace
 from llm2clip_vlm.data.records import ImageCaptions
+from llm2clip_vlm.vision.stream import Stage2Stream
 
 ImageLoader = Callable[[ImageCaptions], Any]  # record -> PIL RGB image
 
@@ -52,7 +54,7 @@ class Stage2TrainData(Dataset):
     ) -> None:
         self.records = records
         # Sampler positions -> record indices (the usable images when bad ones were skipped).
-        self.indices = list(indices) if indices is not None else list(range(len(records)))
+        self.indices = list(indices) if indices is not None else range(len(records))  # no list at 10M
         self.embeddings = embeddings
         self.image_processor = image_processor
         self.load_image = load_image
@@ -135,6 +137,39 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
             batch = perm[k * self.batch : (k + 1) * self.batch]
             mine = batch[self.rank * local : (self.rank + 1) * local]
             yield [(epoch, int(i)) for i in mine]
+
+
+def train_loader(
+    dataset: Stage2TrainData,
+    *,
+    batch_size: int,
+    rank: int,
+    world: int,
+    start_step: int,
+    total_steps: int,
+    num_workers: int,
+    pin_memory: bool,
+    shuffle_buffer: int = 0,
+    saved: dict[str, Any] | None = None,
+    skip_bad: bool = False,
+    max_bad_fraction: float = 0.01,
+) -> Iterable[tuple[torch.Tensor, torch.Tensor, Any]]:
+    """This rank's ``(pixel_values, caption embeddings, failures)`` batches from ``start_step`` on.
+
+    ``shuffle_buffer`` 0: map-style, global batch ``k`` a function of ``(seed, k)``
+    (:class:`GlobalBatchSampler`). Otherwise the records are streamed (``data.stream``): each rank
+    and worker reads its own shards through a shuffle buffer of that many records
+    (:class:`~llm2clip_vlm.vision.stream.Stage2Stream`), resuming from ``saved`` (the stream state
+    a checkpoint stored); bad images are then found, and stopped at or skipped, while reading.
+    """
+    if shuffle_buffer > 0:
+        return Stage2Stream(
+            dataset, saved or {}, batch_size=batch_size, num_workers=num_workers, seed=dataset.seed,
+            shuffle_buffer=shuffle_buffer, skip_bad=skip_bad, max_bad_fraction=max_bad_fraction,
+            rank=rank, world=world, pin_memory=pin_memory,
+        )  # fmt: skip
+    sampler = GlobalBatchSampler(len(dataset), batch_size, rank, world, dataset.seed, start_step, total_steps)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory)
 
 
 @dataclass

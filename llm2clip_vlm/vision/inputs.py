@@ -15,9 +15,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm2clip_vlm.data import open_image
+from llm2clip_vlm.data.check import check_caption_images
 from llm2clip_vlm.data.errors import BadRecords, write_report
-from llm2clip_vlm.data.images import find_bad_images
 from llm2clip_vlm.data.records import ImageCaptions
 from llm2clip_vlm.store.store import EmbeddingStore
 from llm2clip_vlm.text.encoder import CaptionEncoder
@@ -67,16 +66,18 @@ def usable_images(
     skip_bad: bool,
     max_bad_fraction: float,
     earlier: Sequence[tuple[str, str]] = (),
+    workers: int = 4,
 ) -> list[int] | None:
-    """Decode every image once: indices of the good ones, None if all are.
+    """Decode every image once per data set: indices of the good ones, None if all are.
 
-    Bad images stop the run with a message naming them, or with ``skip_bad`` are skipped and
-    listed in ``<out>/bad_records.json`` (see :mod:`llm2clip_vlm.data.images`).
+    The result is cached by the data set's identity (:mod:`llm2clip_vlm.data.check`, ``workers``
+    decoding threads): a later start decodes nothing. Bad images stop the run with a message naming
+    them, or with ``skip_bad`` are skipped and listed in ``<out>/bad_records.json``.
     """
 
     policy = BadRecords(skip_bad, max_bad_fraction, name=f"{name} images", earlier=earlier)
-    good = find_bad_images(records, policy, open_image, description=f"checking {name} images")
-    if not policy.skipped:
+    good = check_caption_images(records, policy, workers=workers, description=f"checking {name} images")
+    if good is None or not policy.skipped:
         return None
     write_report(out, name, len(records), policy.skipped)
     return good

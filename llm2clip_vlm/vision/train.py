@@ -4,7 +4,9 @@ Reads like the run it is, top to bottom:
 
 1. data (:mod:`llm2clip_vlm.vision.data`): training images + their caption embeddings; per sample a
    long or a short caption at random (``long_caption_ratio``), decided by ``(seed, epoch, index)``
-   alone, so every process count and every resumed run sees the same samples;
+   alone, so every process count and every resumed run sees the same samples; sampled at random,
+   or streamed from shards (its position saved with each checkpoint through the loop's
+   ``data_state``);
 2. model: :class:`LLM2CLIP` (backbone + new image head + text adaptor + logit scale);
 3. optimiser: AdamW (0.9, 0.98, eps 1e-6), weight decay except on biases, norms and the logit
    scale, layer-wise lr decay over the ViT blocks, ``head_lr`` for the new parts, the loop's
@@ -24,7 +26,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from llm2clip_vlm.bad_samples import MidRunBadImages, gather_failures
 from llm2clip_vlm.logging import get_logger
@@ -40,10 +41,10 @@ from llm2clip_vlm.vision.backbones import create_backbone
 from llm2clip_vlm.vision.config import Stage2Config
 from llm2clip_vlm.vision.data import (
     CaptionEmbeddings,
-    GlobalBatchSampler,
     HeldoutSet,
     ImageLoader,
     Stage2TrainData,
+    train_loader,
 )
 from llm2clip_vlm.vision.decay import exempt_from_weight_decay
 from llm2clip_vlm.vision.evaluate import evaluate_retrieval, log_retrieval
@@ -103,6 +104,7 @@ def train_stage2(
     tracking: TrackingConfig | None = None,
     run_config: dict[str, Any] | None = None,
     on_ready: Callable[[], None] | None = None,
+    shuffle_buffer: int = 0,
 ) -> dict[str, Any]:
     """Train stage 2 and write ``model/`` and ``metrics.json`` into ``output_dir``.
 
@@ -121,6 +123,8 @@ def train_stage2(
             replace them deterministically and stop above this share.
         tracking, run_config: the ``tracking`` section and the resolved config it records.
         on_ready: called on the main process once the inputs are usable (writes config.yaml).
+        shuffle_buffer: 0 = sample the records at random; otherwise stream them (``data.stream``)
+            through a shuffle buffer of this many records.
 
     Returns:
         The metrics written to ``metrics.json`` (``{"stage2": {...}}``).
@@ -131,7 +135,7 @@ def train_stage2(
     out = Path(output_dir)
     accelerator = dist.make_accelerator(s.loop.precision)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    usable = list(usable) if usable is not None else list(range(len(train_records)))
+    usable = list(usable) if usable is not None else range(len(train_records))  # no list at 10M
     steps = total_steps(s, len(usable))
 
     set_seed(s.seed)  # identical initial weights on every rank (DDP also broadcasts them)
@@ -196,13 +200,12 @@ def train_stage2(
     dataset = Stage2TrainData(
         train_records, embeddings, processor, load_image, s.long_caption_ratio, s.seed, indices=usable
     )
-    loader = DataLoader(
-        dataset,
-        batch_sampler=GlobalBatchSampler(len(usable), s.batch_size, rank, world, s.seed, state.step, steps),
-        num_workers=s.num_workers,
-        # Pinned host batches let the copies below overlap with compute on a GPU.
-        pin_memory=accelerator.device.type == "cuda",
-    )
+    loader = train_loader(
+        dataset, batch_size=s.batch_size, rank=rank, world=world, start_step=state.step, total_steps=steps,
+        num_workers=s.num_workers, shuffle_buffer=shuffle_buffer, saved=state.extra.get("data"),
+        skip_bad=skip_bad, max_bad_fraction=max_bad_fraction,
+        pin_memory=accelerator.device.type == "cuda",  # the host-to-device copies overlap compute
+    )  # fmt: skip
     last_scale: list[float] = []
 
     def step(batch: tuple[torch.Tensor, torch.Tensor, Any]) -> StepOutput:
@@ -230,7 +233,8 @@ def train_stage2(
         return accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
 
     stage = Stage("stage 2", model, optimizer, scheduler, step, weights, model.parameters,
-                  after_update=raw.clamp_logit_scale, samples_per_step=s.batch_size, unit="img")  # fmt: skip
+                  after_update=raw.clamp_logit_scale, samples_per_step=s.batch_size, unit="img",
+                  data_state=getattr(loader, "state_dict", None))  # fmt: skip
     run.train(stage, loader, steps, on_step, tracker)
 
     similarities: dict[str, torch.Tensor] = {}

@@ -1,0 +1,418 @@
+"""A columnar, memory-mapped index of an image-caption data set, built once and cached.
+
+Why: a manifest of 10M records read into Python objects costs ~3 KB per record per process, and
+webdataset shards read through ``datasets`` keep every image's bytes in RAM and copy every shard
+into the Arrow cache. The index instead holds, per usable record, only
+
+    key (string) | image (string path; null for shards) | shard (int32) | offset, size (int64:
+    where the image's bytes lie inside the tar) | line (int64: manifest line / record number) |
+    texts (list<string>) | kinds (list<int8>: 0 short, 1 long)
+
+in one Arrow IPC file that is memory-mapped, so a record costs no Python memory until it is
+accessed, and :class:`RecordIndex` gives map-style ``index[i] -> ImageCaptions`` (a shard
+image's bytes are read by seeking into its tar only then). Bad records found while building
+(broken JSON line, missing image file, empty caption, ...) are kept in a side file ``bad.json``
+with their position, so the bad-record policy applies at every load exactly as before.
+
+Shards are scanned with the standard library's ``tarfile``: headers are read and image members
+are skipped by seeking, only the small ``.json``/``.txt`` members are read. A webdataset or
+``datasets`` reader reads every image byte to learn the captions (measured in
+``docs/BENCHMARKS.md``); and neither tells where a member lies in the tar, which is what lets the
+stream (:mod:`llm2clip_vlm.data.stream`) resume mid-shard and the index serve random access.
+
+Cache: ``<cache root>/index/<key>/`` with ``records.arrow``, ``bad.json``, ``meta.json`` (written
+last: its presence means complete). The key hashes the index format version, the reader settings
+that change the content (columns, image root, format) and the identity of every input file:
+resolved path, size, mtime and a sha256 of up to three 4 KiB samples (start, middle, end). The
+cache root is ``$LLM2CLIP_VLM_CACHE``, else ``$XDG_CACHE_HOME/llm2clip-vlm``, else
+``~/.cache/llm2clip-vlm``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llm2clip_vlm.data.records import Caption, ImageCaptions
+from llm2clip_vlm.logging import get_logger
+
+log = get_logger(__name__)
+
+INDEX_VERSION = 1
+KIND_CODES = {"short": 0, "long": 1}
+KIND_NAMES = ("short", "long")
+_SAMPLE_BYTES = 4096  # x3 per file: ~15 MB read per start for 1200 shards, not 230 MB
+_BATCH = 8192  # rows per Arrow record batch while building (bounds the builder's memory)
+
+
+def cache_root() -> Path:
+    """Where indexes and check results are cached (see the module docstring)."""
+    env = os.environ.get("LLM2CLIP_VLM_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "llm2clip-vlm"
+
+
+def file_identity(path: str | Path) -> dict[str, Any]:
+    """What identifies a file's content cheaply: path, size, mtime and a sampled sha256."""
+    p = Path(path).resolve()
+    st = p.stat()
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for start in sorted(
+            {0, max(0, st.st_size // 2 - _SAMPLE_BYTES // 2), max(0, st.st_size - _SAMPLE_BYTES)}
+        ):
+            f.seek(start)
+            h.update(f.read(_SAMPLE_BYTES))
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample_sha256": h.hexdigest()}
+
+
+def identity_key(files: Sequence[str | Path], settings: dict[str, Any]) -> str:
+    """The cache key of an index over ``files`` read with ``settings``."""
+    blob = json.dumps(
+        {"version": INDEX_VERSION, "settings": settings, "files": [file_identity(f) for f in files]},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One good record while building (the builder's only per-record Python object)."""
+
+    key: str
+    image: str | None
+    shard: int
+    offset: int
+    size: int
+    line: int
+    captions: list[Caption]
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """One bad record: its position among all records read, where it is, and why it is bad."""
+
+    position: int
+    where: str
+    reason: str
+
+
+class RecordIndex(Sequence[ImageCaptions]):
+    """The usable records of a data set, memory-mapped; ``index[i]`` builds one ImageCaptions.
+
+    Args:
+        directory: a complete index directory (``meta.json`` present).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        import pyarrow as pa
+
+        self.directory = directory
+        self.meta: dict[str, Any] = json.loads((directory / "meta.json").read_text())
+        self.sources: list[str] = self.meta["sources"]  # the manifest, or one path per shard
+        self._mmap = pa.memory_map(str(directory / "records.arrow"), "r")
+        self.table = pa.ipc.open_file(self._mmap).read_all()
+        self._cols = {name: self.table.column(name) for name in self.table.column_names}
+        self._files: dict[int, Any] = {}
+        # False: shard records come without their image bytes (for readers of captions only).
+        self.images = True
+
+    # Workers started with ``spawn`` get the directory and map the file again.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"directory": self.directory, "images": self.images}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"])  # type: ignore[misc]
+        self.images = state.get("images", True)
+
+    def without_images(self) -> RecordIndex:
+        """The same index whose shard records carry no image bytes (``image=b""``)."""
+        other = RecordIndex(self.directory)
+        other.images = False
+        return other
+
+    # -- the sequence --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, i: int) -> ImageCaptions:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]  # type: ignore[return-value]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} out of range ({len(self)} records)")
+        c = self._cols
+        key = c["key"][i].as_py()
+        texts, kinds = c["texts"][i].as_py(), c["kinds"][i].as_py()
+        captions = [Caption(t, KIND_NAMES[k]) for t, k in zip(texts, kinds, strict=True)]  # type: ignore[arg-type]
+        if self.meta["kind"] == "shards":
+            return ImageCaptions(key, self.read_image(i) if self.images else b"", captions, self.describe(i))
+        return ImageCaptions(key, c["image"][i].as_py(), captions, self.describe(i))
+
+    def describe(self, i: int) -> str:
+        """Where record ``i`` comes from (``manifest:line`` or ``shard.tar:key``), for messages."""
+        c = self._cols
+        if self.meta["kind"] == "shards":
+            shard = c["shard"][i].as_py()
+            return f"{self.sources[shard]}:{self.tar_keys(shard)[c['line'][i].as_py()]}"
+        return f"{self.sources[0]}:{c['line'][i].as_py()}"
+
+    def __iter__(self) -> Iterator[ImageCaptions]:
+        for i in range(len(self)):
+            yield self[i]
+
+    # -- columns, without building records ------------------------------------------------------
+    def column(self, name: str) -> np.ndarray:
+        """A numeric column as numpy (zero-copy where Arrow allows)."""
+        return self._cols[name].to_numpy()
+
+    def captions_of(self, i: int) -> list[Caption]:
+        c = self._cols
+        return [
+            Caption(t, KIND_NAMES[k])  # type: ignore[arg-type]
+            for t, k in zip(c["texts"][i].as_py(), c["kinds"][i].as_py(), strict=True)
+        ]
+
+    def tar_keys(self, shard: int) -> list[str]:
+        """The tar keys of a shard (names in errors), read from the side file on demand."""
+        cache = getattr(self, "_tar_keys", None)
+        if cache is None or cache[0] != shard:
+            keys = json.loads((self.directory / f"keys-{shard:06d}.json").read_text())
+            self._tar_keys = (shard, keys)
+            return keys
+        return cache[1]
+
+    def read_image(self, i: int) -> bytes:
+        """A shard record's encoded image bytes, read by seeking into its tar (nothing is cached)."""
+        c = self._cols
+        shard, offset, size = c["shard"][i].as_py(), c["offset"][i].as_py(), c["size"][i].as_py()
+        return read_member(self.sources[shard], offset, size)
+
+    def bad(self) -> list[BadRow]:
+        """The bad records found while building, in reading order."""
+        rows = json.loads((self.directory / "bad.json").read_text())
+        return [BadRow(int(r["position"]), r["where"], r["reason"]) for r in rows]
+
+    def bytes_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.directory.iterdir() if f.is_file())
+
+    def __repr__(self) -> str:
+        return f"RecordIndex({self.directory}, records={len(self)}, kind={self.meta['kind']})"
+
+
+def read_member(path: str, offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset`` of a file (one tar member's data)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"{path}: member at byte {offset} is truncated ({len(data)} of {size} bytes)")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+# ----------------------------------------------------------------------------------------------
+def open_or_build(
+    files: Sequence[str],
+    settings: dict[str, Any],
+    kind: str,
+    rows: Callable[[], Iterable[Row | BadRow]],
+    *,
+    cache_dir: Path | None = None,
+    shard_keys: Callable[[], dict[int, list[str]]] | None = None,
+) -> RecordIndex:
+    """The cached index of ``files`` read with ``settings``, built from ``rows()`` when missing.
+
+    Args:
+        files: the input files (manifest, or shards in order); their identity keys the cache.
+        settings: reader settings that change the content (part of the key, and kept in meta).
+        kind: ``"manifest"`` or ``"shards"``.
+        rows: yields every record in reading order as a :class:`Row` or :class:`BadRow`.
+        cache_dir: cache root (default :func:`cache_root`).
+        shard_keys: for shards, called after ``rows()`` is exhausted: tar keys per shard.
+    """
+    directory = build_table(
+        files, settings, kind, rows, _schema(), _caption_columns, cache_dir=cache_dir, side_files=shard_keys
+    )
+    return RecordIndex(directory)
+
+
+def build_table(
+    files: Sequence[str],
+    settings: dict[str, Any],
+    kind: str,
+    rows: Callable[[], Iterable[Any]],
+    schema: Any,
+    columns: Callable[[list[Any]], dict[str, list[Any]]],
+    *,
+    cache_dir: Path | None = None,
+    side_files: Callable[[], dict[int, list[str]]] | None = None,
+) -> Path:
+    """The directory of the cached Arrow table of ``files`` (any schema), built when missing.
+
+    ``rows()`` yields good rows (turned into columns ``schema`` by ``columns(batch)``) and
+    :class:`BadRow` s; see :func:`open_or_build` for the rest.
+    """
+    key = identity_key(files, settings)
+    root = (cache_dir or cache_root()) / "index"
+    directory = root / key
+    if (directory / "meta.json").is_file():
+        return directory
+    root.mkdir(parents=True, exist_ok=True)
+    # Built in a private temp folder and renamed: concurrent ranks may build the same index; the
+    # first rename wins and the others use it (their own copy is removed).
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    try:
+        n, bad = _write_rows(tmp / "records.arrow", rows(), schema, columns)
+        if side_files is not None:
+            for shard, keys in side_files().items():
+                (tmp / f"keys-{shard:06d}.json").write_text(json.dumps(keys))
+        (tmp / "bad.json").write_text(
+            json.dumps([{"position": b.position, "where": b.where, "reason": b.reason} for b in bad])
+        )
+        meta = {
+            "version": INDEX_VERSION,
+            "kind": kind,
+            "sources": [str(Path(f).resolve()) for f in files],
+            "settings": settings,
+            "records": n,
+            "bad": len(bad),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, directory)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("indexed %d records of %s (%d bad) in %s", n, files[0] if files else "?", len(bad), directory)
+    return directory
+
+
+def open_table(directory: Path) -> tuple[Any, dict[str, Any], list[BadRow]]:
+    """``(memory-mapped Arrow table, meta, bad rows)`` of a directory :func:`build_table` wrote."""
+    import pyarrow as pa
+
+    meta = json.loads((directory / "meta.json").read_text())
+    table = pa.ipc.open_file(pa.memory_map(str(directory / "records.arrow"), "r")).read_all()
+    bad = [
+        BadRow(int(r["position"]), r["where"], r["reason"])
+        for r in json.loads((directory / "bad.json").read_text())
+    ]
+    return table, meta, bad
+
+
+def _schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("image", pa.string()),
+            ("shard", pa.int32()),
+            ("offset", pa.int64()),
+            ("size", pa.int64()),
+            ("line", pa.int64()),
+            ("texts", pa.list_(pa.string())),
+            ("kinds", pa.list_(pa.int8())),
+        ]
+    )
+
+
+def _caption_columns(batch: list[Row]) -> dict[str, list[Any]]:
+    return {
+        "key": [r.key for r in batch],
+        "image": [r.image for r in batch],
+        "shard": [r.shard for r in batch],
+        "offset": [r.offset for r in batch],
+        "size": [r.size for r in batch],
+        "line": [r.line for r in batch],
+        "texts": [[c.text for c in r.captions] for r in batch],
+        "kinds": [[KIND_CODES[c.kind] for c in r.captions] for r in batch],
+    }
+
+
+def _write_rows(
+    path: Path, rows: Iterable[Any], schema: Any, columns: Callable[[list[Any]], dict[str, list[Any]]]
+) -> tuple[int, list[BadRow]]:
+    import pyarrow as pa
+
+    bad: list[BadRow] = []
+    n = 0
+    batch: list[Any] = []
+
+    def flush(writer: Any) -> None:
+        cols = columns(batch)
+        writer.write_batch(pa.record_batch([pa.array(cols[f.name], f.type) for f in schema], schema=schema))
+        batch.clear()
+
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for r in rows:
+            if isinstance(r, BadRow):
+                bad.append(r)
+                continue
+            batch.append(r)
+            n += 1
+            if len(batch) >= _BATCH:
+                flush(writer)
+        if batch or n == 0:
+            flush(writer)
+    return n, bad
+
+
+# ----------------------------------------------------------------------------------------------
+# Scanning tar shards without reading image bytes
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TarRecord:
+    """The members of one webdataset key: where its image lies, and its small text members."""
+
+    key: str
+    image: tuple[int, int] | None  # (offset of the data, size)
+    texts: dict[str, bytes]  # extension -> bytes of json/txt members
+
+
+def scan_tar(
+    path: str, image_extensions: Sequence[str], text_extensions: Sequence[str] = ("json", "txt")
+) -> Iterator[TarRecord]:
+    """The records of a webdataset shard in tar order (consecutive members sharing a key).
+
+    Image members are not read: ``tarfile`` in random-access mode seeks past their data.
+    """
+    with tarfile.open(path, "r:") as tar:
+        current: TarRecord | None = None
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)
+            stem_ext = base[-1].split(".", 1)
+            if len(stem_ext) != 2:
+                continue
+            key = (base[0] + "/" if len(base) == 2 else "") + stem_ext[0]
+            ext = stem_ext[1].lower()
+            if current is None or current.key != key:
+                if current is not None:
+                    yield current
+                current = TarRecord(key, None, {})
+            if ext in image_extensions and current.image is None:
+                current.image = (member.offset_data, member.size)
+            elif ext in text_extensions:
+                f = tar.extractfile(member)
+                current.texts[ext] = f.read() if f is not None else b""
+        if current is not None:
+            yield current

@@ -1,0 +1,346 @@
+"""Streaming an indexed data set: each rank and DataLoader worker reads its own shards, in order.
+
+The alternative to map-style random access for data sets too large to shuffle globally. Every
+(rank, worker) pair is a *unit*; with ``U = world * workers`` units:
+
+- epoch ``e`` permutes the shards with ``(seed, e)``; unit ``u`` reads shards ``perm[u::U]`` one
+  after the other, each from its first record to its last (sequential reads of the tar). With
+  fewer shards than units, every unit walks all shards and keeps records ``u::U`` instead, so the
+  units still see disjoint records;
+- a bounded shuffle buffer (``buffer`` records, seeded by ``(seed, e, u)``) mixes the records the
+  unit reads: only the buffered images' bytes are ever in memory;
+- the unit's *position* is the number of records it has emitted since the run started (epochs
+  follow one another). From it alone, the unit recomputes the epoch, its shards, the buffer's
+  content and the read cursor: the shuffle is simulated on record ids only (no bytes read), the
+  records still in the buffer are re-read by seeking, and reading goes on sequentially. So a
+  checkpoint stores one integer per unit (:meth:`StreamLoader.state_dict`) and a resumed run
+  emits exactly the records the uninterrupted one would have.
+
+A sample that fails (a bad image) is skipped under ``skip_bad`` and counted; it still advances
+the position, so the resumed stream stays aligned. Without ``skip_bad`` it raises, naming the
+record.
+
+The DataLoader takes batches from its workers in turn (0, 1, ...). A resumed loader restarts that
+turn at worker 0, so worker ``i`` plays logical worker ``(i + batches) % workers``: the batch
+after the resume point comes from the same unit as in the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from llm2clip_vlm.data.index import RecordIndex
+from llm2clip_vlm.logging import get_logger
+
+log = get_logger(__name__)
+
+# sample transform: (epoch, record id, encoded image bytes) -> a tuple of tensors
+Transform = Callable[[int, int, bytes], tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Which records each unit reads in which order; a pure function of the plan's fields.
+
+    Args:
+        shard_starts: first record id of each shard, ascending (``len = shards + 1``; the last is N).
+        seed: shuffle seed.
+        units: ``world * workers``.
+        buffer: shuffle-buffer size in records (1 = no shuffle within a unit).
+    """
+
+    shard_starts: tuple[int, ...]
+    seed: int
+    units: int
+    buffer: int
+
+    @classmethod
+    def of_index(cls, index: RecordIndex, n: int, seed: int, units: int, buffer: int) -> StreamPlan:
+        """The plan of the first ``n`` records of an index (shards as the index records them)."""
+        if index.meta["kind"] == "shards":
+            shard = index.column("shard")[:n]
+            # Records of one shard are contiguous in the index, shards in order.
+            cuts = np.flatnonzero(np.diff(shard)) + 1
+            starts = (0, *(int(c) for c in cuts), n)
+        else:
+            starts = (0, n)
+        return cls(starts, seed, units, max(1, buffer))
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_starts) - 1
+
+    def epoch_ids(self, epoch: int, unit: int) -> np.ndarray:
+        """The record ids unit ``unit`` reads in epoch ``epoch``, in reading order."""
+        starts = np.asarray(self.shard_starts, dtype=np.int64)
+        perm = np.random.default_rng((self.seed, epoch)).permutation(self.num_shards)
+        if self.num_shards >= self.units:
+            mine = perm[unit :: self.units]
+            return np.concatenate(
+                [np.arange(starts[s], starts[s + 1]) for s in mine] or [np.zeros(0, np.int64)]
+            )
+        ids = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in perm])
+        return ids[unit :: self.units]
+
+    def epoch_length(self, epoch: int, unit: int) -> int:
+        return len(self.epoch_ids(epoch, unit))
+
+    def epoch_order(self, epoch: int, unit: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids in emission order, read cursor before each emission)`` of one unit's epoch.
+
+        The shuffle buffer fills with the first ``buffer`` ids; each later id read replaces a
+        uniformly drawn buffered one, which is emitted; at the end the rest leave in random order.
+        ``cursor[t]`` = how many ids of :meth:`epoch_ids` were read when emission ``t`` happened.
+        """
+        ids = self.epoch_ids(epoch, unit)
+        n, b = len(ids), min(self.buffer, len(ids))
+        rng = np.random.default_rng((self.seed, epoch, unit, 1))
+        out = np.empty(n, dtype=np.int64)
+        cursor = np.empty(n, dtype=np.int64)
+        buf = ids[:b].copy()
+        draws = rng.integers(b, size=max(0, n - b)) if b else np.zeros(0, np.int64)
+        for t in range(n - b):  # ids only: cheap enough (~0.3 us per record) to redo at each epoch
+            j = draws[t]
+            out[t] = buf[j]
+            buf[j] = ids[b + t]
+            cursor[t] = b + t + 1
+        out[n - b :] = buf[rng.permutation(b)]
+        cursor[n - b :] = n
+        return out, cursor
+
+    def locate(self, unit: int, position: int) -> tuple[int, int]:
+        """``(epoch, emission within the epoch)`` of a unit's ``position``-th emission overall."""
+        if self.epoch_length(0, unit) == 0:
+            raise ValueError(
+                f"stream unit {unit} has no records ({self.shard_starts[-1]} records, {self.units} units)"
+            )
+        epoch = 0
+        while True:
+            length = self.epoch_length(epoch, unit)
+            if position < length:
+                return epoch, position
+            position -= length
+            epoch += 1
+
+
+class _ByteReader:
+    """Reads records' image bytes, keeping the current shard's file open (sequential reads)."""
+
+    def __init__(self, index: RecordIndex) -> None:
+        self.index = index
+        self.shards = index.meta["kind"] == "shards"
+        self._file: Any = None
+        self._shard = -1
+        self._cols = (
+            (index.column("shard"), index.column("offset"), index.column("size")) if self.shards else None
+        )
+
+    def read(self, i: int) -> bytes:
+        if not self.shards:
+            with open(self.index.table.column("image")[i].as_py(), "rb") as f:
+                return f.read()
+        shard_col, offset_col, size_col = self._cols  # type: ignore[misc]
+        shard = int(shard_col[i])
+        if shard != self._shard:
+            if self._file is not None:
+                self._file.close()
+            self._file, self._shard = open(self.index.sources[shard], "rb"), shard
+        self._file.seek(int(offset_col[i]))
+        size = int(size_col[i])
+        data = self._file.read(size)
+        if len(data) != size:
+            raise OSError(f"{self.index.sources[shard]}: member of record {i} is truncated")
+        return data
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class ShardStream(IterableDataset):
+    """The samples of one rank, worker by worker, from its units' positions onwards (endless).
+
+    Each item is ``(*transform(epoch, id, bytes), unit, position after it, bad records so far)``;
+    :class:`StreamLoader` strips the last three and keeps them as the stream's state.
+
+    Args:
+        index: the data set's index; records ``0 .. n-1`` are streamed.
+        n: how many records (``max_images``).
+        transform: ``(epoch, record id, image bytes) -> tuple`` (raises for a bad record).
+        rank, world, workers: this process, the process count, DataLoader workers per process.
+        seed, buffer: shuffle seed and buffer size.
+        positions: unit -> emissions already done (a resumed run); missing units start at 0.
+        bad: unit -> bad records skipped so far (a resumed run).
+        first_worker: the logical worker DataLoader worker 0 plays (see the module docstring).
+        on_bad: called as ``on_bad(source, error)`` for a bad record; it may raise to stop.
+    """
+
+    def __init__(
+        self,
+        index: RecordIndex,
+        n: int,
+        transform: Transform,
+        *,
+        rank: int,
+        world: int,
+        workers: int,
+        seed: int,
+        buffer: int,
+        positions: dict[int, int] | None = None,
+        bad: dict[int, int] | None = None,
+        first_worker: int = 0,
+        on_bad: Callable[[str, Exception], None] | None = None,
+    ) -> None:
+        self.index, self.n, self.transform = index, n, transform
+        self.rank, self.world, self.workers = rank, world, max(1, workers)
+        self.plan = StreamPlan.of_index(index, n, seed, world * self.workers, buffer)
+        self.positions = dict(positions or {})
+        self.bad = dict(bad or {})
+        self.first_worker = first_worker % self.workers
+        self.on_bad = on_bad
+
+    def unit_of(self, worker: int) -> int:
+        return self.rank * self.workers + (worker + self.first_worker) % self.workers
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        info = get_worker_info()
+        unit = self.unit_of(info.id if info is not None else 0)
+        yield from self.unit_samples(unit)
+
+    def unit_samples(self, unit: int) -> Iterator[tuple[Any, ...]]:
+        """One unit's endless samples from its stored position."""
+        position = self.positions.get(unit, 0)
+        bad = self.bad.get(unit, 0)
+        epoch, t = self.plan.locate(unit, position)
+        reader = _ByteReader(self.index)
+        try:
+            while True:
+                ids, cursor = self.plan.epoch_order(epoch, unit)
+                read_order = self.plan.epoch_ids(epoch, unit)
+                buffered: dict[int, bytes] = {}
+                # Resuming mid-epoch: what was read before ``t`` and is still buffered is fetched
+                # by seek when emitted; reading continues at the cursor.
+                r = int(cursor[t - 1]) if t > 0 else 0
+                for k in range(t, len(ids)):
+                    while r < cursor[k]:
+                        buffered[int(read_order[r])] = reader.read(int(read_order[r]))
+                        r += 1
+                    rid = int(ids[k])
+                    data = buffered.pop(rid, None)
+                    position += 1
+                    try:
+                        if data is None:
+                            data = reader.read(rid)
+                        sample = self.transform(epoch, rid, data)
+                    except Exception as e:  # a bad record: the policy decides (skip, or stop)
+                        if self.on_bad is None:
+                            raise
+                        self.on_bad(self.describe(rid), e)
+                        bad += 1
+                        continue
+                    yield (*sample, unit, position, bad)
+                epoch, t = epoch + 1, 0
+        finally:
+            reader.close()
+
+    def describe(self, rid: int) -> str:
+        return self.index.describe(rid)
+
+
+class StreamLoader:
+    """A DataLoader over a :class:`ShardStream` that keeps the stream position of every unit.
+
+    Iterating yields the batches without their unit/position columns; :meth:`state_dict` is what a
+    checkpoint stores (gathered over ranks), :meth:`positions_for` what a resumed run passes back.
+    """
+
+    def __init__(
+        self, stream: ShardStream, local_batch: int, num_workers: int, pin_memory: bool = False
+    ) -> None:
+        self.stream = stream
+        self.batches = 0
+        self.positions: dict[int, int] = dict(stream.positions)
+        self.bad: dict[int, int] = dict(stream.bad)
+        self.loader = DataLoader(
+            stream,
+            batch_size=local_batch,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=False,
+        )
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        for batch in self.loader:
+            *data, units, positions, bad = batch
+            # One batch comes from one worker, i.e. one unit; its last position is the largest.
+            self.positions[int(units[0])] = int(positions.max())
+            self.bad[int(units[0])] = int(bad.max())
+            self.batches += 1
+            yield tuple(data)
+
+    def state_dict(self, first_batches: int = 0) -> dict[str, Any]:
+        """This rank's stream state, merged with every other rank's (a collective when distributed).
+
+        Args:
+            first_batches: batches this rank had taken before this loader started (a resume).
+        """
+        s = self.stream
+        mine = {str(u): [p, self.bad.get(u, 0)] for u, p in self.positions.items()}
+        merged = dict(mine)
+        if s.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            everyone: list[Any] = [None] * s.world
+            torch.distributed.all_gather_object(everyone, mine)
+            merged = {k: v for d in everyone for k, v in d.items()}
+        return {
+            "units": merged,
+            "batches": first_batches + self.batches,
+            "world": s.world,
+            "workers": s.workers,
+            "seed": s.plan.seed,
+            "buffer": s.plan.buffer,
+            "records": s.n,
+        }
+
+    @staticmethod
+    def positions_for(
+        state: dict[str, Any], *, world: int, workers: int, seed: int, buffer: int, records: int
+    ) -> tuple[dict[int, int], dict[int, int], int]:
+        """``(unit positions, bad counts, first worker)`` to resume from a saved :meth:`state_dict`.
+
+        Raises:
+            ValueError: the saved stream was cut for another process/worker count, seed, buffer
+                or data set: the same position would mean other records.
+        """
+        if not state:
+            return {}, {}, 0
+        want = {
+            "world": world,
+            "workers": max(1, workers),
+            "seed": seed,
+            "buffer": max(1, buffer),
+            "records": records,
+        }
+        got = {k: state.get(k) for k in want}
+        if got != want:
+            diff = ", ".join(f"{k} {got[k]} -> {want[k]}" for k in want if got[k] != want[k])
+            raise ValueError(
+                f"the checkpoint's data stream was cut differently ({diff}); resume with the same settings"
+            )
+        units = {int(u): (int(v[0]), int(v[1])) for u, v in state["units"].items()}
+        return (
+            {u: p for u, (p, _) in units.items()},
+            {u: b for u, (_, b) in units.items()},
+            int(state["batches"]) % max(1, workers),
+        )
+
+    @property
+    def skipped(self) -> int:
+        """Bad records this rank's units skipped so far (since the run started)."""
+        return sum(self.bad.values())
