@@ -8,7 +8,8 @@ What a checkpoint holds (one folder ``<root>/step-0000042/``):
   written with ``torch.save`` and read back **only** with ``torch.load(..., weights_only=True)``;
 - ``rng.rank<r>.safetensors``: python, numpy, torch CPU and CUDA generator states of every rank;
 - ``checkpoint.json``, written last: step, the caller's trainer state (data position, history),
-  the world size and the size of every file (a truncated file is refused on load).
+  the world size and the size and sha256 of every file (a truncated or corrupted file is refused
+  on load, naming it).
 
 [IMPORTANT] Writing: everything goes to ``<root>/.tmp-step-N``, every file is fsync'ed, then the
 folder is renamed into place and the root fsync'ed. Older checkpoints are pruned only *after* the
@@ -112,6 +113,22 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sha256_files(folder: Path, names: list[str]) -> dict[str, str]:
+    """sha256 of each file, in threads (hashlib releases the GIL on large buffers)."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    def digest(name: str) -> str:
+        h = hashlib.sha256()
+        with open(folder / name, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        return h.hexdigest()
+
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(names)))) as pool:
+        return dict(zip(names, pool.map(digest, names), strict=True))
 
 
 def _save_tensors(
@@ -478,11 +495,13 @@ class Checkpointer:
             _barrier(acc)
             try:
                 if main:
-                    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+                    names = sorted(p.name for p in tmp.iterdir())
+                    files = {n: (tmp / n).stat().st_size for n in names}
                     meta_doc = {
                         "step": step,
                         "world_size": _world(acc),
                         "files": files,
+                        "sha256": _sha256_files(tmp, names),
                         "state": dict(state or {}),
                     }
                     _write(_write_json, meta_doc, tmp / META)
@@ -602,3 +621,12 @@ class Checkpointer:
                 raise CheckpointError(f"{name} is missing")
             if f.stat().st_size != size:
                 raise CheckpointError(f"{name} is {f.stat().st_size} bytes, {size} were written (truncated?)")
+        # Checkpoints written before checksums existed have none: sizes are all that can be checked.
+        expected = meta.get("sha256", {})
+        actual = _sha256_files(ckpt, sorted(expected))
+        for name in sorted(expected):
+            if actual[name] != expected[name]:
+                raise CheckpointError(
+                    f"{ckpt / name} is corrupt: its sha256 differs from the one written with it "
+                    "(remove the checkpoint to fall back to an older one)"
+                )

@@ -11,7 +11,7 @@ import os
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -35,9 +35,25 @@ RecipeArg = Annotated[
     typer.Argument(help="Recipe YAML (only what differs from the defaults). Default: the embedded demo."),
 ]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output directory of the run.")]
+AllowChangeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-config-change",
+        help="Resume a run whose config differs (beyond speed settings) from the one it was started with.",
+    ),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config value: section.key=value (repeatable)."),
+]
+PushOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--push-to-hub",
+        metavar="REPO",
+        help="Also upload the model directory (with its model card) to this hub repo, with your own "
+        "credentials (hf auth login / HF_TOKEN).",
+    ),
 ]
 
 
@@ -55,6 +71,53 @@ def resolve_config(recipe: Path | None, overrides: list[str] | None) -> RunConfi
         console.print(f"[red]config error:[/red] {e}")
         raise typer.Exit(2) from e
     return cfg
+
+
+def _push(folder: Path, repo: str | None) -> None:
+    """``--push-to-hub``: upload ``folder``; a failure is one line and leaves the finished run alone."""
+    if not repo:
+        return
+    from llm2clip_vlm.hub.push import PushError, push_to_hub
+
+    try:
+        url = push_to_hub(folder, repo)
+    except PushError as e:
+        console.print(f"[red]push-to-hub:[/red] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2) from e
+    except Exception as e:  # network, credentials, permissions: the hub client says which
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        console.print(
+            f"[red]push-to-hub {repo}:[/red] {escape(first)} (the run's files are intact)", soft_wrap=True
+        )
+        raise typer.Exit(1) from e
+    console.print(f"pushed {folder} to {repo}: {url}", soft_wrap=True)
+
+
+def _report_and_logs(output: Path, runs: list[Path]) -> None:
+    """Write ``OUTPUT/report.html`` from the run(s) and say where it and the TensorBoard logs are."""
+    from llm2clip_vlm.reports import NotARunError, load_runs, write_report
+
+    try:
+        path = write_report(load_runs(runs), output / "report.html")
+        console.print(f"report: {path}", soft_wrap=True)
+    except (NotARunError, OSError, ValueError) as e:  # never costs the finished run
+        console.print(f"[yellow]report not written:[/yellow] {escape(str(e))}", soft_wrap=True)
+    boards = sorted({p.parent for run in runs for p in run.glob("**/tensorboard/events.out.tfevents.*")})
+    if boards:
+        console.print(
+            f"TensorBoard logs: {', '.join(map(str, boards))}  (tensorboard --logdir {output})",
+            soft_wrap=True,
+        )
+
+
+def claimed_output(
+    output: Path, command: str, cfg: RunConfig | None, allow_config_change: bool = False
+) -> Any:
+    """Context: refuse an --output that is a file, another command's run or a run with another
+    config; record the owner once the run has started (see llm2clip_vlm.run_dir)."""
+    from llm2clip_vlm.run_dir import claimed
+
+    return claimed(output, command, cfg, allow_config_change=allow_config_change)
 
 
 def _not_built(command: str, issue: str) -> None:
@@ -80,21 +143,40 @@ def demo_data(
 
 
 @app.command("stage1")
-def stage1(recipe: RecipeArg = None, output: OutputOpt = Path("runs/stage1"), set_: SetOpt = None) -> None:
+def stage1(
+    recipe: RecipeArg = None,
+    output: OutputOpt = Path("runs/stage1"),
+    set_: SetOpt = None,
+    allow_config_change: AllowChangeOpt = False,
+) -> None:
     """Stage 1: make a decoder LLM a caption embedder (bidirectional, MNTP, supervised SimCSE)."""
     from llm2clip_vlm.text.train import run_stage1
 
     cfg = resolve_config(recipe, set_)
-    metrics = run_stage1(cfg, output)
+    with claimed_output(output, "stage1", cfg, allow_config_change):
+        metrics = run_stage1(cfg, output)
     if metrics:  # empty on non-main processes
         console.print(
             f"stage 1: CRA {metrics['cra_before']:.1f} -> {metrics['cra_after']:.1f} "
-            f"({metrics['steps']} steps, {metrics['train_seconds']:.0f} s); embedder in {metrics['encoder']}"
+            f"on {_cra_where(metrics)} ({metrics['steps']} steps, {metrics['train_seconds']:.0f} s); "
+            f"embedder in {metrics['encoder']}"
         )
 
 
+def _cra_where(metrics: dict) -> str:
+    """Where stage 1 measured CRA, for its summary line."""
+    if metrics.get("cra_from_training_data"):
+        return f"{metrics.get('cra_held_out_of_training', '?')} training images held out of training"
+    return f"held-out set {metrics.get('cra_set', '?')!r}"
+
+
 @app.command("embed")
-def embed(recipe: RecipeArg = None, output: OutputOpt = Path("runs/store"), set_: SetOpt = None) -> None:
+def embed(
+    recipe: RecipeArg = None,
+    output: OutputOpt = Path("runs/store"),
+    set_: SetOpt = None,
+    allow_config_change: AllowChangeOpt = False,
+) -> None:
     """Encode every caption once with a stage-1 embedder into the embedding store.
 
     Writes ``OUTPUT/train`` and ``OUTPUT/heldout-<name>`` (one store per split) and
@@ -107,7 +189,8 @@ def embed(recipe: RecipeArg = None, output: OutputOpt = Path("runs/store"), set_
 
     cfg = resolve_config(recipe, set_)
     try:
-        summary = run_embed(cfg, output)
+        with claimed_output(output, "embed", cfg, allow_config_change):
+            summary = run_embed(cfg, output)
     except MissingEncoderError as e:
         console.print(f"[red]embed:[/red] {e}")
         raise typer.Exit(2) from e
@@ -167,12 +250,14 @@ def stage2(
         typer.Option(help="The stage-1 CaptionEncoder (default: embed.encoder of the config)."),
     ] = None,
     set_: SetOpt = None,
+    allow_config_change: AllowChangeOpt = False,
 ) -> None:
     """Stage 2: align a CLIP vision encoder to the frozen LLM through stored caption embeddings."""
     from llm2clip_vlm.vision.train import run_stage2
 
     cfg = resolve_config(recipe, set_)
-    run_stage2(cfg, output, store_dir=store, encoder_dir=encoder)
+    with claimed_output(output, "stage2", cfg, allow_config_change):
+        run_stage2(cfg, output, store_dir=store, encoder_dir=encoder)
 
 
 @app.command("export-tower")
@@ -188,12 +273,94 @@ def export_tower(
     dtype: Annotated[
         str | None, typer.Option(help="fp32 | bf16 | fp16 (default: the run's export.dtype).")
     ] = None,
+    push_to_hub: PushOpt = None,
 ) -> None:
     """Export the stage-2 vision encoder in its own transformers format (a LLaVA vision tower)."""
+    from llm2clip_vlm.errors import UserError
     from llm2clip_vlm.vision.export import export_tower as do_export
 
-    do_export(run, output, model_dir=model_output, dtype=dtype)
+    if not (run / "model").is_dir():  # before --output is created
+        raise UserError(f"{run} is not a finished stage-2 run (no model/ folder): give a `stage2` --output")
+    with claimed_output(output, "export-tower", None):
+        do_export(run, output, model_dir=model_output, dtype=dtype)
     console.print(f"tower: {output}")
+    _push(output, push_to_hub)
+
+
+# -- importers of the released LLM2CLIP models (llm2clip_vlm/imports) --------------------------
+def _run_import(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    """Run an importer; a refused input is one line naming the file and key (exit 1)."""
+    from llm2clip_vlm.imports.checkpoint import ImportRefused
+
+    try:
+        return fn(*args, **kwargs)
+    except (ImportRefused, FileNotFoundError) as e:
+        console.print(f"[red]import refused:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from e
+
+
+@app.command("import-tower")
+def import_tower(
+    source: Annotated[Path, typer.Argument(help="A downloaded release, e.g. LLM2CLIP-Openai-L-14-336/.")],
+    output: OutputOpt = Path("runs/imported-tower"),
+    dtype: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: as released).")] = None,
+) -> None:
+    """Convert a released LLM2CLIP tower: OUTPUT/tower (CLIPVisionModel) + OUTPUT/model (stage 2)."""
+    from llm2clip_vlm.imports.tower import import_tower as do_import
+
+    summary = _run_import(do_import, source, output, dtype=dtype)
+    console.print(f"tower: {summary['tower']}\nstage-2 checkpoint: {summary['model']}")
+
+
+@app.command("import-encoder")
+def import_encoder(
+    source: Annotated[
+        Path, typer.Argument(help="A llm2vec-style LLM: merged checkpoint, or the base for --adapter.")
+    ],
+    output: OutputOpt = Path("runs/imported-encoder"),
+    adapter: Annotated[
+        list[Path] | None,
+        typer.Option("--adapter", help="PEFT adapter directory merged onto SOURCE, in order (repeatable)."),
+    ] = None,
+    caption_template: Annotated[
+        str,
+        typer.Option(
+            help="'auto' (Llama-3 Instruct: the reference's chat header), 'none', or a {text} template."
+        ),
+    ] = "auto",
+    max_length: Annotated[int, typer.Option(help="Token limit (the reference: 512).")] = 512,
+) -> None:
+    """Convert a released stage-1 LLM (e.g. LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned) to a CaptionEncoder."""
+    from llm2clip_vlm.imports.encoder import import_encoder as do_import
+
+    summary = _run_import(
+        do_import,
+        source,
+        output,
+        adapters=adapter or [],
+        caption_template=caption_template,
+        max_length=max_length,
+    )
+    console.print(f"caption encoder: {summary['path']} (identity {summary['identity'][:12]})")
+
+
+@app.command("import-embeddings")
+def import_embeddings(
+    shards: Annotated[
+        list[Path], typer.Argument(help="Image shards (x.tar) whose x_text_embeddings.tar lie beside them.")
+    ],
+    output: OutputOpt = Path("runs/imported-store"),
+    encoder: Annotated[
+        Path | None,
+        typer.Option(help="The CaptionEncoder the side-cars were made with (its identity is recorded)."),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="Store dtype: fp32 | bf16 | fp16.")] = "fp32",
+) -> None:
+    """Read the official *_text_embeddings.tar side-cars into an embedding store."""
+    from llm2clip_vlm.imports.sidecar import import_sidecars
+
+    summary = _run_import(import_sidecars, shards, output, encoder=encoder, dtype=dtype)
+    console.print(f"store: {summary['path']} ({summary['rows']} captions of {summary['images']} images)")
 
 
 @app.command("build-tower")
@@ -204,6 +371,7 @@ def build_tower(
     from_stage: Annotated[
         str | None, typer.Option(help="Rerun from this stage: stage1 | embed | stage2 | export.")
     ] = None,
+    push_to_hub: PushOpt = None,
 ) -> None:
     """Stage 1, embed, stage 2 and export in one command (stages whose artifact matches are skipped)."""
     from llm2clip_vlm.pipeline import STAGES, print_metrics, run_build_tower
@@ -212,8 +380,12 @@ def build_tower(
         console.print(f"[red]--from-stage must be one of {', '.join(STAGES)}[/red], got {from_stage!r}")
         raise typer.Exit(2)
     cfg = resolve_config(recipe, set_)
-    metrics = run_build_tower(cfg, output, from_stage=from_stage)
+    with claimed_output(output, "build-tower", None):
+        metrics = run_build_tower(cfg, output, from_stage=from_stage)
     print_metrics(metrics, output)
+    if os.environ.get("RANK", "0") == "0":  # one process writes the report and uploads
+        _report_and_logs(output, [output])
+        _push(output / "tower", push_to_hub)
 
 
 TowerOpt = Annotated[
@@ -222,7 +394,8 @@ TowerOpt = Annotated[
 
 
 def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | None, tower: str | None,
-               init: Path | None) -> None:  # fmt: skip
+               init: Path | None, push_to_hub: str | None = None,
+               allow_config_change: bool = False) -> None:  # fmt: skip
     from llm2clip_vlm.data.captions import DataError
     from llm2clip_vlm.llava.templates import ConversationError
     from llm2clip_vlm.llava.train import MissingInputError, run_llava
@@ -231,7 +404,8 @@ def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | 
     if tower:
         cfg.llava.tower = tower
     try:
-        metrics = run_llava(cfg, output, phase, init=init)  # type: ignore[arg-type]
+        with claimed_output(output, f"llava-{phase}", cfg, allow_config_change):
+            metrics = run_llava(cfg, output, phase, init=init)  # type: ignore[arg-type]
     except (MissingInputError, FileNotFoundError) as e:
         console.print(f"[red]llava-{phase}:[/red] {escape(str(e))}", soft_wrap=True)  # paths stay copyable
         raise typer.Exit(2) from e
@@ -257,6 +431,8 @@ def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | 
     if metrics["truncated_samples"]:
         console.print(f"{metrics['truncated_samples']} samples were truncated to max_length")
     console.print(f"model: {output / 'model'}   projector: {output / 'mm_projector.safetensors'}")
+    _report_and_logs(output, [output])
+    _push(output / "model", push_to_hub)
 
 
 @app.command("llava-pretrain")
@@ -265,9 +441,11 @@ def llava_pretrain(
     output: OutputOpt = Path("runs/llava-pretrain"),
     set_: SetOpt = None,
     tower: TowerOpt = None,
+    push_to_hub: PushOpt = None,
+    allow_config_change: AllowChangeOpt = False,
 ) -> None:
     """LLaVA-1.5 projector pretraining on top of a tower (only the projector trains)."""
-    _run_llava("pretrain", recipe, output, set_, tower, None)
+    _run_llava("pretrain", recipe, output, set_, tower, None, push_to_hub, allow_config_change)
 
 
 @app.command("llava-finetune")
@@ -283,9 +461,11 @@ def llava_finetune(
             help="The pretrained projector: a llava-pretrain output or a mm_projector.safetensors file.",
         ),
     ] = Path("runs/llava-pretrain"),
+    push_to_hub: PushOpt = None,
+    allow_config_change: AllowChangeOpt = False,
 ) -> None:
     """LLaVA-1.5 instruction tuning (projector + LLM: full, LoRA or QLoRA)."""
-    _run_llava("finetune", recipe, output, set_, tower, init)
+    _run_llava("finetune", recipe, output, set_, tower, init, push_to_hub, allow_config_change)
 
 
 @app.command("eval")
@@ -375,6 +555,28 @@ def eval_data(
         console.print(f"tiny random LLaVA model in {tiny_model}")
 
 
+@app.command("report")
+def report(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run directories (stage1, stage2, llava-*, or a build-tower DIR).")
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The HTML file to write (a folder gets report.html).")
+    ] = Path("report.html"),
+    title: Annotated[str, typer.Option(help="Page title.")] = "llm2clip-vlm run report",
+) -> None:
+    """One self-contained HTML page: loss/lr curves of all runs, CRA, retrieval, LLaVA answers."""
+    from llm2clip_vlm.reports import NotARunError, load_runs, write_report
+
+    try:
+        found = load_runs(runs)
+    except NotARunError as e:
+        console.print(f"[red]report:[/red] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2) from e
+    path = write_report(found, output, title)
+    console.print(f"report: {path} ({len(found)} runs)")
+
+
 @app.command("bench")
 def bench(
     suite: Annotated[str, typer.Argument(help="stage1 | embed | stage2 | tower | llava")],
@@ -429,30 +631,24 @@ def main() -> None:
         console.print("[red]interrupted[/red]")
         sys.exit(130)
     except Exception as e:
-        code = _report_known_error(e)
-        if code is None:
-            raise
-        sys.exit(code)
+        sys.exit(_report_error(e))
 
 
-def _report_known_error(e: Exception) -> int | None:
-    """One clear line (and an exit status) for the errors a user can act on; None for bugs."""
-    # Imported here, not at the top: they pull in torch, and `--help` must stay instant.
-    from rich.markup import escape
+def _report_error(e: Exception) -> int:
+    """One line (and an exit status) for an error the user can fix; a traceback for a bug."""
+    import traceback
 
-    from llm2clip_vlm.checkpointing import CheckpointError, NonFiniteError, TrainingInterrupted
-    from llm2clip_vlm.data.captions import DataError
+    from llm2clip_vlm.errors import BUG_EXIT_CODE, bug_report, describe
 
-    if isinstance(e, TrainingInterrupted):  # SIGTERM/SIGINT: a checkpoint was saved first
-        console.print(f"[yellow]{escape(str(e))}[/yellow]", soft_wrap=True)
-        return e.exit_code
-    if isinstance(e, DataError):  # names the file/record and the problem
-        console.print(f"[red]data error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
-        return 1
-    if isinstance(e, (CheckpointError, NonFiniteError)):
-        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
-        return 1
-    return None
+    known = describe(e)
+    if known is None:
+        traceback.print_exception(e)
+        console.print(f"[red]{escape(bug_report(e))}[/red]", soft_wrap=True, highlight=False)
+        return BUG_EXIT_CODE
+    label = f"[{known.style}]{known.label}:[/{known.style}] " if known.label else ""
+    text = escape(known.message) if known.label else f"[{known.style}]{escape(known.message)}[/{known.style}]"
+    console.print(label + text, soft_wrap=True, highlight=False)  # one line: paths stay copyable
+    return known.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

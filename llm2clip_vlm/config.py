@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llm2clip_vlm.data.config import DataConfig
+from llm2clip_vlm.hub.config import HubConfig
 from llm2clip_vlm.llava.config import LlavaConfig
 from llm2clip_vlm.reliability import ReliabilityConfig
 from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.text.config import Stage1Config
+from llm2clip_vlm.tracking.config import TrackingConfig
 from llm2clip_vlm.vision.config import ExportConfig, Stage2Config
 
 
@@ -20,12 +22,19 @@ class RuntimeConfig:
     # busy processes, fewer threads than cores avoids OpenMP threads spinning while they wait for
     # each other's turn on a core (see the demo recipe for the measured effect).
     threads: int = 0
+    # When stderr is not a terminal (nohup, slurm, CI), long loops log a progress line (step,
+    # loss, s/step, ETA) every this many seconds and/or steps (0 = not by that criterion).
+    progress_seconds: float = 30.0
+    progress_steps: int = 0
 
 
 def apply_runtime(runtime: RuntimeConfig) -> None:
     """Apply ``runtime`` to this process (called once a command has resolved its config)."""
+    from llm2clip_vlm.progress import configure_lines
+
     if runtime.threads < 0:
         raise ValueError(f"runtime.threads must be >= 0, got {runtime.threads}")
+    configure_lines(runtime.progress_seconds, runtime.progress_steps)
     if runtime.threads:
         import torch
 
@@ -42,3 +51,5 @@ class RunConfig:
     llava: LlavaConfig = field(default_factory=LlavaConfig)
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)

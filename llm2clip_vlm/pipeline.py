@@ -1,11 +1,23 @@
 """``build-tower``: stage 1 -> embed -> stage 2 -> export, one command, with stage skipping.
 
-Each stage writes its artifact into its own folder of the run directory and, once complete, a
-``stage.json`` stamp holding a fingerprint of everything the artifact depends on: the config
-sections the stage reads and the fingerprint of the stage before it. A later run skips a stage
-whose stamp matches, reruns it when anything upstream changed, and ``--from-stage`` forces a
-restart from a given stage. Each stage is itself resumable (checkpoints), so a killed build
-continues where it stopped.
+Each stage writes its artifact into its own folder of the run directory and a ``stage.json``
+stamp holding a fingerprint of everything the artifact depends on (:func:`stage_inputs`):
+
+- the config sections the stage reads and the fingerprint of the stage before it;
+- the data: every manifest / webdataset shard / text-corpus file (size, mtime and sampled
+  hashes, or whole-file hashes with ``reliability.input_identity=full``; see
+  :mod:`llm2clip_vlm.identity`);
+- the weights it starts from: the stage-1 base LLM, the stage-1 encoder (its identity, checked
+  against its weight files), the stage-2 backbone;
+- every upstream artifact as it is on disk: the stores' manifests (which hold each shard's
+  sha256) and the stage-2 model's files.
+
+The stamp is written as ``complete: false`` when a stage starts and ``true`` when it ends. A later
+run skips a complete stage whose fingerprint matches; a stage whose fingerprint changed (edited
+data, new weights, another config) has its folder cleared and runs from scratch, and so does
+every stage after it; an incomplete stage with the same fingerprint resumes from its
+checkpoints (a killed build continues where it stopped). ``--from-stage`` forces a fresh run from
+a given stage on.
 
 Layout of ``DIR``::
 
@@ -34,6 +46,8 @@ from llm2clip_vlm.logging import get_logger
 log = get_logger(__name__)
 
 STAGES = ("stage1", "embed", "stage2", "export")
+# The command each stage's folder belongs to (run.json), so it can also be resumed by hand.
+OWNERS = {"stage1": "stage1", "embed": "embed", "stage2": "stage2", "export": "export-tower"}
 
 # The config sections each stage's artifact depends on (besides the previous stage's artifact).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -44,14 +58,69 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def stage_fingerprint(cfg: RunConfig, stage: str, upstream: str) -> str:
-    """Hash of the config sections a stage reads and the fingerprint of the stage before it."""
+def stage_fingerprint(cfg: RunConfig, stage: str, upstream: str, inputs: dict[str, Any] | None = None) -> str:
+    """Hash of the config sections a stage reads, its inputs' identities and the stage before it."""
     payload = {s: configuration.to_dict(getattr(cfg, s)) for s in STAGE_SECTIONS[stage]}
     if stage == "embed":
         # Where the encoder comes from is decided by the pipeline, not by this field.
         payload["embed"].pop("encoder", None)
-    blob = json.dumps({"stage": stage, "config": payload, "upstream": upstream}, sort_keys=True)
+    blob = json.dumps(
+        {"stage": stage, "config": payload, "upstream": upstream, "inputs": inputs or {}}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def data_files(cfg: RunConfig) -> list[str]:
+    """Every data file the run reads: manifests, webdataset shards, text-corpus files.
+
+    Image files named by a manifest are not listed (a data set may hold millions); they are
+    identified by their path in the manifest.
+    """
+    import glob
+
+    from llm2clip_vlm.data.captions import demo_set_configs, expand_braces
+
+    d = cfg.data
+    sets = [d.train, *d.heldout.values()]
+    if not d.train.path and d.demo_dir:
+        train, heldout = demo_set_configs(Path(d.demo_dir))
+        sets = [train, *heldout.values(), *d.heldout.values()]
+    files: list[str] = []
+    for path in [c.path for c in sets] + list(d.text_corpus):
+        if not path:
+            continue
+        if Path(path).is_dir():
+            files += [str(p) for p in sorted(Path(path).iterdir()) if p.is_file()]
+        else:
+            files += [f for pattern in expand_braces(path) for f in sorted(glob.glob(pattern))] or [path]
+    return files
+
+
+def stage_inputs(cfg: RunConfig, stage: str, dirs: dict[str, Path]) -> dict[str, Any]:
+    """The identities of what ``stage`` reads besides its config (see the module docstring)."""
+    from llm2clip_vlm.identity import files_identity, folder_files
+
+    mode = cfg.reliability.input_identity
+    inputs: dict[str, Any] = {"data": files_identity(data_files(cfg), mode)}
+    if stage == "stage1" and Path(cfg.stage1.model).is_dir():
+        inputs["base_model"] = files_identity(folder_files(cfg.stage1.model), mode)
+    if stage in ("embed", "stage2"):
+        from llm2clip_vlm.text.encoder import encoder_identity
+
+        encoder = dirs["stage1"] / "encoder"
+        inputs["encoder"] = encoder_identity(encoder) if encoder.is_dir() else "missing"
+    if stage == "stage2":
+        store = dirs["embed"]
+        manifests = sorted(store.glob("*/manifest.json")) if store.is_dir() else []
+        inputs["store"] = files_identity(manifests, "full")  # each holds its shards' sha256
+        if cfg.stage2.backbone.name_or_path and Path(cfg.stage2.backbone.name_or_path).is_dir():
+            inputs["backbone"] = files_identity(folder_files(cfg.stage2.backbone.name_or_path), mode)
+    if stage == "export":
+        model = dirs["stage2"] / "model"
+        files = [p for p in sorted(model.rglob("*")) if p.is_file()] if model.is_dir() else []
+        inputs["stage2_model"] = files_identity(files, mode)
+    # Paths are compared as given; the identities are what matters, keyed by path for messages.
+    return inputs
 
 
 def _read_stamp(folder: Path) -> dict[str, Any] | None:
@@ -64,10 +133,20 @@ def _read_stamp(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write_stamp(folder: Path, stage: str, fingerprint: str, seconds: float) -> None:
+def _write_stamp(folder: Path, stage: str, fingerprint: str, seconds: float, complete: bool = True) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "stage.json.tmp"
-    tmp.write_text(json.dumps({"stage": stage, "fingerprint": fingerprint, "seconds": seconds}, indent=2))
+    doc = {"stage": stage, "fingerprint": fingerprint, "complete": complete, "seconds": seconds}
+    tmp.write_text(json.dumps(doc, indent=2))
     tmp.replace(folder / "stage.json")
+
+
+def _clear(folder: Path) -> None:
+    """Empty a stage's folder (its artifact is stale): nothing of the old run may be resumed."""
+    import shutil
+
+    if folder.is_dir():
+        shutil.rmtree(folder)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -81,9 +160,14 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     configuration.dump(cfg, output_dir / "config.yaml")
-    # All stages share one data location, so the demo world is generated once.
+    # All stages share one data location, so the demo world is generated once (and up front:
+    # the stages' fingerprints include the data files).
     if not cfg.data.train.path and not cfg.data.demo_dir:
         cfg.data.demo_dir = str(output_dir / "demo-data")
+    if not cfg.data.train.path:
+        from llm2clip_vlm.data.captions import ensure_demo_data
+
+        ensure_demo_data(cfg.data, output_dir)
 
     dirs = {
         "stage1": output_dir / "stage1",
@@ -124,19 +208,24 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
     timings: dict[str, float] = {}
     for stage in STAGES:
         forced = forced or stage == from_stage
-        fingerprint = stage_fingerprint(cfg, stage, upstream)
+        fingerprint = stage_fingerprint(cfg, stage, upstream, stage_inputs(cfg, stage, dirs))
         stamp = _read_stamp(dirs[stage])
-        if not forced and stamp and stamp.get("fingerprint") == fingerprint:
-            log.info("%s: artifact in %s matches its config, skipped", stage, dirs[stage])
-            timings[stage] = float(stamp.get("seconds", 0.0))
+        same = bool(stamp) and stamp.get("fingerprint") == fingerprint  # type: ignore[union-attr]
+        if not forced and same and stamp.get("complete", True):  # type: ignore[union-attr]
+            log.info("%s: artifact in %s matches its config and inputs, skipped", stage, dirs[stage])
+            timings[stage] = float(stamp.get("seconds", 0.0))  # type: ignore[union-attr]
         else:
-            if stamp:  # stale: a restarted stage must not look complete if it dies midway
-                (dirs[stage] / "stage.json").unlink()
+            if stamp and (forced or not same):
+                why = "forced by --from-stage" if forced else "its config or inputs changed"
+                log.info("%s: %s; clearing %s and running it again", stage, why, dirs[stage])
+                _clear(dirs[stage])
             log.info("%s: running into %s", stage, dirs[stage])
+            # Stamped incomplete first: a killed stage resumes only with the same fingerprint.
+            _write_stamp(dirs[stage], stage, fingerprint, 0.0, complete=False)
+            (dirs[stage] / "run.json").write_text(json.dumps({"command": OWNERS[stage]}) + "\n")
             start = time.perf_counter()
             actions[stage]()
             timings[stage] = time.perf_counter() - start
-            dirs[stage].mkdir(parents=True, exist_ok=True)
             _write_stamp(dirs[stage], stage, fingerprint, timings[stage])
         upstream = fingerprint
 

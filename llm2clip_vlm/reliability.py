@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass
@@ -14,3 +15,7 @@ class ReliabilityConfig:
     # Accept pickled weights (pytorch_model.bin, .pt): loading a pickle can run code, so it is
     # refused unless set (even then only through torch.load(weights_only=True)).
     allow_pickle_weights: bool = False
+    # How ``build-tower`` identifies its input files (data, weights) to decide whether a stage's
+    # artifact is still valid: "sampled" = size, mtime and three sampled 64 KiB blocks per file
+    # (cheap); "full" = the whole content's sha256 (exact; reads everything once per run).
+    input_identity: Literal["sampled", "full"] = "sampled"

@@ -8,8 +8,10 @@
 # their data sets from the Hugging Face hub (~7 GB: MME 2374 questions, ScienceQA-IMG test 2017,
 # VizWiz val 4319); offline, pass --data-dir with parquet copies (docs/DATA.md).
 #
-# Usage:  GPUS=1 bash recipes/eval-llava15-7b.sh CLIP_MODEL LLM2CLIP_MODEL [OUT]
-#         GPUS=8 bash recipes/eval-llava15-7b.sh CLIP_MODEL LLM2CLIP_MODEL [OUT]
+# Usage:  GPUS=1 bash recipes/eval-llava15-7b.sh CLIP_MODEL LLM2CLIP_MODEL [OUT [EVAL OPTIONS...]]
+#         GPUS=8 bash recipes/eval-llava15-7b.sh CLIP_MODEL LLM2CLIP_MODEL [OUT [EVAL OPTIONS...]]
+# EVAL OPTIONS go to `llm2clip-vlm eval` after the ones below (a repeated option wins), e.g.
+#   --data-dir DIR (offline parquet copies), --limit N; DEVICE=cpu picks the device of GPUS=1.
 # Reference (paper, LLaVA-1.5-7B): MME perception 1476.7 -> 1505.8, SQA-IMG 67.97 -> 69.92,
 # VizWiz 50.57 -> 52.37 (test-dev; lmms-eval's vizwiz_vqa_val is val).
 set -euo pipefail
@@ -17,13 +19,14 @@ CLIP_MODEL=${1:?CLIP-tower LLaVA model directory}
 LLM2CLIP_MODEL=${2:?LLM2CLIP-tower LLaVA model directory}
 OUT=${3:-runs/eval-llava15-7b}
 GPUS=${GPUS:-1}
+DEVICE=${DEVICE:-cuda}
 TASKS=mme,scienceqa_img,vizwiz_vqa_val
 # fp16 like LLaVA-1.5's own evaluation; batch 8 prompts per generate call on an 80 GB GPU.
-COMMON=(--tasks "$TASKS" --dtype float16 --batch-size 8 --output "$OUT")
+COMMON=(--tasks "$TASKS" --dtype float16 --batch-size 8 --output "$OUT" "${@:4}")
 
 if [ "$GPUS" = "1" ]; then
   # One process, one GPU: both models in turn, then the table.
-  llm2clip-vlm eval "$CLIP_MODEL" "$LLM2CLIP_MODEL" --device cuda "${COMMON[@]}"
+  llm2clip-vlm eval "$CLIP_MODEL" "$LLM2CLIP_MODEL" --device "$DEVICE" "${COMMON[@]}"
 else
   # Data parallel: one process per GPU, each with a whole model; lmms-eval shards the documents
   # by rank and gathers the scores on rank 0, which writes the results and the table.

@@ -72,6 +72,10 @@ def test_build_tower_end_to_end_then_skip_then_rerun_downstream(tmp_path: Path) 
             "t2i_r10",
         }
     assert "zero-shot retrieval" in out
+    # Tracking: each training stage logs metrics.jsonl; the command writes and names the report.
+    assert f"report: {run / 'report.html'}" in out and "TensorBoard logs:" in out
+    assert (run / "stage1" / "metrics.jsonl").is_file() and (run / "stage2" / "metrics.jsonl").is_file()
+    assert "Stage 1: caption retrieval accuracy" in (run / "report.html").read_text()
     # The demo recipe embeds one short + one long caption per training image (embed and stage 2
     # cut the same way, or stage 2 would refuse the store); held-out sets stay whole (3 short each).
     from llm2clip_vlm.store.store import EmbeddingStore

@@ -157,9 +157,12 @@ def test_bad_records_name_the_record(tmp_path: Path, bad_row: dict, message: str
     (tmp_path / "img").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "img" / "ok.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
-    good = {"image": "ok.png", "short_captions": ["a black square"]}
+    good = []  # one image each: a repeated key (here, the image path) is itself a bad record
+    for i in range(19):
+        Image.new("RGB", (8, 8)).save(tmp_path / "img" / f"ok{i}.png")
+        good.append({"image": f"ok{i}.png", "short_captions": ["a black square"]})
     manifest = tmp_path / "img" / "m.jsonl"
-    _write_jsonl(manifest, [good] * 9 + [bad_row] + [good] * 10)
+    _write_jsonl(manifest, good[:9] + [bad_row] + good[9:])
     cfg = CaptionSetConfig(path=str(manifest))
     with pytest.raises(DataError, match=rf"m\.jsonl:10\b.*{message}"):
         load_caption_set(cfg)

@@ -15,7 +15,10 @@ from llm2clip_vlm.config import RunConfig
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.mark.parametrize("name", ["llava15-7b-clip-vit-l-14-336.yaml", "llava15-7b-llm2clip.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    ["llava15-7b-clip-vit-l-14-336.yaml", "llava15-7b-llm2clip.yaml", "llava15-7b-llm2clip-released.yaml"],
+)
 def test_reference_llava_recipes(name: str) -> None:
     cfg = configuration.load(RunConfig, RECIPES / name)
     pre, ft = cfg.llava.pretrain, cfg.llava.finetune

@@ -51,7 +51,7 @@ def test_plain_supervises_the_caption_and_newline_only(tok) -> None:
 def test_vicuna_v1_supervises_answers_and_eos_only(tok) -> None:
     text, spans = render("vicuna_v1", CONV, tok, system="Hi.")
     assert text == "Hi. USER: <image>\nWhat colour? ASSISTANT: red</s>USER: Where? ASSISTANT: top left</s>"
-    assert [text[a:b] for a, b in spans] == ["red</s>", "top left</s>"]
+    assert [text[a:b] for a, b in spans] == [" red</s>", " top left</s>"]
     marked = _marked(tok, "vicuna_v1")
     supervised = [t for t, m in marked if m]
     # " red" glues its space to the first word (byte-level BPE): learnt with the answer, as in LLaVA.
@@ -141,3 +141,39 @@ def test_image_placeholder_rules(conv, has_image: bool, message: str) -> None:
 def test_malformed_conversations_are_refused(tok, conv, message: str) -> None:
     with pytest.raises(ConversationError, match=message):
         tokenize_conversation("vicuna_v1", conv, tok)
+
+
+def _sentencepiece_like_tokenizer():
+    """Llama/Vicuna-style: Metaspace ("▁" for spaces), characters only, so the space before a
+    word or a digit is a token of its own, as Llama's SentencePiece makes it before a digit."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(VICUNA_SYSTEM + "USER:ASSISTANT<>image\nHow many? 3 apples Hi."))
+    vocab = {
+        t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<image>", "▁", *[c for c in chars if c != " "]])
+    }
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    t.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    return t
+
+
+def test_vicuna_v1_learns_a_space_token_before_the_answer_like_llava() -> None:
+    """LLaVA masks len(tokenize("... ASSISTANT: ")) - 2 tokens of a round (haotian-liu/LLaVA
+    llava/train/train.py:471-475): the trailing-space token "▁" is supervised. Hand-checked
+    on "ASSISTANT: 3 apples</s>" tokenized as "A ... T : ▁ 3 ▁ a p p l e s </s>"."""
+    t = _sentencepiece_like_tokenizer()
+    conv = [{"from": "human", "value": "<image>\nHow many?"}, {"from": "gpt", "value": "3 apples"}]
+    marked = _marked(t, "vicuna_v1", conv, system="Hi.")
+    first = [m for _, m in marked].index(True)
+    assert marked[first - 2 :] == [
+        ("T", False), (":", False),
+        ("▁", True), ("3", True), ("▁", True),
+        ("a", True), ("p", True), ("p", True), ("l", True), ("e", True), ("s", True), ("</s>", True),
+    ]  # fmt: skip
+    # Nothing before "ASSISTANT:" is learnt; the spaces inside the prompt stay masked.
+    assert not any(m for _, m in marked[:first])
+    assert sum(tok == "▁" for tok, _ in marked[:first]) == 4  # after "Hi.", "USER:", "How", "many?"

@@ -266,3 +266,13 @@ def test_an_llm_with_pickled_weights_only_is_refused_unless_allowed(parts, tmp_p
         build_llava_model(parts["tower"], pickled)
     model, _ = build_llava_model(parts["tower"], pickled, allow_pickle=True)
     assert model.config.text_config.hidden_size == 64
+
+
+def test_warmup_reaches_the_full_lr_at_its_last_step() -> None:
+    from llm2clip_vlm.llava.train import lr_factor
+
+    # (step + 1) / warmup, as microsoft/LLM2CLIP llm2clip/training/scheduler.py:9-10.
+    assert [lr_factor(s, 4, 100, "cosine") for s in range(5)] == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0, 1.0], abs=1e-3
+    )
+    assert lr_factor(0, 0, 10, "constant") == 1.0

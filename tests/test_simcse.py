@@ -76,3 +76,34 @@ def test_batches_are_distinct_typed_and_deterministic() -> None:
     # Process slices of the global batch reassemble it (what N processes see = what 1 sees).
     assert batches.batch(5, 4)[:2] + batches.batch(5, 4)[2:] == batches.batch(5, 4)
     assert SimCSEBatches(RECORDS, INSTR, seed=4).batch(0, 4) != batches.batch(0, 4)
+
+
+def test_pairs_are_cross_kind_like_the_reference() -> None:
+    """microsoft/LLM2CLIP llm_caption_contrastive/dataset/E5_cc3m.py:72-96 pairs short with long
+    (coin flip for the query's kind) and :121-124 picks the instruction by the query's kind."""
+    five_short_one_long = [
+        ImageCaptions(
+            key=f"img{i}",
+            image=f"/data/{i}.png",
+            captions=[Caption(f"short {j} of {i}", "short") for j in range(5)]
+            + [Caption(f"the long caption of image {i}", "long")],
+        )
+        for i in range(4)
+    ]
+    only_short = ImageCaptions(
+        key="img4", image="/data/4.png", captions=[Caption("a", "short"), Caption("b", "short")]
+    )
+    batches = SimCSEBatches([*five_short_one_long, only_short], INSTR, seed=0, hard_negatives=False)
+    kind = {c.text: c.kind for r in [*five_short_one_long, only_short] for c in r.captions}
+    query_kinds = []
+    for step in range(200):
+        for t in batches.batch(step, 5):
+            if t.query in ("a", "b"):  # one kind only: two distinct captions of it
+                assert {t.query, t.positive} == {"a", "b"} and t.instruction == "S-instr"
+                continue
+            assert kind[t.query] != kind[t.positive]  # always short <-> long
+            assert t.instruction == INSTR[kind[t.query]]
+            query_kinds.append(kind[t.query])
+    # The query's kind is a fair coin (random.randint(0, 1) in the reference), not 5:1 as the
+    # caption counts would give: 800 draws, so 0.5 +- 0.06 is > 3 standard deviations.
+    assert abs(query_kinds.count("long") / len(query_kinds) - 0.5) < 0.06

@@ -97,7 +97,7 @@ def test_llava_contract(towers: dict[str, Path], kind: str, select_feature: str,
         expected = raw(pixel_values=batch, output_hidden_states=True).hidden_states[-2][:, drop:]
     feats = tower(batch)
     assert feats.dtype == dtype
-    assert feats.shape == (len(pixels), tower.num_patches, tower.hidden_size)
+    assert feats.shape == (len(pixels), tower.tokens_per_image, tower.hidden_size)
     assert torch.equal(feats, expected)
     assert not feats.requires_grad
 
@@ -107,7 +107,7 @@ def test_llava_contract(towers: dict[str, Path], kind: str, select_feature: str,
     for image, got in zip(batch, listed, strict=True):
         with torch.no_grad():
             ref = raw(pixel_values=image[None], output_hidden_states=True).hidden_states[-2][:, drop:]
-        assert got.shape == (1, tower.num_patches, tower.hidden_size)
+        assert got.shape == (1, tower.tokens_per_image, tower.hidden_size)
         assert torch.equal(got, ref)
 
     dummy = tower.dummy_feature
@@ -135,17 +135,31 @@ def test_reported_shape_equals_returned(
     towers: dict[str, Path], kind: str, select_feature: str | None, layer: int
 ) -> None:
     tower = LLM2CLIPVisionTower(str(towers[kind]), _args(select_feature, layer), delay_load=True)
-    before = (tower.num_patches, tower.hidden_size, tower.num_patches_per_side, tower.image_size)
+    before = (
+        tower.tokens_per_image,
+        tower.num_patches,
+        tower.hidden_size,
+        tower.num_patches_per_side,
+        tower.image_size,
+    )
     tower.load_model()
-    after = (tower.num_patches, tower.hidden_size, tower.num_patches_per_side, tower.image_size)
+    after = (
+        tower.tokens_per_image,
+        tower.num_patches,
+        tower.hidden_size,
+        tower.num_patches_per_side,
+        tower.image_size,
+    )
     assert before == after
     feats = tower(torch.zeros(2, 3, tower.image_size, tower.image_size))
-    assert feats.shape == (2, tower.num_patches, tower.hidden_size)
+    assert feats.shape == (2, tower.tokens_per_image, tower.hidden_size)
     n_side = SHAPE.image_size // SHAPE.patch_size
     assert tower.num_patches_per_side == n_side
     # No select_feature in args means LLaVA's default, "patch"; only CLIP has a CLS to keep.
     cls = kind == "clip" and select_feature == "cls_patch"
-    assert tower.num_patches == n_side**2 + (1 if cls else 0)
+    assert tower.tokens_per_image == n_side**2 + (1 if cls else 0)
+    # LLaVA's contract (clip_encoder.py:86-88): (image_size / patch_size)^2 in every mode.
+    assert tower.num_patches == n_side**2
     raw = _raw_reference(towers[kind], torch.float32)
     with torch.no_grad():
         hs = raw(

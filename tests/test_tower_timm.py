@@ -145,8 +145,9 @@ def test_timm_tower_matches_block_outputs(
         first = model.embed(images)
     keep = prefix if select_feature == "patch" else 0
     feats = tower(images)
-    assert feats.shape == (2, tower.num_patches, 16)
-    assert tower.num_patches == 16 + (prefix if select_feature == "cls_patch" else 0)
+    assert feats.shape == (2, tower.tokens_per_image, 16)
+    assert tower.tokens_per_image == 16 + (prefix if select_feature == "cls_patch" else 0)
+    assert tower.num_patches == 16  # LLaVA-1.5's contract, every select mode
     assert torch.equal(feats, expected[:, keep:])
     assert all(not p.requires_grad for p in tower.parameters())
     # Layer 0 is the embeddings, as in transformers.

@@ -95,8 +95,16 @@ def test_adaptor_is_exactly_the_reference_architecture() -> None:
         assert (block.fc1.in_features, block.fc1.out_features) == (d, 2 * d)
         assert (block.fc2.in_features, block.fc2.out_features) == (2 * d, d)
         assert isinstance(block.norm, nn.LayerNorm) and isinstance(block.act, nn.GELU)
-    assert isinstance(ad.norm, nn.LayerNorm) and ad.proj.bias is None
+    # The last Linear has a bias, as the reference TextProj(proj_bias=True)
+    # (microsoft/LLM2CLIP llm2clip/eva_clip/model.py:232,238).
+    assert isinstance(ad.norm, nn.LayerNorm) and ad.proj.bias is not None
     assert (ad.proj.in_features, ad.proj.out_features) == (d, e)
+    assert sorted(k for k in ad.state_dict() if not k.startswith("blocks.")) == [
+        "norm.bias",
+        "norm.weight",
+        "proj.bias",
+        "proj.weight",
+    ]
 
     x = torch.randn(5, d) * 7.0
     # The same computation written out: normalise, 4 pre-norm residual MLPs, norm, project.
@@ -178,7 +186,13 @@ def test_param_groups_weight_decay_and_layer_decay_are_exact() -> None:
     for name, p in names.items():
         wd = by_param[id(p)]["weight_decay"]
         is_norm_or_bias = name.endswith("bias") or "norm" in name or "layrnorm" in name
-        if is_norm_or_bias or name in ("logit_scale", "vision.model.embeddings.class_embedding"):
+        # Positional and class embeddings are exempt, as the reference's no_weight_decay()
+        # {'pos_embed', 'cls_token'} (microsoft/LLM2CLIP llm2clip/eva_clip/eva_vit_model.py:550-551).
+        embeddings = (
+            "vision.model.embeddings.class_embedding",
+            "vision.model.embeddings.position_embedding.weight",
+        )
+        if is_norm_or_bias or name in ("logit_scale", *embeddings):
             assert wd == 0.0, name
         else:
             assert wd == 0.05, name
@@ -188,5 +202,23 @@ def test_cosine_schedule_without_and_with_warmup() -> None:
     assert cosine_lr_factor(0, warmup=0, total=10) == 1.0  # no warmup: full lr at the first step
     assert cosine_lr_factor(5, warmup=0, total=10) == pytest.approx(0.5)
     assert cosine_lr_factor(10, warmup=0, total=10) == pytest.approx(0.0)
-    assert cosine_lr_factor(1, warmup=3, total=13) == pytest.approx(0.5)
+    # Warm-up (step + 1) / warmup, as the reference's _warmup_lr (microsoft/LLM2CLIP
+    # llm2clip/training/scheduler.py:9-10): 1/3, 2/3, then the full lr at the last warm-up step.
+    assert [cosine_lr_factor(s, warmup=3, total=13) for s in range(4)] == pytest.approx(
+        [1 / 3, 2 / 3, 1.0, 1.0]
+    )
     assert cosine_lr_factor(8, warmup=3, total=13) == pytest.approx(0.5)
+
+
+def test_positional_and_class_embeddings_are_exempt_from_weight_decay() -> None:
+    from llm2clip_vlm.vision.decay import exempt_from_weight_decay
+
+    w2, w1 = nn.Parameter(torch.zeros(4, 4)), nn.Parameter(torch.zeros(4))
+    # EVA / timm names (the reference's no_weight_decay() = {'pos_embed', 'cls_token'}), 3-d.
+    assert exempt_from_weight_decay("vision.model.pos_embed", nn.Parameter(torch.zeros(1, 5, 4)))
+    assert exempt_from_weight_decay("vision.model.cls_token", nn.Parameter(torch.zeros(1, 1, 4)))
+    # transformers CLIP / SigLIP names: a 2-d nn.Embedding weight.
+    assert exempt_from_weight_decay("vision.model.embeddings.position_embedding.weight", w2)
+    assert exempt_from_weight_decay("anything.bias", w2) and exempt_from_weight_decay("x.weight", w1)
+    assert not exempt_from_weight_decay("vision.model.embeddings.patch_embedding.weight", w2)
+    assert not exempt_from_weight_decay("vision.model.blocks.0.attn.qkv.weight", w2)

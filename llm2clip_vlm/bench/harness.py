@@ -161,7 +161,7 @@ def measure(
     times: dict[str, list[float]] = {name: [] for name in names}
     # The bar goes to stderr: stdout carries the report (``--json`` output must parse).
     with make_progress(console=Console(stderr=True)) as progress:
-        task = progress.add_task(description, total=repeats, status="")
+        task = progress.add_task(description, total=repeats, status="", unit="repeat")
         for r in range(repeats):
             for name in names if r % 2 == 0 else reversed(names):
                 synchronize(device)

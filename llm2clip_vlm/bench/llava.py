@@ -137,7 +137,7 @@ def _prepare(model: Any, variant: str, p: LlavaPreset) -> Any:
     projector.requires_grad_(True)
     if p.gradient_checkpointing:
         # Non-reentrant: text embeddings of a frozen LLM carry no grad, which it handles.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
 

@@ -130,7 +130,7 @@ def run(
         settings=settings,
         timings=timings,
         results={
-            "tokens_per_image": tower.num_patches,
+            "tokens_per_image": tower.tokens_per_image,
             "overhead_pct": overhead,
             "overhead_pct_of_medians": of_medians,
             "overhead_pct_of_minima": of_minima,

@@ -23,6 +23,7 @@ Every refusal is a :class:`~llm2clip_vlm.data.captions.DataError` naming the rec
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -64,6 +65,7 @@ def load_rgb(source: str | Path | bytes, where: str = ""):  # -> PIL.Image.Image
     # Truncated files are bad data. Some libraries (lmms-eval's task module, at import) switch
     # PIL to padding truncated images with grey process-wide; training must not inherit that.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+    _quiet_bomb_warning()
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     prefix = f"{where}: image {name}" if where else f"image {name}"
     try:
@@ -104,6 +106,23 @@ def load_rgb(source: str | Path | bytes, where: str = ""):  # -> PIL.Image.Image
         raise DataError(f"{lead}: {type(e).__name__}: {e}") from e
 
 
+@functools.cache
+def _quiet_bomb_warning() -> None:
+    """Silence PIL's ``DecompressionBombWarning`` (once per process).
+
+    PIL warns in ``Image.open`` for images above ``MAX_IMAGE_PIXELS`` and raises above twice that;
+    :func:`load_rgb` refuses everything above ``MAX_IMAGE_PIXELS`` itself, with a message naming
+    the record, so the raw warning was only noise printed before that refusal. A process-wide
+    filter rather than ``warnings.catch_warnings``: images are opened from several threads, and
+    catch_warnings is not thread-safe.
+    """
+    import warnings
+
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 class BadRecords:
     """The bad-input policy: stop at the first bad record, or skip, count and report.
 
@@ -112,6 +131,8 @@ class BadRecords:
         max_bad_fraction: with ``skip_bad``, stop anyway above this share (``data.max_bad_fraction``).
         name: the data set, for messages and the report.
         option: the config key that turns skipping on, named in the error.
+        earlier: records of the same data set already skipped by an earlier phase (reading the
+            manifest): ``max_bad_fraction`` bounds the total over all phases, not each phase.
     """
 
     def __init__(
@@ -120,6 +141,7 @@ class BadRecords:
         max_bad_fraction: float = 0.01,
         name: str = "",
         option: str = "data.skip_bad",
+        earlier: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.skip_bad, self.max_bad_fraction, self.name, self.option = (
             skip_bad,
@@ -128,6 +150,7 @@ class BadRecords:
             option,
         )
         self.skipped: list[tuple[str, str]] = []
+        self.earlier = list(earlier)
 
     def add(self, where: str, error: Exception) -> None:
         """Record a bad record; raises at once unless skipping."""
@@ -136,18 +159,25 @@ class BadRecords:
         self.skipped.append((where, str(error)))
 
     def check(self, total: int) -> None:
-        """After a pass over ``total`` records: log the skips and stop if too many were bad."""
+        """After a pass over ``total`` records: log the skips and stop if too many were bad.
+
+        ``total`` counts the records this phase saw; the earlier phases' skips are added to both
+        the bad and the total count.
+        """
         if not self.skipped:
             return
-        share = len(self.skipped) / max(total, 1)
+        bad, total = len(self.skipped) + len(self.earlier), total + len(self.earlier)
+        share = bad / max(total, 1)
         log.warning(
             "%s: skipped %d of %d records (%.1f%%); first: %s",
             self.name, len(self.skipped), total, 100 * share, self.skipped[0][1],
         )  # fmt: skip
         if share > self.max_bad_fraction:
+            phases = f" ({len(self.earlier)} when reading, {len(self.skipped)} here)" if self.earlier else ""
+            first = (self.earlier or self.skipped)[0][1]
             raise _data_error(
-                f"{self.name}: {len(self.skipped)} of {total} records are bad ({100 * share:.1f}% > "
-                f"max_bad_fraction {100 * self.max_bad_fraction:.1f}%); first: {self.skipped[0][1]}"
+                f"{self.name}: {bad} of {total} records are bad{phases} ({100 * share:.1f}% > "
+                f"max_bad_fraction {100 * self.max_bad_fraction:.1f}%); first: {first}"
             )
 
 
@@ -196,15 +226,36 @@ def find_bad_images(
         except DataError as e:
             return e
 
+    from llm2clip_vlm.checkpointing import GracefulExit
+
     good: list[int] = []
-    with make_progress() as progress, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        task = progress.add_task(description, total=len(records), status="")
-        for i, error in enumerate(pool.map(probe, range(len(records)))):
-            if error is None:
-                good.append(i)
-            else:
-                r = records[i]
-                policy.add(getattr(r, "source", "") or getattr(r, "key", str(i)), error)
-            progress.advance(task)
+    # SIGTERM/SIGINT stop the check at the next image with a message (and 128 + signal), rather
+    # than killing the process silently; there is nothing to save yet.
+    with GracefulExit() as signals, make_progress() as progress:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            task = progress.add_task(description, total=len(records), status="", unit="image")
+            for i, error in enumerate(pool.map(probe, range(len(records)))):
+                if signals.requested is not None:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    break
+                if error is None:
+                    good.append(i)
+                else:
+                    r = records[i]
+                    policy.add(getattr(r, "source", "") or getattr(r, "key", str(i)), error)
+                progress.advance(task)
+        if signals.requested is not None:
+            raise _interrupted_check(signals.requested, description)
     policy.check(len(records))
     return good
+
+
+def _interrupted_check(signum: int, description: str) -> Exception:
+    import signal
+
+    from llm2clip_vlm.checkpointing import TrainingInterrupted
+
+    e = TrainingInterrupted(signum, None)
+    name = signal.Signals(signum).name
+    e.args = (f"stopped by {name} while {description} (nothing to save yet); run the same command again",)
+    return e

@@ -328,7 +328,7 @@ def write_demo_dataset(
     (out / "shards").mkdir(parents=True, exist_ok=True)
     total = sum(len(s) for s in splits.values())
     with make_progress(disable=not show_progress) as progress:
-        task = progress.add_task("demo-data", total=total, status="")
+        task = progress.add_task("demo-data", total=total, status="", unit="image")
         for split, scenes in splits.items():
             img_dir = out / "images" / split
             img_dir.mkdir(parents=True, exist_ok=True)

@@ -128,6 +128,8 @@ class LLM2CLIPLlava(lmms):
         template: override the conversation template (``vicuna_v1``, ``plain``, ``chat_template``).
         attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``eager``, ...).
         max_batch_size: accepted for lmms-eval's CLI; unused.
+        allow_pickle_weights: accept a model whose weights are only pickles (``pytorch_model.bin``);
+            refused by default, as ``reliability.allow_pickle_weights`` does for training.
     """
 
     is_simple = True
@@ -143,13 +145,15 @@ class LLM2CLIPLlava(lmms):
         template: str | None = None,
         attn_implementation: str | None = None,
         max_batch_size: int | None = None,
+        allow_pickle_weights: bool | str = False,
         **unexpected: Any,
     ) -> None:
         super().__init__()
         if unexpected:
             raise TypeError(
                 f"{MODEL_ID}: unknown model_args {sorted(unexpected)}; known: pretrained, device, dtype, "
-                "batch_size, max_new_tokens, image_aspect_ratio, template, attn_implementation"
+                "batch_size, max_new_tokens, image_aspect_ratio, template, attn_implementation, "
+                "allow_pickle_weights"
             )
         path = Path(str(pretrained)).expanduser()
         if not (path / "config.json").is_file():
@@ -160,6 +164,11 @@ class LLM2CLIPLlava(lmms):
             raise ValueError(
                 f"{MODEL_ID}: image_aspect_ratio must be pad or original, got {image_aspect_ratio!r}"
             )
+        self.allow_pickle = str(allow_pickle_weights).lower() in ("true", "1", "yes")
+        from llm2clip_vlm.weights import require_safetensors
+
+        # Before anything loads: a pickle-only model is refused with a message naming the opt-in.
+        require_safetensors(path, self.allow_pickle, what=MODEL_ID)
         self.pretrained = path
         self.template: ChatTemplate = load_template(path, template)
         self.dtype = DTYPES[str(dtype)]
@@ -191,7 +200,9 @@ class LLM2CLIPLlava(lmms):
         if model is None:
             from transformers import LlavaForConditionalGeneration
 
-            kwargs: dict[str, Any] = {"dtype": self.dtype}
+            from llm2clip_vlm.checkpointing import from_pretrained_kwargs
+
+            kwargs: dict[str, Any] = {"dtype": self.dtype, **from_pretrained_kwargs(self.allow_pickle)}
             if self.attn_implementation:
                 kwargs["attn_implementation"] = self.attn_implementation
             model = LlavaForConditionalGeneration.from_pretrained(self.pretrained, **kwargs)
@@ -326,7 +337,7 @@ class LLM2CLIPLlava(lmms):
         batches = batch_order(keys, [len(p.prompt) for p in prepared], self.batch_size)
         results: list[str | None] = [None] * len(requests)
         with make_progress(disable=self.rank != 0) as progress:
-            bar = progress.add_task(f"{MODEL_ID} generate", total=len(requests), status="")
+            bar = progress.add_task(f"{MODEL_ID} generate", total=len(requests), status="", unit="request")
             for indices in batches:
                 answers = self._generate_batch([prepared[i] for i in indices], settings[indices[0]])
                 if len(answers) != len(indices):
@@ -362,7 +373,7 @@ class LLM2CLIPLlava(lmms):
         """log P(continuation | prompt, images) summed over the continuation's tokens, and greedy-ness."""
         results: list[tuple[float, bool]] = []
         with make_progress(disable=self.rank != 0) as progress:
-            bar = progress.add_task(f"{MODEL_ID} loglikelihood", total=len(requests), status="")
+            bar = progress.add_task(f"{MODEL_ID} loglikelihood", total=len(requests), status="", unit="request")
             for ctx, target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
                 doc = self._doc(task, split, doc_id)
                 continuation = target if isinstance(target, str) else target(doc)

@@ -134,6 +134,9 @@ def build_llava_model(
 
     lm_kwargs: dict[str, Any] = dict(ref.kwargs(), dtype=dtype or "auto")
     if not ref.gguf_file:  # a GGUF file is no pickle; transformers reads it itself
+        from llm2clip_vlm.weights import require_safetensors
+
+        require_safetensors(ref.path, allow_pickle, what="LLM")
         lm_kwargs.update(from_pretrained_kwargs(allow_pickle))
     qconfig = quantization_config(quantization, dtype or torch.float32)
     if qconfig is not None:

@@ -58,7 +58,7 @@ def answer_questions(
     stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     answers: list[str] = []
     with make_progress(disable=not show_progress) as progress:
-        task = progress.add_task("answering", total=len(records), status="")
+        task = progress.add_task("answering", total=len(records), status="", unit="question")
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             rows, pixels = [], []

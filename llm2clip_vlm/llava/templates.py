@@ -17,8 +17,9 @@ lengths, which silently goes wrong when a tokenizer merges across a piece bounda
 "tokenization mismatch" warning). Here the whole conversation is tokenized once, with character
 offsets, and a token is supervised iff its characters lie inside an answer span. The mask is
 exact by construction for any fast tokenizer (a token counts as supervised when any of its
-characters does, so a space glued to an answer's first word goes with the answer, as in LLaVA); ``tests/test_llava_templates.py`` pins it on
-hand-checked examples.
+characters does, so a space glued to an answer's first word goes with the answer, as in LLaVA;
+vicuna_v1 spans start at the space before the answer, so a space that is a token of its own is
+learnt too, as in LLaVA); ``tests/test_llava_templates.py`` pins it on hand-checked examples.
 
 The ``<image>`` placeholder stays one token here; the collator expands it to the number of
 image features the model produces.
@@ -159,9 +160,15 @@ def render(
         spans = []
         for i, (q, a) in enumerate(pairs):
             q = _normalise_image_turn(q) if i == 0 else q
-            text += f"USER: {q} ASSISTANT: "
+            text += f"USER: {q} ASSISTANT:"
+            # The space before the answer belongs to the answer's span. LLaVA masks
+            # len(tokenize("... ASSISTANT: ")) - 2 tokens of a round (haotian-liu/LLaVA
+            # llava/train/train.py:471-475, :481): the -2 drops the BOS and the token holding the
+            # trailing space, so that token is learnt. It matters when the space is a token of its
+            # own (Llama SentencePiece before a digit: "▁", "3"); a space glued to the first word
+            # ("▁Yes", " yes") is learnt either way.
             start = len(text)
-            text += a + eos
+            text += " " + a + eos
             spans.append((start, len(text)))
         return text, spans
     if template == "chat_template":

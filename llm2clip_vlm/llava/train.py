@@ -42,6 +42,7 @@ from llm2clip_vlm import configuration
 from llm2clip_vlm.checkpointing import Checkpointer, GracefulExit, NonFiniteGuard
 from llm2clip_vlm.config import RunConfig
 from llm2clip_vlm.data.images import BadRecords, write_report
+from llm2clip_vlm.errors import PickleRefusedError
 from llm2clip_vlm.llava.config import LlavaPhaseConfig
 from llm2clip_vlm.llava.data import (
     Batch,
@@ -54,6 +55,7 @@ from llm2clip_vlm.llava.data import (
 from llm2clip_vlm.llava.templates import IGNORE_INDEX, TEMPLATE_FILE, VICUNA_SYSTEM, VICUNA_V1_JINJA
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
+from llm2clip_vlm.tracking.tracker import RunTracker
 
 log = get_logger(__name__)
 
@@ -68,6 +70,14 @@ LLAVA_PROJECTOR_KEYS = {
     "linear_2.bias": "model.mm_projector.2.bias",
 }
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+# A projector given as a pickle (LLaVA's own mm_projector.bin): never torch.load'ed.
+_PICKLED_PROJECTOR = (
+    "{path}: only a mm_projector.safetensors projector is read (a .bin is a pickle, which can run "
+    "code when loaded): pass --from the llava-pretrain output directory, or convert the file with "
+    "safetensors if you trust it"
+)
 
 
 class MissingInputError(FileNotFoundError):
@@ -133,7 +143,7 @@ def load_projector(projector: torch.nn.Module, path: Path) -> None:
             "or set llava.finetune init with --from"
         )
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: only safetensors projector files are read (pickle files are refused)")
+        raise PickleRefusedError(_PICKLED_PROJECTOR.format(path=path))
     state = load_file(str(path))
     inverse = {v: k for k, v in LLAVA_PROJECTOR_KEYS.items()}
     state = {inverse.get(k, k): v for k, v in state.items()}
@@ -160,6 +170,8 @@ def check_inputs(cfg: RunConfig, phase: Phase, init: Path | None) -> None:
                 "output) or a mm_projector.safetensors file"
             )
         path = init / PROJECTOR_FILE if init.is_dir() else init
+        if path.is_file() and path.suffix != ".safetensors":
+            raise PickleRefusedError(_PICKLED_PROJECTOR.format(path=path))
         if not path.is_file():
             raise MissingInputError(
                 f"pretrained projector {path} does not exist: run `llm2clip-vlm llava-pretrain` first "
@@ -215,7 +227,7 @@ def build_model(
     projector = _projector(model)
     projector.to(torch.float32).requires_grad_(True)
     if p.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # The LLM's first layer input comes from frozen embeddings: its output must require grad
         # for non-reentrant checkpointing to build a graph back to the projector.
         _base(model).enable_input_require_grads()
@@ -258,9 +270,13 @@ def param_groups(model: Any, p: LlavaPhaseConfig) -> list[dict[str, Any]]:
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Linear warm-up from ``1/(warmup+1)``, then cosine to 0 at ``total`` (or constant)."""
+    """Linear warm-up from ``1/warmup``, then cosine to 0 at ``total`` (or constant)."""
     if step < warmup:
-        return (step + 1) / (warmup + 1)
+        # (step + 1) / warmup: full lr at the last warm-up step, as open_clip's and the LLM2CLIP
+        # trainer's _warmup_lr (microsoft/LLM2CLIP llm2clip/training/scheduler.py:9-10).
+        # transformers' schedule under LLaVA's Trainer is step / warmup, i.e. the same ramp one
+        # step later, starting from lr 0.
+        return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -325,7 +341,7 @@ def _merged_model(cfg: RunConfig, phase: Phase, model: Any, init: Path | None) -
     # load the adapters and the projector into it, merge there.
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    adapters = get_peft_model_state_dict(model)
+    adapters = get_peft_model_state_dict(model, save_embedding_layers=False)  # no embedding LoRA
     projector = {k: v.detach().clone() for k, v in _projector(model).state_dict().items()}
     from llm2clip_vlm.llava.assemble import build_llava_model
 
@@ -384,7 +400,7 @@ def run_llava(
     """
     from accelerate.utils import set_seed
 
-    from llm2clip_vlm.llava.evaluate import answer_questions, score
+    from llm2clip_vlm.llava.evaluate import answer_questions, is_correct, score
     from llm2clip_vlm.vision.train import _make_accelerator, _time_up
 
     p: LlavaPhaseConfig = getattr(cfg.llava, phase)
@@ -396,9 +412,6 @@ def run_llava(
 
     accelerator = _make_accelerator(Accelerator, mixed)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        configuration.dump(cfg, out / "config.yaml")
     check_inputs(cfg, phase, init_path)
     data_file, image_folder, heldout_file = phase_data(cfg, phase, out)
     bad = BadRecords(
@@ -416,6 +429,9 @@ def run_llava(
             max_bad_fraction=p.data.max_bad_fraction, verify_images=p.data.verify_images,
             check_workers=p.data.check_workers,
         )  # fmt: skip
+    if main:  # only once the inputs are known to be usable (a refused run leaves no config.yaml)
+        out.mkdir(parents=True, exist_ok=True)
+        configuration.dump(cfg, out / "config.yaml")
 
     set_seed(p.seed)
     model, processor = build_model(cfg, phase, init_path, compute_dtype)
@@ -490,9 +506,12 @@ def run_llava(
         )  # fmt: skip
         result = score(heldout, preds)
         result["examples"] = [
-            {"question": r.conversations[0]["value"], "answer": r.extra.get("answer"), "prediction": pr}
-            for r, pr in list(zip(heldout, preds, strict=True))[:5]
-        ]
+            {"question": r.conversations[0]["value"], "answer": r.extra.get("answer"), "prediction": pr,
+             "question_type": r.extra.get("question_type", ""), "image": str(r.image) if r.image else None,
+             "correct": is_correct(pr, str(r.extra.get("answer", r.conversations[1]["value"])),
+                                   str(r.extra.get("question_type", "")))}
+            for r, pr in list(zip(heldout, preds, strict=True))[:8]
+        ]  # fmt: skip
         return result
 
     if heldout and not state.heldout_before and world == 1:
@@ -500,6 +519,13 @@ def run_llava(
         log.info(
             "held-out accuracy before: %.1f%% (%d questions)", state.heldout_before["accuracy"], len(heldout)
         )
+
+    tracker = RunTracker.start(
+        out, cfg.tracking, stage=f"llava-{phase}", main=main, resume_step=state.step if resumed else None,
+        config=configuration.to_dict(cfg),
+    )  # fmt: skip
+    if state.heldout_before:
+        tracker.log(0, {"heldout": state.heldout_before})
 
     sampler = ModalityBatchSampler(
         is_image, p.batch_size, rank, world, p.seed, state.step, total_steps, p.group_by_modality,
@@ -525,10 +551,14 @@ def run_llava(
             state.truncated += batch.truncated
             state.dropped += batch.dropped
             # Supervised tokens of the whole global batch: the loss's denominator (module docstring).
+            # (and all input tokens, for the tokens/s the tracker logs)
             n_tokens = accelerator.reduce(
-                torch.tensor([batch.num_supervised], device=accelerator.device), "sum"
+                torch.tensor(
+                    [batch.num_supervised, int(batch.attention_mask.sum())], device=accelerator.device
+                ),
+                "sum",
             )
-            denom = max(1.0, float(n_tokens.item()))
+            denom = max(1.0, float(n_tokens[0].item()))
             step_loss = torch.zeros((), device=accelerator.device)
             micro = batch.split(p.micro_batch_size) if len(batch) else []
             for k, mb in enumerate(micro):
@@ -572,6 +602,10 @@ def run_llava(
                 on_step(state.step, global_loss)
             stop = state.step >= total_steps or _time_up(accelerator, p.max_seconds, state.seconds)
             interrupted = signals.should_stop(accelerator)
+            tracker.train_step(
+                state.step, loss=global_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                samples=p.batch_size, tokens=int(n_tokens[1].item()), last=stop or interrupted,
+            )  # fmt: skip
             if (p.save_every_steps > 0 and state.step % p.save_every_steps == 0) or stop or interrupted:
                 full = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
                 names = {n for n, t in raw.named_parameters() if t.requires_grad}
@@ -586,6 +620,11 @@ def run_llava(
 
     after = run_heldout() if world == 1 else {}
     if after:
+        tracker.log(state.step, {"heldout": after})
+        from llm2clip_vlm.data.images import load_rgb
+        from llm2clip_vlm.tracking.gallery import write_answer_gallery
+
+        write_answer_gallery(out, after["examples"], lambda path: load_rgb(str(path), str(path)))
         log.info(
             "held-out accuracy after: %.1f%% (before %.1f%%)",
             after["accuracy"],
@@ -629,7 +668,12 @@ def run_llava(
         # which `torch.load(weights_only=True)` loads without unpickling any code.
         torch.save(projector_state, out / "mm_projector.bin")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        from llm2clip_vlm.hub.cards import llava_card  # the hub model card of model/
+
+        card = llava_card(cfg, phase, metrics, out, init_path, data_file, heldout_file)
+        (out / "model" / "README.md").write_text(card)
         write_report(out, data_file.name, len(records) + len(bad.skipped), bad.skipped)
+    tracker.finish()
     accelerator.wait_for_everyone()
     return metrics
 

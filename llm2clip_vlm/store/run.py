@@ -90,12 +90,15 @@ def run_embed(
             data = resolve_data(cfg.data, out)
     train, heldout = data
     train = keep_captions(train, cfg.embed.train_captions_per_kind)
-    if rank == 0:
-        configuration.dump(cfg, out / "config.yaml")
     encoder = CaptionEncoder.from_pretrained(encoder_dir, device=state.device)
+    if rank == 0:  # once the data and the encoder are known to be usable
+        configuration.dump(cfg, out / "config.yaml")
     log.info("embed: encoder %s (%s), %d process(es)", encoder_dir, encoder.identity()[:12], world)
     summary: dict[str, dict[str, Any]] = {}
     for name, records in zip(store_names(heldout), [train, *heldout.values()], strict=True):
+        if rank == 0:
+            _drop_if_other_encoder(out / name, encoder.identity())
+        state.wait_for_everyone()
         path = write_store(encoder, records, out / name, cfg.embed, rank=rank, world_size=world)
         if rank != 0:
             continue
@@ -111,3 +114,30 @@ def run_embed(
             "padding_share": store.manifest["tokens"]["padding_share"],
         }
     return summary
+
+
+def _drop_if_other_encoder(path: Path, identity: str) -> None:
+    """Remove a (partial) store that the same encoder path made with other weights.
+
+    The encoder's identity follows its weight files; when they were replaced, every embedding of
+    the old store is stale, so it is embedded again instead of being refused (a different
+    ``embed.encoder`` path is a config change, refused before this by the run directory check).
+    """
+    import json
+    import shutil
+
+    from llm2clip_vlm.store.format import PLAN
+
+    plan = path / PLAN
+    if not plan.is_file():
+        return
+    try:
+        old = json.loads(plan.read_text()).get("encoder_identity")
+    except json.JSONDecodeError:
+        return  # the writer reports it
+    if old and old != identity:
+        log.warning(
+            "%s was embedded by encoder %s..., the encoder's weights are now %s...: embedding again",
+            path, old[:12], identity[:12],
+        )  # fmt: skip
+        shutil.rmtree(path)

@@ -222,7 +222,7 @@ def _encode_shards(
         encoder.autocast_dtype = _AUTOCAST[cfg.precision]  # type: ignore[attr-defined]
     try:
         with make_progress(disable=rank != 0) as progress:
-            task = progress.add_task(f"embed {out.name}", total=total, status="")
+            task = progress.add_task(f"embed {out.name}", total=total, status="", unit="caption")
             for index in mine:
                 start, stop = ranges[index]
                 if shard_is_complete(out, index, start, stop, plan_sha) is not None:

@@ -28,6 +28,12 @@ class MNTPConfig:
     batch_size: int = 32
     lr: float = 5e-5
     warmup_steps: int = 100
+    # The reference runs MNTP on the HF Trainer with its defaults (microsoft/LLM2CLIP
+    # llm_caption_contrastive/run_mntp.py:936 + train_configs/mntp/MetaLlama3_cc3m.json set none
+    # of these): weight decay 0, gradient-norm clip 1.0, linear decay to 0 after the warm-up.
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_schedule: Literal["linear", "constant", "cosine"] = "linear"
 
 
 @dataclass
@@ -39,6 +45,11 @@ class Stage1Config:
     max_length: int = 512
     pad_to_multiple_of: int = 16
     pooling: Literal["mean"] = "mean"
+    # How every caption is wrapped before tokenization, stored in the encoder directory (so `embed`
+    # wraps as stage 1 did): "auto" = the reference's choice, the Llama-3 chat header
+    # "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>" for Llama-3 Instruct
+    # tokenizers, bare text otherwise; "none"; or a template with one {text}.
+    caption_template: str = "auto"
     # Instructions prepended to queries (short -> long, long -> short); pooling skips them.
     instruction_short_query: str = "Given a sentence, retrieve a detailed relevant sentence"
     instruction_long_query: str = "Given a detailed sentence, retrieve a short relevant sentence"
@@ -73,4 +84,8 @@ class Stage1Config:
     seed: int = 42
     # Caption Retrieval Accuracy on held-out caption pairs (number of captions retrieved among).
     cra_captions: int = 1000
+    # The held-out set (a name in data.heldout) whose short-caption pairs CRA reads. Empty = the
+    # first held-out set with two or more short captions per image; if there is none, a slice of
+    # the training data is held out of stage-1 training for it (said in the log and metrics.json).
+    cra_set: str = ""
     eval_batch_size: int = 64

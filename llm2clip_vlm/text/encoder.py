@@ -2,8 +2,14 @@
 
 On disk it is a plain transformers model directory (``config.json`` with ``is_causal: false``,
 ``model.safetensors``), its tokenizer, and ``llm2clip_encoder.json`` with the pooling and
-instruction settings and a content hash. :meth:`CaptionEncoder.identity` is what the embedding
-store records, so embeddings made by another embedder (or other settings) are refused.
+instruction settings, a content hash (the identity) and the size and sha256 of every weight file.
+:meth:`CaptionEncoder.identity` is what the embedding store records, so embeddings made by another
+embedder (or other settings) are refused.
+
+The identity follows the weights on disk, not the JSON: on load, :func:`encoder_identity` checks
+the weight files against the sizes and hashes recorded at save time (re-hashing only a file whose
+size or mtime changed). Weights replaced after saving give another identity, so ``embed`` and
+``stage2`` do not take them for the encoder that made a store.
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
 from llm2clip_vlm.text.modeling import ModelRef, load_bidirectional, load_tokenizer, save_model
 from llm2clip_vlm.text.pooling import mean_pool, tokenize
 
 ENCODER_FILE = "llm2clip_encoder.json"
 FORMAT_VERSION = 1
+
+log = get_logger(__name__)
 
 
 def hash_state_dict(state: dict[str, torch.Tensor]) -> str:
@@ -45,6 +54,9 @@ class CaptionEncoder(nn.Module):
         max_length: truncation length in tokens.
         instructions: ``{"short_query": ..., "long_query": ...}`` used for queries.
         pad_to_multiple_of: pad batches to this multiple (stable, fast kernels on CPU bf16).
+        caption_template: wrapping of every text, with one ``{text}`` (e.g. the Llama-3 chat header
+            the reference uses for Llama-3 Instruct), or None; stored with the encoder so that
+            stage 1 and ``embed`` always wrap alike.
     """
 
     def __init__(
@@ -55,6 +67,7 @@ class CaptionEncoder(nn.Module):
         instructions: dict[str, str] | None = None,
         pooling: str = "mean",
         pad_to_multiple_of: int | None = 16,
+        caption_template: str | None = None,
     ) -> None:
         super().__init__()
         if pooling != "mean":
@@ -65,6 +78,7 @@ class CaptionEncoder(nn.Module):
         self.instructions = dict(instructions or {})
         self.pooling = pooling
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.caption_template = caption_template
         # Autocast dtype for encode() on fp32 weights (e.g. bf16 on a CPU); None = weights' dtype.
         self.autocast_dtype: torch.dtype | None = None
         self._identity: str | None = None
@@ -85,20 +99,32 @@ class CaptionEncoder(nn.Module):
 
     def settings(self) -> dict[str, Any]:
         """Everything besides the weights that changes an embedding."""
-        return {
+        settings: dict[str, Any] = {
             "pooling": self.pooling,
             "instructions": self.instructions,
             "max_length": self.max_length,
             "query_format": "{instruction}; {text}",
             "dim": self.hidden_size,
         }
+        if self.caption_template is not None:  # absent = bare text (identities of older encoders kept)
+            settings["caption_template"] = self.caption_template
+        return settings
 
     # -- forward ----------------------------------------------------------------------------
     def tokenize(
         self, texts: list[str], instruction: str | list[str | None] | None = None
     ) -> dict[str, torch.Tensor]:
         """Tokenized batch with ``embed_mask`` (see :func:`llm2clip_vlm.text.pooling.tokenize`)."""
-        return dict(tokenize(self.tokenizer, texts, instruction, self.max_length, self.pad_to_multiple_of))
+        return dict(
+            tokenize(
+                self.tokenizer,
+                texts,
+                instruction,
+                self.max_length,
+                self.pad_to_multiple_of,
+                self.caption_template,
+            )
+        )
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, embed_mask: torch.Tensor
@@ -136,7 +162,7 @@ class CaptionEncoder(nn.Module):
         device = self.device
         autocast = self.autocast_dtype is not None and self.autocast_dtype != self.dtype
         with make_progress(disable=not show_progress) as progress:
-            task = progress.add_task("encode", total=len(texts), status="")
+            task = progress.add_task("encode", total=len(texts), status="", unit="caption")
             for start in range(0, len(texts), batch_size):
                 idx = order[start : start + batch_size]
                 batch = {
@@ -183,6 +209,7 @@ class CaptionEncoder(nn.Module):
         save_model(model, path)
         self.tokenizer.save_pretrained(path)
         meta = dict(self.settings(), format=FORMAT_VERSION, identity=self.identity())
+        meta["weight_files"] = _weight_records(path)  # hashed once here, checked on every load
         (path / ENCODER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return path
 
@@ -218,14 +245,93 @@ class CaptionEncoder(nn.Module):
         ref = ModelRef(str(path))
         model = load_bidirectional(ref, attn_implementation=attn_implementation, dtype=dtype or "auto")
         model.to(device)
-        enc = cls(model, load_tokenizer(ref), int(meta["max_length"]), meta["instructions"], meta["pooling"])
+        template = meta.get("caption_template")
+        if template is not None and (not isinstance(template, str) or template.count("{text}") != 1):
+            raise ValueError(
+                f"{meta_file}: caption_template must be a string with one {{text}}, got {template!r}"
+            )
+        enc = cls(
+            model,
+            load_tokenizer(ref),
+            int(meta["max_length"]),
+            meta["instructions"],
+            meta["pooling"],
+            caption_template=template,
+        )
         if int(meta.get("dim", enc.hidden_size)) != enc.hidden_size:
             raise ValueError(f"{meta_file}: dim {meta['dim']} != model hidden size {enc.hidden_size}")
-        # The identity was computed from exactly these weights at save time; a weight dtype change
-        # on load does change the embeddings, so it is folded in.
+        # The identity of the weights on disk (checked against the save-time record); a weight
+        # dtype change on load does change the embeddings, so it is folded in.
+        identity = encoder_identity(path)
         enc._identity = (
-            meta["identity"]
-            if dtype is None
-            else hashlib.sha256(f"{meta['identity']}|{dtype}".encode()).hexdigest()
+            identity if dtype is None else hashlib.sha256(f"{identity}|{dtype}".encode()).hexdigest()
         )
         return enc
+
+
+def _weight_records(path: Path) -> dict[str, dict[str, Any]]:
+    from llm2clip_vlm.identity import file_sha256, folder_files
+
+    records = {}
+    for f in folder_files(path, (".safetensors", ".bin", ".gguf")):
+        st = f.stat()
+        records[f.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(f)}
+    return records
+
+
+def encoder_identity(path: str | Path) -> str:
+    """The identity of the encoder saved in ``path``, true to the weight files on disk.
+
+    The saved identity when every weight file still has the size and sha256 recorded at save
+    time (a file whose size and mtime are unchanged is not re-hashed); otherwise an identity
+    derived from the files' actual hashes, with a warning, so stores made with the old weights
+    are refused. Encoders saved before the record existed keep their saved identity (warned).
+
+    Raises:
+        FileNotFoundError: ``path`` holds no CaptionEncoder.
+        ValueError: its ``llm2clip_encoder.json`` is unreadable.
+    """
+
+    path = Path(path)
+    meta_file = path / ENCODER_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a CaptionEncoder directory (no {ENCODER_FILE})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_file}: not valid JSON ({e})") from e
+    recorded: dict[str, dict[str, Any]] = meta.get("weight_files") or {}
+    if not recorded:
+        # Saved before weight records existed: its stores carry this identity; trust it, once more.
+        log.warning("%s: saved without weight hashes; its identity is taken from %s", path, ENCODER_FILE)
+        return str(meta["identity"])
+    actual = _weight_records_quick(path, recorded)
+    if actual == {k: v["sha256"] for k, v in recorded.items()}:
+        return str(meta["identity"])
+    changed = sorted(
+        set(actual) ^ set(recorded) | {k for k in actual if recorded.get(k, {}).get("sha256") != actual[k]}
+    )
+    log.warning(
+        "%s: weight file(s) %s differ from those the encoder was saved with; its identity is "
+        "derived from the files now there", path, ", ".join(changed),
+    )  # fmt: skip
+    settings = {k: meta.get(k) for k in ("pooling", "instructions", "max_length", "dim", "format")}
+    blob = json.dumps({"settings": settings, "weights": actual, "config": _config_text(path)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _weight_records_quick(path: Path, recorded: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """``{file: sha256}`` of the weight files now in ``path``; unchanged size+mtime reuse the record."""
+    from llm2clip_vlm.identity import file_sha256, folder_files
+
+    out = {}
+    for f in folder_files(path, (".safetensors", ".bin", ".gguf")):
+        st, rec = f.stat(), recorded.get(f.name, {})
+        same = rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns
+        out[f.name] = rec["sha256"] if same and "sha256" in rec else file_sha256(f)
+    return out
+
+
+def _config_text(path: Path) -> str:
+    config = path / "config.json"
+    return hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else ""

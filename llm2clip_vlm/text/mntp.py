@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
+from llm2clip_vlm.text.config import MNTPConfig
+
 BLANK_MASK_TOKEN = "_"
 
 
@@ -31,6 +33,19 @@ def mntp_collator(
     return DataCollatorForLanguageModeling(
         tokenizer, mlm=True, mlm_probability=mlm_probability, pad_to_multiple_of=pad_to_multiple_of
     )
+
+
+def mntp_optimizer(
+    params: Sequence[nn.Parameter], m: MNTPConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW and its schedule as the reference's HF Trainer defaults: weight decay ``m.weight_decay``
+    (0), linear decay to 0 at ``m.steps`` after ``m.warmup_steps`` (``m.lr_schedule``). The
+    caller clips gradients at ``m.max_grad_norm`` (1.0)."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=m.lr, weight_decay=m.weight_decay)
+    kind = "constant_with_warmup" if m.lr_schedule == "constant" else m.lr_schedule
+    return optimizer, get_scheduler(kind, optimizer, m.warmup_steps, m.steps)
 
 
 def mntp_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

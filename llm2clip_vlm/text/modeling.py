@@ -166,7 +166,10 @@ def load_bidirectional(
         ref.kwargs(), config=config, dtype=dtype, attn_implementation=attn_implementation
     )
     if not ref.gguf_file and not allow_pickle:
+        from llm2clip_vlm.weights import require_safetensors
+
         # A pickle can run code when loaded: refuse pytorch_model.bin unless explicitly allowed.
+        require_safetensors(ref.path, allow_pickle, what="LLM")
         kwargs["use_safetensors"] = True
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig

@@ -1,7 +1,8 @@
 """Supervised SimCSE batches for caption-contrastive training (LLM2CLIP "CC").
 
 Per optimizer step the global batch holds B queries from B distinct images. For each image a
-query and a positive are two different captions of it; the hard negative is a caption of another
+query and a positive are two different captions of it, of different kinds (short <-> long) whenever
+the image has both kinds, as the reference pairs them; the hard negative is a caption of another
 image, of the positive's type, drawn from the image's most similar images (bag-of-words cosine
 over its captions) when that is cheap to compute, else from a random image. Queries carry the
 instruction of their type; positives and negatives are embedded bare, as the store embeds them.
@@ -120,9 +121,22 @@ class SimCSEBatches:
         return [self._triplet(int(i), rng) for i in images]
 
     def _triplet(self, i: int, rng: np.random.Generator) -> Triplet:
+        # The reference (microsoft/LLM2CLIP llm_caption_contrastive/dataset/E5_cc3m.py:72-96,
+        # :121-124) flips a coin for the query's kind, takes the positive from the other kind and
+        # the instruction from the query's kind (E5_EMBEDDING_PROMPTS["cc3m"][rand_num]). With
+        # several captions per kind we draw uniformly within a kind. Only an image with a single
+        # kind pairs two captions of that kind.
         captions = self.records[i].captions
-        qi, pi = rng.choice(len(captions), size=2, replace=False)
-        query, positive = captions[qi], captions[pi]
+        kinds = sorted({c.kind for c in captions})
+        if len(kinds) == 2:
+            q_kind = kinds[int(rng.integers(2))]
+            queries = [c for c in captions if c.kind == q_kind]
+            positives = [c for c in captions if c.kind != q_kind]
+            query = queries[int(rng.integers(len(queries)))]
+            positive = positives[int(rng.integers(len(positives)))]
+        else:
+            qi, pi = rng.choice(len(captions), size=2, replace=False)
+            query, positive = captions[qi], captions[pi]
         negative = self._negative(i, positive, rng) if self.hard_negatives else None
         return Triplet(query.text, self.instructions.get(query.kind), positive.text, negative)
 

@@ -30,7 +30,7 @@ from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.losses import SupervisedSimCSELoss
 from llm2clip_vlm.progress import make_progress
 from llm2clip_vlm.text.config import Stage1Config
-from llm2clip_vlm.text.cra import caption_pairs, caption_retrieval_accuracy
+from llm2clip_vlm.text.cra import caption_pairs, caption_retrieval_accuracy, choose_cra_source
 from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.text.modeling import (
     DTYPES,
@@ -40,8 +40,9 @@ from llm2clip_vlm.text.modeling import (
     load_tokenizer,
     resolve_model_ref,
 )
-from llm2clip_vlm.text.pooling import mean_pool, tokenize
+from llm2clip_vlm.text.pooling import mean_pool, resolve_caption_template, tokenize
 from llm2clip_vlm.text.simcse import SimCSEBatches, Triplet
+from llm2clip_vlm.tracking.tracker import RunTracker
 
 log = get_logger(__name__)
 
@@ -69,12 +70,19 @@ def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     from llm2clip_vlm.data.captions import captions_only
 
     train_set, heldout = resolve_data(cfg.data, Path(output_dir))
-    if "short" not in heldout:
-        raise ValueError("stage 1 needs a held-out set of short captions (key 'short') for CRA")
-    # Stage 1 reads captions only: shard records come without their image bytes.
-    return train_stage1(
-        cfg, output_dir, list(captions_only(train_set)), list(captions_only(heldout["short"]))
-    )
+    # Stage 1 reads captions only: shard records come without their image bytes (also for CRA).
+    train_set = captions_only(train_set)
+    heldout = {name: captions_only(records) for name, records in heldout.items()}
+    source = choose_cra_source(train_set, heldout, cfg.stage1.cra_set, cfg.stage1.cra_captions)
+    if source.from_training_data:
+        log.warning(
+            "CRA: no held-out set has two or more short captions per image; holding the last %d "
+            "training images out of stage-1 training to measure it (set data.heldout / stage1.cra_set)",
+            len(source.records),
+        )
+    else:
+        log.info("CRA on held-out set %r", source.name)
+    return train_stage1(cfg, output_dir, source.train_records, source.records, source.describe())
 
 
 def train_stage1(
@@ -82,6 +90,7 @@ def train_stage1(
     output_dir: str | Path,
     train_records: Sequence[ImageCaptions],
     heldout_records: Sequence[ImageCaptions],
+    cra_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a caption embedder and write ``encoder/``, ``metrics.json`` and ``config.yaml``.
 
@@ -90,6 +99,7 @@ def train_stage1(
         output_dir: run directory; a run with checkpoints in it resumes from the latest.
         train_records: training images with their captions.
         heldout_records: held-out images with >= 2 short captions each (for CRA).
+        cra_info: where the CRA pairs come from (:meth:`CRASource.describe`), for ``metrics.json``.
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -102,9 +112,6 @@ def train_stage1(
     accelerator = Accelerator(mixed_precision=_mixed_precision(s), cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     set_seed(s.seed)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        configuration.dump(cfg, out / "config.yaml")
     world = accelerator.num_processes
     if s.mntp.enabled and s.lora.quantization != "none":
         raise ValueError(
@@ -115,6 +122,9 @@ def train_stage1(
 
     ref = resolve_model_ref(s.model)
     tokenizer = load_tokenizer(ref)
+    log.info(
+        "stage 1: captions wrapped as %r", resolve_caption_template(s.caption_template, tokenizer) or "{text}"
+    )
     weight_dtype = _weight_dtype(s, accelerator.device)
     instructions = {"short": s.instruction_short_query, "long": s.instruction_long_query}
     batches = SimCSEBatches(train_records, instructions, s.seed, s.hard_negatives, s.similar_negatives)
@@ -136,6 +146,9 @@ def train_stage1(
     )
     if s.lora.quantization == "none":
         model.to(accelerator.device)
+    if main:  # once the inputs (data, base weights) are known to be usable
+        out.mkdir(parents=True, exist_ok=True)
+        configuration.dump(cfg, out / "config.yaml")
 
     cra_before = _cra(decoder_of(model), tokenizer, s, pairs, accelerator) if main else None
     accelerator.wait_for_everyone()
@@ -160,14 +173,25 @@ def train_stage1(
     ddp_model, optimizer = accelerator.prepare(peft_model, optimizer)
     loss_fn = SupervisedSimCSELoss(scale=s.scale)
     guard = NonFiniteGuard("stage1", cfg.reliability.skip_nonfinite_steps, cfg.reliability.max_skipped_steps)
+    tracker = RunTracker.start(
+        out, cfg.tracking, stage="stage1", main=main, resume_step=state.step if resumed else None,
+        config=configuration.to_dict(cfg),
+    )  # fmt: skip
+    tracker.log(0, {"cra": cra_before})
 
-    state = _train_loop(ddp_model, peft_model, optimizer, scheduler, loss_fn, tokenizer, batches, s, state, total_steps, checkpointer, resumed, guard, accelerator)  # fmt: skip
+    state = _train_loop(ddp_model, peft_model, optimizer, scheduler, loss_fn, tokenizer, batches, s, state, total_steps, checkpointer, resumed, guard, accelerator, tracker)  # fmt: skip
 
     merged = _merge(accelerator.unwrap_model(ddp_model), ref, s, weight_dtype)
     metrics: dict[str, Any] = {}
     if main:
         encoder = CaptionEncoder(
-            merged, tokenizer, s.max_length, _instruction_settings(s), s.pooling, s.pad_to_multiple_of
+            merged,
+            tokenizer,
+            s.max_length,
+            _instruction_settings(s),
+            s.pooling,
+            s.pad_to_multiple_of,
+            caption_template=resolve_caption_template(s.caption_template, tokenizer),
         )
         encoder.save_pretrained(out / "encoder")
         # Zero steps leave the weights as they were (the LoRA's B is zero): CRA is unchanged.
@@ -176,6 +200,7 @@ def train_stage1(
             "cra_before": cra_before,
             "cra_after": cra_after,
             "cra_captions": 2 * len(pairs),
+            **(cra_info or {}),
             "steps": state.step,
             "planned_steps": total_steps,
             "train_seconds": round(state.seconds, 1),
@@ -188,6 +213,7 @@ def train_stage1(
             "encoder_identity": encoder.identity(),
         }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        tracker.log(state.step, {"cra": cra_after})
         log.info(
             "stage 1 done: CRA %.1f -> %.1f after %d steps (%.0f s)",
             cra_before,
@@ -195,6 +221,7 @@ def train_stage1(
             state.step,
             state.seconds,
         )
+    tracker.finish()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
@@ -236,13 +263,11 @@ def _wrap_lora(decoder: nn.Module, s: Stage1Config) -> nn.Module:
 
     gc_kwargs = {"use_reentrant": False}  # non-reentrant: works with DDP and several forwards per step
     if s.lora.quantization != "none":
-        decoder = prepare_model_for_kbit_training(
-            decoder,
-            use_gradient_checkpointing=s.gradient_checkpointing,
-            gradient_checkpointing_kwargs=gc_kwargs,
-        )
-    elif s.gradient_checkpointing:
-        decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        # Checkpointing is switched on below for both bases: peft's own switch calls transformers'
+        # deprecated gradient_checkpointing_enable (a FutureWarning on every QLoRA run).
+        decoder = prepare_model_for_kbit_training(decoder, use_gradient_checkpointing=False)
+    if s.gradient_checkpointing:
+        decoder.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
     lora = LoraConfig(
         r=s.lora.r,
         lora_alpha=s.lora.alpha,
@@ -265,7 +290,13 @@ def _wrap_lora(decoder: nn.Module, s: Stage1Config) -> nn.Module:
 def _cra(
     decoder: nn.Module, tokenizer: Any, s: Stage1Config, pairs: list[tuple[str, str]], accelerator: Any
 ) -> float:
-    encoder = CaptionEncoder(decoder, tokenizer, s.max_length, pad_to_multiple_of=s.pad_to_multiple_of)
+    encoder = CaptionEncoder(
+        decoder,
+        tokenizer,
+        s.max_length,
+        pad_to_multiple_of=s.pad_to_multiple_of,
+        caption_template=resolve_caption_template(s.caption_template, tokenizer),
+    )
     if s.precision != "fp32":
         encoder.autocast_dtype = DTYPES[s.precision]
     return round(caption_retrieval_accuracy(encoder, pairs, s.eval_batch_size), 2)
@@ -298,6 +329,7 @@ def embed_triplets(
             [items[i][1] for i in idx],
             s.max_length,
             s.pad_to_multiple_of,
+            resolve_caption_template(s.caption_template, tokenizer),
         )
         hidden = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
         emb = mean_pool(hidden.last_hidden_state.float(), enc["embed_mask"].to(device))
@@ -324,6 +356,7 @@ def _train_loop(
     resumed: Resumed | None,
     guard: NonFiniteGuard,
     accelerator: Any,
+    tracker: RunTracker,
 ) -> TrainState:
     rank, world = accelerator.process_index, accelerator.num_processes
     local = s.batch_size // world
@@ -366,6 +399,11 @@ def _train_loop(
             )
             out_of_time = _out_of_time(s, state, accelerator)
             interrupted = signals.should_stop(accelerator)
+            tracker.train_step(
+                state.step, loss=global_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                samples=s.batch_size, last=out_of_time or interrupted or state.step == total_steps,
+                tokens=lambda: _token_count(tokenizer, batches.batch(state.step - 1, s.batch_size), s.max_length),
+            )  # fmt: skip
             periodic = s.save_every_steps > 0 and state.step % s.save_every_steps == 0
             if periodic or out_of_time or interrupted or state.step == total_steps:
                 save()
@@ -374,6 +412,13 @@ def _train_loop(
                 log.info("stage1.max_seconds=%s reached after %d steps", s.max_seconds, state.step)
                 break
     return state
+
+
+def _token_count(tokenizer: Any, triplets: list[Triplet], max_length: int) -> int:
+    """Tokens the step embedded over all processes (queries with instructions, positives, negatives)."""
+    texts = [(t.instruction or "") + t.query for t in triplets] + [t.positive for t in triplets]
+    texts += [t.negative for t in triplets if t.negative is not None]
+    return sum(len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"])
 
 
 def _out_of_time(s: Stage1Config, state: TrainState, accelerator: Any) -> bool:
@@ -391,7 +436,10 @@ def _out_of_time(s: Stage1Config, state: TrainState, accelerator: Any) -> bool:
 def _adapter_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
+    # save_embedding_layers=False: no LoRA targets the embeddings and the vocabulary is unchanged;
+    # "auto" would look for the base's config.json (absent for GGUF bases) and warn on every save.
+    state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def _save_checkpoint(
@@ -436,9 +484,13 @@ def _run_mntp(
     Checkpointed like SimCSE (``ckpt_root``), including once at its end, so a run killed later
     never redoes it. Masking draws from the torch RNG, which the checkpoints carry.
     """
-    from transformers import get_scheduler
-
-    from llm2clip_vlm.text.mntp import mix_texts, mntp_collator, mntp_step_loss, read_text_corpus
+    from llm2clip_vlm.text.mntp import (
+        mix_texts,
+        mntp_collator,
+        mntp_optimizer,
+        mntp_step_loss,
+        read_text_corpus,
+    )
 
     s, m = cfg.stage1, cfg.stage1.mntp
     captions = [c.text for r in records for c in r.captions]
@@ -446,8 +498,7 @@ def _run_mntp(
     collator = mntp_collator(tokenizer, m.mlm_probability, s.pad_to_multiple_of)
     lm = _wrap_lora(model, s)
     params = [p for p in lm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=m.lr)
-    scheduler = get_scheduler("constant_with_warmup", optimizer, m.warmup_steps, m.steps)
+    optimizer, scheduler = mntp_optimizer(params, m)
     checkpointer = Checkpointer(ckpt_root, accelerator, keep=s.keep_checkpoints)
     resumed = _resume(checkpointer, lm, optimizer, scheduler)
     state = TrainState(**resumed.state) if resumed else TrainState()
@@ -477,6 +528,8 @@ def _run_mntp(
                 )
             accelerator.backward(loss)
             global_loss = accelerator.reduce(loss.detach(), "mean").item()
+            if m.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(ddp_lm.parameters(), m.max_grad_norm)
             if guard.check(global_loss, state.step + 1):
                 optimizer.step()
             scheduler.step()
@@ -500,7 +553,7 @@ def _merge(peft_model: nn.Module, ref: ModelRef, s: Stage1Config, weight_dtype: 
     if s.lora.quantization != "none":
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        adapter = get_peft_model_state_dict(peft_model)
+        adapter = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
         base = decoder_of(
             load_bidirectional(ref, attn_implementation=s.attn_implementation, dtype=weight_dtype)
         )
@@ -508,8 +561,6 @@ def _merge(peft_model: nn.Module, ref: ModelRef, s: Stage1Config, weight_dtype: 
         set_peft_model_state_dict(peft_model, adapter)
     merged = peft_model.merge_and_unload()
     merged.eval()
-    if hasattr(merged, "gradient_checkpointing_disable") and getattr(
-        merged, "is_gradient_checkpointing", False
-    ):
-        merged.gradient_checkpointing_disable()
+    if getattr(merged, "is_activation_checkpointing", False):
+        merged.activation_checkpointing_disable()
     return merged

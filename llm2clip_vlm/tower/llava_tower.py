@@ -144,6 +144,13 @@ class LLM2CLIPVisionTower(nn.Module):
 
     @property
     def num_patches(self) -> int:
+        """``(image_size // patch_size) ** 2`` in every select mode, LLaVA's contract
+        (haotian-liu/LLaVA llava/model/multimodal_encoder/clip_encoder.py:86-88): code that sizes
+        buffers from it gets what LLaVA's own tower reports. ``tokens_per_image`` counts a kept CLS."""
+        return self.num_patches_per_side**2
+
+    @property
+    def tokens_per_image(self) -> int:
         """Tokens per image that ``forward`` returns (patches, plus CLS for "cls_patch")."""
         return self.num_patches_per_side**2 + (self._prefix_tokens - self._first_token)
 

@@ -5,7 +5,7 @@ shared CLIP space, exactly as the reference implementation does:
 
     x = normalize(e)                                          # L2
     x = x + Linear(2d->d)(GELU(Linear(d->2d)(LayerNorm(x))))  # x 4 residual blocks
-    y = Linear(d->embed_dim, no bias)(LayerNorm(x))
+    y = Linear(d->embed_dim, with bias)(LayerNorm(x))
 
 The image head replaces the encoder's original projection (discarded): a freshly initialised
 ``Linear(hidden -> embed_dim)`` without bias, CLIP-style.
@@ -39,8 +39,10 @@ class TextAdaptor(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(ResidualMLPBlock(text_dim) for _ in range(num_blocks))
         self.norm = nn.LayerNorm(text_dim)
-        # The reference projects without a bias (like CLIP's own projections).
-        self.proj = nn.Linear(text_dim, embed_dim, bias=False)
+        # With a bias, as the reference: TextProj(..., proj_bias=True) ends in
+        # nn.Linear(embedding_dim, output_dim, bias=proj_bias) (microsoft/LLM2CLIP
+        # llm2clip/eva_clip/model.py:232,238), so the released adaptor weights load as they are.
+        self.proj = nn.Linear(text_dim, embed_dim, bias=True)
 
     def forward(self, text_embeddings: torch.Tensor) -> torch.Tensor:
         # The LLM embedding's norm carries no meaning (mean pooling); only its direction is used.

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llm2clip_vlm.checkpointing import from_pretrained_kwargs
 from llm2clip_vlm.vision.config import VisionBackboneConfig
 
 # OpenAI CLIP's normalisation; SigLIP uses 0.5/0.5 (its processor's own default).
@@ -73,19 +74,15 @@ class VisionBackbone(nn.Module):
         return int(crop.get("height") or crop.get("shortest_edge"))
 
 
-_REGISTRY: dict[str, Callable[[VisionBackboneConfig], VisionBackbone]] = {}
+# A factory gets the config and whether pickled weights (pytorch_model.bin) may be loaded.
+Factory = Callable[[VisionBackboneConfig, bool], VisionBackbone]
+_REGISTRY: dict[str, Factory] = {}
 
 
-def register_backbone(
-    name: str,
-) -> Callable[
-    [Callable[[VisionBackboneConfig], VisionBackbone]], Callable[[VisionBackboneConfig], VisionBackbone]
-]:
-    """Decorator: register a factory ``(VisionBackboneConfig) -> VisionBackbone`` under ``name``."""
+def register_backbone(name: str) -> Callable[[Factory], Factory]:
+    """Decorator: register a factory ``(VisionBackboneConfig, allow_pickle) -> VisionBackbone``."""
 
-    def wrap(
-        factory: Callable[[VisionBackboneConfig], VisionBackbone],
-    ) -> Callable[[VisionBackboneConfig], VisionBackbone]:
+    def wrap(factory: Factory) -> Factory:
         if name in _REGISTRY:
             raise ValueError(f"vision backbone {name!r} is already registered")
         _REGISTRY[name] = factory
@@ -98,15 +95,25 @@ def known_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_backbone(cfg: VisionBackboneConfig) -> VisionBackbone:
+def create_backbone(cfg: VisionBackboneConfig, *, allow_pickle: bool = False) -> VisionBackbone:
     """Build the backbone ``cfg.kind`` (pretrained from ``cfg.name_or_path``, or random when empty).
+
+    Args:
+        cfg: family, weights and (random ViT) sizes.
+        allow_pickle: accept a directory whose weights are only pickles (``pytorch_model.bin``);
+            refused by default (``reliability.allow_pickle_weights``).
 
     Raises:
         ValueError: unknown kind (the message lists the registered ones).
+        PickleRefusedError: pickle-only weights without ``allow_pickle``.
     """
+    from llm2clip_vlm.weights import require_safetensors
+
     if cfg.kind not in _REGISTRY:
         raise ValueError(f"unknown vision backbone {cfg.kind!r}; known: {', '.join(known_backbones())}")
-    return _REGISTRY[cfg.kind](cfg)
+    if cfg.name_or_path:
+        require_safetensors(cfg.name_or_path, allow_pickle, what=f"vision backbone ({cfg.kind})")
+    return _REGISTRY[cfg.kind](cfg, allow_pickle)
 
 
 # -- transformers families ----------------------------------------------------------------------
@@ -171,12 +178,14 @@ def _random_sizes(cfg: VisionBackboneConfig) -> dict[str, int]:
 
 
 @register_backbone("clip")
-def _create_clip(cfg: VisionBackboneConfig) -> VisionBackbone:
+def _create_clip(cfg: VisionBackboneConfig, allow_pickle: bool) -> VisionBackbone:
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     if cfg.name_or_path:
         # fp32 master weights; mixed precision is the trainer's autocast.
-        model = CLIPVisionModel.from_pretrained(cfg.name_or_path, dtype=torch.float32)
+        model = CLIPVisionModel.from_pretrained(
+            cfg.name_or_path, dtype=torch.float32, **from_pretrained_kwargs(allow_pickle)
+        )
         processor = CLIPImageProcessor.from_pretrained(cfg.name_or_path)
     else:
         model = CLIPVisionModel(CLIPVisionConfig(**_random_sizes(cfg)))
@@ -192,11 +201,13 @@ def _create_clip(cfg: VisionBackboneConfig) -> VisionBackbone:
 
 
 @register_backbone("siglip")
-def _create_siglip(cfg: VisionBackboneConfig) -> VisionBackbone:
+def _create_siglip(cfg: VisionBackboneConfig, allow_pickle: bool) -> VisionBackbone:
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     if cfg.name_or_path:
-        model = SiglipVisionModel.from_pretrained(cfg.name_or_path, dtype=torch.float32)
+        model = SiglipVisionModel.from_pretrained(
+            cfg.name_or_path, dtype=torch.float32, **from_pretrained_kwargs(allow_pickle)
+        )
         processor = SiglipImageProcessor.from_pretrained(cfg.name_or_path)
     else:
         model = SiglipVisionModel(SiglipVisionConfig(**_random_sizes(cfg)))
@@ -244,7 +255,7 @@ class TimmBackbone(VisionBackbone):
 
 
 @register_backbone("timm")
-def _create_timm(cfg: VisionBackboneConfig) -> VisionBackbone:
+def _create_timm(cfg: VisionBackboneConfig, allow_pickle: bool) -> VisionBackbone:
     try:
         import timm
     except ImportError as e:

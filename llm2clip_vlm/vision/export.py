@@ -6,7 +6,8 @@
   ``config.json``, ``model.safetensors``, ``preprocessor_config.json``), so unmodified code loads
   it: ``AutoModel.from_pretrained``, ``CLIPVisionModel.from_pretrained``,
   ``AutoImageProcessor.from_pretrained`` (LLaVA-1.5 loads its vision tower exactly this way);
-  plus ``README.md`` (model card: provenance and metrics) and ``llm2clip_provenance.json``;
+  plus ``README.md`` (hub model card: metadata with a model-index, provenance, metrics; see
+  :mod:`llm2clip_vlm.hub.cards`) and ``llm2clip_provenance.json``;
 - ``model_dir`` (default ``out_dir/../model``): the full retrieval model
   (``LLM2CLIP.from_pretrained``).
 
@@ -24,6 +25,7 @@ import torch
 
 from llm2clip_vlm import configuration
 from llm2clip_vlm.config import RunConfig
+from llm2clip_vlm.hub.cards import tower_card
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.vision.model import LLM2CLIP
 
@@ -76,7 +78,7 @@ def export_tower(
 
     provenance = _provenance(cfg, model, metrics, run_dir, dtype)
     (out_dir / "llm2clip_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    (out_dir / "README.md").write_text(model_card(provenance))
+    (out_dir / "README.md").write_text(tower_card(provenance, cfg))
     if verify and reference is not None and backbone.kind in ("clip", "siglip"):
         _verify(out_dir, backbone, reference, dtype)
     log.info("tower written to %s (%s, %s); retrieval model to %s", out_dir, backbone.kind, dtype, model_dir)
@@ -125,49 +127,3 @@ def _provenance(
         "retrieval_before": s2.get("retrieval_before", {}),
         "train": {k: v for k, v in s2.get("train", {}).items() if k != "losses"},
     }
-
-
-def model_card(p: dict[str, Any]) -> str:
-    """A README.md for the exported tower: what it is, where it came from, how well it retrieves."""
-    s2 = p["stage2"]
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [llm2clip, vision-tower, llava]",
-        "---",
-        f"# LLM2CLIP vision tower ({p['backbone']['kind']})",
-        "",
-        "The vision encoder of an LLM2CLIP stage-2 run: a CLIP-style ViT whose features were aligned",
-        "to a frozen LLM caption embedder (stage 1). Saved in the backbone's own transformers format:",
-        "",
-        "```python",
-        "from transformers import AutoImageProcessor, AutoModel",
-        "tower = AutoModel.from_pretrained(PATH)            # e.g. CLIPVisionModel",
-        "processor = AutoImageProcessor.from_pretrained(PATH)",
-        "```",
-        "",
-        "LLaVA-1.5 uses it as `--vision_tower PATH` (patch features of layer -2).",
-        "",
-        "## Provenance",
-        "",
-        f"- backbone: `{p['backbone']['kind']}` initialised from `{p['backbone']['init']}`; weights in {p['dtype']}",
-        f"- caption encoder: `{p['caption_encoder']['path'] or '-'}` (identity `{p['caption_encoder']['identity'][:16] or '-'}`, dim {p['caption_encoder']['dim']})",
-        f"- training data: {p['data']['train']}",
-        f"- stage 2: {p['train'].get('steps', '?')} steps, global batch {s2['batch_size']}, lr {s2['lr']} "
-        f"(head {s2['head_lr'] or s2['lr']}), layer decay {s2['layer_decay']}, loss {s2['loss']}, "
-        f"long-caption ratio {s2['long_caption_ratio']}, {s2['precision']}",
-        f"- run: `{p['run_dir']}` (full config in its `config.yaml`, also in `llm2clip_provenance.json`)",
-        "",
-        "## Zero-shot retrieval on held-out sets (percent)",
-        "",
-        "| set | images | captions | I2T R@1 | I2T R@5 | I2T R@10 | T2I R@1 | T2I R@5 | T2I R@10 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for when, results in (("before", p["retrieval_before"]), ("after", p["retrieval"])):
-        for name, m in results.items():
-            lines.append(
-                f"| {name} ({when} stage 2) | {m['n_images']} | {m['n_captions']} | {m['i2t_r1']:.1f} | "
-                f"{m['i2t_r5']:.1f} | {m['i2t_r10']:.1f} | {m['t2i_r1']:.1f} | {m['t2i_r5']:.1f} | {m['t2i_r10']:.1f} |"
-            )
-    lines.append("")
-    return "\n".join(lines)

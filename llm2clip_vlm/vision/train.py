@@ -38,13 +38,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from llm2clip_vlm import configuration
+from llm2clip_vlm.bad_samples import MidRunBadImages, gather_failures, load_or_replace
 from llm2clip_vlm.checkpointing import Checkpointer, GracefulExit, NonFiniteGuard
 from llm2clip_vlm.config import RunConfig
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.losses import ClipLoss, SigLipLoss
 from llm2clip_vlm.progress import make_progress
+from llm2clip_vlm.tracking.tracker import RunTracker
+from llm2clip_vlm.vision.backbones import create_backbone
 from llm2clip_vlm.vision.config import Stage2Config
+from llm2clip_vlm.vision.decay import exempt_from_weight_decay
 from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
 from llm2clip_vlm.vision.retrieval import retrieval_metrics
 
@@ -108,12 +112,16 @@ class Stage2TrainData(Dataset):
         rows = long if (use_long and len(long)) or not len(short) else short
         return int(rows[rng.integers(len(rows))])
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """``(pixel_values, caption embedding, failures)``: an unreadable image is replaced by a
+        deterministic other one and reported in ``failures`` (see :mod:`llm2clip_vlm.bad_samples`)."""
         epoch, position = item
-        index = self.indices[position]
+        image, index, failures = load_or_replace(
+            self.load_image, self.records, self.indices, position, epoch, self.seed
+        )
         row = self.caption_row(epoch, index)
         emb = torch.from_numpy(np.asarray(self.embeddings[[row]], dtype=np.float32)[0])
-        return pixel_values(self.image_processor, self.load_image(self.records[index])), emb
+        return pixel_values(self.image_processor, image), emb, failures
 
 
 def pixel_values(image_processor: Any, image: Any) -> torch.Tensor:
@@ -191,7 +199,8 @@ class HeldoutSet:
 def build_param_groups(model: LLM2CLIP, s: Stage2Config) -> list[dict[str, Any]]:
     """AdamW parameter groups: (layer, decay / no decay), each with its own lr.
 
-    - no weight decay on 0/1-d parameters: biases, norm scales, the CLS embedding, logit scale/bias;
+    - no weight decay on 0/1-d parameters (biases, norm scales, logit scale/bias) nor on the
+      positional and class embeddings (:mod:`llm2clip_vlm.vision.decay`, as the reference);
     - backbone layer ``l`` (0 = stem, ``L + 1`` = after the last block) gets
       ``lr * layer_decay ** (L + 1 - l)``;
     - the new parts (image head, text adaptor, logit scale/bias) get ``head_lr`` (or ``lr``).
@@ -205,7 +214,7 @@ def build_param_groups(model: LLM2CLIP, s: Stage2Config) -> list[dict[str, Any]]
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim < 2
+        no_decay = exempt_from_weight_decay(name, p)
         if name.startswith("vision."):
             layer = layer_of[name[len("vision.") :]]
             key, lr = f"vision.layer{layer}", s.lr * s.layer_decay ** (top - layer)
@@ -228,7 +237,9 @@ def build_param_groups(model: LLM2CLIP, s: Stage2Config) -> list[dict[str, Any]]
 def cosine_lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up to 1, then cosine decay to 0 at ``total`` (multiplies every group's lr)."""
     if step < warmup:
-        return (step + 1) / (warmup + 1)
+        # The reference's _warmup_lr: base_lr * (step + 1) / warmup_length (microsoft/LLM2CLIP
+        # llm2clip/training/scheduler.py:9-10): full lr at the last warm-up step.
+        return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -252,10 +263,12 @@ def evaluate_retrieval(
     num_workers: int,
     device: torch.device,
     autocast: Callable[[], Any],
+    similarities: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, float | int]]:
     """Zero-shot retrieval metrics of every held-out set (``model`` may be DDP/FSDP-wrapped).
 
     Every process runs it (an FSDP model needs all ranks in its forward); only the main one writes.
+    ``similarities``, when given, receives each set's ``[images, captions]`` similarity matrix.
     """
     was_training = model.training
     model.eval()
@@ -275,6 +288,8 @@ def evaluate_retrieval(
                 text_features.append(model(text_embeddings=emb)["text_features"].float())
         sim = torch.cat(image_features) @ torch.cat(text_features).T
         results[name] = retrieval_metrics(sim.cpu(), hs.caption_image)
+        if similarities is not None:
+            similarities[name] = sim.cpu()
     model.train(was_training)
     return results
 
@@ -294,6 +309,8 @@ class TrainState:
     skipped_steps: list[int] = field(default_factory=list)
     # With data.stream: the stream position of every process and worker (data/stream.py).
     data_position: dict[str, Any] = field(default_factory=dict)
+    # Images found unreadable mid-run and skipped: [record, reason] (data.verify_images=false).
+    bad_images: list[list[str]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,17 +330,13 @@ def run_stage2(
     """
     from llm2clip_vlm.data import open_image, resolve_data
     from llm2clip_vlm.store.store import EmbeddingStore
-    from llm2clip_vlm.text.encoder import ENCODER_FILE
+    from llm2clip_vlm.text.encoder import encoder_identity
 
     out = Path(output_dir)
     store_dir = Path(store_dir)
     encoder_dir = Path(encoder_dir or cfg.embed.encoder) if (encoder_dir or cfg.embed.encoder) else None
-    identity = ""
-    if encoder_dir is not None:
-        meta_file = encoder_dir / ENCODER_FILE
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{encoder_dir} is not a CaptionEncoder directory (no {ENCODER_FILE})")
-        identity = json.loads(meta_file.read_text())["identity"]
+    # From the weight files on disk (checked against their save-time hashes), not from the JSON.
+    identity = encoder_identity(encoder_dir) if encoder_dir is not None else ""
 
     train_set, heldout_sets = resolve_data(cfg.data, out)
     # The same captions the store was written from (``embed`` applies the same cut).
@@ -332,7 +345,12 @@ def run_stage2(
         store_dir / "train", captions=train_records, encoder_identity=identity or None
     )
     # The store keeps every record's rows; images that fail to decode are left out of sampling.
-    usable = None if cfg.data.stream else _usable_images(cfg, out, "train", train_records)
+    # Streamed: images are checked as they are read (vision/stream.py), not decoded up front.
+    usable = (
+        None
+        if cfg.data.stream
+        else _usable_images(cfg, out, "train", train_records, earlier=train_set.skipped)
+    )
     heldout: dict[str, HeldoutSet] = {}
     for name, records in heldout_sets.items():
         records = list(records)
@@ -350,7 +368,7 @@ def run_stage2(
                 f"no embedding store for held-out set {name!r} ({hstore_dir}) and no encoder to embed it"
             )
         hs = HeldoutSet(records, emb, caption_image)
-        good = _usable_images(cfg, out, name, records)
+        good = _usable_images(cfg, out, name, records, earlier=heldout_sets[name].skipped)
         heldout[name] = hs if good is None else hs.subset(good)
     return train_stage2(
         cfg,
@@ -366,7 +384,7 @@ def run_stage2(
 
 
 def _usable_images(
-    cfg: RunConfig, out: Path, name: str, records: Sequence[ImageCaptions]
+    cfg: RunConfig, out: Path, name: str, records: Sequence[ImageCaptions], earlier: Sequence[Any] = ()
 ) -> list[int] | None:
     """Decode every image once per data set (``data.verify_images``): good indices, None if all are.
 
@@ -378,7 +396,8 @@ def _usable_images(
 
     if not cfg.data.verify_images:
         return None
-    policy = BadRecords(cfg.data.skip_bad, cfg.data.max_bad_fraction, name=f"{name} images")
+    # The records skipped while reading count too: max_bad_fraction bounds all phases together.
+    policy = BadRecords(cfg.data.skip_bad, cfg.data.max_bad_fraction, name=f"{name} images", earlier=earlier)
     # Cached by the data set's identity: decoded once, not at every start (data/check.py).
     good = check_caption_images(
         records, policy, workers=cfg.data.check_workers, description=f"checking {name} images"
@@ -451,9 +470,6 @@ def train_stage2(
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[s.precision]
     accelerator = _make_accelerator(Accelerator, mixed)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        configuration.dump(cfg, out / "config.yaml")
     usable = list(usable) if usable is not None else range(len(train_records))  # no list at 10M
     total_steps = _total_steps(s, len(usable))
 
@@ -470,11 +486,15 @@ def train_stage2(
             logit_bias_init=s.logit_bias_init,
             encoder_path=encoder_path,
             encoder_identity=encoder_identity,
-        )
+        ),
+        backbone=create_backbone(s.backbone, allow_pickle=cfg.reliability.allow_pickle_weights),
     )
     if s.gradient_checkpointing:
         model.vision.set_grad_checkpointing(True)
     processor = model.vision.image_processor
+    if main:  # once the inputs (stores, backbone weights) are known to be usable
+        out.mkdir(parents=True, exist_ok=True)
+        configuration.dump(cfg, out / "config.yaml")
 
     checkpointer = Checkpointer(out / CHECKPOINTS, accelerator, keep=2)
     # Weights and state now, optimizer and scheduler after prepare; each rank slices the global
@@ -512,15 +532,20 @@ def train_stage2(
         s.batch_size, s.batch_size // world, s.precision, s.long_caption_ratio,
     )  # fmt: skip
 
-    def run_eval() -> dict[str, Any]:
+    def run_eval(similarities: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         return evaluate_retrieval(
             model, heldout, processor, load_image, s.eval_batch_size, s.num_workers,
-            accelerator.device, accelerator.autocast,
+            accelerator.device, accelerator.autocast, similarities,
         )  # fmt: skip
 
     if resumed is None or not state.retrieval_before:
         state.retrieval_before = run_eval()
         _log_retrieval("before", state.retrieval_before)
+    tracker = RunTracker.start(
+        out, cfg.tracking, stage="stage2", main=main, resume_step=state.step if resumed else None,
+        config=configuration.to_dict(cfg),
+    )  # fmt: skip
+    tracker.log(0, {"retrieval": state.retrieval_before})
 
     dataset = Stage2TrainData(
         train_records, embeddings, processor, load_image, s.long_caption_ratio, s.seed, indices=usable
@@ -551,9 +576,21 @@ def train_stage2(
     guard = NonFiniteGuard(
         "stage2", rel.skip_nonfinite_steps, rel.max_skipped_steps, list(state.skipped_steps)
     )
+    bad_images = MidRunBadImages(
+        cfg.data.skip_bad,
+        cfg.data.max_bad_fraction,
+        out,
+        "train",
+        len(train_records),
+        state.bad_images,
+        write=main,
+    )
     with make_progress(disable=not main) as progress, GracefulExit() as signals:
         task = progress.add_task("stage 2", total=total_steps, completed=state.step, status="")
-        for pv, emb in loader:
+        for pv, emb, failures in loader:
+            # Stops (one line naming the file) unless data.skip_bad; every rank decides alike.
+            bad_images.add(gather_failures(accelerator, failures))
+            state.bad_images = [list(x) for x in bad_images.seen]
             if resumed is not None:  # after the loader started: RNG exactly as after the saved step
                 resumed.restore_rng()
                 resumed = None
@@ -598,6 +635,10 @@ def train_stage2(
                 on_step(state.step, global_loss)
             stop = state.step >= total_steps or _time_up(accelerator, s.max_seconds, state.seconds)
             interrupted = signals.should_stop(accelerator)
+            tracker.train_step(
+                state.step, loss=global_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                logit_scale=last_scale, samples=s.batch_size, last=stop or interrupted,
+            )  # fmt: skip
             if (s.save_every_steps > 0 and state.step % s.save_every_steps == 0) or stop or interrupted:
                 weights = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
                 if cfg.data.stream:
@@ -610,8 +651,14 @@ def train_stage2(
             if stop:
                 break
 
-    after = run_eval()
+    similarities: dict[str, torch.Tensor] = {}
+    after = run_eval(similarities)
     _log_retrieval("after", after)
+    tracker.log(state.step, {"retrieval": after})
+    if main:  # what the report's retrieval gallery shows
+        from llm2clip_vlm.tracking.gallery import write_retrieval_gallery
+
+        write_retrieval_gallery(out, heldout, similarities, load_image)
     metrics = {
         "stage2": {
             "retrieval": after,
@@ -625,6 +672,7 @@ def train_stage2(
                 "final_loss": state.losses[-1] if state.losses else None,
                 "losses": state.losses,
                 "skipped_steps": state.skipped_steps,
+                "bad_images": len(state.bad_images),
                 "processes": world,
                 "logit_scale": last_scale,
             },
@@ -640,6 +688,7 @@ def train_stage2(
     if main and to_save is not None:
         to_save.save_pretrained(out / "model")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    tracker.finish()
     accelerator.wait_for_everyone()
     return metrics
 

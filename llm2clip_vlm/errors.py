@@ -1,0 +1,121 @@
+"""Errors a user can fix, and how the CLI turns any exception into one line (or a bug report).
+
+Every error a user can act on (a wrong path, a refused input, a run directory that belongs to
+another command) becomes ONE line naming the file/record, what is wrong and, where there is one,
+what to do (:func:`describe`). Anything else is a bug of ours: the CLI prints the traceback and
+says so (:func:`bug_report`), so the two are never confused.
+
+Library code raises :class:`UserError` (or a subclass) for a new kind of user-fixable problem;
+the older error types of each layer (``DataError``, ``StoreMismatchError``, ``CheckpointError``...)
+are mapped here by type, so nothing below the CLI has to know how messages are printed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class UserError(Exception):
+    """A problem with the user's input or command line; the message says what to change.
+
+    Attributes:
+        exit_code: the process status the CLI exits with (2: usage/input, 1: data/run state).
+    """
+
+    exit_code = 2
+
+
+class PickleRefusedError(UserError, OSError):
+    """Weights that exist only as pickles, refused without ``reliability.allow_pickle_weights``.
+
+    Also an ``OSError``: what transformers raises for a folder without usable weights.
+    """
+
+
+class RunDirError(UserError):
+    """The output directory cannot be used for this run (a file, another command's, changed config)."""
+
+
+HINT_PICKLE = (
+    "convert the weights to safetensors, or allow pickles with --set reliability.allow_pickle_weights=true"
+)
+
+
+@dataclass
+class Described:
+    """What the CLI prints for a known error: a label, the message and the exit status."""
+
+    label: str
+    message: str
+    exit_code: int
+    style: str = "red"
+
+
+def describe(e: BaseException) -> Described | None:
+    """One line for an error the user can fix; None for anything else (a bug).
+
+    Imports lazily: the types live in modules that pull in torch, and ``--help`` must stay fast.
+    """
+    from llm2clip_vlm.checkpointing import CheckpointError, NonFiniteError, TrainingInterrupted
+    from llm2clip_vlm.configuration import ConfigError
+    from llm2clip_vlm.data.captions import DataError
+
+    if isinstance(e, TrainingInterrupted):  # SIGTERM/SIGINT: a checkpoint was saved first
+        return Described("", str(e), e.exit_code, style="yellow")
+    if isinstance(e, UserError):
+        return Described("error", str(e), e.exit_code)
+    if isinstance(e, ConfigError):
+        return Described("config error", str(e), 2)
+    if isinstance(e, DataError):  # names the file/record and the problem
+        return Described("data error", str(e), 1)
+    if isinstance(e, (CheckpointError, NonFiniteError)):
+        return Described("error", str(e), 1)
+    store = _store_error(e)
+    if store is not None:
+        return store
+    if isinstance(e, (FileExistsError, NotADirectoryError, IsADirectoryError)):
+        where = e.filename or ""
+        what = {
+            FileExistsError: "exists and is not a directory",
+            NotADirectoryError: "is not a directory",
+            IsADirectoryError: "is a directory, a file was expected",
+        }[type(e)]
+        return Described(
+            "error", f"{where} {what} (give a directory path that is free or a run of this command)", 2
+        )
+    if isinstance(e, FileNotFoundError):
+        message = f"{e.filename}: no such file or directory" if e.filename else str(e)
+        return Described("error", f"{message} (check the path)", 2)
+    if isinstance(e, PermissionError):
+        return Described("error", f"{e.filename or e}: permission denied", 2)
+    if isinstance(e, OSError) and "allow_pickle_weights" in str(e):
+        return Described("error", str(e), 2)
+    return None
+
+
+def _store_error(e: BaseException) -> Described | None:
+    from llm2clip_vlm.store.format import StoreInputError
+    from llm2clip_vlm.store.reader import StoreMismatchError
+
+    if isinstance(e, StoreMismatchError):
+        hint = (
+            ""
+            if "remove" in str(e) or "rerun" in str(e)
+            else " (run `llm2clip-vlm embed` with this data and encoder, or pass the matching --store)"
+        )
+        return Described("store refused", f"{e}{hint}", 1)
+    if isinstance(e, StoreInputError):
+        return Described("store error", str(e), 1)
+    return None
+
+
+def bug_report(e: BaseException) -> str:
+    """The line printed under the traceback of an unexpected error."""
+    return (
+        f"llm2clip-vlm: this is a bug (an unexpected {type(e).__name__}), not a problem with your "
+        "input: please report it with the traceback above"
+    )
+
+
+# The status of a bug: EX_SOFTWARE from sysexits.h ("internal software error").
+BUG_EXIT_CODE = 70

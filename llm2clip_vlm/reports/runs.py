@@ -1,0 +1,103 @@
+"""Find and read the runs a report shows.
+
+A RUN argument is a training run directory (one with a ``metrics.jsonl``: stage 1, stage 2,
+``llava-pretrain``, ``llava-finetune``) or a ``build-tower`` directory, whose ``stage1/`` and
+``stage2/`` runs are taken. Everything numeric comes from ``metrics.jsonl``; the galleries from
+``gallery/`` (see :mod:`llm2clip_vlm.tracking.gallery`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm2clip_vlm.tracking.gallery import ANSWERS_FILE, GALLERY_DIR, RETRIEVAL_FILE
+from llm2clip_vlm.tracking.metrics_log import FILENAME, read_jsonl
+
+BUILD_STAGES = ("stage1", "stage2")
+# What each trainer writes as ``stage`` -> the report's section for it.
+STAGE_KINDS = {"stage1": "stage1", "stage2": "stage2", "llava-pretrain": "llava", "llava-finetune": "llava"}
+
+
+class NotARunError(ValueError):
+    """A RUN argument that holds no run (the message names the path)."""
+
+
+@dataclass
+class Run:
+    """One training run as the report sees it."""
+
+    label: str
+    path: Path
+    rows: list[dict[str, Any]]
+    retrieval_gallery: dict[str, Any] = field(default_factory=dict)
+    answers: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        """``stage1`` (CRA), ``stage2`` (retrieval), ``llava`` (held-out answers) or ``train``."""
+        stages = {r.get("stage") for r in self.rows} & set(STAGE_KINDS)
+        if len(stages) == 1:
+            return STAGE_KINDS[stages.pop()]
+        keys = {k for r in self.evals for k in r}  # lines without a stage: what was measured
+        if "cra" in keys:
+            return "stage1"
+        if any(k.startswith("retrieval/") for k in keys):
+            return "stage2"
+        if any(k.startswith("heldout/") for k in keys):
+            return "llava"
+        return "train"
+
+    @property
+    def train(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r.get("kind") == "train"]
+
+    @property
+    def evals(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r.get("kind") == "eval"]
+
+    def before_after(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The first evaluation (step 0: before training) and the last one (after), if any."""
+        ev = sorted(self.evals, key=lambda r: r["step"])
+        before = ev[0] if ev and ev[0]["step"] == 0 else {}
+        after = ev[-1] if ev and ev[-1]["step"] > 0 else {}
+        return before, after
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """``(steps, values)`` of a training scalar."""
+        pts = [(r["step"], r[key]) for r in self.train if isinstance(r.get(key), (int, float))]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _read_run(path: Path, label: str) -> Run:
+    gallery = path / GALLERY_DIR
+    retrieval = (
+        json.loads((gallery / RETRIEVAL_FILE).read_text()) if (gallery / RETRIEVAL_FILE).is_file() else {}
+    )
+    answers = json.loads((gallery / ANSWERS_FILE).read_text()) if (gallery / ANSWERS_FILE).is_file() else []
+    return Run(label, path, read_jsonl(path / FILENAME), retrieval, answers)
+
+
+def load_runs(paths: list[Path]) -> list[Run]:
+    """The runs under ``paths`` (a build-tower directory gives one run per stage).
+
+    Raises:
+        NotARunError: a path that does not exist or holds no ``metrics.jsonl``.
+    """
+    runs: list[Run] = []
+    for path in paths:
+        if not path.is_dir():
+            raise NotARunError(f"{path}: no such run directory")
+        if (path / FILENAME).is_file():
+            runs.append(_read_run(path, path.resolve().name))
+            continue
+        stages = [path / s for s in BUILD_STAGES if (path / s / FILENAME).is_file()]
+        if not stages:
+            raise NotARunError(
+                f"{path}: no {FILENAME} here or in {'/, '.join(BUILD_STAGES)}/ (not a run directory, "
+                "or a run made before metrics.jsonl existed)"
+            )
+        runs += [_read_run(s, f"{path.resolve().name}/{s.name}") for s in stages]
+    return runs

@@ -1,0 +1,249 @@
+"""A tiny world in which every recipe of ``recipes/`` runs exactly as written.
+
+The recipes name hub ids (``meta-llama/Meta-Llama-3-8B-Instruct``, ``openai/clip-vit-large-patch14-336``,
+``google/siglip2-so400m-patch14-384``, the timm EVA02 name) and relative paths (``data/...``,
+``checkpoints/...``, ``runs/...``). :func:`build_recipe_world` writes, under one folder, a tiny
+random-weight stand-in of the same family at each model path and small data files in each recipe's
+own format at each data path. A command run from that folder (as a user runs it from their
+project) resolves every name the recipe uses to the stand-in: transformers, timm (``local-dir``)
+and our model loader read an existing directory before they think of a hub.
+
+Data written (images are small JPEGs, as the real sets ship them):
+
+- ``data/cc3m/dreamlip_captions.csv``: DreamLIP-style CSV (``image``, ``raw_caption`` and the
+  ``shortSV_captions`` / ``longSV_captions`` lists as Python-literal strings);
+- ``data/cc3m/shards/train-0000{0,1}.tar``: the same images as img2dataset webdataset shards
+  (``<key>.jpg`` + ``<key>.json`` with the DreamLIP columns + ``<key>.txt``);
+- ``data/eval/coco_karpathy_test.json``, ``flickr30k_test.json`` (5 short ``captions`` per image),
+  ``urban1k.json`` (one long ``caption``), ``docci_test.json`` (one long ``description``);
+- ``data/llava-pretrain/blip_laion_cc_sbu_558k.json`` + ``images/00000/*.jpg`` (LCS-558K layout);
+- ``data/llava-finetune/llava_v1_5_mix665k.json`` with ``coco/train2017`` and ``gqa/images``
+  folders and text-only records (mix665k layout).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+
+from PIL import Image
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60), "yellow": (230, 210, 40)}
+SHAPES = ["circle", "square", "cross"]
+POSITIONS = ["left", "right", "top", "bottom"]
+
+# Model ids / local model paths the recipes name.
+LLAMA3 = "meta-llama/Meta-Llama-3-8B-Instruct"
+OPENAI_CLIP = "openai/clip-vit-large-patch14-336"
+SIGLIP2 = "google/siglip2-so400m-patch14-384"
+EVA02 = "eva02_large_patch14_clip_336.merged2b"
+VICUNA = "checkpoints/vicuna-7b-v1.5"
+CLIP_CHECKPOINT = "checkpoints/clip-vit-large-patch14-336"
+
+
+def _scene(rng: random.Random) -> tuple[str, str, str]:
+    return rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(POSITIONS)
+
+
+def _jpeg(scene: tuple[str, str, str], size: int = 40) -> bytes:
+    colour, shape, pos = scene
+    img = Image.new("RGB", (size, size), (250, 250, 245))
+    px = img.load()
+    c = COLOURS[colour]
+    half = size // 2
+    x0 = {"left": 2, "right": half, "top": size // 4, "bottom": size // 4}[pos]
+    y0 = {"left": size // 4, "right": size // 4, "top": 2, "bottom": half}[pos]
+    for dy in range(half - 2):
+        for dx in range(half - 2):
+            inside = {
+                "square": True,
+                "circle": (dx - half / 2) ** 2 + (dy - half / 2) ** 2 < (half / 2 - 1) ** 2,
+                "cross": abs(dx - half / 2) < 3 or abs(dy - half / 2) < 3,
+            }[shape]
+            if inside:
+                px[x0 + dx, y0 + dy] = c
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _short(scene: tuple[str, str, str], i: int) -> str:
+    colour, shape, pos = scene
+    forms = [
+        f"a {colour} {shape}",
+        f"a {colour} {shape} on the {pos}",
+        f"the {shape} is {colour}",
+        f"{colour} {shape} at the {pos}",
+        f"a picture of a {colour} {shape}",
+    ]
+    return forms[i % len(forms)]
+
+
+def _long(scene: tuple[str, str, str]) -> str:
+    colour, shape, pos = scene
+    return f"a photograph showing one {colour} {shape} placed on the {pos} side of a pale, plain background"
+
+
+def write_dreamlip(root: Path, n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``data/cc3m``: the DreamLIP CSV, its images and the same rows as 2 webdataset shards."""
+    import csv
+
+    rng = random.Random(seed)
+    base = root / "data" / "cc3m"
+    (base / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        scene = _scene(rng)
+        key = f"{i:09d}"
+        (base / "images" / f"{key}.jpg").write_bytes(_jpeg(scene))
+        rows.append(
+            {
+                "image": f"images/{key}.jpg",
+                "raw_caption": f"{scene[0]} {scene[1]} stock photo",
+                # DreamLIP stores the sub-caption lists as Python literals inside the CSV cell.
+                "shortSV_captions": repr([_short(scene, 0), _short(scene, 1)]),
+                "longSV_captions": repr([_long(scene)]),
+            }
+        )
+    with open(base / "dreamlip_captions.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    shards = base / "shards"
+    shards.mkdir(exist_ok=True)
+    half = (n + 1) // 2
+    for s, chunk in enumerate((rows[:half], rows[half:])):
+        with tarfile.open(shards / f"train-{s:05d}.tar", "w") as tar:
+            for row in chunk:
+                key = Path(row["image"]).stem
+                meta = {k: v for k, v in row.items() if k != "image"}
+                members = {
+                    f"{key}.jpg": (base / row["image"]).read_bytes(),
+                    f"{key}.json": json.dumps(meta).encode(),
+                    f"{key}.txt": row["raw_caption"].encode(),
+                }
+                for name, data in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return rows
+
+
+def write_retrieval_sets(root: Path, n: int, seed: int = 1) -> None:
+    """``data/eval``: COCO / Flickr30k (5 short captions each), Urban-1k and DOCCI (1 long)."""
+    rng = random.Random(seed)
+    base = root / "data" / "eval"
+    for name, column in (
+        ("coco_karpathy_test", "captions"),
+        ("flickr30k_test", "captions"),
+        ("urban1k", "caption"),
+        ("docci_test", "description"),
+    ):
+        folder = base / name
+        folder.mkdir(parents=True, exist_ok=True)
+        records = []
+        for i in range(n):
+            scene = _scene(rng)
+            (folder / f"{i:05d}.jpg").write_bytes(_jpeg(scene))
+            caption = [_short(scene, j) for j in range(5)] if column == "captions" else _long(scene)
+            records.append({"image": f"{name}/{i:05d}.jpg", column: caption})
+        (base / f"{name}.json").write_text(json.dumps(records, indent=1))
+
+
+def _conversations(scene: tuple[str, str, str], rng: random.Random) -> list[dict[str, str]]:
+    colour, shape, pos = scene
+    turns = [
+        ("What colour is the shape?", colour),
+        ("Which shape is in the image?", shape),
+        (f"Is the {shape} on the {pos}? Answer yes or no.", "yes"),
+    ]
+    rng.shuffle(turns)
+    out = [{"from": "human", "value": f"<image>\n{turns[0][0]}"}, {"from": "gpt", "value": turns[0][1]}]
+    out += [{"from": "human", "value": turns[1][0]}, {"from": "gpt", "value": turns[1][1]}]
+    return out
+
+
+def write_llava_sets(root: Path, n: int, seed: int = 2) -> None:
+    """LLaVA-Pretrain (LCS-558K layout) and mix665k (nested image folders, text-only records)."""
+    rng = random.Random(seed)
+    pre = root / "data" / "llava-pretrain"
+    (pre / "images" / "00000").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        scene = _scene(rng)
+        image = f"00000/{i:09d}.jpg"
+        (pre / "images" / image).write_bytes(_jpeg(scene))
+        records.append(
+            {
+                "id": f"{i:09d}",
+                "image": image,
+                "conversations": [
+                    {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+                    {"from": "gpt", "value": _short(scene, i)},
+                ],
+            }
+        )
+    (pre / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(records))
+
+    ft = root / "data" / "llava-finetune"
+    records = []
+    for i in range(n):
+        scene = _scene(rng)
+        folder = "coco/train2017" if i % 2 else "gqa/images"
+        (ft / folder).mkdir(parents=True, exist_ok=True)
+        image = f"{folder}/{i:012d}.jpg"
+        (ft / image).write_bytes(_jpeg(scene))
+        records.append({"id": str(i), "image": image, "conversations": _conversations(scene, rng)})
+        if i % 4 == 3:  # ShareGPT-style text-only samples, as in mix665k
+            records.append(
+                {
+                    "id": f"text-{i}",
+                    "conversations": [
+                        {"from": "human", "value": "Name a colour."},
+                        {"from": "gpt", "value": rng.choice(list(COLOURS))},
+                    ],
+                }
+            )
+    (ft / "llava_v1_5_mix665k.json").write_text(json.dumps(records))
+
+
+def write_models(root: Path) -> None:
+    """Tiny random-weight stand-ins at every model id / path the recipes name."""
+    from llm2clip_vlm.text.tiny import save_tiny_llm
+    from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
+
+    # 64 wide: bitsandbytes' CPU 4-bit kernels work in blocks of 64 (the QLoRA recipe).
+    save_tiny_llm(root / LLAMA3, hidden_size=64, seed=0)
+    save_tiny_llm(root / VICUNA, hidden_size=64, seed=1)  # Llama architecture, <s>/</s> like Vicuna
+    shape = TowerShape(
+        image_size=32, patch_size=8, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64
+    )
+    save_random_tower(root / OPENAI_CLIP, "clip", shape, seed=2)
+    save_random_tower(root / CLIP_CHECKPOINT, "clip", shape, seed=2)
+    save_random_tower(root / SIGLIP2, "siglip", shape, seed=3)
+
+
+def write_timm_eva(root: Path) -> Path:
+    """A tiny timm EVA (the EVA02 recipe's family) saved in timm's hub format (needs timm)."""
+    import timm
+    from timm.models import save_for_hf
+
+    # The overrides go into config.json (model_args), so timm's local-dir loader rebuilds this size.
+    args = {"img_size": 28, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=0, **args)
+    path = root / EVA02
+    path.mkdir(parents=True, exist_ok=True)
+    save_for_hf(model, str(path), model_args=args, safe_serialization="only")
+    return path
+
+
+def build_recipe_world(root: Path, images: int = 40, heldout: int = 8) -> Path:
+    """Write every model stand-in and data file the recipes name under ``root``; returns ``root``."""
+    write_models(root)
+    write_dreamlip(root, images)
+    write_retrieval_sets(root, heldout)
+    write_llava_sets(root, 16)
+    return root
