@@ -94,12 +94,29 @@ def test_max_images_counts_only_the_bad_records_before_the_cut(tmp_path: Path) -
     lines = m.read_text().splitlines()
     lines.insert(8, "{broken")
     m.write_text("\n".join(lines) + "\n")
-    cs = load_caption_set(CaptionSetConfig(path=str(m), max_images=5))
+    cs = load_caption_set(CaptionSetConfig(path=str(m), key_column="key", max_images=5))
     assert len(cs) == 5 and not cs.skipped  # the broken line 9 is never reached
     from llm2clip_vlm.data import DataError
 
     with pytest.raises(DataError, match=r"m\.jsonl:9: broken JSON line"):
-        load_caption_set(CaptionSetConfig(path=str(m), max_images=9))
+        load_caption_set(CaptionSetConfig(path=str(m), key_column="key", max_images=9))
+
+
+def test_repeated_keys_are_bad_rows_of_the_index(tmp_path: Path) -> None:
+    m = _manifest(tmp_path, 10)  # every record names a.png: without key_column the key repeats
+    index = index_caption_set(CaptionSetConfig(path=str(m)))
+    assert len(index) == 1
+    bad = index.bad()
+    assert [b.position for b in bad] == list(range(1, 10))
+    assert bad[0].reason == f"{m}:2: duplicate key 'a.png' (first at {m}:1)"
+    from llm2clip_vlm.data import DataError
+
+    with pytest.raises(DataError, match=r"m\.jsonl:2: duplicate key 'a\.png' \(first at .*m\.jsonl:1\)"):
+        load_caption_set(CaptionSetConfig(path=str(m)))
+    cs = load_caption_set(CaptionSetConfig(path=str(m), max_images=1))  # no repeat before the cut
+    assert len(cs) == 1 and not cs.skipped
+    cs = load_caption_set(CaptionSetConfig(path=str(m)), skip_bad=True, max_bad_fraction=0.95)
+    assert len(cs) == 1 and len(cs.skipped) == 9
 
 
 def test_embedding_reads_captions_of_shards_without_image_bytes(

@@ -27,7 +27,7 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,31 +231,42 @@ def _json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
     skippable) on its own, not fail the whole file with a message that names no line. JSON lines
     are streamed (one line in memory at a time); a JSON list is parsed whole.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            head = f.read(4096).lstrip()
-            f.seek(0)
-            if head.startswith("["):  # one JSON list of records
-                try:
-                    items = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{e.lineno}: broken JSON ({e.msg}, column {e.colno})") from e
-                for i, item in enumerate(items):
-                    ok = isinstance(item, dict)
-                    yield i + 1, item if ok else DataError(f"{path}:{i + 1}: record is not a JSON object")
-                return
-            for n, line in enumerate(f, start=1):  # JSON lines
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield n, DataError(f"{path}:{n}: broken JSON line ({e.msg}, column {e.colno})")
-                    continue
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+        f.seek(0)
+        if head.startswith(b"["):  # one JSON list of records: one bad byte spoils the file
+            raw = f.read()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = raw.count(b"\n", 0, e.start) + 1
+                raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}): {e.reason}") from e
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: broken JSON ({e.msg}, column {e.colno})") from e
+            for i, item in enumerate(items):
                 ok = isinstance(item, dict)
-                yield n, item if ok else DataError(f"{path}:{n}: record is not a JSON object")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from e
+                yield i + 1, item if ok else DataError(f"{path}:{i + 1}: record is not a JSON object")
+            return
+        # JSON lines, read as bytes: a line that is not UTF-8 is one bad record (skippable), not a
+        # bad file.
+        for n, raw_line in enumerate(f, start=1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = raw_line[e.start]
+                yield n, DataError(f"{path}:{n}: not UTF-8 (byte 0x{bad:02x} at column {e.start + 1})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield n, DataError(f"{path}:{n}: broken JSON line ({e.msg}, column {e.colno})")
+                continue
+            ok = isinstance(item, dict)
+            yield n, item if ok else DataError(f"{path}:{n}: record is not a JSON object")
 
 
 def _check_columns(cfg: CaptionSetConfig, path: Path, columns: list[str]) -> None:
@@ -294,19 +305,28 @@ def _table_rows(path: Path, fmt: str, cfg: CaptionSetConfig) -> Iterator[tuple[i
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.reader(f, delimiter=delimiter)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}: cannot be read as csv: the file is empty")
-            _check_columns(cfg, path, header)
-            for i, values in enumerate(reader):
-                if not values:
-                    continue
-                yield i + 2, {h: (v if v != "" else None) for h, v in zip(header, values, strict=False)}
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from e
-    except csv.Error as e:
-        raise DataError(f"{path}: cannot be read as csv: {e}") from e
+            # strict: a stray quote is an error (named by line), not a silently merged field.
+            reader = csv.reader(f, delimiter=delimiter, strict=True)
+            try:
+                header = next(reader, None)
+                if header is None:
+                    raise DataError(f"{path}: cannot be read as csv: the file is empty")
+                _check_columns(cfg, path, header)
+                for i, values in enumerate(reader):
+                    if not values:
+                        continue
+                    if len(values) != len(header):  # a row whose columns cannot be told apart
+                        raise DataError(
+                            f"{path}:{reader.line_num}: malformed CSV row "
+                            f"({len(values)} fields, the header has {len(header)})"
+                        )
+                    yield i + 2, {h: (v if v != "" else None) for h, v in zip(header, values, strict=True)}
+            except csv.Error as e:
+                raise DataError(f"{path}:{reader.line_num}: malformed CSV row ({e})") from e
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{reader.line_num + 1}: not UTF-8 ({e.reason})") from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read as csv: {type(e).__name__}: {e}") from e
 
 
 def _manifest_rows(cfg: CaptionSetConfig, fmt: str) -> Iterator[Row | BadRow]:
@@ -392,6 +412,30 @@ class _ShardRows:
                 ) from e
 
 
+def _unique_keys(rows: Iterable[Row | BadRow], where_of: Callable[[Row], str]) -> Iterator[Row | BadRow]:
+    """``rows`` with every repeat of an earlier good record's key turned into a bad row.
+
+    Two records of one key would be two "different" images to the contrastive loss and to the
+    store: the repeat is refused, or skipped (and reported) under ``skip_bad``. Done once, while
+    the index is built, so the check costs nothing at later loads. Only ``(shard, line)`` is kept
+    per key (an int), and ``where_of`` rebuilds the first record's place for the message.
+    """
+    first: dict[str, int] = {}
+    for position, row in enumerate(rows):
+        if isinstance(row, Row):
+            seen = first.get(row.key)
+            if seen is not None:
+                earlier = Row(row.key, None, seen >> 40, 0, 0, seen & ((1 << 40) - 1), [])
+                yield BadRow(
+                    position,
+                    where_of(row),
+                    f"{where_of(row)}: duplicate key {row.key!r} (first at {where_of(earlier)})",
+                )
+                continue
+            first[row.key] = (row.shard << 40) | row.line
+        yield row
+
+
 def index_caption_set(cfg: CaptionSetConfig, cache_dir: Path | None = None) -> RecordIndex:
     """The cached columnar index of a data set (built on the first call; see :mod:`.index`)."""
     if not cfg.path:
@@ -407,15 +451,26 @@ def index_caption_set(cfg: CaptionSetConfig, cache_dir: Path | None = None) -> R
     if fmt == "webdataset":
         shards = _expand_shards(cfg.path)
         reader = _ShardRows(cfg, shards)
+
+        def shard_where(row: Row) -> str:
+            return f"{shards[row.shard]}:{reader.keys[row.shard][row.line]}"
+
         return open_or_build(
-            shards, settings, "shards", lambda: reader, cache_dir=cache_dir, shard_keys=lambda: reader.keys
+            shards,
+            settings,
+            "shards",
+            lambda: _unique_keys(reader, shard_where),
+            cache_dir=cache_dir,
+            shard_keys=lambda: reader.keys,
         )
     path = Path(cfg.path)
     if not path.is_file():
         raise DataError(f"{path}: manifest does not exist")
-    return open_or_build(
-        [str(path)], settings, "manifest", lambda: _manifest_rows(cfg, fmt), cache_dir=cache_dir
-    )
+
+    def rows() -> Iterator[Row | BadRow]:
+        return _unique_keys(_manifest_rows(cfg, fmt), lambda row: f"{path}:{row.line}")
+
+    return open_or_build([str(path)], settings, "manifest", rows, cache_dir=cache_dir)
 
 
 class IndexedRecords(Sequence[ImageCaptions]):
@@ -537,7 +592,6 @@ def demo_dir_for(cfg: DataConfig, output_dir: str | Path) -> Path:
 
 def ensure_demo_data(cfg: DataConfig, output_dir: str | Path) -> Path:
     """Generate the demo world unless a complete one with the same settings is already there."""
-
     root = demo_dir_for(cfg, output_dir)
     spec = demo_spec(cfg.demo_seed, cfg.demo_train_images, cfg.demo_heldout_images, 64)
     info_file = root / "dataset.json"

@@ -35,6 +35,7 @@ import numpy as np
 
 from llm2clip_vlm.data.captions import open_image, record_index
 from llm2clip_vlm.data.errors import BadRecords, DataError
+from llm2clip_vlm.data.images import interrupted_check
 from llm2clip_vlm.data.index import cache_root
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
@@ -87,14 +88,27 @@ def check_images(
     status = np.zeros(n, dtype=np.uint8)
     reasons: dict[int, tuple[str, str]] = {}
     todo = [(start + k) % chunks for k in range(chunks)] if chunks else []
+    from llm2clip_vlm.training.checkpoint import GracefulExit  # torch: only when checking
+
     decoded = 0
-    with make_progress() as progress, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        task = progress.add_task(description, total=n, status="")
+    # SIGTERM/SIGINT stop the check at the next image with a message (and 128 + signal), rather
+    # than killing the process silently; the chunks written so far are kept for the next start.
+    with (
+        GracefulExit() as signals,
+        make_progress() as progress,
+        ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
+    ):
+        task = progress.add_task(description, total=n, status="", unit="image")
         for c in todo:
             lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
             done = _read_chunk(directory, c) if directory is not None else None
             if done is None:
-                done = _check_chunk(records, lo, hi, load, pool, select)
+                done = _check_chunk(
+                    records, lo, hi, load, pool, select, lambda: signals.requested is not None
+                )
+                if done is None:  # a stop was requested: this chunk stays unwritten
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise interrupted_check(signals.requested or 15, description)
                 decoded += hi - lo
                 if directory is not None:
                     _write_chunk(directory, c, *done)
@@ -126,7 +140,9 @@ def _check_chunk(
     load: Callable[[Any], Any],
     pool: ThreadPoolExecutor,
     select: Callable[[Any], bool] | None,
-) -> tuple[np.ndarray, dict[int, tuple[str, str]]]:
+    stop: Callable[[], bool] = lambda: False,
+) -> tuple[np.ndarray, dict[int, tuple[str, str]]] | None:
+    """The chunk's status and bad records; None when ``stop()`` turned true before it was done."""
     def probe(i: int) -> tuple[str, str] | None:
         r = records[i]
         if select is not None and not select(r):
@@ -140,6 +156,8 @@ def _check_chunk(
     status = np.ones(hi - lo, dtype=np.uint8)
     bad: dict[int, tuple[str, str]] = {}
     for i, result in zip(range(lo, hi), pool.map(probe, range(lo, hi)), strict=True):
+        if stop():
+            return None
         if result is not None:
             status[i - lo] = 2
             bad[i] = result

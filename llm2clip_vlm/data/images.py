@@ -153,12 +153,12 @@ def find_bad_images(
                     policy.add(getattr(r, "source", "") or getattr(r, "key", str(i)), error)
                 progress.advance(task)
         if signals.requested is not None:
-            raise _interrupted_check(signals.requested, description)
+            raise interrupted_check(signals.requested, description)
     policy.check(len(records))
     return good
 
 
-def _interrupted_check(signum: int, description: str) -> Exception:
+def interrupted_check(signum: int, description: str) -> Exception:
     import signal
 
     from llm2clip_vlm.training.checkpoint import TrainingInterrupted

@@ -48,7 +48,7 @@ from llm2clip_vlm.logging import get_logger
 
 log = get_logger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: repeated keys are bad rows; JSON lines read as bytes
 KIND_CODES = {"short": 0, "long": 1}
 KIND_NAMES = ("short", "long")
 _SAMPLE_BYTES = 4096  # x3 per file: ~15 MB read per start for 1200 shards, not 230 MB

@@ -4,12 +4,16 @@ Each rank reads its own shards (:mod:`llm2clip_vlm.data.stream`) and cuts local 
 ``stage2.batch_size / world`` from them; the caption is drawn exactly as in the map-style path
 (:meth:`Stage2TrainData.caption_row`, by ``(seed, epoch, record)``). Bad images are found while
 training: stopped at with a message naming the record, or with ``data.skip_bad`` skipped and
-counted (the run stops once more than ``data.max_bad_fraction`` of what it read was bad). The
+counted (the run stops once more than ``data.max_bad_fraction`` of what it read was bad). A
+skipped record also rides, as ``[record, reason]``, with the next sample of its worker to the
+trainer, which lists it in ``bad_records.json`` as for a map-style run
+(:class:`~llm2clip_vlm.bad_samples.MidRunBadImages`). The
 loader's :meth:`~llm2clip_vlm.data.stream.StreamLoader.state_dict` goes into the checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -30,18 +34,26 @@ MIN_RECORDS_FOR_BAD_SHARE = 200
 
 
 class _Sample:
-    """(epoch, record, image bytes) -> (pixel values, caption embedding); picklable for workers."""
+    """(epoch, record, image bytes) -> (pixel values, caption embedding, failures); picklable.
+
+    ``failures`` is a JSON list of the ``[record, reason]`` pairs skipped in this worker since its
+    previous sample ("" when none): the format :func:`~llm2clip_vlm.bad_samples.load_or_replace`
+    reports, so the trainer applies one policy and one report to both loaders.
+    """
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset  # a Stage2TrainData: caption choice, embeddings, processor
+        self.pending: list[list[str]] = []  # filled by _OnBad in the same worker
 
-    def __call__(self, epoch: int, rid: int, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, epoch: int, rid: int, data: bytes) -> tuple[torch.Tensor, torch.Tensor, str]:
         d = self.dataset
         image = load_rgb(data, self.where(rid))
         row = d.caption_row(epoch, rid)
         emb = torch.from_numpy(np.asarray(d.embeddings[[row]], dtype=np.float32)[0])
         pv = d.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-        return pv, emb
+        failures = json.dumps(self.pending) if self.pending else ""
+        self.pending = []
+        return pv, emb, failures
 
     def where(self, rid: int) -> str:
         index = record_index(self.dataset.records)
@@ -49,15 +61,17 @@ class _Sample:
 
 
 class _OnBad:
-    """A bad record in a worker: stop naming it, or (``skip_bad``) log it and go on."""
+    """A bad record in a worker: stop naming it, or (``skip_bad``) log it, hand it on, go on."""
 
-    def __init__(self, skip_bad: bool) -> None:
+    def __init__(self, skip_bad: bool, sample: _Sample) -> None:
         self.skip_bad = skip_bad
+        self.sample = sample  # pickled with it into the worker: one shared pending list
 
     def __call__(self, where: str, error: Exception) -> None:
         if not self.skip_bad:
             raise DataError(f"{where}: {error} (set data.skip_bad=true to skip bad records)") from error
         log.warning("skipped bad record %s: %s", where, error)
+        self.sample.pending.append([where, str(error)])
 
 
 class Stage2Stream:
@@ -98,9 +112,11 @@ class Stage2Stream:
         positions, bad, first = StreamLoader.positions_for(
             saved, world=world, workers=num_workers, seed=seed, buffer=shuffle_buffer, records=len(records)
         )
+        sample = _Sample(dataset)
         stream = ShardStream(
-            index, len(records), _Sample(dataset), rank=rank, world=world, workers=num_workers, seed=seed,
-            buffer=shuffle_buffer, positions=positions, bad=bad, first_worker=first, on_bad=_OnBad(skip_bad),
+            index, len(records), sample, rank=rank, world=world, workers=num_workers, seed=seed,
+            buffer=shuffle_buffer, positions=positions, bad=bad, first_worker=first,
+            on_bad=_OnBad(skip_bad, sample),
         )  # fmt: skip
         self.first_batches = int(saved.get("batches", 0)) if saved else 0
         self.loader = StreamLoader(stream, batch_size // world, num_workers, pin_memory=pin_memory)
@@ -111,8 +127,8 @@ class Stage2Stream:
             len(records), plan.num_shards, plan.units, world, max(1, num_workers), plan.buffer,
         )  # fmt: skip
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]]:
-        for pv, emb in self.loader:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        for pv, emb, failures in self.loader:
             seen = sum(self.loader.positions.values())
             bad = self.loader.skipped
             if seen >= MIN_RECORDS_FOR_BAD_SHARE and bad > self.max_bad_fraction * seen:
@@ -120,9 +136,7 @@ class Stage2Stream:
                     f"stage 2: {bad} of the {seen} records read so far are bad ({100 * bad / seen:.1f}% > "
                     f"max_bad_fraction {100 * self.max_bad_fraction:.1f}%)"
                 )
-            # No failures to report: the stream applied the bad-image policy itself (skipped
-            # records are counted in its state); the map-style path reports them per sample.
-            yield pv, emb, ()
+            yield pv, emb, failures
 
     def state_dict(self) -> dict[str, Any]:
         """The stream position of every rank (a collective: every rank calls it at each save)."""
