@@ -143,6 +143,7 @@ def _check_chunk(
     stop: Callable[[], bool] = lambda: False,
 ) -> tuple[np.ndarray, dict[int, tuple[str, str]]] | None:
     """The chunk's status and bad records; None when ``stop()`` turned true before it was done."""
+
     def probe(i: int) -> tuple[str, str] | None:
         r = records[i]
         if select is not None and not select(r):
