@@ -26,9 +26,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from llm2clip_vlm.data import images
 from llm2clip_vlm.data.config import CaptionSetConfig, DataConfig
 from llm2clip_vlm.data.errors import BadRecords, DataError, write_report
-from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.data.records import Caption, ImageCaptions
 from llm2clip_vlm.data.synthetic import demo_spec, write_demo_dataset
 from llm2clip_vlm.logging import get_logger
@@ -80,7 +80,8 @@ def safe_image_path(root: Path, relative: str, where: str) -> Path:
 
 def open_image(record: ImageCaptions):  # -> PIL.Image.Image
     """Open a record's image as RGB (file path or encoded bytes); see :func:`images.load_rgb`."""
-    return load_rgb(record.image, record.source or record.key)
+    # Looked up at call time, so one patch of images.load_rgb (a test's slow loader) covers it.
+    return images.load_rgb(record.image, record.source or record.key)
 
 
 # ----------------------------------------------------------------------------------------------
