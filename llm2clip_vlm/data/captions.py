@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from llm2clip_vlm.data import images
 from llm2clip_vlm.data.config import CaptionSetConfig, DataConfig
 from llm2clip_vlm.data.errors import BadRecords, DataError, write_report
-from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.data.index import BadRow, RecordIndex, Row, open_or_build, scan_tar
 from llm2clip_vlm.data.records import Caption, ImageCaptions, KeptCaptions
 from llm2clip_vlm.data.synthetic import demo_spec, write_demo_dataset
@@ -127,7 +127,8 @@ class ImagePaths:
 
 def open_image(record: ImageCaptions):  # -> PIL.Image.Image
     """Open a record's image as RGB (file path or encoded bytes); see :func:`images.load_rgb`."""
-    return load_rgb(record.image, record.source or record.key)
+    # Looked up at call time, so one patch of images.load_rgb (a test's slow loader) covers it.
+    return images.load_rgb(record.image, record.source or record.key)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,7 +51,9 @@ def resolve_encoder_dir(encoder: str | Path | None, stage1_output: str | Path | 
     if not (path / ENCODER_FILE).is_file() and (path / "encoder" / ENCODER_FILE).is_file():
         path = path / "encoder"  # a stage-1 run directory was given
     if not (path / ENCODER_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a stage-1 encoder directory (no {ENCODER_FILE})")
+        raise FileNotFoundError(
+            f"{path} is not a stage-1 encoder directory: not a CaptionEncoder directory (no {ENCODER_FILE})"
+        )
     return path
 
 
