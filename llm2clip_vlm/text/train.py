@@ -133,7 +133,7 @@ def train_stage1(
     if s.lora.quantization == "none":
         model.to(accelerator.device)
 
-    cra_before = _cra(decoder_of(model), tokenizer, s, pairs, accelerator) if main else None
+    cra_before = _cra_before(decoder_of(model), tokenizer, s, pairs, accelerator, out) if main else None
     accelerator.wait_for_everyone()
 
     if s.mntp.enabled:
@@ -243,7 +243,7 @@ def _wrap_lora(decoder: nn.Module, s: Stage1Config) -> nn.Module:
         r=s.lora.r,
         lora_alpha=s.lora.alpha,
         lora_dropout=s.lora.dropout,
-        target_modules=list(s.lora.target_modules),
+        target_modules=_lora_targets(decoder, s.lora.target_modules, s.lora.top_layers),
     )
     model = get_peft_model(decoder, lora)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -256,6 +256,56 @@ def _wrap_lora(decoder: nn.Module, s: Stage1Config) -> nn.Module:
         n_all,
     )
     return model
+
+
+def _lora_targets(decoder: nn.Module, targets: Sequence[str], top_layers: int) -> list[str]:
+    """The LoRA target modules: ``targets`` by name, or (``top_layers`` > 0) the full names of
+    those modules in the last ``top_layers`` decoder layers (peft matches names by suffix, and its
+    ``layers_to_transform`` does not find the layers of a bare decoder)."""
+    if top_layers <= 0:
+        return list(targets)
+    n = int(decoder.config.num_hidden_layers)
+    if top_layers > n:
+        raise ValueError(f"stage1.lora.top_layers={top_layers} but the model has {n} layers")
+    keep = {str(i) for i in range(n - top_layers, n)}
+    names = []
+    for name, _ in decoder.named_modules():
+        parts = name.split(".")
+        # ...layers.<i>.<block>.<target>, e.g. layers.29.self_attn.q_proj
+        if parts[-1] in targets and "layers" in parts:
+            index = parts[parts.index("layers") + 1]
+            if index in keep:
+                names.append(name)
+    if not names:
+        raise ValueError(f"stage1.lora.top_layers={top_layers}: no {list(targets)} found in the last layers")
+    return names
+
+
+CRA_BEFORE = "cra_before.json"
+
+
+def _cra_before(
+    decoder: nn.Module, tokenizer: Any, s: Stage1Config, pairs: list[tuple[str, str]], accelerator: Any, out: Path
+) -> float:
+    """CRA of the untrained model, computed once per run directory: a resumed run reads it back
+    (it only depends on the base model, the caption pairs and the encoding settings)."""
+    import hashlib
+
+    key = hashlib.sha256(
+        json.dumps([s.model, s.max_length, s.pad_to_multiple_of, s.precision, pairs]).encode()
+    ).hexdigest()
+    cached = out / CRA_BEFORE
+    if cached.is_file():
+        try:
+            saved = json.loads(cached.read_text())
+        except json.JSONDecodeError:
+            saved = {}
+        if saved.get("key") == key:
+            log.info("CRA before training: %.1f (computed by an earlier run, %s)", saved["cra"], cached)
+            return float(saved["cra"])
+    cra = _cra(decoder, tokenizer, s, pairs, accelerator)
+    cached.write_text(json.dumps({"key": key, "cra": cra}) + "\n")
+    return cra
 
 
 def _cra(
