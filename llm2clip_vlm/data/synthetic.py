@@ -273,13 +273,13 @@ def _scenes(rng: random.Random, n: int, family_share: float, attributes: tuple[s
     return scenes[:n]
 
 
-def _png_bytes(img: Image.Image) -> bytes:
+def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False)
     return buf.getvalue()
 
 
-def _add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = 0  # deterministic archives
@@ -349,7 +349,7 @@ def write_demo_dataset(
                     "short_captions": short_captions(scene, srng, n_short) if split != "heldout_long" else [],
                     "long_captions": long_captions(scene, srng, n_long) if split != "heldout_short" else [],
                 }
-                png = _png_bytes(draw_scene(scene, image_size))
+                png = png_bytes(draw_scene(scene, image_size))
                 (img_dir / f"{key}.png").write_bytes(png)
                 lines.append(json.dumps(record))
                 if split == "train":
@@ -362,9 +362,9 @@ def write_demo_dataset(
                             format=tarfile.USTAR_FORMAT,  # plain headers: byte-stable, no pax records
                         )
                     meta = {k: record[k] for k in ("key", "short_captions", "long_captions")}
-                    _add_tar_member(tar, f"{key}.png", png)
-                    _add_tar_member(tar, f"{key}.json", json.dumps(meta).encode())
-                    _add_tar_member(tar, f"{key}.txt", record["short_captions"][0].encode())
+                    add_tar_member(tar, f"{key}.png", png)
+                    add_tar_member(tar, f"{key}.json", json.dumps(meta).encode())
+                    add_tar_member(tar, f"{key}.txt", record["short_captions"][0].encode())
                 progress.advance(task)
             if tar is not None:
                 tar.close()

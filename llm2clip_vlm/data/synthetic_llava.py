@@ -27,7 +27,7 @@ from llm2clip_vlm.data.synthetic import (
     POSITIONS,
     SHAPES,
     Scene,
-    _png_bytes,
+    png_bytes,
     draw_scene,
     random_scene,
     short_captions,
@@ -155,7 +155,7 @@ def write_llava_demo(
             scene = random_scene(rng)
             key = f"{split}-{i:06d}"
             image = f"images/{split}/{key}.png"
-            (out / image).write_bytes(_png_bytes(draw_scene(scene, image_size)))
+            (out / image).write_bytes(png_bytes(draw_scene(scene, image_size)))
             if split == "pretrain":
                 instruction = rng.choice(PRETRAIN_INSTRUCTIONS)
                 # LCS-558K puts the image before or after the instruction; both occur.
