@@ -21,9 +21,13 @@ import torch
 from llm2clip_vlm.config import RunConfig
 from llm2clip_vlm.data.records import ImageCaptions
 
-# Share of the measured matmul rate each kind of work reaches (fitted on the demo, fp32 CPU).
-LLM_EFFICIENCY = 0.55  # SmolLM2-135M, batches of 8-64 captions of 16-80 tokens
-VIT_EFFICIENCY = 0.25  # a 6-layer 192-d ViT: small matmuls, image decoding, optimizer
+# Share of the measured matmul rate each kind of work reaches, fitted on this project's 2-core
+# AMD EPYC (fp32, one thread, CPU time; docs/BENCHMARKS.md): a 384x384 matmul ran at 62 GFLOP/s,
+# a SmolLM2-135M forward over 64 x 16 tokens at 4.3 ms/token (0.79 of it), a stage-2 step of 64
+# images through the 96 px / patch-32 demo ViT (forward, backward, preprocessing) in 0.43 s
+# (~0.45 of it).
+LLM_EFFICIENCY = 0.8
+VIT_EFFICIENCY = 0.45
 BACKWARD_FACTOR = 2.0  # a backward pass costs about twice the forward
 
 

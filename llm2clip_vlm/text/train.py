@@ -249,9 +249,10 @@ def _wrap_lora(decoder: nn.Module, s: Stage1Config) -> nn.Module:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log.info(
-        "LoRA r=%d on %s: %d trainable of %d parameters (base frozen)",
+        "LoRA r=%d on %s%s: %d trainable of %d parameters (base frozen)",
         s.lora.r,
         s.lora.target_modules,
+        f" of the last {s.lora.top_layers} layers" if s.lora.top_layers > 0 else "",
         n_train,
         n_all,
     )
