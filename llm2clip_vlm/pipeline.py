@@ -173,6 +173,8 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
     if not cfg.data.train.path:
         ensure_demo_data(cfg.data, output_dir)
 
+    _log_estimate(cfg, output_dir)
+
     dirs = {
         "stage1": output_dir / "stage1",
         "embed": output_dir / "store",
@@ -232,6 +234,19 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _log_estimate(cfg: RunConfig, output_dir: Path) -> None:
+    """Log how long the whole build should take here (see :mod:`llm2clip_vlm.estimate`)."""
+    import torch
+
+    from llm2clip_vlm.data import resolve_data
+    from llm2clip_vlm.estimate import estimate_build, format_estimate
+
+    train, heldout = resolve_data(cfg.data, output_dir / "stage1")
+    est = estimate_build(cfg, list(train), {k: list(v) for k, v in heldout.items()})
+    if est is not None:
+        log.info(format_estimate(est, torch.get_num_threads()))
 
 
 def print_metrics(metrics: dict[str, Any], output_dir: Path) -> None:

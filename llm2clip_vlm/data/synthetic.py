@@ -281,7 +281,7 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = 0  # deterministic archives
@@ -363,9 +363,9 @@ def write_demo_dataset(
                             format=tarfile.USTAR_FORMAT,  # plain headers: byte-stable, no pax records
                         )
                     meta = {k: record[k] for k in ("key", "short_captions", "long_captions")}
-                    _add_tar_member(tar, f"{key}.png", png)
-                    _add_tar_member(tar, f"{key}.json", json.dumps(meta).encode())
-                    _add_tar_member(tar, f"{key}.txt", record["short_captions"][0].encode())
+                    add_tar_member(tar, f"{key}.png", png)
+                    add_tar_member(tar, f"{key}.json", json.dumps(meta).encode())
+                    add_tar_member(tar, f"{key}.txt", record["short_captions"][0].encode())
                 progress.advance(task)
             if tar is not None:
                 tar.close()

@@ -16,6 +16,10 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    # LoRA only on the last N decoder layers (0 = every layer). The layers below stay frozen and
+    # get no adapter, so the backward pass stops at the first adapted layer: a step costs one
+    # forward plus a backward through N layers only.
+    top_layers: int = 0
     # "4bit" = QLoRA (bitsandbytes NF4 base), "8bit" = LLM.int8 base, "none" = full-precision base.
     quantization: Literal["none", "4bit", "8bit"] = "none"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,19 +30,42 @@ def wrap_lora(decoder: nn.Module, s: Stage1Config) -> nn.Module:
         r=s.lora.r,
         lora_alpha=s.lora.alpha,
         lora_dropout=s.lora.dropout,
-        target_modules=list(s.lora.target_modules),
+        target_modules=lora_targets(decoder, s.lora.target_modules, s.lora.top_layers),
     )
     model = get_peft_model(decoder, lora)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log.info(
-        "LoRA r=%d on %s: %d trainable of %d parameters (base frozen)",
+        "LoRA r=%d on %s%s: %d trainable of %d parameters (base frozen)",
         s.lora.r,
         s.lora.target_modules,
+        f" of the last {s.lora.top_layers} layers" if s.lora.top_layers > 0 else "",
         n_train,
         n_all,
     )
     return model
+
+
+def lora_targets(decoder: nn.Module, targets: Sequence[str], top_layers: int) -> list[str]:
+    """The LoRA target modules: ``targets`` by name, or (``top_layers`` > 0) the full names of
+    those modules in the last ``top_layers`` decoder layers, so the backward pass stops below them
+    (peft matches names by suffix, and its ``layers_to_transform`` does not find the layers of a
+    bare decoder)."""
+    if top_layers <= 0:
+        return list(targets)
+    n = int(decoder.config.num_hidden_layers)
+    if top_layers > n:
+        raise ValueError(f"stage1.lora.top_layers={top_layers} but the model has {n} layers")
+    keep = {str(i) for i in range(n - top_layers, n)}
+    names = []
+    for name, _ in decoder.named_modules():
+        parts = name.split(".")
+        # ...layers.<i>.<block>.<target>, e.g. layers.29.self_attn.q_proj
+        if parts[-1] in targets and "layers" in parts and parts[parts.index("layers") + 1] in keep:
+            names.append(name)
+    if not names:
+        raise ValueError(f"stage1.lora.top_layers={top_layers}: no {list(targets)} found in the last layers")
+    return names
 
 
 def adapter_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:

@@ -119,7 +119,7 @@ def train_stage1(
         if on_ready is not None:
             on_ready()
 
-    cra_before = _cra(decoder_of(model), tokenizer, s, pairs) if main else None
+    cra_before = _cra_before(decoder_of(model), tokenizer, s, pairs, out) if main else None
     accelerator.wait_for_everyone()
 
     if s.mntp.enabled:
@@ -235,6 +235,31 @@ def total_steps(s: Stage1Config, batches: SimCSEBatches) -> int:
         return 0  # no training: the encoder is the base LLM (bidirectional, mean pooled)
     steps = max(1, math.ceil(s.loop.epochs * batches.steps_per_epoch(s.batch_size)))
     return min(steps, s.loop.max_steps) if s.loop.max_steps > 0 else steps
+
+
+CRA_BEFORE = "cra_before.json"
+
+
+def _cra_before(decoder: nn.Module, tokenizer: Any, s: Stage1Config, pairs: list[tuple[str, str]], out: Path) -> float:
+    """CRA of the untrained model, computed once per run directory: a resumed run reads it back
+    (it depends only on the base model, the caption pairs and the encoding settings)."""
+    import hashlib
+
+    key = hashlib.sha256(
+        json.dumps([s.model, s.max_length, s.pad_to_multiple_of, s.loop.precision, s.caption_template, pairs]).encode()
+    ).hexdigest()
+    cached = out / CRA_BEFORE
+    if cached.is_file():
+        try:
+            saved = json.loads(cached.read_text())
+        except json.JSONDecodeError:
+            saved = {}
+        if saved.get("key") == key:
+            log.info("CRA before training: %.1f (computed by an earlier run, %s)", saved["cra"], cached)
+            return float(saved["cra"])
+    cra = _cra(decoder, tokenizer, s, pairs)
+    cached.write_text(json.dumps({"key": key, "cra": cra}) + "\n")
+    return cra
 
 
 def _cra(decoder: nn.Module, tokenizer: Any, s: Stage1Config, pairs: list[tuple[str, str]]) -> float:

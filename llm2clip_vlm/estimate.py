@@ -1,0 +1,145 @@
+"""How long a ``build-tower`` run will take on this machine, printed before it starts.
+
+A FLOP count of each stage's planned work (from the config and a sample of the captions) divided
+by the fp32 matmul rate this process measures on the spot (``calibrate``, ~0.2 s, with the torch
+threads the run will use, so a busy machine gives a longer estimate), times one efficiency factor
+per kind of work: a caption encoder on short sequences and a small ViT reach only part of the
+matmul rate. The factors are fitted to measured demo runs (docs/BENCHMARKS.md), so the estimate is
+a guide (within ~30% on the demo), not a promise.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from llm2clip_vlm.data.records import ImageCaptions
+
+if TYPE_CHECKING:  # the recipe schema stays above this module (type hints only)
+    from llm2clip_vlm.recipe import RunConfig
+
+# Share of the measured matmul rate each kind of work reaches, fitted on this project's 2-core
+# AMD EPYC (fp32, one thread, CPU time; docs/BENCHMARKS.md): a 384x384 matmul ran at 62 GFLOP/s,
+# a SmolLM2-135M forward over 64 x 16 tokens at 4.3 ms/token (0.79 of it), a stage-2 step of 64
+# images through the 96 px / patch-32 demo ViT (forward, backward, preprocessing) in 0.43 s
+# (~0.45 of it).
+LLM_EFFICIENCY = 0.8
+VIT_EFFICIENCY = 0.45
+BACKWARD_FACTOR = 2.0  # a backward pass costs about twice the forward
+
+
+@dataclass
+class LLMShape:
+    non_embedding_params: float
+    layers: int
+
+
+def calibrate(seconds: float = 0.2, size: int = 384) -> float:
+    """fp32 matmul FLOP/s of this process now (current torch threads and machine load)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return n * 2.0 * size**3 / (time.perf_counter() - start)
+
+
+def llm_shape(model: str) -> LLMShape | None:
+    """Size of the stage-1 LLM from its config (None when it cannot be read offline)."""
+    try:
+        from transformers import AutoConfig
+
+        from llm2clip_vlm.text.modeling import resolve_model_ref
+
+        ref = resolve_model_ref(model)
+        kw = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
+        c = AutoConfig.from_pretrained(ref.path, **kw)
+    except Exception:  # an estimate is optional: a model that cannot be read gets none
+        return None
+    d, layers = int(c.hidden_size), int(c.num_hidden_layers)
+    ffn = int(getattr(c, "intermediate_size", 4 * d))
+    heads = int(c.num_attention_heads)
+    kv = int(getattr(c, "num_key_value_heads", heads) or heads)
+    attn = 2 * d * d + 2 * d * (d * kv // heads)
+    return LLMShape(layers * (attn + 3 * d * ffn), layers)
+
+
+def _mean_tokens(tokenizer: Any, texts: Sequence[str], max_length: int, multiple: int) -> float:
+    """Mean padded length of ``texts`` (a sample), capped at ``max_length``."""
+    if not texts:
+        return 0.0
+    lengths = [min(max_length, len(ids)) for ids in tokenizer(list(texts))["input_ids"]]
+    return sum(math.ceil(n / multiple) * multiple for n in lengths) / len(lengths)
+
+
+def estimate_build(
+    cfg: RunConfig,
+    train: Sequence[ImageCaptions],
+    heldout: dict[str, Sequence[ImageCaptions]],
+    rate: float | None = None,
+) -> dict[str, float] | None:
+    """Seconds per stage (``stage1``, ``embed``, ``stage2``, ``total``); None if the LLM is unknown."""
+    from llm2clip_vlm.text.modeling import load_tokenizer, resolve_model_ref
+
+    shape = llm_shape(cfg.stage1.model)
+    if shape is None or not train:
+        return None
+    rate = rate or calibrate()
+    s1, s2, emb = cfg.stage1, cfg.stage2, cfg.embed
+    tok = load_tokenizer(resolve_model_ref(s1.model))
+    sample = list(train[:256])
+    short = [c.text for r in sample for c in r.captions if c.kind == "short"]
+    long = [c.text for r in sample for c in r.captions if c.kind == "long"]
+    t_short = _mean_tokens(tok, short, s1.max_length, s1.pad_to_multiple_of)
+    t_long = _mean_tokens(tok, long, s1.max_length, s1.pad_to_multiple_of) or t_short
+    per_token = 2.0 * shape.non_embedding_params / (rate * LLM_EFFICIENCY)
+
+    # Stage 1: each step embeds query + positive (+ negative), forward through every layer and
+    # backward through the layers that carry LoRA; CRA before and after on short captions.
+    steps = s1.loop.max_steps or math.ceil(s1.loop.epochs * len(train) / s1.batch_size)
+    lora_share = min(1.0, s1.lora.top_layers / shape.layers) if s1.lora.top_layers else 1.0
+    seqs = s1.batch_size * (3 if s1.hard_negatives else 2)
+    step_tokens = seqs * (t_short + t_long) / 2
+    stage1 = steps * step_tokens * per_token * (1 + BACKWARD_FACTOR * lora_share)
+    stage1 += 2 * min(s1.cra_captions or 10**9, 2 * len(heldout.get("short", []))) * t_short * per_token
+
+    # Embed: every kept training caption and every held-out caption, once (max_length of embed).
+    keep = emb.train_captions_per_kind or 10**9
+    n_short = sum(min(keep, len(r.of_kind("short"))) for r in train)  # type: ignore[arg-type]
+    n_long = sum(min(keep, len(r.of_kind("long"))) for r in train)  # type: ignore[arg-type]
+    embed_tokens = n_short * t_short + n_long * t_long
+    for records in heldout.values():
+        for r in records[:2000]:
+            embed_tokens += len(r.of_kind("short")) * t_short + len(r.of_kind("long")) * t_long  # type: ignore[arg-type]
+    embed = embed_tokens * per_token
+
+    # Stage 2: a random ViT of the configured size (a pretrained one: not estimated here).
+    b = s2.backbone
+    tokens = (b.image_size // b.patch_size) ** 2 + 1
+    vit_params = b.num_layers * 12 * b.hidden_size**2 + 3 * b.patch_size**2 * b.hidden_size
+    steps2 = s2.loop.max_steps or math.ceil(s2.loop.epochs * len(train) / s2.batch_size)
+    per_image = 2.0 * vit_params * tokens * (1 + BACKWARD_FACTOR)
+    stage2 = steps2 * s2.batch_size * per_image / (rate * VIT_EFFICIENCY)
+    stage2 *= 1.0 if not b.name_or_path else float("nan")
+    n_held = sum(len(v) for v in heldout.values())
+    stage2 += 2 * n_held * 2.0 * vit_params * tokens / (rate * VIT_EFFICIENCY)  # before and after
+    out = {"stage1": stage1, "embed": embed, "stage2": stage2}
+    out["total"] = sum(out.values())
+    return out
+
+
+def format_estimate(est: dict[str, float], threads: int) -> str:
+    def mmss(x: float) -> str:
+        return "?" if math.isnan(x) else f"{int(x // 60)}:{int(x % 60):02d}"
+
+    return (
+        f"expected duration on this machine now ({threads} torch threads): ~{mmss(est['total'])} "
+        f"(stage 1 {mmss(est['stage1'])}, embed {mmss(est['embed'])}, stage 2 {mmss(est['stage2'])}); "
+        "more if other jobs start sharing the CPU"
+    )
