@@ -59,5 +59,7 @@ def test_accelerate_configs_parse() -> None:
 def test_demo_recipe_stage2_fits_the_demo_world() -> None:
     cfg = config_io.load(RunConfig, demo_recipe_path())
     s = cfg.stage2
-    assert s.backbone.name_or_path == "" and s.backbone.image_size == 64 and s.backbone.patch_size == 8
+    # A random ViT with one 32 px patch per cell of the worlds' 3x3 layouts (96 px images).
+    assert s.backbone.name_or_path == "" and s.backbone.image_size == 96 and s.backbone.patch_size == 32
+    assert s.backbone.image_size % s.backbone.patch_size == 0
     assert s.batch_size <= cfg.data.demo_train_images

@@ -51,11 +51,13 @@ def lora_targets(decoder: nn.Module, targets: Sequence[str], top_layers: int) ->
     those modules in the last ``top_layers`` decoder layers, so the backward pass stops below them
     (peft matches names by suffix, and its ``layers_to_transform`` does not find the layers of a
     bare decoder)."""
-    if top_layers <= 0:
-        return list(targets)
     n = int(decoder.config.num_hidden_layers)
-    if top_layers > n:
-        raise ValueError(f"stage1.lora.top_layers={top_layers} but the model has {n} layers")
+    if top_layers >= n:
+        # A recipe written for a deep LLM (the demo's 8 of 30) used on a shallower one (a test
+        # model, another --set stage1.model): every layer is among "the last N".
+        log.info("stage1.lora.top_layers=%d >= the model's %d layers: LoRA on every layer", top_layers, n)
+    if top_layers <= 0 or top_layers >= n:
+        return list(targets)
     keep = {str(i) for i in range(n - top_layers, n)}
     names = []
     for name, _ in decoder.named_modules():
