@@ -30,6 +30,22 @@ from llm2clip_vlm.text.modeling import ModelRef, load_bidirectional, load_tokeni
 from llm2clip_vlm.text.pooling import mean_pool, tokenize
 
 ENCODER_FILE = "llm2clip_encoder.json"
+
+
+def read_encoder_meta(path: Path) -> dict[str, Any]:
+    """The parsed ``llm2clip_encoder.json`` of a CaptionEncoder directory.
+
+    Raises:
+        FileNotFoundError: ``path`` holds no CaptionEncoder.
+        ValueError: the file is not valid JSON.
+    """
+    meta_file = Path(path) / ENCODER_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a CaptionEncoder directory (no {ENCODER_FILE})")
+    try:
+        return json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_file}: not valid JSON ({e})") from e
 FORMAT_VERSION = 1
 
 log = get_logger(__name__)
@@ -231,12 +247,7 @@ class CaptionEncoder(nn.Module):
         """
         path = Path(path)
         meta_file = path / ENCODER_FILE
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{path} is not a CaptionEncoder directory (no {ENCODER_FILE})")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_file}: not valid JSON ({e})") from e
+        meta = read_encoder_meta(path)
         for key in ("pooling", "instructions", "max_length", "identity"):
             if key not in meta:
                 raise ValueError(f"{meta_file}: missing key {key!r}")
@@ -293,13 +304,7 @@ def encoder_identity(path: str | Path) -> str:
     """
 
     path = Path(path)
-    meta_file = path / ENCODER_FILE
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{path} is not a CaptionEncoder directory (no {ENCODER_FILE})")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_file}: not valid JSON ({e})") from e
+    meta = read_encoder_meta(path)
     recorded: dict[str, dict[str, Any]] = meta.get("weight_files") or {}
     if not recorded:
         # Saved before weight records existed: its stores carry this identity; trust it, once more.
