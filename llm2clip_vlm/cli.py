@@ -630,6 +630,9 @@ def main() -> None:
     # Our own rich bars show progress; transformers' per-file tqdm bars would only add noise.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # Other libraries' tqdm bars (transformers' GGUF de-quantisation: 272 carriage-return updates
+    # in a log file) too; tqdm reads TQDM_* once, when it is first imported, which is after this.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         from transformers.utils import logging as hf_logging
 

@@ -123,7 +123,7 @@ def run_stage2(
     # A streamed training set is checked while it is read (no up-front pass over millions of images).
     train_usable = None if cfg.data.stream else usable("train", train_records)
     heldout = heldout_sets(
-        heldout_records, store_dir, encoder, identity, out / "heldout", cfg.embed.batch_size, usable
+        heldout_records, store_dir, encoder, identity, out / "heldout", cfg.embed, usable
     )
     return train_stage2(
         cfg.stage2, out, train_records, store, heldout, usable=train_usable, load_image=open_image,

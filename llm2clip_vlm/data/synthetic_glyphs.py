@@ -150,7 +150,8 @@ def long_glyph_captions(scene: GlyphScene, rng: random.Random, n: int) -> list[s
             out.append(f"A grid of three by three cells on {ground} holds {counts}. {body}")
         else:
             body = "; ".join(f"a {g.ink} {g.char} sits at the {POSITIONS[g.cell]}" for g in glyphs)
-            out.append(f"On {ground} there are {counts}: {body}.")
+            verb = "is" if len(glyphs) == 1 else "are"
+            out.append(f"On {ground} there {verb} {counts}: {body}.")
     return out
 
 
