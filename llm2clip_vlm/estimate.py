@@ -1,11 +1,12 @@
 """How long a ``build-tower`` run will take on this machine, printed before it starts.
 
 A FLOP count of each stage's planned work (from the config and a sample of the captions) divided
-by the fp32 matmul rate this process measures on the spot (``calibrate``, ~0.2 s, with the torch
-threads the run will use, so a busy machine gives a longer estimate), times one efficiency factor
-per kind of work: a caption encoder on short sequences and a small ViT reach only part of the
-matmul rate. The factors are fitted to measured demo runs (docs/BENCHMARKS.md), so the estimate is
-a guide (within ~30% on the demo), not a promise.
+by the fp32 matmul rate this process measures on the spot (``calibrate``, ~0.2 s on one thread, so
+a busy machine gives a longer estimate, scaled to the run's torch threads by the speed-up small
+models measured here), times one efficiency factor per kind of work: a caption encoder on short
+sequences and a small ViT with its loader and evaluation reach only part of the matmul rate. The
+factors are fitted to measured demo runs (docs/BENCHMARKS.md), so the estimate is a guide (within
+~20% on the demo on an idle machine), not a promise.
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ from llm2clip_vlm.data.records import ImageCaptions
 if TYPE_CHECKING:  # the recipe schema stays above this module (type hints only)
     from llm2clip_vlm.recipe import RunConfig
 
-# Share of the measured matmul rate each kind of work reaches, fitted on this project's 2-core
-# AMD EPYC (fp32, one thread, CPU time; docs/BENCHMARKS.md): a 384x384 matmul ran at 62 GFLOP/s,
-# a SmolLM2-135M forward over 64 x 16 tokens at 4.3 ms/token (0.79 of it), a stage-2 step of 64
-# images through the 96 px / patch-32 demo ViT (forward, backward, preprocessing) in 0.43 s
-# (~0.45 of it).
-LLM_EFFICIENCY = 0.8
-VIT_EFFICIENCY = 0.45
+# Share of the measured one-thread matmul rate each kind of work reaches, fitted on this
+# project's 2-core AMD EPYC (fp32; docs/BENCHMARKS.md): a 384x384 matmul ran at 62 GFLOP/s on one
+# thread, a SmolLM2-135M forward over 64 x 16 tokens at 4.3 ms/token (0.79 of it). Whole-stage
+# wall times of the idle 2-thread demo build (2026-12-02) put stage 1 and embed (model loading,
+# CRA, padding included) at 0.7, and stage 2 (loader start, image decoding, evaluation before and
+# after, checkpoints) at 0.15.
+LLM_EFFICIENCY = 0.7
+VIT_EFFICIENCY = 0.15
 BACKWARD_FACTOR = 2.0  # a backward pass costs about twice the forward
+# Speed-up of n torch threads over one on these small models: n ** 0.6 (2 threads: 1.5x; measured
+# 1.4-1.7x for SmolLM2-135M steps and passes, where a large matmul gets ~2x).
+THREAD_EXPONENT = 0.6
 
 
 @dataclass
@@ -40,14 +45,21 @@ class LLMShape:
 
 
 def calibrate(seconds: float = 0.2, size: int = 384) -> float:
-    """fp32 matmul FLOP/s of this process now (current torch threads and machine load)."""
+    """Effective fp32 FLOP/s of this process now: the one-thread matmul rate under the current
+    machine load, times the speed-up of the current torch threads (``THREAD_EXPONENT``)."""
+    threads = torch.get_num_threads()
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        n += 1
-    return n * 2.0 * size**3 / (time.perf_counter() - start)
+    torch.set_num_threads(1)
+    try:
+        a @ b  # warm-up
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            n += 1
+        rate = n * 2.0 * size**3 / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return rate * threads**THREAD_EXPONENT
 
 
 def llm_shape(model: str) -> LLMShape | None:
