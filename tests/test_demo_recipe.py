@@ -42,9 +42,10 @@ def test_runtime_threads_are_applied_by_every_command() -> None:
 def test_demo_recipe_schedules_fit_the_demo_world() -> None:
     cfg = config_io.load(RunConfig, demo_recipe_path())
     s2 = cfg.stage2
-    # The cosine schedule must have room to warm up and then decay over many steps.
+    # The cosine schedule must have room to warm up (a from-scratch ViT collapsed with too short a
+    # warm-up, docs/BENCHMARKS.md) and then decay over most of the steps.
     total = total_steps(s2, cfg.data.demo_train_images)
-    assert total >= 100 and s2.loop.warmup_steps < total // 5
+    assert total >= 100 and 40 <= s2.loop.warmup_steps <= total // 4
     assert s2.loop.max_seconds > 0 and cfg.stage1.loop.max_seconds > 0
     # Every held-out set has at least 500 images (the acceptance floor of a retrieval set).
     assert cfg.data.demo_heldout_images >= 500

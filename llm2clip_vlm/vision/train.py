@@ -38,6 +38,7 @@ from llm2clip_vlm.training.loop import OnStep, Run, Stage, StepOutput
 from llm2clip_vlm.training.losses import ClipLoss, SigLipLoss
 from llm2clip_vlm.training.optim import adamw, grouped, make_scheduler
 from llm2clip_vlm.vision.backbones import create_backbone
+from llm2clip_vlm.vision.collapse import CollapseWatch
 from llm2clip_vlm.vision.config import Stage2Config
 from llm2clip_vlm.vision.data import (
     CaptionEmbeddings,
@@ -207,6 +208,7 @@ def train_stage2(
         pin_memory=accelerator.device.type == "cuda",  # the host-to-device copies overlap compute
     )  # fmt: skip
     last_scale: list[float] = []
+    collapse = CollapseWatch()
 
     def step(batch: tuple[torch.Tensor, torch.Tensor, Any]) -> StepOutput:
         # Images unreadable mid-run: stop naming the file unless data.skip_bad; every rank decides alike.
@@ -223,6 +225,7 @@ def train_stage2(
         else:
             loss = loss_fn(feats["image_features"], feats["text_features"], scale)
         accelerator.backward(loss)
+        collapse.update(state.step + 1, feats["image_features"], feats["text_features"])
         # From the forward, not the parameter: under FSDP a rank's own shard of it may be empty.
         last_scale[:] = [round(feats["logit_scale"].item(), 4)]
         return StepOutput(
