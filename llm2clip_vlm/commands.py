@@ -122,9 +122,7 @@ def run_stage2(
     # The store keeps every record's rows; images that fail to decode are left out of sampling.
     # A streamed training set is checked while it is read (no up-front pass over millions of images).
     train_usable = None if cfg.data.stream else usable("train", train_records)
-    heldout = heldout_sets(
-        heldout_records, store_dir, encoder, identity, out / "heldout", cfg.embed, usable
-    )
+    heldout = heldout_sets(heldout_records, store_dir, encoder, identity, out / "heldout", cfg.embed, usable)
     return train_stage2(
         cfg.stage2, out, train_records, store, heldout, usable=train_usable, load_image=open_image,
         reliability=cfg.reliability, encoder_path=str(encoder.resolve()) if encoder else "",

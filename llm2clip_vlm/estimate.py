@@ -26,13 +26,15 @@ if TYPE_CHECKING:  # the recipe schema stays above this module (type hints only)
 
 # Share of the measured one-thread matmul rate each kind of work reaches, fitted on this
 # project's 2-core AMD EPYC (fp32; docs/BENCHMARKS.md): a 384x384 matmul ran at 62 GFLOP/s on one
-# thread, a SmolLM2-135M forward over 64 x 16 tokens at 4.3 ms/token (0.79 of it). Whole-stage
-# wall times of the idle 2-thread demo build (2026-12-02) put stage 1 and embed (model loading,
-# CRA, padding included) at 0.7, and stage 2 (loader start, image decoding, evaluation before and
-# after, checkpoints) at 0.15.
-LLM_EFFICIENCY = 0.7
-VIT_EFFICIENCY = 0.15
-BACKWARD_FACTOR = 2.0  # a backward pass costs about twice the forward
+# thread, a SmolLM2-135M forward over 64 x 16 tokens at 4.3 ms/token (0.79 of it). Fitted to the
+# whole-stage wall times of the idle 2-thread demo build of 2026-12-02 (28:05; model loading,
+# CRA, padding, the loader, evaluation and checkpoints included): the caption passes at 0.88,
+# stage 2's ViT at 0.29, and a stage-1 training step at 1 + 3.75 x (the LoRA layers' share)
+# forwards (a backward through LoRA layers with small batches costs more than the textbook 2x).
+LLM_EFFICIENCY = 0.88
+VIT_EFFICIENCY = 0.29
+BACKWARD_FACTOR = 3.75
+VIT_BACKWARD_FACTOR = 2.0  # the ViT's backward at about twice its forward
 # Speed-up of n torch threads over one on these small models: n ** 0.6 (2 threads: 1.5x; measured
 # 1.4-1.7x for SmolLM2-135M steps and passes, where a large matmul gets ~2x).
 THREAD_EXPONENT = 0.6
@@ -136,7 +138,7 @@ def estimate_build(
     tokens = (b.image_size // b.patch_size) ** 2 + 1
     vit_params = b.num_layers * 12 * b.hidden_size**2 + 3 * b.patch_size**2 * b.hidden_size
     steps2 = s2.loop.max_steps or math.ceil(s2.loop.epochs * len(train) / s2.batch_size)
-    per_image = 2.0 * vit_params * tokens * (1 + BACKWARD_FACTOR)
+    per_image = 2.0 * vit_params * tokens * (1 + VIT_BACKWARD_FACTOR)
     stage2 = steps2 * s2.batch_size * per_image / (rate * VIT_EFFICIENCY)
     stage2 *= 1.0 if not b.name_or_path else float("nan")
     n_held = sum(len(v) for v in heldout.values())

@@ -32,4 +32,8 @@ def test_collapse_is_reported_once_after_patience_steps(caplog: pytest.LogCaptur
         fired = [watch.update(k, same, same) for k in range(8, 14)]
     assert fired == [False, False, True, False, False, False]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "collapsed (step 10)" in warnings[0] and "stage2.loop.warmup_steps" in warnings[0]
+    assert (
+        len(warnings) == 1
+        and "collapsed (step 10)" in warnings[0]
+        and "stage2.loop.warmup_steps" in warnings[0]
+    )

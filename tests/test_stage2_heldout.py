@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from store_driver import make_encoder_dir, make_records
 
 from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.text.encoder import CaptionEncoder, encoder_identity
 from llm2clip_vlm.vision.inputs import heldout_sets
-from store_driver import make_encoder_dir, make_records
 
 
 def test_a_heldout_set_without_a_store_is_embedded_once_into_a_store(tmp_path: Path, monkeypatch) -> None:
@@ -21,7 +21,9 @@ def test_a_heldout_set_without_a_store_is_embedded_once_into_a_store(tmp_path: P
     embed = EmbedConfig(dtype="fp32", batch_size=4, precision="fp32")
     cache = tmp_path / "run" / "heldout"
 
-    sets = heldout_sets({"coco": records}, tmp_path / "no-store", enc_dir, identity, cache, embed, lambda *_: None)
+    sets = heldout_sets(
+        {"coco": records}, tmp_path / "no-store", enc_dir, identity, cache, embed, lambda *_: None
+    )
 
     hs = sets["coco"]
     texts = [c.text for r in records for c in r.captions]
@@ -37,10 +39,14 @@ def test_a_heldout_set_without_a_store_is_embedded_once_into_a_store(tmp_path: P
         raise AssertionError("re-embedded a held-out set that has a store")
 
     monkeypatch.setattr(CaptionEncoder, "encode", refuse)
-    again = heldout_sets({"coco": records}, tmp_path / "no-store", enc_dir, identity, cache, embed, lambda *_: None)
+    again = heldout_sets(
+        {"coco": records}, tmp_path / "no-store", enc_dir, identity, cache, embed, lambda *_: None
+    )
     assert np.array_equal(again["coco"].text_embeddings.numpy(), hs.text_embeddings.numpy())
 
 
 def test_a_heldout_set_without_a_store_or_an_encoder_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="held-out set 'coco'"):
-        heldout_sets({"coco": make_records(3)}, tmp_path, None, "", tmp_path / "c", EmbedConfig(), lambda *_: None)
+        heldout_sets(
+            {"coco": make_records(3)}, tmp_path, None, "", tmp_path / "c", EmbedConfig(), lambda *_: None
+        )

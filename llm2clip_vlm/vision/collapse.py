@@ -37,7 +37,9 @@ class CollapseWatch:
 
     def update(self, step: int, image_features: torch.Tensor, text_features: torch.Tensor) -> bool:
         """Record one step; True when this call logged the warning."""
-        collapsed = min(mean_pairwise_cosine(image_features), mean_pairwise_cosine(text_features)) > COLLAPSED_COSINE
+        collapsed = (
+            min(mean_pairwise_cosine(image_features), mean_pairwise_cosine(text_features)) > COLLAPSED_COSINE
+        )
         self.run = self.run + 1 if collapsed else 0
         if self.run < self.patience or self.warned:
             return False

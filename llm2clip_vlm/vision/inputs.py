@@ -21,6 +21,7 @@ from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.store.store import EmbeddingStore
 from llm2clip_vlm.store.writer import write_store
 from llm2clip_vlm.text.encoder import CaptionEncoder
+from llm2clip_vlm.training import dist
 from llm2clip_vlm.vision.data import HeldoutSet
 
 UsableFn = Callable[[str, Sequence[ImageCaptions]], "list[int] | None"]
@@ -53,7 +54,11 @@ def heldout_sets(
                     f"no embedding store for held-out set {name!r} ({hstore_dir}) and no encoder to embed it"
                 )
             encoder = encoder or CaptionEncoder.from_pretrained(encoder_dir)
-            hstore_dir = write_store(encoder, records, cache_dir / identity[:16] / f"heldout-{name}", embed)
+            # Under several processes the main one writes it; the others then find it complete.
+            with dist.process_state().main_process_first():
+                hstore_dir = write_store(
+                    encoder, records, cache_dir / identity[:16] / f"heldout-{name}", embed
+                )
         hstore = EmbeddingStore.open(hstore_dir, captions=records, encoder_identity=identity or None)
         emb = torch.from_numpy(np.asarray(hstore[np.arange(len(caption_image))], dtype=np.float32))
         hs = HeldoutSet(records, emb, caption_image)
