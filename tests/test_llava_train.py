@@ -198,14 +198,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+def _worker(
+    rank: int, world: int, port: int, overrides: list[str], out: str, phase: str = "pretrain", init: str = ""
+) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
     torch.set_num_threads(1)
     cfg = config_io.load(RunConfig, None, overrides)
-    run_llava(cfg, Path(out), "pretrain")
+    run_llava(cfg, Path(out), phase, init=init or None)
 
 
 @pytest.mark.slow  # spawns 2 processes
@@ -215,6 +217,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(parts, tmp_p
     mp.spawn(_worker, args=(2, _free_port(), overrides, str(tmp_path / "two")), nprocs=2)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())["losses"]
     assert len(two) == 3 and two == pytest.approx(one, abs=1e-5)
+
+
+@pytest.mark.slow  # spawns 2 processes
+def test_two_processes_finetune_like_one_process(parts, pretrained: Path, tmp_path: Path) -> None:
+    # Full finetuning of the LLM and the projector: gradients of every weight are all-reduced.
+    overrides = _overrides(parts, "finetune", ["llava.finetune.tune=full"])
+    one = run_llava(config_io.load(RunConfig, None, overrides), tmp_path / "one", "finetune", init=pretrained)
+    args = (2, _free_port(), overrides, str(tmp_path / "two"), "finetune", str(pretrained))
+    mp.spawn(_worker, args=args, nprocs=2)
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["losses"]
+    assert len(two) == 3 and two == pytest.approx(one["losses"], abs=1e-5)
 
 
 def test_qlora_finetune_merges_into_a_full_precision_llava(parts, pretrained: Path, tmp_path: Path) -> None:
