@@ -53,12 +53,14 @@ def heldout_sets(
                 raise FileNotFoundError(
                     f"no embedding store for held-out set {name!r} ({hstore_dir}) and no encoder to embed it"
                 )
-            encoder = encoder or CaptionEncoder.from_pretrained(encoder_dir)
-            # Under several processes the main one writes it; the others then find it complete.
-            with dist.process_state().main_process_first():
-                hstore_dir = write_store(
-                    encoder, records, cache_dir / identity[:16] / f"heldout-{name}", embed
-                )
+            hstore_dir = cache_dir / identity[:16] / f"heldout-{name}"
+            # Under several processes the main one writes it (resuming or reusing one already
+            # there) while the others wait, then every process opens it.
+            state = dist.process_state()
+            if state.is_main_process:
+                encoder = encoder or CaptionEncoder.from_pretrained(encoder_dir)
+                write_store(encoder, records, hstore_dir, embed)
+            state.wait_for_everyone()
         hstore = EmbeddingStore.open(hstore_dir, captions=records, encoder_identity=identity or None)
         emb = torch.from_numpy(np.asarray(hstore[np.arange(len(caption_image))], dtype=np.float32))
         hs = HeldoutSet(records, emb, caption_image)
