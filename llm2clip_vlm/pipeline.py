@@ -45,6 +45,7 @@ from llm2clip_vlm.commands import run_embed, run_export, run_stage1, run_stage2
 from llm2clip_vlm.data.captions import ensure_demo_data
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.recipe import RunConfig
+from llm2clip_vlm.training import dist
 
 log = get_logger(__name__)
 
@@ -160,6 +161,9 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
     """Run the whole pipeline into ``output_dir``; returns the combined metrics."""
     if from_stage is not None and from_stage not in STAGES:
         raise ValueError(f"--from-stage must be one of {', '.join(STAGES)}, got {from_stage!r}")
+    # Stage 1 and stage 2 train in this process, and accelerate fixes one mixed precision per
+    # process: refuse a mismatch now, not after stage 1 has run.
+    dist.check_one_precision({"stage1": cfg.stage1.loop.precision, "stage2": cfg.stage2.loop.precision})
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # All stages share one data location, so the demo world is generated once (and up front:

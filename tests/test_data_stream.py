@@ -98,11 +98,13 @@ def test_ranks_and_workers_read_disjoint_records_covering_the_epoch(
 def test_the_buffer_shuffles_within_a_unit_and_epochs_differ(tmp_path: Path) -> None:
     index = _index(write_shards(tmp_path / "d", 4, 10))
     plan = StreamPlan.of_index(index, len(index), seed=1, units=2, buffer=5)
-    order0, cursor = plan.epoch_order(0, 0)
+    order0, read_order = plan.epoch_order(0, 0)
+    assert read_order.tolist() == plan.epoch_ids(0, 0).tolist()
+    cursor = np.array([plan.read_cursor(t, len(order0)) for t in range(len(order0))])
     assert sorted(order0.tolist()) == sorted(plan.epoch_ids(0, 0).tolist())
     assert order0.tolist() != plan.epoch_ids(0, 0).tolist()
     assert plan.epoch_order(1, 0)[0].tolist() != order0.tolist()
-    assert (np.diff(cursor) >= 0).all() and cursor[-1] == len(order0)
+    assert (np.diff(cursor) >= 0).all() and cursor[-1] == len(order0) and cursor[0] == 6  # buffer 5 + 1
     # An id is never emitted before it was read.
     read = plan.epoch_ids(0, 0).tolist()
     assert all(read.index(i) < c for i, c in zip(order0.tolist(), cursor.tolist(), strict=False))

@@ -139,3 +139,28 @@ def test_a_tracker_sees_every_step_with_the_lr_and_the_steps_own_metrics(tmp_pat
     # lr after each step's scheduler step: warm-up 2/2 (full), then cosine at 1 of 1 (0).
     assert [round(c["lr"], 6) for c in tracker.calls] == [0.05, 0.05, 0.0]
     assert all(c["tokens"] == 16 and c["grad_norm"] is not None and c["samples"] == 0 for c in tracker.calls)
+
+
+def test_one_process_runs_at_one_precision_and_a_conflict_is_one_clear_error() -> None:
+    from llm2clip_vlm.errors import UserError
+
+    acc = dist.make_accelerator("fp32")
+    assert acc.mixed_precision == "no"
+    assert dist.make_accelerator("fp32").mixed_precision == "no"  # the same precision again: fine
+    with pytest.raises(UserError, match="asks for bf16: accelerate fixes one per process"):
+        dist.make_accelerator("bf16")
+    dist.check_one_precision({"stage1": "bf16", "stage2": "bf16"})
+    with pytest.raises(UserError, match=r"stage1.loop.precision=bf16, stage2.loop.precision=fp32"):
+        dist.check_one_precision({"stage1": "bf16", "stage2": "fp32"})
+
+
+def test_the_package_uses_no_private_accelerate_state() -> None:
+    root = Path(__file__).resolve().parents[1] / "llm2clip_vlm"
+    private = ("_reset_state", "_shared_state", "_set_sync_gradients")
+    offenders = [
+        f"{p.relative_to(root)}: {name}"
+        for p in sorted(root.rglob("*.py"))
+        for name in private
+        if name in p.read_text()
+    ]
+    assert not offenders, offenders

@@ -77,42 +77,54 @@ class StreamPlan:
         return len(self.shard_starts) - 1
 
     def epoch_ids(self, epoch: int, unit: int) -> np.ndarray:
-        """The record ids unit ``unit`` reads in epoch ``epoch``, in reading order."""
+        """The record ids unit ``unit`` reads in epoch ``epoch``, in reading order.
+
+        int32 while the ids fit (13M records need 4 bytes each, not 8): this array and the
+        emission order are what the stream holds per record of its unit.
+        """
+        dtype = np.int32 if self.shard_starts[-1] < 2**31 else np.int64
         starts = np.asarray(self.shard_starts, dtype=np.int64)
         perm = np.random.default_rng((self.seed, epoch)).permutation(self.num_shards)
         if self.num_shards >= self.units:
             mine = perm[unit :: self.units]
-            return np.concatenate(
-                [np.arange(starts[s], starts[s + 1]) for s in mine] or [np.zeros(0, np.int64)]
-            )
-        ids = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in perm])
+            total = int(sum(starts[s + 1] - starts[s] for s in mine))
+            ids = np.empty(total, dtype=dtype)
+            at = 0
+            for s in mine:  # filled in place: no per-shard temporaries to concatenate
+                size = int(starts[s + 1] - starts[s])
+                ids[at : at + size] = np.arange(starts[s], starts[s + 1], dtype=dtype)
+                at += size
+            return ids
+        ids = np.concatenate([np.arange(starts[s], starts[s + 1], dtype=dtype) for s in perm])
         return ids[unit :: self.units]
 
     def epoch_length(self, epoch: int, unit: int) -> int:
         return len(self.epoch_ids(epoch, unit))
 
     def epoch_order(self, epoch: int, unit: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids in emission order, read cursor before each emission)`` of one unit's epoch.
+        """``(ids in emission order, ids in reading order)`` of one unit's epoch.
 
         The shuffle buffer fills with the first ``buffer`` ids; each later id read replaces a
         uniformly drawn buffered one, which is emitted; at the end the rest leave in random order.
-        ``cursor[t]`` = how many ids of :meth:`epoch_ids` were read when emission ``t`` happened.
+        When emission ``t`` happens, :meth:`read_cursor` ``(t, n)`` ids of the reading order have
+        been read (a formula, so no per-record array holds it).
         """
         ids = self.epoch_ids(epoch, unit)
         n, b = len(ids), min(self.buffer, len(ids))
         rng = np.random.default_rng((self.seed, epoch, unit, 1))
-        out = np.empty(n, dtype=np.int64)
-        cursor = np.empty(n, dtype=np.int64)
+        out = np.empty(n, dtype=ids.dtype)
         buf = ids[:b].copy()
         draws = rng.integers(b, size=max(0, n - b)) if b else np.zeros(0, np.int64)
         for t in range(n - b):  # ids only: cheap enough (~0.3 us per record) to redo at each epoch
             j = draws[t]
             out[t] = buf[j]
             buf[j] = ids[b + t]
-            cursor[t] = b + t + 1
         out[n - b :] = buf[rng.permutation(b)]
-        cursor[n - b :] = n
-        return out, cursor
+        return out, ids
+
+    def read_cursor(self, t: int, n: int) -> int:
+        """How many ids of an ``n``-id epoch were read when emission ``t`` happened."""
+        return min(min(self.buffer, n) + t + 1, n)
 
     def locate(self, unit: int, position: int) -> tuple[int, int]:
         """``(epoch, emission within the epoch)`` of a unit's ``position``-th emission overall."""
@@ -222,14 +234,14 @@ class ShardStream(IterableDataset):
         reader = _ByteReader(self.index)
         try:
             while True:
-                ids, cursor = self.plan.epoch_order(epoch, unit)
-                read_order = self.plan.epoch_ids(epoch, unit)
+                ids, read_order = self.plan.epoch_order(epoch, unit)
+                n = len(ids)
                 buffered: dict[int, bytes] = {}
                 # Resuming mid-epoch: what was read before ``t`` and is still buffered is fetched
                 # by seek when emitted; reading continues at the cursor.
-                r = int(cursor[t - 1]) if t > 0 else 0
-                for k in range(t, len(ids)):
-                    while r < cursor[k]:
+                r = self.plan.read_cursor(t - 1, n) if t > 0 else 0
+                for k in range(t, n):
+                    while r < self.plan.read_cursor(k, n):
                         buffered[int(read_order[r])] = reader.read(int(read_order[r]))
                         r += 1
                     rid = int(ids[k])

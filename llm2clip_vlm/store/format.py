@@ -172,6 +172,28 @@ def array_sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
+def read_npy_rows(path: Path, rows: Sequence[int]) -> list[bytes]:
+    """The raw bytes of some rows of a 2-d C-order ``.npy`` file, read with seeks.
+
+    For the cheap store check: a memory map would put every page it touches (and the pages the
+    kernel maps around them) into the process's RSS; a few hundred seeks read only the rows.
+    """
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read_header(f)
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{path}: expected a 2-d C-order array, found shape {shape}")
+        width, start = shape[1] * dtype.itemsize, f.tell()
+        out = []
+        for row in rows:
+            f.seek(start + int(row) * width)
+            out.append(f.read(width))
+    return out
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file, read in 8 MiB blocks."""
     h = hashlib.sha256()

@@ -295,9 +295,10 @@ def _check_captions(path: Path, m: dict[str, Any], captions: Sequence[ImageCapti
 
 def _check_caption_sample(path: Path, m: dict[str, Any], captions: Sequence[ImageCaptions]) -> None:
     """The cheap caption check: every image's caption count, and a sample of rows and keys."""
-    from llm2clip_vlm.data.captions import caption_counts
+    from llm2clip_vlm.data.captions import caption_counts, captions_only
 
     counts = caption_counts(captions)
+    captions = captions_only(captions)  # the sampled records' texts and keys; no image is read
     rows = int(counts.sum())
     if len(counts) != m["num_images"] or rows != m["num_rows"]:
         raise StoreMismatchError(
@@ -313,15 +314,21 @@ def _check_caption_sample(path: Path, m: dict[str, Any], captions: Sequence[Imag
         return
     sample = np.random.default_rng(0).choice(rows, size=min(SAMPLE_ROWS, rows), replace=False)
     sample = np.unique(np.concatenate([sample, [0, rows - 1]]))
-    stored = np.load(path / fmt.CAPTION_HASHES, mmap_mode="r", allow_pickle=False)
-    keys = np.load(path / fmt.IMAGE_KEY_HASHES, mmap_mode="r", allow_pickle=False)
     images = np.searchsorted(offsets, sample, side="right") - 1
+    # Read by seeks, not mapped: the sampled rows only, not the pages around them (RSS).
+    stored = dict(
+        zip(sample.tolist(), fmt.read_npy_rows(path / fmt.CAPTION_HASHES, sample.tolist()), strict=True)
+    )
+    unique_images = np.unique(images).tolist()
+    keys = dict(
+        zip(unique_images, fmt.read_npy_rows(path / fmt.IMAGE_KEY_HASHES, unique_images), strict=True)
+    )
     checked_keys: set[int] = set()
     for row, image in zip(sample.tolist(), images.tolist(), strict=True):
         rec = captions[image]
         j = row - int(offsets[image])
         cap = rec.captions[j]
-        if fmt.caption_digest(cap.text, cap.kind) != bytes(stored[row]):
+        if fmt.caption_digest(cap.text, cap.kind) != stored[row]:
             raise StoreMismatchError(
                 f"{path}: row {row} (image {image} key {rec.key!r}, caption {j}, {cap.kind}) differs from "
                 f"the data: the store was embedded from another text than {cap.text!r} "
@@ -329,7 +336,7 @@ def _check_caption_sample(path: Path, m: dict[str, Any], captions: Sequence[Imag
             )
         if image not in checked_keys:
             checked_keys.add(image)
-            if hashlib.sha256(str(rec.key).encode()).digest() != bytes(keys[image]):
+            if hashlib.sha256(str(rec.key).encode()).digest() != keys[image]:
                 raise StoreMismatchError(
                     f"{path}: image {image} has key {rec.key!r} in the data, another key in the store"
                 )

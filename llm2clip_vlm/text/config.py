@@ -62,6 +62,11 @@ class Stage1Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     # Supervised SimCSE: cross-entropy over cosine similarity x scale (temperature 1/scale).
     scale: float = 50.0
+    # Which two captions of an image form a SimCSE pair. "cross_kind" (the reference,
+    # E5_cc3m.py): a short with a long one whenever the image has both kinds. "any": any two
+    # different captions of the image, so images with several captions of a kind also give
+    # short-short and long-long pairs (cheaper, and what caption-to-caption retrieval measures).
+    pairing: Literal["cross_kind", "any"] = "cross_kind"
     hard_negatives: bool = True
     # Draw hard negatives from the most similar images (word overlap of their captions); else random.
     similar_negatives: bool = True

@@ -1,8 +1,8 @@
 """Supervised SimCSE batches for caption-contrastive training (LLM2CLIP "CC").
 
 Per optimizer step the global batch holds B queries from B distinct images. For each image a
-query and a positive are two different captions of it, of different kinds (short <-> long) whenever
-the image has both kinds, as the reference pairs them; the hard negative is a caption of another
+query and a positive are two different captions of it: of different kinds (short <-> long) whenever
+the image has both kinds, as the reference pairs them, or any two (``pairing="any"``); the hard negative is a caption of another
 image, of the positive's type, drawn from the image's most similar images (bag-of-words cosine
 over its captions) when that is cheap to compute, else from a random image. Queries carry the
 instruction of their type; positives and negatives are embedded bare, as the store embeds them.
@@ -78,6 +78,7 @@ class SimCSEBatches:
         hard_negatives: add one hard negative per query.
         similar_negatives: draw hard negatives from similar images (if the set is small enough).
         neighbours: how many of the most similar images a hard negative is drawn from.
+        pairing: ``"cross_kind"`` (short with long when an image has both) or ``"any"``.
     """
 
     def __init__(
@@ -88,7 +89,11 @@ class SimCSEBatches:
         hard_negatives: bool = True,
         similar_negatives: bool = True,
         neighbours: int = NEIGHBOURS,
+        pairing: str = "cross_kind",
     ) -> None:
+        if pairing not in ("cross_kind", "any"):
+            raise ValueError(f"pairing must be 'cross_kind' or 'any', not {pairing!r}")
+        self.pairing = pairing
         self.records = [r for r in records if len(r.captions) >= 2]
         if len(self.records) < 2:
             raise ValueError(
@@ -129,10 +134,10 @@ class SimCSEBatches:
         # :121-124) flips a coin for the query's kind, takes the positive from the other kind and
         # the instruction from the query's kind (E5_EMBEDDING_PROMPTS["cc3m"][rand_num]). With
         # several captions per kind we draw uniformly within a kind. Only an image with a single
-        # kind pairs two captions of that kind.
+        # kind pairs two captions of that kind; ``pairing="any"`` draws any two captions.
         captions = self.records[i].captions
         kinds = sorted({c.kind for c in captions})
-        if len(kinds) == 2:
+        if len(kinds) == 2 and self.pairing == "cross_kind":
             q_kind = kinds[int(rng.integers(2))]
             queries = [c for c in captions if c.kind == q_kind]
             positives = [c for c in captions if c.kind != q_kind]

@@ -98,7 +98,9 @@ def train_stage1(
     )
     weight_dtype = _weight_dtype(s, accelerator.device)
     instructions = {"short": s.instruction_short_query, "long": s.instruction_long_query}
-    batches = SimCSEBatches(train_records, instructions, s.seed, s.hard_negatives, s.similar_negatives)
+    batches = SimCSEBatches(
+        train_records, instructions, s.seed, s.hard_negatives, s.similar_negatives, pairing=s.pairing
+    )
     pairs = caption_pairs(heldout_records, s.cra_captions)
     steps = total_steps(s, batches)
     log.info(

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from llm2clip_vlm.errors import UserError
 from llm2clip_vlm.training.optim import MIXED_PRECISION
 
 
@@ -66,19 +67,44 @@ def process_state() -> Any:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def make_accelerator(precision: str) -> Any:
-    """An ``Accelerator`` with the stage's precision, also after another stage ran in this process.
+class PrecisionConflictError(UserError):
+    """A second stage in one process asks accelerate for another mixed precision than the first."""
 
-    accelerate keeps its state in a process-wide singleton and refuses a second Accelerator with
-    another ``mixed_precision`` (``build-tower`` runs stage 1 and stage 2 in one process, and so
-    does a test session). accelerate has no public way to change it; the one documented exception
-    in this package is the reset below, which keeps the process group (``PartialState``) intact.
+
+def make_accelerator(precision: str) -> Any:
+    """An ``Accelerator`` with the stage's precision (``fp32`` = accelerate's ``"no"``).
+
+    accelerate keeps its state in a process-wide singleton that fixes one ``mixed_precision`` per
+    process, refuses a second Accelerator with another one and has no public way to change it
+    ("restart your runtime completely"). So one process runs its stages at one precision:
+    ``build-tower`` checks that before its first stage (:func:`check_one_precision`), and a
+    program that calls two trainers with different precisions gets one clear line instead of
+    accelerate's ValueError.
     """
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     mixed = MIXED_PRECISION[precision]
-    shared = AcceleratorState._shared_state
-    if shared and str(shared.get("_mixed_precision", mixed)) != mixed:
-        AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    try:
+        return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    except ValueError as e:
+        if "already been initialized" not in str(e):
+            raise
+        raise PrecisionConflictError(
+            f"this process already runs accelerate at another mixed precision and this stage asks for "
+            f"{precision}: accelerate fixes one per process; give every stage of the command the same "
+            f"loop.precision, or run the stages as separate commands"
+        ) from None
+
+
+def check_one_precision(precisions: dict[str, str]) -> None:
+    """Refuse, before any work, stages of one process that ask for different precisions.
+
+    Args:
+        precisions: stage name -> its ``loop.precision``, for the stages this process will train.
+    """
+    if len(set(precisions.values())) > 1:
+        listed = ", ".join(f"{name}.loop.precision={p}" for name, p in precisions.items())
+        raise PrecisionConflictError(
+            f"{listed}: one process runs at one mixed precision (accelerate fixes it per process); "
+            f"set them equal, or run the stages as separate commands"
+        )
