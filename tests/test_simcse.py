@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from llm2clip_vlm.data.records import Caption, ImageCaptions
@@ -107,3 +108,16 @@ def test_pairs_are_cross_kind_like_the_reference() -> None:
     # The query's kind is a fair coin (random.randint(0, 1) in the reference), not 5:1 as the
     # caption counts would give: 800 draws, so 0.5 +- 0.06 is > 3 standard deviations.
     assert abs(query_kinds.count("long") / len(query_kinds) - 0.5) < 0.06
+
+
+def test_pairing_any_draws_any_two_captions_of_the_image() -> None:
+    # RECORDS: 2 short + 1 long per image; any two of 3 captions -> short-short 1/3 of the time.
+    batches = SimCSEBatches(RECORDS, INSTR, seed=0, hard_negatives=False, pairing="any")
+    kind = {c.text: c.kind for r in RECORDS for c in r.captions}
+    pairs = [(kind[t.query], kind[t.positive]) for step in range(100) for t in batches.batch(step, 6)]
+    same = sum(q == p for q, p in pairs) / len(pairs)
+    assert abs(same - 1 / 3) < 0.06  # 600 pairs: > 3 standard deviations
+    assert all(t.query != t.positive for step in range(20) for t in batches.batch(step, 6))
+    assert all(t.instruction == INSTR[kind[t.query]] for t in batches.batch(0, 6))
+    with pytest.raises(ValueError, match="pairing must be"):
+        SimCSEBatches(RECORDS, INSTR, pairing="short")
