@@ -59,12 +59,13 @@ def describe(e: BaseException) -> Described | None:
     from llm2clip_vlm.config_io import ConfigError
     from llm2clip_vlm.data.errors import DataError
     from llm2clip_vlm.training.checkpoint import CheckpointError, NonFiniteError, TrainingInterrupted
+    from llm2clip_vlm.training.dist import PrecisionConflictError
 
     if isinstance(e, TrainingInterrupted):  # SIGTERM/SIGINT: a checkpoint was saved first
         return Described("", str(e), e.exit_code, style="yellow")
     if isinstance(e, UserError):
         return Described("error", str(e), e.exit_code)
-    if isinstance(e, ConfigError):
+    if isinstance(e, (ConfigError, PrecisionConflictError)):
         return Described("config error", str(e), 2)
     if isinstance(e, DataError):  # names the file/record and the problem
         return Described("data error", str(e), 1)

@@ -119,7 +119,9 @@ def estimate_build(
     steps = s1.loop.max_steps or math.ceil(s1.loop.epochs * len(train) / s1.batch_size)
     lora_share = min(1.0, s1.lora.top_layers / shape.layers) if s1.lora.top_layers else 1.0
     seqs = s1.batch_size * (3 if s1.hard_negatives else 2)
-    step_tokens = seqs * (t_short + t_long) / 2
+    # Cross-kind pairs are half short, half long; "any" pairs draw captions as the images hold them.
+    long_share = 0.5 if s1.pairing == "cross_kind" else len(long) / max(1, len(short) + len(long))
+    step_tokens = seqs * ((1 - long_share) * t_short + long_share * t_long)
     stage1 = steps * step_tokens * per_token * (1 + BACKWARD_FACTOR * lora_share)
     stage1 += 2 * min(s1.cra_captions or 10**9, 2 * len(heldout.get("short", []))) * t_short * per_token
 

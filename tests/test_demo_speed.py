@@ -75,6 +75,12 @@ def test_estimate_counts_the_planned_work(tiny4: Path) -> None:
     cfg.stage1.lora.top_layers = 1
     cfg.stage1.loop.max_steps //= 2
     assert estimate_build(cfg, train, held, rate=1e9)["stage1"] < est["stage1"]  # type: ignore[index]
+    # Pairing any two captions: the step holds as many long captions as the images do (here 1 of
+    # 3), fewer than cross-kind pairs (half): a cheaper step.
+    cross = estimate_build(cfg, train, held, rate=1e9)["stage1"]  # type: ignore[index]
+    cfg.stage1.pairing = "any" if cfg.stage1.pairing == "cross_kind" else "cross_kind"
+    other = estimate_build(cfg, train, held, rate=1e9)["stage1"]  # type: ignore[index]
+    assert (other < cross) if cfg.stage1.pairing == "any" else (other > cross)
     # A machine twice as fast: half the time.
     assert estimate_build(cfg, train, held, rate=2e9)["total"] == pytest.approx(  # type: ignore[index]
         estimate_build(cfg, train, held, rate=1e9)["total"] / 2  # type: ignore[index]

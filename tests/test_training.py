@@ -142,15 +142,20 @@ def test_a_tracker_sees_every_step_with_the_lr_and_the_steps_own_metrics(tmp_pat
 
 
 def test_one_process_runs_at_one_precision_and_a_conflict_is_one_clear_error() -> None:
-    from llm2clip_vlm.errors import UserError
+    from llm2clip_vlm.errors import describe
 
     acc = dist.make_accelerator("fp32")
     assert acc.mixed_precision == "no"
     assert dist.make_accelerator("fp32").mixed_precision == "no"  # the same precision again: fine
-    with pytest.raises(UserError, match="asks for bf16: accelerate fixes one per process"):
+    with pytest.raises(
+        dist.PrecisionConflictError, match="asks for bf16: accelerate fixes one per process"
+    ) as e:
         dist.make_accelerator("bf16")
+    assert describe(e.value).exit_code == 2  # one line through the CLI, not a traceback
     dist.check_one_precision({"stage1": "bf16", "stage2": "bf16"})
-    with pytest.raises(UserError, match=r"stage1.loop.precision=bf16, stage2.loop.precision=fp32"):
+    with pytest.raises(
+        dist.PrecisionConflictError, match=r"stage1.loop.precision=bf16, stage2.loop.precision=fp32"
+    ):
         dist.check_one_precision({"stage1": "bf16", "stage2": "fp32"})
 
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from llm2clip_vlm.errors import UserError
 from llm2clip_vlm.training.optim import MIXED_PRECISION
 
 
@@ -67,8 +66,12 @@ def process_state() -> Any:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-class PrecisionConflictError(UserError):
-    """A second stage in one process asks accelerate for another mixed precision than the first."""
+class PrecisionConflictError(ValueError):
+    """A second stage in one process asks accelerate for another mixed precision than the first.
+
+    A user error (the CLI prints it as one line: ``errors.describe``), defined here so that this
+    layer does not import the CLI's error module.
+    """
 
 
 def make_accelerator(precision: str) -> Any:
