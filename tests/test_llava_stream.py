@@ -95,10 +95,15 @@ class _Killed(Exception):
     pass
 
 
-def test_a_streamed_run_killed_mid_epoch_resumes_to_the_same_weights(parts, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_streamed_run_killed_mid_epoch_resumes_to_the_same_weights(
+    parts, tmp_path: Path, workers: int
+) -> None:
     # 24 records in 4 shards, batches of 8: 3 steps an epoch; killed after step 3, resumed from
-    # the checkpoint of step 2 (mid-epoch, buffer half full) and run into the second epoch.
-    extra = ["llava.pretrain.loop.max_steps=5", "llava.pretrain.loop.save_every_steps=2"]
+    # the checkpoint of step 2 (mid-epoch, buffer half full) and run into the second epoch. With
+    # 2 DataLoader workers each reads its own 2 shards, batches taken from them in turn.
+    extra = ["llava.pretrain.loop.max_steps=5", "llava.pretrain.loop.save_every_steps=2",
+             f"llava.pretrain.num_workers={workers}"]  # fmt: skip
     full = run_llava(_cfg(parts, parts["shards"], extra), tmp_path / "full", "pretrain")
 
     def kill(step: int, loss: float) -> None:
@@ -110,7 +115,8 @@ def test_a_streamed_run_killed_mid_epoch_resumes_to_the_same_weights(parts, tmp_
     saved = json.loads((tmp_path / "cut" / "checkpoints" / "step-0000002" / "checkpoint.json").read_text())[
         "state"
     ]
-    assert saved["extra"]["data"]["units"] == {"0": [16, 0]}  # the stream position went in
+    # The stream position went in: 16 records read by one unit, or 8 by each of two.
+    assert saved["extra"]["data"]["units"] == ({"0": [8, 0], "1": [8, 0]} if workers else {"0": [16, 0]})
     resumed = run_llava(_cfg(parts, parts["shards"], extra), tmp_path / "cut", "pretrain")
     assert len(full["losses"]) == 5 and resumed["losses"] == full["losses"]
     a = load_file(str(tmp_path / "full" / "mm_projector.safetensors"))
