@@ -50,8 +50,10 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _overrides(parts: dict[str, Path], data: Path, extra: list[str] = ()) -> list[str]:
-    p = "llava.pretrain"
+def _overrides(
+    parts: dict[str, Path], data: Path, extra: list[str] = (), phase: str = "pretrain"
+) -> list[str]:
+    p = f"llava.{phase}"
     return [
         f"llava.tower={parts['tower']}", f"llava.llm={parts['llm']}", f"{p}.data.path={data}",
         f"{p}.data.stream=true", f"{p}.data.shuffle_buffer=4", f"{p}.batch_size=8", f"{p}.micro_batch_size=4",
@@ -175,3 +177,30 @@ def test_two_processes_stream_disjoint_records(parts, tmp_path: Path) -> None:
     assert metrics["processes"] == 2 and len(metrics["losses"]) == 3
     state = json.loads(next((out / "checkpoints").glob("step-*/checkpoint.json")).read_text())["state"]
     assert sorted(state["extra"]["data"]["units"]) == ["0", "1"]
+
+
+def test_streamed_finetune_mixes_image_and_text_only_records(parts, tmp_path: Path) -> None:
+    # The instruct split has text-only records (no image member): streamed batches mix them.
+    instruct = load_llava_records(parts["data"] / "llava_instruct.json")
+    write_llava_shards(instruct, tmp_path / "instruct", per_shard=7)
+    pre = tmp_path / "pre"
+    run_llava(_cfg(parts, parts["shards"], ["llava.pretrain.loop.max_steps=1"]), pre, "pretrain")
+    p = "llava.finetune"
+    extra = [f"{p}.batch_size=14", f"{p}.loop.max_steps=2", f"{p}.tune=projector"]
+    cfg = config_io.load(RunConfig, None, _overrides(parts, tmp_path / "instruct", extra, phase="finetune"))
+    metrics = run_llava(cfg, tmp_path / "ft", "finetune", init=pre)
+    # 2 steps of 14 = every record once, the 4 text-only ones among them.
+    assert metrics["steps"] == 2 and metrics["records"] == 28 and sum(not h for h in instruct.has_image) == 4
+    assert all(loss == loss for loss in metrics["losses"])
+
+
+def test_map_style_training_on_shards_is_training_on_the_json(parts, tmp_path: Path) -> None:
+    # Not streamed: the shard records, sampled at random like JSON ones, give the same batches.
+    off = ["llava.pretrain.data.stream=false"]
+    on_json = run_llava(
+        _cfg(parts, parts["data"] / "llava_pretrain.json", off), tmp_path / "json", "pretrain"
+    )
+    on_shards = run_llava(_cfg(parts, parts["shards"], off), tmp_path / "shards", "pretrain")
+    assert len(on_json["losses"]) == 3 and on_shards["losses"] == on_json["losses"]
+    with pytest.raises(ValueError, match=r"llava\.pretrain\.data\.stream needs webdataset shards"):
+        run_llava(_cfg(parts, parts["data"] / "llava_pretrain.json"), tmp_path / "refused", "pretrain")

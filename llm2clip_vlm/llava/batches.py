@@ -213,7 +213,8 @@ class LlavaStream:
             if seen >= MIN_RECORDS_FOR_BAD_SHARE and bad > self.max_bad_fraction * seen:
                 raise DataError(
                     f"{bad} of the {seen} records streamed so far are bad ({100 * bad / seen:.1f}% > "
-                    f"max_bad_fraction {100 * self.max_bad_fraction:.1f}%); first: {self.mine[:1]}"
+                    f"max_bad_fraction {100 * self.max_bad_fraction:.1f}%)"
+                    + (f"; first: {self.mine[0][1]}" if self.mine else "")
                 )
             yield batch
 
