@@ -18,6 +18,7 @@ from llm2clip_vlm import config_io
 from llm2clip_vlm.commands import run_llava
 from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.synthetic_llava import write_llava_demo
+from llm2clip_vlm.llava import train as llava_train
 from llm2clip_vlm.llava.data import load_llava_records
 from llm2clip_vlm.llava.shards import write_llava_shards
 from llm2clip_vlm.recipe import RunConfig
@@ -149,16 +150,14 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) ->
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
     torch.set_num_threads(1)
-    from llm2clip_vlm.llava import train
-
     seen: list[str] = []
 
-    class Recording(train.LlavaStep):  # what this rank trained on, record by record
+    class Recording(llava_train.LlavaStep):  # what this rank trained on, record by record
         def __call__(self, batch):  # type: ignore[no-untyped-def]
             seen.extend(batch.sources)
             return super().__call__(batch)
 
-    train.LlavaStep = Recording  # type: ignore[misc]
+    llava_train.LlavaStep = Recording  # type: ignore[misc]
     run_llava(config_io.load(RunConfig, None, overrides), Path(out), "pretrain")
     Path(out, f"seen-{rank}.json").write_text(json.dumps(seen))
 
