@@ -181,11 +181,7 @@ def _detect_format(cfg: CaptionSetConfig) -> str:
     if cfg.format != "auto":
         return cfg.format
     path = cfg.path
-    if (
-        path.endswith(".tar")
-        or "{" in path
-        or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar")))
-    ):
+    if is_shard_path(path):
         return "webdataset"
     suffix = Path(path).suffix.lower()
     if suffix in MANIFEST_FORMATS:
@@ -213,7 +209,17 @@ def expand_braces(pattern: str) -> list[str]:
     return [head + o + rest for o in options for rest in expand_braces(tail)]
 
 
-def _expand_shards(path: str) -> list[str]:
+def is_shard_path(path: str) -> bool:
+    """Whether ``path`` names webdataset shards: a ``.tar``, a brace pattern, or a folder of ``.tar``."""
+    return bool(
+        path.endswith(".tar")
+        or "{" in path
+        or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar")))
+    )
+
+
+def expand_shards(path: str) -> list[str]:
+    """The shard files ``path`` names (a folder's ``*.tar``, a brace pattern or a glob), in order."""
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "*.tar")))
     elif "{" in path:
@@ -450,7 +456,7 @@ def index_caption_set(cfg: CaptionSetConfig, cache_dir: Path | None = None) -> R
         "caption_columns": cfg.caption_columns,
     }
     if fmt == "webdataset":
-        shards = _expand_shards(cfg.path)
+        shards = expand_shards(cfg.path)
         reader = _ShardRows(cfg, shards)
 
         def shard_where(row: Row) -> str:

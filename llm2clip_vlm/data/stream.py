@@ -266,15 +266,34 @@ class ShardStream(IterableDataset):
         return self.index.describe(rid)
 
 
+class _Collate:
+    """A stage's own collate over the samples (e.g. padding token sequences of different lengths),
+    with the stream's unit/position/bad columns stacked as the default collate would; picklable."""
+
+    def __init__(self, collate: Callable[[list[tuple[Any, ...]]], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+        data = self.collate([item[:-3] for item in items])
+        return (data, *(torch.tensor([item[k] for item in items]) for k in (-3, -2, -1)))
+
+
 class StreamLoader:
     """A DataLoader over a :class:`ShardStream` that keeps the stream position of every unit.
 
     Iterating yields the batches without their unit/position columns; :meth:`state_dict` is what a
     checkpoint stores (gathered over ranks), :meth:`positions_for` what a resumed run passes back.
+    ``collate`` (default: torch's) turns a batch's samples, without those columns, into one object;
+    the batch is then ``(that object,)``.
     """
 
     def __init__(
-        self, stream: ShardStream, local_batch: int, num_workers: int, pin_memory: bool = False
+        self,
+        stream: ShardStream,
+        local_batch: int,
+        num_workers: int,
+        pin_memory: bool = False,
+        collate: Callable[[list[tuple[Any, ...]]], Any] | None = None,
     ) -> None:
         self.stream = stream
         self.batches = 0
@@ -286,6 +305,7 @@ class StreamLoader:
             num_workers=num_workers,
             pin_memory=pin_memory,
             persistent_workers=False,
+            collate_fn=_Collate(collate) if collate is not None else None,
         )
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:

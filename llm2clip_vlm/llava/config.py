@@ -15,10 +15,12 @@ from llm2clip_vlm.training.config import LoopConfig
 
 @dataclass
 class LlavaDataConfig:
-    """A LLaVA data set: a JSON list (or JSONL) of records and the folder their images live in."""
+    """A LLaVA data set: a JSON list (or JSONL) of records and the folder their images live in, or
+    webdataset shards of LLaVA records (``docs/DATA.md``)."""
 
-    # LLaVA records (``blip_laion_cc_sbu_558k.json``, ``llava_v1_5_mix665k.json``, ...); empty = the
-    # synthetic demo world's LLaVA splits.
+    # LLaVA records (``blip_laion_cc_sbu_558k.json``, ``llava_v1_5_mix665k.json``, ...), or shards: a
+    # folder of ``*.tar``, a brace pattern ``llava-{000..099}.tar`` or a glob; empty = the synthetic
+    # demo world's LLaVA splits.
     path: str = ""
     # Image paths are relative to this folder (default: the JSON's folder); paths leaving it are refused.
     image_folder: str = ""
@@ -34,6 +36,13 @@ class LlavaDataConfig:
     verify_images: bool = True
     # Threads that decode images for that check.
     check_workers: int = 4
+    # Shards only: stream the records instead of sampling them at random. Each process and
+    # DataLoader worker reads its own shards in order through a shuffle buffer of this many
+    # records; the stream position is saved with every checkpoint. Images are then checked while
+    # training (under skip_bad), not up front, and batches mix image and text-only records
+    # (group_by_modality does not apply).
+    stream: bool = False
+    shuffle_buffer: int = 2000
     # Held-out question records (``{"question_type", "answer"}`` extras) scored by exact match
     # before and after training (empty = none; the demo uses its held-out split).
     heldout_path: str = ""

@@ -1,7 +1,11 @@
 """LLaVA data: records from LLaVA's JSON format, checked; samples as tokens + pixels; batches.
 
 A record is ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}, ...]}``;
-without ``"image"`` it is text-only. Loading checks every record up front (malformed JSON,
+without ``"image"`` it is text-only. The records come from a JSON list (or JSONL) plus an image
+folder, or from webdataset shards (:func:`index_llava_shards`): one sample per record, its
+``.json`` member holding the record and its image member (``.jpg``/``.png``/``.webp``, absent for
+a text-only record) the image; such a record's ``image`` is the member's bytes, read by seeking
+into the tar when the record is accessed. Loading checks every record up front (malformed JSON,
 missing or repeated ``<image>``, empty or malformed turns, image files that are missing or leave
 the image folder, image files that cannot be opened), so a bad record stops the run before the
 first step with a message naming it, or — with ``skip_bad`` — is skipped, counted and reported;
@@ -17,7 +21,8 @@ process takes its contiguous slice of every global batch.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +31,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from llm2clip_vlm.data.captions import safe_image_path
+from llm2clip_vlm.data.captions import IMAGE_EXTENSIONS, expand_shards, is_shard_path, safe_image_path
 from llm2clip_vlm.data.check import check_images
 from llm2clip_vlm.data.errors import BadRecords, DataError
 from llm2clip_vlm.data.images import load_rgb
-from llm2clip_vlm.data.index import BadRow, build_table, file_identity, open_table
+from llm2clip_vlm.data.index import (
+    BadRow,
+    TarRecord,
+    build_table,
+    file_identity,
+    open_table,
+    read_member,
+    scan_tar,
+)
 from llm2clip_vlm.llava.templates import (
     IGNORE_INDEX,
     ConversationError,
@@ -46,10 +59,11 @@ log = get_logger(__name__)
 
 @dataclass
 class LlavaRecord:
-    """One checked record; ``source`` names it in errors (``file.json[#index] id=...``)."""
+    """One checked record; ``source`` names it in errors (``file.json[#index] id=...``, or
+    ``shard.tar:key id=...``). ``image`` is a file path, a shard member's encoded bytes, or None."""
 
     id: str
-    image: Path | None
+    image: Path | bytes | None
     conversations: list[dict[str, Any]]
     source: str
     extra: dict[str, Any] = field(default_factory=dict)
@@ -82,7 +96,10 @@ def _read_json_records(path: Path) -> list[tuple[str, Any]]:
     return [(f"{path}[#{i}]", r) for i, r in enumerate(data)]
 
 
-def _check_record(raw: Any, where: str, image_folder: Path, verify_image: bool) -> LlavaRecord:
+def _check_turns(raw: Any, where: str, has_image: Callable[[dict[str, Any]], bool]) -> LlavaRecord:
+    """The checks every record passes, from a JSON file or a shard: an object with well-formed
+    turns and ``<image>`` exactly once when (and only when) ``has_image(raw)``. ``image`` is left
+    None; ``extra`` holds the fields besides id, image and conversations."""
     if isinstance(raw, DataError):
         raise raw
     if not isinstance(raw, dict):
@@ -92,13 +109,19 @@ def _check_record(raw: Any, where: str, image_folder: Path, verify_image: bool) 
     conv = raw.get("conversations")
     if not isinstance(conv, list) or not conv:
         raise DataError(f"{where}: 'conversations' is missing or empty")
-    image = raw.get("image")
     try:
-        check_image_placeholders(conv, has_image=image is not None)
+        check_image_placeholders(conv, has_image=has_image(raw))
         # Shape of the turns (pairs, roles, text, non-empty answers): one rule for every template.
         conversation_turns(conv)
     except ConversationError as e:
         raise DataError(f"{where}: {e}") from e
+    extra = {k: v for k, v in raw.items() if k not in ("id", "image", "conversations")}
+    return LlavaRecord(rid, None, conv, where, extra)
+
+
+def _check_record(raw: Any, where: str, image_folder: Path, verify_image: bool) -> LlavaRecord:
+    rec = _check_turns(raw, where, lambda r: r.get("image") is not None)
+    where, image = rec.source, raw.get("image")
     path = None
     if image is not None:
         if not isinstance(image, str) or not image:
@@ -108,21 +131,22 @@ def _check_record(raw: Any, where: str, image_folder: Path, verify_image: bool) 
             raise DataError(f"{where}: image file {path} does not exist")
         if verify_image:
             _verify_image(path, where)
-    extra = {k: v for k, v in raw.items() if k not in ("id", "image", "conversations")}
-    return LlavaRecord(rid, path, conv, where, extra)
+    rec.image = path
+    return rec
 
 
-def _verify_image(path: Path, where: str) -> None:
+def _verify_image(path: Path | bytes, where: str) -> None:
     """Decode the image once under the package's policy: catches non-images, truncated files,
     unsupported modes and decompression bombs before training starts."""
     load_rgb(path, where)
 
 
-def _check_key(path: Path, folder: Path, max_samples: int) -> str:
-    """The identity of a LLaVA data file as read (the image check's cache key)."""
+def _check_key(files: Sequence[str | Path], folder: Path, max_samples: int) -> str:
+    """The identity of a LLaVA data set as read (the image check's cache key)."""
     import hashlib
 
-    blob = json.dumps([file_identity(path), str(folder.resolve()), max_samples], sort_keys=True)
+    ids = [file_identity(f) for f in files]
+    blob = json.dumps([ids[0] if len(ids) == 1 else ids, str(folder.resolve()), max_samples], sort_keys=True)
     return "llava-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -136,14 +160,16 @@ def load_llava_records(
     verify_images: bool = True,
     bad: BadRecords | None = None,
     check_workers: int = 4,
-) -> Sequence[LlavaRecord]:
+) -> LlavaRecords:
     """Read and check LLaVA records (see the module docstring for the policy).
 
-    The file is read and checked once into a cached, memory-mapped index
+    ``path`` is a JSON list / JSONL file (images in ``image_folder``, default its folder) or
+    webdataset shards: a folder of ``*.tar``, a brace pattern or a glob (what stage 2 accepts).
+    It is read and checked once into a cached, memory-mapped index
     (:mod:`llm2clip_vlm.data.index`); the records are built when accessed, so they cost O(1)
     Python memory each. ``bad`` (default: one built from ``skip_bad`` / ``max_bad_fraction``)
     collects what was skipped, for the run's report. With ``verify_images`` every image is
-    decoded once, by ``check_workers`` threads, and the result is cached by the data file's
+    decoded once, by ``check_workers`` threads, and the result is cached by the data's
     identity (:mod:`llm2clip_vlm.data.check`): a second start decodes nothing.
 
     Raises:
@@ -151,14 +177,20 @@ def load_llava_records(
         DataError: a bad record (default), or too many of them under ``skip_bad``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LLaVA data file {path} does not exist")
-    folder = Path(image_folder) if image_folder else path.parent
-    settings = {"reader": "llava", "image_folder": str(folder.resolve())}
-    directory = build_table(
-        [str(path)], settings, "llava", lambda: _index_rows(path, folder), _llava_schema(), _llava_columns
-    )
-    table, _meta, bad_rows = open_table(directory)
+    if is_shard_path(str(path)):
+        files = expand_shards(str(path))
+        folder = Path(files[0]).parent  # unused by shards: their images are tar members
+        directory = index_llava_shards(files)
+    else:
+        if not path.is_file():
+            raise FileNotFoundError(f"LLaVA data file {path} does not exist")
+        files = [str(path)]
+        folder = Path(image_folder) if image_folder else path.parent
+        settings = {"reader": "llava", "image_folder": str(folder.resolve())}
+        directory = build_table(
+            files, settings, "llava", lambda: _index_rows(path, folder), _llava_schema(), _llava_columns
+        )
+    table, meta, bad_rows = open_table(directory)
     positions = table.column("position").to_numpy()
     # ``max_samples`` counts records as they are in the file, good and bad.
     n_good = int(np.searchsorted(positions, max_samples)) if max_samples else len(positions)
@@ -167,15 +199,15 @@ def load_llava_records(
     for b in bad_rows:
         if not max_samples or b.position < max_samples:
             bad.add(b.where, DataError(b.reason))  # raises unless skipping
-    records = LlavaRecords(table, np.arange(n_good))
+    records = LlavaRecords(table, np.arange(n_good), directory, meta)
     if verify_images:
         good = check_images(
-            records, bad, lambda r: _verify_image(r.image, r.source), key=_check_key(path, folder, max_samples),
+            records, bad, lambda r: _verify_image(r.image, r.source), key=_check_key(files, folder, max_samples),
             workers=check_workers, description=f"checking {path.name} images", select=lambda r: r.has_image,
             total=total,
         )  # fmt: skip
         if good is not None:
-            records = LlavaRecords(table, np.asarray(good, dtype=np.int64))
+            records = LlavaRecords(table, np.asarray(good, dtype=np.int64), directory, meta)
     else:
         bad.check(total)
     if not len(records):
@@ -200,25 +232,104 @@ def _index_rows(path: Path, folder: Path) -> Iterator[dict[str, Any] | BadRow]:
         }
 
 
-def _llava_schema() -> Any:
+LLAVA_COLUMNS = ("id", "image", "record", "source", "position")
+# Where a shard record's image lies (RecordIndex's names, so the data stream reads it as it
+# reads stage 2's shards); a text-only record has size 0.
+SHARD_COLUMNS = ("shard", "offset", "size", "line")
+
+
+def _llava_schema(shards: bool = False) -> Any:
     import pyarrow as pa
 
-    return pa.schema(
-        [("id", pa.string()), ("image", pa.string()), ("record", pa.string()), ("source", pa.string()),
-         ("position", pa.int64())]
-    )  # fmt: skip
+    fields = [("id", pa.string()), ("image", pa.string()), ("record", pa.string()), ("source", pa.string()),
+              ("position", pa.int64())]  # fmt: skip
+    if shards:
+        fields += [("shard", pa.int32()), ("offset", pa.int64()), ("size", pa.int64()), ("line", pa.int64())]
+    return pa.schema(fields)
 
 
 def _llava_columns(batch: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    return {name: [r[name] for r in batch] for name in ("id", "image", "record", "source", "position")}
+    return {name: [r[name] for r in batch] for name in LLAVA_COLUMNS}
+
+
+def _shard_columns(batch: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {name: [r[name] for r in batch] for name in LLAVA_COLUMNS + SHARD_COLUMNS}
+
+
+# ----------------------------------------------------------------------------------------------
+# Webdataset shards
+# ----------------------------------------------------------------------------------------------
+def index_llava_shards(files: Sequence[str], cache_dir: Path | None = None) -> Path:
+    """The directory of the cached index of LLaVA shards (built on the first call).
+
+    Each sample of a shard is one record: its ``.json`` member is the LLaVA record (an ``image``
+    field in it only says one is expected: the image is the sample's image member). The index keeps the
+    conversation text and where each image lies in its tar (``shard``/``offset``/``size``), plus
+    each shard's tar keys (``keys-*.json``, the names in messages); no image byte is read. The
+    meta's kind is ``shards``, so :class:`~llm2clip_vlm.data.index.RecordIndex` and the data
+    stream read the directory like stage 2's.
+    """
+    keys: dict[int, list[str]] = {}
+    settings = {"reader": "llava-shards", "image_extensions": list(IMAGE_EXTENSIONS)}
+    return build_table(
+        files, settings, "shards", lambda: _shard_rows(files, keys), _llava_schema(shards=True),
+        _shard_columns, cache_dir=cache_dir, side_files=lambda: keys,
+    )  # fmt: skip
+
+
+def _shard_rows(files: Sequence[str], keys: dict[int, list[str]]) -> Iterator[dict[str, Any] | BadRow]:
+    """Every sample of the shards as an index row or a bad row (named ``shard.tar:key``)."""
+    position = 0
+    for s, shard in enumerate(files):
+        keys[s] = []
+        try:
+            for member in scan_tar(shard, IMAGE_EXTENSIONS, ("json",)):
+                where = f"{Path(shard).resolve()}:{member.key}"
+                keys[s].append(member.key)
+                try:
+                    rec = _check_shard_record(member, where)
+                except DataError as e:
+                    yield BadRow(position, where, str(e))
+                else:
+                    offset, size = member.image or (0, 0)
+                    yield {
+                        "id": rec.id, "image": where if member.image else None,
+                        "record": json.dumps([rec.conversations, rec.extra]), "source": rec.source,
+                        "position": position, "shard": s, "offset": offset, "size": size,
+                        "line": len(keys[s]) - 1,
+                    }  # fmt: skip
+                position += 1
+        except (tarfile.TarError, OSError) as e:
+            raise DataError(f"{shard}: cannot be read as a webdataset shard: {type(e).__name__}: {e}") from e
+
+
+def _check_shard_record(member: TarRecord, where: str) -> LlavaRecord:
+    """A shard sample's record, checked as a JSON record is (the image is the member's)."""
+    if "json" not in member.texts:
+        raise DataError(f"{where}: no .json member (the LLaVA record)")
+    try:
+        raw = json.loads(member.texts["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{where}: malformed .json member ({e})") from e
+    if isinstance(raw, dict) and raw.get("image") is not None and member.image is None:
+        raise DataError(f"{where}: the record names an image but the sample has no image member")
+    return _check_turns(raw, where, lambda r: member.image is not None)
 
 
 class LlavaRecords(Sequence[LlavaRecord]):
-    """Checked LLaVA records over the memory-mapped index; ``rows`` = the table rows kept."""
+    """Checked LLaVA records over the memory-mapped index; ``rows`` = the table rows kept.
 
-    def __init__(self, table: Any, rows: np.ndarray) -> None:
-        self.table, self.rows = table, rows
-        self._cols = {name: table.column(name) for name in ("id", "image", "record", "source")}
+    ``directory`` and ``meta`` are the index's; a shard record's image is read (by seeking into
+    its tar) when the record is built, and never kept.
+    """
+
+    def __init__(self, table: Any, rows: np.ndarray, directory: Path | None = None,
+                 meta: dict[str, Any] | None = None) -> None:  # fmt: skip
+        self.table, self.rows, self.directory = table, rows, directory
+        self.meta = meta or {}
+        self.shards = self.meta.get("kind") == "shards"
+        names = LLAVA_COLUMNS[:4] + (SHARD_COLUMNS[:3] if self.shards else ())
+        self._cols = {name: table.column(name) for name in names}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -227,16 +338,25 @@ class LlavaRecords(Sequence[LlavaRecord]):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]  # type: ignore[return-value]
         row = int(self.rows[i])
+        image: Path | bytes | None = None
+        if self.has_image_at(row):
+            c = self._cols
+            if self.shards:
+                source = self.meta["sources"][c["shard"][row].as_py()]
+                image = read_member(source, c["offset"][row].as_py(), c["size"][row].as_py())
+            else:
+                image = Path(c["image"][row].as_py())
+        return self.build(row, image)
+
+    def has_image_at(self, row: int) -> bool:
+        """Whether table row ``row`` has an image (no record built, no image read)."""
+        return self._cols["image"][row].is_valid
+
+    def build(self, row: int, image: Path | bytes | None) -> LlavaRecord:
+        """The record of table row ``row`` with ``image`` (a shard record's bytes, read by the caller)."""
         c = self._cols
-        image = c["image"][row].as_py()
         conversations, extra = json.loads(c["record"][row].as_py())
-        return LlavaRecord(
-            c["id"][row].as_py(),
-            Path(image) if image is not None else None,
-            conversations,
-            c["source"][row].as_py(),
-            extra,
-        )
+        return LlavaRecord(c["id"][row].as_py(), image, conversations, c["source"][row].as_py(), extra)
 
     def __iter__(self) -> Iterator[LlavaRecord]:
         for i in range(len(self)):
@@ -320,14 +440,15 @@ class LlavaDataset(Dataset):
     def __getitem__(self, i: int) -> Sample | None:
         rec = self.records[i]
         try:
-            return self._sample(rec)
+            return self.sample(rec)
         except (DataError, ConversationError) as e:
             if not self.skip_bad:
                 raise DataError(f"{rec.source}: {e}") from e
             log.warning("dropped %s from its batch: %s", rec.source, e)
             return None
 
-    def _sample(self, rec: LlavaRecord) -> Sample:
+    def sample(self, rec: LlavaRecord) -> Sample:
+        """One record's sample; raises (ConversationError, DataError) when it cannot be built."""
         tok = tokenize_conversation(self.template, rec.conversations, self.tokenizer, self.system)
         ids, labels = [], []
         for t, lab in zip(tok.input_ids, tok.labels, strict=True):
@@ -364,6 +485,9 @@ class Batch:
     image_rows: torch.Tensor  # [B] int: 1 where the row carries an image
     truncated: int = 0
     dropped: int = 0
+    sources: list[str] = field(default_factory=list)  # the rows' records (for messages, tests)
+    # Streamed: ``[record, reason]`` of bad records the stream skipped before these samples.
+    skipped: list[list[str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -419,7 +543,7 @@ class Collator:
         image_rows = torch.tensor([int(s.pixel_values is not None) for s in kept], dtype=torch.long)
         return Batch(
             ids, mask, labels, torch.stack(images) if images else None, image_rows,
-            truncated=sum(s.truncated for s in kept), dropped=dropped,
+            truncated=sum(s.truncated for s in kept), dropped=dropped, sources=[s.source for s in kept],
         )  # fmt: skip
 
 

@@ -1,7 +1,9 @@
 """LLaVA-1.5 training on a tower: projector pretraining and instruction tuning, top to bottom.
 
-1. data: LLaVA records, checked up front (:mod:`llm2clip_vlm.llava.data`); the demo world's
-   LLaVA splits when no data is given (:mod:`llm2clip_vlm.llava.inputs`);
+1. data: LLaVA records from JSON or shards, checked up front (:mod:`llm2clip_vlm.llava.data`);
+   the demo world's LLaVA splits when no data is given (:mod:`llm2clip_vlm.llava.inputs`); cut
+   into modality batches, or streamed from shards (:mod:`llm2clip_vlm.llava.batches`: the stream
+   position is saved with each checkpoint through the loop's ``data_state``);
 2. model (:mod:`llm2clip_vlm.llava.model`): tower + LLM + ``mlp2x_gelu`` projector, transformers'
    ``LlavaForConditionalGeneration``; finetuning loads the projector that pretraining wrote;
 3. optimiser: AdamW, no weight decay on biases and norms, the projector with its own lr, the
@@ -23,18 +25,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
 
 from llm2clip_vlm.data.errors import BadRecords, write_report
 from llm2clip_vlm.data.images import load_rgb
+from llm2clip_vlm.llava.batches import phase_batches, steps_per_epoch
 from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
-from llm2clip_vlm.llava.data import (
-    Collator,
-    LlavaDataset,
-    LlavaRecord,
-    ModalityBatchSampler,
-    load_llava_records,
-)
+from llm2clip_vlm.llava.data import LlavaDataset, LlavaRecord, load_llava_records
 from llm2clip_vlm.llava.evaluate import answer_questions, is_correct, score
 from llm2clip_vlm.llava.inputs import PhaseData
 from llm2clip_vlm.llava.model import (
@@ -120,8 +116,8 @@ def train_llava(
     )
     records = load_llava_records(
         data.records, data.image_folder, max_samples=p.data.max_samples, skip_bad=p.data.skip_bad,
-        max_bad_fraction=p.data.max_bad_fraction, bad=bad, verify_images=p.data.verify_images,
-        check_workers=p.data.check_workers,
+        max_bad_fraction=p.data.max_bad_fraction, bad=bad, check_workers=p.data.check_workers,
+        verify_images=p.data.verify_images and not p.data.stream,  # a stream checks while reading
     )  # fmt: skip
     heldout: Sequence[LlavaRecord] = []
     if data.heldout is not None and data.heldout.is_file():
@@ -153,11 +149,9 @@ def train_llava(
         records, tokenizer, processor.image_processor, p.template, image_token_id, image_seq_length,
         p.max_length, p.image_aspect_ratio, system, skip_bad=p.data.skip_bad,
     )  # fmt: skip
-    is_image = [r.has_image for r in records]
-    probe = ModalityBatchSampler(
-        is_image, p.batch_size, 0, world, p.seed, 0, 1, p.group_by_modality, full_batches_only=deepspeed
+    total_steps = p.loop.max_steps or max(
+        1, int(p.loop.epochs * steps_per_epoch(records, p, world, deepspeed))
     )
-    total_steps = p.loop.max_steps or max(1, int(p.loop.epochs * probe.steps_per_epoch))
 
     # Each rank slices the global batch, so only the same number of processes continues a run.
     run = Run(f"llava {phase}", p.loop, out / CHECKPOINTS, accelerator, skip_nonfinite=rel.skip_nonfinite_steps,
@@ -182,7 +176,7 @@ def train_llava(
         "llava %s: tune=%s, template %s; trains %.2fM of %.1fM parameters (tower frozen); %d records "
         "(%d with images), %d steps of %d (micro %d x %d processes), %s",
         phase, p.tune, p.template, n_train / 1e6, sum(t.numel() for t in raw.parameters()) / 1e6, len(records),
-        sum(is_image), total_steps, p.batch_size, p.micro_batch_size, world, p.loop.precision,
+        int(records.has_image.sum()), total_steps, p.batch_size, p.micro_batch_size, world, p.loop.precision,
     )  # fmt: skip
 
     def run_heldout() -> dict[str, Any]:
@@ -219,13 +213,9 @@ def train_llava(
     if state.extra.get("heldout_before"):
         tracker.log(0, {"heldout": state.extra["heldout_before"]})
 
-    sampler = ModalityBatchSampler(
-        is_image, p.batch_size, rank, world, p.seed, state.step, total_steps, p.group_by_modality,
-        full_batches_only=deepspeed,
-    )  # fmt: skip
-    loader = DataLoader(
-        dataset, batch_sampler=sampler, num_workers=p.num_workers, collate_fn=Collator(tokenizer.pad_token_id),
-        pin_memory=torch.cuda.is_available(),
+    loader = phase_batches(
+        records, dataset, p, phase, rank=rank, world=world, start_step=state.step, total_steps=total_steps,
+        deepspeed=deepspeed, saved=state.extra.get("data"), pin_memory=torch.cuda.is_available(),
     )  # fmt: skip
     trainable = {n for n, t in raw.named_parameters() if t.requires_grad}
 
@@ -236,8 +226,12 @@ def train_llava(
     step = LlavaStep(accelerator, model, p.micro_batch_size, deepspeed, state.extra)
     # Under DeepSpeed, clipping and the update happen in backward (gradient_clipping).
     stage = Stage(f"llava {phase}", model, optimizer, scheduler, step, weights,
-                  None if deepspeed else model.parameters, samples_per_step=p.batch_size)  # fmt: skip
+                  None if deepspeed else model.parameters, samples_per_step=p.batch_size,
+                  data_state=getattr(loader, "state_dict", None))  # fmt: skip
     run.train(stage, loader, total_steps, on_step, tracker)
+    # Streamed: the records skipped while reading, all ranks', as of the last checkpoint.
+    total_records = len(records) + len(bad.skipped)  # streamed skips are among ``records``
+    bad.skipped += [(w, r) for w, r in state.extra.get("data", {}).get("skipped", [])]
 
     after = run_heldout() if world == 1 else {}
     before = state.extra.get("heldout_before", {})
@@ -279,7 +273,7 @@ def train_llava(
         # which `torch.load(weights_only=True)` loads without unpickling any code.
         torch.save(projector_state, out / "mm_projector.bin")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        write_report(out, data.records.name, len(records) + len(bad.skipped), bad.skipped)
+        write_report(out, data.records.name, total_records, bad.skipped)
     tracker.finish()
     accelerator.wait_for_everyone()
     return metrics

@@ -1,0 +1,205 @@
+"""LLaVA on webdataset shards: the same records as JSON + folder, a streamed run that resumes
+exactly mid-epoch, 2 processes on disjoint records, and a bad image named ``shard.tar:key``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from llm2clip_vlm import config_io
+from llm2clip_vlm.commands import run_llava
+from llm2clip_vlm.data.errors import DataError
+from llm2clip_vlm.data.synthetic_llava import write_llava_demo
+from llm2clip_vlm.llava import train as llava_train
+from llm2clip_vlm.llava.data import load_llava_records
+from llm2clip_vlm.llava.shards import write_llava_shards
+from llm2clip_vlm.recipe import RunConfig
+from llm2clip_vlm.text.tiny import save_tiny_llm
+from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
+
+BAD_ROW = 3  # the record whose image is broken in the "bad" shards
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("llava_stream")
+    os.environ["LLM2CLIP_VLM_CACHE"] = str(root / "cache")
+    data = root / "data"
+    write_llava_demo(data, pretrain_images=24, instruct_images=24, heldout_images=6, image_size=32)
+    pretrain = load_llava_records(data / "llava_pretrain.json")
+    write_llava_shards(pretrain, root / "shards", per_shard=6)
+    broken = [
+        dataclasses.replace(r, image=b"not an image" if i == BAD_ROW else r.image)
+        for i, r in enumerate(pretrain)
+    ]
+    write_llava_shards(broken, root / "bad", per_shard=5)
+    return {
+        "root": root,
+        "data": data,
+        "shards": root / "shards",
+        "bad": root / "bad",
+        "tower": save_random_tower(root / "tower", "clip", TowerShape(32, 8, 32, 3, 2, 64), seed=1),
+        "llm": save_tiny_llm(root / "llm", hidden_size=64, seed=2),
+    }
+
+
+def _overrides(
+    parts: dict[str, Path], data: Path, extra: list[str] = (), phase: str = "pretrain"
+) -> list[str]:
+    p = f"llava.{phase}"
+    return [
+        f"llava.tower={parts['tower']}", f"llava.llm={parts['llm']}", f"{p}.data.path={data}",
+        f"{p}.data.stream=true", f"{p}.data.shuffle_buffer=4", f"{p}.batch_size=8", f"{p}.micro_batch_size=4",
+        f"{p}.num_workers=0", f"{p}.loop.precision=fp32", f"{p}.loop.max_steps=3", f"{p}.lr=1e-3",
+        f"{p}.loop.warmup_ratio=0", f"{p}.gradient_checkpointing=false", *extra,
+    ]  # fmt: skip
+
+
+def _cfg(parts: dict[str, Path], data: Path, extra: list[str] = ()) -> RunConfig:
+    return config_io.load(RunConfig, None, _overrides(parts, data, list(extra)))
+
+
+def test_shards_hold_the_records_of_the_json_and_its_folder(parts, tmp_path: Path) -> None:
+    # The instruct split has text-only records: a shard sample without an image member.
+    from_json = load_llava_records(parts["data"] / "llava_instruct.json")
+    write_llava_shards(from_json, tmp_path / "instruct", per_shard=7, prefix="mix")
+    assert not all(from_json.has_image)
+    for path in [tmp_path / "instruct", tmp_path / "instruct" / "mix-{000000..000003}.tar"]:
+        from_shards = load_llava_records(path)
+        assert len(from_shards) == len(from_json) == 28
+        assert list(from_shards.has_image) == list(from_json.has_image)
+        for a, b in zip(from_json, from_shards, strict=True):
+            assert (a.id, a.conversations, a.extra) == (b.id, b.conversations, b.extra)
+            assert (a.image.read_bytes() if a.image else None) == b.image
+    assert ".tar:" in from_shards[0].source  # records are named shard.tar:key
+
+
+def test_a_bad_shard_record_is_named_by_shard_and_key(parts, tmp_path: Path) -> None:
+    records = list(load_llava_records(parts["data"] / "llava_pretrain.json"))
+    records[2] = dataclasses.replace(
+        records[2], conversations=[{"from": "human", "value": "no placeholder"}] * 2
+    )
+    write_llava_shards(records, tmp_path / "s", per_shard=5)
+    with pytest.raises(DataError, match=r"llava-000000\.tar:000000002.*skip_bad"):
+        load_llava_records(tmp_path / "s")
+    kept = load_llava_records(tmp_path / "s", skip_bad=True, max_bad_fraction=0.1)
+    assert len(kept) == 23 and "000000002" not in {r.source.split(" ")[0][-9:] for r in kept}
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_streamed_run_killed_mid_epoch_resumes_to_the_same_weights(
+    parts, tmp_path: Path, workers: int
+) -> None:
+    # 24 records in 4 shards, batches of 8: 3 steps an epoch; killed after step 3, resumed from
+    # the checkpoint of step 2 (mid-epoch, buffer half full) and run into the second epoch. With
+    # 2 DataLoader workers each reads its own 2 shards, batches taken from them in turn.
+    extra = ["llava.pretrain.loop.max_steps=5", "llava.pretrain.loop.save_every_steps=2",
+             f"llava.pretrain.num_workers={workers}"]  # fmt: skip
+    full = run_llava(_cfg(parts, parts["shards"], extra), tmp_path / "full", "pretrain")
+
+    def kill(step: int, loss: float) -> None:
+        if step == 3:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        run_llava(_cfg(parts, parts["shards"], extra), tmp_path / "cut", "pretrain", on_step=kill)
+    saved = json.loads((tmp_path / "cut" / "checkpoints" / "step-0000002" / "checkpoint.json").read_text())[
+        "state"
+    ]
+    # The stream position went in: 16 records read by one unit, or 8 by each of two.
+    assert saved["extra"]["data"]["units"] == ({"0": [8, 0], "1": [8, 0]} if workers else {"0": [16, 0]})
+    resumed = run_llava(_cfg(parts, parts["shards"], extra), tmp_path / "cut", "pretrain")
+    assert len(full["losses"]) == 5 and resumed["losses"] == full["losses"]
+    a = load_file(str(tmp_path / "full" / "mm_projector.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "mm_projector.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_bad_image_stops_naming_it_or_is_skipped_and_counted(parts, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"llava-000000\.tar:000000003.*skip_bad"):
+        run_llava(_cfg(parts, parts["bad"]), tmp_path / "stop", "pretrain")
+    skip = ["llava.pretrain.data.skip_bad=true", "llava.pretrain.data.max_bad_fraction=0.1"]
+    metrics = run_llava(_cfg(parts, parts["bad"], skip), tmp_path / "skip", "pretrain")
+    assert metrics["steps"] == 3 and metrics["bad_records"]["count"] == 1
+    assert metrics["bad_records"]["records"][0]["record"].endswith("llava-000000.tar:000000003")
+    listed = json.loads((tmp_path / "skip" / "bad_records.json").read_text())["bad"]
+    assert listed["records"] == 24 and listed["skipped"][0]["record"].endswith("llava-000000.tar:000000003")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    seen: list[str] = []
+
+    class Recording(llava_train.LlavaStep):  # what this rank trained on, record by record
+        def __call__(self, batch):  # type: ignore[no-untyped-def]
+            seen.extend(batch.sources)
+            return super().__call__(batch)
+
+    llava_train.LlavaStep = Recording  # type: ignore[misc]
+    run_llava(config_io.load(RunConfig, None, overrides), Path(out), "pretrain")
+    Path(out, f"seen-{rank}.json").write_text(json.dumps(seen))
+
+
+@pytest.mark.slow  # spawns 2 processes
+def test_two_processes_stream_disjoint_records(parts, tmp_path: Path) -> None:
+    out = tmp_path / "two"
+    mp.spawn(_worker, args=(2, _free_port(), _overrides(parts, parts["shards"]), str(out)), nprocs=2)
+    seen = [json.loads((out / f"seen-{r}.json").read_text()) for r in range(2)]
+    assert [len(s) for s in seen] == [12, 12]  # 3 steps x 4 records per rank
+    assert not set(seen[0]) & set(seen[1]) and len(set(seen[0] + seen[1])) == 24
+    # Each rank reads whole shards of its own (4 shards of 6 records, 2 per rank).
+    shards = [{s.split(":")[0] for s in ranks} for ranks in seen]
+    assert not shards[0] & shards[1]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and len(metrics["losses"]) == 3
+    state = json.loads(next((out / "checkpoints").glob("step-*/checkpoint.json")).read_text())["state"]
+    assert sorted(state["extra"]["data"]["units"]) == ["0", "1"]
+
+
+def test_streamed_finetune_mixes_image_and_text_only_records(parts, tmp_path: Path) -> None:
+    # The instruct split has text-only records (no image member): streamed batches mix them.
+    instruct = load_llava_records(parts["data"] / "llava_instruct.json")
+    write_llava_shards(instruct, tmp_path / "instruct", per_shard=7)
+    pre = tmp_path / "pre"
+    run_llava(_cfg(parts, parts["shards"], ["llava.pretrain.loop.max_steps=1"]), pre, "pretrain")
+    p = "llava.finetune"
+    extra = [f"{p}.batch_size=14", f"{p}.loop.max_steps=2", f"{p}.tune=projector"]
+    cfg = config_io.load(RunConfig, None, _overrides(parts, tmp_path / "instruct", extra, phase="finetune"))
+    metrics = run_llava(cfg, tmp_path / "ft", "finetune", init=pre)
+    # 2 steps of 14 = every record once, the 4 text-only ones among them.
+    assert metrics["steps"] == 2 and metrics["records"] == 28 and sum(not h for h in instruct.has_image) == 4
+    assert all(loss == loss for loss in metrics["losses"])
+
+
+def test_map_style_training_on_shards_is_training_on_the_json(parts, tmp_path: Path) -> None:
+    # Not streamed: the shard records, sampled at random like JSON ones, give the same batches.
+    off = ["llava.pretrain.data.stream=false"]
+    on_json = run_llava(
+        _cfg(parts, parts["data"] / "llava_pretrain.json", off), tmp_path / "json", "pretrain"
+    )
+    on_shards = run_llava(_cfg(parts, parts["shards"], off), tmp_path / "shards", "pretrain")
+    assert len(on_json["losses"]) == 3 and on_shards["losses"] == on_json["losses"]
+    with pytest.raises(ValueError, match=r"llava\.pretrain\.data\.stream needs webdataset shards"):
+        run_llava(_cfg(parts, parts["data"] / "llava_pretrain.json"), tmp_path / "refused", "pretrain")
