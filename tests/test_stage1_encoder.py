@@ -74,8 +74,9 @@ def test_save_load_round_trip(tiny: Path, tmp_path: Path) -> None:
     ref = ModelRef(str(tiny))
     lm = load_bidirectional(ref, with_lm_head=True)
     enc = CaptionEncoder(
-        decoder_of(lm), load_tokenizer(ref), max_length=48, instructions={"short_query": INSTR}
-    )
+        decoder_of(lm), load_tokenizer(ref), max_length=48, instructions={"short_query": INSTR},
+        pad_to_multiple_of=8,
+    )  # fmt: skip
     texts = ["a red circle", "three large orange circles and one black square near the bottom"]
     before = enc.encode(texts)
     out = enc.save_pretrained(tmp_path / "encoder")
@@ -84,6 +85,7 @@ def test_save_load_round_trip(tiny: Path, tmp_path: Path) -> None:
     assert meta["max_length"] == 48 and meta["dim"] == enc.hidden_size and meta["pooling"] == "mean"
     loaded = CaptionEncoder.from_pretrained(out, device="cpu")
     assert loaded.max_length == 48 and loaded.instructions == {"short_query": INSTR}
+    assert loaded.pad_to_multiple_of == 8  # embed pads as stage 1 did (a speed setting)
     assert torch.equal(loaded.encode(texts), before)
     assert loaded.identity() == enc.identity() == meta["identity"]
     # Different weights -> different identity.

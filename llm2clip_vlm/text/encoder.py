@@ -225,6 +225,8 @@ class CaptionEncoder(nn.Module):
         save_model(model, path)
         self.tokenizer.save_pretrained(path)
         meta = dict(self.settings(), format=FORMAT_VERSION, identity=self.identity())
+        # A speed setting, not part of the identity: padding is masked out of every embedding.
+        meta["pad_to_multiple_of"] = self.pad_to_multiple_of
         meta["weight_files"] = _weight_records(path)  # hashed once here, checked on every load
         (path / ENCODER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return path
@@ -267,6 +269,8 @@ class CaptionEncoder(nn.Module):
             int(meta["max_length"]),
             meta["instructions"],
             meta["pooling"],
+            # As stage 1 padded (encoders saved before it was recorded: 16, the default then).
+            pad_to_multiple_of=meta.get("pad_to_multiple_of", 16),
             caption_template=template,
         )
         if int(meta.get("dim", enc.hidden_size)) != enc.hidden_size:
