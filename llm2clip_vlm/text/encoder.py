@@ -46,6 +46,8 @@ def read_encoder_meta(path: Path) -> dict[str, Any]:
         return json.loads(meta_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_file}: not valid JSON ({e})") from e
+
+
 FORMAT_VERSION = 1
 
 log = get_logger(__name__)
