@@ -144,7 +144,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+def _worker(
+    rank: int, world: int, port: int, overrides: list[str], out: str, phase: str = "pretrain", init: str = ""
+) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -158,14 +160,23 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) ->
             return super().__call__(batch)
 
     llava_train.LlavaStep = Recording  # type: ignore[misc]
-    run_llava(config_io.load(RunConfig, None, overrides), Path(out), "pretrain")
+    cfg = config_io.load(RunConfig, None, overrides)
+    run_llava(cfg, Path(out), phase, **({"init": Path(init)} if init else {}))  # type: ignore[arg-type]
     Path(out, f"seen-{rank}.json").write_text(json.dumps(seen))
 
 
-@pytest.mark.slow  # spawns 2 processes
-def test_two_processes_stream_disjoint_records(parts, tmp_path: Path) -> None:
-    out = tmp_path / "two"
-    mp.spawn(_worker, args=(2, _free_port(), _overrides(parts, parts["shards"]), str(out)), nprocs=2)
+@pytest.mark.slow  # spawns 2 processes (per phase)
+@pytest.mark.parametrize("phase", ["pretrain", "finetune"])
+def test_two_processes_stream_disjoint_records(parts, tmp_path: Path, phase: str) -> None:
+    out, init = tmp_path / "two", ""
+    if phase == "finetune":  # full finetuning of the LLM, from a projector pretrained first
+        pre = tmp_path / "pre"
+        run_llava(_cfg(parts, parts["shards"], ["llava.pretrain.loop.max_steps=1"]), pre, "pretrain")
+        init = str(pre)
+    overrides = _overrides(
+        parts, parts["shards"], [f"llava.{phase}.tune=full"] if phase == "finetune" else [], phase
+    )
+    mp.spawn(_worker, args=(2, _free_port(), overrides, str(out), phase, init), nprocs=2)
     seen = [json.loads((out / f"seen-{r}.json").read_text()) for r in range(2)]
     assert [len(s) for s in seen] == [12, 12]  # 3 steps x 4 records per rank
     assert not set(seen[0]) & set(seen[1]) and len(set(seen[0] + seen[1])) == 24
