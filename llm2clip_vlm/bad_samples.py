@@ -91,8 +91,6 @@ class MidRunBadImages:
 
     def add(self, failures: Iterable[str]) -> None:
         """Apply the policy to one batch's reported failures (raises DataError to stop)."""
-        from llm2clip_vlm.data.errors import DataError
-
         known = {r for r, _ in self.seen}
         new: list[tuple[str, str]] = []
         for item in failures:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from llm2clip_vlm.data.config import DataConfig
 from llm2clip_vlm.hub.config import HubConfig
 from llm2clip_vlm.llava.config import LlavaConfig
+from llm2clip_vlm.progress import configure_lines
 from llm2clip_vlm.reliability import ReliabilityConfig
 from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.text.config import Stage1Config
@@ -30,8 +31,6 @@ class RuntimeConfig:
 
 def apply_runtime(runtime: RuntimeConfig) -> None:
     """Apply ``runtime`` to this process (called once a command has resolved its config)."""
-    from llm2clip_vlm.progress import configure_lines
-
     if runtime.threads < 0:
         raise ValueError(f"runtime.threads must be >= 0, got {runtime.threads}")
     configure_lines(runtime.progress_seconds, runtime.progress_steps)

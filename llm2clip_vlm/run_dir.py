@@ -25,6 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from llm2clip_vlm import config_io
 from llm2clip_vlm.errors import RunDirError
 
 OWNER_FILE = "run.json"
@@ -122,10 +125,6 @@ def check(out: str | Path, command: str, cfg: Any = None, *, allow_config_change
         RunDirError: ``out`` is a file, belongs to another command, or holds work made with
             another config.
     """
-    import yaml
-
-    from llm2clip_vlm import config_io
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--output {out} is a file, not a directory: give a directory path")

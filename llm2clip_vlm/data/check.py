@@ -39,6 +39,7 @@ from llm2clip_vlm.data.images import interrupted_check
 from llm2clip_vlm.data.index import cache_root
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
+from llm2clip_vlm.training.checkpoint import GracefulExit
 
 log = get_logger(__name__)
 
@@ -88,7 +89,6 @@ def check_images(
     status = np.zeros(n, dtype=np.uint8)
     reasons: dict[int, tuple[str, str]] = {}
     todo = [(start + k) % chunks for k in range(chunks)] if chunks else []
-    from llm2clip_vlm.training.checkpoint import GracefulExit  # torch: only when checking
 
     decoded = 0
     # SIGTERM/SIGINT stop the check at the next image with a message (and 128 + signal), rather

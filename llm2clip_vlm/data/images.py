@@ -134,7 +134,7 @@ def find_bad_images(
         except DataError as e:
             return e
 
-    from llm2clip_vlm.training.checkpoint import GracefulExit
+    from llm2clip_vlm.training.checkpoint import GracefulExit  # lazy: torch, on --help's path
 
     good: list[int] = []
     # SIGTERM/SIGINT stop the check at the next image with a message (and 128 + signal), rather
@@ -161,7 +161,7 @@ def find_bad_images(
 def interrupted_check(signum: int, description: str) -> Exception:
     import signal
 
-    from llm2clip_vlm.training.checkpoint import TrainingInterrupted
+    from llm2clip_vlm.training.checkpoint import TrainingInterrupted  # lazy: torch, on --help's path
 
     e = TrainingInterrupted(signum, None)
     name = signal.Signals(signum).name

@@ -21,6 +21,7 @@ from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.text.modeling import quantization_config, resolve_model_ref
 from llm2clip_vlm.tower.backbones import TowerFormat, detect_tower_format, resolve_tower_path
 from llm2clip_vlm.training.checkpoint import from_pretrained_kwargs
+from llm2clip_vlm.weights import require_safetensors
 
 log = get_logger(__name__)
 
@@ -132,8 +133,6 @@ def build_llava_model(
 
     lm_kwargs: dict[str, Any] = dict(ref.kwargs(), dtype=dtype or "auto")
     if not ref.gguf_file:  # a GGUF file is no pickle; transformers reads it itself
-        from llm2clip_vlm.weights import require_safetensors
-
         require_safetensors(ref.path, allow_pickle, what="LLM")
         lm_kwargs.update(from_pretrained_kwargs(allow_pickle))
     qconfig = quantization_config(quantization, dtype or torch.float32)

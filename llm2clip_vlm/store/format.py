@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from llm2clip_vlm.data.captions import captions_only
 from llm2clip_vlm.data.records import ImageCaptions
 
 FORMAT = "llm2clip-embedding-store"
@@ -131,8 +132,6 @@ def caption_table(records: Sequence[ImageCaptions]) -> CaptionTable:
         StoreInputError: a caption is empty, not a string, or of an unknown kind (the message
             names the record's key, its source and the caption's position).
     """
-    from llm2clip_vlm.data.captions import captions_only
-
     records = captions_only(records)  # shard records: no image bytes read
     kinds = array.array("B")
     digests = bytearray()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from llm2clip_vlm.data.captions import caption_counts, captions_only
 from llm2clip_vlm.data.records import ImageCaptions
 from llm2clip_vlm.store import format as fmt
 
@@ -295,8 +296,6 @@ def _check_captions(path: Path, m: dict[str, Any], captions: Sequence[ImageCapti
 
 def _check_caption_sample(path: Path, m: dict[str, Any], captions: Sequence[ImageCaptions]) -> None:
     """The cheap caption check: every image's caption count, and a sample of rows and keys."""
-    from llm2clip_vlm.data.captions import caption_counts, captions_only
-
     counts = caption_counts(captions)
     captions = captions_only(captions)  # the sampled records' texts and keys; no image is read
     rows = int(counts.sum())

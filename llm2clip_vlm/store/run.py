@@ -17,6 +17,7 @@ from llm2clip_vlm.data.config import DataConfig
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.store.config import EmbedConfig
+from llm2clip_vlm.store.format import PLAN
 from llm2clip_vlm.store.store import EmbeddingStore, write_store
 from llm2clip_vlm.text.encoder import ENCODER_FILE, CaptionEncoder
 from llm2clip_vlm.training import dist
@@ -127,8 +128,6 @@ def _drop_if_other_encoder(path: Path, identity: str) -> None:
     ``embed.encoder`` path is a config change, refused before this by the run directory check).
     """
     import shutil
-
-    from llm2clip_vlm.store.format import PLAN
 
     plan = path / PLAN
     if not plan.is_file():

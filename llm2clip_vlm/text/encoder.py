@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from llm2clip_vlm.identity import file_sha256, folder_files
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
 from llm2clip_vlm.text.modeling import ModelRef, load_bidirectional, load_tokenizer, save_model
@@ -287,8 +288,6 @@ class CaptionEncoder(nn.Module):
 
 
 def _weight_records(path: Path) -> dict[str, dict[str, Any]]:
-    from llm2clip_vlm.identity import file_sha256, folder_files
-
     records = {}
     for f in folder_files(path, (".safetensors", ".bin", ".gguf")):
         st = f.stat()
@@ -333,8 +332,6 @@ def encoder_identity(path: str | Path) -> str:
 
 def _weight_records_quick(path: Path, recorded: dict[str, dict[str, Any]]) -> dict[str, str]:
     """``{file: sha256}`` of the weight files now in ``path``; unchanged size+mtime reuse the record."""
-    from llm2clip_vlm.identity import file_sha256, folder_files
-
     out = {}
     for f in folder_files(path, (".safetensors", ".bin", ".gguf")):
         st, rec = f.stat(), recorded.get(f.name, {})

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.weights import require_safetensors
 
 log = get_logger(__name__)
 
@@ -165,8 +166,6 @@ def load_bidirectional(
         ref.kwargs(), config=config, dtype=dtype, attn_implementation=attn_implementation
     )
     if not ref.gguf_file and not allow_pickle:
-        from llm2clip_vlm.weights import require_safetensors
-
         # A pickle can run code when loaded: refuse pytorch_model.bin unless explicitly allowed.
         require_safetensors(ref.path, allow_pickle, what="LLM")
         kwargs["use_safetensors"] = True

@@ -24,6 +24,8 @@ from typing import Any
 
 from torch import nn
 
+from llm2clip_vlm.tower.timm_tower import load_timm_config, load_timm_model
+
 PREFIX = "llm2clip:"
 
 
@@ -161,8 +163,6 @@ register_tower_format(
 
 
 def _timm_config(path: Path) -> Any:
-    from llm2clip_vlm.tower.timm_tower import load_timm_config
-
     return load_timm_config(path)
 
 
@@ -175,8 +175,6 @@ def _clip_image_processor(path: Path) -> Any:
 
 
 def _timm_model(path: Path, device_map: Any) -> nn.Module:
-    from llm2clip_vlm.tower.timm_tower import load_timm_model
-
     return load_timm_model(path, device_map)
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from llm2clip_vlm.training.checkpoint import from_pretrained_kwargs
 from llm2clip_vlm.vision.config import VisionBackboneConfig
+from llm2clip_vlm.weights import require_safetensors
 
 # OpenAI CLIP's normalisation; SigLIP uses 0.5/0.5 (its processor's own default).
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -107,8 +108,6 @@ def create_backbone(cfg: VisionBackboneConfig, *, allow_pickle: bool = False) ->
         ValueError: unknown kind (the message lists the registered ones).
         PickleRefusedError: pickle-only weights without ``allow_pickle``.
     """
-    from llm2clip_vlm.weights import require_safetensors
-
     if cfg.kind not in _REGISTRY:
         raise ValueError(f"unknown vision backbone {cfg.kind!r}; known: {', '.join(known_backbones())}")
     if cfg.name_or_path:
