@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llm2clip_vlm.data.records import ImageCaptions
+from llm2clip_vlm.text.modeling import load_tokenizer, resolve_model_ref
 
 if TYPE_CHECKING:  # the recipe schema stays above this module (type hints only)
     from llm2clip_vlm.recipe import RunConfig
@@ -70,8 +71,6 @@ def llm_shape(model: str) -> LLMShape | None:
     try:
         from transformers import AutoConfig
 
-        from llm2clip_vlm.text.modeling import resolve_model_ref
-
         ref = resolve_model_ref(model)
         kw = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
         c = AutoConfig.from_pretrained(ref.path, **kw)
@@ -100,8 +99,6 @@ def estimate_build(
     rate: float | None = None,
 ) -> dict[str, float] | None:
     """Seconds per stage (``stage1``, ``embed``, ``stage2``, ``total``); None if the LLM is unknown."""
-    from llm2clip_vlm.text.modeling import load_tokenizer, resolve_model_ref
-
     shape = llm_shape(cfg.stage1.model)
     if shape is None or not train:
         return None

@@ -42,9 +42,13 @@ from typing import Any
 
 from llm2clip_vlm import config_io
 from llm2clip_vlm.commands import run_embed, run_export, run_stage1, run_stage2
-from llm2clip_vlm.data.captions import ensure_demo_data
+from llm2clip_vlm.data import resolve_data
+from llm2clip_vlm.data.captions import demo_set_configs, ensure_demo_data, expand_braces
+from llm2clip_vlm.estimate import estimate_build, format_estimate
+from llm2clip_vlm.identity import files_identity, folder_files
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.recipe import RunConfig
+from llm2clip_vlm.text.encoder import encoder_identity
 from llm2clip_vlm.training import dist
 
 log = get_logger(__name__)
@@ -82,8 +86,6 @@ def data_files(cfg: RunConfig) -> list[str]:
     """
     import glob
 
-    from llm2clip_vlm.data.captions import demo_set_configs, expand_braces
-
     d = cfg.data
     sets = [d.train, *d.heldout.values()]
     if not d.train.path and d.demo_dir:
@@ -102,15 +104,11 @@ def data_files(cfg: RunConfig) -> list[str]:
 
 def stage_inputs(cfg: RunConfig, stage: str, dirs: dict[str, Path]) -> dict[str, Any]:
     """The identities of what ``stage`` reads besides its config (see the module docstring)."""
-    from llm2clip_vlm.identity import files_identity, folder_files
-
     mode = cfg.reliability.input_identity
     inputs: dict[str, Any] = {"data": files_identity(data_files(cfg), mode)}
     if stage == "stage1" and Path(cfg.stage1.model).is_dir():
         inputs["base_model"] = files_identity(folder_files(cfg.stage1.model), mode)
     if stage in ("embed", "stage2"):
-        from llm2clip_vlm.text.encoder import encoder_identity
-
         encoder = dirs["stage1"] / "encoder"
         inputs["encoder"] = encoder_identity(encoder) if encoder.is_dir() else "missing"
     if stage == "stage2":
@@ -243,9 +241,6 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
 def _log_estimate(cfg: RunConfig, output_dir: Path) -> None:
     """Log how long the whole build should take here (see :mod:`llm2clip_vlm.estimate`)."""
     import torch
-
-    from llm2clip_vlm.data import resolve_data
-    from llm2clip_vlm.estimate import estimate_build, format_estimate
 
     train, heldout = resolve_data(cfg.data, output_dir / "stage1")
     est = estimate_build(cfg, list(train), {k: list(v) for k, v in heldout.items()})

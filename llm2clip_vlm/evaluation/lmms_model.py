@@ -38,6 +38,8 @@ from llm2clip_vlm.evaluation.prompt import (
 from llm2clip_vlm.llava.data import expand_to_square
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
+from llm2clip_vlm.training.checkpoint import from_pretrained_kwargs
+from llm2clip_vlm.weights import require_safetensors
 
 log = get_logger(__name__)
 
@@ -165,7 +167,6 @@ class LLM2CLIPLlava(lmms):
                 f"{MODEL_ID}: image_aspect_ratio must be pad or original, got {image_aspect_ratio!r}"
             )
         self.allow_pickle = str(allow_pickle_weights).lower() in ("true", "1", "yes")
-        from llm2clip_vlm.weights import require_safetensors
 
         # Before anything loads: a pickle-only model is refused with a message naming the opt-in.
         require_safetensors(path, self.allow_pickle, what=MODEL_ID)
@@ -199,8 +200,6 @@ class LLM2CLIPLlava(lmms):
         model = self.__dict__.get("_model")
         if model is None:
             from transformers import LlavaForConditionalGeneration
-
-            from llm2clip_vlm.training.checkpoint import from_pretrained_kwargs
 
             kwargs: dict[str, Any] = {"dtype": self.dtype, **from_pretrained_kwargs(self.allow_pickle)}
             if self.attn_implementation:

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm2clip_vlm.evaluation.local_tasks import write_local_tasks
 from llm2clip_vlm.evaluation.report import extract_metrics, load_results_file, markdown_table
+from llm2clip_vlm.evaluation.synthetic_tasks import write_eval_data
 from llm2clip_vlm.logging import get_logger
 
 log = get_logger(__name__)
@@ -90,8 +92,6 @@ def resolve_tasks(options: EvalOptions, output: Path) -> tuple[list[str], Any, s
     """
     from lmms_eval.tasks import TaskManager
 
-    from llm2clip_vlm.evaluation.local_tasks import write_local_tasks
-
     if options.data_dir is None:
         if not hub_reachable():
             raise EvalSetupError(
@@ -105,8 +105,6 @@ def resolve_tasks(options: EvalOptions, output: Path) -> tuple[list[str], Any, s
     rank = int(os.environ.get("RANK", "0"))
     suffix = f".rank{rank}" if rank else ""
     if options.data_dir == DEMO:
-        from llm2clip_vlm.evaluation.synthetic_tasks import write_eval_data
-
         data_dir = output / f"eval-data{suffix}"
         counts = write_eval_data(data_dir, seed=options.seed)
         log.info("demo data (synthetic world) in %s: %s", data_dir, counts)

@@ -13,6 +13,9 @@ import tempfile
 from pathlib import Path
 
 from llm2clip_vlm.evaluation.prompt import TEMPLATE_FILE, VICUNA_SYSTEM
+from llm2clip_vlm.llava.assemble import build_llava_model
+from llm2clip_vlm.text.tiny import save_tiny_llm
+from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
 
 
 def save_tiny_llava(path: str | Path, seed: int = 0, template: str = "vicuna_v1") -> Path:
@@ -21,10 +24,6 @@ def save_tiny_llava(path: str | Path, seed: int = 0, template: str = "vicuna_v1"
     Returns:
         ``path``.
     """
-    from llm2clip_vlm.llava.assemble import build_llava_model
-    from llm2clip_vlm.text.tiny import save_tiny_llm
-    from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
-
     path = Path(path)
     shape = TowerShape(
         image_size=32, patch_size=8, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64

@@ -31,6 +31,10 @@ from torch import nn
 
 from llm2clip_vlm.imports.checkpoint import ImportRefused, load_tensors, read_json, safetensors_files
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.text.config import Stage1Config
+from llm2clip_vlm.text.encoder import CaptionEncoder
+from llm2clip_vlm.text.modeling import ModelRef, load_tokenizer
+from llm2clip_vlm.text.pooling import resolve_caption_template
 
 log = get_logger(__name__)
 
@@ -148,11 +152,6 @@ def import_encoder(
     Returns:
         ``{"path", "identity", "hidden_size", "caption_template", "adapters"}``.
     """
-    from llm2clip_vlm.text.config import Stage1Config
-    from llm2clip_vlm.text.encoder import CaptionEncoder
-    from llm2clip_vlm.text.modeling import ModelRef, load_tokenizer
-    from llm2clip_vlm.text.pooling import resolve_caption_template
-
     src, out = Path(src), Path(out)
     l2v = src / "llm2vec_config.json"
     if l2v.is_file():

@@ -25,8 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from llm2clip_vlm.data.captions import load_caption_set
+from llm2clip_vlm.data.config import CaptionSetConfig
 from llm2clip_vlm.imports.checkpoint import ImportRefused, read_json
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.store.config import EmbedConfig
+from llm2clip_vlm.store.store import write_store
+from llm2clip_vlm.text.encoder import ENCODER_FILE
+from llm2clip_vlm.text.modeling import ModelRef, load_tokenizer
 
 log = get_logger(__name__)
 
@@ -140,11 +146,6 @@ def import_sidecars(
     Returns:
         ``{"path", "rows", "images", "dim", "identity"}``.
     """
-    from llm2clip_vlm.data.captions import load_caption_set
-    from llm2clip_vlm.data.config import CaptionSetConfig
-    from llm2clip_vlm.store.config import EmbedConfig
-    from llm2clip_vlm.store.store import write_store
-
     paths = [Path(s) for s in shards if not str(s).endswith(SUFFIX)]
     if not paths:
         raise ImportRefused("no image shards given (x.tar, with x_text_embeddings.tar beside it)")
@@ -179,9 +180,6 @@ def import_sidecars(
     tokenizer: Any = _WordCounts()
     identity = "official-sidecars:" + digest.hexdigest()
     if encoder is not None:
-        from llm2clip_vlm.text.encoder import ENCODER_FILE
-        from llm2clip_vlm.text.modeling import ModelRef, load_tokenizer
-
         meta = read_json(Path(encoder) / ENCODER_FILE)
         if int(meta.get("dim", -1)) != matrix.shape[1]:
             raise ImportRefused(

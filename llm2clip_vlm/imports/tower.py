@@ -39,6 +39,9 @@ from llm2clip_vlm.imports.checkpoint import (
     safetensors_files,
 )
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.vision.backbones import CLIP_MEAN, CLIP_STD
+from llm2clip_vlm.vision.config import VisionBackboneConfig
+from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
 
 log = get_logger(__name__)
 
@@ -155,10 +158,6 @@ def import_tower(src: str | Path, out: str | Path, dtype: str | None = None) -> 
         ImportRefused: the directory is not in the expected layout (names the key or tensor).
     """
     from transformers import CLIPImageProcessor, CLIPVisionModel
-
-    from llm2clip_vlm.vision.backbones import CLIP_MEAN, CLIP_STD
-    from llm2clip_vlm.vision.config import VisionBackboneConfig
-    from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
 
     src, out = Path(src), Path(out)
     cfg_file = src / "config.json"
@@ -289,8 +288,6 @@ def _verify(
 ) -> None:
     """Read the written files back (plain transformers for the tower) and compare every tensor."""
     from transformers import CLIPVisionModel
-
-    from llm2clip_vlm.vision.model import LLM2CLIP
 
     reloaded = CLIPVisionModel.from_pretrained(tower_dir)
     loaded = getattr(reloaded, "vision_model", reloaded).state_dict()

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llm2clip_vlm.adapters.llava.tower import LLM2CLIPVisionTower
 from llm2clip_vlm.tower.backbones import PREFIX
 
 BUILDER_MODULE = "llava.model.multimodal_encoder.builder"
@@ -48,8 +49,6 @@ def make_builder(original: Callable[..., Any]) -> Callable[..., Any]:
     def build_vision_tower(vision_tower_cfg: Any, **kwargs: Any) -> Any:
         name = tower_name(vision_tower_cfg)
         if isinstance(name, str) and name.startswith(PREFIX):
-            from llm2clip_vlm.adapters.llava.tower import LLM2CLIPVisionTower
-
             return LLM2CLIPVisionTower(name, args=vision_tower_cfg, **kwargs)
         return original(vision_tower_cfg, **kwargs)
 
