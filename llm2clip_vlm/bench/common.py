@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from llm2clip_vlm.bench.harness import resolve_device
 from llm2clip_vlm.data.records import Caption, ImageCaptions
+from llm2clip_vlm.data.synthetic import (
+    LONG_PER_IMAGE,
+    SHORT_PER_IMAGE,
+    long_captions,
+    random_scene,
+    short_captions,
+)
 
 
 @dataclass(frozen=True)
@@ -70,8 +78,6 @@ def resolve_run(preset: str, p: Any, device: str | None, warmup: int | None, rep
     Raises:
         RuntimeError: a CUDA device was asked for and there is none.
     """
-    from llm2clip_vlm.bench.harness import resolve_device
-
     dev = resolve_device(device or p.device)
     check_device(dev, preset)
     return dev, p.warmup if warmup is None else warmup, p.repeats if repeats is None else repeats
@@ -97,14 +103,6 @@ def demo_captions(n_images: int, seed: int = 0) -> list[ImageCaptions]:
     The same generator as :mod:`llm2clip_vlm.data.synthetic` (3 short + 2 long captions per
     image), without drawing or writing images.
     """
-    from llm2clip_vlm.data.synthetic import (
-        LONG_PER_IMAGE,
-        SHORT_PER_IMAGE,
-        long_captions,
-        random_scene,
-        short_captions,
-    )
-
     rng = random.Random(seed)
     records = []
     for i in range(n_images):

@@ -35,7 +35,25 @@ from typing import Any
 
 import numpy as np
 
-from llm2clip_vlm.bench.harness import BenchReport, Timing, device_name, resolve_device
+from llm2clip_vlm.bench.harness import (
+    BenchReport,
+    Timing,
+    current_peak_rss,
+    device_name,
+    reset_peak_rss,
+    resolve_device,
+)
+from llm2clip_vlm.data.captions import index_caption_set, load_caption_set, open_image
+from llm2clip_vlm.data.check import check_caption_images
+from llm2clip_vlm.data.config import CaptionSetConfig
+from llm2clip_vlm.data.errors import BadRecords
+from llm2clip_vlm.data.images import load_rgb
+from llm2clip_vlm.data.records import keep_captions
+from llm2clip_vlm.data.stream import ShardStream
+from llm2clip_vlm.llava.data import load_llava_records
+from llm2clip_vlm.store.config import EmbedConfig
+from llm2clip_vlm.store.store import EmbeddingStore, write_store
+from llm2clip_vlm.vision.data import Stage2TrainData, train_loader
 
 
 @dataclass(frozen=True)
@@ -158,8 +176,6 @@ def _baseline() -> int:
     import pyarrow.parquet  # noqa: F401
     import torch  # noqa: F401
 
-    from llm2clip_vlm.bench.harness import reset_peak_rss
-
     reset_peak_rss()
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
@@ -176,16 +192,10 @@ def _rss_parts() -> dict[str, int]:
 
 
 def _maxrss() -> int:
-    from llm2clip_vlm.bench.harness import current_peak_rss
-
     return current_peak_rss() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _child_read(reader: str, path: str) -> dict[str, Any]:
-    from llm2clip_vlm.data.captions import load_caption_set
-    from llm2clip_vlm.data.config import CaptionSetConfig
-    from llm2clip_vlm.llava.data import load_llava_records
-
     base = _baseline()
     t0 = time.perf_counter()
     if reader == "llava":
@@ -221,11 +231,6 @@ class _FakeEncoder:
 
 
 def _child_store(path: str, store: str) -> dict[str, Any]:
-    from llm2clip_vlm.data.captions import load_caption_set
-    from llm2clip_vlm.data.config import CaptionSetConfig
-    from llm2clip_vlm.store.config import EmbedConfig
-    from llm2clip_vlm.store.store import write_store
-
     cs = load_caption_set(CaptionSetConfig(path=path, key_column="key", caption_columns=CAPTIONS))
     base = _baseline()
     t0 = time.perf_counter()
@@ -241,14 +246,6 @@ def _child_store(path: str, store: str) -> dict[str, Any]:
 def _child_stage2(path: str, store: str, stream: bool) -> dict[str, Any]:
     """Stage-2 start-up of the data path, up to the first batch (index, check cache warm)."""
     import torch
-
-    from llm2clip_vlm.data.captions import load_caption_set, open_image
-    from llm2clip_vlm.data.check import check_caption_images
-    from llm2clip_vlm.data.config import CaptionSetConfig
-    from llm2clip_vlm.data.errors import BadRecords
-    from llm2clip_vlm.data.records import keep_captions
-    from llm2clip_vlm.store.store import EmbeddingStore
-    from llm2clip_vlm.vision.data import Stage2TrainData, train_loader
 
     def processor(images: Any, return_tensors: str) -> dict[str, Any]:
         return {"pixel_values": torch.zeros(1, 3, 8, 8)}
@@ -285,10 +282,6 @@ def _child_stage2(path: str, store: str, stream: bool) -> dict[str, Any]:
 
 def _child_verify(path: str, store: str) -> dict[str, Any]:
     """The full store check (``verify-store`` plus every caption against the data)."""
-    from llm2clip_vlm.data.captions import load_caption_set
-    from llm2clip_vlm.data.config import CaptionSetConfig
-    from llm2clip_vlm.store.store import EmbeddingStore
-
     cs = load_caption_set(CaptionSetConfig(path=path, key_column="key", caption_columns=CAPTIONS))
     base = _baseline()
     t0 = time.perf_counter()
@@ -299,11 +292,6 @@ def _child_verify(path: str, store: str) -> dict[str, Any]:
 def _child_throughput(shard_dir: str, images: int) -> dict[str, Any]:
     """Images/s of one worker: read from a shard, decode a 384 px JPEG, CLIP-process at 336 px."""
     from transformers import CLIPImageProcessor
-
-    from llm2clip_vlm.data.captions import index_caption_set
-    from llm2clip_vlm.data.config import CaptionSetConfig
-    from llm2clip_vlm.data.images import load_rgb
-    from llm2clip_vlm.data.stream import ShardStream
 
     proc = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     index = index_caption_set(CaptionSetConfig(path=shard_dir))

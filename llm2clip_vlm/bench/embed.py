@@ -43,6 +43,10 @@ from llm2clip_vlm.bench.harness import (
     peak_mb,
 )
 from llm2clip_vlm.data.records import Caption, ImageCaptions
+from llm2clip_vlm.store.config import EmbedConfig
+from llm2clip_vlm.store.writer import bucket_batches, write_store
+from llm2clip_vlm.text.encoder import CaptionEncoder
+from llm2clip_vlm.text.modeling import bidirectional_from_config
 from llm2clip_vlm.training.optim import DTYPES
 
 TARGET_PADDING_SHARE = 0.10
@@ -107,11 +111,6 @@ def run(
     Raises:
         RuntimeError: a CUDA device was asked for and there is none.
     """
-    from llm2clip_vlm.store.config import EmbedConfig
-    from llm2clip_vlm.store.writer import bucket_batches, write_store
-    from llm2clip_vlm.text.encoder import CaptionEncoder
-    from llm2clip_vlm.text.modeling import bidirectional_from_config
-
     p = PRESETS[preset]
     dev, warmup, repeats = resolve_run(preset, p, device, warmup, repeats)
 

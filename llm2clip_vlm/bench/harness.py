@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from llm2clip_vlm.progress import make_progress
+
 
 @dataclass
 class Timing:
@@ -150,8 +152,6 @@ def measure(
     it), which includes everything resident at the time (other variants' models too).
     """
     from rich.console import Console
-
-    from llm2clip_vlm.progress import make_progress
 
     names = list(fns)
     for _ in range(warmup):

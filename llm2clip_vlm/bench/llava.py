@@ -34,7 +34,9 @@ from llm2clip_vlm.bench.common import (
     resolve_run,
 )
 from llm2clip_vlm.bench.harness import BenchReport, cpu_threads, device_name, measure, peak_mb
-from llm2clip_vlm.tower.synthetic import VIT_L_14_336, TowerShape
+from llm2clip_vlm.llava.assemble import build_llava_model
+from llm2clip_vlm.text.tiny import save_tiny_llm
+from llm2clip_vlm.tower.synthetic import VIT_L_14_336, TowerShape, save_random_tower
 from llm2clip_vlm.training.optim import DTYPES
 
 VARIANTS = ("pretrain", "finetune-full", "finetune-lora")
@@ -82,10 +84,6 @@ PRESETS: dict[str, LlavaPreset] = {
 
 
 def _tiny_builder(p: LlavaPreset, tmp: Path) -> Callable[[], Any]:
-    from llm2clip_vlm.llava.assemble import build_llava_model
-    from llm2clip_vlm.text.tiny import save_tiny_llm
-    from llm2clip_vlm.tower.synthetic import save_random_tower
-
     tower = save_random_tower(tmp / "tower", "clip", p.tower, seed=0)
     llm = save_tiny_llm(tmp / "llm", hidden_size=p.llm.hidden_size, layers=p.llm.num_layers)
     return lambda: build_llava_model(tower, llm, dtype=DTYPES[p.dtype])[0]

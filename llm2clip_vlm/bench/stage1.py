@@ -36,6 +36,12 @@ from llm2clip_vlm.bench.harness import (
     measure,
     peak_mb,
 )
+from llm2clip_vlm.text.config import LoraConfig, Stage1Config
+from llm2clip_vlm.text.lora import wrap_lora
+from llm2clip_vlm.text.modeling import ModelRef, bidirectional_from_config, load_bidirectional
+from llm2clip_vlm.text.pooling import tokenize
+from llm2clip_vlm.text.simcse import SimCSEBatches, embed_triplets
+from llm2clip_vlm.training.losses import SupervisedSimCSELoss
 from llm2clip_vlm.training.optim import DTYPES
 
 
@@ -74,8 +80,6 @@ PRESETS: dict[str, Stage1Preset] = {
 
 def step_tokens(tokenizer: Any, triplets: list[Any], s: Any) -> tuple[int, int]:
     """(real, computed) tokens of one step, chunked and padded exactly as ``embed_triplets`` does."""
-    from llm2clip_vlm.text.pooling import tokenize
-
     items = [(t.query, t.instruction) for t in triplets] + [(t.positive, None) for t in triplets]
     items += [(t.negative, None) for t in triplets if t.negative is not None]
     items.sort(key=lambda it: len(it[0]) + len(it[1] or ""))
@@ -103,12 +107,6 @@ def run(
     Raises:
         RuntimeError: a CUDA device was asked for and there is none.
     """
-    from llm2clip_vlm.text.config import LoraConfig, Stage1Config
-    from llm2clip_vlm.text.lora import wrap_lora
-    from llm2clip_vlm.text.modeling import bidirectional_from_config
-    from llm2clip_vlm.text.simcse import SimCSEBatches, embed_triplets
-    from llm2clip_vlm.training.losses import SupervisedSimCSELoss
-
     p = PRESETS[preset]
     dev, warmup, repeats = resolve_run(preset, p, device, warmup, repeats)
 
@@ -201,8 +199,6 @@ def run(
 
 def _quantized_copy(base: torch.nn.Module, tmp: str, p: Stage1Preset, dev: torch.device) -> Any:
     """The same weights loaded 4-bit (NF4) via the package's loader, or why that is not possible."""
-    from llm2clip_vlm.text.modeling import ModelRef, load_bidirectional
-
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:  # pragma: no cover - bitsandbytes is a dependency

@@ -43,7 +43,15 @@ from llm2clip_vlm.bench.harness import (
     paired_ratio,
     peak_mb,
 )
+from llm2clip_vlm.text.config import Stage1Config
+from llm2clip_vlm.text.encoder import CaptionEncoder
+from llm2clip_vlm.text.lora import wrap_lora
+from llm2clip_vlm.text.modeling import bidirectional_from_config
+from llm2clip_vlm.training.losses import ClipLoss
 from llm2clip_vlm.training.optim import DTYPES
+from llm2clip_vlm.vision.config import Stage2Config, VisionBackboneConfig
+from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
+from llm2clip_vlm.vision.train import build_param_groups
 
 TARGET_VS_LORA = 4.0
 TARGET_VS_ONLINE = 3.0
@@ -138,10 +146,6 @@ def _batch_captions(n: int, long_ratio: float, seed: int = 0) -> list[str]:
 
 
 def _make_clip(p: Stage2Preset, dev: torch.device) -> Any:
-    from llm2clip_vlm.vision.config import Stage2Config, VisionBackboneConfig
-    from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
-    from llm2clip_vlm.vision.train import build_param_groups
-
     backbone = VisionBackboneConfig(
         kind="clip",
         image_size=p.vit.image_size,
@@ -172,12 +176,6 @@ def run(
     Raises:
         RuntimeError: a CUDA device was asked for and there is none.
     """
-    from llm2clip_vlm.text.config import Stage1Config
-    from llm2clip_vlm.text.encoder import CaptionEncoder
-    from llm2clip_vlm.text.lora import wrap_lora
-    from llm2clip_vlm.text.modeling import bidirectional_from_config
-    from llm2clip_vlm.training.losses import ClipLoss
-
     p = PRESETS[preset]
     dev, warmup, repeats = resolve_run(preset, p, device, warmup, repeats)
     autocast = p.dtype != "fp32"

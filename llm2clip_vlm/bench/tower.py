@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from llm2clip_vlm.adapters.llava.tower import LLM2CLIPVisionTower
 from llm2clip_vlm.bench.harness import (
     BenchReport,
     device_name,
@@ -73,8 +74,6 @@ def run(
     Raises:
         RuntimeError: a CUDA device was asked for and there is none.
     """
-    from llm2clip_vlm.adapters.llava.tower import LLM2CLIPVisionTower
-
     p = PRESETS[preset]
     dev = resolve_device(device or p.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
