@@ -1,6 +1,6 @@
 """The package's shape: every module imports, the import graph has no cycle (function-local
-imports included), the recipe schema stays above the stages, no private names cross modules, and
-the trainers stay small."""
+imports included), the package's own modules are imported at module level, the recipe schema stays
+above the stages, no private names cross modules, and the trainers stay small."""
 
 from __future__ import annotations
 
@@ -165,3 +165,31 @@ def test_bench_is_outside_the_core_import_graph() -> None:
         if name.startswith(f"{PACKAGE}.bench"):
             text = MODULES[name].read_text()
             assert "issue " not in text.lower() and "SPEC section" not in text, name
+
+
+# Import lazily: the CLI (so ``--help`` stays fast) and errors.py (importable from anywhere).
+LAZY_IMPORTERS = {f"{PACKAGE}.cli", f"{PACKAGE}.errors"}
+
+
+def test_own_modules_are_imported_at_module_level() -> None:
+    """A function-local import of the package's own modules needs a ``# lazy: why`` comment."""
+    offenders = set()
+    for name, path in MODULES.items():
+        if name in LAZY_IMPORTERS:
+            continue
+        source = path.read_text()
+        lines = source.splitlines()
+        for fn in ast.walk(ast.parse(source)):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    own = any(a.name.split(".")[0] == PACKAGE for a in node.names)
+                elif isinstance(node, ast.ImportFrom):
+                    own = node.level > 0 or (node.module or "").split(".")[0] == PACKAGE
+                else:
+                    continue
+                text = "\n".join(lines[node.lineno - 1 : node.end_lineno])
+                if own and "# lazy:" not in text:
+                    offenders.add(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, f"import these at module level (or say why not with '# lazy:'): {sorted(offenders)}"
