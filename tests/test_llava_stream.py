@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from dist_env import free_port, join_as_rank
 from safetensors.torch import load_file
 
 from llm2clip_vlm import config_io
@@ -138,19 +138,10 @@ def test_a_bad_image_stops_naming_it_or_is_skipped_and_counted(parts, tmp_path: 
     assert listed["records"] == 24 and listed["skipped"][0]["record"].endswith("llava-000000.tar:000000003")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(
     rank: int, world: int, port: int, overrides: list[str], out: str, phase: str = "pretrain", init: str = ""
 ) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
+    join_as_rank(rank, world, port)
     torch.set_num_threads(1)
     seen: list[str] = []
 
@@ -176,7 +167,7 @@ def test_two_processes_stream_disjoint_records(parts, tmp_path: Path, phase: str
     overrides = _overrides(
         parts, parts["shards"], [f"llava.{phase}.tune=full"] if phase == "finetune" else [], phase
     )
-    mp.spawn(_worker, args=(2, _free_port(), overrides, str(out), phase, init), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), overrides, str(out), phase, init), nprocs=2)
     seen = [json.loads((out / f"seen-{r}.json").read_text()) for r in range(2)]
     assert [len(s) for s in seen] == [12, 12]  # 3 steps x 4 records per rank
     assert not set(seen[0]) & set(seen[1]) and len(set(seen[0] + seen[1])) == 24

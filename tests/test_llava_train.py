@@ -4,13 +4,12 @@ exact resume, and 2 processes = 1 process."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from dist_env import free_port, join_as_rank
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -192,19 +191,10 @@ def test_loss_is_independent_of_the_micro_batch(parts, tmp_path: Path) -> None:
     assert a["losses"][2] != pytest.approx(a["losses"][0], abs=1e-4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(
     rank: int, world: int, port: int, overrides: list[str], out: str, phase: str = "pretrain", init: str = ""
 ) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
+    join_as_rank(rank, world, port)
     torch.set_num_threads(1)
     cfg = config_io.load(RunConfig, None, overrides)
     run_llava(cfg, Path(out), phase, init=init or None)
@@ -214,7 +204,7 @@ def _worker(
 def test_two_processes_match_one_process_with_the_same_global_batch(parts, tmp_path: Path) -> None:
     overrides = _overrides(parts, "pretrain")
     one = run_llava(config_io.load(RunConfig, None, overrides), tmp_path / "one", "pretrain")["losses"]
-    mp.spawn(_worker, args=(2, _free_port(), overrides, str(tmp_path / "two")), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), overrides, str(tmp_path / "two")), nprocs=2)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())["losses"]
     assert len(two) == 3 and two == pytest.approx(one, abs=1e-5)
 
@@ -224,7 +214,7 @@ def test_two_processes_finetune_like_one_process(parts, pretrained: Path, tmp_pa
     # Full finetuning of the LLM and the projector: gradients of every weight are all-reduced.
     overrides = _overrides(parts, "finetune", ["llava.finetune.tune=full"])
     one = run_llava(config_io.load(RunConfig, None, overrides), tmp_path / "one", "finetune", init=pretrained)
-    args = (2, _free_port(), overrides, str(tmp_path / "two"), "finetune", str(pretrained))
+    args = (2, free_port(), overrides, str(tmp_path / "two"), "finetune", str(pretrained))
     mp.spawn(_worker, args=args, nprocs=2)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())["losses"]
     assert len(two) == 3 and two == pytest.approx(one["losses"], abs=1e-5)

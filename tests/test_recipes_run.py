@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_env import free_port
 from recipe_world import EVA02, build_recipe_world, write_timm_eva
 from typer.testing import CliRunner
 
@@ -327,12 +327,6 @@ def test_demo_recipe_end_to_end(in_world: Path) -> None:
     assert m["steps"] == 2 and m["heldout_after"]["n"] == 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # 2 CPU processes through accelerate launch (~30 s)
 def test_ddp_launcher_config_with_two_cpu_processes(world: Path, store: Path, tower: Path) -> None:
     """``recipes/accelerate/ddp-8gpu.yaml`` as the stage-2 recipe's header says, on 2 CPU processes."""
@@ -340,7 +334,7 @@ def test_ddp_launcher_config_with_two_cpu_processes(world: Path, store: Path, to
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(RECIPES / "accelerate" / "ddp-8gpu.yaml"), "--num_processes", "2", "--main_process_port",
-        str(_free_port()), "-m", "llm2clip_vlm.cli", "stage2", str(RECIPES / "stage2-openai-clip-vit-l-14-336.yaml"),
+        str(free_port()), "-m", "llm2clip_vlm.cli", "stage2", str(RECIPES / "stage2-openai-clip-vit-l-14-336.yaml"),
         "--store", "runs/store", "--encoder", "runs/cc-8b/encoder", "-o", "runs/stage2-ddp", *sets(S2),
     ]  # fmt: skip
     r = subprocess.run(cmd, cwd=world, env=env, capture_output=True, text=True, timeout=300)

@@ -7,13 +7,13 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_env import free_port
 
 from llm2clip_vlm.data.records import Caption, ImageCaptions
 from llm2clip_vlm.recipe import RunConfig
@@ -103,12 +103,6 @@ def test_resume_reproduces_the_uninterrupted_run(tiny: Path, tmp_path: Path) -> 
     assert enc.max_length == 48 and enc.model.config.is_causal is False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DRIVER = """
 import dataclasses, sys
 sys.path.insert(0, {tests!r})
@@ -126,7 +120,7 @@ def test_two_processes_match_one_process(tiny: Path, tmp_path: Path) -> None:
     one = subprocess.run([sys.executable, driver, tmp_path / "one"], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
          driver, tmp_path / "two"],
         env=env, capture_output=True, text=True,
     )  # fmt: skip

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from dist_env import free_port, join_as_rank
 from safetensors.torch import load_file
 from stage2_world import FakeStore, load_image, make_world
 
@@ -190,17 +189,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> Non
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, root: str, out: str, overrides: list[str]) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
+    join_as_rank(rank, world, port)
     torch.set_num_threads(1)
     metrics = _run(Path(root), Path(out), overrides)
     Path(out, f"losses.rank{rank}.json").write_text(json.dumps(metrics["stage2"]["train"]["losses"]))
@@ -212,7 +202,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Pa
     overrides = ["stage2.batch_size=8", "stage2.loop.max_steps=3", "stage2.lr=1e-3", f"stage2.loss={loss}"]
     one = _run(tmp_path / "data", tmp_path / "one", overrides)["stage2"]["train"]["losses"]
     mp.spawn(
-        _worker, args=(2, _free_port(), str(tmp_path / "data"), str(tmp_path / "two"), overrides), nprocs=2
+        _worker, args=(2, free_port(), str(tmp_path / "data"), str(tmp_path / "two"), overrides), nprocs=2
     )
     for rank in range(2):
         two = json.loads((tmp_path / "two" / f"losses.rank{rank}.json").read_text())

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from dist_env import free_port, join_as_rank
 from safetensors.torch import load_file
 from stage2_world import FakeStore, load_image, make_world
 
@@ -104,17 +104,8 @@ def test_a_killed_streamed_run_resumes_to_identical_weights(tmp_path: Path, work
     assert position["batches"] == 8 and sum(p for p, _ in position["units"].values()) == 64
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, root: str, out: str, overrides: list[str]) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
+    join_as_rank(rank, world, port)
     torch.set_num_threads(1)
     metrics = _run(Path(root), Path(out), overrides)
     Path(out, f"losses.rank{rank}.json").write_text(json.dumps(metrics["stage2"]["train"]["losses"]))
@@ -125,7 +116,7 @@ def test_two_processes_stream_disjoint_shards(tmp_path: Path) -> None:
     overrides = ["stage2.loop.max_steps=4", "stage2.loop.save_every_steps=4"]
     write_world_shards(tmp_path / "data", 48, 4)
     mp.spawn(
-        _worker, args=(2, _free_port(), str(tmp_path / "data"), str(tmp_path / "two"), overrides), nprocs=2
+        _worker, args=(2, free_port(), str(tmp_path / "data"), str(tmp_path / "two"), overrides), nprocs=2
     )
     losses = [json.loads((tmp_path / "two" / f"losses.rank{r}.json").read_text()) for r in range(2)]
     assert losses[0] == losses[1] and len(losses[0]) == 4  # one global loss per step
@@ -161,7 +152,7 @@ def test_accelerate_launch_two_cpu_processes_stream_disjoint_shards(tmp_path: Pa
     write_world_shards(tmp_path / "data", 48, 4)
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "recipes/accelerate/ddp-8gpu.yaml"),
-        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
         str(repo / "tests/stage2_stream_driver.py"), str(tmp_path / "data"), str(tmp_path / "out"),
         "stage2.loop.max_steps=3", "stage2.loop.save_every_steps=3",
     ]  # fmt: skip
