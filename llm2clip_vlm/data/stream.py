@@ -35,10 +35,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.index import RecordIndex
 from llm2clip_vlm.logging import get_logger
 
 log = get_logger(__name__)
+
+# Below this many records read, a share of bad ones says little: the limit is applied after it.
+MIN_RECORDS_FOR_BAD_SHARE = 200
 
 # sample transform: (epoch, record id, encoded image bytes) -> a tuple of tensors
 Transform = Callable[[int, int, bytes], tuple[Any, ...]]
@@ -376,3 +380,18 @@ class StreamLoader:
     def skipped(self) -> int:
         """Bad records this rank's units skipped so far (since the run started)."""
         return sum(self.bad.values())
+
+    def check_bad_share(self, max_bad_fraction: float, prefix: str = "", first: str = "") -> None:
+        """Stop (:class:`DataError`) once more than ``max_bad_fraction`` of what this rank read was
+        bad; applied after :data:`MIN_RECORDS_FOR_BAD_SHARE` records, below which a share says little.
+
+        Args:
+            prefix: what the message starts with (the stage).
+            first: the first skipped record, named at the end of the message ("" = none).
+        """
+        seen, bad = sum(self.positions.values()), self.skipped
+        if seen >= MIN_RECORDS_FOR_BAD_SHARE and bad > max_bad_fraction * seen:
+            raise DataError(
+                f"{prefix}{bad} of the {seen} records read so far are bad ({100 * bad / seen:.1f}% > "
+                f"max_bad_fraction {100 * max_bad_fraction:.1f}%)" + (f"; first: {first}" if first else "")
+            )

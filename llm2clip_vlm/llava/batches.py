@@ -38,9 +38,6 @@ from llm2clip_vlm.logging import get_logger
 
 log = get_logger(__name__)
 
-# Below this many records read, a share of bad ones says little: the limit is applied after it.
-MIN_RECORDS_FOR_BAD_SHARE = 200
-
 
 def steps_per_epoch(records: LlavaRecords, p: LlavaPhaseConfig, world: int, deepspeed: bool) -> int:
     """Optimizer steps in one pass over the records (a stream: whole global batches of them)."""
@@ -209,13 +206,7 @@ class LlavaStream:
     def __iter__(self) -> Iterator[Batch]:
         for (batch,) in self.loader:
             self.mine += batch.skipped
-            seen, bad = sum(self.loader.positions.values()), self.loader.skipped
-            if seen >= MIN_RECORDS_FOR_BAD_SHARE and bad > self.max_bad_fraction * seen:
-                raise DataError(
-                    f"{bad} of the {seen} records streamed so far are bad ({100 * bad / seen:.1f}% > "
-                    f"max_bad_fraction {100 * self.max_bad_fraction:.1f}%)"
-                    + (f"; first: {self.mine[0][1]}" if self.mine else "")
-                )
+            self.loader.check_bad_share(self.max_bad_fraction, first=self.mine[0][1] if self.mine else "")
             yield batch
 
     def state_dict(self) -> dict[str, Any]:

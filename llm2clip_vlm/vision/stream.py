@@ -29,9 +29,6 @@ from llm2clip_vlm.logging import get_logger
 
 log = get_logger(__name__)
 
-# Below this many records read, a share of bad ones says little: the limit is applied after it.
-MIN_RECORDS_FOR_BAD_SHARE = 200
-
 
 class _Sample:
     """(epoch, record, image bytes) -> (pixel values, caption embedding, failures); picklable.
@@ -129,13 +126,7 @@ class Stage2Stream:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         for pv, emb, failures in self.loader:
-            seen = sum(self.loader.positions.values())
-            bad = self.loader.skipped
-            if seen >= MIN_RECORDS_FOR_BAD_SHARE and bad > self.max_bad_fraction * seen:
-                raise DataError(
-                    f"stage 2: {bad} of the {seen} records read so far are bad ({100 * bad / seen:.1f}% > "
-                    f"max_bad_fraction {100 * self.max_bad_fraction:.1f}%)"
-                )
+            self.loader.check_bad_share(self.max_bad_fraction, prefix="stage 2: ")
             yield pv, emb, failures
 
     def state_dict(self) -> dict[str, Any]:
