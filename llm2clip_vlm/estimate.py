@@ -29,13 +29,18 @@ if TYPE_CHECKING:  # the recipe schema stays above this module (type hints only)
 # project's 2-core AMD EPYC (fp32; docs/BENCHMARKS.md): a 384x384 matmul ran at 62 GFLOP/s on one
 # thread, a SmolLM2-135M forward over 64 x 16 tokens at 4.3 ms/token (0.79 of it). Fitted to the
 # whole-stage wall times of idle 2-thread demo builds (model loading, CRA, padding, the loader,
-# evaluation and checkpoints included): the caption passes at 0.75 (0.88 fitted the 28-minute
-# build of 8-query steps; the 14:35 build of 4-query steps ran at ~0.7: smaller matmuls),
-# stage 2's ViT at 0.29, and a stage-1 training step at 1 + 3.75 x (the LoRA layers' share)
-# forwards (a backward through LoRA layers with small batches costs more than the textbook 2x).
+# evaluation and checkpoints included; builds of 12-02: 14:35, 15:16 and 10:46, the VM's speed
+# varying by ~20% between them): stage 1's caption passes at 0.75, the store pass (batches of
+# 64, sorted by length) at 1.0, stage 2's ViT at 0.29, and a stage-1 training step at
+# 1 + 2.75 x (the LoRA layers' share) forwards (a backward through LoRA layers with small batches
+# costs more than the textbook 2x), plus 0.75 of a forward when LoRA dropout is on: torch draws
+# the dropout masks on a CPU with a serial bernoulli_ (0.6 of 2.2 s in a demo step's forward).
+# The estimate errs long when the VM runs fast (12:32 for the 10:46 build).
 LLM_EFFICIENCY = 0.75
+EMBED_EFFICIENCY = 1.0
 VIT_EFFICIENCY = 0.29
-BACKWARD_FACTOR = 3.75
+BACKWARD_FACTOR = 2.75
+DROPOUT_FACTOR = 0.75
 VIT_BACKWARD_FACTOR = 2.0  # the ViT's backward at about twice its forward
 # Speed-up of n torch threads over one on these small models: n ** 0.6 (2 threads: 1.5x; measured
 # 1.4-1.7x for SmolLM2-135M steps and passes, where a large matmul gets ~2x).
@@ -120,7 +125,8 @@ def estimate_build(
     # Cross-kind pairs are half short, half long; "any" pairs draw captions as the images hold them.
     long_share = 0.5 if s1.pairing == "cross_kind" else len(long) / max(1, len(short) + len(long))
     step_tokens = seqs * ((1 - long_share) * t_short + long_share * t_long)
-    stage1 = steps * step_tokens * per_token * (1 + BACKWARD_FACTOR * lora_share)
+    dropout = DROPOUT_FACTOR if s1.lora.dropout > 0 else 0.0
+    stage1 = steps * step_tokens * per_token * (1 + dropout + BACKWARD_FACTOR * lora_share)
     stage1 += 2 * min(s1.cra_captions or 10**9, 2 * len(heldout.get("short", []))) * t_short * per_token
 
     # Embed: every kept training caption and every held-out caption, once (max_length of embed).
@@ -131,7 +137,7 @@ def estimate_build(
     for records in heldout.values():
         for r in records[:2000]:
             embed_tokens += len(r.of_kind("short")) * t_short + len(r.of_kind("long")) * t_long  # type: ignore[arg-type]
-    embed = embed_tokens * per_token
+    embed = embed_tokens * per_token * LLM_EFFICIENCY / EMBED_EFFICIENCY
 
     # Stage 2: a random ViT of the configured size (a pretrained one: not estimated here).
     b = s2.backbone

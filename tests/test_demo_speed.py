@@ -81,6 +81,11 @@ def test_estimate_counts_the_planned_work(tiny4: Path) -> None:
     cfg.stage1.pairing = "any" if cfg.stage1.pairing == "cross_kind" else "cross_kind"
     other = estimate_build(cfg, train, held, rate=1e9)["stage1"]  # type: ignore[index]
     assert (other < cross) if cfg.stage1.pairing == "any" else (other > cross)
+    # LoRA dropout costs extra forward time on a CPU (the masks' bernoulli draws).
+    cfg.stage1.lora.dropout = 0.0
+    no_dropout = estimate_build(cfg, train, held, rate=1e9)["stage1"]  # type: ignore[index]
+    cfg.stage1.lora.dropout = 0.05
+    assert estimate_build(cfg, train, held, rate=1e9)["stage1"] > 1.05 * no_dropout  # type: ignore[index]
     # A machine twice as fast: half the time.
     assert estimate_build(cfg, train, held, rate=2e9)["total"] == pytest.approx(  # type: ignore[index]
         estimate_build(cfg, train, held, rate=1e9)["total"] / 2  # type: ignore[index]

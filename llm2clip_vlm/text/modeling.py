@@ -13,7 +13,7 @@ is parsed in Python once for the config, again for the weights and again for the
 every tensor is dequantized), so :func:`resolve_model_ref` converts it once per machine into a
 transformers directory (fp32 safetensors + tokenizer files) in the cache
 (:func:`llm2clip_vlm.data.index.cache_root`), keyed by the file's identity and the transformers
-version, and hands out that directory; loading it takes ~1 s. The weights are the same numbers
+version, and hands out that directory; model and tokenizer then load in ~4 s. The weights are the same numbers
 (GGUF dequantizes to fp32). A GGUF-loaded model refuses ``save_pretrained``, so :func:`save_model`
 rebuilds it from its config and copies the state dict before saving.
 """
