@@ -373,6 +373,59 @@ def import_embeddings(
     console.print(f"store: {summary['path']} ({summary['rows']} captions of {summary['images']} images)")
 
 
+@app.command("llava-shards")
+def llava_shards(
+    data: Annotated[
+        Path, typer.Argument(help="LLaVA records: a JSON list or JSONL file (e.g. llava_v1_5_mix665k.json).")
+    ],
+    output: OutputOpt = Path("data/llava-shards"),
+    image_folder: Annotated[
+        Path | None,
+        typer.Option(help="Folder the records' image paths are relative to (default: the file's folder)."),
+    ] = None,
+    per_shard: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
+    prefix: Annotated[
+        str, typer.Option(help="Shard names: PREFIX-000000.tar, PREFIX-000001.tar, ...")
+    ] = "llava",
+    skip_bad: Annotated[
+        bool, typer.Option(help="Leave bad records out (and count them) instead of stopping at the first.")
+    ] = False,
+    max_bad_fraction: Annotated[float, typer.Option(help="With --skip-bad, stop above this share.")] = 0.01,
+) -> None:
+    """Write LLaVA JSON records and their images as webdataset shards (for `llava.<phase>.data.stream`)."""
+    from llm2clip_vlm.data.errors import BadRecords
+    from llm2clip_vlm.data.index import file_identity
+    from llm2clip_vlm.llava.data import load_llava_records
+    from llm2clip_vlm.llava.shards import write_llava_shards
+
+    if per_shard <= 0:
+        console.print(f"[red]llava-shards:[/red] --per-shard must be positive, got {per_shard}")
+        raise typer.Exit(2)
+    if not data.is_file():
+        console.print(
+            f"[red]llava-shards:[/red] {escape(str(data))}: no such file (a LLaVA JSON or JSONL file)"
+        )
+        raise typer.Exit(2)
+    bad = BadRecords(skip_bad, max_bad_fraction, name=str(data), option="--skip-bad")
+    # Every image is decoded once first (cached by the data's identity): a broken one is named
+    # before any shard is written, not halfway through.
+    records = load_llava_records(
+        data, image_folder or "", skip_bad=skip_bad, max_bad_fraction=max_bad_fraction, bad=bad
+    )
+    folder = (image_folder or data.parent).resolve()
+    source = {"data": file_identity(data), "image_folder": str(folder), "skip_bad": skip_bad}
+    paths = write_llava_shards(
+        records, output, per_shard=per_shard, prefix=prefix, source=source, show_progress=True
+    )
+    left_out = f"; {len(bad.skipped)} bad records left out, first: {bad.skipped[0][1]}" if bad.skipped else ""
+    console.print(
+        f"wrote {len(records)} records in {len(paths)} shards to {output}{left_out}", soft_wrap=True
+    )
+    console.print(
+        f"train on them: --set llava.<phase>.data.path={output} --set llava.<phase>.data.stream=true"
+    )
+
+
 @app.command("build-tower")
 def build_tower(
     recipe: RecipeArg = None,

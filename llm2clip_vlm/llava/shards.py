@@ -4,17 +4,27 @@ Sample ``k`` of the data set is ``<key>.json`` (the record: ``id``, ``conversati
 extra fields; no ``image`` path) followed by ``<key>.<ext>`` (the image file's bytes, as they are;
 absent for a text-only record), ``<key>`` = ``k`` zero-padded. Shards hold ``per_shard`` samples
 each, named ``<prefix>-000000.tar``, ...
+
+A shard is written under a temporary name and renamed when complete, so a killed run leaves only
+whole shards. ``<prefix>-shards.json`` records what the shards were written from (a source
+description, the record count and ``per_shard``); a second run with the same description keeps
+the shards already there and writes the rest, and one with another description is refused
+rather than mixing two data sets in one folder.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.llava.data import LlavaRecord
+from llm2clip_vlm.progress import make_progress
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -25,23 +35,72 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_llava_shards(
-    records: Sequence[LlavaRecord], out_dir: str | Path, *, per_shard: int = 1000, prefix: str = "llava"
+    records: Sequence[LlavaRecord],
+    out_dir: str | Path,
+    *,
+    per_shard: int = 1000,
+    prefix: str = "llava",
+    source: Any = None,
+    show_progress: bool = False,
 ) -> list[Path]:
-    """Write ``records`` (e.g. :func:`load_llava_records` of a JSON file) as shards; their paths."""
+    """Write ``records`` (e.g. :func:`load_llava_records` of a JSON file) as shards; their paths.
+
+    Args:
+        records: the records, in the order they go into the shards.
+        out_dir: the folder for the shards (created).
+        per_shard: samples per shard.
+        prefix: shard names are ``<prefix>-NNNNNN.tar``.
+        source: a JSON-able description of where ``records`` come from. Shards a run with the
+            same description (and count and ``per_shard``) completed are kept, not rewritten.
+        show_progress: a progress bar (a progress line in log files).
+
+    Raises:
+        DataError: ``out_dir`` holds shards written from other records.
+    """
     if per_shard <= 0:
         raise ValueError(f"per_shard must be positive, got {per_shard}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    tar: tarfile.TarFile | None = None
-    try:
-        for k, rec in enumerate(records):
-            if k % per_shard == 0:
-                if tar is not None:
-                    tar.close()
-                paths.append(out / f"{prefix}-{len(paths):06d}.tar")
-                tar = tarfile.open(paths[-1], "w", format=tarfile.USTAR_FORMAT)
-            assert tar is not None
+    manifest = {"source": source, "records": len(records), "per_shard": per_shard, "prefix": prefix}
+    manifest_path = out / f"{prefix}-shards.json"
+    if manifest_path.is_file():
+        before = json.loads(manifest_path.read_text())
+        if before != manifest:
+            raise DataError(
+                f"{out}: holds {prefix}-*.tar shards written from other records or settings "
+                f"({before.get('records')} records of {_describe(before.get('source'))}, "
+                f"{before.get('per_shard')} per shard; now {len(records)} of {_describe(source)}, "
+                f"{per_shard} per shard): write to another folder or delete {manifest_path.name} and the shards"
+            )
+    elif any(out.glob(f"{prefix}-*.tar")):
+        raise DataError(f"{out}: holds {prefix}-*.tar shards of unknown origin; write to another folder")
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+
+    n_shards = -(-len(records) // per_shard)
+    paths = [out / f"{prefix}-{j:06d}.tar" for j in range(n_shards)]
+    with make_progress(disable=not show_progress) as progress:
+        task = progress.add_task("llava shards", total=len(records), status="", unit="record")
+        for j, path in enumerate(paths):
+            first, last = j * per_shard, min(len(records), (j + 1) * per_shard)
+            if not path.is_file():  # a complete shard from an earlier run is kept
+                _write_shard(path, records, first, last)
+            progress.update(task, completed=last, status=f"shard {j + 1}/{n_shards}")
+    return paths
+
+
+def _describe(source: Any) -> str:
+    """A source description in a few words: the data file's path when there is one."""
+    data = source.get("data") if isinstance(source, dict) else None
+    path = data.get("path") if isinstance(data, dict) else data
+    return str(path or source)
+
+
+def _write_shard(path: Path, records: Sequence[LlavaRecord], first: int, last: int) -> None:
+    """Samples ``first..last-1`` into ``path``, through a temporary name renamed at the end."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for k in range(first, last):
+            rec = records[k]
             key = f"{k:09d}"
             _add(
                 tar,
@@ -52,7 +111,4 @@ def write_llava_shards(
                 _add(tar, f"{key}.jpg", rec.image)  # the extension only marks an image member
             elif rec.image is not None:
                 _add(tar, f"{key}{rec.image.suffix.lower() or '.jpg'}", rec.image.read_bytes())
-    finally:
-        if tar is not None:
-            tar.close()
-    return paths
+    os.replace(tmp, path)
