@@ -30,6 +30,8 @@ python -m pip install -q --no-deps -e .
 
 python - "$torch_before" <<'PY'
 import importlib.util, sys
+from llm2clip_vlm.noise import quiet_third_party
+quiet_third_party()  # the commands' own filters: bitsandbytes' optional-kernel notice on import
 import torch, transformers, peft
 from transformers import CLIPImageProcessor
 assert torch.__version__ == sys.argv[1], f"torch changed: {sys.argv[1]} -> {torch.__version__}"

@@ -35,4 +35,4 @@ python -c "from llm2clip_vlm.text.modeling import resolve_model_ref as r; print(
 if [ "${LLM2CLIP_EVAL:-1}" != "0" ]; then
   LLM2CLIP_LOCK="$LOCK" bash scripts/install-eval.sh
 fi
-python -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+python -c "from llm2clip_vlm.noise import quiet_third_party; quiet_third_party(); import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"

@@ -4,10 +4,15 @@ accelerate fixes one mixed precision per process (a singleton, see
 ``llm2clip_vlm.training.dist.make_accelerator``). Each test stands for a fresh program, so the
 singletons an earlier test set up are dropped before it, as accelerate's own test suite does
 (``AcceleratorState._reset_state`` is a test-only tool there too; the package never calls it).
+
+Tests that point ``LLM2CLIP_VLM_CACHE`` at a temporary folder get it back as it was after them,
+so one test's cache does not leak into the next ones: they would, for example, convert the demo
+GGUF model again (~25 s) into a folder that is deleted afterwards.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -20,3 +25,14 @@ def _fresh_accelerate_state() -> Iterator[None]:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_cache_env() -> Iterator[None]:
+    # Module-scoped fixtures are set up before this snapshot, so their setting holds for their module.
+    before = os.environ.get("LLM2CLIP_VLM_CACHE")
+    yield
+    if before is None:
+        os.environ.pop("LLM2CLIP_VLM_CACHE", None)
+    else:
+        os.environ["LLM2CLIP_VLM_CACHE"] = before

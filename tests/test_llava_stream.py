@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,9 +29,10 @@ BAD_ROW = 3  # the record whose image is broken in the "bad" shards
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def parts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     root = tmp_path_factory.mktemp("llava_stream")
-    os.environ["LLM2CLIP_VLM_CACHE"] = str(root / "cache")
+    env = pytest.MonkeyPatch()
+    env.setenv("LLM2CLIP_VLM_CACHE", str(root / "cache"))  # for this module only (undone below)
     data = root / "data"
     write_llava_demo(data, pretrain_images=24, instruct_images=24, heldout_images=6, image_size=32)
     pretrain = load_llava_records(data / "llava_pretrain.json")
@@ -41,7 +42,7 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         for i, r in enumerate(pretrain)
     ]
     write_llava_shards(broken, root / "bad", per_shard=5)
-    return {
+    yield {
         "root": root,
         "data": data,
         "shards": root / "shards",
@@ -49,6 +50,7 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "tower": save_random_tower(root / "tower", "clip", TowerShape(32, 8, 32, 3, 2, 64), seed=1),
         "llm": save_tiny_llm(root / "llm", hidden_size=64, seed=2),
     }
+    env.undo()
 
 
 def _overrides(
