@@ -77,3 +77,21 @@ def test_a_changed_file_gets_its_own_copy(
     # Touching the file (new mtime) makes a new key: the old copy is not trusted for it.
     moved_file.write_bytes(moved_file.read_bytes()[:-1] + b"\0")
     assert gguf_cache_folder(moved) != folder
+
+
+def test_an_unwritable_cache_falls_back_to_the_gguf_file(
+    gguf_ref: ModelRef, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("LLM2CLIP_VLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(modeling.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: object())
+
+    def disk_full(model: object, path: Path) -> None:
+        Path(path).mkdir(parents=True)
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(modeling, "save_model", disk_full)
+    with caplog.at_level(logging.WARNING, logger="llm2clip_vlm"):
+        assert gguf_as_transformers(gguf_ref) == gguf_ref
+    assert "No space left on device" in caplog.text and "reading" in caplog.text
+    assert not list((tmp_path / "cache" / "models").iterdir())  # no half-written copy left behind

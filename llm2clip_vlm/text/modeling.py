@@ -131,7 +131,9 @@ def gguf_as_transformers(ref: ModelRef) -> ModelRef:
     ``AutoModelForCausalLM`` both load it) and the tokenizer files, chat template included. It is
     named by the GGUF file's identity (path, size, mtime, sampled hash) and the transformers
     version, so a changed file or a new converter makes a new copy. Processes that convert at the
-    same time (ranks of one job) each write a private folder and the first rename wins.
+    same time (ranks of one job) each write a private folder and the first rename wins. When the
+    cache cannot be written (read-only, full disk), the GGUF file itself is handed back with a
+    warning: slower to load, the same model.
     """
     if not ref.gguf_file:
         return ref
@@ -147,11 +149,12 @@ def gguf_as_transformers(ref: ModelRef) -> ModelRef:
         save_model(model, tmp)
         del model
         AutoTokenizer.from_pretrained(ref.path, **ref.kwargs()).save_pretrained(tmp)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process renamed its copy first: use that one
-            if not (folder / "config.json").is_file():
-                raise
+        tmp.rename(folder)
+    except OSError as e:
+        if (folder / "config.json").is_file():  # another process renamed its copy first: use that one
+            return ModelRef(str(folder))
+        log.warning("could not cache the converted model in %s (%s); reading %s directly", folder, e, gguf)
+        return ref
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ModelRef(str(folder))
