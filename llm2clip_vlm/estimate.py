@@ -77,8 +77,7 @@ def llm_shape(model: str) -> LLMShape | None:
         from transformers import AutoConfig
 
         ref = resolve_model_ref(model)
-        kw = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
-        c = AutoConfig.from_pretrained(ref.path, **kw)
+        c = AutoConfig.from_pretrained(ref.path, **ref.kwargs())
     except Exception:  # an estimate is optional: a model that cannot be read gets none
         return None
     d, layers = int(c.hidden_size), int(c.num_hidden_layers)
@@ -115,7 +114,9 @@ def estimate_build(
     long = [c.text for r in sample for c in r.captions if c.kind == "long"]
     t_short = _mean_tokens(tok, short, s1.max_length, s1.pad_to_multiple_of)
     t_long = _mean_tokens(tok, long, s1.max_length, s1.pad_to_multiple_of) or t_short
-    per_token = 2.0 * shape.non_embedding_params / (rate * LLM_EFFICIENCY)
+    # Seconds per caption token of a forward at the full matmul rate; each kind of pass reaches a share.
+    token_seconds = 2.0 * shape.non_embedding_params / rate
+    per_token = token_seconds / LLM_EFFICIENCY
 
     # Stage 1: each step embeds query + positive (+ negative), forward through every layer and
     # backward through the layers that carry LoRA; CRA before and after on short captions.
@@ -137,7 +138,7 @@ def estimate_build(
     for records in heldout.values():
         for r in records[:2000]:
             embed_tokens += len(r.of_kind("short")) * t_short + len(r.of_kind("long")) * t_long  # type: ignore[arg-type]
-    embed = embed_tokens * per_token * LLM_EFFICIENCY / EMBED_EFFICIENCY
+    embed = embed_tokens * token_seconds / EMBED_EFFICIENCY
 
     # Stage 2: a random ViT of the configured size (a pretrained one: not estimated here).
     b = s2.backbone

