@@ -102,15 +102,17 @@ def merge_lora(model: nn.Module, adapter_dir: Path) -> int:
     files = safetensors_files(adapter_dir, stem="adapter_model")
     tensors = load_tensors(files)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    modules = dict(model.named_modules())
     for name, t in tensors.items():
         m = _LORA.match(name)
         if not m:
             raise ImportRefused(f"{files[0]}: tensor {name!r} is not a LoRA A/B weight")
         module = m["module"]
-        if module.startswith("model.") and module not in dict(model.named_modules()):
+        if module.startswith("model.") and module not in modules:
             module = module[len("model.") :]  # an adapter trained on a *ForCausalLM
+        elif module not in modules and f"model.{module}" in modules:
+            module = f"model.{module}"  # an adapter of the bare decoder, merged into a *ForCausalLM
         pairs.setdefault(module, {})[m["ab"]] = t
-    modules = dict(model.named_modules())
     with torch.no_grad():
         for module, ab in sorted(pairs.items()):
             target = modules.get(module)

@@ -30,10 +30,15 @@ class MNTPConfig:
 
     enabled: bool = False
     mlm_probability: float = 0.2
+    # Our MNTP counts steps of line-level samples; the reference runs one epoch over wikitext-103
+    # + CC3M grouped into 512-token blocks (run_mntp.py group_texts), whose length depends on the
+    # tokenizer: set ``steps`` to the epoch you want.
     steps: int = 1000
+    # Global batch (the reference: 32 per device x 8 GPUs = 256).
     batch_size: int = 32
     lr: float = 5e-5
-    warmup_steps: int = 100
+    # The HF Trainer default (the reference's MNTP config sets none): no warm-up.
+    warmup_steps: int = 0
     # The reference runs MNTP on the HF Trainer with its defaults (microsoft/LLM2CLIP
     # llm_caption_contrastive/run_mntp.py:936 + train_configs/mntp/MetaLlama3_cc3m.json set none
     # of these): weight decay 0, gradient-norm clip 1.0, linear decay to 0 after the warm-up.
@@ -43,9 +48,26 @@ class MNTPConfig:
 
 
 @dataclass
+class E5Config:
+    """llm2vec's E5 mix for supervised SimCSE (see :mod:`llm2clip_vlm.text.e5`)."""
+
+    # The E5 folder (llm2vec's ``cache/echo-data``: one ``<task>.jsonl`` per task with query /
+    # positive / negative). Set, stage 1 trains on the E5 tasks plus the caption pairs as one more
+    # task, in task-homogeneous batches, as the reference; empty = captions only.
+    path: str = ""
+    # E5 task names to read (empty = every task of the reference's E5_EMBEDDING_PROMPTS).
+    tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Stage1Config:
-    # Local directory, hub id, a ``.gguf`` file, or ``builtin:smollm2-135m-instruct``.
+    # Local directory, hub id, a ``.gguf`` file, or ``builtin:smollm2-135m-instruct``; also a
+    # caption encoder written by ``import-encoder`` or an earlier stage 1 (SimCSE only: it has no
+    # LM head for MNTP).
     model: str = "builtin:smollm2-135m-instruct"
+    # PEFT LoRA adapter directories merged into ``model`` in order before training, as the
+    # reference's ``extra_model_name_or_path`` (e.g. LLM2Vec's -mntp then -mntp-supervised).
+    adapters: list[str] = field(default_factory=list)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     max_length: int = 512
     pad_to_multiple_of: int = 16
@@ -59,6 +81,7 @@ class Stage1Config:
     instruction_short_query: str = "Given a sentence, retrieve a detailed relevant sentence"
     instruction_long_query: str = "Given a detailed sentence, retrieve a short relevant sentence"
     mntp: MNTPConfig = field(default_factory=MNTPConfig)
+    e5: E5Config = field(default_factory=E5Config)
     lora: LoraConfig = field(default_factory=LoraConfig)
     # Supervised SimCSE: cross-entropy over cosine similarity x scale (temperature 1/scale).
     scale: float = 50.0

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from llm2clip_vlm.imports.encoder import merge_lora as merge_adapter
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.text.config import Stage1Config
 from llm2clip_vlm.text.modeling import ModelRef, decoder_of, load_bidirectional
 
 log = get_logger(__name__)
+
+
+def merge_adapters(model: nn.Module, adapters: Sequence[str]) -> nn.Module:
+    """Merge PEFT LoRA adapter directories into ``model`` in order, as the reference's
+    ``extra_model_name_or_path`` (llm_caption_contrastive/run_mntp.py:720-728,
+    llm2vec_wrapper.py:70-91); an adapter of the bare decoder also merges into a ``*ForCausalLM``."""
+    for adapter in adapters:
+        n = merge_adapter(model, Path(adapter))
+        log.info("stage 1: merged %d LoRA modules of %s into the base", n, adapter)
+    return model
 
 
 def wrap_lora(decoder: nn.Module, s: Stage1Config) -> nn.Module:

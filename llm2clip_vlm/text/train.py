@@ -27,8 +27,9 @@ from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.reliability import ReliabilityConfig
 from llm2clip_vlm.text.config import Stage1Config
 from llm2clip_vlm.text.cra import caption_pairs, caption_retrieval_accuracy
-from llm2clip_vlm.text.encoder import CaptionEncoder
-from llm2clip_vlm.text.lora import adapter_state, load_adapter, merge_lora, wrap_lora
+from llm2clip_vlm.text.e5 import TaskBatches
+from llm2clip_vlm.text.encoder import ENCODER_FILE, CaptionEncoder
+from llm2clip_vlm.text.lora import adapter_state, load_adapter, merge_adapters, merge_lora, wrap_lora
 from llm2clip_vlm.text.mntp import train_mntp
 from llm2clip_vlm.text.modeling import decoder_of, load_bidirectional, load_tokenizer, resolve_model_ref
 from llm2clip_vlm.text.pooling import resolve_caption_template
@@ -90,6 +91,13 @@ def train_stage1(
         )
     if s.batch_size % world:
         raise ValueError(f"stage1.batch_size {s.batch_size} is not divisible by the {world} processes")
+    if s.adapters and s.lora.quantization != "none":
+        raise ValueError("stage1.adapters cannot merge into a quantized base: merge them with import-encoder first")
+    if s.mntp.enabled and (Path(s.model) / ENCODER_FILE).is_file():
+        raise ValueError(
+            f"stage1.model {s.model} is a caption encoder, which has no LM head for MNTP: start MNTP "
+            "from the base LLM with stage1.adapters (as the reference), or turn stage1.mntp off"
+        )
 
     ref = resolve_model_ref(s.model)
     tokenizer = load_tokenizer(ref)
@@ -98,9 +106,12 @@ def train_stage1(
     )
     weight_dtype = _weight_dtype(s, accelerator.device)
     instructions = {"short": s.instruction_short_query, "long": s.instruction_long_query}
-    batches = SimCSEBatches(
-        train_records, instructions, s.seed, s.hard_negatives, s.similar_negatives, pairing=s.pairing
-    )
+    if s.e5.path:  # the reference's E5 tasks + the captions as one task (logs the per-task counts)
+        batches: SimCSEBatches | TaskBatches = TaskBatches(s.e5.path, s.e5.tasks, train_records, instructions, s.batch_size, s.seed)  # fmt: skip
+    else:
+        batches = SimCSEBatches(
+            train_records, instructions, s.seed, s.hard_negatives, s.similar_negatives, pairing=s.pairing
+        )
     pairs = caption_pairs(heldout_records, s.cra_captions)
     steps = total_steps(s, batches)
     log.info(
@@ -114,6 +125,7 @@ def train_stage1(
         device_map={"": accelerator.device} if s.lora.quantization != "none" else None,
         allow_pickle=rel.allow_pickle_weights,
     )  # fmt: skip
+    merge_adapters(model, s.adapters)
     if s.lora.quantization == "none":
         model.to(accelerator.device)
     if main:  # once the inputs (data, base weights) are known to be usable
@@ -199,6 +211,7 @@ def train_stage1(
             "train_seconds": round(state.seconds, 1),
             "seconds_per_step": round(state.seconds / max(1, len(state.losses)), 3),
             "global_batch": s.batch_size,
+            **({"tasks": batches.describe()} if isinstance(batches, TaskBatches) else {}),
             "processes": world,
             "loss": state.losses,
             "skipped_steps": state.skipped_steps,
