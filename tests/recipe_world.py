@@ -18,7 +18,11 @@ Data written (images are small JPEGs, as the real sets ship them):
   ``urban1k.json`` (one long ``caption``), ``docci_test.json`` (one long ``description``);
 - ``data/llava-pretrain/blip_laion_cc_sbu_558k.json`` + ``images/00000/*.jpg`` (LCS-558K layout);
 - ``data/llava-finetune/llava_v1_5_mix665k.json`` with ``coco/train2017`` and ``gqa/images``
-  folders and text-only records (mix665k layout).
+  folders and text-only records (mix665k layout);
+- stage 1's reference route: LoRA adapters of the Llama stand-in at LLM2Vec's adapter ids
+  (``McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp``, ``-mntp-supervised``; peft's layout),
+  ``cache/echo-data/<task>.jsonl`` for every E5 task (llm2vec's layout) and
+  ``data/wikitext-103-raw/wiki.train.raw``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,12 @@ SIGLIP2 = "google/siglip2-so400m-patch14-384"
 EVA02 = "eva02_large_patch14_clip_336.merged2b"
 VICUNA = "checkpoints/vicuna-7b-v1.5"
 CLIP_CHECKPOINT = "checkpoints/clip-vit-large-patch14-336"
+LLM2VEC_ADAPTERS = (
+    "McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp",
+    "McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp-supervised",
+)
+E5_FOLDER = "cache/echo-data"
+WIKITEXT = "data/wikitext-103-raw/wiki.train.raw"
 
 
 def _scene(rng: random.Random) -> tuple[str, str, str]:
@@ -240,9 +250,43 @@ def write_timm_eva(root: Path) -> Path:
     return path
 
 
+def write_llm2vec(root: Path, e5_records: int = 9) -> None:
+    """LLM2Vec's two adapters of the Llama stand-in (bare decoder, as llm2vec trains them), the E5
+    folder (every task of the reference, ``e5_records`` records each) and a wikitext file."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from llm2clip_vlm.text.e5 import E5_EMBEDDING_PROMPTS
+
+    for k, name in enumerate(LLM2VEC_ADAPTERS):
+        bare = AutoModel.from_pretrained(root / LLAMA3)
+        peft = get_peft_model(bare, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+        torch.manual_seed(10 + k)
+        with torch.no_grad():
+            for pname, p in peft.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(0, 0.05)
+        peft.save_pretrained(root / name)
+    e5 = root / E5_FOLDER
+    e5.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(5)
+    for task in E5_EMBEDDING_PROMPTS:
+        lines = []
+        for i in range(e5_records):
+            a, b = _scene(rng), _scene(rng)
+            rec = {"query": f"where is the {a[1]}", "positive": _long(a), "negative": _long(b)}
+            lines.append(json.dumps(rec) + "\n")
+        (e5 / f"{task}.jsonl").write_text("".join(lines))
+    wiki = root / WIKITEXT
+    wiki.parent.mkdir(parents=True, exist_ok=True)
+    wiki.write_text("".join(f" {_long(_scene(rng))} , and the text goes on .\n" for _ in range(50)))
+
+
 def build_recipe_world(root: Path, images: int = 40, heldout: int = 8) -> Path:
     """Write every model stand-in and data file the recipes name under ``root``; returns ``root``."""
     write_models(root)
+    write_llm2vec(root)
     write_dreamlip(root, images)
     write_retrieval_sets(root, heldout)
     write_llava_sets(root, 16)

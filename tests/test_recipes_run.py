@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_env import free_port
-from recipe_world import EVA02, build_recipe_world, write_timm_eva
+from recipe_world import EVA02, LLAMA3, LLM2VEC_ADAPTERS, build_recipe_world, write_timm_eva
 from typer.testing import CliRunner
 
 from llm2clip_vlm.cli import app, demo_recipe_path
@@ -28,7 +28,9 @@ from llm2clip_vlm.cli import app, demo_recipe_path
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 
-S1 = ["stage1.batch_size=4", "stage1.loop.max_steps=2", "stage1.max_length=32"]
+# E5 instructions are long for the tiny byte-level tokenizer: 160 tokens keep every query's text.
+S1 = ["stage1.batch_size=4", "stage1.loop.max_steps=2", "stage1.max_length=160", "stage1.mntp.steps=2",
+      "stage1.mntp.batch_size=4"]  # fmt: skip
 S2 = ["stage2.batch_size=8", "stage2.loop.max_steps=2", "stage2.num_workers=0", "stage2.eval_batch_size=16"]
 
 
@@ -132,11 +134,19 @@ def test_stage1_recipe_without_heldout_set(stage1_run: Path) -> None:
     assert m["cra_held_out_of_training"] == 4 and m["cra_captions"] == 8
     assert (stage1_run / "encoder" / "config.json").is_file()
     assert "holding the last 4 training images out of stage-1 training" in OUTPUT["stage1"]
+    # The reference route: LLM2Vec's adapters merged, MNTP, then E5 (9 records a task) + captions.
+    assert "merged" in OUTPUT["stage1"] and "LLM2Vec-Meta-Llama-3-8B-Instruct-mntp-supervised" in OUTPUT["stage1"]
+    assert re.search(r"stage 1 MNTP: step 2/2", OUTPUT["stage1"])
+    assert m["tasks"]["allnli"] == {"samples": 9, "batches": 2} and len(m["tasks"]) == 15
+    assert m["tasks"]["cc3m"] == {"samples": 36, "batches": 9}
     assert re.search(r"stage 1 SimCSE: step 2/2 \(100%\)  loss \d+\.\d+ .*(s/step|steps/s), elapsed", OUTPUT["stage1"])
 
 
 @pytest.mark.slow  # a 4-bit (bitsandbytes) base on the CPU, then a bf16 reload for the merge
 def test_stage1_qlora_recipe(in_world: Path) -> None:
+    # Its header's import-encoder command, on the stand-ins (the base + LLM2Vec's two adapters).
+    cli("import-encoder", LLAMA3, "--adapter", LLM2VEC_ADAPTERS[0], "--adapter", LLM2VEC_ADAPTERS[1],
+        "-o", "checkpoints/llm2vec-llama3-8b")  # fmt: skip
     cli("stage1", str(RECIPES / "stage1-llama3-8b-qlora.yaml"), "-o", "runs/cc-8b-qlora", *sets(S1))
     m = _metrics(in_world / "runs/cc-8b-qlora/metrics.json")
     assert m["steps"] == 2 and m["cra_set"] == "train"

@@ -22,9 +22,29 @@ def merge_adapters(model: nn.Module, adapters: Sequence[str]) -> nn.Module:
     ``extra_model_name_or_path`` (llm_caption_contrastive/run_mntp.py:720-728,
     llm2vec_wrapper.py:70-91); an adapter of the bare decoder also merges into a ``*ForCausalLM``."""
     for adapter in adapters:
-        n = merge_adapter(model, Path(adapter))
+        n = merge_adapter(model, adapter_dir(adapter))
         log.info("stage 1: merged %d LoRA modules of %s into the base", n, adapter)
     return model
+
+
+def adapter_dir(name: str) -> Path:
+    """A local adapter directory, or a hub id (``owner/name``) fetched to the hub cache (the adapter
+    files only: ``adapter_config.json``, ``adapter_model.safetensors``)."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"stage1.adapters: {name} is not a directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(name, allow_patterns=["adapter_config.json", "adapter_model.safetensors"])
+        )
+    except Exception as e:  # offline, unknown repo, gated: one line naming the adapter
+        raise FileNotFoundError(
+            f"stage1.adapters: {name} is neither a directory nor a reachable hub repo ({e})"
+        ) from e
 
 
 def wrap_lora(decoder: nn.Module, s: Stage1Config) -> nn.Module:
