@@ -261,7 +261,8 @@ def write_llm2vec(root: Path, e5_records: int = 9) -> None:
 
     for k, name in enumerate(LLM2VEC_ADAPTERS):
         bare = AutoModel.from_pretrained(root / LLAMA3)
-        peft = get_peft_model(bare, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+        peft = get_peft_model(bare, lora)
         torch.manual_seed(10 + k)
         with torch.no_grad():
             for pname, p in peft.named_parameters():
@@ -273,7 +274,7 @@ def write_llm2vec(root: Path, e5_records: int = 9) -> None:
     rng = random.Random(5)
     for task in E5_EMBEDDING_PROMPTS:
         lines = []
-        for i in range(e5_records):
+        for _ in range(e5_records):
             a, b = _scene(rng), _scene(rng)
             rec = {"query": f"where is the {a[1]}", "positive": _long(a), "negative": _long(b)}
             lines.append(json.dumps(rec) + "\n")

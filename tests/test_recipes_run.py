@@ -135,7 +135,7 @@ def test_stage1_recipe_without_heldout_set(stage1_run: Path) -> None:
     assert (stage1_run / "encoder" / "config.json").is_file()
     assert "holding the last 4 training images out of stage-1 training" in OUTPUT["stage1"]
     # The reference route: LLM2Vec's adapters merged, MNTP, then E5 (9 records a task) + captions.
-    assert "merged" in OUTPUT["stage1"] and "LLM2Vec-Meta-Llama-3-8B-Instruct-mntp-supervised" in OUTPUT["stage1"]
+    assert "LoRA modules of McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp-supervised" in OUTPUT["stage1"]
     assert re.search(r"stage 1 MNTP: step 2/2", OUTPUT["stage1"])
     assert m["tasks"]["allnli"] == {"samples": 9, "batches": 2} and len(m["tasks"]) == 15
     assert m["tasks"]["cc3m"] == {"samples": 36, "batches": 9}
