@@ -47,3 +47,40 @@ class TextProj(nn.Module):
             text = torch.nn.functional.normalize(text, p=2, dim=-1)
         x = self.text_adaptor(text)
         return x
+
+
+# microsoft/LLM2CLIP llm2clip/training/optim.py:18-45 at commit
+# cba3b45ba3d9bdaaf8ad640156dedbdbcb60353a (MIT License, Microsoft): the layer id of a parameter
+# for layer-wise lr decay, copied unchanged.
+import re  # noqa: E402
+
+
+def get_num_layer_for_transformer(param_name, num_max_layer):
+    layer_0 = {
+        "patch_embed",
+        "pos_embed",
+        "cls_token",
+        "mask_token",
+        "conv1",
+        "positional_embedding",
+        "token_embedding",
+        "transformer.embeddings.word_embeddings",
+        "transformer.embeddings.position_embeddings",
+        "transformer.embeddings.token_type_embeddings",
+    }
+
+    if any(l in param_name for l in layer_0):  # noqa: E741
+        return 0
+
+    block_regex = re.compile(r"blocks\.([0-9]+)\.")
+    match_block = block_regex.search(param_name)
+
+    # huggingface->text.transformer.encoder.layer
+    layer_regex = re.compile(r"layer\.([0-9]+)\.")
+    match_layer = layer_regex.search(param_name)
+    if match_block is not None:
+        return int(match_block.group(1)) + 1
+    elif match_layer is not None:
+        return int(match_layer.group(1)) + 1
+    else:
+        return num_max_layer - 1

@@ -167,8 +167,9 @@ def test_param_groups_weight_decay_and_layer_decay_are_exact() -> None:
     lr, decay, top = 1e-3, 0.85, 3  # 2 blocks: stem 0, blocks 1-2, top 3
     expected_layer = {
         "vision.model.embeddings.patch_embedding.weight": 0,
-        "vision.model.embeddings.class_embedding": 0,
-        "vision.model.pre_layrnorm.weight": 0,
+        # The reference's name rules give OpenAI's class_embedding and ln_pre the full rate.
+        "vision.model.embeddings.class_embedding": 3,
+        "vision.model.pre_layrnorm.weight": 3,
         "vision.model.encoder.layers.0.self_attn.q_proj.weight": 1,
         "vision.model.encoder.layers.1.mlp.fc2.bias": 2,
         "vision.model.post_layernorm.bias": 3,
@@ -210,3 +211,59 @@ def test_positional_and_class_embeddings_are_exempt_from_weight_decay() -> None:
     assert exempt_from_weight_decay("anything.bias", w2) and exempt_from_weight_decay("x.weight", w1)
     assert not exempt_from_weight_decay("vision.model.embeddings.patch_embedding.weight", w2)
     assert not exempt_from_weight_decay("vision.model.blocks.0.attn.qkv.weight", w2)
+
+
+# transformers' CLIPVisionModel name -> the OpenAI ViT name the reference trains (its
+# eva_clip/transformer.py VisionTransformer, under "visual.").
+OPENAI_NAMES = [
+    ("model.embeddings.patch_embedding.", "conv1."),
+    ("model.embeddings.class_embedding", "class_embedding"),
+    ("model.embeddings.position_embedding.weight", "positional_embedding"),
+    ("model.pre_layrnorm.", "ln_pre."),
+    ("model.encoder.layers.", "transformer.resblocks."),
+    ("model.post_layernorm.", "ln_post."),
+]
+
+
+def test_clip_layer_ids_equal_the_reference_name_rules() -> None:
+    """Every CLIP parameter's layer id equals the reference's ``get_num_layer_for_transformer``
+    (a copy in tests/reference_llm2clip.py) on its OpenAI name."""
+    from reference_llm2clip import get_num_layer_for_transformer
+
+    bb = create_backbone(tiny_backbone("clip"))
+    ids = bb.layer_ids()
+    for name, layer in ids.items():
+        ref_name = name
+        for ours, theirs in OPENAI_NAMES:
+            ref_name = ref_name.replace(ours, theirs)
+        assert ref_name != name, f"no OpenAI name for {name}"
+        # num_max_layer = blocks + 2 (LayerDecayValueAssigner's list, training/optim.py:146)
+        assert layer == get_num_layer_for_transformer("visual." + ref_name, bb.num_layers + 2), name
+
+
+@pytest.mark.parametrize("head", ["linear_bias", "none"])
+def test_image_head_kinds_roundtrip(head: str, tmp_path: Path) -> None:
+    """EVA's head has a bias (llm2clip/eva_clip/eva_vit_model.py:431); the reference's SigLIP2
+    tower has none (timm ``proj: none``, model_configs/Llama3.1-8B-Siglip2-So-L-14-224.json)."""
+    torch.manual_seed(0)
+    embed = 32 if head == "none" else 16  # no head: the tower's width is the shared width
+    model = LLM2CLIP(
+        LLM2CLIPConfig(backbone=tiny_backbone("siglip"), text_dim=24, embed_dim=embed, image_head=head)
+    )
+    if head == "none":
+        assert isinstance(model.image_head, torch.nn.Identity)
+        assert not any(k.startswith("image_head") for k in model.head_state_dict())
+    else:
+        assert model.image_head.bias is not None and torch.count_nonzero(model.image_head.bias) == 0
+        with torch.no_grad():
+            model.image_head.bias.fill_(0.5)
+    px = torch.randn(2, 3, 32, 32)
+    model.save_pretrained(tmp_path / "m")
+    again = LLM2CLIP.from_pretrained(tmp_path / "m")
+    assert again.config.image_head == head
+    with torch.no_grad():
+        assert torch.allclose(again.get_image_features(px), model.get_image_features(px), atol=1e-6)
+    with pytest.raises(ValueError, match="needs the tower width"):
+        LLM2CLIP(
+            LLM2CLIPConfig(backbone=tiny_backbone("siglip"), text_dim=24, embed_dim=16, image_head="none")
+        )

@@ -52,8 +52,26 @@ class TextAdaptor(nn.Module):
         return self.proj(self.norm(x))
 
 
-def new_image_head(hidden_size: int, embed_dim: int) -> nn.Linear:
-    """A re-initialised projection ``hidden -> embed_dim`` (CLIP's init: std ``hidden**-0.5``)."""
-    head = nn.Linear(hidden_size, embed_dim, bias=False)
+def new_image_head(hidden_size: int, embed_dim: int, kind: str = "linear") -> nn.Module:
+    """The re-initialised image head on the pooled features.
+
+    ``linear``: ``hidden -> embed_dim`` without bias (OpenAI CLIP's ``proj``; CLIP's init, std
+    ``hidden**-0.5``); ``linear_bias``: with a (zero-initialised) bias, as EVA's ``head``
+    (microsoft/LLM2CLIP llm2clip/eva_clip/eva_vit_model.py:431, ``nn.Linear(embed_dim, num_classes)``);
+    ``none``: the pooled feature itself, as the reference's SigLIP2 tower (timm ``proj: none``,
+    llm2clip/eva_clip/model_configs/Llama3.1-8B-Siglip2-So-L-14-224.json; needs
+    ``hidden == embed_dim``).
+    """
+    if kind == "none":
+        if hidden_size != embed_dim:
+            raise ValueError(
+                f"image_head 'none' needs the tower width ({hidden_size}) to equal embed_dim ({embed_dim})"
+            )
+        return nn.Identity()
+    if kind not in ("linear", "linear_bias"):
+        raise ValueError(f"image_head must be 'linear', 'linear_bias' or 'none', not {kind!r}")
+    head = nn.Linear(hidden_size, embed_dim, bias=kind == "linear_bias")
     nn.init.normal_(head.weight, std=hidden_size**-0.5)
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
     return head

@@ -158,7 +158,19 @@ class HFVisionBackbone(VisionBackbone):
 
 class CLIPBackbone(HFVisionBackbone):
     kind = "clip"
-    stem_modules = ("embeddings", "pre_layrnorm")
+    stem_modules = ("embeddings",)
+
+    def layer_ids(self) -> dict[str, int]:
+        """As the reference's name rules (microsoft/LLM2CLIP llm2clip/training/optim.py:18-45,
+        ``get_num_layer_for_transformer``) place OpenAI's ViT: ``conv1`` and
+        ``positional_embedding`` are layer 0, ``class_embedding`` and ``ln_pre`` match no rule
+        and get the last id (the full rate), like ``ln_post`` and ``proj``."""
+        ids = super().layer_ids()
+        top = self.num_layers + 1
+        ids["model.embeddings.class_embedding"] = top
+        for name, _ in self.model.pre_layrnorm.named_parameters():
+            ids[f"model.pre_layrnorm.{name}"] = top
+        return ids
 
 
 class SiglipBackbone(HFVisionBackbone):

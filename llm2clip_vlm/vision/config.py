@@ -28,6 +28,9 @@ class Stage2Config:
     backbone: VisionBackboneConfig = field(default_factory=VisionBackboneConfig)
     # Shared embedding width of the image head and the text adaptor (1280 EVA02/OpenAI-L, 1152 SigLIP2).
     embed_dim: int = 1280
+    # The re-initialised image head: "linear" (no bias, as OpenAI CLIP's proj), "linear_bias" (as
+    # EVA's head), "none" (the pooled feature, as the reference's SigLIP2 tower; width = embed_dim).
+    image_head: Literal["linear", "linear_bias", "none"] = "linear"
     adaptor_blocks: int = 4
     loss: Literal["clip", "siglip"] = "clip"
     # Learnable log temperature: ln(1/0.07) at start, clamped at ln(100) after every step.

@@ -48,6 +48,8 @@ class LLM2CLIPConfig:
     # Width of the stage-1 caption embeddings (the LLM's hidden size).
     text_dim: int = 4096
     embed_dim: int = 1280
+    # The image head: "linear" (no bias, OpenAI CLIP), "linear_bias" (EVA), "none" (SigLIP2).
+    image_head: str = "linear"
     adaptor_blocks: int = 4
     loss: str = "clip"
     logit_scale_init: float = math.log(1 / 0.07)
@@ -69,7 +71,7 @@ class LLM2CLIP(nn.Module):
         super().__init__()
         self.config = config
         self.vision = backbone if backbone is not None else create_backbone(config.backbone)
-        self.image_head = new_image_head(self.vision.hidden_size, config.embed_dim)
+        self.image_head = new_image_head(self.vision.hidden_size, config.embed_dim, config.image_head)
         self.text_adaptor = TextAdaptor(config.text_dim, config.embed_dim, config.adaptor_blocks)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
         # Only the sigmoid loss uses a bias; an unused parameter would stall DDP's reducer.

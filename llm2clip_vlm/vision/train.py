@@ -142,7 +142,7 @@ def train_stage2(
     set_seed(s.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = LLM2CLIP(
         LLM2CLIPConfig(
-            backbone=s.backbone, text_dim=embeddings.dim, embed_dim=s.embed_dim,
+            backbone=s.backbone, text_dim=embeddings.dim, embed_dim=s.embed_dim, image_head=s.image_head,
             adaptor_blocks=s.adaptor_blocks, loss=s.loss, logit_scale_init=s.logit_scale_init,
             logit_scale_max=s.logit_scale_max, logit_bias_init=s.logit_bias_init,
             encoder_path=encoder_path, encoder_identity=encoder_identity,
