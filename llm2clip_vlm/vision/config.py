@@ -38,6 +38,9 @@ class Stage2Config:
     logit_scale_max: float = math.log(100)
     # SigLIP loss only: initial logit bias (the SigLIP paper uses -10 with logit_scale_init ln 10).
     logit_bias_init: float = -10.0
+    # Train augmentation: RandomResizedCrop over this range of area shares, e.g. [0.9, 1.0] as the
+    # reference (llm2clip/eva_clip/transform.py:83); [] = resize and centre crop only.
+    random_resized_crop: list[float] = field(default_factory=list)
     # Share of samples that use a long caption (the rest a short one).
     long_caption_ratio: float = 0.5
     # Global batch (images per optimizer step, summed over processes).

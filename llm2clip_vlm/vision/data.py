@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from llm2clip_vlm.bad_samples import load_or_replace
 from llm2clip_vlm.data.records import ImageCaptions
+from llm2clip_vlm.vision.augment import random_resized_crop
 from llm2clip_vlm.vision.stream import Stage2Stream
 
 ImageLoader = Callable[[ImageCaptions], Any]  # record -> PIL RGB image
@@ -51,6 +52,7 @@ class Stage2TrainData(Dataset):
         long_caption_ratio: float,
         seed: int,
         indices: Sequence[int] | None = None,
+        crop_scale: Sequence[float] = (),
     ) -> None:
         self.records = records
         # Sampler positions -> record indices (the usable images when bad ones were skipped).
@@ -60,6 +62,14 @@ class Stage2TrainData(Dataset):
         self.load_image = load_image
         self.long_ratio = long_caption_ratio
         self.seed = seed
+        # RandomResizedCrop's area range (the reference: 0.9-1.0); empty = the processor alone.
+        self.crop_scale = tuple(float(x) for x in crop_scale)
+        if self.crop_scale and not (
+            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1
+        ):
+            raise ValueError(
+                f"stage2.random_resized_crop must be [] or [min, max] in (0, 1], not {list(crop_scale)}"
+            )
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -84,7 +94,20 @@ class Stage2TrainData(Dataset):
         )
         row = self.caption_row(epoch, index)
         emb = torch.from_numpy(np.asarray(self.embeddings[[row]], dtype=np.float32)[0])
-        return pixel_values(self.image_processor, image), emb, failures
+        return self.train_pixels(image, epoch, index), emb, failures
+
+    def train_pixels(self, image: Any, epoch: int, index: int) -> torch.Tensor:
+        """``[3, H, W]`` of a training image: randomly cropped first when ``crop_scale`` is set."""
+        if self.crop_scale:
+            size = image_size(self.image_processor)
+            image = random_resized_crop(image, size, self.crop_scale, (self.seed, epoch, index))
+        return pixel_values(self.image_processor, image)
+
+
+def image_size(image_processor: Any) -> int:
+    """The square side the processor produces (its crop size, else its resize size)."""
+    crop = getattr(image_processor, "crop_size", None) or image_processor.size
+    return int(crop.get("height") or crop.get("shortest_edge"))
 
 
 def pixel_values(image_processor: Any, image: Any) -> torch.Tensor:

@@ -47,7 +47,7 @@ class _Sample:
         image = load_rgb(data, self.where(rid))
         row = d.caption_row(epoch, rid)
         emb = torch.from_numpy(np.asarray(d.embeddings[[row]], dtype=np.float32)[0])
-        pv = d.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        pv = d.train_pixels(image, epoch, rid)
         failures = json.dumps(self.pending) if self.pending else ""
         self.pending = []
         return pv, emb, failures

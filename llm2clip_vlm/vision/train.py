@@ -199,8 +199,9 @@ def train_stage2(
     )
 
     dataset = Stage2TrainData(
-        train_records, embeddings, processor, load_image, s.long_caption_ratio, s.seed, indices=usable
-    )
+        train_records, embeddings, processor, load_image, s.long_caption_ratio, s.seed, indices=usable,
+        crop_scale=s.random_resized_crop,
+    )  # fmt: skip
     loader = train_loader(
         dataset, batch_size=s.batch_size, rank=rank, world=world, start_step=state.step, total_steps=steps,
         num_workers=s.num_workers, shuffle_buffer=shuffle_buffer, saved=state.extra.get("data"),
