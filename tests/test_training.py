@@ -4,6 +4,7 @@ checkpoints kept, hooks, time budget, the NaN guard)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,81 @@ def test_the_package_uses_no_private_accelerate_state() -> None:
         if name in p.read_text()
     ]
     assert not offenders, offenders
+
+
+def _fp16_run(out: Path, loop: LoopConfig, on_step=None):
+    """The toy regression under an fp16 loss scaler. accelerate makes one only on GPUs
+    (``torch.amp.GradScaler``); here a CPU GradScaler is put where accelerate keeps it, before
+    ``prepare`` (which hands it to the optimizer), so the loop's scaler path runs on the CPU. The
+    first scale, 2**20, overflows the fp16 gradients (accelerate autocasts the forward to fp16): the scaler must skip and halve."""
+    torch.manual_seed(0)
+    acc = dist.make_accelerator("fp16")  # on a CPU: fp16 without a scaler (and no autocast)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2)
+    acc.native_amp = True  # with fp16, the clip then unscales (accelerate's rule)
+    model = nn.Linear(4, 1)
+    run = Run("toy", loop, out, acc)
+    if run.resumed_weights is not None:
+        model.load_state_dict(run.resumed_weights)
+    optimizer = adamw(list(model.parameters()), 0.05, acc.device)
+    scheduler = make_scheduler(optimizer, loop, loop.max_steps)
+    model, optimizer = run.prepare(model, optimizer, scheduler)
+    scales: list[float] = []
+
+    def batches():
+        for k in range(run.state.step, loop.max_steps):
+            x = torch.randn(16, 4, generator=torch.Generator().manual_seed(k))
+            yield x, 3 * x.sum(1, keepdim=True) + 5
+
+    def step(batch):
+        x, y = batch
+        loss = ((model(x) - y) ** 2).mean()
+        acc.backward(loss)
+        return StepOutput(dist.reduce_float(acc, loss))
+
+    def record(step: int, loss: float) -> None:
+        scales.append(acc.scaler.get_scale())
+        if on_step is not None:
+            on_step(step, loss)
+
+    stage = Stage(
+        "toy", model, optimizer, scheduler, step, lambda: dict(model.state_dict()), model.parameters
+    )
+    state = run.train(stage, batches(), loop.max_steps, record)
+    return state, {k: v.clone() for k, v in model.state_dict().items()}, scales
+
+
+@pytest.fixture
+def fp16_process() -> Iterator[None]:
+    """accelerate fixes one mixed precision per process: start and leave this test without one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_fp16_loss_scaler_skips_overflows_lowers_the_scale_and_resumes_exactly(
+    tmp_path: Path, fp16_process: None
+) -> None:
+    loop = LoopConfig(precision="fp32", max_steps=12, warmup_steps=0, grad_clip=5.0, save_every_steps=3,
+                      keep_checkpoints=3)  # fmt: skip
+    torch.manual_seed(0)
+    w0 = {k: v.clone() for k, v in nn.Linear(4, 1).state_dict().items()}
+    full, w_full, scales = _fp16_run(tmp_path / "full", loop)
+    # No NonFiniteError: the first steps overflow, the scaler halves the scale and skips them.
+    assert full.step == 12 and full.skipped_steps == []
+    assert scales[0] == 2.0**19 and min(scales) < scales[0]
+    assert not torch.equal(w_full["weight"], w0["weight"])  # later steps did update
+    assert full.losses[-1] < full.losses[0]
+
+    def stop(step: int, loss: float) -> None:
+        if step == 5:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _fp16_run(tmp_path / "cut", loop, on_step=stop)
+    resumed, w_cut, scales_cut = _fp16_run(tmp_path / "cut", loop)
+    assert scales_cut == scales[3:]  # the scale continues from the checkpoint of step 3
+    assert resumed.losses == full.losses
+    assert all(torch.equal(w_full[k], w_cut[k]) for k in w_full)

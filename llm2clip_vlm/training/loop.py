@@ -9,6 +9,13 @@ hooks such as clamping the logit scale. :class:`Run` owns everything else, top t
     optimizer/scheduler step -> hooks -> state, progress, ``on_step`` -> time budget ->
     periodic / final / on-signal checkpoint -> exit on signal
 
+fp16 (``loop.precision: fp16``, the reference stage 2's ``--precision fp16``) runs with
+accelerate's loss scaler (a ``torch.amp.GradScaler`` on GPUs): ``accelerator.backward`` scales the
+loss, the clip unscales, the prepared optimizer's ``step`` skips an update whose gradients
+overflowed and lowers the scale. The loop therefore always calls ``step`` under a scaler and
+guards only the loss (an inf gradient is the scaler's business), and checkpoints the scaler's
+state so a resumed run continues with the same scale.
+
 [IMPORTANT] Every decision that ends or saves a step (time budget, signals, the loss the guard
 checks) is the same on every rank: the budget and the signal flags are reduced over processes,
 and the stage's step returns a loss already reduced. A rank stopping alone would hang the others.
@@ -35,6 +42,7 @@ from llm2clip_vlm.training.config import LoopConfig
 log = get_logger(__name__)
 
 OnStep = Callable[[int, float], None]
+GRAD_SCALER = "grad_scaler"  # TrainState.extra key of the fp16 loss scaler's state
 
 
 @dataclass
@@ -164,7 +172,15 @@ class Run:
             self.checkpointer.load(
                 self.resumed.path, optimizer=optimizer, scheduler=scheduler, with_weights=False
             )
+            saved = self.state.extra.get(GRAD_SCALER)
+            if saved is not None and self.scaler is not None:
+                self.scaler.load_state_dict(saved)
         return model, optimizer
+
+    @property
+    def scaler(self) -> Any:
+        """accelerate's fp16 loss scaler (None in bf16/fp32, and under DeepSpeed, which scales itself)."""
+        return getattr(self.accelerator, "scaler", None)
 
     @property
     def samples_per_second(self) -> float:
@@ -174,6 +190,8 @@ class Run:
         """Write a checkpoint of the current step (every rank calls it)."""
         if stage.data_state is not None:
             self.state.extra["data"] = stage.data_state()
+        if self.scaler is not None:
+            self.state.extra[GRAD_SCALER] = dict(self.scaler.state_dict())
         weights = stage.weights()
         self.checkpointer.save(
             self.state.step,
@@ -224,8 +242,15 @@ class Run:
                 grad_norm = None
                 if loop.grad_clip > 0 and stage.clip_parameters is not None:
                     grad_norm = acc.clip_grad_norm_(stage.clip_parameters(), loop.grad_clip)
-                if guard.check(out.loss, state.step + 1, grad_norm):
+                scaler = self.scaler
+                # Under the fp16 scaler an overflowed gradient is expected: the scaler's step skips
+                # it and lowers the scale (it must run for that, even on a skipped step).
+                take = guard.check(out.loss, state.step + 1, None if scaler is not None else grad_norm)
+                if take or scaler is not None:
                     stage.optimizer.step()
+                    if scaler is not None and getattr(stage.optimizer, "step_was_skipped", False):
+                        log.info("%s: fp16 gradients overflowed at step %d; update skipped, loss scale "
+                                 "now %g", self.name, state.step + 1, scaler.get_scale())  # fmt: skip
                 stage.scheduler.step()
                 stage.optimizer.zero_grad(set_to_none=True)
                 if stage.after_update is not None:
