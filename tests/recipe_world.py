@@ -1,7 +1,7 @@
 """A tiny world in which every recipe of ``recipes/`` runs exactly as written.
 
 The recipes name hub ids (``meta-llama/Meta-Llama-3-8B-Instruct``, ``openai/clip-vit-large-patch14-336``,
-``google/siglip2-so400m-patch14-384``, the timm EVA02 name) and relative paths (``data/...``,
+``google/siglip2-so400m-patch14-224``, the timm EVA02 name) and relative paths (``data/...``,
 ``checkpoints/...``, ``runs/...``). :func:`build_recipe_world` writes, under one folder, a tiny
 random-weight stand-in of the same family at each model path and small data files in each recipe's
 own format at each data path. A command run from that folder (as a user runs it from their
@@ -42,7 +42,7 @@ POSITIONS = ["left", "right", "top", "bottom"]
 # Model ids / local model paths the recipes name.
 LLAMA3 = "meta-llama/Meta-Llama-3-8B-Instruct"
 OPENAI_CLIP = "openai/clip-vit-large-patch14-336"
-SIGLIP2 = "google/siglip2-so400m-patch14-384"
+SIGLIP2 = "google/siglip2-so400m-patch14-224"
 EVA02 = "eva02_large_patch14_clip_336.merged2b"
 VICUNA = "checkpoints/vicuna-7b-v1.5"
 CLIP_CHECKPOINT = "checkpoints/clip-vit-large-patch14-336"
