@@ -34,6 +34,7 @@ from llm2clip_vlm.data.index import RecordIndex
 from llm2clip_vlm.data.stream import ShardStream, StreamLoader
 from llm2clip_vlm.llava.config import LlavaPhaseConfig
 from llm2clip_vlm.llava.data import Batch, Collator, LlavaDataset, LlavaRecords, ModalityBatchSampler, Sample
+from llm2clip_vlm.llava.grouping import LengthGroupedBatchSampler, modality_lengths
 from llm2clip_vlm.logging import get_logger
 
 log = get_logger(__name__)
@@ -46,11 +47,30 @@ def steps_per_epoch(records: LlavaRecords, p: LlavaPhaseConfig, world: int, deep
         if steps == 0:
             raise ValueError(f"{len(records)} records make no batch of {p.batch_size}")
         return steps
-    probe = ModalityBatchSampler(
-        list(records.has_image), p.batch_size, 0, world, p.seed, 0, 1, p.group_by_modality,
-        full_batches_only=deepspeed,
+    return map_sampler(records, p, 0, world, 0, 1, deepspeed).steps_per_epoch
+
+
+def map_sampler(
+    records: LlavaRecords,
+    p: LlavaPhaseConfig,
+    rank: int,
+    world: int,
+    start_step: int,
+    total_steps: int,
+    deepspeed: bool,
+) -> ModalityBatchSampler | LengthGroupedBatchSampler:
+    """The map-style batch sampler: by modality, or (``group_by_length``) LLaVA's length grouping."""
+    if p.group_by_length:
+        words = records.word_counts()
+        lengths = modality_lengths(words, list(records.has_image)) if p.group_by_modality else words
+        return LengthGroupedBatchSampler(
+            lengths, p.batch_size, p.micro_batch_size, rank, world, p.seed, start_step, total_steps,
+            p.group_by_modality, full_batches_only=deepspeed,
+        )  # fmt: skip
+    return ModalityBatchSampler(
+        list(records.has_image), p.batch_size, rank, world, p.seed, start_step, total_steps,
+        p.group_by_modality, full_batches_only=deepspeed,
     )  # fmt: skip
-    return probe.steps_per_epoch
 
 
 def phase_batches(
@@ -77,10 +97,7 @@ def phase_batches(
             skip_bad=p.data.skip_bad, max_bad_fraction=p.data.max_bad_fraction, rank=rank, world=world,
             pin_memory=pin_memory, pad_token_id=pad,
         )  # fmt: skip
-    sampler = ModalityBatchSampler(
-        list(records.has_image), p.batch_size, rank, world, p.seed, start_step, total_steps,
-        p.group_by_modality, full_batches_only=deepspeed,
-    )  # fmt: skip
+    sampler = map_sampler(records, p, rank, world, start_step, total_steps, deepspeed)
     return DataLoader(
         dataset, batch_sampler=sampler, num_workers=p.num_workers, collate_fn=Collator(pad),
         pin_memory=pin_memory,

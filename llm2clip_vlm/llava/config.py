@@ -72,23 +72,37 @@ class LlavaPhaseConfig:
     projector_lr: float = 0.0
     weight_decay: float = 0.0
     max_length: int = 2048
-    # pad = LLaVA-1.5's ``image_aspect_ratio=pad`` (pad to square with the processor's mean colour);
-    # none = the processor's own resize and centre crop.
-    image_aspect_ratio: Literal["pad", "none"] = "pad"
+    # pad = LLaVA-1.5's ``image_aspect_ratio=pad`` (finetune.sh: pad to square with the processor's
+    # mean colour); square = LLaVA's default (train.py DataArguments, pretrain.sh): the processor's
+    # own resize and centre crop; none = the same as square (the older name).
+    image_aspect_ratio: Literal["pad", "square", "none"] = "pad"
     # Batches hold only image records or only text-only records (LLaVA's group_by_modality_length).
     group_by_modality: bool = True
+    # Also group by length as LLaVA's LengthGroupedSampler (llava/train/llava_trainer.py): each
+    # global batch is a "megabatch" of similar-length records (word counts, LLaVA's
+    # modality_lengths), split into per-process micro batches of balanced length.
+    group_by_length: bool = False
+    # The loss: "tokens" = the mean over the global batch's supervised tokens (independent of the
+    # micro batch and process counts); "micro_batch" = LLaVA's (the HF Trainer's): the mean over each
+    # micro batch's tokens, averaged over the micro batches and the processes.
+    loss_mean: Literal["tokens", "micro_batch"] = "tokens"
     gradient_checkpointing: bool = True
     num_workers: int = 4
     seed: int = 42
     # Held-out question answering: greedy answers of at most this many tokens, this many per batch.
     eval_max_new_tokens: int = 16
     eval_batch_size: int = 16
-    # The loop: LLaVA-1.5 warms up over 3% of the steps, then decays the lr on a cosine.
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(warmup_ratio=0.03))
+    # The loop: LLaVA-1.5 warms up over 3% of the steps (ceil), from lr 0 as the HF Trainer's
+    # get_cosine_schedule_with_warmup (factors 0, 1/w, ...), then decays the lr on a cosine.
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(warmup_ratio=0.03, warmup_from_zero=True))
 
 
 def _pretrain_defaults() -> LlavaPhaseConfig:
-    return LlavaPhaseConfig(template="plain", tune="projector", batch_size=256, micro_batch_size=32, lr=1e-3)
+    # LLaVA-1.5's pretrain.sh: no --image_aspect_ratio (train.py's default 'square'), no grouping.
+    return LlavaPhaseConfig(
+        template="plain", tune="projector", batch_size=256, micro_batch_size=32, lr=1e-3,
+        image_aspect_ratio="square", group_by_modality=False,
+    )  # fmt: skip
 
 
 @dataclass

@@ -330,6 +330,7 @@ class LlavaRecords(Sequence[LlavaRecord]):
         self.shards = self.meta.get("kind") == "shards"
         names = LLAVA_COLUMNS[:4] + (SHARD_COLUMNS[:3] if self.shards else ())
         self._cols = {name: table.column(name) for name in names}
+        self._words: list[int] | None = None  # word_counts(), read once
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -361,6 +362,21 @@ class LlavaRecords(Sequence[LlavaRecord]):
     def __iter__(self) -> Iterator[LlavaRecord]:
         for i in range(len(self)):
             yield self[i]
+
+    def word_counts(self) -> list[int]:
+        """Per record, the words of its conversation (LLaVA's ``modality_lengths``, unsigned:
+        ``sum(len(turn["value"].split()))``, llava/train/train.py:684-690); read once."""
+        if self._words is not None:
+            return self._words
+        column = self._cols["record"]
+        counts = []
+        for row in self.rows:
+            conversations, _ = json.loads(column[int(row)].as_py())
+            counts.append(
+                sum(len(str(t.get("value", "")).split()) for t in conversations if isinstance(t, dict))
+            )
+        self._words = counts
+        return counts
 
     @property
     def has_image(self) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.llava.data import LlavaRecord, image_to_pixels
-from llm2clip_vlm.llava.templates import TemplateName, generation_prompt
+from llm2clip_vlm.llava.templates import TemplateName, generation_prompt, tokenize_image_chunks
 from llm2clip_vlm.progress import make_progress
 
 
@@ -66,7 +66,7 @@ def answer_questions(
                 question = rec.conversations[0]["value"]
                 prompt = generation_prompt(template, question, tokenizer, system, has_image=rec.has_image)
                 ids: list[int] = []
-                for t in tokenizer(prompt, add_special_tokens=True)["input_ids"]:
+                for t in tokenize_image_chunks(prompt, tokenizer)[0]:  # as training tokenized
                     ids += [t] * (image_seq_length if t == image_token_id else 1)
                 rows.append(ids)
                 if rec.image is not None:

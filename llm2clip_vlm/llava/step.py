@@ -1,9 +1,12 @@
 """One LLaVA optimizer step: micro batches, gradient accumulation, DDP or DeepSpeed, token-mean loss.
 
-[IMPORTANT] The loss of a step is the mean over every supervised token of the *global* batch:
-each micro batch adds ``sum of its token losses / global token count``, times the number of
-processes because DDP averages gradients. So the loss and the update do not depend on the
-micro-batch size or the process count (a 2-process test pins it), unlike a mean of per-batch means.
+[IMPORTANT] By default (``loss_mean: tokens``) the loss of a step is the mean over every
+supervised token of the *global* batch: each micro batch adds ``sum of its token losses / global
+token count``, times the number of processes because DDP averages gradients. So the loss and the
+update do not depend on the micro-batch size or the process count (a 2-process test pins it).
+``loss_mean: micro_batch`` is LLaVA-1.5's (the HF Trainer's): each micro batch's own token mean
+(the model's ``labels`` loss), divided by the accumulation steps, and averaged over processes by
+DDP: a long answer then weighs less than in the token mean.
 """
 
 from __future__ import annotations
@@ -76,10 +79,14 @@ class LlavaStep:
     batches; under DeepSpeed the engine accumulates, clips and updates inside ``backward``."""
 
     def __init__(
-        self, accelerator: Any, model: Any, micro_batch_size: int, deepspeed: bool, counts: dict[str, Any]
-    ) -> None:
+        self, accelerator: Any, model: Any, micro_batch_size: int, deepspeed: bool, counts: dict[str, Any],
+        loss_mean: str = "tokens",
+    ) -> None:  # fmt: skip
+        if loss_mean not in ("tokens", "micro_batch"):
+            raise ValueError(f"loss_mean must be 'tokens' or 'micro_batch', not {loss_mean!r}")
         self.accelerator, self.model = accelerator, model
         self.micro, self.deepspeed = micro_batch_size, deepspeed
+        self.per_micro = loss_mean == "micro_batch"
         # Truncated / dropped samples so far: the run's state (checkpointed with it).
         self.counts = counts
         counts.setdefault("truncated", 0)
@@ -108,9 +115,14 @@ class LlavaStep:
                 scale = world  # DDP averages gradients over processes
                 ctx = acc.no_sync(self.model) if not sync and world > 1 else nullcontext()
             with ctx, acc.autocast():
-                loss = token_loss_sum(self.model, mb, acc.device) / denom
+                if self.per_micro:  # this micro batch's mean, a 1/len(micro) share of the rank's loss
+                    loss = token_loss_sum(self.model, mb, acc.device) / max(1, mb.num_supervised) / len(micro)
+                    # DeepSpeed divides by its accumulation count (= len(micro)) itself.
+                    scale = len(micro) if self.deepspeed else 1
+                else:
+                    loss = token_loss_sum(self.model, mb, acc.device) / denom
             acc.backward(loss * scale)
             step_loss += loss.detach()
-        return StepOutput(
-            dist.reduce_float(acc, step_loss, "sum"), metrics={"tokens": int(n_tokens[1].item())}
-        )
+        # Token mean: the ranks' shares add up to the global loss; micro-batch mean: DDP's average.
+        total = dist.reduce_float(acc, step_loss, "mean" if self.per_micro else "sum")
+        return StepOutput(total, metrics={"tokens": int(n_tokens[1].item())})

@@ -19,7 +19,10 @@ vicuna_v1 spans start at the space before the answer, so a space that is a token
 learnt too, as in LLaVA); ``tests/test_llava_templates.py`` pins it on hand-checked examples.
 
 The ``<image>`` placeholder stays one token here; the collator expands it to the number of
-image features the model produces.
+image features the model produces. As LLaVA's ``tokenizer_image_token`` (llava/mm_utils.py), the
+text before and after ``<image>`` is tokenized as separate chunks (each chunk's BOS dropped, one
+BOS in front): a SentencePiece tokenizer then starts the text after the image with its own ``▁``
+prefix, exactly as LLaVA-1.5 trained.
 """
 
 from __future__ import annotations
@@ -309,8 +312,7 @@ def tokenize_conversation(
         ConversationError: the conversation does not fit the template.
     """
     text, spans = render(template, conversations, tokenizer, system)
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    ids, offsets = tokenize_image_chunks(text, tokenizer)
     labels = []
     for tok, (s, e) in zip(ids, offsets, strict=True):
         # A token is supervised when any of its characters is: byte-level BPE glues the space
@@ -319,3 +321,36 @@ def tokenize_conversation(
         inside = e > s and any(max(s, a) < min(e, b) for a, b in spans)
         labels.append(tok if inside else IGNORE_INDEX)
     return Tokenized(list(ids), labels)
+
+
+def tokenize_image_chunks(text: str, tokenizer: Any) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text`` and each token's character span in it, LLaVA's way around ``<image>``.
+
+    As ``tokenizer_image_token`` (haotian-liu/LLaVA llava/mm_utils.py:185-204): the chunks between
+    ``<image>`` placeholders are tokenized one by one with the tokenizer's special tokens; when the
+    first chunk starts with BOS, that BOS is kept once and the first token of every chunk dropped;
+    each placeholder becomes the ``<image>`` token. Without a placeholder this is the plain
+    tokenization. Added tokens (BOS) get the span ``(0, 0)``.
+    """
+    chunks = text.split(IMAGE_PLACEHOLDER)
+    if len(chunks) == 1:
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    if image_id is None or image_id == tokenizer.unk_token_id:
+        raise ConversationError(f"the tokenizer has no {IMAGE_PLACEHOLDER} token")
+    encoded = [tokenizer(c, add_special_tokens=True, return_offsets_mapping=True) for c in chunks]
+    first = encoded[0]["input_ids"]
+    skip = 1 if first and first[0] == tokenizer.bos_token_id else 0
+    ids: list[int] = first[:1] if skip else []
+    offsets: list[tuple[int, int]] = [(0, 0)] if skip else []
+    start = 0
+    for k, (chunk, enc) in enumerate(zip(chunks, encoded, strict=True)):
+        if k:
+            ids.append(image_id)
+            offsets.append((start - len(IMAGE_PLACEHOLDER), start))
+        for t, (s, e) in list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))[skip:]:
+            ids.append(t)
+            offsets.append((start + s, start + e) if e > s else (0, 0))
+        start += len(chunk) + len(IMAGE_PLACEHOLDER)
+    return ids, offsets

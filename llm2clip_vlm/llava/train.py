@@ -223,7 +223,7 @@ def train_llava(
         full = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
         return {n: t.detach().cpu().contiguous() for n, t in (full or {}).items() if n in trainable}
 
-    step = LlavaStep(accelerator, model, p.micro_batch_size, deepspeed, state.extra)
+    step = LlavaStep(accelerator, model, p.micro_batch_size, deepspeed, state.extra, p.loss_mean)
     # Under DeepSpeed, clipping and the update happen in backward (gradient_clipping).
     stage = Stage(f"llava {phase}", model, optimizer, scheduler, step, weights,
                   None if deepspeed else model.parameters, samples_per_step=p.batch_size,
