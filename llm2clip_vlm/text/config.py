@@ -56,6 +56,9 @@ class E5Config:
     # task, in task-homogeneous batches, as the reference; empty = captions only.
     path: str = ""
     # E5 task names to read (empty = every task of the reference's E5_EMBEDDING_PROMPTS).
+    # With E5 on, the caption pairs are drawn as the reference draws them (a short and a long
+    # caption, a random other image's caption as the negative): stage1.pairing and
+    # stage1.similar_negatives do not apply.
     tasks: list[str] = field(default_factory=list)
 
 

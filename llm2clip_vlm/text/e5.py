@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.records import ImageCaptions
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.text.simcse import Triplet
@@ -84,10 +85,10 @@ def _index_file(path: Path) -> E5File:
             try:
                 rec = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}:{lineno + 1}: not a JSON record ({e})") from e
+                raise DataError(f"{path}:{lineno + 1}: not a JSON record ({e})") from e
             bad = [k for k in FIELDS if not isinstance(rec, dict) or not isinstance(rec.get(k), str)]
             if bad:
-                raise ValueError(f"{path}:{lineno + 1}: field {bad[0]!r} is missing or not a string")
+                raise DataError(f"{path}:{lineno + 1}: field {bad[0]!r} is missing or not a string")
             offsets.append(pos)
             lines.append(lineno)
             pos += len(raw)
@@ -138,7 +139,7 @@ class TaskBatches:
     ) -> None:
         unknown = [t for t in tasks if t not in E5_EMBEDDING_PROMPTS]
         if unknown:
-            raise ValueError(
+            raise DataError(
                 f"stage1.e5.tasks: unknown task {unknown[0]!r}; known: {', '.join(E5_EMBEDDING_PROMPTS)}"
             )
         self.tasks = [t for t in E5_EMBEDDING_PROMPTS if t in tasks] if tasks else list(E5_EMBEDDING_PROMPTS)
@@ -187,7 +188,7 @@ class TaskBatches:
             batches += full
         rng.shuffle(batches)
         if not batches:
-            raise ValueError(
+            raise DataError(
                 f"stage 1: no task has {batch_size} samples for one batch of stage1.batch_size "
                 f"(samples per task: {counts})"
             )

@@ -115,7 +115,7 @@ def train_stage1(
     pairs = caption_pairs(heldout_records, s.cra_captions)
     steps = total_steps(s, batches)
     log.info(
-        "stage 1: %s, %d training images, %d steps of %d queries (%d per process), CRA on %d captions",
+        "stage 1: %s, %d training samples, %d steps of %d queries (%d per process), CRA on %d captions",
         s.model, len(batches), steps, s.batch_size, s.batch_size // world, 2 * len(pairs),
     )  # fmt: skip
 
