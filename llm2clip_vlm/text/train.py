@@ -261,7 +261,7 @@ def _cra_before(decoder: nn.Module, tokenizer: Any, s: Stage1Config, pairs: list
     import hashlib
 
     key = hashlib.sha256(
-        json.dumps([s.model, s.max_length, s.pad_to_multiple_of, s.loop.precision, s.caption_template, pairs]).encode()
+        json.dumps([s.model, s.adapters, s.max_length, s.pad_to_multiple_of, s.loop.precision, s.caption_template, pairs]).encode()
     ).hexdigest()
     cached = out / CRA_BEFORE
     if cached.is_file():
