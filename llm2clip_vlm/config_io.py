@@ -40,6 +40,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        # A mapping for a section, or a list for a list: that member's own message (e.g. an
+        # unknown key) is the one that helps, not "does not fit A | B".
+        for arg in args:
+            if (dataclasses.is_dataclass(arg) and isinstance(value, dict)) or (
+                get_origin(arg) is list and isinstance(value, list)
+            ):
+                return _coerce(value, arg, key)
         for arg in args:
             if arg is type(None):
                 continue

@@ -102,6 +102,7 @@ def train_stage1(
         train_records, instructions, s.seed, s.hard_negatives, s.similar_negatives, pairing=s.pairing
     )
     pairs = caption_pairs(heldout_records, s.cra_captions)
+    over_long = over_long_captions(tokenizer, train_records, s.max_length) if main else {}
     steps = total_steps(s, batches)
     log.info(
         "stage 1: %s, %d training images, %d steps of %d queries (%d per process), CRA on %d captions",
@@ -204,6 +205,7 @@ def train_stage1(
             "skipped_steps": state.skipped_steps,
             "encoder": str(out / "encoder"),
             "encoder_identity": encoder.identity(),
+            "captions_over_max_length": over_long,
         }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         tracker.log(state.step, {"cra": cra_after})
@@ -218,6 +220,35 @@ def train_stage1(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+# Captions tokenised to count the over-long ones: all of a set up to this many, else a sample.
+OVER_LONG_SAMPLE = 100_000
+
+
+def over_long_captions(tokenizer: Any, records: Sequence[ImageCaptions], max_length: int) -> dict[str, Any]:
+    """How many training captions are longer than ``max_length`` tokens (and so are cut): logged
+    and kept in ``metrics.json``. Over :data:`OVER_LONG_SAMPLE` captions, evenly spaced images
+    are counted and the share is the estimate."""
+    n = len(records)
+    step = 1
+    total_captions = sum(len(r.captions) for r in records) if n <= OVER_LONG_SAMPLE else None
+    if total_captions is None or total_captions > OVER_LONG_SAMPLE:
+        step = max(1, n // max(1, OVER_LONG_SAMPLE // 2))
+    texts = [c.text for i in range(0, n, step) for c in records[i].captions]
+    over = 0
+    for k in range(0, len(texts), 4096):
+        ids = tokenizer(texts[k : k + 4096], truncation=True, max_length=max_length + 1)["input_ids"]
+        over += sum(len(x) > max_length for x in ids)
+    share = over / max(1, len(texts))
+    out = {"count": over, "captions": len(texts), "share": round(share, 6), "sampled": step > 1}
+    if over:
+        log.warning(
+            "stage 1: %d of %d %scaptions (%.2f%%) are longer than stage1.max_length=%d tokens and are "
+            "cut to it; raise stage1.max_length to keep them whole",
+            over, len(texts), "sampled " if step > 1 else "", 100 * share, max_length,
+        )  # fmt: skip
+    return out
 
 
 def _weight_dtype(s: Stage1Config, device: torch.device) -> torch.dtype:
@@ -242,13 +273,17 @@ def total_steps(s: Stage1Config, batches: SimCSEBatches) -> int:
 CRA_BEFORE = "cra_before.json"
 
 
-def _cra_before(decoder: nn.Module, tokenizer: Any, s: Stage1Config, pairs: list[tuple[str, str]], out: Path) -> float:
+def _cra_before(
+    decoder: nn.Module, tokenizer: Any, s: Stage1Config, pairs: list[tuple[str, str]], out: Path
+) -> float:
     """CRA of the untrained model, computed once per run directory: a resumed run reads it back
     (it depends only on the base model, the caption pairs and the encoding settings)."""
     import hashlib
 
     key = hashlib.sha256(
-        json.dumps([s.model, s.max_length, s.pad_to_multiple_of, s.loop.precision, s.caption_template, pairs]).encode()
+        json.dumps(
+            [s.model, s.max_length, s.pad_to_multiple_of, s.loop.precision, s.caption_template, pairs]
+        ).encode()
     ).hexdigest()
     cached = out / CRA_BEFORE
     if cached.is_file():
