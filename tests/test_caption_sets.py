@@ -266,3 +266,59 @@ def test_sharegpt4v_json_reads_as_a_caption_set(tmp_path: Path) -> None:
     assert len(cs) == 9 and not cs.skipped  # the text-only records are left out, not bad
     assert cs[1].key == "sam/images/000000000001.jpg"
     assert cs[0].captions[0].kind == "long" and cs[0].captions[0].text.endswith("no other objects.")
+
+
+@pytest.mark.slow
+def test_build_tower_on_cc3m_plus_cc12m_as_two_img2dataset_folders(two_runs, tmp_path: Path) -> None:
+    """The paper's mix (CC3M + CC12M), as img2dataset wrote it, through every stage with no conversion."""
+    from typer.testing import CliRunner
+
+    from llm2clip_vlm.cli import app
+    from llm2clip_vlm.store.store import EmbeddingStore
+    from llm2clip_vlm.text.tiny import save_tiny_llm
+    from recipe_world import write_retrieval_sets
+
+    cc3m, cc12m, a, b = two_runs
+    write_retrieval_sets(tmp_path, 8)  # data/eval/coco_karpathy_test.json: 5 short captions per image
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "train": [{"path": str(cc3m)}, {"path": str(cc12m)}],
+                    "heldout": {
+                        "coco": {
+                            "path": str(tmp_path / "data/eval/coco_karpathy_test.json"),
+                            "caption_columns": {"captions": "short"},
+                        }
+                    },
+                }
+            }
+        )
+    )
+    llm = save_tiny_llm(tmp_path / "llm")
+    tiny = [
+        f"stage1.model={llm}", "stage1.loop.max_steps=2", "stage1.batch_size=4", "stage1.cra_captions=8",
+        "stage2.loop.max_steps=2", "stage2.batch_size=8", "stage2.embed_dim=32", "stage2.num_workers=0",
+        "stage2.backbone.hidden_size=32", "stage2.backbone.num_layers=2", "stage2.backbone.num_heads=2",
+        "stage2.backbone.image_size=32",
+    ]  # fmt: skip
+    run = tmp_path / "run"
+    args = ["build-tower", str(recipe), "-o", str(run)]
+    for s in tiny:
+        args += ["--set", s]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["data"]["train"]["sets"] == {
+        "cc3m": {"path": str(cc3m), "records": len(a), "skipped": 0, "weight": 1.0},
+        "cc12m": {"path": str(cc12m), "records": len(b), "skipped": 0, "weight": 1.0},
+    }
+    assert metrics["stage1"]["data"]["train"]["records"] == len(a) + len(b)
+    assert metrics["stage1"]["captions_over_max_length"]["count"] == 0
+    assert "coco" in metrics["stage2"]["retrieval"]
+    # One store row pair (shortSV, longSV) per image of both sets; the keys are namespaced.
+    store = EmbeddingStore.open(run / "store" / "train", verify_checksums=False)
+    assert store.num_images == len(a) + len(b) and store.num_rows == 2 * (len(a) + len(b))
+    written = config_io.load(RunConfig, run / "config.yaml")
+    assert [t.path for t in written.data.train] == [str(cc3m), str(cc12m)]
