@@ -23,5 +23,6 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 def test_recipes_read_only_the_sub_captions(name: str) -> None:
     # microsoft/LLM2CLIP llm2clip/data/extract_embedding.py:12: _KEYS = ["shortSV_captions",
     # "longSV_captions"]; raw_caption is never embedded nor paired.
-    columns = yaml.safe_load((RECIPES / name).read_text())["data"]["train"]["caption_columns"]
-    assert columns == {"shortSV_captions": "short", "longSV_captions": "long"}
+    train = yaml.safe_load((RECIPES / name).read_text())["data"]["train"]
+    for entry in train if isinstance(train, list) else [train]:  # one set, or CC3M + CC12M
+        assert entry["caption_columns"] == {"shortSV_captions": "short", "longSV_captions": "long"}

@@ -1,5 +1,8 @@
 """Several caption sets as one training set (``data.train`` as a list: CC3M + CC12M, ...).
 
+The reference trains stage 2 on such a list (microsoft/LLM2CLIP ``llm2clip/run.sh``:
+``--train-data-list "data/cc3m/{00..00287}.tar;data/cc12m/{00..01001}.tar"``).
+
 Each set is read and indexed on its own (:func:`~llm2clip_vlm.data.captions.load_caption_set`:
 its own columns, image root, bad-record policy and ``max_images``). The sets are then *joined*
 into one memory-mapped :class:`~llm2clip_vlm.data.index.RecordIndex` (cached beside the sets'
