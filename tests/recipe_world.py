@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import tarfile
 from pathlib import Path
 
 from PIL import Image
