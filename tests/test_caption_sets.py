@@ -271,12 +271,12 @@ def test_sharegpt4v_json_reads_as_a_caption_set(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_build_tower_on_cc3m_plus_cc12m_as_two_img2dataset_folders(two_runs, tmp_path: Path) -> None:
     """The paper's mix (CC3M + CC12M), as img2dataset wrote it, through every stage with no conversion."""
+    from recipe_world import write_retrieval_sets
     from typer.testing import CliRunner
 
     from llm2clip_vlm.cli import app
     from llm2clip_vlm.store.store import EmbeddingStore
     from llm2clip_vlm.text.tiny import save_tiny_llm
-    from recipe_world import write_retrieval_sets
 
     cc3m, cc12m, a, b = two_runs
     write_retrieval_sets(tmp_path, 8)  # data/eval/coco_karpathy_test.json: 5 short captions per image
@@ -322,3 +322,66 @@ def test_build_tower_on_cc3m_plus_cc12m_as_two_img2dataset_folders(two_runs, tmp
     assert store.num_images == len(a) + len(b) and store.num_rows == 2 * (len(a) + len(b))
     written = config_io.load(RunConfig, run / "config.yaml")
     assert [t.path for t in written.data.train] == [str(cc3m), str(cc12m)]
+
+
+def test_cra_slice_of_a_list_of_sets_holds_out_namespaced_images(two_runs) -> None:
+    from llm2clip_vlm.text.cra import choose_cra_source
+
+    cc3m, cc12m, a, b = two_runs
+    columns = {"shortIB_captions": "short", "shortSV_captions": "short", "longSV_captions": "long"}
+    train = load_caption_sets(
+        [
+            CaptionSetConfig(path=str(cc3m), caption_columns=columns),
+            CaptionSetConfig(path=str(cc12m), caption_columns=columns),
+        ]
+    )
+    source = choose_cra_source(train, {}, max_captions=8)
+    # 10 % of 37 images: the last 3, from the last set, named by their namespaced keys.
+    assert source.from_training_data and source.held_out_keys == [f"cc12m/{k}" for k, _ in b[-3:]]
+    assert len(source.train_records) == len(train) - 3
+    assert not {r.key for r in source.train_records} & set(source.held_out_keys)
+
+
+def test_over_long_captions_are_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    from llm2clip_vlm.data.records import Caption, ImageCaptions
+    from llm2clip_vlm.text.train import over_long_captions
+
+    def tokenizer(texts: list[str], truncation: bool, max_length: int) -> dict:  # one token per word
+        return {"input_ids": [t.split()[:max_length] for t in texts]}
+
+    records = [
+        ImageCaptions(
+            str(i), "", [Caption("a short one", "short"), Caption("w " * (3 + 10 * (i % 2)), "long")]
+        )
+        for i in range(10)
+    ]
+    with caplog.at_level("WARNING"):
+        out = over_long_captions(tokenizer, records, max_length=8)
+    assert out == {"count": 5, "captions": 20, "share": 0.25, "sampled": False}
+    assert "5 of 20 captions (25.00%) are longer than stage1.max_length=8 tokens and are cut" in caplog.text
+
+
+@pytest.mark.slow
+def test_stage1_trains_on_a_caption_pair_file(tmp_path: Path) -> None:
+    """LLM2CLIP's ``E5_cc3m.py`` input (``short_caption,long_caption``), no images, through ``stage1``."""
+    from recipe_world import write_retrieval_sets
+    from typer.testing import CliRunner
+
+    from llm2clip_vlm.cli import app
+    from llm2clip_vlm.text.tiny import save_tiny_llm
+
+    write_caption_pairs(tmp_path / "cc3m_pairs.csv", 24)
+    write_retrieval_sets(tmp_path, 8)
+    llm = save_tiny_llm(tmp_path / "llm")
+    sets_ = [
+        f"stage1.model={llm}", f"data.train.path={tmp_path / 'cc3m_pairs.csv'}",
+        f"data.heldout={{coco: {{path: {tmp_path / 'data/eval/coco_karpathy_test.json'}, caption_columns: {{captions: short}}}}}}",
+        "stage1.loop.max_steps=2", "stage1.batch_size=4", "stage1.cra_captions=8", "stage1.max_length=32",
+    ]  # fmt: skip
+    args = ["stage1", "-o", str(tmp_path / "s1")]
+    for s in sets_:
+        args += ["--set", s]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    m = json.loads((tmp_path / "s1" / "metrics.json").read_text())
+    assert m["steps"] == 2 and m["cra_set"] == "coco" and m["data"]["train"] == {"records": 24, "skipped": 0}
