@@ -344,7 +344,7 @@ def test_cra_slice_of_a_list_of_sets_holds_out_namespaced_images(two_runs) -> No
 
 def test_over_long_captions_are_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     from llm2clip_vlm.data.records import Caption, ImageCaptions
-    from llm2clip_vlm.text.train import over_long_captions
+    from llm2clip_vlm.text.lengths import over_long_captions
 
     def tokenizer(texts: list[str], truncation: bool, max_length: int) -> dict:  # one token per word
         return {"input_ids": [t.split()[:max_length] for t in texts]}

@@ -28,6 +28,7 @@ from llm2clip_vlm.reliability import ReliabilityConfig
 from llm2clip_vlm.text.config import Stage1Config
 from llm2clip_vlm.text.cra import caption_pairs, caption_retrieval_accuracy
 from llm2clip_vlm.text.encoder import CaptionEncoder
+from llm2clip_vlm.text.lengths import over_long_captions
 from llm2clip_vlm.text.lora import adapter_state, load_adapter, merge_lora, wrap_lora
 from llm2clip_vlm.text.mntp import train_mntp
 from llm2clip_vlm.text.modeling import decoder_of, load_bidirectional, load_tokenizer, resolve_model_ref
@@ -220,35 +221,6 @@ def train_stage1(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
-
-
-# Captions tokenised to count the over-long ones: all of a set up to this many, else a sample.
-OVER_LONG_SAMPLE = 100_000
-
-
-def over_long_captions(tokenizer: Any, records: Sequence[ImageCaptions], max_length: int) -> dict[str, Any]:
-    """How many training captions are longer than ``max_length`` tokens (and so are cut): logged
-    and kept in ``metrics.json``. Over :data:`OVER_LONG_SAMPLE` captions, evenly spaced images
-    are counted and the share is the estimate."""
-    n = len(records)
-    step = 1
-    total_captions = sum(len(r.captions) for r in records) if n <= OVER_LONG_SAMPLE else None
-    if total_captions is None or total_captions > OVER_LONG_SAMPLE:
-        step = max(1, n // max(1, OVER_LONG_SAMPLE // 2))
-    texts = [c.text for i in range(0, n, step) for c in records[i].captions]
-    over = 0
-    for k in range(0, len(texts), 4096):
-        ids = tokenizer(texts[k : k + 4096], truncation=True, max_length=max_length + 1)["input_ids"]
-        over += sum(len(x) > max_length for x in ids)
-    share = over / max(1, len(texts))
-    out = {"count": over, "captions": len(texts), "share": round(share, 6), "sampled": step > 1}
-    if over:
-        log.warning(
-            "stage 1: %d of %d %scaptions (%.2f%%) are longer than stage1.max_length=%d tokens and are "
-            "cut to it; raise stage1.max_length to keep them whole",
-            over, len(texts), "sampled " if step > 1 else "", 100 * share, max_length,
-        )  # fmt: skip
-    return out
 
 
 def _weight_dtype(s: Stage1Config, device: torch.device) -> torch.dtype:
