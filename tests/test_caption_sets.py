@@ -127,6 +127,13 @@ def test_stream_over_joined_manifest_and_shards_resumes_exactly(two_runs, tmp_pa
     )
     index = record_index(train)
     assert index.meta["kind"] == "mixed" and len(train) == len(a) + 12
+    # DataLoader workers started with spawn get the index pickled: it maps the same tables again.
+    import pickle
+
+    again = pickle.loads(pickle.dumps(index.without_images()))
+    assert [r.key for r in again] == [r.key for r in train] and again[0].image == b""
+    # The join copies no table: its folder holds a meta.json only.
+    assert [f.name for f in index.directory.iterdir()] == ["meta.json"]
     # A manifest record of the mixed index: its image path, its manifest named with the line.
     last = train[len(train) - 1]
     assert isinstance(last.image, str) and last.key.startswith("blip_laion_cc_sbu_558k/")

@@ -158,20 +158,17 @@ class RecordIndex(Sequence[ImageCaptions]):
         key = c["key"][i].as_py()
         texts, kinds = c["texts"][i].as_py(), c["kinds"][i].as_py()
         captions = [Caption(t, KIND_NAMES[k]) for t, k in zip(texts, kinds, strict=True)]  # type: ignore[arg-type]
-        path = None if self.meta["kind"] == "shards" else c["image"][i].as_py()
-        if path is None:  # a shard record (a "mixed" index of joined sets holds both kinds)
+        if self.meta["kind"] == "shards":
             return ImageCaptions(key, self.read_image(i) if self.images else b"", captions, self.describe(i))
-        return ImageCaptions(key, path, captions, self.describe(i))
+        return ImageCaptions(key, c["image"][i].as_py(), captions, self.describe(i))
 
     def describe(self, i: int) -> str:
         """Where record ``i`` comes from (``manifest:line`` or ``shard.tar:key``), for messages."""
         c = self._cols
-        kind = self.meta["kind"]
-        # Joined sets (:mod:`.sets`) number every manifest and shard as one source.
-        shard = c["shard"][i].as_py() if len(self.sources) > 1 else 0
-        if kind == "shards" or (kind == "mixed" and c["image"][i].as_py() is None):
+        if self.meta["kind"] == "shards":
+            shard = c["shard"][i].as_py()
             return f"{self.sources[shard]}:{self.tar_keys(shard)[c['line'][i].as_py()]}"
-        return f"{self.sources[shard]}:{c['line'][i].as_py()}"
+        return f"{self.sources[0]}:{c['line'][i].as_py()}"
 
     def __iter__(self) -> Iterator[ImageCaptions]:
         for i in range(len(self)):

@@ -5,8 +5,9 @@ The reference trains stage 2 on such a list (microsoft/LLM2CLIP ``llm2clip/run.s
 
 Each set is read and indexed on its own (:func:`~llm2clip_vlm.data.captions.load_caption_set`:
 its own columns, image root, bad-record policy and ``max_images``). The sets are then *joined*
-into one memory-mapped :class:`~llm2clip_vlm.data.index.RecordIndex` (cached beside the sets'
-indexes, built from their Arrow tables without a Python object per record):
+into one :class:`JoinedIndex`, a :class:`~llm2clip_vlm.data.index.RecordIndex` over the sets'
+memory-mapped tables (concatenated without a copy; a small ``meta.json`` beside the sets'
+indexes names them):
 
 - keys become ``<set name>/<key>``: img2dataset numbers every run's keys from ``000000000``, so
   two runs' keys collide unless they are namespaced;
@@ -14,7 +15,7 @@ indexes, built from their Arrow tables without a Python object per record):
   joined index; the stream (:mod:`llm2clip_vlm.data.stream`) then cuts units by source exactly as
   for one set, and a resumed run is positioned by the same integers;
 - a mix of manifests and shards is an index of kind ``mixed`` (a row with an image path reads it
-  from the file, a row without one from its tar).
+  from the file, a row without one from its tar; :mod:`~llm2clip_vlm.data.stream` reads both).
 
 Everything downstream (the embedding store, the image check, streaming, resume, held-out
 slicing) sees one indexed set. A list of one set is that set, unchanged (no prefix, no join).
@@ -30,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,8 @@ import numpy as np
 
 from llm2clip_vlm.data.config import CaptionSetConfig
 from llm2clip_vlm.data.errors import DataError
-from llm2clip_vlm.data.index import INDEX_VERSION, RecordIndex, cache_root
+from llm2clip_vlm.data.index import INDEX_VERSION, BadRow, RecordIndex, cache_root
+from llm2clip_vlm.data.records import ImageCaptions
 from llm2clip_vlm.logging import get_logger
 
 log = get_logger(__name__)
@@ -88,15 +89,108 @@ def set_names(cfgs: list[CaptionSetConfig]) -> list[str]:
     return names
 
 
-def join_indexes(parts: list[tuple[str, RecordIndex, int]], cache_dir: Path | None = None) -> RecordIndex:
+class JoinedIndex(RecordIndex):
+    """Several sets' indexes as one, without copying them: their memory-mapped tables are
+    concatenated (zero-copy), record ``i`` is built by the set it falls in, its key prefixed
+    ``name/``; shard numbers are shifted so every shard (or manifest) of every set is one source.
+
+    Args:
+        directory: a join directory (``meta.json`` naming the parts) written by :func:`join_indexes`.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        import pyarrow as pa
+
+        self.directory = directory
+        self.meta = json.loads((directory / "meta.json").read_text())
+        self.parts = [(name, RecordIndex(Path(part)), int(n)) for name, part, n in self.meta["parts"]]
+        self.starts = np.cumsum([0] + [n for _, _, n in self.parts])
+        self.sources = self.meta["sources"]
+        self.table = pa.concat_tables([ix.table.slice(0, n) for _, ix, n in self.parts])
+        self._cols = {name: self.table.column(name) for name in self.table.column_names}
+        self._files: dict[int, Any] = {}
+        self.images = True
+        self._shard: np.ndarray | None = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"])  # type: ignore[misc]
+        self.images = state.get("images", True)
+        for _, ix, _ in self.parts:
+            ix.images = self.images
+
+    def without_images(self) -> JoinedIndex:
+        other = JoinedIndex(self.directory)
+        other.images = False
+        for _, ix, _ in other.parts:
+            ix.images = False
+        return other
+
+    def _part(self, i: int) -> tuple[str, RecordIndex, int]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} out of range ({len(self)} records)")
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        name, ix, _ = self.parts[k]
+        return name, ix, i - int(self.starts[k])
+
+    def __getitem__(self, i: int) -> ImageCaptions:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]  # type: ignore[return-value]
+        name, ix, local = self._part(i)
+        rec = ix[local]
+        return ImageCaptions(f"{name}/{rec.key}", rec.image, rec.captions, rec.source)
+
+    def describe(self, i: int) -> str:
+        _, ix, local = self._part(i)
+        return ix.describe(local)
+
+    def read_image(self, i: int) -> bytes:
+        _, ix, local = self._part(i)
+        return ix.read_image(local)
+
+    def captions_of(self, i: int) -> list[Any]:
+        _, ix, local = self._part(i)
+        return ix.captions_of(local)
+
+    def column(self, name: str) -> np.ndarray:
+        """A numeric column; ``shard`` numbers every set's shards (or manifest) one after another."""
+        if name != "shard":
+            return super().column(name)
+        if self._shard is None:
+            offsets, chunks = 0, []
+            for _, ix, n in self.parts:
+                chunks.append(ix.column("shard")[:n].astype(np.int32) + offsets)
+                offsets += len(ix.sources)
+            self._shard = np.concatenate(chunks)
+        return self._shard
+
+    def tar_keys(self, shard: int) -> list[str]:
+        for _, ix, _ in self.parts:
+            if shard < len(ix.sources):
+                return ix.tar_keys(shard)
+            shard -= len(ix.sources)
+        raise IndexError(f"no shard {shard}")
+
+    def bad(self) -> list[BadRow]:
+        out, read = [], 0
+        for _, ix, n in self.parts:
+            bad = ix.bad()
+            out += [BadRow(b.position + read, b.where, b.reason) for b in bad]
+            read += n + len(bad)
+        return out
+
+    def __repr__(self) -> str:
+        return f"JoinedIndex({self.directory}, records={len(self)}, sets={[p[0] for p in self.parts]})"
+
+
+def join_indexes(parts: list[tuple[str, RecordIndex, int]], cache_dir: Path | None = None) -> JoinedIndex:
     """One index over the first ``n`` records of each ``(name, index, n)``, keys ``name/key``.
 
-    Cached under ``<cache root>/index/join-<hash>/`` keyed by the parts' own cache keys (which
-    hold their files' identities) and ``n``: a second start opens it in microseconds.
+    Only a small ``meta.json`` is written (``<cache root>/index/join-<hash>/``, keyed by the parts'
+    own cache keys, which hold their files' identities, and ``n``): the parts' tables are mapped,
+    not copied, so a list of sets costs no more disk or memory than its sets.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     ident = json.dumps(
         {
             "version": JOIN_VERSION,
@@ -108,61 +202,21 @@ def join_indexes(parts: list[tuple[str, RecordIndex, int]], cache_dir: Path | No
     root = (cache_dir or cache_root()) / "index"
     directory = root / key
     if (directory / "meta.json").is_file():
-        return RecordIndex(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-    try:
-        kinds = {ix.meta["kind"] for _, ix, _ in parts}
-        kind = kinds.pop() if len(kinds) == 1 else "mixed"
-        sources: list[str] = []
-        bad: list[dict[str, Any]] = []
-        schema = parts[0][1].table.schema
-        total = 0
-        with pa.OSFile(str(tmp / "records.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for name, ix, n in parts:
-                offset = len(sources)
-                table = ix.table.slice(0, n)
-                prefix = pa.scalar(f"{name}/")
-                table = table.set_column(
-                    table.schema.get_field_index("key"),
-                    "key",
-                    pc.binary_join_element_wise(prefix, table.column("key"), pa.scalar("")),
-                )
-                table = table.set_column(
-                    table.schema.get_field_index("shard"),
-                    "shard",
-                    pc.add(table.column("shard"), pa.scalar(offset, pa.int32())).cast(pa.int32()),
-                )
-                for batch in table.to_batches(max_chunksize=8192):
-                    writer.write_batch(batch)
-                if ix.meta["kind"] == "shards":
-                    for s in range(len(ix.sources)):
-                        side = ix.directory / f"keys-{s:06d}.json"
-                        if side.is_file():
-                            shutil.copyfile(side, tmp / f"keys-{s + offset:06d}.json")
-                bad += [
-                    {"position": b.position + total, "where": b.where, "reason": b.reason} for b in ix.bad()
-                ]
-                sources += ix.sources
-                total += n
-        (tmp / "bad.json").write_text(json.dumps(bad))
-        meta = {
-            "version": INDEX_VERSION,
-            "kind": kind,
-            "sources": sources,
-            "settings": {"joined": [[name, ix.directory.name, n] for name, ix, n in parts]},
-            "records": total,
-            "bad": len(bad),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.rename(tmp, directory)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return RecordIndex(directory)
+        return JoinedIndex(directory)
+    kinds = {ix.meta["kind"] for _, ix, _ in parts}
+    meta = {
+        "version": INDEX_VERSION,
+        "kind": kinds.pop() if len(kinds) == 1 else "mixed",
+        "sources": [src for _, ix, _ in parts for src in ix.sources],
+        "parts": [[name, str(ix.directory.resolve()), n] for name, ix, n in parts],
+        "records": sum(n for _, _, n in parts),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".meta-")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(meta, indent=1))
+    os.replace(tmp, directory / "meta.json")  # atomic: concurrent ranks write the same content
+    return JoinedIndex(directory)
 
 
 def weighted_epoch(parts: list[SetPart], epoch: int, seed: int) -> np.ndarray | None:
