@@ -405,3 +405,15 @@ def test_stage2_refuses_weights_with_streaming_before_any_work(tmp_path: Path) -
     ):
         run_stage2(cfg, tmp_path / "s2", tmp_path / "store")
     assert not (tmp_path / "s2").exists()
+
+
+def test_llava_data_with_a_forgotten_image_folder_names_it(tmp_path: Path) -> None:
+    from llm2clip_vlm.llava.data import load_llava_records
+
+    path = write_llava_pretrain(tmp_path, 6)
+    with pytest.raises(DataError) as e:
+        load_llava_records(path, skip_bad=True)
+    msg = str(e.value)
+    assert "6 of 6 images do not exist" in msg and "skip_bad" not in msg
+    assert "set image_folder to the folder" in msg and f"image_folder: {path.parent / 'images'}" in msg
+    assert len(load_llava_records(path, image_folder=path.parent / "images")) == 6

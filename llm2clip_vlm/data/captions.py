@@ -614,11 +614,20 @@ def caption_counts(records: Sequence[ImageCaptions]) -> np.ndarray:
 MISSING_SHARE_FOR_ROOT = 0.8
 
 
-def _check_image_root(cfg: CaptionSetConfig, good: int, bad: list[BadRow]) -> None:
+def check_image_root(
+    manifest: Path, root: Path, good: int, bad: Sequence[BadRow], setting: str = "image_root"
+) -> None:
     """Stop with the fix when most images are missing: the image root is wrong, not the data.
 
-    ``skip_bad`` would drop the whole set; the message names ``image_root`` (LLaVA's
-    ``--image_folder``) and a folder beside the manifest that holds the first missing image.
+    ``skip_bad`` would drop the whole set; the message names ``setting`` (``image_root``, or the
+    LLaVA data's ``image_folder``) and a folder beside the manifest, or its parent, that holds the
+    first missing image.
+
+    Args:
+        manifest: the manifest file.
+        root: the folder image paths were resolved under.
+        good, bad: the set's good record count and bad rows.
+        setting: the config key to name.
     """
     missing = [b for b in bad if b.reason.endswith("does not exist") and ": image file " in b.reason]
     total = good + len(bad)
@@ -627,24 +636,24 @@ def _check_image_root(cfg: CaptionSetConfig, good: int, bad: list[BadRow]) -> No
     first = missing[0].reason
     relative = ""
     m = re.search(r"image file (.+) does not exist$", first)
-    root = Path(cfg.image_root or Path(cfg.path).parent).resolve()
+    root = root.resolve()
     if m:
         try:
             relative = str(Path(m.group(1)).relative_to(root))
         except ValueError:
             relative = ""
     hint = ""
-    base = Path(cfg.path).parent
+    base = manifest.parent
     if relative and base.is_dir():
         # Where LLaVA keeps images (an images/ folder beside the JSON) or ShareGPT4V (the
         # JSON's parent folder: data/sharegpt4v/x.json names coco/train2017/...).
         candidates = [*sorted(p for p in base.iterdir() if p.is_dir())[:200], base.parent]
         for sub in candidates:
             if (sub / relative).is_file():
-                hint = f" ({sub} holds {relative}: image_root: {sub})"
+                hint = f" ({sub} holds {relative}: {setting}: {sub})"
                 break
     raise DataError(
-        f"{cfg.path}: {len(missing)} of {total} images do not exist under {root}; set image_root to the "
+        f"{manifest}: {len(missing)} of {total} images do not exist under {root}; set {setting} to the "
         f"folder the image paths are relative to (LLaVA's --image_folder){hint}; first: {first}"
     )
 
@@ -672,7 +681,9 @@ def load_caption_set(
     n = min(len(index), cfg.max_images) if cfg.max_images else len(index)
     policy = BadRecords(skip_bad, max_bad_fraction, name=cfg.path)
     bad_rows = index.bad()
-    _check_image_root(cfg, len(index), bad_rows)
+    if index.meta["kind"] == "manifest":
+        root = Path(cfg.image_root) if cfg.image_root else Path(cfg.path).parent
+        check_image_root(Path(cfg.path), root, len(index), bad_rows)
     for j, bad in enumerate(bad_rows):
         # A bad record is reached when fewer than ``n`` good records come before it.
         if bad.position - j < n or not cfg.max_images:
