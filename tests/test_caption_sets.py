@@ -91,6 +91,16 @@ def test_a_list_of_one_set_is_that_set(two_runs, tmp_path: Path) -> None:
     assert [(r.key, r.captions, r.image, r.source) for r in listed] == [
         (r.key, r.captions, r.image, r.source) for r in single
     ]
+    # Through a run's data resolution: the same set, the same counts, no sampling weights.
+    one, _ = resolve_data(DataConfig(train=CaptionSetConfig(path=str(cc3m))), tmp_path / "a")
+    listed_one, _ = resolve_data(DataConfig(train=[CaptionSetConfig(path=str(cc3m))]), tmp_path / "b")
+    assert record_index(one).directory == record_index(listed_one).directory
+    assert (
+        data_counts(one, {})
+        == data_counts(listed_one, {})
+        == {"train": {"records": 22, "skipped": 0}, "heldout": {}}
+    )
+    assert weighted_positions(listed_one, range(len(listed_one)), 0, 0) is None
     # The recipe accepts a mapping or a list, and the resolved config.yaml round-trips both.
     for train in ({"path": str(cc3m)}, [{"path": str(cc3m)}, {"path": "x", "weight": 0.5, "name": "yfcc"}]):
         recipe = tmp_path / "r.yaml"
