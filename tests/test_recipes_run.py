@@ -130,7 +130,9 @@ def test_stage1_recipe_on_img2dataset_folder(stage1_run: Path) -> None:
     assert m["cra_set"] == "coco" and m["cra_from_training_data"] is False and m["cra_captions"] == 16
     assert m["data"]["train"] == {"records": 40, "skipped": 0}
     assert (stage1_run / "encoder" / "config.json").is_file()
-    assert re.search(r"stage 1 SimCSE: step 2/2 \(100%\)  loss \d+\.\d+ .*(s/step|steps/s), elapsed", OUTPUT["stage1"])
+    assert re.search(
+        r"stage 1 SimCSE: step 2/2 \(100%\)  loss \d+\.\d+ .*(s/step|steps/s), elapsed", OUTPUT["stage1"]
+    )
 
 
 @pytest.mark.slow  # a 4-bit (bitsandbytes) base on the CPU, then a bf16 reload for the merge
