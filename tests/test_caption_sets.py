@@ -56,11 +56,12 @@ def test_two_img2dataset_runs_collide_in_one_path_and_read_as_a_list(two_runs) -
     cc3m, cc12m, a, b = two_runs
     assert a[0][0] == b[0][0] == "000000000"
     # One glob over both runs: the repeat names both ways out.
-    with pytest.raises(DataError) as e:
-        load_caption_set(CaptionSetConfig(path=str(cc3m.parent / "*" / "*.tar")))
+    with pytest.raises(DataError) as e:  # skip_bad would drop one run's images: not offered
+        load_caption_set(CaptionSetConfig(path=str(cc3m.parent / "*" / "*.tar")), skip_bad=True)
     msg = str(e.value)
-    assert "duplicate key '000000000'" in msg
+    assert "duplicate key '000000000'" in msg and "(13 keys repeat across the files of" in msg
     assert "separate entries of data.train" in msg and "key_column (e.g. url)" in msg
+    assert "skip_bad" not in msg
     # As a list: keys namespaced by the folder names, each set's DreamLIP columns recognised.
     train = load_caption_sets([CaptionSetConfig(path=str(cc3m)), CaptionSetConfig(path=str(cc12m))])
     assert len(train) == len(a) + len(b) == 37

@@ -448,6 +448,21 @@ class _ShardRows:
                 ) from e
 
 
+# Appended to a key repeated in another file of the set (see :func:`check_key_collisions`).
+KEYS_ACROSS_FILES = (
+    "; two data sets in one path? list them as separate entries of data.train (keys are then "
+    "namespaced per set), or set key_column (e.g. url) to a unique column"
+)
+
+
+def check_key_collisions(path: str, bad: Sequence[BadRow]) -> None:
+    """Stop, naming the fix, when keys repeat across the files of one set: skipping the repeats
+    (``skip_bad``) would drop one run's images, not bad records."""
+    repeats = [b for b in bad if b.reason.endswith(KEYS_ACROSS_FILES)]
+    if repeats:
+        raise DataError(f"{repeats[0].reason} ({len(repeats)} keys repeat across the files of {path})")
+
+
 def _unique_keys(rows: Iterable[Row | BadRow], where_of: Callable[[Row], str]) -> Iterator[Row | BadRow]:
     """``rows`` with every repeat of an earlier good record's key turned into a bad row.
 
@@ -465,12 +480,7 @@ def _unique_keys(rows: Iterable[Row | BadRow], where_of: Callable[[Row], str]) -
                 here, there = where_of(row), where_of(earlier)
                 # Repeats across files: most often two img2dataset runs (each numbers its keys
                 # from 000000000) globbed into one set; the message names both ways out.
-                fix = (
-                    "; two data sets in one path? list them as separate entries of data.train (keys "
-                    "are then namespaced per set), or set key_column (e.g. url) to a unique column"
-                    if here.rsplit(":", 1)[0] != there.rsplit(":", 1)[0]
-                    else ""
-                )
+                fix = KEYS_ACROSS_FILES if here.rsplit(":", 1)[0] != there.rsplit(":", 1)[0] else ""
                 yield BadRow(position, here, f"{here}: duplicate key {row.key!r} (first at {there}){fix}")
                 continue
             first[row.key] = (row.shard << 40) | row.line
@@ -681,6 +691,7 @@ def load_caption_set(
     n = min(len(index), cfg.max_images) if cfg.max_images else len(index)
     policy = BadRecords(skip_bad, max_bad_fraction, name=cfg.path)
     bad_rows = index.bad()
+    check_key_collisions(cfg.path, bad_rows)
     if index.meta["kind"] == "manifest":
         root = Path(cfg.image_root) if cfg.image_root else Path(cfg.path).parent
         check_image_root(Path(cfg.path), root, len(index), bad_rows)
