@@ -14,7 +14,9 @@ from typing import Any
 
 from llm2clip_vlm import config_io
 from llm2clip_vlm.data import open_image, resolve_data
-from llm2clip_vlm.data.captions import captions_only
+from llm2clip_vlm.data.captions import CaptionSet, caption_counts, captions_only, data_counts, is_text_only
+from llm2clip_vlm.data.config import DataConfig, train_sets
+from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.hub.cards import llava_card, tower_card
 from llm2clip_vlm.llava.inputs import phase_data
@@ -46,6 +48,7 @@ def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     """``llm2clip-vlm stage1``: resolve the data of ``cfg`` and train (see ``train_stage1``)."""
     out = Path(output_dir)
     train_set, heldout_sets = resolve_data(cfg.data, out)
+    check_caption_pairs(train_set, heldout_sets, cfg.data)
     # Stage 1 reads captions only: shard records come without their image bytes.
     heldout = {name: captions_only(records) for name, records in heldout_sets.items()}
     source = choose_cra_source(captions_only(train_set), heldout, cfg.stage1.cra_set, cfg.stage1.cra_captions)
@@ -60,11 +63,52 @@ def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     corpus = (
         read_text_corpus(cfg.data.text_corpus) if cfg.stage1.mntp.enabled and cfg.data.text_corpus else []
     )
-    return train_stage1(
+    metrics = train_stage1(
         cfg.stage1, out, source.train_records, source.records, text_corpus=corpus,
         text_corpus_ratio=cfg.data.text_corpus_ratio, reliability=cfg.reliability, cra_info=source.describe(), on_ready=config_writer(cfg, out),
         tracking=cfg.tracking, run_config=config_io.to_dict(cfg),
     )  # fmt: skip
+    return _with_data_counts(out, metrics, train_set, heldout_sets)
+
+
+def _with_data_counts(
+    out: Path, metrics: dict[str, Any], train: CaptionSet, heldout: dict[str, CaptionSet]
+) -> dict[str, Any]:
+    """Add the records read and skipped per set (per part of a list of sets) to ``metrics.json``."""
+    path = out / "metrics.json"
+    if not metrics or not path.is_file():  # not the main process (nothing was written)
+        return metrics
+    import json
+    import os
+    import tempfile
+
+    metrics = {**metrics, "data": data_counts(train, heldout)}
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".metrics-")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, path)
+    return metrics
+
+
+def check_caption_pairs(train: CaptionSet, heldout: Mapping[str, CaptionSet], data: DataConfig) -> None:
+    """Stop stage 1 early, naming the fix, when the training set has one caption per image.
+
+    SimCSE pairs two captions of one image: a set read with one caption column (img2dataset's
+    ``KEY.txt`` only, a one-column manifest) gives it nothing to learn from.
+    """
+    counts = caption_counts(train)
+    paired = int((counts >= 2).sum())
+    if paired >= 2:
+        return
+    columns = {i: c.caption_columns for i, c in enumerate(train_sets(data))} or {"demo": "default"}
+    raise DataError(
+        f"stage 1 needs two or more captions per image (a short and a long, or two short) and "
+        f"{paired} of {len(counts)} training images have them; map a second caption column in "
+        f"data.train.caption_columns (now {columns if len(columns) > 1 else next(iter(columns.values()))}; "
+        "DreamLIP / img2dataset --save_additional_columns: {shortSV_captions: short, "
+        "longSV_captions: long}), or train stage 1 on a caption-pair file (short_caption,long_caption); "
+        "CRA also needs a data.heldout set with two short captions per image (COCO, Flickr30k)"
+    )
 
 
 def run_embed(
@@ -101,7 +145,19 @@ def run_stage2(
     encoder = resolve_encoder_dir(wanted) if wanted else None
     identity = encoder_identity(encoder) if encoder is not None else ""
 
+    if cfg.data.stream and any(t.weight != 1.0 for t in train_sets(cfg.data)):
+        raise DataError(
+            "data.stream reads every set once per epoch: set weights (data.train[i].weight) other "
+            "than 1 work with map-style sampling (data.stream: false)"
+        )
     train_set, heldout_records = resolve_data(cfg.data, out)
+    text_only = is_text_only(train_set)
+    if text_only:
+        raise DataError(
+            f"stage 2 needs images, and data.train set(s) {', '.join(text_only)} hold captions only "
+            '(a caption-pair file or image_column: ""); give stage 2 an image-caption set '
+            "(stage 1 and embed may keep the text-only one)"
+        )
     # The same captions the store was written from (``embed`` applies the same cut).
     train_records = keep_captions(train_set, cfg.embed.train_captions_per_kind)
     store = EmbeddingStore.open(
@@ -123,13 +179,14 @@ def run_stage2(
     # A streamed training set is checked while it is read (no up-front pass over millions of images).
     train_usable = None if cfg.data.stream else usable("train", train_records)
     heldout = heldout_sets(heldout_records, store_dir, encoder, identity, out / "heldout", cfg.embed, usable)
-    return train_stage2(
+    metrics = train_stage2(
         cfg.stage2, out, train_records, store, heldout, usable=train_usable, load_image=open_image,
         reliability=cfg.reliability, encoder_path=str(encoder.resolve()) if encoder else "",
         encoder_identity=identity, skip_bad=cfg.data.skip_bad, max_bad_fraction=cfg.data.max_bad_fraction,
         tracking=cfg.tracking, run_config=config_io.to_dict(cfg), on_ready=config_writer(cfg, out),
         shuffle_buffer=cfg.data.shuffle_buffer if cfg.data.stream else 0,
     )  # fmt: skip
+    return _with_data_counts(out, metrics, train_set, heldout_records)
 
 
 def run_export(

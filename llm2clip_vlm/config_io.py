@@ -40,6 +40,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        # A mapping for a section, or a list for a list: that member's own message (e.g. an
+        # unknown key) is the one that helps, not "does not fit A | B".
+        for arg in args:
+            if (dataclasses.is_dataclass(arg) and isinstance(value, dict)) or (
+                get_origin(arg) is list and isinstance(value, list)
+            ):
+                return _coerce(value, arg, key)
         for arg in args:
             if arg is type(None):
                 continue
@@ -171,13 +178,32 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     data = dict(data)
     for item in overrides:
         path, value = parse_override(item)
-        node = data
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
+        node: Any = data
+        for p, after in zip(path[:-1], path[1:], strict=True):
+            node = _child(node, p, item)
+            if isinstance(node, list) and not after.isdigit():
+                raise ConfigError(
+                    f"override {item!r}: {p!r} is a list; name an entry by its number ({p}.0.{after}=...)"
+                )
+            if not isinstance(node, (dict, list)):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
-        node[path[-1]] = value
+        if isinstance(node, list):
+            _child(node, path[-1], item)  # the entry must exist
+            node[int(path[-1])] = value
+        else:
+            node[path[-1]] = value
     return data
+
+
+def _child(node: Any, key: str, item: str) -> Any:
+    """``node[key]`` for an override's path: a section (created when missing) or a list entry."""
+    if isinstance(node, list):
+        if not key.isdigit() or int(key) >= len(node):
+            raise ConfigError(f"override {item!r}: the list has no entry {key!r} ({len(node)} entries)")
+        return node[int(key)]
+    if not isinstance(node.get(key, {}), (dict, list)):
+        return node[key]
+    return node.setdefault(key, {})
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

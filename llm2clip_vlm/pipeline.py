@@ -44,6 +44,7 @@ from llm2clip_vlm import config_io
 from llm2clip_vlm.commands import run_embed, run_export, run_stage1, run_stage2
 from llm2clip_vlm.data import resolve_data
 from llm2clip_vlm.data.captions import demo_set_configs, ensure_demo_data, expand_braces
+from llm2clip_vlm.data.config import has_train_data, train_sets
 from llm2clip_vlm.estimate import estimate_build, format_estimate
 from llm2clip_vlm.identity import files_identity, folder_files
 from llm2clip_vlm.logging import get_logger
@@ -87,8 +88,8 @@ def data_files(cfg: RunConfig) -> list[str]:
     import glob
 
     d = cfg.data
-    sets = [d.train, *d.heldout.values()]
-    if not d.train.path and d.demo_dir:
+    sets = [*train_sets(d), *d.heldout.values()]
+    if not has_train_data(d) and d.demo_dir:
         train, heldout = demo_set_configs(Path(d.demo_dir))
         sets = [train, *heldout.values(), *d.heldout.values()]
     files: list[str] = []
@@ -167,12 +168,12 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
     # All stages share one data location, so the demo world is generated once (and up front:
     # the stages' fingerprints include the data files). Set before the config is written, on a
     # copy: config.yaml is exactly the config the stages run with.
-    if not cfg.data.train.path and not cfg.data.demo_dir:
+    if not has_train_data(cfg.data) and not cfg.data.demo_dir:
         cfg = dataclasses.replace(
             cfg, data=dataclasses.replace(cfg.data, demo_dir=str(output_dir / "demo-data"))
         )
     config_io.dump(cfg, output_dir / "config.yaml")
-    if not cfg.data.train.path:
+    if not has_train_data(cfg.data):
         ensure_demo_data(cfg.data, output_dir)
 
     _log_estimate(cfg, output_dir)
@@ -232,6 +233,8 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
     metrics = {
         "stage1": _read_json(dirs["stage1"] / "metrics.json"),
         "stage2": _read_json(dirs["stage2"] / "metrics.json").get("stage2", {}),
+        # Records read and skipped per set (per part of a list of training sets).
+        "data": _read_json(dirs["stage2"] / "metrics.json").get("data", {}),
         "seconds": timings,
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

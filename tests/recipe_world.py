@@ -10,10 +10,10 @@ and our model loader read an existing directory before they think of a hub.
 
 Data written (images are small JPEGs, as the real sets ship them):
 
-- ``data/cc3m/dreamlip_captions.csv``: DreamLIP-style CSV (``image``, ``raw_caption`` and the
-  ``shortSV_captions`` / ``longSV_captions`` lists as Python-literal strings);
-- ``data/cc3m/shards/train-0000{0,1}.tar``: the same images as img2dataset webdataset shards
-  (``<key>.jpg`` + ``<key>.json`` with the DreamLIP columns + ``<key>.txt``);
+- ``data/cc3m/`` and ``data/cc12m/``: what LLM2CLIP's ``llm2clip/data/download_dataset.sh``
+  writes, img2dataset webdataset runs of the DreamLIP files (``00000.tar`` with ``<key>.jpg`` +
+  ``<key>.json`` holding the DreamLIP caption columns, one caption per cell, + ``<key>.txt``;
+  ``00000.parquet``, ``00000_stats.json``); keys start at ``000000000`` in both;
 - ``data/eval/coco_karpathy_test.json``, ``flickr30k_test.json`` (5 short ``captions`` per image),
   ``urban1k.json`` (one long ``caption``), ``docci_test.json`` (one long ``description``);
 - ``data/llava-pretrain/blip_laion_cc_sbu_558k.json`` + ``images/00000/*.jpg`` (LCS-558K layout);
@@ -30,7 +30,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import tarfile
 from pathlib import Path
 
 from PIL import Image
@@ -97,49 +96,14 @@ def _long(scene: tuple[str, str, str]) -> str:
     return f"a photograph showing one {colour} {shape} placed on the {pos} side of a pale, plain background"
 
 
-def write_dreamlip(root: Path, n: int, seed: int = 0) -> list[dict[str, str]]:
-    """``data/cc3m``: the DreamLIP CSV, its images and the same rows as 2 webdataset shards."""
-    import csv
+def write_dreamlip(root: Path, n: int, seed: int = 0) -> None:
+    """``data/cc3m`` (``n`` images) and ``data/cc12m`` (``n // 2``): two img2dataset runs of the
+    DreamLIP files, as LLM2CLIP's ``download_dataset.sh`` leaves them (see ``caption_sets_world``).
+    Both number their keys from ``000000000``."""
+    from caption_sets_world import write_img2dataset_run
 
-    rng = random.Random(seed)
-    base = root / "data" / "cc3m"
-    (base / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        scene = _scene(rng)
-        key = f"{i:09d}"
-        (base / "images" / f"{key}.jpg").write_bytes(_jpeg(scene))
-        rows.append(
-            {
-                "image": f"images/{key}.jpg",
-                "raw_caption": f"{scene[0]} {scene[1]} stock photo",
-                # DreamLIP stores the sub-caption lists as Python literals inside the CSV cell.
-                "shortSV_captions": repr([_short(scene, 0), _short(scene, 1)]),
-                "longSV_captions": repr([_long(scene)]),
-            }
-        )
-    with open(base / "dreamlip_captions.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    shards = base / "shards"
-    shards.mkdir(exist_ok=True)
-    half = (n + 1) // 2
-    for s, chunk in enumerate((rows[:half], rows[half:])):
-        with tarfile.open(shards / f"train-{s:05d}.tar", "w") as tar:
-            for row in chunk:
-                key = Path(row["image"]).stem
-                meta = {k: v for k, v in row.items() if k != "image"}
-                members = {
-                    f"{key}.jpg": (base / row["image"]).read_bytes(),
-                    f"{key}.json": json.dumps(meta).encode(),
-                    f"{key}.txt": row["raw_caption"].encode(),
-                }
-                for name, data in members.items():
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    return rows
+    write_img2dataset_run(root / "data" / "cc3m", n, seed=seed, per_shard=(n + 1) // 2)
+    write_img2dataset_run(root / "data" / "cc12m", n // 2, seed=seed + 100, per_shard=n // 2)
 
 
 def write_retrieval_sets(root: Path, n: int, seed: int = 1) -> None:

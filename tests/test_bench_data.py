@@ -26,4 +26,8 @@ def test_data_suite_reports_every_reader(monkeypatch: pytest.MonkeyPatch) -> Non
     # Shards: the index holds no image bytes (each record's tar members are ~3 KB).
     assert results["shards"]["cache_bytes_per_record"] < results["shards"]["input_bytes_per_record"] / 4
     assert results["stage2_stream"]["seconds_to_first_batch"] > 0
+    # The same records as a list of 3 img2dataset-like sets (keys collide, namespaced): same costs.
+    assert results["sets"]["cache_bytes_per_record"] < results["sets"]["input_bytes_per_record"] / 4
+    for name in ("stage2_stream_sets", "stage2_map_sets"):
+        assert results[name]["seconds_to_first_batch"] > 0 and results[name]["rss_bytes_per_record"] > 0
     assert results["loader"]["images_per_s_per_worker"] > 0 and results["loader"]["jpeg_bytes"] > 20_000

@@ -42,10 +42,10 @@ def _llava(phase: str) -> list[str]:
 
 # Every recipe file -> the test that runs it (a new recipe without a run here fails the first test).
 RUN_BY = {
-    "stage1-llama3-8b.yaml": "test_stage1_recipe_without_heldout_set",
+    "stage1-llama3-8b.yaml": "test_stage1_recipe_on_img2dataset_folder",
     "stage1-llama3-8b-qlora.yaml": "test_stage1_qlora_recipe",
     "stage2-openai-clip-vit-l-14-336.yaml": "test_stage2_openai_clip_recipe_and_export",
-    "stage2-siglip2-so400m.yaml": "test_stage2_siglip_recipe_on_webdataset_shards",
+    "stage2-siglip2-so400m.yaml": "test_stage2_siglip_recipe_streamed",
     "stage2-eva02-l-14-336.yaml": "test_stage2_eva02_recipe",
     "llava15-7b-clip-vit-l-14-336.yaml": "test_llava_clip_baseline_recipe",
     "llava15-7b-llm2clip.yaml": "test_llava_llm2clip_recipes",
@@ -125,20 +125,18 @@ def stage1_run(world: Path) -> Path:
     return world / "runs" / "cc-8b"
 
 
-def test_stage1_recipe_without_heldout_set(stage1_run: Path) -> None:
+def test_stage1_recipe_on_img2dataset_folder(stage1_run: Path) -> None:
     m = _metrics(stage1_run / "metrics.json")
     assert m["steps"] == 2 and m["global_batch"] == 4 and len(m["loss"]) == 2
-    # The recipe names no held-out set: CRA came from a slice of the training data (40 images:
-    # at most 10 % = 4 images = 8 captions), held out of training.
-    assert m["cra_set"] == "train" and m["cra_from_training_data"] is True
-    assert m["cra_held_out_of_training"] == 4 and m["cra_captions"] == 8
+    # DreamLIP has one shortSV caption per image: CRA pairs COCO's short captions (8 images x 2).
+    assert m["cra_set"] == "coco" and m["cra_from_training_data"] is False and m["cra_captions"] == 16
+    assert m["data"]["train"] == {"records": 40, "skipped": 0}
     assert (stage1_run / "encoder" / "config.json").is_file()
-    assert "holding the last 4 training images out of stage-1 training" in OUTPUT["stage1"]
     # The reference route: LLM2Vec's adapters merged, MNTP, then E5 (9 records a task) + captions.
     assert "LoRA modules of McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp-supervised" in OUTPUT["stage1"]
     assert re.search(r"stage 1 MNTP: step 2/2", OUTPUT["stage1"])
     assert m["tasks"]["allnli"] == {"samples": 9, "batches": 2} and len(m["tasks"]) == 15
-    assert m["tasks"]["cc3m"] == {"samples": 36, "batches": 9}
+    assert m["tasks"]["cc3m"] == {"samples": 40, "batches": 10}
     assert re.search(r"stage 1 SimCSE: step 2/2 \(100%\)  loss \d+\.\d+ .*(s/step|steps/s), elapsed", OUTPUT["stage1"])
 
 
@@ -195,23 +193,23 @@ def test_stage2_openai_clip_recipe_and_export(world: Path, store: Path, tower: P
     assert (retrieval["docci"]["n_images"], retrieval["docci"]["n_captions"]) == (8, 8)
     assert CLIPVisionModel.from_pretrained(tower).config.hidden_size == 32
     # Progress as log lines: the store's captions, the training steps.
-    # 40 images x (2 shortSV + 1 longSV): the recipe reads no raw_caption, as the reference.
+    # (40 CC3M + 20 CC12M images) x (shortSV + longSV): no raw_caption, as the reference.
     assert re.search(r"embed train: caption 120/120 \(100%\)  .*\|  .*, done", OUTPUT["embed"])
     assert re.search(r"stage 2: step 2/2 \(100%\)  loss \d+\.\d+ .*\|  .*, done", OUTPUT["stage2"])
 
 
-@pytest.mark.slow  # its own embed + stage 2 (~15 s idle, ~40 s on a loaded 2-core machine)
-def test_stage2_siglip_recipe_on_webdataset_shards(in_world: Path, stage1_run: Path) -> None:
-    """The SigLIP2 recipe, with its training data as img2dataset shards instead of the CSV."""
+@pytest.mark.slow  # its own stage 2 (~15 s idle, ~40 s on a loaded 2-core machine)
+def test_stage2_siglip_recipe_streamed(in_world: Path, store: Path) -> None:
+    """The SigLIP2 recipe streaming its two img2dataset folders (the store of the same data)."""
     recipe = str(RECIPES / "stage2-siglip2-so400m.yaml")
-    shards = ["data.train.path=data/cc3m/shards"]
-    cli("embed", recipe, "-o", "runs/store-shards", "--set=embed.encoder=runs/cc-8b/encoder", *sets(shards))
-    cli("stage2", recipe, "--store", "runs/store-shards", "--encoder", "runs/cc-8b/encoder",
-        "-o", "runs/stage2-siglip2", *sets(S2 + shards + ["stage2.embed_dim=32"]))  # fmt: skip
+    cli("stage2", recipe, "--store", "runs/store", "--encoder", "runs/cc-8b/encoder",
+        "-o", "runs/stage2-siglip2", *sets([*S2, "data.stream=true", "data.shuffle_buffer=8", "stage2.embed_dim=32"]))  # fmt: skip
     # (no image head: the shared width is the stand-in tower's, 32)
-    m = _metrics(in_world / "runs/stage2-siglip2/metrics.json")["stage2"]
+    metrics = _metrics(in_world / "runs/stage2-siglip2/metrics.json")
+    m = metrics["stage2"]
     assert m["train"]["steps"] == 2 and set(m["retrieval"]) == {"coco", "flickr30k", "urban1k", "docci"}
-    assert "path: data/cc3m/shards" in (in_world / "runs/stage2-siglip2/config.yaml").read_text()
+    assert {k: v["records"] for k, v in metrics["data"]["train"]["sets"].items()} == {"cc3m": 40, "cc12m": 20}
+    assert "- path: data/cc12m" in (in_world / "runs/stage2-siglip2/config.yaml").read_text()
 
 
 def test_stage2_eva02_recipe(in_world: Path, store: Path) -> None:

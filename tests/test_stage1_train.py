@@ -21,7 +21,8 @@ from llm2clip_vlm.text.cra import caption_pairs, cra_from_embeddings
 from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.text.modeling import ModelRef, load_bidirectional
 from llm2clip_vlm.text.tiny import save_tiny_llm
-from llm2clip_vlm.text.train import CHECKPOINTS, latest_checkpoint, train_stage1
+from llm2clip_vlm.text.train import CHECKPOINTS, train_stage1
+from llm2clip_vlm.training.checkpoint import Checkpointer
 from llm2clip_vlm.training.config import LoopConfig
 
 COLOURS = ["red", "blue", "green", "yellow"]
@@ -86,7 +87,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny: Path, tmp_path: Path) -> 
     cfg = tiny_cfg(tiny, save_every_steps=2, lora=dataclasses.replace(RunConfig().stage1.lora, dropout=0.1))
     full = train_stage1(cfg.stage1, tmp_path / "full", train, held)
     # Every save_every_steps and at the end; the newest keep_checkpoints (2) are kept.
-    assert latest_checkpoint(tmp_path / "full" / CHECKPOINTS).name == "step-0000004"  # type: ignore[union-attr]
+    assert Checkpointer(tmp_path / "full" / CHECKPOINTS).latest().name == "step-0000004"  # type: ignore[union-attr]
     ckpt = tmp_path / "full" / CHECKPOINTS / "step-0000002"
     assert (ckpt / "checkpoint.json").is_file()
     assert not list((tmp_path / "full" / CHECKPOINTS).glob(".tmp-*"))

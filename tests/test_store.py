@@ -169,6 +169,10 @@ def test_bucketing_keeps_row_order_and_cuts_padding(
     assert max(len(x) for x in ids) == encoder.max_length  # the longest caption is cut, and counted so
     lengths = [len(x) for x in ids]
     assert tb["real"] == sum(lengths)
+    # The cut captions are counted (issue 23: no caption is cut silently).
+    whole = encoder.tokenizer(texts_of(records))["input_ids"]
+    cut = sum(len(x) > encoder.max_length for x in whole)
+    assert cut > 0 and tb["cut_captions"] == tu["cut_captions"] == cut
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """``llm2clip-vlm bench data``: what the data path costs per record, at N synthetic records.
 
-For each reader (JSONL, DreamLIP CSV, parquet, webdataset shards, LLaVA JSON) and for stage-2
-start-up, at ``N`` tiny records generated on the fly (a few distinct 32 px JPEGs referenced by
+For each reader (JSONL, DreamLIP CSV, parquet, webdataset shards, the same shards as a list of
+three sets whose keys collide as three img2dataset runs' do, LLaVA JSON) and for stage-2 start-up
+(over the shards, and over the list of sets), at ``N`` tiny records generated on the fly (a few distinct 32 px JPEGs referenced by
 every manifest row; shards hold one tiny JPEG per record), each measurement runs in a **fresh
 process** so its peak RSS is its own:
 
@@ -43,7 +44,13 @@ from llm2clip_vlm.bench.harness import (
     reset_peak_rss,
     resolve_device,
 )
-from llm2clip_vlm.data.captions import index_caption_set, load_caption_set, open_image
+from llm2clip_vlm.data.captions import (
+    CaptionSet,
+    index_caption_set,
+    load_caption_set,
+    load_caption_sets,
+    open_image,
+)
 from llm2clip_vlm.data.check import check_caption_images
 from llm2clip_vlm.data.config import CaptionSetConfig
 from llm2clip_vlm.data.errors import BadRecords
@@ -69,7 +76,8 @@ PRESETS: dict[str, DataPreset] = {
     "tiny": DataPreset(2_000, 32),  # for tests
 }
 
-READERS = ("jsonl", "csv", "parquet", "shards", "llava")
+READERS = ("jsonl", "csv", "parquet", "shards", "sets", "llava")
+SETS = 3  # the "sets" reader: the N records split over this many img2dataset-like folders
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,25 +150,44 @@ def write_data(root: Path, n: int) -> dict[str, Path]:
                 ("," if i else "") + json.dumps({"id": str(i), "image": images[i % 8], "conversations": conv})
             )
         f.write("]")
-    shards = root / "shards"
-    shards.mkdir(exist_ok=True)
     tiny = [_jpeg(32, i) for i in range(8)]
-    per = 10_000
-    for s in range(0, n, per):
-        with tarfile.open(shards / f"s-{s // per:05d}.tar", "w") as tar:
-            for i in range(s, min(n, s + per)):
-                meta = json.dumps(
-                    {"shortSV_captions": short(i), "longSV_captions": f"a long caption of image {i}"}
-                )
-                for name, data in ((f"{i:09d}.jpg", tiny[i % 8]), (f"{i:09d}.json", meta.encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    paths["shards"] = shards
+
+    def write_shards(folder: Path, first: int, stop: int, keys_from: int) -> None:
+        """Records ``first .. stop-1`` as shards of 10k, keys numbered from ``keys_from``."""
+        folder.mkdir(parents=True, exist_ok=True)
+        per = 10_000
+        for s in range(first, stop, per):
+            with tarfile.open(folder / f"s-{(s - first) // per:05d}.tar", "w") as tar:
+                for i in range(s, min(stop, s + per)):
+                    meta = json.dumps(
+                        {"shortSV_captions": short(i), "longSV_captions": f"a long caption of image {i}"}
+                    )
+                    key = f"{i - first + keys_from:09d}"
+                    for name, data in ((f"{key}.jpg", tiny[i % 8]), (f"{key}.json", meta.encode())):
+                        info = tarfile.TarInfo(name)
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+
+    write_shards(root / "shards", 0, n, 0)
+    paths["shards"] = root / "shards"
+    # The same records as three img2dataset runs: each numbers its keys from 000000000.
+    cuts = [n * k // SETS for k in range(SETS + 1)]
+    for k in range(SETS):
+        write_shards(root / "sets" / f"set{k}", cuts[k], cuts[k + 1], 0)
+    paths["sets"] = root / "sets"
     return paths
 
 
 CAPTIONS = {"shortSV_captions": "short", "longSV_captions": "long"}
+
+
+def _load(path: str) -> CaptionSet:
+    """The bench's caption set: one file or folder, or (the ``sets`` folder) its sub-folders as a list."""
+    folder = Path(path)
+    if folder.name == "sets" and folder.is_dir():
+        subs = sorted(p for p in folder.iterdir() if p.is_dir())
+        return load_caption_sets([CaptionSetConfig(path=str(p), caption_columns=CAPTIONS) for p in subs])
+    return load_caption_set(CaptionSetConfig(path=path, key_column="key", caption_columns=CAPTIONS))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +230,7 @@ def _child_read(reader: str, path: str) -> dict[str, Any]:
         n = len(recs)
         _ = recs[n - 1]
     else:
-        cs = load_caption_set(CaptionSetConfig(path=path, key_column="key", caption_columns=CAPTIONS))
+        cs = _load(path)
         n = len(cs)
         _ = cs[n - 1]
     return {"seconds": time.perf_counter() - t0, "rss_growth": _maxrss() - base, "records": n}
@@ -231,7 +258,7 @@ class _FakeEncoder:
 
 
 def _child_store(path: str, store: str) -> dict[str, Any]:
-    cs = load_caption_set(CaptionSetConfig(path=path, key_column="key", caption_columns=CAPTIONS))
+    cs = _load(path)
     base = _baseline()
     t0 = time.perf_counter()
     write_store(
@@ -253,7 +280,7 @@ def _child_stage2(path: str, store: str, stream: bool) -> dict[str, Any]:
     base = _baseline()
     parts = _rss_parts()
     t0 = time.perf_counter()
-    cs = load_caption_set(CaptionSetConfig(path=path, key_column="key", caption_columns=CAPTIONS))
+    cs = _load(path)
     records = keep_captions(cs, 0)
     # The cheap open, as every store above 256 MiB gets (the bench's dim-8 store is smaller).
     emb = EmbeddingStore.open(
@@ -282,7 +309,7 @@ def _child_stage2(path: str, store: str, stream: bool) -> dict[str, Any]:
 
 def _child_verify(path: str, store: str) -> dict[str, Any]:
     """The full store check (``verify-store`` plus every caption against the data)."""
-    cs = load_caption_set(CaptionSetConfig(path=path, key_column="key", caption_columns=CAPTIONS))
+    cs = _load(path)
     base = _baseline()
     t0 = time.perf_counter()
     EmbeddingStore.open(store, captions=cs, verify_checksums=True)
@@ -390,10 +417,19 @@ def run(
         full = _spawn("verify", [str(paths["shards"]), str(store)], cache)
         results["store"]["full_check_us_per_record"] = round(1e6 * full["seconds"] / n, 2)
         results["store"]["full_check_rss_bytes_per_record"] = round(full["rss_growth"] / n, 1)
-        for stream in (True, False):
-            name = "stage2_stream" if stream else "stage2_map"
-            _spawn("stage2", [str(paths["shards"]), str(store), stream], cache)  # warms the check cache
-            s = _spawn("stage2", [str(paths["shards"]), str(store), stream], cache)
+        # The same records as a list of 3 sets (keys namespaced): their own store and index cache.
+        cache_sets, store_sets = root / "cache-sets", root / "store-sets"
+        _spawn("store", [str(paths["sets"]), str(store_sets)], cache_sets)
+        for data_path, data_store, data_cache, stream in (
+            (paths["shards"], store, cache, True),
+            (paths["shards"], store, cache, False),
+            (paths["sets"], store_sets, cache_sets, True),
+            (paths["sets"], store_sets, cache_sets, False),
+        ):
+            suffix = "_sets" if data_path == paths["sets"] else ""
+            name = ("stage2_stream" if stream else "stage2_map") + suffix
+            _spawn("stage2", [str(data_path), str(data_store), stream], data_cache)  # warms the check cache
+            s = _spawn("stage2", [str(data_path), str(data_store), stream], data_cache)
             results[name] = {
                 "seconds_to_first_batch": round(s["seconds"], 3),
                 "us_per_record": round(1e6 * s["seconds"] / n, 3),

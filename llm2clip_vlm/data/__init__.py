@@ -3,6 +3,7 @@
 from llm2clip_vlm.data.captions import (
     CaptionSet,
     load_caption_set,
+    load_caption_sets,
     open_image,
     resolve_data,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "DataError",
     "ImageCaptions",
     "load_caption_set",
+    "load_caption_sets",
     "open_image",
     "resolve_data",
 ]

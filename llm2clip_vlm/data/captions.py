@@ -33,11 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from llm2clip_vlm.data import images
-from llm2clip_vlm.data.config import CaptionSetConfig, DataConfig
+from llm2clip_vlm.data import images, layouts
+from llm2clip_vlm.data.config import CaptionSetConfig, DataConfig, train_sets
 from llm2clip_vlm.data.errors import BadRecords, DataError, write_report
 from llm2clip_vlm.data.index import BadRow, RecordIndex, Row, open_or_build, scan_tar
 from llm2clip_vlm.data.records import Caption, ImageCaptions, KeptCaptions
+from llm2clip_vlm.data.sets import SetPart, check_weights, join_indexes, set_names
 from llm2clip_vlm.data.synthetic import demo_spec, write_demo_dataset
 from llm2clip_vlm.logging import get_logger
 
@@ -51,11 +52,17 @@ class CaptionSet(Sequence[ImageCaptions]):
     """The records of one image-caption data set, plus what was skipped while reading it."""
 
     def __init__(
-        self, records: Sequence[ImageCaptions], name: str = "", skipped: list[tuple[str, str]] | None = None
+        self,
+        records: Sequence[ImageCaptions],
+        name: str = "",
+        skipped: list[tuple[str, str]] | None = None,
+        parts: list[SetPart] | None = None,
     ):
         self.records = records
         self.name = name
         self.skipped: list[tuple[str, str]] = skipped or []
+        # The sets a list of sets was joined from (record ranges, weights); one part otherwise.
+        self.parts: list[SetPart] = parts or [SetPart(name, name, 0, len(records), len(self.skipped), 1.0)]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -150,6 +157,8 @@ def parse_caption_value(value: Any, where: str) -> list[str]:
                     raise DataError(f"{where}: caption list {text[:60]!r} cannot be parsed ({e})") from e
         else:
             return [value]
+    if layouts.is_conversation(value):  # LLaVA / ShareGPT4V: the gpt answer is the caption
+        return layouts.conversation_caption(value, where)
     if isinstance(value, (list, tuple)):
         out = []
         for v in value:
@@ -277,7 +286,7 @@ def _json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
 
 
 def _check_columns(cfg: CaptionSetConfig, path: Path, columns: list[str]) -> None:
-    missing = [c for c in [cfg.image_column] if c not in columns]
+    missing = [c for c in [cfg.image_column] if c and c not in columns]
     if cfg.key_column and cfg.key_column not in columns:
         missing.append(cfg.key_column)
     if not any(c in columns for c in cfg.caption_columns):
@@ -336,8 +345,12 @@ def _table_rows(path: Path, fmt: str, cfg: CaptionSetConfig) -> Iterator[tuple[i
         raise DataError(f"{path}: cannot be read as csv: {type(e).__name__}: {e}") from e
 
 
-def _manifest_rows(cfg: CaptionSetConfig, fmt: str) -> Iterator[Row | BadRow]:
-    """Every record of a manifest as an index row (good) or a bad row (with where and why)."""
+def _manifest_rows(cfg: CaptionSetConfig, fmt: str, layout: str = "") -> Iterator[Row | BadRow]:
+    """Every record of a manifest as an index row (good) or a bad row (with where and why).
+
+    ``image_column`` "" reads a text-only set (``image`` ""); in conversation JSON (``layout``
+    "conversations") a record without an image is a text-only turn, left out and counted.
+    """
     path = Path(cfg.path)
     root = Path(cfg.image_root) if cfg.image_root else path.parent
     resolve = ImagePaths(root)
@@ -346,6 +359,7 @@ def _manifest_rows(cfg: CaptionSetConfig, fmt: str) -> Iterator[Row | BadRow]:
     columns: set[str] = set()
     first_broken: DataError | None = None
     position = 0
+    text_only = 0
     for n, row in numbered:
         where = f"{path}:{n}"
         position += 1
@@ -355,6 +369,19 @@ def _manifest_rows(cfg: CaptionSetConfig, fmt: str) -> Iterator[Row | BadRow]:
             continue
         if fmt == "json" and not columns.issuperset(row):
             columns.update(row)
+        if layout == "conversations" and cfg.image_column not in row:
+            text_only += 1
+            position -= 1
+            continue
+        if not cfg.image_column:  # a text-only set: the key is the line unless a column gives one
+            try:
+                if cfg.key_column and cfg.key_column not in row:
+                    raise DataError(f"{where}: no {cfg.key_column!r} column")
+                key = str(row[cfg.key_column]) if cfg.key_column else str(n)
+                yield Row(key, "", 0, 0, 0, n, _captions_of(row, cfg, where))
+            except DataError as e:
+                yield BadRow(position - 1, where, str(e))
+            continue
         try:
             if cfg.image_column not in row:
                 raise DataError(f"{where}: no {cfg.image_column!r} column")
@@ -370,6 +397,8 @@ def _manifest_rows(cfg: CaptionSetConfig, fmt: str) -> Iterator[Row | BadRow]:
             yield Row(key, str(image_path), 0, 0, 0, n, _captions_of(row, cfg, where))
         except DataError as e:
             yield BadRow(position - 1, where, str(e))
+    if text_only:
+        log.info("%s: %d text-only conversation records (no image) left out", path, text_only)
     if fmt == "json":
         # JSON has no header: the columns are known only after the pass (the index is not kept).
         if first_broken is not None and not columns:  # not one readable record: the file is broken
@@ -419,6 +448,21 @@ class _ShardRows:
                 ) from e
 
 
+# Appended to a key repeated in another file of the set (see :func:`check_key_collisions`).
+KEYS_ACROSS_FILES = (
+    "; two data sets in one path? list them as separate entries of data.train (keys are then "
+    "namespaced per set), or set key_column (e.g. url) to a unique column"
+)
+
+
+def check_key_collisions(path: str, bad: Sequence[BadRow]) -> None:
+    """Stop, naming the fix, when keys repeat across the files of one set: skipping the repeats
+    (``skip_bad``) would drop one run's images, not bad records."""
+    repeats = [b for b in bad if b.reason.endswith(KEYS_ACROSS_FILES)]
+    if repeats:
+        raise DataError(f"{repeats[0].reason} ({len(repeats)} keys repeat across the files of {path})")
+
+
 def _unique_keys(rows: Iterable[Row | BadRow], where_of: Callable[[Row], str]) -> Iterator[Row | BadRow]:
     """``rows`` with every repeat of an earlier good record's key turned into a bad row.
 
@@ -433,11 +477,11 @@ def _unique_keys(rows: Iterable[Row | BadRow], where_of: Callable[[Row], str]) -
             seen = first.get(row.key)
             if seen is not None:
                 earlier = Row(row.key, None, seen >> 40, 0, 0, seen & ((1 << 40) - 1), [])
-                yield BadRow(
-                    position,
-                    where_of(row),
-                    f"{where_of(row)}: duplicate key {row.key!r} (first at {where_of(earlier)})",
-                )
+                here, there = where_of(row), where_of(earlier)
+                # Repeats across files: most often two img2dataset runs (each numbers its keys
+                # from 000000000) globbed into one set; the message names both ways out.
+                fix = KEYS_ACROSS_FILES if here.rsplit(":", 1)[0] != there.rsplit(":", 1)[0] else ""
+                yield BadRow(position, here, f"{here}: duplicate key {row.key!r} (first at {there}){fix}")
                 continue
             first[row.key] = (row.shard << 40) | row.line
         yield row
@@ -448,6 +492,16 @@ def index_caption_set(cfg: CaptionSetConfig, cache_dir: Path | None = None) -> R
     if not cfg.path:
         raise DataError("no path given")
     fmt = _detect_format(cfg)
+    shard_files = expand_shards(cfg.path) if fmt == "webdataset" else None
+    cfg, layout = layouts.recognise(cfg, fmt, shard_files)
+    if layout:
+        log.info(
+            "%s: read as %s (image column %r, captions %s)",
+            cfg.path,
+            layout,
+            cfg.image_column,
+            cfg.caption_columns,
+        )
     settings = {
         "format": fmt,
         "image_root": str(Path(cfg.image_root).resolve()) if cfg.image_root else "",
@@ -455,8 +509,10 @@ def index_caption_set(cfg: CaptionSetConfig, cache_dir: Path | None = None) -> R
         "key_column": cfg.key_column,
         "caption_columns": cfg.caption_columns,
     }
+    if layout:  # (only then: the cache keys of other sets stay as they were)
+        settings["layout"] = layout
     if fmt == "webdataset":
-        shards = expand_shards(cfg.path)
+        shards = shard_files or []
         reader = _ShardRows(cfg, shards)
 
         def shard_where(row: Row) -> str:
@@ -475,7 +531,7 @@ def index_caption_set(cfg: CaptionSetConfig, cache_dir: Path | None = None) -> R
         raise DataError(f"{path}: manifest does not exist")
 
     def rows() -> Iterator[Row | BadRow]:
-        return _unique_keys(_manifest_rows(cfg, fmt), lambda row: f"{path}:{row.line}")
+        return _unique_keys(_manifest_rows(cfg, fmt, layout), lambda row: f"{path}:{row.line}")
 
     return open_or_build([str(path)], settings, "manifest", rows, cache_dir=cache_dir)
 
@@ -508,6 +564,13 @@ def record_index(records: Sequence[ImageCaptions]) -> RecordIndex | None:
     while isinstance(records, (CaptionSet, KeptCaptions)):
         records = records.records
     return records.index if isinstance(records, IndexedRecords) else None
+
+
+def set_parts(records: Sequence[ImageCaptions]) -> list[SetPart]:
+    """The sets a training set was joined from (:mod:`.sets`), also through ``keep_captions``."""
+    while isinstance(records, KeptCaptions):
+        records = records.records
+    return records.parts if isinstance(records, CaptionSet) else []
 
 
 def captions_only(records: Sequence[ImageCaptions]) -> Sequence[ImageCaptions]:
@@ -557,6 +620,54 @@ def caption_counts(records: Sequence[ImageCaptions]) -> np.ndarray:
     return counts
 
 
+# A set where at least this share of the records name a missing image has the wrong image root.
+MISSING_SHARE_FOR_ROOT = 0.8
+
+
+def check_image_root(
+    manifest: Path, root: Path, good: int, bad: Sequence[BadRow], setting: str = "image_root"
+) -> None:
+    """Stop with the fix when most images are missing: the image root is wrong, not the data.
+
+    ``skip_bad`` would drop the whole set; the message names ``setting`` (``image_root``, or the
+    LLaVA data's ``image_folder``) and a folder beside the manifest, or its parent, that holds the
+    first missing image.
+
+    Args:
+        manifest: the manifest file.
+        root: the folder image paths were resolved under.
+        good, bad: the set's good record count and bad rows.
+        setting: the config key to name.
+    """
+    missing = [b for b in bad if b.reason.endswith("does not exist") and ": image file " in b.reason]
+    total = good + len(bad)
+    if len(missing) < 2 or len(missing) < MISSING_SHARE_FOR_ROOT * total:
+        return
+    first = missing[0].reason
+    relative = ""
+    m = re.search(r"image file (.+) does not exist$", first)
+    root = root.resolve()
+    if m:
+        try:
+            relative = str(Path(m.group(1)).relative_to(root))
+        except ValueError:
+            relative = ""
+    hint = ""
+    base = manifest.parent
+    if relative and base.is_dir():
+        # Where LLaVA keeps images (an images/ folder beside the JSON) or ShareGPT4V (the
+        # JSON's parent folder: data/sharegpt4v/x.json names coco/train2017/...).
+        candidates = [*sorted(p for p in base.iterdir() if p.is_dir())[:200], base.parent]
+        for sub in candidates:
+            if (sub / relative).is_file():
+                hint = f" ({sub} holds {relative}: {setting}: {sub})"
+                break
+    raise DataError(
+        f"{manifest}: {len(missing)} of {total} images do not exist under {root}; set {setting} to the "
+        f"folder the image paths are relative to (LLaVA's --image_folder){hint}; first: {first}"
+    )
+
+
 def load_caption_set(
     cfg: CaptionSetConfig, *, skip_bad: bool = False, max_bad_fraction: float = 0.01, name: str = ""
 ) -> CaptionSet:
@@ -579,7 +690,12 @@ def load_caption_set(
     index = index_caption_set(cfg)
     n = min(len(index), cfg.max_images) if cfg.max_images else len(index)
     policy = BadRecords(skip_bad, max_bad_fraction, name=cfg.path)
-    for j, bad in enumerate(index.bad()):
+    bad_rows = index.bad()
+    check_key_collisions(cfg.path, bad_rows)
+    if index.meta["kind"] == "manifest":
+        root = Path(cfg.image_root) if cfg.image_root else Path(cfg.path).parent
+        check_image_root(Path(cfg.path), root, len(index), bad_rows)
+    for j, bad in enumerate(bad_rows):
         # A bad record is reached when fewer than ``n`` good records come before it.
         if bad.position - j < n or not cfg.max_images:
             policy.add(bad.where, DataError(bad.reason))
@@ -588,6 +704,55 @@ def load_caption_set(
         raise DataError(f"{cfg.path}: the data set is empty")
     policy.check(total)
     return CaptionSet(IndexedRecords(index, n), name=name or cfg.path, skipped=policy.skipped)
+
+
+def load_caption_sets(
+    cfgs: list[CaptionSetConfig],
+    *,
+    skip_bad: bool = False,
+    max_bad_fraction: float = 0.01,
+    name: str = "train",
+) -> CaptionSet:
+    """Read a list of caption sets as one (see :mod:`.sets`); one set is read as it is, unchanged.
+
+    Each set is read with its own settings and the bad-record policy applied to it; the sets are
+    then joined into one index whose keys are ``<set name>/<key>``.
+    """
+    if len(cfgs) == 1:
+        return load_caption_set(cfgs[0], skip_bad=skip_bad, max_bad_fraction=max_bad_fraction, name=name)
+    check_weights(cfgs)
+    names = set_names(cfgs)
+    loaded = [
+        load_caption_set(c, skip_bad=skip_bad, max_bad_fraction=max_bad_fraction, name=f"{name}/{n}")
+        for c, n in zip(cfgs, names, strict=True)
+    ]
+    indexes = [record_index(cs) for cs in loaded]
+    parts, start = [], 0
+    for n, c, cs in zip(names, cfgs, loaded, strict=True):
+        parts.append(SetPart(n, c.path, start, len(cs), len(cs.skipped), c.weight))
+        start += len(cs)
+    joined = join_indexes([(n, ix, len(cs)) for n, ix, cs in zip(names, indexes, loaded, strict=True)])  # type: ignore[misc]
+    skipped = [s for cs in loaded for s in cs.skipped]
+    log.info(
+        "%s: %d sets, %d records (%s)", name, len(parts), start,
+        ", ".join(f"{p.name} {p.records}" + (f" x{p.weight:g}" if p.weight != 1 else "") for p in parts),
+    )  # fmt: skip
+    return CaptionSet(IndexedRecords(joined, start), name=name, skipped=skipped, parts=parts)
+
+
+def data_counts(train: CaptionSet, heldout: dict[str, CaptionSet]) -> dict[str, Any]:
+    """The ``data`` entry of a stage's ``metrics.json``: records and skips per set (and per part
+    of a list of training sets)."""
+    out: dict[str, Any] = {"train": {"records": len(train), "skipped": len(train.skipped)}}
+    if len(train.parts) > 1:
+        out["train"]["sets"] = {p.name: p.counts() for p in train.parts}
+    out["heldout"] = {name: {"records": len(cs), "skipped": len(cs.skipped)} for name, cs in heldout.items()}
+    return out
+
+
+def is_text_only(records: CaptionSet) -> list[str]:
+    """The names of the parts of ``records`` that hold no images (a text-only caption set)."""
+    return [p.name or "train" for p in records.parts if p.records and records[p.start].image == ""]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -633,14 +798,16 @@ def demo_set_configs(root: Path) -> tuple[CaptionSetConfig, dict[str, CaptionSet
 
 
 def resolve_data(cfg: DataConfig, output_dir: str | Path) -> tuple[CaptionSet, dict[str, CaptionSet]]:
-    """The train set and the held-out sets of a run (the demo world when ``train.path`` is empty)."""
-    if cfg.train.path:
-        train_cfg, heldout_cfgs = cfg.train, dict(cfg.heldout)
+    """The train set(s) and the held-out sets of a run (the demo world when ``data.train`` is empty)."""
+    train_cfgs = train_sets(cfg)
+    if train_cfgs:
+        heldout_cfgs = dict(cfg.heldout)
     else:
-        train_cfg, heldout_cfgs = demo_set_configs(ensure_demo_data(cfg, output_dir))
+        demo_train, heldout_cfgs = demo_set_configs(ensure_demo_data(cfg, output_dir))
+        train_cfgs = [demo_train]
         heldout_cfgs.update(cfg.heldout)
     kw = {"skip_bad": cfg.skip_bad, "max_bad_fraction": cfg.max_bad_fraction}
-    train = load_caption_set(train_cfg, name="train", **kw)
+    train = load_caption_sets(train_cfgs, name="train", **kw)
     heldout = {name: load_caption_set(c, name=name, **kw) for name, c in heldout_cfgs.items()}
     for name, cs in [("train", train), *heldout.items()]:
         if cs.skipped:  # the run's report of every skipped record and why

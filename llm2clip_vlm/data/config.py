@@ -12,6 +12,9 @@ class CaptionSetConfig:
 
     ``path`` is a manifest (``.json``/``.jsonl``/``.csv``/``.tsv``/``.parquet``) or webdataset tar
     shards (a directory of ``.tar`` files, a glob, or a brace pattern ``shard-{000..009}.tar``).
+    Known layouts are recognised by their header while the mapping fields keep their defaults
+    (:mod:`llm2clip_vlm.data.layouts`): LLM2CLIP's DreamLIP CSV, a text-only
+    ``short_caption,long_caption`` file, LLaVA / ShareGPT4V conversation JSON.
     """
 
     path: str = ""
@@ -19,6 +22,7 @@ class CaptionSetConfig:
     # Images are resolved relative to this folder (default: the manifest's folder); paths that
     # would leave it are refused.
     image_root: str = ""
+    # "" = a text-only set (captions, no images): enough for stage 1 and ``embed``, refused by stage 2.
     image_column: str = "image"
     # Column holding a stable id per image; empty = the image path (or the tar key).
     key_column: str = ""
@@ -28,6 +32,13 @@ class CaptionSetConfig:
     )
     # Keep only the first N images (0 = all).
     max_images: int = 0
+    # In a list of sets (``data.train: [...]``): the name that prefixes this set's keys
+    # (``name/key``: two img2dataset runs both number their keys from 000000000) and names it in
+    # messages and metrics.json; "" = the folder or file name. Unused for a single set.
+    name: str = ""
+    # Sampling weight in a list of sets (open_clip's --train-data-upsampling-factors): each epoch
+    # draws ``weight`` x this set's images (2 = every image twice, 0.5 = a fresh half each epoch).
+    weight: float = 1.0
 
 
 @dataclass
@@ -39,7 +50,9 @@ class DataConfig:
     demo_seed: int = 0
     demo_train_images: int = 4000
     demo_heldout_images: int = 1000
-    train: CaptionSetConfig = field(default_factory=CaptionSetConfig)
+    # One caption set, or a list of them trained on together (e.g. CC3M + CC12M; see
+    # :func:`train_sets`); a list of one set is the same run as that set alone.
+    train: CaptionSetConfig | list[CaptionSetConfig] = field(default_factory=CaptionSetConfig)
     # Held-out sets for evaluation, by name (e.g. {"coco": ..., "docci": ...}).
     heldout: dict[str, CaptionSetConfig] = field(default_factory=dict)
     # Plain-text corpus mixed into stage 1 (files, directories of .txt, or globs).
@@ -60,3 +73,14 @@ class DataConfig:
     # records (images are then checked while training, under the same skip_bad policy).
     stream: bool = False
     shuffle_buffer: int = 2000
+
+
+def train_sets(cfg: DataConfig) -> list[CaptionSetConfig]:
+    """``data.train`` as a list (one entry for a single set; empty paths left out)."""
+    sets = cfg.train if isinstance(cfg.train, list) else [cfg.train]
+    return [s for s in sets if s.path]
+
+
+def has_train_data(cfg: DataConfig) -> bool:
+    """Whether ``data.train`` names data (otherwise the run uses the synthetic demo world)."""
+    return bool(train_sets(cfg))

@@ -67,7 +67,7 @@ class StreamPlan:
     @classmethod
     def of_index(cls, index: RecordIndex, n: int, seed: int, units: int, buffer: int) -> StreamPlan:
         """The plan of the first ``n`` records of an index (shards as the index records them)."""
-        if index.meta["kind"] == "shards":
+        if index.meta["kind"] == "shards" or len(index.sources) > 1:  # (joined sets: one unit per source)
             shard = index.column("shard")[:n]
             # Records of one shard are contiguous in the index, shards in order.
             cuts = np.flatnonzero(np.diff(shard)) + 1
@@ -150,7 +150,7 @@ class _ByteReader:
 
     def __init__(self, index: RecordIndex) -> None:
         self.index = index
-        self.shards = index.meta["kind"] == "shards"
+        self.shards = index.meta["kind"] != "manifest"  # "mixed": joined manifests and shards
         self._file: Any = None
         self._shard = -1
         self._cols = (
@@ -158,8 +158,9 @@ class _ByteReader:
         )
 
     def read(self, i: int) -> bytes:
-        if not self.shards:
-            with open(self.index.table.column("image")[i].as_py(), "rb") as f:
+        path = self.index.table.column("image")[i].as_py() if self.index.meta["kind"] != "shards" else None
+        if path is not None:
+            with open(path, "rb") as f:
                 return f.read()
         shard_col, offset_col, size_col = self._cols  # type: ignore[misc]
         shard = int(shard_col[i])

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from llm2clip_vlm.data.config import train_sets
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 R_KEYS = (("i2t_r1", "I2T R@1"), ("i2t_r5", "I2T R@5"), ("i2t_r10", "I2T R@10"),
           ("t2i_r1", "T2I R@1"), ("t2i_r5", "T2I R@5"), ("t2i_r10", "T2I R@10"))  # fmt: skip
@@ -83,7 +85,7 @@ def tower_card(p: dict[str, Any], cfg: Any) -> str:
         if key in m
     ]
     meta = _metadata(
-        cfg, [p["backbone"]["init"]], [cfg.data.train.path, *(h.path for h in cfg.data.heldout.values())],
+        cfg, [p["backbone"]["init"]], [*(t.path for t in train_sets(cfg.data)), *(h.path for h in cfg.data.heldout.values())],
         "image-feature-extraction", ["llm2clip", "clip", "vision-tower", "llava"], name, results,
     )  # fmt: skip
     lines = [

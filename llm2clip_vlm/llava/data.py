@@ -31,7 +31,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from llm2clip_vlm.data.captions import IMAGE_EXTENSIONS, expand_shards, is_shard_path, safe_image_path
+from llm2clip_vlm.data.captions import (
+    IMAGE_EXTENSIONS,
+    check_image_root,
+    expand_shards,
+    is_shard_path,
+    safe_image_path,
+)
 from llm2clip_vlm.data.check import check_images
 from llm2clip_vlm.data.errors import BadRecords, DataError
 from llm2clip_vlm.data.images import load_rgb
@@ -196,6 +202,8 @@ def load_llava_records(
     n_good = int(np.searchsorted(positions, max_samples)) if max_samples else len(positions)
     total = n_good + sum(1 for b in bad_rows if not max_samples or b.position < max_samples)
     bad = bad if bad is not None else BadRecords(skip_bad, max_bad_fraction, name=path.name)
+    if meta["kind"] == "llava":  # a forgotten image_folder: name it, not skip_bad
+        check_image_root(path, folder, n_good, bad_rows, setting="image_folder")
     for b in bad_rows:
         if not max_samples or b.position < max_samples:
             bad.add(b.where, DataError(b.reason))  # raises unless skipping

@@ -116,6 +116,7 @@ def embed_splits(
             "dtype": store.dtype,
             "shards": len(store.manifest["shards"]),
             "padding_share": store.manifest["tokens"]["padding_share"],
+            "cut_captions": store.manifest["tokens"].get("cut_captions", 0),
         }
     return summary
 

@@ -176,9 +176,14 @@ def shard_is_complete(out: Path, index: int, start: int, stop: int, plan_sha: st
     return meta
 
 
-def _token_lengths(encoder: Encoder, texts: list[str]) -> list[int]:
-    ids = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_length)["input_ids"]
-    return [len(x) for x in ids]
+def _token_lengths(encoder: Encoder, texts: list[str]) -> tuple[list[int], int]:
+    """``(token lengths as encoded, i.e. cut at max_length; how many captions were longer)``.
+
+    One token past ``max_length`` is read to tell a cut caption from one that fits exactly.
+    """
+    limit = encoder.max_length
+    ids = encoder.tokenizer(texts, truncation=True, max_length=limit + 1)["input_ids"]
+    return [min(len(x), limit) for x in ids], sum(len(x) > limit for x in ids)
 
 
 def bucket_batches(lengths: Sequence[int], batch_size: int, bucket: bool) -> list[list[int]]:
@@ -229,7 +234,7 @@ def _encode_shards(
                     progress.advance(task, stop - start)
                     continue
                 texts = table.texts[start:stop]
-                lengths = _token_lengths(encoder, texts)
+                lengths, cut = _token_lengths(encoder, texts)
                 emb = torch.empty(len(texts), encoder.hidden_size)
                 shard_real = shard_computed = 0
                 for batch in bucket_batches(lengths, cfg.batch_size, cfg.bucket_by_length):
@@ -257,6 +262,7 @@ def _encode_shards(
                         "sha256": fmt.file_sha256(npy),
                         "real_tokens": shard_real,
                         "computed_tokens": shard_computed,
+                        "cut_captions": cut,
                     },
                 )
                 real_tok += shard_real
@@ -279,6 +285,7 @@ def _write_manifest(
     out: Path, table: fmt.CaptionTable, plan: dict[str, Any], plan_sha: str, ranges: list[tuple[int, int]]
 ) -> None:
     shards = []
+    cut = 0
     for index, (start, stop) in enumerate(ranges):
         meta = shard_is_complete(out, index, start, stop, plan_sha)
         if meta is None:
@@ -295,6 +302,7 @@ def _write_manifest(
                 "computed_tokens": meta["computed_tokens"],
             }
         )
+        cut += int(meta.get("cut_captions", 0))
     fmt.atomic_save_npy(out / fmt.CAPTION_HASHES, table.hashes)
     fmt.atomic_save_npy(out / fmt.CAPTION_KINDS, table.kinds)
     fmt.atomic_save_npy(out / fmt.IMAGE_OFFSETS, table.offsets)
@@ -304,8 +312,20 @@ def _write_manifest(
     manifest = dict(
         plan,
         shards=shards,
-        tokens={"real": real, "computed": computed, "padding_share": round(1 - real / max(computed, 1), 6)},
+        tokens={
+            "real": real,
+            "computed": computed,
+            "padding_share": round(1 - real / max(computed, 1), 6),
+            # Captions longer than the encoder's max_length: embedded from their first tokens.
+            "cut_captions": cut,
+        },
     )
+    if cut:
+        log.warning(
+            "store %s: %d of %d captions (%.2f%%) are longer than the encoder's max_length tokens and "
+            "were embedded from their first tokens (the encoder's max_length, as stage 1 trained it)",
+            out, cut, table.num_rows, 100 * cut / max(1, table.num_rows),
+        )  # fmt: skip
     fmt.atomic_write_json(out / fmt.MANIFEST, manifest)
     log.info(
         "store %s: %d rows x %d (%s) in %d shards",

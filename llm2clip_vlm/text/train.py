@@ -29,6 +29,7 @@ from llm2clip_vlm.text.config import Stage1Config
 from llm2clip_vlm.text.cra import caption_pairs, caption_retrieval_accuracy
 from llm2clip_vlm.text.e5 import TaskBatches
 from llm2clip_vlm.text.encoder import ENCODER_FILE, CaptionEncoder
+from llm2clip_vlm.text.lengths import over_long_captions
 from llm2clip_vlm.text.lora import adapter_state, load_adapter, merge_adapters, merge_lora, wrap_lora
 from llm2clip_vlm.text.mntp import train_mntp
 from llm2clip_vlm.text.modeling import decoder_of, load_bidirectional, load_tokenizer, resolve_model_ref
@@ -37,7 +38,6 @@ from llm2clip_vlm.text.simcse import SimCSEBatches, Triplet, embed_triplets
 from llm2clip_vlm.tracking.config import TrackingConfig
 from llm2clip_vlm.tracking.tracker import RunTracker
 from llm2clip_vlm.training import dist
-from llm2clip_vlm.training.checkpoint import Checkpointer
 from llm2clip_vlm.training.loop import Run, Stage, StepOutput
 from llm2clip_vlm.training.losses import SupervisedSimCSELoss
 from llm2clip_vlm.training.optim import DTYPES, adamw, make_scheduler
@@ -113,6 +113,7 @@ def train_stage1(
             train_records, instructions, s.seed, s.hard_negatives, s.similar_negatives, pairing=s.pairing
         )
     pairs = caption_pairs(heldout_records, s.cra_captions)
+    over_long = over_long_captions(tokenizer, train_records, s.max_length) if main else {}
     steps = total_steps(s, batches)
     log.info(
         "stage 1: %s, %d training samples, %d steps of %d queries (%d per process), CRA on %d captions",
@@ -193,7 +194,7 @@ def train_stage1(
             merged,
             tokenizer,
             s.max_length,
-            _instruction_settings(s),
+            {"short_query": s.instruction_short_query, "long_query": s.instruction_long_query},
             s.pooling,
             s.pad_to_multiple_of,
             caption_template=resolve_caption_template(s.caption_template, tokenizer),
@@ -217,6 +218,7 @@ def train_stage1(
             "skipped_steps": state.skipped_steps,
             "encoder": str(out / "encoder"),
             "encoder_identity": encoder.identity(),
+            "captions_over_max_length": over_long,
         }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         tracker.log(state.step, {"cra": cra_after})
@@ -240,10 +242,6 @@ def _weight_dtype(s: Stage1Config, device: torch.device) -> torch.dtype:
     return DTYPES[s.loop.precision]
 
 
-def _instruction_settings(s: Stage1Config) -> dict[str, str]:
-    return {"short_query": s.instruction_short_query, "long_query": s.instruction_long_query}
-
-
 def total_steps(s: Stage1Config, batches: SimCSEBatches) -> int:
     """SimCSE steps: ``loop.epochs`` over the images (0 = no training), capped at ``loop.max_steps``."""
     if s.loop.epochs == 0:
@@ -255,13 +253,17 @@ def total_steps(s: Stage1Config, batches: SimCSEBatches) -> int:
 CRA_BEFORE = "cra_before.json"
 
 
-def _cra_before(decoder: nn.Module, tokenizer: Any, s: Stage1Config, pairs: list[tuple[str, str]], out: Path) -> float:
+def _cra_before(
+    decoder: nn.Module, tokenizer: Any, s: Stage1Config, pairs: list[tuple[str, str]], out: Path
+) -> float:
     """CRA of the untrained model, computed once per run directory: a resumed run reads it back
     (it depends only on the base model, the caption pairs and the encoding settings)."""
     import hashlib
 
     key = hashlib.sha256(
-        json.dumps([s.model, s.adapters, s.max_length, s.pad_to_multiple_of, s.loop.precision, s.caption_template, pairs]).encode()
+        json.dumps(
+            [s.model, s.adapters, s.max_length, s.pad_to_multiple_of, s.loop.precision, s.caption_template, pairs]
+        ).encode()
     ).hexdigest()
     cached = out / CRA_BEFORE
     if cached.is_file():
@@ -292,8 +294,3 @@ def _token_count(tokenizer: Any, triplets: list[Triplet], max_length: int) -> in
     texts = [(t.instruction or "") + t.query for t in triplets] + [t.positive for t in triplets]
     texts += [t.negative for t in triplets if t.negative is not None]
     return sum(len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"])
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint directory under ``root`` (None if there is none)."""
-    return Checkpointer(root).latest()

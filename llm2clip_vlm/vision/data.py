@@ -9,6 +9,7 @@ which the 2-process test pins.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,7 +19,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from llm2clip_vlm.bad_samples import load_or_replace
+from llm2clip_vlm.data.captions import set_parts
 from llm2clip_vlm.data.records import ImageCaptions
+from llm2clip_vlm.data.sets import weighted_epoch
 from llm2clip_vlm.vision.augment import random_resized_crop
 from llm2clip_vlm.vision.stream import Stage2Stream
 
@@ -74,6 +77,19 @@ class Stage2TrainData(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    @property
+    def weighted(self) -> bool:
+        """Whether the records are a list of sets with sampling weights other than 1."""
+        return any(p.weight != 1.0 for p in set_parts(self.records))
+
+    def epoch_positions(self, epoch: int) -> np.ndarray | None:
+        """See :func:`weighted_positions`."""
+        return weighted_positions(self.records, self.indices, self.seed, epoch)
+
+    def epoch_size(self) -> int:
+        """Samples per epoch (the usable images, or their weighted count)."""
+        return epoch_size(self.records, self.indices, self.seed)
+
     def caption_row(self, epoch: int, index: int) -> int:
         rng = np.random.default_rng((self.seed, epoch, index))
         short = self.embeddings.caption_rows(index, "short")
@@ -110,6 +126,34 @@ def image_size(image_processor: Any) -> int:
     return int(crop.get("height") or crop.get("shortest_edge"))
 
 
+def weighted_positions(
+    records: Sequence[ImageCaptions], indices: Sequence[int], seed: int, epoch: int
+) -> np.ndarray | None:
+    """The sampler positions of one epoch of a weighted list of sets (None: every position once).
+
+    A set of weight ``w`` gives ``w`` times its usable images (see
+    :func:`~llm2clip_vlm.data.sets.weighted_epoch`); positions index ``indices`` (sorted record
+    ids of the usable images).
+    """
+    parts = set_parts(records)
+    if not any(p.weight != 1.0 for p in parts):
+        return None
+    ids = np.asarray(indices, dtype=np.int64)
+    # Per set, the positions whose record lies in it (its usable images), renumbered.
+    cuts = np.searchsorted(ids, [p.start for p in parts] + [parts[-1].start + parts[-1].records])
+    ranges = [
+        dataclasses.replace(p, start=int(cuts[k]), records=int(cuts[k + 1] - cuts[k]))
+        for k, p in enumerate(parts)
+    ]
+    return weighted_epoch(ranges, epoch, seed)
+
+
+def epoch_size(records: Sequence[ImageCaptions], indices: Sequence[int], seed: int) -> int:
+    """Samples per stage-2 epoch: the usable images, or their weighted count."""
+    positions = weighted_positions(records, indices, seed, 0)
+    return len(indices) if positions is None else len(positions)
+
+
 def pixel_values(image_processor: Any, image: Any) -> torch.Tensor:
     """``[3, H, W]`` float tensor of one PIL image through the backbone's own processor."""
     return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
@@ -132,11 +176,20 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     """Yields this rank's slice of global batch ``step`` for ``step in [start_step, total_steps)``.
 
     Epoch ``e`` is a permutation drawn from ``seed + e``; the last incomplete batch of an epoch is
-    dropped (contrastive batches should be full).
+    dropped (contrastive batches should be full). ``epoch_positions(e)`` (a weighted list of sets)
+    gives the positions of epoch ``e`` (with repeats) instead of ``0 .. n-1``; ``n`` is then its length.
     """
 
     def __init__(
-        self, n: int, global_batch: int, rank: int, world: int, seed: int, start_step: int, total_steps: int
+        self,
+        n: int,
+        global_batch: int,
+        rank: int,
+        world: int,
+        seed: int,
+        start_step: int,
+        total_steps: int,
+        epoch_positions: Callable[[int], np.ndarray | None] | None = None,
     ) -> None:
         if global_batch % world:
             raise ValueError(f"stage2.batch_size {global_batch} is not divisible by the {world} processes")
@@ -145,6 +198,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         self.n, self.batch, self.rank, self.world = n, global_batch, rank, world
         self.seed, self.start, self.total = seed, start_step, total_steps
         self.steps_per_epoch = n // global_batch
+        self.epoch_positions = epoch_positions
 
     def __len__(self) -> int:
         return max(0, self.total - self.start)
@@ -156,6 +210,9 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
             epoch, k = divmod(step, self.steps_per_epoch)
             if epoch != perm_epoch:
                 perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                items = self.epoch_positions(epoch) if self.epoch_positions is not None else None
+                if items is not None:  # a weighted list of sets: the epoch's positions, shuffled
+                    perm = torch.from_numpy(items)[perm]
                 perm_epoch = epoch
             batch = perm[k * self.batch : (k + 1) * self.batch]
             mine = batch[self.rank * local : (self.rank + 1) * local]
@@ -186,12 +243,20 @@ def train_loader(
     a checkpoint stored); bad images are then found, and stopped at or skipped, while reading.
     """
     if shuffle_buffer > 0:
+        if dataset.weighted:
+            raise ValueError(
+                "data.stream reads every set once per epoch: set weights other than 1 work with "
+                "map-style sampling (data.stream: false)"
+            )
         return Stage2Stream(
             dataset, saved or {}, batch_size=batch_size, num_workers=num_workers, seed=dataset.seed,
             shuffle_buffer=shuffle_buffer, skip_bad=skip_bad, max_bad_fraction=max_bad_fraction,
             rank=rank, world=world, pin_memory=pin_memory,
         )  # fmt: skip
-    sampler = GlobalBatchSampler(len(dataset), batch_size, rank, world, dataset.seed, start_step, total_steps)
+    sampler = GlobalBatchSampler(
+        dataset.epoch_size(), batch_size, rank, world, dataset.seed, start_step, total_steps,
+        epoch_positions=dataset.epoch_positions if dataset.weighted else None,
+    )  # fmt: skip
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory)
 
 

@@ -110,6 +110,12 @@ def _verify(out_dir: Path, backbone: Any, reference: tuple[torch.Tensor, torch.T
         raise RuntimeError(f"exported tower at {out_dir} gives different features (relative error {err:.2e})")
 
 
+def _train_paths(train: Any) -> str:
+    """The training data of a config's ``data.train`` (one set, or a list of sets), for the card."""
+    sets = train if isinstance(train, list) else [train]
+    return " + ".join(str(t.get("path")) for t in sets if t.get("path"))
+
+
 def _provenance(
     cfg: dict[str, Any], model: LLM2CLIP, metrics: dict[str, Any], run_dir: Path, dtype: str
 ) -> dict[str, Any]:
@@ -126,7 +132,7 @@ def _provenance(
         "dtype": dtype,
         "caption_encoder": {"path": c.encoder_path, "identity": c.encoder_identity, "dim": c.text_dim},
         "data": {
-            "train": data.get("train", {}).get("path")
+            "train": _train_paths(data.get("train", {}))
             or f"synthetic demo world (seed {data.get('demo_seed', 0)})",
             "heldout": sorted(s2.get("retrieval", {})),
         },

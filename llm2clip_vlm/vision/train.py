@@ -45,6 +45,7 @@ from llm2clip_vlm.vision.data import (
     HeldoutSet,
     ImageLoader,
     Stage2TrainData,
+    epoch_size,
     train_loader,
 )
 from llm2clip_vlm.vision.decay import exempt_from_weight_decay
@@ -137,7 +138,8 @@ def train_stage2(
     accelerator = dist.make_accelerator(s.loop.precision)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     usable = list(usable) if usable is not None else range(len(train_records))  # no list at 10M
-    steps = total_steps(s, len(usable))
+    # A weighted list of sets (data.train[i].weight) changes how many samples an epoch holds.
+    steps = total_steps(s, epoch_size(train_records, usable, s.seed))
 
     set_seed(s.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = LLM2CLIP(
