@@ -11,11 +11,13 @@ class CaptionSetConfig:
     """One image-caption data set on disk.
 
     ``path`` is a manifest (``.json``/``.jsonl``/``.csv``/``.tsv``/``.parquet``) or webdataset tar
-    shards (a directory of ``.tar`` files, a glob, or a brace pattern ``shard-{000..009}.tar``).
+    shards (a directory of ``.tar`` files, a glob, or a brace pattern ``shard-{000..009}.tar``), or
+    the folder img2dataset writes with ``--output_format files``.
     """
 
     path: str = ""
-    format: Literal["auto", "json", "csv", "parquet", "webdataset"] = "auto"
+    # img2dataset-files: img2dataset --output_format files (NNNNN/KEY.jpg + KEY.json/KEY.txt).
+    format: Literal["auto", "json", "csv", "parquet", "webdataset", "img2dataset-files"] = "auto"
     # Images are resolved relative to this folder (default: the manifest's folder); paths that
     # would leave it are refused.
     image_root: str = ""

@@ -37,6 +37,7 @@ from llm2clip_vlm.data.errors import BadRecords, DataError
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.data.index import (
     BadRow,
+    DamagedShard,
     TarRecord,
     build_table,
     file_identity,
@@ -299,6 +300,9 @@ def _shard_rows(files: Sequence[str], keys: dict[int, list[str]]) -> Iterator[di
                         "line": len(keys[s]) - 1,
                     }  # fmt: skip
                 position += 1
+        except DamagedShard as e:  # the readable samples are kept; the lost tail is one bad row
+            yield BadRow(position, f"{shard}@{e.offset}", str(e))
+            position += 1
         except (tarfile.TarError, OSError) as e:
             raise DataError(f"{shard}: cannot be read as a webdataset shard: {type(e).__name__}: {e}") from e
 
