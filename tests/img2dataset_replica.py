@@ -27,6 +27,7 @@ import io
 import json
 import math
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -136,19 +137,33 @@ def write_img2dataset(
     return shards
 
 
-def write_sidecars(shards: list[Path], dim: int, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
-    """``NNNNN_text_embeddings.tar`` beside each shard, as extract_embedding.py writes them."""
+def write_sidecars(
+    shards: list[Path], dim: int, seed: int = 0, encode: Callable[[list[str]], np.ndarray] | None = None
+) -> dict[str, dict[str, np.ndarray]]:
+    """``NNNNN_text_embeddings.tar`` beside each shard, as extract_embedding.py writes them.
+
+    ``encode`` (texts -> float32 ``[n, dim]``) embeds each key's ``shortSV_captions`` /
+    ``longSV_captions`` from its ``KEY.json`` (as extract_embedding.py does with LLM2Vec);
+    default: random vectors (side-cars some other model made).
+    """
     rng = np.random.default_rng(seed)
     vectors: dict[str, dict[str, np.ndarray]] = {}
     for shard in shards:
         with tarfile.open(shard) as t:
-            keys = sorted({m.name.split(".", 1)[0] for m in t if m.isfile()})
+            metas = {
+                m.name.split(".", 1)[0]: json.loads(t.extractfile(m).read())  # type: ignore[union-attr]
+                for m in t
+                if m.name.endswith(".json")
+            }
         side = shard.with_name(shard.name[: -len(".tar")] + "_text_embeddings.tar")
         with tarfile.open(side, "w") as t:
-            for key in keys:
+            for key in sorted(metas):
                 vectors[key] = {}
                 for field in ("longSV_captions", "shortSV_captions"):  # sorted, as TarWriter writes
-                    vec = rng.standard_normal(dim).astype(np.float32)
+                    if encode is not None:
+                        vec = np.asarray(encode([metas[key][field]])[0], dtype=np.float32)
+                    else:
+                        vec = rng.standard_normal(dim).astype(np.float32)
                     vectors[key][field] = vec
                     _add(t, f"{key}.{field}", vec.tobytes())
     return vectors

@@ -180,3 +180,67 @@ def test_garbage_named_tar_is_one_line(tmp_path: Path) -> None:
 def test_stats_counts_are_read_from_img2dataset_stats(one_shard: Path) -> None:
     stats = json.loads(one_shard.with_name("00000_stats.json").read_text())
     assert stats["successes"] == 8 and stats["count"] == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Side-cars offered to stage 2
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from store_driver import make_encoder_dir
+
+    return make_encoder_dir(tmp_path_factory.mktemp("sidecar-encoder"))
+
+
+def _stage2(folder: Path, store: Path, encoder: Path, out: Path) -> dict:
+    from fault_driver import stage2_cfg
+
+    from llm2clip_vlm.commands import run_stage2
+
+    cfg = stage2_cfg([
+        f"data.train.path={folder}", "data.train.caption_columns={shortSV_captions: short, longSV_captions: long}",
+        "stage2.loop.max_steps=2", "stage2.batch_size=4",
+    ])  # fmt: skip
+    return run_stage2(cfg, out, store_dir=store, encoder_dir=encoder)
+
+
+def test_sidecars_the_encoder_reproduces_become_the_stage2_store(
+    tmp_path: Path, tiny_encoder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from llm2clip_vlm.store.store import EmbeddingStore
+    from llm2clip_vlm.text.encoder import CaptionEncoder, encoder_identity
+
+    enc = CaptionEncoder.from_pretrained(tiny_encoder)
+    shards = write_img2dataset(tmp_path / "cc3m", samples(solid_images(12)), per_shard=4)
+    write_sidecars(shards, enc.hidden_size, encode=lambda texts: enc.encode(texts).numpy())
+    caplog.set_level("INFO")
+    metrics = _stage2(tmp_path / "cc3m", tmp_path / "store", tiny_encoder, tmp_path / "s2")
+    lines = [r.getMessage() for r in caplog.records if "LLM2CLIP side-cars" in r.getMessage()]
+    assert len(lines) == 1 and "3 side-cars" in lines[0] and "imported as the stage-2 store" in lines[0]
+    store = EmbeddingStore.open(tmp_path / "store" / "train")
+    assert store.num_images == 12 and store.encoder_identity == encoder_identity(tiny_encoder)
+    assert metrics["stage2"]["train"]["steps"] == 2
+
+
+def test_sidecars_of_another_model_are_ignored_in_one_line(
+    tmp_path: Path, tiny_encoder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from llm2clip_vlm.imports.sidecar import offer_sidecars
+    from llm2clip_vlm.text.encoder import read_encoder_meta
+
+    dim = int(read_encoder_meta(tiny_encoder)["dim"])
+    shards = write_img2dataset(tmp_path / "a", samples(solid_images(4)), per_shard=4)
+    write_sidecars(shards, dim)  # the same width, other vectors
+    train = _cfg(tmp_path / "a")
+    assert offer_sidecars(train, tmp_path / "store", tiny_encoder) is None
+    shards = write_img2dataset(tmp_path / "b", samples(solid_images(4)), per_shard=4)
+    write_sidecars(shards, dim + 8)
+    assert offer_sidecars(_cfg(tmp_path / "b"), tmp_path / "store", tiny_encoder) is None
+    no_columns = CaptionSetConfig(path=str(tmp_path / "b"))
+    assert offer_sidecars(no_columns, tmp_path / "store", tiny_encoder) is None
+    lines = [r.getMessage() for r in caplog.records if "LLM2CLIP side-cars" in r.getMessage()]
+    assert len(lines) == 3 and all("ignored" in line for line in lines)
+    assert "does not reproduce them" in lines[0]
+    assert f"they are {dim + 8}-d and the encoder" in lines[1]
+    assert "set data.train.caption_columns to {shortSV_captions: short, longSV_captions: long}" in lines[2]
+    assert not (tmp_path / "store").exists()

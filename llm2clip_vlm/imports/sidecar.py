@@ -25,20 +25,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm2clip_vlm.data.captions import load_caption_set
+from llm2clip_vlm.data.captions import (
+    SIDECAR_SUFFIX,
+    captions_only,
+    expand_shards,
+    is_shard_path,
+    load_caption_set,
+    sidecars_of,
+)
 from llm2clip_vlm.data.config import CaptionSetConfig
+from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.imports.checkpoint import ImportRefused, read_json
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.store.store import write_store
-from llm2clip_vlm.text.encoder import ENCODER_FILE
+from llm2clip_vlm.text.encoder import ENCODER_FILE, CaptionEncoder, read_encoder_meta
 from llm2clip_vlm.text.modeling import ModelRef, load_tokenizer
 
 log = get_logger(__name__)
 
 KEYS = ("shortSV_captions", "longSV_captions")  # extract_embedding.py:12
 KINDS = {"shortSV_captions": "short", "longSV_captions": "long"}
-SUFFIX = "_text_embeddings.tar"
+SUFFIX = SIDECAR_SUFFIX
+# How close the encoder's own embedding of a caption must be to the side-car's (cosine) for the
+# side-cars to count as made by it: bf16 vs fp32 and batch padding move it by ~1e-3, another
+# encoder (even of the same width) lands far below.
+MATCH_COSINE = 0.99
 
 
 def sidecar_path(shard: Path) -> Path:
@@ -146,7 +158,15 @@ def import_sidecars(
     Returns:
         ``{"path", "rows", "images", "dim", "identity"}``.
     """
-    paths = [Path(s) for s in shards if not str(s).endswith(SUFFIX)]
+    # A folder, glob or brace pattern names its image shards (what data.train.path accepts).
+    named = [
+        f
+        for s in shards
+        for f in (
+            expand_shards(str(s)) if is_shard_path(str(s)) and not str(s).endswith(".tar") else [str(s)]
+        )
+    ]
+    paths = [Path(s) for s in named if not str(s).endswith(SUFFIX)]
     if not paths:
         raise ImportRefused("no image shards given (x.tar, with x_text_embeddings.tar beside it)")
     records, rows = [], []
@@ -160,7 +180,8 @@ def import_sidecars(
         vectors = read_sidecar(side)
         digest.update(side.read_bytes())
         cfg = CaptionSetConfig(path=str(shard), format="webdataset", caption_columns=dict(KINDS))
-        shard_records = list(load_caption_set(cfg, name=str(shard)))
+        # Captions only: the images' bytes are not read (nor kept for every record).
+        shard_records = list(captions_only(load_caption_set(cfg, name=str(shard))))
         keys = [r.key for r in shard_records]
         extra = sorted(set(vectors) - set(keys))
         if extra:
@@ -204,3 +225,127 @@ def import_sidecars(
         "dim": int(matrix.shape[1]),
         "identity": identity,
     }
+
+
+def first_vectors(sidecar: str | Path) -> tuple[str, dict[str, np.ndarray]]:
+    """The first key of a side-car and its two vectors, reading nothing past them."""
+    vecs: dict[str, np.ndarray] = {}
+    key = ""
+    try:
+        with tarfile.open(sidecar, "r") as tar:
+            for member in tar:
+                field = next((k for k in KEYS if member.name.endswith("." + k)), None)
+                if not member.isfile() or field is None:
+                    continue
+                this = member.name[: -len(field) - 1]
+                if key and this != key:
+                    break
+                key = this
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                vecs[field] = np.frombuffer(data[: len(data) // 4 * 4], dtype="<f4")
+                if len(vecs) == len(KEYS):
+                    break
+    except (OSError, tarfile.TarError) as e:
+        raise ImportRefused(f"{sidecar}: not a readable tar ({e})") from e
+    if len(vecs) != len(KEYS):
+        raise ImportRefused(f"{sidecar}: no <key>.shortSV_captions + <key>.longSV_captions pair")
+    return key, vecs
+
+
+def sidecar_dim(sidecar: str | Path) -> int:
+    """The width of a side-car's vectors (from its first member)."""
+    return int(first_vectors(sidecar)[1][KEYS[0]].size)
+
+
+def offer_sidecars(
+    train: CaptionSetConfig, store_dir: str | Path, encoder: str | Path | None
+) -> dict[str, Any] | None:
+    """Stage 2 without a store: use LLM2CLIP's side-cars beside the training shards when they match.
+
+    The side-cars match when every image shard has one, the training set reads the two captions
+    they embed (``caption_columns`` = ``shortSV_captions: short, longSV_captions: long``), and the
+    stage-1 encoder reproduces them: its embedding of the first record's two captions is within
+    :data:`MATCH_COSINE` of the side-car's (the same width alone proves nothing). Then they are
+    imported into ``store_dir/train`` as ``import-embeddings`` does, with the encoder's identity,
+    and one line says so. Otherwise one line says why they are ignored. Nothing is logged when
+    the training set has no side-cars.
+
+    Returns:
+        :func:`import_sidecars`' summary, or None (no side-cars, or ignored).
+    """
+    if not train.path or not is_shard_path(train.path):
+        return None
+    try:
+        shards = expand_shards(train.path)
+    except DataError:
+        return None
+    sides = sidecars_of(shards)
+    if not sides:
+        return None
+    where = f"LLM2CLIP side-cars beside {train.path}"
+    if len(sides) != len(shards):
+        log.warning("%s: ignored, only %d of %d image shards have one", where, len(sides), len(shards))
+        return None
+    wanted = "set data.train.caption_columns to {shortSV_captions: short, longSV_captions: long} to use them"
+    if any(train.caption_columns.get(column) != kind for column, kind in KINDS.items()):
+        log.warning(
+            "%s: ignored, they embed shortSV_captions/longSV_captions and data.train.caption_columns is %s (%s)",
+            where, dict(train.caption_columns), wanted,
+        )  # fmt: skip
+        return None
+    if train.max_images:
+        log.warning(
+            "%s: ignored, data.train.max_images keeps part of the set (the side-cars embed all)", where
+        )
+        return None
+    if encoder is None:
+        log.warning(
+            "%s: ignored, no stage-1 encoder to check them against (--encoder or embed.encoder)", where
+        )
+        return None
+    try:
+        dim = int(read_encoder_meta(Path(encoder)).get("dim", -1))
+        key, vectors = first_vectors(sides[0])
+        width = int(vectors[KEYS[0]].size)
+        if width != dim:
+            log.warning("%s: ignored, they are %d-d and the encoder %s is %d-d", where, width, encoder, dim)
+            return None
+        first = CaptionSetConfig(
+            path=shards[0], format="webdataset", caption_columns=dict(train.caption_columns)
+        )
+        record = next(r for r in captions_only(load_caption_set(first, skip_bad=True, max_bad_fraction=1.0))
+                      if r.key == key)  # fmt: skip
+        texts = [c.text for c in record.captions]
+        if [c.kind for c in record.captions] != ["short", "long"]:
+            log.warning("%s: ignored, %s reads %d captions per image, the side-cars embed two (%s)",
+                        where, record.source, len(texts), wanted)  # fmt: skip
+            return None
+        enc = CaptionEncoder.from_pretrained(encoder)
+        own = enc.encode(texts).numpy()
+        del enc
+        theirs = np.stack([vectors["shortSV_captions"], vectors["longSV_captions"]])
+        cos = float(
+            np.min(
+                np.sum(own * theirs, 1)
+                / (np.linalg.norm(own, axis=1) * np.linalg.norm(theirs, axis=1) + 1e-12)
+            )
+        )
+    except (ImportRefused, DataError, OSError, ValueError, StopIteration) as e:
+        log.warning("%s: ignored, %s", where, e if str(e) else type(e).__name__)
+        return None
+    if cos < MATCH_COSINE:
+        log.warning(
+            "%s: ignored, the encoder %s does not reproduce them (cosine %.3f on %s's captions; "
+            "made by another model): stage 2 needs `embed` with this encoder", where, encoder, cos, key,
+        )  # fmt: skip
+        return None
+    log.info(
+        "%s: %d side-cars, %d-d, reproduced by %s (cosine %.4f): imported as the stage-2 store %s "
+        "(what `llm2clip-vlm import-embeddings` does)",
+        where, len(sides), width, encoder, cos, Path(store_dir) / "train",
+    )  # fmt: skip
+    try:
+        return import_sidecars(shards, store_dir, encoder=encoder)
+    except (ImportRefused, DataError) as e:
+        log.warning("%s: ignored, %s", where, e)
+        return None
