@@ -500,7 +500,10 @@ def inspect_data(
             console.print(escape(line), soft_wrap=True, highlight=False)
     console.print("recipe block that reads it as it is:")
     console.print(
-        escape(yaml.safe_dump(doctor.recipe_block(reports), sort_keys=False)).rstrip(), highlight=False
+        # One line per value (paths stay whole and copyable).
+        escape(yaml.safe_dump(doctor.recipe_block(reports), sort_keys=False, width=1 << 20)).rstrip(),
+        highlight=False,
+        soft_wrap=True,
     )
     verdict = doctor.verdict(reports)
     style = "green" if verdict.startswith("ready") else "red"

@@ -356,9 +356,14 @@ def inspect_llava(
 ) -> Report:
     """Inspect LLaVA records (JSON/JSONL + image folder, or llava-shards output)."""
     policy = BadRecords(True, 1.0, name=path)
-    records = load_llava_records(
-        path, image_folder, skip_bad=True, max_bad_fraction=1.0, verify_images=False, bad=policy
-    )
+    try:
+        records: Sequence[Any] = load_llava_records(
+            path, image_folder, skip_bad=True, max_bad_fraction=1.0, verify_images=False, bad=policy
+        )
+    except DataError:
+        if not policy.skipped:  # the file itself is unreadable: its own one-line message
+            raise
+        records = []  # every record is bad: the report says why
     fmt = "llava shards" if is_shard_path(path) else "llava json"
     report = Report(path, "llava", fmt, records=len(records))
     for _, reason in policy.skipped:
@@ -374,7 +379,7 @@ def inspect_llava(
         len(with_image),
         "decoding images",
     )
-    turns = [len(records[int(i)].conversations) for i in _sample(len(records), sample)]
+    turns = [len(records[int(i)].conversations) for i in _sample(len(records), sample)] or [2]
     phase = "pretrain" if turns and max(turns) == 2 else "finetune"
     report.notes.append(f"{len(turns)} sampled records have {min(turns, default=0)}-{max(turns, default=0)} turns: "
                         f"looks like {phase} data")  # fmt: skip
@@ -420,8 +425,8 @@ def _judge(report: Report) -> None:
             f"{report.images_undecodable} of {report.images_checked} images checked do not decode "
             f"({report.first_undecodable}); replace them or set data.skip_bad=true"
         )
-    if report.records == 0:
-        report.problems.insert(0, f"{report.path}: no usable record")
+    if report.records == 0 and not report.problems:
+        report.problems.append(f"{report.path}: no usable record")
     for kind, t in report.tokens.items():
         if t["over"] > 0:
             report.notes.append(
