@@ -320,6 +320,10 @@ def inspect_caption_set(
                 f"{cfg.path}: no caption column recognised among {columns}; name them with "
                 "--caption-column COLUMN=short|long (or --recipe with data.train.caption_columns)"
             )
+    written = dict(cfg.caption_columns)  # what the recipe block says
+    # What a run reads: a recipe's caption_columns are merged into the defaults (config_io), so
+    # the index is the one the run will open (built once, here).
+    cfg.caption_columns = {**CaptionSetConfig().caption_columns, **written}
     log.info("inspect-data: indexing %s (once; a training run then reuses the index)", cfg.path)
     index = index_caption_set(cfg)
     fmt = index.meta["settings"].get("format", "?")
@@ -341,7 +345,7 @@ def inspect_caption_set(
         report.images_checked, report.images_undecodable, report.first_undecodable = _check_sample(
             records, open_image, sample, "decoding a sample of images"
         )
-    block: dict[str, Any] = {"path": cfg.path, "caption_columns": dict(cfg.caption_columns)}
+    block: dict[str, Any] = {"path": cfg.path, "caption_columns": written}
     for name in ("image_root", "image_column", "key_column", "format"):
         value = getattr(cfg, name)
         if value and value != getattr(CaptionSetConfig(), name):
