@@ -357,7 +357,10 @@ def import_encoder(
 @app.command("import-embeddings")
 def import_embeddings(
     shards: Annotated[
-        list[Path], typer.Argument(help="Image shards (x.tar) whose x_text_embeddings.tar lie beside them.")
+        list[Path],
+        typer.Argument(
+            help="Image shards (x.tar, or a folder, glob or brace pattern) with x_text_embeddings.tar beside each."
+        ),
     ],
     output: OutputOpt = Path("runs/imported-store"),
     encoder: Annotated[
