@@ -25,7 +25,7 @@ from img2dataset_replica import (
 
 from llm2clip_vlm.data.captions import load_caption_set, open_image
 from llm2clip_vlm.data.config import CaptionSetConfig
-from llm2clip_vlm.data.errors import DataError
+from llm2clip_vlm.data.errors import BadRecords, DataError
 
 
 @pytest.fixture(autouse=True)
@@ -244,3 +244,24 @@ def test_sidecars_of_another_model_are_ignored_in_one_line(
     assert f"they are {dim + 8}-d and the encoder" in lines[1]
     assert "set data.train.caption_columns to {shortSV_captions: short, longSV_captions: long}" in lines[2]
     assert not (tmp_path / "store").exists()
+
+
+def test_a_truncated_llava_shard_is_named_or_its_readable_records_kept(tmp_path: Path) -> None:
+    from llm2clip_vlm.data.synthetic_llava import write_llava_demo
+    from llm2clip_vlm.llava.data import load_llava_records
+    from llm2clip_vlm.llava.shards import write_llava_shards
+
+    write_llava_demo(
+        tmp_path / "llava", pretrain_images=8, instruct_images=2, heldout_images=2, image_size=16
+    )
+    records = load_llava_records(tmp_path / "llava" / "llava_pretrain.json")
+    (shard,) = write_llava_shards(records, tmp_path / "shards", per_shard=8)
+    members = _members(shard)
+    shard.write_bytes(shard.read_bytes()[: members[9].offset_data + 10])  # inside sample 4's image
+    with pytest.raises(DataError) as e:
+        load_llava_records(tmp_path / "shards")
+    assert "\n" not in str(e.value) and "llava-000000.tar" in str(e.value) and "cut off" in str(e.value)
+    bad = BadRecords(True, 0.5, name="shards")
+    kept = load_llava_records(tmp_path / "shards", skip_bad=True, max_bad_fraction=0.5, bad=bad)
+    # 4 whole samples kept; llava-shards.json says the shard held 8: the other 4 count as bad.
+    assert [r.id for r in kept] == [r.id for r in records][:4] and len(bad.skipped) == 4
