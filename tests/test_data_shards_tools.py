@@ -265,3 +265,55 @@ def test_a_truncated_llava_shard_is_named_or_its_readable_records_kept(tmp_path:
     kept = load_llava_records(tmp_path / "shards", skip_bad=True, max_bad_fraction=0.5, bad=bad)
     # 4 whole samples kept; llava-shards.json says the shard held 8: the other 4 count as bad.
     assert [r.id for r in kept] == [r.id for r in records][:4] and len(bad.skipped) == 4
+
+
+def _main(args: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """The console script's entry point (``llm2clip_vlm.cli.main``: its one-line error handling
+    included), in this process: ``(exit status, stderr)``."""
+    import sys
+
+    from llm2clip_vlm.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["llm2clip-vlm", *args])
+    monkeypatch.setenv("COLUMNS", "250")
+    with pytest.raises(SystemExit) as e:
+        main()
+    return int(e.value.code or 0), capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated mid-member", "8 flipped header bytes"])
+def test_the_cli_names_a_damaged_shard_and_counts_its_loss(
+    tmp_path: Path,
+    tiny_encoder: Path,
+    damage: str,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Issue 27 item 4, through the console entry point: no exit 0 with fewer records and no word,
+    # no "this is a bug"; under skip_bad the readable records are embedded and the loss reported.
+    shards = write_img2dataset(tmp_path / "d", samples(solid_images(16)), per_shard=8)
+    members = _members(shards[1])
+    data = bytearray(shards[1].read_bytes())
+    if damage == "truncated mid-member":
+        data = data[: members[10].offset_data + 100]
+    else:
+        at = members[6].offset + 100
+        data[at : at + 8] = bytes(b ^ 0xFF for b in data[at : at + 8])
+    shards[1].write_bytes(bytes(data))
+    base = [
+        "embed", "-o", str(tmp_path / "store"), "--set", f"embed.encoder={tiny_encoder}",
+        "--set", f"data.train.path={tmp_path / 'd'}",
+        "--set", "data.train.caption_columns={shortSV_captions: short, longSV_captions: long}",
+    ]  # fmt: skip
+    code, err = _main(base, capsys, monkeypatch)
+    assert code == 1 and "Traceback" not in err and "this is a bug" not in err
+    last = err.strip().splitlines()[-1]
+    assert "00001.tar" in last and "damaged" in last and "data.skip_bad=true" in last
+    skip = ["--set", "data.skip_bad=true", "--set", "data.max_bad_fraction=0.5"]
+    code, err = _main(base + skip, capsys, monkeypatch)
+    assert code == 0, err[-2000:]
+    report = json.loads((tmp_path / "store" / "bad_records.json").read_text())["train"]
+    kept = 8 + (3 if damage == "truncated mid-member" else 1)  # the sample at the damage is lost too
+    assert report["records"] == 16 and len(report["skipped"]) == 16 - kept
+    assert any("bad records skipped" in r.getMessage() for r in caplog.records)
