@@ -466,7 +466,14 @@ def inspect_data(
     if sample <= 0:
         console.print(f"[red]inspect-data:[/red] --sample must be positive, got {sample}")
         raise typer.Exit(2)
-    cfg = resolve_config(recipe, set_)
+    if recipe is None:  # the defaults (not the demo recipe's small settings): stage1.max_length 512
+        try:
+            cfg = config_io.load(RunConfig, None, set_ or [])
+        except ValueError as e:
+            console.print(f"[red]config error:[/red] {e}")
+            raise typer.Exit(2) from e
+    else:
+        cfg = resolve_config(recipe, set_)
     columns: dict[str, str] = {}
     for item in caption_column or []:
         name, _, kind = item.partition("=")

@@ -57,7 +57,8 @@ log = get_logger(__name__)
 CAUSES = (
     ("damaged shard", re.compile(r"shard is damaged")),
     ("duplicate key", re.compile(r"duplicate key")),
-    ("missing image", re.compile(r"does not exist|has no image member|no image member|names an image but")),
+    ("missing image", re.compile(r"does not exist|names an image but")),
+    ("no image member", re.compile(r"no image member")),
     ("no caption", re.compile(r"no caption|empty caption|not text")),
     ("broken record", re.compile(r"broken|malformed|not UTF-8|not a JSON object")),
 )
