@@ -40,6 +40,7 @@ from llm2clip_vlm.data.index import BadRow, DamagedShard, RecordIndex, Row, TarR
 from llm2clip_vlm.data.records import Caption, ImageCaptions, KeptCaptions
 from llm2clip_vlm.data.synthetic import demo_spec, write_demo_dataset
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.progress import make_progress
 
 log = get_logger(__name__)
 
@@ -416,6 +417,12 @@ class _ShardRows:
         self.keys: dict[int, list[str]] = {}
 
     def __iter__(self) -> Iterator[Row | BadRow]:
+        # A first read of a large set takes minutes: progress per shard (lines in a log file).
+        with make_progress() as progress:
+            task = progress.add_task("indexing shards", total=len(self.shards), status="", unit="shard")
+            yield from self._rows(lambda: progress.advance(task))
+
+    def _rows(self, shard_done: Callable[[], None]) -> Iterator[Row | BadRow]:
         cfg = self.cfg
         position = 0
         for s, shard in enumerate(self.shards):
@@ -441,6 +448,7 @@ class _ShardRows:
                 raise DataError(
                     f"{shard}: cannot be read as a webdataset shard: {type(e).__name__}: {e}"
                 ) from e
+            shard_done()
 
 
 def _shard_row(cfg: CaptionSetConfig, rec: TarRecord, shard: int, line: int, where: str) -> Row:
