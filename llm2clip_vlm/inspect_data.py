@@ -401,7 +401,13 @@ def _judge(report: Report) -> None:
     total = report.records + report.bad_total
     missing = report.bad.get("missing image", 0)
     key = "image_folder" if report.kind == "llava" else "image_root"
-    if total and missing > 0.5 * total:
+    if total and missing > 0.5 * total and re.search(r"https?:/", report.first_bad["missing image"]):
+        report.problems.append(
+            f"{missing} of {total} images are URLs, not files ({report.first_bad['missing image']}): download them "
+            "with img2dataset (--url_col IMAGE_COLUMN --save_additional_columns '[CAPTION_COLUMNS]' "
+            "--output_format webdataset) and inspect its output folder"
+        )
+    elif total and missing > 0.5 * total:
         report.problems.append(
             f"{missing} of {total} images are missing ({report.first_bad['missing image']}): "
             f"set {key} to the folder the image paths are relative to"

@@ -190,3 +190,12 @@ def test_bad_arguments_are_one_line(tmp_path: Path, tokenizer_model: Path) -> No
     assert "nowhere: no such file or folder" in out
     out = _inspect(tokenizer_model, str(tmp_path), "--caption-column", "x=medium", code=2)
     assert "write COLUMN=short or COLUMN=long" in out
+
+
+def test_a_manifest_of_urls_names_img2dataset(tmp_path: Path, tokenizer_model: Path) -> None:
+    (tmp_path / "urls.jsonl").write_text(
+        json.dumps({"image": "http://example.com/1.jpg", "caption": "a"}) + "\n"
+    )
+    out = _inspect(tokenizer_model, str(tmp_path / "urls.jsonl"), code=1)
+    last = out.rstrip().splitlines()[-1]
+    assert "images are URLs, not files" in last and "img2dataset" in last and "image_root" not in last
