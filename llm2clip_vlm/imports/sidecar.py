@@ -16,7 +16,9 @@ with), else a hash of the side-car files.
 
 from __future__ import annotations
 
+import array
 import hashlib
+import json
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,31 +106,148 @@ def read_sidecar(path: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+def locate_sidecar(path: Path) -> tuple[dict[str, list[int]], int]:
+    """``({key: [offset of the short vector, offset of the long vector]}, width)`` of a side-car,
+    from its member headers only (no vector is read: a CC3M shard's side-car holds ~300 MB).
+
+    Raises:
+        ImportRefused: as :func:`read_sidecar` does (a foreign member, a size that is not a
+            float32 vector, vectors of different widths, a key without both vectors).
+    """
+    where: dict[str, list[int]] = {}
+    dim = 0
+    try:
+        tar = tarfile.open(path, "r")
+    except (OSError, tarfile.TarError) as e:
+        raise ImportRefused(f"{path}: not a readable tar ({e})") from e
+    with tar:
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                field = next((k for k in KEYS if member.name.endswith("." + k)), None)
+                if field is None:
+                    raise ImportRefused(
+                        f"{path}: member {member.name!r} is not <key>.shortSV_captions / <key>.longSV_captions"
+                    )
+                if member.size % 4 or not member.size:
+                    raise ImportRefused(
+                        f"{path}: member {member.name!r} has {member.size} bytes, not a float32 vector"
+                    )
+                if dim and member.size // 4 != dim:
+                    raise ImportRefused(
+                        f"{path}: member {member.name!r} is {member.size // 4}-d, earlier vectors are {dim}-d"
+                    )
+                dim = member.size // 4
+                slots = where.setdefault(member.name[: -len(field) - 1], [-1, -1])
+                slots[KEYS.index(field)] = member.offset_data
+        except tarfile.TarError as e:
+            raise ImportRefused(f"{path}: damaged tar ({e})") from e
+    for key, slots in where.items():
+        if min(slots) < 0:
+            lacks = [k for k, o in zip(KEYS, slots, strict=True) if o < 0]
+            raise ImportRefused(f"{path}: key {key!r} lacks {', '.join(sorted(lacks))}")
+    if not where:
+        raise ImportRefused(f"{path}: no embeddings")
+    return where, dim
+
+
+class _Rows(Sequence[Any]):
+    """The records of several caption sets, one after the other (built on access)."""
+
+    def __init__(self, sets: list[Sequence[Any]]) -> None:
+        self.sets = sets
+        self.starts = np.cumsum([0] + [len(x) for x in sets])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.sets[k][i - int(self.starts[k])]
+
+    def __iter__(self) -> Any:
+        for x in self.sets:
+            yield from x
+
+
+def _batch_key(texts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
+
+
 class _Precomputed:
-    """The store writer's encoder protocol over vectors that already exist (rows in table order)."""
+    """The store writer's encoder protocol over vectors that already exist in the side-cars.
+
+    The writer (bucketing off, one batch per store shard) asks for whole store shards in row
+    order; each batch is found by the hash of its texts and its vectors are read from the
+    side-cars by seeking (``files[file_of[row]]`` at ``offset_of[row]``). Nothing holds every
+    vector (CC3M at 4096-d would be ~90 GB).
+    """
 
     pooling = "mean"
     pad_to_multiple_of = None
 
     def __init__(
-        self, texts: list[str], vectors: np.ndarray, identity: str, tokenizer: Any, shard_size: int
+        self,
+        records: Sequence[Any],
+        files: list[Path],
+        file_of: np.ndarray,
+        offset_of: np.ndarray,
+        dim: int,
+        identity: str,
+        tokenizer: Any,
+        shard_size: int,
     ) -> None:
-        self._texts, self._vectors, self._identity = texts, vectors, identity
-        self.tokenizer, self.max_length, self._shard_size = tokenizer, 512, shard_size
+        self.files, self.file_of, self.offset_of, self.dim = files, file_of, offset_of, dim
+        self._identity, self.tokenizer, self.max_length = identity, tokenizer, 512
+        self._records = records
+        # store shard start row, by the hash of its texts (one pass over the captions)
+        self._starts: dict[str, int] = {}
+        batch: list[str] = []
+        row = 0
+        for r in records:
+            for c in r.captions:
+                batch.append(c.text)
+                if len(batch) == shard_size:
+                    self._starts[_batch_key(batch)] = row - shard_size + 1
+                    batch = []
+                row += 1
+        if batch:
+            self._starts[_batch_key(batch)] = row - len(batch)
 
     @property
     def hidden_size(self) -> int:
-        return int(self._vectors.shape[1])
+        return self.dim
 
     def identity(self) -> str:
         return self._identity
 
     def encode(self, texts: list[str], batch_size: int = 64, instruction: str | None = None) -> torch.Tensor:
-        # The writer (bucketing off, one batch per shard) asks for whole shards in row order.
-        for start in range(0, len(self._texts), self._shard_size):
-            if self._texts[start : start + len(texts)] == list(texts):
-                return torch.from_numpy(self._vectors[start : start + len(texts)])
-        raise RuntimeError("side-car import: the store writer asked for rows out of shard order")
+        start = self._starts.get(_batch_key(texts))
+        if start is None:
+            raise RuntimeError("side-car import: the store writer asked for rows out of shard order")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        handles: dict[int, Any] = {}
+        try:
+            for j, row in enumerate(range(start, start + len(texts))):
+                f = int(self.file_of[row])
+                if f not in handles:
+                    handles[f] = open(self.files[f], "rb")  # noqa: SIM115 - closed below
+                handles[f].seek(int(self.offset_of[row]))
+                out[j] = np.frombuffer(handles[f].read(4 * self.dim), dtype="<f4")
+                if not np.isfinite(out[j]).all():
+                    key = self._records[row // 2].key
+                    raise ImportRefused(
+                        f"{self.files[f]}: the {KEYS[row % 2]} vector of {key!r} holds non-finite values"
+                    )
+        finally:
+            for h in handles.values():
+                h.close()
+        return torch.from_numpy(out)
 
 
 class _WordCounts:
@@ -147,8 +266,13 @@ def import_sidecars(
 ) -> dict[str, Any]:
     """Build ``out/train`` from image shards and their side-cars.
 
+    Streams: the side-cars' headers locate each vector (8 + 4 bytes per caption kept), the
+    captions are read through the shards' index, and the store writer reads each store shard's
+    vectors from the side-cars when it writes it.
+
     Args:
-        shards: the image shards (``x.tar``; ``x_text_embeddings.tar`` must lie beside each).
+        shards: the image shards (``x.tar``; ``x_text_embeddings.tar`` must lie beside each), or
+            folders / globs / brace patterns naming them.
         out: store root (``out/train`` is written).
         encoder: the imported ``CaptionEncoder`` directory the side-cars came from (identity and
             tokenizer are read from it; its weights are not loaded).
@@ -169,25 +293,30 @@ def import_sidecars(
     paths = [Path(s) for s in named if not str(s).endswith(SUFFIX)]
     if not paths:
         raise ImportRefused("no image shards given (x.tar, with x_text_embeddings.tar beside it)")
-    records, rows = [], []
+    sets: list[Sequence[Any]] = []
+    files: list[Path] = []
+    file_of, offset_of = array.array("i"), array.array("q")
     digest = hashlib.sha256()
+    dim = 0
     for shard in paths:
         side = sidecar_path(shard)
         if not shard.is_file():
             raise ImportRefused(f"{shard}: missing")
         if not side.is_file():
             raise ImportRefused(f"{shard}: no side-car {side.name} beside it")
-        vectors = read_sidecar(side)
-        digest.update(side.read_bytes())
+        where, width = locate_sidecar(side)
+        if dim and width != dim:
+            raise ImportRefused(f"{side}: vectors are {width}-d, earlier side-cars' are {dim}-d")
+        dim = width
+        with open(side, "rb") as f:  # streamed: the identity of the side-cars' bytes
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
         cfg = CaptionSetConfig(path=str(shard), format="webdataset", caption_columns=dict(KINDS))
-        # Captions only: the images' bytes are not read (nor kept for every record).
-        shard_records = list(captions_only(load_caption_set(cfg, name=str(shard))))
-        keys = [r.key for r in shard_records]
-        extra = sorted(set(vectors) - set(keys))
-        if extra:
-            raise ImportRefused(f"{side}: key {extra[0]!r} has no image in {shard.name}")
+        # Captions only: the images' bytes are not read.
+        shard_records = captions_only(load_caption_set(cfg, name=str(shard)))
         for r in shard_records:
-            if r.key not in vectors:
+            slots = where.pop(r.key, None)
+            if slots is None:
                 raise ImportRefused(f"{side}: no embeddings for image {r.key!r} of {shard.name}")
             kinds = [c.kind for c in r.captions]
             if kinds != ["short", "long"]:
@@ -195,34 +324,39 @@ def import_sidecars(
                     f"{shard}:{r.key}: captions {kinds}; the side-car holds one short and one long vector "
                     "(shortSV_captions and longSV_captions must each be one string)"
                 )
-            rows += [vectors[r.key]["shortSV_captions"], vectors[r.key]["longSV_captions"]]
-        records += shard_records
-    matrix = np.stack(rows).astype(np.float32)
+            file_of.extend((len(files), len(files)))
+            offset_of.extend(slots)
+        if where:
+            raise ImportRefused(f"{side}: key {sorted(where)[0]!r} has no image in {shard.name}")
+        files.append(side)
+        sets.append(shard_records)
+    records = _Rows(sets)
     tokenizer: Any = _WordCounts()
     identity = "official-sidecars:" + digest.hexdigest()
     if encoder is not None:
         meta = read_json(Path(encoder) / ENCODER_FILE)
-        if int(meta.get("dim", -1)) != matrix.shape[1]:
+        if int(meta.get("dim", -1)) != dim:
             raise ImportRefused(
-                f"{Path(encoder) / ENCODER_FILE}: dim {meta.get('dim')} but the side-cars are {matrix.shape[1]}-d"
+                f"{Path(encoder) / ENCODER_FILE}: dim {meta.get('dim')} but the side-cars are {dim}-d"
             )
         identity = str(meta["identity"])
         tokenizer = load_tokenizer(ModelRef(str(encoder)))
-    texts = [c.text for r in records for c in r.captions]
     embed = EmbedConfig(
         dtype=dtype, batch_size=shard_size, shard_size=shard_size, bucket_by_length=False, precision="fp32"
     )  # type: ignore[arg-type]
-    path = write_store(
-        _Precomputed(texts, matrix, identity, tokenizer, shard_size), records, Path(out) / "train", embed
-    )
+    source = _Precomputed(
+        records, files, np.frombuffer(file_of, dtype=np.int32), np.frombuffer(offset_of, dtype=np.int64),
+        dim, identity, tokenizer, shard_size,
+    )  # fmt: skip
+    path = write_store(source, records, Path(out) / "train", embed)
     log.info(
-        "store %s: %d captions of %d images from %d side-cars", path, len(texts), len(records), len(paths)
+        "store %s: %d captions of %d images from %d side-cars", path, len(offset_of), len(records), len(paths)
     )
     return {
         "path": str(path),
-        "rows": len(texts),
+        "rows": len(offset_of),
         "images": len(records),
-        "dim": int(matrix.shape[1]),
+        "dim": dim,
         "identity": identity,
     }
 
