@@ -357,7 +357,10 @@ def import_encoder(
 @app.command("import-embeddings")
 def import_embeddings(
     shards: Annotated[
-        list[Path], typer.Argument(help="Image shards (x.tar) whose x_text_embeddings.tar lie beside them.")
+        list[Path],
+        typer.Argument(
+            help="Image shards (x.tar, or a folder, glob or brace pattern) with x_text_embeddings.tar beside each."
+        ),
     ],
     output: OutputOpt = Path("runs/imported-store"),
     encoder: Annotated[
@@ -424,6 +427,126 @@ def llava_shards(
     console.print(
         f"train on them: --set llava.<phase>.data.path={output} --set llava.<phase>.data.stream=true"
     )
+
+
+@app.command("inspect-data")
+def inspect_data(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Data to check: shards (folder, glob, brace), a manifest, an img2dataset folder, LLaVA JSON."
+        ),
+    ],
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe", "-r", help="Read the data as this recipe does (its columns, image root, tokenizer)."
+        ),
+    ] = None,
+    set_: SetOpt = None,
+    caption_column: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--caption-column", "-c", help="COLUMN=short|long (repeatable; default: recognised by name)."
+        ),
+    ] = None,
+    image_root: Annotated[
+        Path | None, typer.Option(help="Folder the image paths are relative to (LLaVA: its image_folder).")
+    ] = None,
+    all_images: Annotated[bool, typer.Option("--all", help="Decode every image, not a sample.")] = False,
+    sample: Annotated[int, typer.Option(help="Records sampled for image decoding and token lengths.")] = 1000,
+) -> None:
+    """Check data before a long run: format, records, images, captions and token lengths, duplicate
+    keys, LLM2CLIP side-cars, and the recipe block that reads it. Ends with `ready` or what to fix."""
+    import yaml
+
+    from llm2clip_vlm import inspect_data as doctor
+    from llm2clip_vlm.data.config import CaptionSetConfig
+
+    if sample <= 0:
+        console.print(f"[red]inspect-data:[/red] --sample must be positive, got {sample}")
+        raise typer.Exit(2)
+    if recipe is None:  # the defaults (not the demo recipe's small settings): stage1.max_length 512
+        try:
+            cfg = config_io.load(RunConfig, None, set_ or [])
+        except ValueError as e:
+            console.print(f"[red]config error:[/red] {e}")
+            raise typer.Exit(2) from e
+    else:
+        cfg = resolve_config(recipe, set_)
+    columns: dict[str, str] = {}
+    for item in caption_column or []:
+        name, _, kind = item.partition("=")
+        if not name or kind not in ("short", "long"):
+            console.print(
+                f"[red]inspect-data:[/red] --caption-column {item!r}: write COLUMN=short or COLUMN=long"
+            )
+            raise typer.Exit(2)
+        columns[name] = kind
+    count_tokens, unit = _caption_tokenizer(cfg.stage1.model, cfg.stage1.max_length)
+    reports = []
+    for path in paths:
+        where = str(path)
+        if not path.exists() and not any(c in where for c in "*?{"):
+            console.print(f"[red]inspect-data:[/red] {escape(where)}: no such file or folder", soft_wrap=True)
+            raise typer.Exit(2)
+        if doctor.is_llava(where):
+            report = doctor.inspect_llava(where, str(image_root or ""), sample=sample, all_images=all_images)
+        else:
+            train = _recipe_set(cfg, where) if recipe is not None else None
+            set_cfg = CaptionSetConfig(
+                path=where,
+                caption_columns=columns or (dict(train.caption_columns) if train is not None else {}),
+                image_root=str(image_root or (train.image_root if train is not None else "")),
+                image_column=train.image_column if train is not None else "image",
+                key_column=train.key_column if train is not None else "",
+            )
+            report = doctor.inspect_caption_set(
+                set_cfg, count_tokens=count_tokens, token_unit=unit, max_length=cfg.stage1.max_length,
+                sample=sample, all_images=all_images, workers=cfg.data.check_workers,
+            )  # fmt: skip
+        reports.append(report)
+        for line in doctor.render(report):
+            console.print(escape(line), soft_wrap=True, highlight=False)
+    console.print("recipe block that reads it as it is:")
+    console.print(
+        # One line per value (paths stay whole and copyable).
+        escape(yaml.safe_dump(doctor.recipe_block(reports), sort_keys=False, width=1 << 20)).rstrip(),
+        highlight=False,
+        soft_wrap=True,
+    )
+    verdict = doctor.verdict(reports)
+    style = "green" if verdict.startswith("ready") else "red"
+    console.print(f"[{style}]{escape(verdict)}[/{style}]", soft_wrap=True, highlight=False)
+    if not verdict.startswith("ready"):
+        raise typer.Exit(1)
+
+
+def _recipe_set(cfg: RunConfig, path: str) -> Any:
+    """The recipe's caption set for ``path``: the one with that path when data.train lists several."""
+    train = cfg.data.train
+    sets = train if isinstance(train, list) else [train]
+    return next((s for s in sets if getattr(s, "path", "") == path), sets[0] if sets else None)
+
+
+def _caption_tokenizer(model: str, max_length: int) -> tuple[Any, str]:
+    """``(texts -> token counts, unit)`` with the stage-1 model's tokenizer; words when it cannot load."""
+    from llm2clip_vlm.text.modeling import load_tokenizer, resolve_model_ref
+
+    try:
+        # The GGUF file itself (a tokenizer reads its metadata only): no conversion of the weights.
+        tokenizer = load_tokenizer(resolve_model_ref(model, convert_gguf=False))
+    except (OSError, ValueError, ImportError) as e:
+        console.print(
+            f"inspect-data: tokenizer of {escape(model)} not loaded ({escape(str(e))}); counting words"
+        )
+        return (lambda texts: [len(t.split()) for t in texts]), "words"
+
+    def count(texts: list[str]) -> list[int]:
+        # No truncation: the point is to see how many exceed max_length.
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+    return count, "tokens"
 
 
 @app.command("build-tower")

@@ -19,6 +19,7 @@ from llm2clip_vlm.data.config import DataConfig, train_sets
 from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.hub.cards import llava_card, tower_card
+from llm2clip_vlm.imports.sidecar import offer_sidecars
 from llm2clip_vlm.llava.inputs import phase_data
 from llm2clip_vlm.llava.model import check_inputs
 from llm2clip_vlm.llava.train import train_llava
@@ -30,6 +31,7 @@ from llm2clip_vlm.text.cra import choose_cra_source
 from llm2clip_vlm.text.encoder import encoder_identity
 from llm2clip_vlm.text.mntp import read_text_corpus
 from llm2clip_vlm.text.train import train_stage1
+from llm2clip_vlm.training import dist
 from llm2clip_vlm.vision.export import export_tower
 from llm2clip_vlm.vision.inputs import heldout_sets, usable_images
 from llm2clip_vlm.vision.train import train_stage2
@@ -160,6 +162,13 @@ def run_stage2(
         )
     # The same captions the store was written from (``embed`` applies the same cut).
     train_records = keep_captions(train_set, cfg.embed.train_captions_per_kind)
+    if not (store_dir / "train").exists():
+        # LLM2CLIP's own route: extract_embedding.py's side-cars beside the shards are the store
+        # when the encoder reproduces them (one line either way; see offer_sidecars).
+        state = dist.process_state()
+        with state.main_process_first():
+            if state.is_main_process:
+                offer_sidecars(cfg.data.train, store_dir, encoder)
     store = EmbeddingStore.open(
         store_dir / "train", captions=train_records, encoder_identity=identity or None
     )

@@ -97,3 +97,19 @@ def test_cli_import_embeddings(tmp_path: Path) -> None:
         app, ["import-embeddings", str(tmp_path / "none.tar"), "-o", str(tmp_path / "s")]
     )
     assert bad.exit_code == 1 and "none.tar" in bad.output
+
+
+def test_import_streams_the_vectors_and_names_a_non_finite_one(tmp_path: Path) -> None:
+    # The side-cars' vectors are read by seeking when each store shard is written (none is held
+    # for the whole import); a NaN is refused naming the side-car and the key.
+    shard, vectors = official_shard(tmp_path, "00000", 5, 0)
+    side = tmp_path / "00000_text_embeddings.tar"
+    with tarfile.open(side) as t:
+        member = next(m for m in t if m.name == "00000" + "0003.longSV_captions")
+    data = bytearray(side.read_bytes())
+    data[member.offset_data : member.offset_data + 4] = np.float32("nan").tobytes()
+    side.write_bytes(bytes(data))
+    with pytest.raises(
+        ImportRefused, match=r"00000_text_embeddings\.tar: the longSV_captions vector of '000000003'"
+    ):
+        import_sidecars([shard], tmp_path / "store", shard_size=4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -207,3 +208,39 @@ def test_map_style_training_on_shards_is_training_on_the_json(parts, tmp_path: P
     assert len(on_json["losses"]) == 3 and on_shards["losses"] == on_json["losses"]
     with pytest.raises(ValueError, match=r"llava\.pretrain\.data\.stream needs webdataset shards"):
         run_llava(_cfg(parts, parts["data"] / "llava_pretrain.json"), tmp_path / "refused", "pretrain")
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF", "BMP", "WEBP", "PNG", "JPEG"])
+def test_every_image_type_round_trips_through_llava_shards_and_the_stream(
+    parts, tmp_path: Path, fmt: str
+) -> None:
+    # LLaVA JSON pointing at .gif files (OCR-VQA converted so: haotian-liu/LLaVA issue #593) trains
+    # from JSON; llava-shards keeps each file's type as its member's extension, so the stream must
+    # count every type the reader decodes as the sample's image.
+    from PIL import Image
+
+    from llm2clip_vlm.data.images import load_rgb
+
+    records = json.loads((parts["data"] / "llava_pretrain.json").read_text())[:8]
+    ext = {"JPEG": "jpg", "TIFF": "tif"}.get(fmt, fmt.lower())
+    (tmp_path / "img").mkdir()
+    for r in records:
+        name = f"img/{r['id']}.{ext}"
+        Image.open(parts["data"] / r["image"]).convert("RGB").save(tmp_path / name, format=fmt)
+        r["image"] = name
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    from_json = load_llava_records(tmp_path / "data.json")
+    paths = write_llava_shards(from_json, tmp_path / "shards", per_shard=4)
+    with tarfile.open(paths[0]) as t:
+        assert {m.name for m in t if m.name.startswith("000000000.")} == {
+            "000000000.json",
+            f"000000000.{ext}",
+        }
+    from_shards = load_llava_records(tmp_path / "shards")
+    assert list(from_shards.has_image) == [True] * 8
+    for a, b in zip(from_json, from_shards, strict=True):
+        assert a.image.read_bytes() == b.image
+        assert load_rgb(b.image).tobytes() == load_rgb(a.image).tobytes()
+    extra = ["llava.pretrain.loop.max_steps=1"]
+    metrics = run_llava(_cfg(parts, tmp_path / "shards", extra), tmp_path / "run", "pretrain")
+    assert metrics["steps"] == 1 and all(loss == loss for loss in metrics["losses"])

@@ -36,16 +36,22 @@ import numpy as np
 from llm2clip_vlm.data import images, layouts
 from llm2clip_vlm.data.config import CaptionSetConfig, DataConfig, train_sets
 from llm2clip_vlm.data.errors import BadRecords, DataError, write_report
-from llm2clip_vlm.data.index import BadRow, RecordIndex, Row, open_or_build, scan_tar
+from llm2clip_vlm.data.index import BadRow, DamagedShard, RecordIndex, Row, TarRecord, open_or_build, scan_tar
 from llm2clip_vlm.data.records import Caption, ImageCaptions, KeptCaptions
 from llm2clip_vlm.data.sets import SetPart, check_weights, join_indexes, set_names
 from llm2clip_vlm.data.synthetic import demo_spec, write_demo_dataset
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.progress import make_progress
 
 log = get_logger(__name__)
 
 MANIFEST_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+# Every type :func:`images.load_rgb` decodes (PIL) that a data set's tools write: img2dataset
+# (jpg/png/webp), LLaVA's folders (jpg, and gif for OCR-VQA: LLaVA issue #593), TIFF scans.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# LLM2CLIP's ``extract_embedding.py`` writes ``x_text_embeddings.tar`` beside each image shard
+# ``x.tar`` (microsoft/LLM2CLIP llm2clip/data/extract_embedding.py): never an image shard.
+SIDECAR_SUFFIX = "_text_embeddings.tar"
 
 
 class CaptionSet(Sequence[ImageCaptions]):
@@ -192,10 +198,14 @@ def _detect_format(cfg: CaptionSetConfig) -> str:
     path = cfg.path
     if is_shard_path(path):
         return "webdataset"
+    if files_shards(path):
+        return "img2dataset-files"
     suffix = Path(path).suffix.lower()
     if suffix in MANIFEST_FORMATS:
         return MANIFEST_FORMATS[suffix]
-    raise DataError(f"{path}: cannot tell the format from the name; set format: json|csv|parquet|webdataset")
+    raise DataError(
+        f"{path}: cannot tell the format from the name; set format: json|csv|parquet|webdataset|img2dataset-files"
+    )
 
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -218,26 +228,48 @@ def expand_braces(pattern: str) -> list[str]:
     return [head + o + rest for o in options for rest in expand_braces(tail)]
 
 
+def is_sidecar(path: str) -> bool:
+    """Whether ``path`` is an LLM2CLIP text-embedding side-car (``x_text_embeddings.tar``)."""
+    return path.endswith(SIDECAR_SUFFIX)
+
+
+def _tars_in(folder: str) -> list[str]:
+    return sorted(f for f in glob.glob(os.path.join(folder, "*.tar")) if not is_sidecar(f))
+
+
 def is_shard_path(path: str) -> bool:
     """Whether ``path`` names webdataset shards: a ``.tar``, a brace pattern, or a folder of ``.tar``."""
-    return bool(
-        path.endswith(".tar")
-        or "{" in path
-        or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.tar")))
-    )
+    return bool(path.endswith(".tar") or "{" in path or (os.path.isdir(path) and _tars_in(path)))
 
 
 def expand_shards(path: str) -> list[str]:
-    """The shard files ``path`` names (a folder's ``*.tar``, a brace pattern or a glob), in order."""
+    """The image shards ``path`` names (a folder's ``*.tar``, a brace pattern or a glob), in order.
+
+    LLM2CLIP's side-cars (``*_text_embeddings.tar``) are never image shards: a folder or a glob
+    that holds them yields the image shards only (:func:`sidecars_of` finds the side-cars).
+    """
     if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.tar")))
+        files = _tars_in(path)
     elif "{" in path:
         files = [f for p in expand_braces(path) for f in sorted(glob.glob(p))]
     else:
         files = sorted(glob.glob(path))
+    sidecars = [f for f in files if is_sidecar(f)]
+    files = [f for f in files if not is_sidecar(f)]
     if not files:
-        raise DataError(f"{path}: no webdataset .tar shards found")
+        also = f" (only {len(sidecars)} LLM2CLIP side-car(s) *{SIDECAR_SUFFIX})" if sidecars else ""
+        raise DataError(f"{path}: no webdataset .tar shards found{also}")
     return files
+
+
+def sidecar_for(shard: str) -> str:
+    """``x.tar`` -> ``x_text_embeddings.tar`` (extract_embedding.py: ``tar_path.replace(".tar", ...)``)."""
+    return shard[: -len(".tar")] + SIDECAR_SUFFIX
+
+
+def sidecars_of(shards: Sequence[str]) -> list[str]:
+    """The side-cars that lie beside ``shards`` (one per shard that has one, in shard order)."""
+    return [side for side in map(sidecar_for, shards) if os.path.isfile(side)]
 
 
 def _json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
@@ -414,6 +446,12 @@ class _ShardRows:
         self.keys: dict[int, list[str]] = {}
 
     def __iter__(self) -> Iterator[Row | BadRow]:
+        # A first read of a large set takes minutes: progress per shard (lines in a log file).
+        with make_progress() as progress:
+            task = progress.add_task("indexing shards", total=len(self.shards), status="", unit="shard")
+            yield from self._rows(lambda: progress.advance(task))
+
+    def _rows(self, shard_done: Callable[[], None]) -> Iterator[Row | BadRow]:
         cfg = self.cfg
         position = 0
         for s, shard in enumerate(self.shards):
@@ -425,27 +463,115 @@ class _ShardRows:
                     keys.append(rec.key)
                     position += 1
                     try:
-                        if rec.image is None:
-                            raise DataError(f"{where}: no image member ({'/'.join(IMAGE_EXTENSIONS)})")
-                        fields: dict[str, Any] = {}
-                        if "json" in rec.texts:
-                            try:
-                                parsed = json.loads(rec.texts["json"])
-                            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                                raise DataError(f"{where}: broken .json member ({e})") from e
-                            fields = dict(parsed) if isinstance(parsed, dict) else {}
-                        txt = rec.texts.get("txt", b"").decode("utf-8", errors="replace")
-                        if txt and not any(c in fields for c in cfg.caption_columns):
-                            fields[next(iter(cfg.caption_columns))] = txt
-                        key = str(fields.get(cfg.key_column, rec.key)) if cfg.key_column else rec.key
-                        offset, size = rec.image
-                        yield Row(key, None, s, offset, size, len(keys) - 1, _captions_of(fields, cfg, where))
+                        yield _shard_row(cfg, rec, s, len(keys) - 1, where)
                     except DataError as e:
                         yield BadRow(position - 1, where, str(e))
+            except DamagedShard as e:
+                # The readable records are kept (above); what the damage lost is counted as bad,
+                # never dropped in silence: a strict run stops here, naming the shard.
+                for k in range(lost_records(shard, len(keys))):
+                    tail = f"{shard}@{e.offset}" + (f"#{k + 1}" if k else "")
+                    position += 1
+                    yield BadRow(position - 1, tail, str(e))
             except (tarfile.TarError, OSError) as e:
                 raise DataError(
                     f"{shard}: cannot be read as a webdataset shard: {type(e).__name__}: {e}"
                 ) from e
+            shard_done()
+
+
+def _shard_row(cfg: CaptionSetConfig, rec: TarRecord, shard: int, line: int, where: str) -> Row:
+    """One webdataset sample as an index row (raises DataError when it is unusable)."""
+    if rec.damaged:
+        raise DataError(f"{where}: {rec.damaged}")
+    if rec.image is None:
+        found = ", ".join(f".{ext}" for ext in rec.texts) or "none"
+        raise DataError(f"{where}: no image member ({'/'.join(IMAGE_EXTENSIONS)}; members found: {found})")
+    fields: dict[str, Any] = {}
+    if "json" in rec.texts:
+        try:
+            parsed = json.loads(rec.texts["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{where}: broken .json member ({e})") from e
+        fields = dict(parsed) if isinstance(parsed, dict) else {}
+    txt = rec.texts.get("txt", b"").decode("utf-8", errors="replace")
+    if txt and not any(c in fields for c in cfg.caption_columns):
+        fields[next(iter(cfg.caption_columns))] = txt
+    key = str(fields.get(cfg.key_column, rec.key)) if cfg.key_column else rec.key
+    offset, size = rec.image
+    return Row(key, None, shard, offset, size, line, _captions_of(fields, cfg, where))
+
+
+def lost_records(shard: str, readable: int) -> int:
+    """How many records a damaged shard lost: what img2dataset's ``NNNNN_stats.json`` says it
+    wrote (``successes``) minus the ``readable`` ones, at least 1 (the damaged tail).
+
+    img2dataset writes the stats file when a shard is complete, so a shard cut off by a killed
+    run usually has none: the loss then counts as one bad record, and the message says so.
+    """
+    stats = Path(shard[: -len(".tar")] + "_stats.json") if shard.endswith(".tar") else None
+    try:
+        written = int(json.loads(stats.read_text())["successes"]) if stats and stats.is_file() else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        written = 0
+    return max(1, written - readable)
+
+
+def files_shards(path: str) -> list[str]:
+    """The shard folders of an img2dataset ``--output_format files`` output folder ([] = not one).
+
+    img2dataset's ``FilesSampleWriter`` (rom1504/img2dataset ``img2dataset/writer.py``) writes shard
+    ``NNNNN`` as a folder ``NNNNN/`` of ``KEY.<jpg|png|webp>`` + ``KEY.json`` (+ ``KEY.txt``), with
+    ``NNNNN.parquet`` beside it (and ``NNNNN_stats.json`` once the shard is complete). A folder
+    counts as a shard when its ``.parquet`` or ``_stats.json`` lies beside it.
+    """
+    if not os.path.isdir(path):
+        return []
+    out = []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir() and (
+                os.path.isfile(os.path.join(path, entry.name + ".parquet"))
+                or os.path.isfile(os.path.join(path, entry.name + "_stats.json"))
+            ):
+                out.append(entry.path)
+    return sorted(out)
+
+
+def _files_rows(cfg: CaptionSetConfig, shards: list[str]) -> Iterator[Row | BadRow]:
+    """Every sample of an img2dataset ``files`` output as an index row, shard folder by folder.
+
+    A sample's files are grouped by key (the name before the first dot, as for tar members); the
+    row's image is the file's path, so the set reads like a manifest's.
+    """
+    position = 0
+    for shard in shards:
+        members: dict[str, TarRecord] = {}
+        paths: dict[str, str] = {}
+        with os.scandir(shard) as entries:
+            names = sorted(e.name for e in entries if e.is_file())
+        for name in names:
+            stem, dot, ext = name.partition(".")
+            if not dot or not stem:
+                continue
+            ext = ext.lower()
+            rec = members.setdefault(stem, TarRecord(stem, None, {}))
+            if ext in IMAGE_EXTENSIONS and rec.image is None:
+                rec.image = (0, 0)
+                paths[stem] = os.path.join(shard, name)
+            elif ext in ("json", "txt"):
+                try:
+                    rec.texts[ext] = Path(shard, name).read_bytes()
+                except OSError as e:
+                    rec.damaged = f"{name} cannot be read ({e.strerror})"
+        for line, rec in enumerate(members.values()):
+            where = f"{shard}/{rec.key}"
+            position += 1
+            try:
+                row = _shard_row(cfg, rec, 0, line, where)
+                yield Row(row.key, paths[rec.key], 0, 0, 0, position - 1, row.captions)
+            except DataError as e:
+                yield BadRow(position - 1, where, str(e))
 
 
 # Appended to a key repeated in another file of the set (see :func:`check_key_collisions`).
@@ -525,6 +651,26 @@ def index_caption_set(cfg: CaptionSetConfig, cache_dir: Path | None = None) -> R
             lambda: _unique_keys(reader, shard_where),
             cache_dir=cache_dir,
             shard_keys=lambda: reader.keys,
+        )
+    if fmt == "img2dataset-files":
+        folders = files_shards(cfg.path)
+        if not folders:
+            raise DataError(
+                f"{cfg.path}: not an img2dataset --output_format files folder (no NNNNN/ folder "
+                "with NNNNN.parquet or NNNNN_stats.json beside it)"
+            )
+        # The per-shard parquet/stats files identify the output (written once per shard).
+        ids = [f for d in folders for f in (d + ".parquet", d + "_stats.json") if os.path.isfile(f)]
+
+        def numbered(row: Row) -> str:
+            return f"{cfg.path} record {row.line + 1}"
+
+        return open_or_build(
+            ids,
+            settings,
+            "manifest",
+            lambda: _unique_keys(_files_rows(cfg, folders), numbered),
+            cache_dir=cache_dir,
         )
     path = Path(cfg.path)
     if not path.is_file():

@@ -11,14 +11,16 @@ class CaptionSetConfig:
     """One image-caption data set on disk.
 
     ``path`` is a manifest (``.json``/``.jsonl``/``.csv``/``.tsv``/``.parquet``) or webdataset tar
-    shards (a directory of ``.tar`` files, a glob, or a brace pattern ``shard-{000..009}.tar``).
-    Known layouts are recognised by their header while the mapping fields keep their defaults
-    (:mod:`llm2clip_vlm.data.layouts`): LLM2CLIP's DreamLIP CSV, a text-only
-    ``short_caption,long_caption`` file, LLaVA / ShareGPT4V conversation JSON.
+    shards (a directory of ``.tar`` files, a glob, or a brace pattern ``shard-{000..009}.tar``), or
+    the folder img2dataset writes with ``--output_format files``. Known layouts are recognised by
+    their header while the mapping fields keep their defaults (:mod:`llm2clip_vlm.data.layouts`):
+    LLM2CLIP's DreamLIP CSV, a text-only ``short_caption,long_caption`` file, LLaVA / ShareGPT4V
+    conversation JSON.
     """
 
     path: str = ""
-    format: Literal["auto", "json", "csv", "parquet", "webdataset"] = "auto"
+    # img2dataset-files: img2dataset --output_format files (NNNNN/KEY.jpg + KEY.json/KEY.txt).
+    format: Literal["auto", "json", "csv", "parquet", "webdataset", "img2dataset-files"] = "auto"
     # Images are resolved relative to this folder (default: the manifest's folder); paths that
     # would leave it are refused.
     image_root: str = ""

@@ -48,7 +48,7 @@ from llm2clip_vlm.logging import get_logger
 
 log = get_logger(__name__)
 
-INDEX_VERSION = 2  # 2: repeated keys are bad rows; JSON lines read as bytes
+INDEX_VERSION = 3  # 2: repeated keys are bad rows; JSON lines read as bytes; 3: scattered members grouped, damaged shards named
 KIND_CODES = {"short": 0, "long": 1}
 KIND_NAMES = ("short", "long")
 _SAMPLE_BYTES = 4096  # x3 per file: ~15 MB read per start for 1200 shards, not 230 MB
@@ -168,6 +168,8 @@ class RecordIndex(Sequence[ImageCaptions]):
         if self.meta["kind"] == "shards":
             shard = c["shard"][i].as_py()
             return f"{self.sources[shard]}:{self.tar_keys(shard)[c['line'][i].as_py()]}"
+        if self.meta["settings"].get("format") == "img2dataset-files":  # one file per image
+            return str(c["image"][i].as_py())
         return f"{self.sources[0]}:{c['line'][i].as_py()}"
 
     def __iter__(self) -> Iterator[ImageCaptions]:
@@ -385,34 +387,117 @@ class TarRecord:
     key: str
     image: tuple[int, int] | None  # (offset of the data, size)
     texts: dict[str, bytes]  # extension -> bytes of json/txt members
+    # Why the record is unusable although it has members (a member file that cannot be read);
+    # "" = fine.
+    damaged: str = ""
+
+
+class DamagedShard(ValueError):
+    """A shard whose tar structure ends early: truncated, or a corrupt member header.
+
+    Raised by :func:`scan_tar` after every readable record before the damage was yielded.
+    ``message`` is one line naming the file, the byte and what was found; ``last_key`` the last
+    key read before the damage ("" = none).
+    """
+
+    def __init__(self, path: str, offset: int, size: int, what: str, last_key: str) -> None:
+        after = f" after key {last_key!r}" if last_key else " before its first record"
+        super().__init__(
+            f"{path}: {what} at byte {offset} of {size}{after}: the shard is damaged (truncated or "
+            "overwritten; img2dataset killed mid-write leaves this); the records after that point are lost"
+        )
+        self.path, self.offset, self.size, self.last_key = path, offset, size, last_key
+
+
+def _member_key(name: str) -> tuple[str, str] | None:
+    """``(key, extension)`` of a member name (webdataset: the key ends at the basename's first dot)."""
+    base = name.rsplit("/", 1)
+    stem_ext = base[-1].split(".", 1)
+    if len(stem_ext) != 2 or not stem_ext[0]:
+        return None
+    return (base[0] + "/" if len(base) == 2 else "") + stem_ext[0], stem_ext[1].lower()
 
 
 def scan_tar(
     path: str, image_extensions: Sequence[str], text_extensions: Sequence[str] = ("json", "txt")
 ) -> Iterator[TarRecord]:
-    """The records of a webdataset shard in tar order (consecutive members sharing a key).
+    """The records of a webdataset shard, in the order their keys first appear in the tar.
 
-    Image members are not read: ``tarfile`` in random-access mode seeks past their data.
+    A key's members are grouped even when they are not adjacent (a plain ``tar cf`` of a folder
+    stores files in directory order). The headers are walked first (``tarfile`` in random-access
+    mode seeks past the data; image bytes are never read), then each record's small text members
+    are read by seeking. A tar that ends early (truncated mid-member, a header that fails its
+    checksum, bytes after the last header that are not the zero end blocks) yields its readable
+    records and then raises :class:`DamagedShard` naming the byte where reading stopped;
+    ``tarfile`` alone would take such a tar for a complete, shorter one.
     """
-    with tarfile.open(path, "r:") as tar:
-        current: TarRecord | None = None
-        for member in tar:
-            if not member.isfile():
+    import stat as stat_mod
+
+    size = os.stat(path).st_size
+    groups: dict[str, TarRecord] = {}
+    wanted: list[tuple[TarRecord, str, int, int]] = []  # (record, text extension, offset, size)
+    damage: tuple[int, str] | None = None
+    last_key = ""
+    with open(path, "rb") as raw:
+        if not stat_mod.S_ISREG(os.fstat(raw.fileno()).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        try:
+            tar = tarfile.open(fileobj=raw, mode="r:")
+        except tarfile.ReadError as e:
+            if size == 0:
+                raise
+            raise DamagedShard(path, 0, size, f"no readable tar header ({e})", "") from e
+        end = 0
+        try:
+            for member in tar:
+                end = member.offset_data + (-(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
+                if not member.isfile():
+                    continue
+                named = _member_key(member.name)
+                if named is None:
+                    continue
+                key, ext = named
+                last_key = key
+                record = groups.get(key)
+                if record is None:
+                    record = groups[key] = TarRecord(key, None, {})
+                if member.offset_data + member.size > size:
+                    have = max(0, size - member.offset_data)
+                    damage = (
+                        member.offset,
+                        f"member {member.name!r} is cut off ({have} of {member.size} bytes)",
+                    )
+                    break
+                if ext in image_extensions and record.image is None:
+                    record.image = (member.offset_data, member.size)
+                elif ext in text_extensions:
+                    wanted.append((record, ext, member.offset_data, member.size))
+        except tarfile.ReadError as e:  # "unexpected end of data": the last member is cut off
+            damage = (min(tar.offset, size), f"tar structure ends early ({e})")
+        except (tarfile.TarError, ValueError, UnicodeError, OverflowError) as e:  # a corrupt header
+            damage = (tar.offset, f"unreadable member header ({type(e).__name__}: {e})")
+        if damage is None and end >= size and end > 0:
+            # Every tar writer ends the archive with zero blocks; none means it was cut off right
+            # after a whole member (the records after it are lost).
+            damage = (size, "no end-of-archive blocks (cut off after a whole member)")
+        elif damage is None and end < size:
+            # ``tarfile`` stops at the first header that fails its checksum as if the archive
+            # ended there: whatever follows the last member must be the zero end blocks.
+            raw.seek(end)
+            while chunk := raw.read(1 << 16):
+                if chunk.strip(b"\0"):
+                    damage = (end, "a corrupt member header (checksum fails) or stray bytes")
+                    break
+        if damage is not None and groups:
+            # The record being read where the damage starts may lack members (its caption, its
+            # image): it belongs to the lost tail, so the damage, not "no caption", is reported.
+            groups.popitem()
+            last_key = next(reversed(groups), "")
+        for record, ext, offset, length in wanted:
+            if groups.get(record.key) is not record:
                 continue
-            base = member.name.rsplit("/", 1)
-            stem_ext = base[-1].split(".", 1)
-            if len(stem_ext) != 2:
-                continue
-            key = (base[0] + "/" if len(base) == 2 else "") + stem_ext[0]
-            ext = stem_ext[1].lower()
-            if current is None or current.key != key:
-                if current is not None:
-                    yield current
-                current = TarRecord(key, None, {})
-            if ext in image_extensions and current.image is None:
-                current.image = (member.offset_data, member.size)
-            elif ext in text_extensions:
-                f = tar.extractfile(member)
-                current.texts[ext] = f.read() if f is not None else b""
-        if current is not None:
-            yield current
+            raw.seek(offset)
+            record.texts[ext] = raw.read(length)
+    yield from groups.values()
+    if damage is not None:
+        raise DamagedShard(path, damage[0], size, damage[1], last_key)

@@ -16,7 +16,9 @@ with), else a hash of the side-car files.
 
 from __future__ import annotations
 
+import array
 import hashlib
+import json
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,20 +27,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm2clip_vlm.data.captions import load_caption_set
+from llm2clip_vlm.data.captions import (
+    SIDECAR_SUFFIX,
+    captions_only,
+    expand_shards,
+    is_shard_path,
+    load_caption_set,
+    sidecars_of,
+)
 from llm2clip_vlm.data.config import CaptionSetConfig
+from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.imports.checkpoint import ImportRefused, read_json
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.store.store import write_store
-from llm2clip_vlm.text.encoder import ENCODER_FILE
+from llm2clip_vlm.text.encoder import ENCODER_FILE, CaptionEncoder, read_encoder_meta
 from llm2clip_vlm.text.modeling import ModelRef, load_tokenizer
 
 log = get_logger(__name__)
 
 KEYS = ("shortSV_captions", "longSV_captions")  # extract_embedding.py:12
 KINDS = {"shortSV_captions": "short", "longSV_captions": "long"}
-SUFFIX = "_text_embeddings.tar"
+SUFFIX = SIDECAR_SUFFIX
+# How close the encoder's own embedding of a caption must be to the side-car's (cosine) for the
+# side-cars to count as made by it: bf16 vs fp32 and batch padding move it by ~1e-3, another
+# encoder (even of the same width) lands far below.
+MATCH_COSINE = 0.99
 
 
 def sidecar_path(shard: Path) -> Path:
@@ -92,31 +106,148 @@ def read_sidecar(path: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+def locate_sidecar(path: Path) -> tuple[dict[str, list[int]], int]:
+    """``({key: [offset of the short vector, offset of the long vector]}, width)`` of a side-car,
+    from its member headers only (no vector is read: a CC3M shard's side-car holds ~300 MB).
+
+    Raises:
+        ImportRefused: as :func:`read_sidecar` does (a foreign member, a size that is not a
+            float32 vector, vectors of different widths, a key without both vectors).
+    """
+    where: dict[str, list[int]] = {}
+    dim = 0
+    try:
+        tar = tarfile.open(path, "r")
+    except (OSError, tarfile.TarError) as e:
+        raise ImportRefused(f"{path}: not a readable tar ({e})") from e
+    with tar:
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                field = next((k for k in KEYS if member.name.endswith("." + k)), None)
+                if field is None:
+                    raise ImportRefused(
+                        f"{path}: member {member.name!r} is not <key>.shortSV_captions / <key>.longSV_captions"
+                    )
+                if member.size % 4 or not member.size:
+                    raise ImportRefused(
+                        f"{path}: member {member.name!r} has {member.size} bytes, not a float32 vector"
+                    )
+                if dim and member.size // 4 != dim:
+                    raise ImportRefused(
+                        f"{path}: member {member.name!r} is {member.size // 4}-d, earlier vectors are {dim}-d"
+                    )
+                dim = member.size // 4
+                slots = where.setdefault(member.name[: -len(field) - 1], [-1, -1])
+                slots[KEYS.index(field)] = member.offset_data
+        except tarfile.TarError as e:
+            raise ImportRefused(f"{path}: damaged tar ({e})") from e
+    for key, slots in where.items():
+        if min(slots) < 0:
+            lacks = [k for k, o in zip(KEYS, slots, strict=True) if o < 0]
+            raise ImportRefused(f"{path}: key {key!r} lacks {', '.join(sorted(lacks))}")
+    if not where:
+        raise ImportRefused(f"{path}: no embeddings")
+    return where, dim
+
+
+class _Rows(Sequence[Any]):
+    """The records of several caption sets, one after the other (built on access)."""
+
+    def __init__(self, sets: list[Sequence[Any]]) -> None:
+        self.sets = sets
+        self.starts = np.cumsum([0] + [len(x) for x in sets])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.sets[k][i - int(self.starts[k])]
+
+    def __iter__(self) -> Any:
+        for x in self.sets:
+            yield from x
+
+
+def _batch_key(texts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
+
+
 class _Precomputed:
-    """The store writer's encoder protocol over vectors that already exist (rows in table order)."""
+    """The store writer's encoder protocol over vectors that already exist in the side-cars.
+
+    The writer (bucketing off, one batch per store shard) asks for whole store shards in row
+    order; each batch is found by the hash of its texts and its vectors are read from the
+    side-cars by seeking (``files[file_of[row]]`` at ``offset_of[row]``). Nothing holds every
+    vector (CC3M at 4096-d would be ~90 GB).
+    """
 
     pooling = "mean"
     pad_to_multiple_of = None
 
     def __init__(
-        self, texts: list[str], vectors: np.ndarray, identity: str, tokenizer: Any, shard_size: int
+        self,
+        records: Sequence[Any],
+        files: list[Path],
+        file_of: np.ndarray,
+        offset_of: np.ndarray,
+        dim: int,
+        identity: str,
+        tokenizer: Any,
+        shard_size: int,
     ) -> None:
-        self._texts, self._vectors, self._identity = texts, vectors, identity
-        self.tokenizer, self.max_length, self._shard_size = tokenizer, 512, shard_size
+        self.files, self.file_of, self.offset_of, self.dim = files, file_of, offset_of, dim
+        self._identity, self.tokenizer, self.max_length = identity, tokenizer, 512
+        self._records = records
+        # store shard start row, by the hash of its texts (one pass over the captions)
+        self._starts: dict[str, int] = {}
+        batch: list[str] = []
+        row = 0
+        for r in records:
+            for c in r.captions:
+                batch.append(c.text)
+                if len(batch) == shard_size:
+                    self._starts[_batch_key(batch)] = row - shard_size + 1
+                    batch = []
+                row += 1
+        if batch:
+            self._starts[_batch_key(batch)] = row - len(batch)
 
     @property
     def hidden_size(self) -> int:
-        return int(self._vectors.shape[1])
+        return self.dim
 
     def identity(self) -> str:
         return self._identity
 
     def encode(self, texts: list[str], batch_size: int = 64, instruction: str | None = None) -> torch.Tensor:
-        # The writer (bucketing off, one batch per shard) asks for whole shards in row order.
-        for start in range(0, len(self._texts), self._shard_size):
-            if self._texts[start : start + len(texts)] == list(texts):
-                return torch.from_numpy(self._vectors[start : start + len(texts)])
-        raise RuntimeError("side-car import: the store writer asked for rows out of shard order")
+        start = self._starts.get(_batch_key(texts))
+        if start is None:
+            raise RuntimeError("side-car import: the store writer asked for rows out of shard order")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        handles: dict[int, Any] = {}
+        try:
+            for j, row in enumerate(range(start, start + len(texts))):
+                f = int(self.file_of[row])
+                if f not in handles:
+                    handles[f] = open(self.files[f], "rb")  # noqa: SIM115 - closed below
+                handles[f].seek(int(self.offset_of[row]))
+                out[j] = np.frombuffer(handles[f].read(4 * self.dim), dtype="<f4")
+                if not np.isfinite(out[j]).all():
+                    key = self._records[row // 2].key
+                    raise ImportRefused(
+                        f"{self.files[f]}: the {KEYS[row % 2]} vector of {key!r} holds non-finite values"
+                    )
+        finally:
+            for h in handles.values():
+                h.close()
+        return torch.from_numpy(out)
 
 
 class _WordCounts:
@@ -135,8 +266,13 @@ def import_sidecars(
 ) -> dict[str, Any]:
     """Build ``out/train`` from image shards and their side-cars.
 
+    Streams: the side-cars' headers locate each vector (8 + 4 bytes per caption kept), the
+    captions are read through the shards' index, and the store writer reads each store shard's
+    vectors from the side-cars when it writes it.
+
     Args:
-        shards: the image shards (``x.tar``; ``x_text_embeddings.tar`` must lie beside each).
+        shards: the image shards (``x.tar``; ``x_text_embeddings.tar`` must lie beside each), or
+            folders / globs / brace patterns naming them.
         out: store root (``out/train`` is written).
         encoder: the imported ``CaptionEncoder`` directory the side-cars came from (identity and
             tokenizer are read from it; its weights are not loaded).
@@ -146,27 +282,41 @@ def import_sidecars(
     Returns:
         ``{"path", "rows", "images", "dim", "identity"}``.
     """
-    paths = [Path(s) for s in shards if not str(s).endswith(SUFFIX)]
+    # A folder, glob or brace pattern names its image shards (what data.train.path accepts).
+    named = [
+        f
+        for s in shards
+        for f in (
+            expand_shards(str(s)) if is_shard_path(str(s)) and not str(s).endswith(".tar") else [str(s)]
+        )
+    ]
+    paths = [Path(s) for s in named if not str(s).endswith(SUFFIX)]
     if not paths:
         raise ImportRefused("no image shards given (x.tar, with x_text_embeddings.tar beside it)")
-    records, rows = [], []
+    sets: list[Sequence[Any]] = []
+    files: list[Path] = []
+    file_of, offset_of = array.array("i"), array.array("q")
     digest = hashlib.sha256()
+    dim = 0
     for shard in paths:
         side = sidecar_path(shard)
         if not shard.is_file():
             raise ImportRefused(f"{shard}: missing")
         if not side.is_file():
             raise ImportRefused(f"{shard}: no side-car {side.name} beside it")
-        vectors = read_sidecar(side)
-        digest.update(side.read_bytes())
+        where, width = locate_sidecar(side)
+        if dim and width != dim:
+            raise ImportRefused(f"{side}: vectors are {width}-d, earlier side-cars' are {dim}-d")
+        dim = width
+        with open(side, "rb") as f:  # streamed: the identity of the side-cars' bytes
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
         cfg = CaptionSetConfig(path=str(shard), format="webdataset", caption_columns=dict(KINDS))
-        shard_records = list(load_caption_set(cfg, name=str(shard)))
-        keys = [r.key for r in shard_records]
-        extra = sorted(set(vectors) - set(keys))
-        if extra:
-            raise ImportRefused(f"{side}: key {extra[0]!r} has no image in {shard.name}")
+        # Captions only: the images' bytes are not read.
+        shard_records = captions_only(load_caption_set(cfg, name=str(shard)))
         for r in shard_records:
-            if r.key not in vectors:
+            slots = where.pop(r.key, None)
+            if slots is None:
                 raise ImportRefused(f"{side}: no embeddings for image {r.key!r} of {shard.name}")
             kinds = [c.kind for c in r.captions]
             if kinds != ["short", "long"]:
@@ -174,33 +324,162 @@ def import_sidecars(
                     f"{shard}:{r.key}: captions {kinds}; the side-car holds one short and one long vector "
                     "(shortSV_captions and longSV_captions must each be one string)"
                 )
-            rows += [vectors[r.key]["shortSV_captions"], vectors[r.key]["longSV_captions"]]
-        records += shard_records
-    matrix = np.stack(rows).astype(np.float32)
+            file_of.extend((len(files), len(files)))
+            offset_of.extend(slots)
+        if where:
+            raise ImportRefused(f"{side}: key {sorted(where)[0]!r} has no image in {shard.name}")
+        files.append(side)
+        sets.append(shard_records)
+    records = _Rows(sets)
     tokenizer: Any = _WordCounts()
     identity = "official-sidecars:" + digest.hexdigest()
     if encoder is not None:
         meta = read_json(Path(encoder) / ENCODER_FILE)
-        if int(meta.get("dim", -1)) != matrix.shape[1]:
+        if int(meta.get("dim", -1)) != dim:
             raise ImportRefused(
-                f"{Path(encoder) / ENCODER_FILE}: dim {meta.get('dim')} but the side-cars are {matrix.shape[1]}-d"
+                f"{Path(encoder) / ENCODER_FILE}: dim {meta.get('dim')} but the side-cars are {dim}-d"
             )
         identity = str(meta["identity"])
         tokenizer = load_tokenizer(ModelRef(str(encoder)))
-    texts = [c.text for r in records for c in r.captions]
     embed = EmbedConfig(
         dtype=dtype, batch_size=shard_size, shard_size=shard_size, bucket_by_length=False, precision="fp32"
     )  # type: ignore[arg-type]
-    path = write_store(
-        _Precomputed(texts, matrix, identity, tokenizer, shard_size), records, Path(out) / "train", embed
-    )
+    source = _Precomputed(
+        records, files, np.frombuffer(file_of, dtype=np.int32), np.frombuffer(offset_of, dtype=np.int64),
+        dim, identity, tokenizer, shard_size,
+    )  # fmt: skip
+    path = write_store(source, records, Path(out) / "train", embed)
     log.info(
-        "store %s: %d captions of %d images from %d side-cars", path, len(texts), len(records), len(paths)
+        "store %s: %d captions of %d images from %d side-cars", path, len(offset_of), len(records), len(paths)
     )
     return {
         "path": str(path),
-        "rows": len(texts),
+        "rows": len(offset_of),
         "images": len(records),
-        "dim": int(matrix.shape[1]),
+        "dim": dim,
         "identity": identity,
     }
+
+
+def first_vectors(sidecar: str | Path) -> tuple[str, dict[str, np.ndarray]]:
+    """The first key of a side-car and its two vectors, reading nothing past them."""
+    vecs: dict[str, np.ndarray] = {}
+    key = ""
+    try:
+        with tarfile.open(sidecar, "r") as tar:
+            for member in tar:
+                field = next((k for k in KEYS if member.name.endswith("." + k)), None)
+                if not member.isfile() or field is None:
+                    continue
+                this = member.name[: -len(field) - 1]
+                if key and this != key:
+                    break
+                key = this
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                vecs[field] = np.frombuffer(data[: len(data) // 4 * 4], dtype="<f4")
+                if len(vecs) == len(KEYS):
+                    break
+    except (OSError, tarfile.TarError) as e:
+        raise ImportRefused(f"{sidecar}: not a readable tar ({e})") from e
+    if len(vecs) != len(KEYS):
+        raise ImportRefused(f"{sidecar}: no <key>.shortSV_captions + <key>.longSV_captions pair")
+    return key, vecs
+
+
+def sidecar_dim(sidecar: str | Path) -> int:
+    """The width of a side-car's vectors (from its first member)."""
+    return int(first_vectors(sidecar)[1][KEYS[0]].size)
+
+
+def offer_sidecars(
+    train: CaptionSetConfig, store_dir: str | Path, encoder: str | Path | None
+) -> dict[str, Any] | None:
+    """Stage 2 without a store: use LLM2CLIP's side-cars beside the training shards when they match.
+
+    The side-cars match when every image shard has one, the training set reads the two captions
+    they embed (``caption_columns`` = ``shortSV_captions: short, longSV_captions: long``), and the
+    stage-1 encoder reproduces them: its embedding of the first record's two captions is within
+    :data:`MATCH_COSINE` of the side-car's (the same width alone proves nothing). Then they are
+    imported into ``store_dir/train`` as ``import-embeddings`` does, with the encoder's identity,
+    and one line says so. Otherwise one line says why they are ignored. Nothing is logged when
+    the training set has no side-cars.
+
+    Returns:
+        :func:`import_sidecars`' summary, or None (no side-cars, or ignored).
+    """
+    if not train.path or not is_shard_path(train.path):
+        return None
+    try:
+        shards = expand_shards(train.path)
+    except DataError:
+        return None
+    sides = sidecars_of(shards)
+    if not sides:
+        return None
+    where = f"LLM2CLIP side-cars beside {train.path}"
+    if len(sides) != len(shards):
+        log.warning("%s: ignored, only %d of %d image shards have one", where, len(sides), len(shards))
+        return None
+    wanted = "set data.train.caption_columns to {shortSV_captions: short, longSV_captions: long} to use them"
+    if any(train.caption_columns.get(column) != kind for column, kind in KINDS.items()):
+        log.warning(
+            "%s: ignored, they embed shortSV_captions/longSV_captions and data.train.caption_columns is %s (%s)",
+            where, dict(train.caption_columns), wanted,
+        )  # fmt: skip
+        return None
+    if train.max_images:
+        log.warning(
+            "%s: ignored, data.train.max_images keeps part of the set (the side-cars embed all)", where
+        )
+        return None
+    if encoder is None:
+        log.warning(
+            "%s: ignored, no stage-1 encoder to check them against (--encoder or embed.encoder)", where
+        )
+        return None
+    try:
+        dim = int(read_encoder_meta(Path(encoder)).get("dim", -1))
+        key, vectors = first_vectors(sides[0])
+        width = int(vectors[KEYS[0]].size)
+        if width != dim:
+            log.warning("%s: ignored, they are %d-d and the encoder %s is %d-d", where, width, encoder, dim)
+            return None
+        first = CaptionSetConfig(
+            path=shards[0], format="webdataset", caption_columns=dict(train.caption_columns)
+        )
+        record = next(r for r in captions_only(load_caption_set(first, skip_bad=True, max_bad_fraction=1.0))
+                      if r.key == key)  # fmt: skip
+        texts = [c.text for c in record.captions]
+        if [c.kind for c in record.captions] != ["short", "long"]:
+            log.warning("%s: ignored, %s reads %d captions per image, the side-cars embed two (%s)",
+                        where, record.source, len(texts), wanted)  # fmt: skip
+            return None
+        enc = CaptionEncoder.from_pretrained(encoder)
+        own = enc.encode(texts).numpy()
+        del enc
+        theirs = np.stack([vectors["shortSV_captions"], vectors["longSV_captions"]])
+        cos = float(
+            np.min(
+                np.sum(own * theirs, 1)
+                / (np.linalg.norm(own, axis=1) * np.linalg.norm(theirs, axis=1) + 1e-12)
+            )
+        )
+    except (ImportRefused, DataError, OSError, ValueError, StopIteration) as e:
+        log.warning("%s: ignored, %s", where, e if str(e) else type(e).__name__)
+        return None
+    if cos < MATCH_COSINE:
+        log.warning(
+            "%s: ignored, the encoder %s does not reproduce them (cosine %.3f on %s's captions; "
+            "made by another model): stage 2 needs `embed` with this encoder", where, encoder, cos, key,
+        )  # fmt: skip
+        return None
+    log.info(
+        "%s: %d side-cars, %d-d, reproduced by %s (cosine %.4f): imported as the stage-2 store %s "
+        "(what `llm2clip-vlm import-embeddings` does)",
+        where, len(sides), width, encoder, cos, Path(store_dir) / "train",
+    )  # fmt: skip
+    try:
+        return import_sidecars(shards, store_dir, encoder=encoder)
+    except (ImportRefused, DataError) as e:
+        log.warning("%s: ignored, %s", where, e)
+        return None

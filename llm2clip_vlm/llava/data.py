@@ -43,6 +43,7 @@ from llm2clip_vlm.data.errors import BadRecords, DataError
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.data.index import (
     BadRow,
+    DamagedShard,
     TarRecord,
     build_table,
     file_identity,
@@ -307,8 +308,26 @@ def _shard_rows(files: Sequence[str], keys: dict[int, list[str]]) -> Iterator[di
                         "line": len(keys[s]) - 1,
                     }  # fmt: skip
                 position += 1
+        except DamagedShard as e:  # the readable samples are kept; the lost tail counts as bad
+            for k in range(max(1, _written(shard) - len(keys[s]))):
+                yield BadRow(position, f"{shard}@{e.offset}" + (f"#{k + 1}" if k else ""), str(e))
+                position += 1
         except (tarfile.TarError, OSError) as e:
             raise DataError(f"{shard}: cannot be read as a webdataset shard: {type(e).__name__}: {e}") from e
+
+
+def _written(shard: str) -> int:
+    """How many samples ``llava-shards`` wrote into ``shard`` (0: unknown), from the
+    ``<prefix>-shards.json`` beside it (record count and ``per_shard``)."""
+    path = Path(shard)
+    prefix, _, number = path.stem.rpartition("-")
+    manifest = path.with_name(f"{prefix}-shards.json")
+    try:
+        info = json.loads(manifest.read_text()) if prefix and number.isdigit() and manifest.is_file() else {}
+        per, total = int(info["per_shard"]), int(info["records"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return max(0, min(per, total - int(number) * per))
 
 
 def _check_shard_record(member: TarRecord, where: str) -> LlavaRecord:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llm2clip_vlm.data.captions import IMAGE_EXTENSIONS
 from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.llava.data import LlavaRecord
 from llm2clip_vlm.progress import make_progress
@@ -110,5 +111,9 @@ def _write_shard(path: Path, records: Sequence[LlavaRecord], first: int, last: i
             if isinstance(rec.image, bytes):
                 _add(tar, f"{key}.jpg", rec.image)  # the extension only marks an image member
             elif rec.image is not None:
-                _add(tar, f"{key}{rec.image.suffix.lower() or '.jpg'}", rec.image.read_bytes())
+                # The member's extension is what marks it as the image for the stream's reader
+                # (IMAGE_EXTENSIONS); the bytes are decoded by content, so another suffix is kept
+                # only when the reader knows it.
+                ext = rec.image.suffix.lower().lstrip(".")
+                _add(tar, f"{key}.{ext if ext in IMAGE_EXTENSIONS else 'jpg'}", rec.image.read_bytes())
     os.replace(tmp, path)
