@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import app
 from llm2clip_vlm.data.captions import resolve_data
+from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.recipe import RunConfig
 
 
@@ -170,11 +171,14 @@ def test_llava_json_and_its_shards(tmp_path: Path, tokenizer_model: Path) -> Non
     assert "llava, format llava shards" in out and "records: 6 usable of 6" in out
     path = _block(out)["llava"]["pretrain"]["data"]["path"]
     assert len(load_llava_records(path)) == 6
-    # Images not where the JSON says: the line names image_folder.
+    # Images not where the JSON says: the reader stops at once with one line that names
+    # image_folder and the folder that holds the images (data/layouts' missing-images check).
     moved = tmp_path / "moved.json"
     moved.write_text(data.read_text())
-    out = _inspect(tokenizer_model, str(moved), code=1)
-    assert "set image_folder to the folder" in out.rstrip().splitlines()[-1]
+    result = CliRunner().invoke(app, ["inspect-data", str(moved), "--set", f"stage1.model={tokenizer_model}"])
+    assert isinstance(result.exception, DataError)  # cli.main prints it as one 'data error:' line
+    line = str(result.exception)
+    assert "\n" not in line and "set image_folder to the folder" in line and "image_folder: " in line
 
 
 def test_several_paths_give_one_block(tmp_path: Path, tokenizer_model: Path) -> None:

@@ -147,7 +147,7 @@ def test_stage1_qlora_recipe(in_world: Path) -> None:
         "-o", "checkpoints/llm2vec-llama3-8b")  # fmt: skip
     cli("stage1", str(RECIPES / "stage1-llama3-8b-qlora.yaml"), "-o", "runs/cc-8b-qlora", *sets(S1))
     m = _metrics(in_world / "runs/cc-8b-qlora/metrics.json")
-    assert m["steps"] == 2 and m["cra_set"] == "train"
+    assert m["steps"] == 2 and m["cra_set"] == "coco"
 
 
 @pytest.fixture(scope="module")
