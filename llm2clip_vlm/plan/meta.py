@@ -31,7 +31,7 @@ from llm2clip_vlm.text.lora import wrap_lora
 from llm2clip_vlm.text.modeling import bidirectional_from_config, quantization_config
 from llm2clip_vlm.tower.backbones import tower_format
 from llm2clip_vlm.training.optim import DTYPES
-from llm2clip_vlm.vision.backbones import backbone_from_config
+from llm2clip_vlm.vision.backbones import backbone_from_config, create_backbone
 from llm2clip_vlm.vision.config import Stage2Config
 from llm2clip_vlm.vision.model import LLM2CLIP, stage2_model_config
 
@@ -100,10 +100,14 @@ def embed_model(llm_config: Any, precision: str) -> nn.Module:
 
 
 def stage2_model(s: Stage2Config, vision_config: Any, text_dim: int) -> LLM2CLIP:
-    """Stage 2's model: backbone (``vision_config``: a transformers config or a timm name),
-    image head, text adaptor for ``text_dim``-wide caption embeddings, logit scale."""
+    """Stage 2's model: backbone (``vision_config``: a transformers config or a timm name; None:
+    the random ViT of ``s.backbone``'s sizes), image head, text adaptor for ``text_dim``-wide
+    caption embeddings, logit scale."""
     with torch.device("meta"):
-        backbone = backbone_from_config(s.backbone.kind, vision_config)
+        if vision_config is None:
+            backbone = create_backbone(s.backbone)
+        else:
+            backbone = backbone_from_config(s.backbone.kind, vision_config)
         model = LLM2CLIP(stage2_model_config(s, text_dim), backbone=backbone)
     if s.gradient_checkpointing:
         model.vision.set_grad_checkpointing(True)
@@ -146,3 +150,19 @@ def llava_model(llava: LlavaConfig, phase: str, vision_config: Any, llm_config: 
         dtype=torch.float32, quantized=quantized,
     )  # fmt: skip
     return prepare_phase(model, p, DTYPES[p.loop.precision])
+
+
+def largest_block(model: nn.Module) -> int:
+    """Parameters of the largest item of any ``ModuleList`` (a transformer block: the unit that
+    FSDP and ZeRO-3 gather at a time)."""
+    best = 0
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList):
+            for block in m:
+                best = max(best, sum(p.numel() for p in block.parameters()))
+    return best
+
+
+def embedding_params(model: nn.Module) -> int:
+    """Parameters of the token-embedding tables (no compute per token)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
