@@ -90,7 +90,8 @@ def stage1_model(s: Stage1Config, llm_config: Any) -> nn.Module:
         attn_implementation=_attn(s.attn_implementation),
         quantization=s.lora.quantization,
     )
-    return wrap_lora(base, s)
+    with torch.device("meta"):  # the adapters too (peft would initialise them in CPU memory)
+        return wrap_lora(base, s)
 
 
 def embed_model(llm_config: Any, precision: str) -> nn.Module:
@@ -123,15 +124,15 @@ def llava_model(llava: LlavaConfig, phase: str, vision_config: Any, llm_config: 
     from transformers import AutoModel, AutoModelForCausalLM
 
     p = getattr(llava, phase)
-    # Copies: assembling resizes the LLM's vocabulary in its config (the <image> token).
-    llm_config = type(llm_config).from_dict(llm_config.to_dict())
-    vision_config = type(vision_config).from_dict(vision_config.to_dict())
     fmt = tower_format(getattr(vision_config, "model_type", "timm"))
     if fmt.name not in ("clip", "siglip"):
         raise ValueError(
             f"a {fmt.name} tower is not a transformers vision model; LlavaForConditionalGeneration "
             "needs a CLIP or SigLIP tower"
         )
+    # Copies: assembling resizes the LLM's vocabulary in its config (the <image> token).
+    llm_config = type(llm_config).from_dict(llm_config.to_dict())
+    vision_config = type(vision_config).from_dict(vision_config.to_dict())
     with torch.device("meta"):
         vision = AutoModel.from_config(vision_config)
         lm = AutoModelForCausalLM.from_config(llm_config)
@@ -149,7 +150,8 @@ def llava_model(llava: LlavaConfig, phase: str, vision_config: Any, llm_config: 
         image_token_id=vocab, vocab_size=vocab + 1, vision_feature_layer=llava.vision_feature_layer,
         dtype=torch.float32, quantized=quantized,
     )  # fmt: skip
-    return prepare_phase(model, p, DTYPES[p.loop.precision])
+    with torch.device("meta"):  # LoRA adapters too
+        return prepare_phase(model, p, DTYPES[p.loop.precision])
 
 
 def largest_block(model: nn.Module) -> int:
