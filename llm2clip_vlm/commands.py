@@ -223,7 +223,9 @@ def run_plan(
     if "stage1" in todo:
         plans.append(plan_stage1(cfg.stage1, llm_config, dist, cluster, records))
     if "embed" in todo:
-        plans.append(plan_embed(cfg.embed, cfg.stage1.model, llm_config, cluster, records, cfg.stage1.max_length))
+        plans.append(
+            plan_embed(cfg.embed, cfg.stage1.model, llm_config, cluster, records, cfg.stage1.max_length)
+        )
     if "stage2" in todo:
         b = cfg.stage2.backbone
         if b.kind == "timm" or is_timm_name(b.name_or_path):

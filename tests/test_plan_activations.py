@@ -72,7 +72,9 @@ def test_llama_full_training(size: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize(
     ("size", "dropout", "checkpointing"),
-    [(s, 0.05, False) for s in LLAMA_SIZES] + [(s, 0.05, True) for s in LLAMA_SIZES] + [(LLAMA_SIZES[1], 0.0, False)],
+    [(s, 0.05, False) for s in LLAMA_SIZES]
+    + [(s, 0.05, True) for s in LLAMA_SIZES]
+    + [(LLAMA_SIZES[1], 0.0, False)],
 )
 def test_llama_lora_as_stage1_wraps_it(size: tuple[int, ...], dropout: float, checkpointing: bool) -> None:
     h, f, layers, heads, kv, b, s = size

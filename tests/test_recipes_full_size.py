@@ -55,7 +55,11 @@ def test_shipped_configs_are_the_reference_models() -> None:
     assert all(known_config_path(k) is not None and known_config_path(k).is_file() for k in KNOWN)
     llama = load_config("meta-llama/Meta-Llama-3-8B-Instruct")
     assert (llama.hidden_size, llama.intermediate_size, llama.num_hidden_layers) == (4096, 14336, 32)
-    assert (llama.num_key_value_heads, llama.vocab_size, llama.rope_parameters["rope_theta"]) == (8, 128256, 500000.0)
+    assert (llama.num_key_value_heads, llama.vocab_size, llama.rope_parameters["rope_theta"]) == (
+        8,
+        128256,
+        500000.0,
+    )
     small = load_config("meta-llama/Llama-3.2-1B-Instruct")
     assert (small.hidden_size, small.num_hidden_layers, small.tie_word_embeddings) == (2048, 16, True)
     vicuna = load_config("checkpoints/vicuna-7b-v1.5")  # a recipe's local path, matched by name
@@ -81,7 +85,9 @@ def test_an_unknown_model_is_one_clear_error() -> None:
 
 
 def test_llama3_8b_is_8_03b() -> None:
-    lm = bidirectional_from_config(load_config("meta-llama/Meta-Llama-3-8B-Instruct"), device="meta", with_lm_head=True)
+    lm = bidirectional_from_config(
+        load_config("meta-llama/Meta-Llama-3-8B-Instruct"), device="meta", with_lm_head=True
+    )
     assert on_meta(lm) and meta.count(lm).params == 8_030_261_248
 
 
@@ -114,8 +120,12 @@ def test_stage1_llama3_8b_qlora_counts_4bit_by_arithmetic() -> None:
     assert c.four_bit == 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336) == 6_979_321_856
     # ~0.52 bytes per 4-bit weight, the embeddings and norms in fp32 (peft's k-bit preparation).
     emb = 128256 * 4096
-    assert c.weight_bytes == pytest.approx(c.four_bit * meta.NF4_BYTES + 4 * (c.params - c.four_bit - c.trainable) + 4 * c.trainable)
-    assert model.get_base_model().embed_tokens.weight.dtype == torch.float32 and emb * 4 < c.weight_bytes < 6.0e9
+    assert c.weight_bytes == pytest.approx(
+        c.four_bit * meta.NF4_BYTES + 4 * (c.params - c.four_bit - c.trainable) + 4 * c.trainable
+    )
+    assert (
+        model.get_base_model().embed_tokens.weight.dtype == torch.float32 and emb * 4 < c.weight_bytes < 6.0e9
+    )
 
 
 def test_stage1_on_llama_3_2_1b() -> None:
@@ -184,7 +194,9 @@ def projector_input(model: Any, image_size: int) -> tuple[int, ...]:
     """Shape of what the tower hands the projector for two images (on meta)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     seen: list[tuple[int, ...]] = []
-    hook = base.model.multi_modal_projector.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    hook = base.model.multi_modal_projector.register_forward_hook(
+        lambda m, i, o: seen.append(tuple(i[0].shape))
+    )
     px = torch.empty(2, 3, image_size, image_size, device="meta", dtype=torch.bfloat16)
     try:
         feats = base.model.get_image_features(pixel_values=px).pooler_output
@@ -200,7 +212,8 @@ def vicuna() -> Any:
 
 
 @pytest.mark.parametrize(
-    "name", ["llava15-7b-clip-vit-l-14-336.yaml", "llava15-7b-llm2clip.yaml", "llava15-7b-llm2clip-released.yaml"]
+    "name",
+    ["llava15-7b-clip-vit-l-14-336.yaml", "llava15-7b-llm2clip.yaml", "llava15-7b-llm2clip-released.yaml"],
 )
 def test_llava_7b_pretrain_and_full_finetune(name: str, vicuna: Any) -> None:
     cfg = recipe(name)

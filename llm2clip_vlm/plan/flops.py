@@ -45,5 +45,3 @@ def bf16_peak_flops(device_name: str) -> float | None:
 def encoder_flops(non_embedding_params: int, layers: int, attn_dim: int, seq_len: int) -> float:
     """FLOPs of one forward pass over one sequence of ``seq_len`` tokens (see the module docstring)."""
     return 2.0 * non_embedding_params * seq_len + 4.0 * layers * attn_dim * seq_len**2
-
-

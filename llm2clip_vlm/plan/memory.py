@@ -70,7 +70,9 @@ def read_accelerate(path: Path) -> Distributed:
         stage = int((raw.get("deepspeed_config") or {}).get("zero_stage", 2))
         strategy = "ddp" if stage == 0 else f"zero{stage}"
     else:
-        raise ValueError(f"{path}: distributed_type {kind} is not one plan models (NO, MULTI_GPU, FSDP, DEEPSPEED)")
+        raise ValueError(
+            f"{path}: distributed_type {kind} is not one plan models (NO, MULTI_GPU, FSDP, DEEPSPEED)"
+        )
     return Distributed(strategy, str(path), int(n) if n else None)
 
 

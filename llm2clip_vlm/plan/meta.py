@@ -141,7 +141,9 @@ def llava_model(llava: LlavaConfig, phase: str, vision_config: Any, llm_config: 
         from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
         lm = replace_with_bnb_linear(
-            lm, modules_to_not_convert=["lm_head"], quantization_config=quantization_config("4bit", torch.float32)
+            lm,
+            modules_to_not_convert=["lm_head"],
+            quantization_config=quantization_config("4bit", torch.float32),
         )
     has_cls = fmt.num_prefix_tokens(vision_config) == 1
     vocab = int(llm_config.vocab_size)

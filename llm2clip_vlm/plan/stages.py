@@ -119,7 +119,13 @@ class StagePlan:
             step_tflop=round(self.step_flops / 1e12, 1),
             epoch_hours=round(self.epoch_hours, 2),
         )
-        for k in ("activations_checkpointing", "activations_no_checkpointing", "data_ram_per_rank", "store_bytes"):
+        for k in (
+            "activations_checkpointing",
+            "activations_no_checkpointing",
+            "data_ram_per_rank",
+            "store_bytes",
+            "step_flops",
+        ):
             out.pop(k)
         return out
 
@@ -129,7 +135,9 @@ def llm_stack(config: Any) -> Stack:
     h, heads = int(config.hidden_size), int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or h // heads)
     kv = int(getattr(config, "num_key_value_heads", None) or heads)
-    return Stack(int(config.num_hidden_layers), h, kv * head_dim, int(config.intermediate_size), heads, "swiglu", "rms")
+    return Stack(
+        int(config.num_hidden_layers), h, kv * head_dim, int(config.intermediate_size), heads, "swiglu", "rms"
+    )
 
 
 def vit_stack(backbone: nn.Module) -> Stack:
@@ -172,6 +180,15 @@ def _finish(p: StagePlan, cluster: Cluster, knobs: list[tuple[str, float]]) -> S
     return p
 
 
+def _halvings(n: int, floor: int) -> list[int]:
+    """``n/2, n/4, ...`` down to ``floor`` (the smaller micro-batches to try, largest first)."""
+    out, q = [], n // 2
+    while q >= floor:
+        out.append(q)
+        q //= 2
+    return out
+
+
 def _time(steps: int, step_flops: float, cluster: Cluster) -> float:
     return steps * step_flops / (cluster.gpus * cluster.peak_flops * cluster.mfu) / 3600
 
@@ -186,7 +203,9 @@ def plan_stage1(s: Stage1Config, llm_config: Any, dist: Distributed, cluster: Cl
     seqs = max(1, s.batch_size // n) * (3 if s.hard_negatives else 2)
     chunk = min(s.chunk_size or seqs, seqs)
     lora: Training = "lora"
-    kw = dict(training=lora, lora_dropout=s.lora.dropout > 0, lora_rank=s.lora.r, attention=s.attn_implementation)
+    kw = dict(
+        training=lora, lora_dropout=s.lora.dropout > 0, lora_rank=s.lora.r, attention=s.attn_implementation
+    )
     pooled = BF16.compute * stack.hidden * seqs * s.max_length  # mean pooling keeps the last states
 
     def acts(sequences: int, ckpt: bool) -> float:
@@ -200,7 +219,11 @@ def plan_stage1(s: Stage1Config, llm_config: Any, dist: Distributed, cluster: Cl
     steps = math.ceil(records / s.batch_size)
     tokens = (SHORT_TOKENS + LONG_TOKENS) / 2
     p_ne = c.params - meta.embedding_params(model)
-    fwd = s.batch_size * (3 if s.hard_negatives else 2) * encoder_flops(p_ne, stack.layers, stack.hidden, int(tokens))
+    fwd = (
+        s.batch_size
+        * (3 if s.hard_negatives else 2)
+        * encoder_flops(p_ne, stack.layers, stack.hidden, int(tokens))
+    )
     fwd += s.batch_size * 2.0 * p_ne * INSTRUCTION_TOKENS
     step = 2 * fwd  # forward + a backward that passes gradients through frozen weights
     plan = StagePlan(
@@ -214,17 +237,21 @@ def plan_stage1(s: Stage1Config, llm_config: Any, dist: Distributed, cluster: Cl
     knobs = []
     if not s.gradient_checkpointing:
         knobs.append(("turn on stage1.gradient_checkpointing", plan.peak(plan.activations_checkpointing)))
-    for q in (seqs // 2, seqs // 4, seqs // 8):
-        if q >= 3:
-            knobs.append((f"more GPUs or a smaller stage1.batch_size: {q} sequences per rank fit",
-                          plan.peak(acts(q, s.gradient_checkpointing))))  # fmt: skip
+    smaller = _halvings(seqs, 3)
+    for q in smaller:
+        knobs.append((f"more GPUs or a smaller stage1.batch_size: {q} sequences per rank fit",
+                      plan.peak(acts(q, s.gradient_checkpointing))))  # fmt: skip
     if s.lora.quantization == "none":
         # The same model with its frozen linear weights in NF4 and the rest in fp32 (peft's k-bit prep).
         emb = meta.embedding_params(model)
         frozen_linear = c.params - c.trainable - emb
         q4 = meta.Counts(c.params, c.trainable, frozen_linear,
                          c.trainable_bytes + frozen_linear * meta.NF4_BYTES + 4.0 * emb, c.trainable_bytes)  # fmt: skip
-        knobs.append(("QLoRA: stage1.lora.quantization=4bit", plan.peak(states=state_bytes(q4, dist.strategy, n))))
+        states4 = state_bytes(q4, dist.strategy, n)
+        knobs.append(("QLoRA: stage1.lora.quantization=4bit", plan.peak(states=states4)))
+        for q in smaller:
+            knobs.append((f"QLoRA (stage1.lora.quantization=4bit) and {q} sequences per rank (more GPUs or a "
+                          "smaller stage1.batch_size)", plan.peak(acts(q, s.gradient_checkpointing), states4)))  # fmt: skip
     return _finish(plan, cluster, knobs)
 
 
@@ -292,8 +319,10 @@ def plan_stage2(s: Stage2Config, vision_config: Any, text_dim: int, dist: Distri
     if not s.gradient_checkpointing:
         knobs.append(("turn on stage2.gradient_checkpointing", plan.peak(plan.activations_checkpointing)))
     if dist.strategy == "ddp":
-        knobs.append(("shard: FSDP (recipes/accelerate/fsdp-8gpu.yaml)", plan.peak(states=state_bytes(c, "fsdp", n))))
-    for q in (b // 2, b // 4, b // 8):
+        knobs.append(
+            ("shard: FSDP (recipes/accelerate/fsdp-8gpu.yaml)", plan.peak(states=state_bytes(c, "fsdp", n)))
+        )
+    for q in _halvings(b, 1):
         if q >= 1:
             knobs.append((f"more GPUs or a smaller stage2.batch_size: {q} images per rank fit",
                           plan.peak(acts(q, s.gradient_checkpointing))))  # fmt: skip
@@ -313,7 +342,9 @@ def plan_llava(llava: LlavaConfig, phase: str, vision_config: Any, llm_config: A
     training: Training = {"projector": "frozen", "full": "full"}.get(p.tune, "lora")  # type: ignore[assignment]
     # DeepSpeed runs the model in bf16; otherwise trainable weights are fp32 masters under autocast.
     prec = AUTOCAST_FP32_MASTER if training == "full" and not dist.strategy.startswith("zero") else BF16
-    kw = dict(training=training, lora_dropout=p.lora_dropout > 0, lora_rank=p.lora_r if training == "lora" else 0)
+    kw = dict(
+        training=training, lora_dropout=p.lora_dropout > 0, lora_rank=p.lora_r if training == "lora" else 0
+    )
     mb = p.micro_batch_size
 
     def acts(micro: int, ckpt: bool) -> float:
@@ -331,7 +362,9 @@ def plan_llava(llava: LlavaConfig, phase: str, vision_config: Any, llm_config: A
     tower = base.model.vision_tower
     tstack = vit_stack(tower)
     fwd_llm = p.batch_size * encoder_flops(llm_ne, stack.layers, stack.hidden, tokens)
-    fwd_tower = p.batch_size * encoder_flops(meta.count(tower).params, tstack.layers, tstack.hidden, vit_tokens(tower))
+    fwd_tower = p.batch_size * encoder_flops(
+        meta.count(tower).params, tstack.layers, tstack.hidden, vit_tokens(tower)
+    )
     step = fwd_llm * (3 if training == "full" else 2) + fwd_tower  # the frozen tower: forward only
     plan = StagePlan(
         f"llava-{phase}", f"{llava.llm} + {getattr(vision_config, 'model_type', 'tower')} ({p.tune})", dist.strategy,
@@ -343,11 +376,13 @@ def plan_llava(llava: LlavaConfig, phase: str, vision_config: Any, llm_config: A
     )  # fmt: skip
     knobs = []
     if not p.gradient_checkpointing:
-        knobs.append((f"turn on llava.{phase}.gradient_checkpointing", plan.peak(plan.activations_checkpointing)))
+        knobs.append(
+            (f"turn on llava.{phase}.gradient_checkpointing", plan.peak(plan.activations_checkpointing))
+        )
     if dist.strategy in ("ddp", "zero1", "zero2", "fsdp-grad-op"):
         knobs.append(("shard: ZeRO-3 (recipes/accelerate/llava-deepspeed-zero3-8gpu.yaml)",
                       plan.peak(states=state_bytes(c, "zero3", cluster.gpus))))  # fmt: skip
-    for q in (mb // 2, mb // 4, mb // 8, 1):
+    for q in _halvings(mb, 1):
         if q >= 1:
             knobs.append((f"llava.{phase}.micro_batch_size={q} (accumulation keeps the global batch)",
                           plan.peak(acts(q, p.gradient_checkpointing))))  # fmt: skip
