@@ -697,7 +697,7 @@ def plan(
         plans, dist = run_plan(
             cfg, recipe, cluster, accelerate=accelerate, tower=tower, records=images, stages=stage
         )
-    except (UnknownModelError, ValueError, FileNotFoundError) as e:
+    except (UnknownModelError, ValueError, FileNotFoundError, ImportError) as e:
         console.print(f"[red]plan:[/red] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2) from e
     name = str(recipe) if recipe else "demo recipe"
