@@ -215,8 +215,18 @@ def run_plan(
     text = recipe.read_text() if recipe else ""
     chosen = accelerate or (named_config(text, recipe.parent) if recipe else None)
     dist = read_accelerate(chosen) if chosen else DEFAULT
-    todo = list(stages) if stages else (recipe_stages(recipe) if recipe else list(PLAN_STAGES))
+    if stages:
+        todo = list(stages)
+    elif recipe:
+        todo = recipe_stages(recipe)
+    else:  # the demo: build-tower's stages, and LLaVA's once its tower exists
+        has_tower = bool(tower) or Path(cfg.llava.tower.removeprefix("llm2clip:"), "config.json").is_file()
+        todo = list(PLAN_STAGES) if has_tower else ["stage1", "embed", "stage2"]
     plans: list[StagePlan] = []
+    asked = records
+    if records is None:  # the recipe's data where it says its size: the demo world, a cap
+        t = cfg.data.train
+        records = t.max_images or (cfg.data.demo_train_images if not t.path else None)
     llm_config = None
     if {"stage1", "embed"} & set(todo):
         llm_config = load_config(cfg.stage1.model)
@@ -241,5 +251,6 @@ def run_plan(
         vision_config = load_config(tower or cfg.llava.tower.removeprefix("llm2clip:"), vision=True)
         lm_config = load_config(cfg.llava.llm)
         for phase in phases:
-            plans.append(plan_llava(cfg.llava, phase, vision_config, lm_config, dist, cluster, records))
+            n = asked or getattr(cfg.llava, phase).data.max_samples or None
+            plans.append(plan_llava(cfg.llava, phase, vision_config, lm_config, dist, cluster, n))
     return plans, dist

@@ -58,7 +58,7 @@ def _gib(x: float) -> str:
 
 
 def _count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n else "0"
 
 
 def table(recipe: str, plans: Sequence[StagePlan], cluster: Cluster) -> Table:
@@ -81,9 +81,9 @@ def table(recipe: str, plans: Sequence[StagePlan], cluster: Cluster) -> Table:
         ("optimizer, GiB", lambda p: _gib(p.states.optimizer)),
         ("activations (checkpointing), GiB", lambda p: _gib(p.activations_checkpointing)),
         ("activations (none), GiB", lambda p: _gib(p.activations_no_checkpointing)),
-        ("checkpointing in recipe", lambda p: "yes" if p.checkpointing else "no"),
+        ("checkpointing in recipe", lambda p: "-" if not p.trainable else "yes" if p.checkpointing else "no"),
         ("peak, GiB", lambda p: f"{_gib(p.peak())} / {p.gpu_memory_gib:g}"),
-        ("data RAM per rank, GiB", lambda p: _gib(p.data_ram_per_rank)),
+        ("data RAM per rank, GiB", lambda p: f"{p.data_ram_per_rank / GIB:.2f}"),
         ("store on disk, GiB", lambda p: _gib(p.store_bytes) if p.store_bytes else "-"),
         ("records x epochs", lambda p: f"{p.records:,} x {p.epochs:g}"),
         ("step, TFLOP", lambda p: f"{p.step_flops / 1e12:,.0f}"),
