@@ -263,3 +263,13 @@ def test_llava_refuses_a_timm_tower(vicuna: Any) -> None:
 
     with pytest.raises(ValueError, match="not a transformers vision model"):
         meta.llava_model(recipe("llava15-7b-llm2clip.yaml").llava, "pretrain", TimmConfig(), vicuna)
+
+
+def test_every_recipe_file_is_built_here() -> None:
+    # A new recipe gets its full-size build in this file (or in the CLI plan tests) before it lands.
+    covered = {
+        "stage1-llama3-8b.yaml", "stage1-llama3-8b-qlora.yaml", "stage2-openai-clip-vit-l-14-336.yaml",
+        "stage2-siglip2-so400m.yaml", "stage2-eva02-l-14-336.yaml", "llava15-7b-clip-vit-l-14-336.yaml",
+        "llava15-7b-llm2clip.yaml", "llava15-7b-llm2clip-released.yaml", "llava15-7b-llm2clip-lora.yaml",
+    }  # fmt: skip
+    assert {p.name for p in RECIPES.glob("*.yaml")} == covered
