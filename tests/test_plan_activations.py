@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 
-from llm2clip_vlm.plan.activations import Precision, kept_bytes
+from llm2clip_vlm.plan.activations import Precision, autocast_weight_bytes, kept_bytes
 from llm2clip_vlm.plan.stages import llm_stack, vit_stack
 from llm2clip_vlm.text.config import LoraConfig, Stage1Config
 from llm2clip_vlm.text.lora import wrap_lora
@@ -114,6 +114,47 @@ def test_clip_vision_tower_full_training(size: tuple[int, ...]) -> None:
     got = saved_bytes(model, lambda: model(pixel_values=x).pooler_output)
     tokens = (image // patch) ** 2 + 1
     check(got, kept_bytes(vit_stack(model), b, tokens, FP32_CPU, training="full"))
+
+
+# Mixed precision as the GPU recipes run it, on the CPU's bf16: stage 1's bf16 base with fp32 LoRA
+# adapters under autocast (peft casts the adapters' input to fp32, so the CPU's dropout noise is
+# fp32: 4-byte masks here, bool on CUDA), stage 2's fp32 ViT under autocast (fp32 residual stream,
+# a 16-bit cast of a norm's output per linear layer, 16-bit copies of the weights).
+BF16_CPU_LORA = Precision(compute=2, residual=2, mask=4)
+AUTOCAST_CPU = Precision(compute=2, residual=4, mask=2)
+
+
+@pytest.mark.parametrize("size", LLAMA_SIZES)
+def test_bf16_lora_under_autocast_as_stage1_on_a_gpu(size: tuple[int, ...]) -> None:
+    h, f, layers, heads, kv, b, s = size
+    base, cfg = llama(h, f, layers, heads, kv)
+    model = wrap_lora(base.to(torch.bfloat16), Stage1Config(gradient_checkpointing=False)).train()
+    ids = torch.randint(0, 500, (b, s))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = saved_bytes(model, lambda: model(input_ids=ids).last_hidden_state)
+    check(
+        got, kept_bytes(llm_stack(cfg), b, s, BF16_CPU_LORA, training="lora", lora_dropout=True, lora_rank=16)
+    )
+
+
+@pytest.mark.parametrize("size", VIT_SIZES)
+def test_fp32_vit_under_autocast_as_stage2_on_a_gpu(size: tuple[int, ...]) -> None:
+    h, layers, heads, image, patch, b = size
+    cfg = CLIPVisionConfig(
+        hidden_size=h, intermediate_size=4 * h, num_hidden_layers=layers, num_attention_heads=heads,
+        image_size=image, patch_size=patch,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = CLIPVisionModel(cfg).train()
+    x = torch.randn(b, 3, image, image)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = saved_bytes(model, lambda: model(pixel_values=x).pooler_output)
+    tokens = (image // patch) ** 2 + 1
+    matmul_weights = sum(
+        p.numel() for n, p in model.named_parameters() if p.dim() > 1 and "position" not in n
+    )
+    predicted = kept_bytes(vit_stack(model), b, tokens, AUTOCAST_CPU, training="full")
+    check(got, predicted + autocast_weight_bytes(matmul_weights, AUTOCAST_CPU))
 
 
 def test_a_gpt_layer_is_korthikantis_34_sbh() -> None:

@@ -18,8 +18,9 @@ fp32 master weights run under autocast, else ``e``):
 - RMSNorm (Llama): ``4h`` (its fp32 input, kept by ``pow``/``mul``) ``+ r*h`` when its weight
   trains (the normalised input); LayerNorm (ViT): ``r*h`` (its input);
 - the input of each group of linear layers that read the same tensor (QKV, the output
-  projection, the MLP's first layer(s), its last): ``e*width`` when the weights train; ``0`` when
-  frozen; with LoRA, ``(e + 1)*width`` per adapted layer when LoRA dropout is on (each adapter
+  projection, the MLP's first layer(s), its last): ``e*width`` when the weights train (once per
+  layer of the group when the tensor is a norm's fp32 output under autocast: each linear keeps its
+  own cast); ``0`` when frozen; with LoRA, ``(e + 1)*width`` per adapted layer when LoRA dropout is on (each adapter
   draws its own dropout output and bool mask) or ``e*width`` once when it is off;
 - the MLP's activation: SwiGLU ``3*e*f`` (SiLU's input, its output and the up projection, kept by
   the product), GELU ``e*f``, quick-GELU ``2*e*f`` (its input and the sigmoid).
@@ -28,8 +29,10 @@ Check: a full-precision Llama layer trained in full gives ``9h + 2g + 4f`` fp32 
 layer ``9h + 3f`` (``tests/test_plan_activations.py`` measures both against autograd's saved tensors
 at three sizes). With per-layer gradient checkpointing a layer keeps only its input (``r*h``);
 the backward recomputes one layer at a time, which adds one layer's activations at the peak.
-A causal LM's loss keeps the fp32 log-softmax of its logits and, during its backward, their
-gradient and the logits themselves: ``(8 + e)*V`` bytes per token (``V`` the vocabulary).
+Under autocast, fp32 master weights are also kept as 16-bit copies until the backward
+(:func:`autocast_weight_bytes`). A causal LM's loss keeps the fp32 log-softmax of its logits
+and, during its backward, their gradient and the logits themselves: ``(8 + e)*V`` bytes per token
+(``V`` the vocabulary).
 """
 
 from __future__ import annotations
@@ -63,10 +66,16 @@ class Precision:
     mask: int = 1
 
 
-def _inputs(width: int, consumers: int, training: Training, lora_dropout: bool, p: Precision) -> int:
-    """Bytes per token kept for ``consumers`` linear layers reading one ``width``-wide tensor."""
+def _inputs(
+    width: int, consumers: int, training: Training, lora_dropout: bool, p: Precision, from_norm: bool = False
+) -> int:
+    """Bytes per token kept for ``consumers`` linear layers reading one ``width``-wide tensor.
+
+    ``from_norm``: the tensor is a norm's output, which is fp32 when fp32 weights run under autocast
+    (``residual > compute``): autocast then casts it to the compute dtype once per consumer.
+    """
     if training == "full":
-        return p.compute * width
+        return p.compute * width * (consumers if from_norm and p.residual > p.compute else 1)
     if training == "lora":
         return consumers * (p.compute + p.mask) * width if lora_dropout else p.compute * width
     return 0
@@ -94,9 +103,9 @@ def layer_bytes_per_token(
     act = {"swiglu": 3 * e * f, "gelu": e * f, "quick_gelu": 2 * e * f}[stack.mlp]
     first = 2 if stack.mlp == "swiglu" else 1  # gate + up read the same input
     lin = (
-        _inputs(h, 3, training, lora_dropout, p)  # q, k, v
+        _inputs(h, 3, training, lora_dropout, p, from_norm=True)  # q, k, v
         + _inputs(h, 1, training, lora_dropout, p)  # output projection
-        + _inputs(h, first, training, lora_dropout, p)  # MLP in
+        + _inputs(h, first, training, lora_dropout, p, from_norm=True)  # MLP in
         + _inputs(f, 1, training, lora_dropout, p)  # MLP out
     )
     if training == "lora":
@@ -151,6 +160,12 @@ def recompute_bytes(
     ``sequences`` that one checkpointed call ran (a chunk, a micro-batch) come on top at the peak."""
     per_layer = layer_bytes_per_token(stack, seq_len, p, training, lora_dropout, attention, lora_rank)
     return per_layer * sequences * seq_len
+
+
+def autocast_weight_bytes(trainable_params: int, p: Precision) -> float:
+    """The 16-bit copies of fp32 trainable weights that autocast makes for the forward's matmuls
+    and autograd keeps for the backward (when fp32 masters run under autocast)."""
+    return float(p.compute * trainable_params) if p.residual > p.compute else 0.0
 
 
 def lm_loss_bytes(tokens: int, vocab: int, p: Precision) -> float:

@@ -31,6 +31,7 @@ from llm2clip_vlm.plan.activations import (
     Precision,
     Stack,
     Training,
+    autocast_weight_bytes,
     kept_bytes,
     layer_bytes_per_token,
     lm_loss_bytes,
@@ -290,13 +291,15 @@ def plan_stage2(s: Stage2Config, vision_config: Any, text_dim: int, dist: Distri
     tokens = vit_tokens(backbone)
     n = cluster.gpus
     b = max(1, s.batch_size // n)
+    # DDP runs the fp32 weights under autocast (16-bit copies kept); FSDP gathers them in bf16.
+    copies = autocast_weight_bytes(c.trainable, AUTOCAST_FP32_MASTER) if dist.strategy == "ddp" else 0.0
 
     def acts(images: int, ckpt: bool) -> float:
         kept = kept_bytes(stack, images, tokens, AUTOCAST_FP32_MASTER, checkpointing=ckpt)
         extra = recompute_bytes(stack, images, tokens, AUTOCAST_FP32_MASTER) if ckpt else 0.0
         # The adaptor's 4 blocks on the caption embeddings and the batch x global-batch logits.
         side = images * text_dim * 2 * 12 + 2 * 4 * images * s.batch_size
-        return kept + extra + side
+        return kept + extra + side + copies
 
     states = state_bytes(c, dist.strategy, n, meta.largest_block(model))
     records = records or CC3M_CC12M
@@ -346,11 +349,12 @@ def plan_llava(llava: LlavaConfig, phase: str, vision_config: Any, llm_config: A
         training=training, lora_dropout=p.lora_dropout > 0, lora_rank=p.lora_r if training == "lora" else 0
     )
     mb = p.micro_batch_size
+    copies = autocast_weight_bytes(c.trainable, prec) if dist.strategy == "ddp" else 0.0
 
     def acts(micro: int, ckpt: bool) -> float:
         kept = kept_bytes(stack, micro, p.max_length, prec, checkpointing=ckpt, **kw)  # type: ignore[arg-type]
         extra = recompute_bytes(stack, micro, p.max_length, prec, **kw) if ckpt else 0.0  # type: ignore[arg-type]
-        return kept + extra + lm_loss_bytes(micro * p.max_length, vocab, prec)
+        return kept + extra + lm_loss_bytes(micro * p.max_length, vocab, prec) + copies
 
     states = state_bytes(c, dist.strategy, cluster.gpus, meta.largest_block(base.model.language_model))
     default_records = LCS_558K if phase == "pretrain" else MIX_665K
