@@ -764,6 +764,78 @@ def report(
     console.print(f"report: {path} ({len(found)} runs)")
 
 
+@app.command("plan")
+def plan(
+    recipe: RecipeArg = None,
+    gpus: Annotated[int, typer.Option(help="GPUs (processes) the stages run on.")] = 8,
+    gpu_memory: Annotated[float, typer.Option("--gpu-memory", help="Memory of one GPU, GiB.")] = 80.0,
+    mfu: Annotated[float, typer.Option(help="Share of the bf16 peak the steps reach (model FLOPs).")] = 0.4,
+    gpu: Annotated[
+        str, typer.Option(help="GPU name for its dense bf16 peak (H100, A100, H200, ...).")
+    ] = "H100",
+    accelerate: Annotated[
+        Path | None,
+        typer.Option(help="accelerate config (default: the one the recipe's run line names, else DDP)."),
+    ] = None,
+    tower: Annotated[
+        str | None,
+        typer.Option(
+            help="LLaVA: the tower's config (a directory or a reference name such as "
+            "clip-vit-large-patch14-336) when llava.tower does not exist yet."
+        ),
+    ] = None,
+    images: Annotated[
+        int | None, typer.Option(help="Records per epoch (default: CC3M+CC12M, LCS-558K or mix665k).")
+    ] = None,
+    stage: Annotated[
+        list[str] | None,
+        typer.Option(help="Plan only these: stage1, embed, stage2, llava-pretrain, llava-finetune."),
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the plan as JSON here.")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Memory per GPU and time per epoch of a recipe's stages, from its models built on the meta
+    device (nothing is downloaded or allocated). Ends with "fits" or the knob to turn."""
+    from llm2clip_vlm.commands import PLAN_STAGES, run_plan
+    from llm2clip_vlm.plan.flops import bf16_peak_flops
+    from llm2clip_vlm.plan.known import UnknownModelError
+    from llm2clip_vlm.plan.report import document, table, verdict, write_json
+    from llm2clip_vlm.plan.stages import Cluster
+
+    if recipe is not None and not recipe.is_file():
+        console.print(f"[red]plan:[/red] recipe {escape(str(recipe))} does not exist", soft_wrap=True)
+        raise typer.Exit(2)
+    peak = bf16_peak_flops(gpu)
+    bad = [s for s in stage or [] if s not in PLAN_STAGES]
+    if peak is None or bad or gpus < 1 or gpu_memory <= 0 or not 0 < mfu <= 1:
+        why = f"unknown --gpu {gpu!r}" if peak is None else f"unknown --stage {bad}" if bad else (
+            "--gpus >= 1, --gpu-memory > 0 and 0 < --mfu <= 1")  # fmt: skip
+        console.print(f"[red]plan:[/red] {escape(why)}", soft_wrap=True)
+        raise typer.Exit(2)
+    cfg = resolve_config(recipe, set_)
+    cluster = Cluster(gpus, gpu_memory, peak, mfu)
+    try:
+        plans, dist = run_plan(
+            cfg, recipe, cluster, accelerate=accelerate, tower=tower, records=images, stages=stage
+        )
+    except (UnknownModelError, ValueError, FileNotFoundError, ImportError) as e:
+        console.print(f"[red]plan:[/red] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2) from e
+    name = str(recipe) if recipe else "demo recipe"
+    out = Console()
+    out.print(table(name, plans, cluster))
+    out.print(f"distributed: {dist.strategy} ({escape(dist.source)})", soft_wrap=True)
+    for p in plans:
+        for note in p.notes:
+            out.print(f"{p.stage}: {escape(note)}", soft_wrap=True)
+    out.print(f"verdict: {verdict(plans)}", soft_wrap=True, highlight=False)
+    if json_path is not None:
+        write_json(json_path, document(name, plans, cluster))
+        console.print(f"plan written to {json_path}", soft_wrap=True, highlight=False)
+
+
 @app.command("bench")
 def bench(
     suite: Annotated[str, typer.Argument(help="stage1 | embed | stage2 | tower | llava")],

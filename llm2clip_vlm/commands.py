@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from llm2clip_vlm import config_io
 from llm2clip_vlm.data import open_image, resolve_data
 from llm2clip_vlm.data.captions import CaptionSet, caption_counts, captions_only, data_counts, is_text_only
@@ -24,6 +26,9 @@ from llm2clip_vlm.llava.inputs import phase_data
 from llm2clip_vlm.llava.model import check_inputs
 from llm2clip_vlm.llava.train import train_llava
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.plan.known import is_timm_name, load_config
+from llm2clip_vlm.plan.memory import DEFAULT, Distributed, named_config, read_accelerate
+from llm2clip_vlm.plan.stages import Cluster, StagePlan, plan_embed, plan_llava, plan_stage1, plan_stage2
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.store.run import embed_splits, resolve_encoder_dir
 from llm2clip_vlm.store.store import EmbeddingStore
@@ -235,3 +240,86 @@ def run_llava(
         card = llava_card(cfg, phase, metrics, out, Path(init) if init else None, data.records, data.heldout)
         (out / "model" / "README.md").write_text(card)
     return metrics
+
+
+PLAN_STAGES = ("stage1", "embed", "stage2", "llava-pretrain", "llava-finetune")
+# Width of the reference stage-1 LLM (Llama-3-8B): a stage-2 recipe's caption embeddings.
+REFERENCE_TEXT_DIM = 4096
+
+
+def recipe_stages(recipe: Path) -> list[str]:
+    """The stages a recipe file is about: the sections it sets (all of them for one that sets none)."""
+    raw = yaml.safe_load(recipe.read_text()) or {}
+    stages = []
+    if "stage1" in raw:
+        stages += ["stage1", "embed"]
+    if "stage2" in raw:
+        stages.append("stage2")
+    llava = raw.get("llava") or {}
+    if llava:
+        phases = [ph for ph in ("pretrain", "finetune") if ph in llava] or ["pretrain", "finetune"]
+        stages += [f"llava-{ph}" for ph in phases]
+    return stages or list(PLAN_STAGES)
+
+
+def run_plan(
+    cfg: RunConfig,
+    recipe: Path | None,
+    cluster: Cluster,
+    *,
+    accelerate: Path | None = None,
+    tower: str | None = None,
+    records: int | None = None,
+    stages: Sequence[str] | None = None,
+) -> tuple[list[StagePlan], Distributed]:
+    """``plan``: every stage of the recipe built on the meta device and planned per GPU.
+
+    The distributed strategy is ``accelerate`` (a config file), else the one the recipe's own run
+    line names (``--config_file recipes/accelerate/...``), else DDP (accelerate's default); its
+    ``num_processes`` is not used: the GPUs are ``cluster.gpus``.
+    """
+    text = recipe.read_text() if recipe else ""
+    chosen = accelerate or (named_config(text, recipe.parent) if recipe else None)
+    dist = read_accelerate(chosen) if chosen else DEFAULT
+    if stages:
+        todo = list(stages)
+    elif recipe:
+        todo = recipe_stages(recipe)
+    else:  # the demo: build-tower's stages, and LLaVA's once its tower exists
+        has_tower = bool(tower) or Path(cfg.llava.tower.removeprefix("llm2clip:"), "config.json").is_file()
+        todo = list(PLAN_STAGES) if has_tower else ["stage1", "embed", "stage2"]
+    plans: list[StagePlan] = []
+    asked = records
+    if records is None:  # the recipe's data where it says its size: the demo world, a cap
+        sets = train_sets(cfg.data)
+        if not sets:
+            records = cfg.data.demo_train_images
+        elif all(t.max_images for t in sets):  # every set capped: their sum (weights aside)
+            records = sum(t.max_images for t in sets)
+    llm_config = None
+    if {"stage1", "embed"} & set(todo):
+        llm_config = load_config(cfg.stage1.model)
+    if "stage1" in todo:
+        plans.append(plan_stage1(cfg.stage1, llm_config, dist, cluster, records))
+    if "embed" in todo:
+        plans.append(
+            plan_embed(cfg.embed, cfg.stage1.model, llm_config, cluster, records, cfg.stage1.max_length)
+        )
+    if "stage2" in todo:
+        b = cfg.stage2.backbone
+        if b.kind == "timm" or is_timm_name(b.name_or_path):
+            vision: Any = b.name_or_path
+        elif b.name_or_path:
+            vision = load_config(b.name_or_path, vision=True)
+        else:  # the random demo ViT: the config the package builds it from
+            vision = None
+        text_dim = llm_config.hidden_size if llm_config is not None else REFERENCE_TEXT_DIM
+        plans.append(plan_stage2(cfg.stage2, vision, text_dim, dist, cluster, records, cfg.data.stream))
+    phases = [s.removeprefix("llava-") for s in todo if s.startswith("llava-")]
+    if phases:
+        vision_config = load_config(tower or cfg.llava.tower.removeprefix("llm2clip:"), vision=True)
+        lm_config = load_config(cfg.llava.llm)
+        for phase in phases:
+            n = asked or getattr(cfg.llava, phase).data.max_samples or None
+            plans.append(plan_llava(cfg.llava, phase, vision_config, lm_config, dist, cluster, n))
+    return plans, dist

@@ -14,36 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-# Dense bf16 peak (tensor cores, no sparsity), in FLOP/s, by device-name fragment. The first
-# fragment found in the name wins, so the more specific ones come first.
-BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM (HBM3)
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("A6000", 155e12),
-    ("A10", 125e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
-)
+# The formula and the peak table live with ``plan``, which predicts what these benchmarks measure.
+from llm2clip_vlm.plan.flops import BF16_PEAK_FLOPS, bf16_peak_flops, encoder_flops
 
-
-def bf16_peak_flops(device_name: str) -> float | None:
-    """The dense bf16 peak of a GPU by its name (``torch.cuda.get_device_name``), None if unknown."""
-    for fragment, peak in BF16_PEAK_FLOPS:
-        if fragment.lower() in device_name.lower():
-            return peak
-    return None
-
-
-def encoder_flops(non_embedding_params: int, layers: int, attn_dim: int, seq_len: int) -> float:
-    """FLOPs of one forward pass over one sequence of ``seq_len`` tokens (see the module docstring)."""
-    return 2.0 * non_embedding_params * seq_len + 4.0 * layers * attn_dim * seq_len**2
+__all__ = ["BF16_PEAK_FLOPS", "batches_flops", "bf16_peak_flops", "encoder_flops", "peak_share"]
 
 
 def batches_flops(

@@ -51,6 +51,15 @@ def resolve_select_strategy(fmt: TowerFormat, select_strategy: str, has_cls: boo
     return select_strategy
 
 
+def check_feature_layer(vision_config: Any, vision_feature_layer: int) -> None:
+    """Raise ValueError when ``vision_feature_layer`` names no hidden state of the tower."""
+    n_states = vision_config.num_hidden_layers + 1
+    if not -n_states <= vision_feature_layer < n_states:
+        raise ValueError(
+            f"vision_feature_layer {vision_feature_layer} out of range for {vision_config.num_hidden_layers} layers"
+        )
+
+
 def build_llava_model(
     tower_dir: str | Path,
     llm_name_or_path: str | Path,
@@ -88,15 +97,7 @@ def build_llava_model(
         ValueError: unknown projector/strategy, a layer out of range, or a tower that is not a
             transformers model (e.g. timm-backed).
     """
-    from transformers import (
-        AddedToken,
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+    from transformers import AddedToken, AutoModelForCausalLM, AutoTokenizer, LlavaProcessor
 
     if projector not in PROJECTORS:
         raise ValueError(
@@ -110,18 +111,9 @@ def build_llava_model(
             "needs a CLIP or SigLIP tower (use LLM2CLIPVisionTower in the LLaVA codebase instead)"
         )
     vision = fmt.load_model(path, None)
-    vcfg = vision.config
-    # transformers' LLaVA knows one prefix token at most (CLIP's CLS): "default" drops exactly one.
-    has_cls = fmt.num_prefix_tokens(vcfg) == 1
+    check_feature_layer(vision.config, vision_feature_layer)  # before the (large) LLM loads
+    has_cls = fmt.num_prefix_tokens(vision.config) == 1
     strategy = resolve_select_strategy(fmt, select_strategy, has_cls)
-    n_states = vcfg.num_hidden_layers + 1
-    if not -n_states <= vision_feature_layer < n_states:
-        raise ValueError(
-            f"vision_feature_layer {vision_feature_layer} out of range for {vcfg.num_hidden_layers} layers"
-        )
-    n_side = vcfg.image_size // vcfg.patch_size
-    # Tokens the LM sees per image: every position of the hidden state, minus CLS for "default".
-    num_tokens = n_side**2 + (1 if has_cls else 0) - (1 if strategy == "default" else 0)
 
     ref = resolve_model_ref(str(llm_name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(ref.path, **ref.kwargs())
@@ -141,36 +133,13 @@ def build_llava_model(
             raise ValueError(f"{ref.gguf_file}: a GGUF LLM cannot be quantized with bitsandbytes")
         lm_kwargs.update(quantization_config=qconfig, device_map={"": "cpu"})
     lm = AutoModelForCausalLM.from_pretrained(ref.path, **lm_kwargs)
-    config = LlavaConfig(
-        vision_config=vcfg,
-        text_config=lm.config,
-        image_token_index=image_token_id,
-        image_seq_length=num_tokens,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy=strategy,
-        vision_feature_layer=vision_feature_layer,
-        multimodal_projector_bias=True,
-        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
-    )
-    # Build the shell without allocating weights, then move the pretrained modules in.
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
-    model.model.vision_tower = vision
-    model.model.language_model = lm.base_model
-    model.lm_head = lm.get_output_embeddings()
-    model.model.multi_modal_projector = LlavaMultiModalProjector(config)
-    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftover:
-        raise RuntimeError(f"LLaVA assembly left weights unset: {leftover[:5]}")
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    if dtype is not None:
-        if qconfig is None:
-            model.to(dtype)
-        else:  # quantized weights keep their storage; only the tower and the projector move
-            model.model.vision_tower.to(dtype)
-            model.model.multi_modal_projector.to(dtype)
-    model.eval()
+    model = assemble_llava(
+        vision, lm, has_cls=has_cls, select_strategy=strategy, image_token_id=image_token_id,
+        vocab_size=len(tokenizer), vision_feature_layer=vision_feature_layer, dtype=dtype,
+        quantized=qconfig is not None,
+    )  # fmt: skip
+    vcfg = vision.config
+    num_tokens = model.config.image_seq_length
 
     image_processor = fmt.load_image_processor(path)
     processor = LlavaProcessor(
@@ -193,3 +162,74 @@ def build_llava_model(
         lm.config.model_type,
     )
     return model, processor
+
+
+def assemble_llava(
+    vision: Any,
+    lm: Any,
+    *,
+    has_cls: bool,
+    select_strategy: str,
+    image_token_id: int,
+    vocab_size: int,
+    vision_feature_layer: int = -2,
+    dtype: torch.dtype | None = None,
+    quantized: bool = False,
+) -> Any:
+    """``LlavaForConditionalGeneration`` from a loaded vision model and causal LM (modules moved in).
+
+    The part of :func:`build_llava_model` after loading: also what ``plan`` and the full-size
+    recipe tests call with a tower and an LLM built on the meta device from their configs.
+
+    Args:
+        vision: a transformers vision model (CLIP, SigLIP).
+        lm: a causal LM (``AutoModelForCausalLM``); its base model and head are moved in.
+        has_cls: the tower's sequence starts with one CLS token.
+        select_strategy: the resolved strategy (:func:`resolve_select_strategy`).
+        image_token_id: the ``<image>`` token's id; ``vocab_size``: the tokenizer's length (the
+            embeddings grow to it).
+        quantized: the LLM's linear layers are bitsandbytes' (only the tower and the projector
+            move to ``dtype``).
+    """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    vcfg = vision.config
+    check_feature_layer(vcfg, vision_feature_layer)
+    n_side = vcfg.image_size // vcfg.patch_size
+    # Tokens the LM sees per image: every position of the hidden state, minus CLS for "default".
+    num_tokens = n_side**2 + (1 if has_cls else 0) - (1 if select_strategy == "default" else 0)
+    config = LlavaConfig(
+        vision_config=vcfg,
+        text_config=lm.config,
+        image_token_index=image_token_id,
+        image_seq_length=num_tokens,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=select_strategy,
+        vision_feature_layer=vision_feature_layer,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
+    # Build the shell without allocating weights, then move the pretrained modules in.
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
+    model.model.language_model = lm.base_model
+    model.lm_head = lm.get_output_embeddings()
+    # The projector is new: built where the LLM lives (the meta device for a planned model).
+    with torch.device(model.lm_head.weight.device):
+        model.model.multi_modal_projector = LlavaMultiModalProjector(config)
+    on_meta = model.lm_head.weight.is_meta
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover and not on_meta:
+        raise RuntimeError(f"LLaVA assembly left weights unset: {leftover[:5]}")
+    if vocab_size > model.get_input_embeddings().num_embeddings:
+        # Mean resizing draws the new rows from the old ones' statistics: none exist on meta.
+        model.resize_token_embeddings(vocab_size, mean_resizing=not on_meta)
+    if dtype is not None:
+        if not quantized:
+            model.to(dtype)
+        else:  # quantized weights keep their storage; only the tower and the projector move
+            model.model.vision_tower.to(dtype)
+            model.model.multi_modal_projector.to(dtype)
+    return model.eval()

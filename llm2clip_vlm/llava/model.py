@@ -123,6 +123,18 @@ def build_model(
     if init is not None:
         load_projector(model.model.multi_modal_projector, init)
         log.info("projector loaded from %s", init)
+    return prepare_phase(model, p, compute_dtype), processor
+
+
+def prepare_phase(model: Any, p: LlavaPhaseConfig, compute_dtype: torch.dtype) -> Any:
+    """Freeze, cast and wrap an assembled LLaVA model for phase ``p`` (what :func:`build_model`
+    does after loading; ``plan`` applies it to a model built on the meta device).
+
+    The tower is frozen in ``compute_dtype``; the projector trains in fp32; the LLM is frozen in
+    ``compute_dtype`` (``projector``), trains in fp32 (``full``), or gets LoRA adapters on its
+    seven projections (``lora``, ``qlora``: its base stays 4-bit). Gradient checkpointing as the
+    phase says.
+    """
     model.requires_grad_(False)
     # Frozen parts need no fp32 master copy: keep them in the compute dtype (memory, speed).
     model.model.vision_tower.to(compute_dtype)
@@ -135,7 +147,7 @@ def build_model(
     else:  # lora / qlora
         from peft import LoraConfig, get_peft_model
 
-        if quant == "none":
+        if p.tune == "lora":
             model.model.language_model.to(compute_dtype)
             model.lm_head.to(compute_dtype)
         lora = LoraConfig(
@@ -153,7 +165,7 @@ def build_model(
         # The LLM's first layer input comes from frozen embeddings: its output must require grad
         # for non-reentrant checkpointing to build a graph back to the projector.
         base_model(model).enable_input_require_grads()
-    return model, processor
+    return model
 
 
 def base_model(model: Any) -> Any:

@@ -253,18 +253,36 @@ def bidirectional_from_config(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     attn_implementation: str = "sdpa",
+    with_lm_head: bool = False,
+    quantization: str = "none",
 ) -> nn.Module:
     """A random-weight bidirectional decoder stack (``AutoModel``) built from ``config``, no files.
 
     For benchmarks at reference sizes (e.g. a Llama-3-8B config): the weights are allocated and
-    initialised directly on ``device`` in ``dtype``. The bidirectional switch is the same as in
-    :func:`load_bidirectional` (``config.is_causal = False`` before building).
+    initialised directly on ``device`` in ``dtype``; ``device="meta"`` allocates nothing (the
+    ``plan`` command and the full-size recipe tests build 8B models in seconds that way). The
+    bidirectional switch is the same as in :func:`load_bidirectional` (``config.is_causal =
+    False`` before building).
+
+    Args:
+        with_lm_head: the causal LM (``AutoModelForCausalLM``, as MNTP loads it).
+        quantization: ``4bit``/``8bit``: swap the linear layers for bitsandbytes' (the same
+            :func:`quantization_config` that :func:`load_bidirectional` loads with, and the same
+            layers: transformers' own replacement, which keeps an LM head in full precision). On
+            ``meta`` the 4-bit weights keep their unpacked shape (nothing is quantized yet).
     """
     config = type(config).from_dict(config.to_dict())  # never mutate the caller's config
     config.is_causal = False
     config._attn_implementation = attn_implementation
+    cls = AutoModelForCausalLM if with_lm_head else AutoModel
     with torch.device(device or "cpu"):
-        model = AutoModel.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        model = cls.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    qconfig = quantization_config(quantization, dtype)
+    if qconfig is not None:
+        from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+        skip = ["lm_head"] if with_lm_head else []
+        model = replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=qconfig)
     if getattr(model.config, "is_causal", True) is not False:
         raise RuntimeError("config.is_causal did not survive building; attention would be causal")
     return model.eval()

@@ -71,6 +71,20 @@ def known_tower_types() -> list[str]:
     return sorted(_FORMATS)
 
 
+def tower_format(key: str) -> TowerFormat:
+    """The format registered for a ``config.json`` type (``model_type``, or ``"timm"``).
+
+    Raises:
+        ValueError: no format is registered for ``key``.
+    """
+    if key not in _FORMATS:
+        raise ValueError(
+            f"no tower format for type {key or '(none)'!r}; known: {', '.join(known_tower_types())} "
+            "(add one with register_tower_format)"
+        )
+    return _FORMATS[key]
+
+
 def resolve_tower_path(name: str) -> Path:
     """A tower name (a local directory, optionally prefixed ``llm2clip:``) -> its directory.
 
@@ -102,12 +116,10 @@ def detect_tower_format(path: Path) -> TowerFormat:
         raise ValueError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
     # timm's hub format has no model_type; it names the timm architecture instead.
     key = cfg.get("model_type") or ("timm" if "architecture" in cfg else "")
-    if key not in _FORMATS:
-        raise ValueError(
-            f"{cfg_file}: no tower format for type {key or '(none)'!r}; "
-            f"known: {', '.join(known_tower_types())} (add one with register_tower_format)"
-        )
-    return _FORMATS[key]
+    try:
+        return tower_format(key)
+    except ValueError as e:
+        raise ValueError(f"{cfg_file}: {e}") from e
 
 
 # -- transformers families ----------------------------------------------------------------------

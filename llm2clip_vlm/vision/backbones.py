@@ -115,6 +115,40 @@ def create_backbone(cfg: VisionBackboneConfig, *, allow_pickle: bool = False) ->
     return _REGISTRY[cfg.kind](cfg, allow_pickle)
 
 
+def backbone_from_config(kind: str, config: Any) -> VisionBackbone:
+    """A random-weight backbone of family ``kind`` with the architecture of ``config``, no files.
+
+    ``config`` is the family's transformers vision config (``clip``, ``siglip``) or a timm model
+    name (``timm``). Built on the current default device: under ``torch.device("meta")`` nothing
+    is allocated, which is how ``plan`` and the full-size recipe tests build a ViT-L/14-336 in
+    milliseconds. The random-ViT branch of :func:`create_backbone` builds through here too.
+    """
+    if kind == "clip":
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        s = int(config.image_size)
+        processor = CLIPImageProcessor(
+            size={"shortest_edge": s},
+            crop_size={"height": s, "width": s},
+            image_mean=CLIP_MEAN,
+            image_std=CLIP_STD,
+        )
+        model = CLIPVisionModel(config)
+        return CLIPBackbone(model, processor, config.hidden_size, config.num_hidden_layers)
+    if kind == "siglip":
+        from transformers import SiglipImageProcessor, SiglipVisionModel
+
+        s = int(config.image_size)
+        model = SiglipVisionModel(config)
+        processor = SiglipImageProcessor(size={"height": s, "width": s})
+        return SiglipBackbone(model, processor, config.hidden_size, config.num_hidden_layers)
+    if kind == "timm":
+        timm = _import_timm()
+        model = timm.create_model(str(config), pretrained=False, num_classes=0)
+        return _timm_backbone(model)
+    raise ValueError(f"unknown vision backbone {kind!r}; known: {', '.join(known_backbones())}")
+
+
 # -- transformers families ----------------------------------------------------------------------
 
 
@@ -199,14 +233,7 @@ def _create_clip(cfg: VisionBackboneConfig, allow_pickle: bool) -> VisionBackbon
         )
         processor = CLIPImageProcessor.from_pretrained(cfg.name_or_path)
     else:
-        model = CLIPVisionModel(CLIPVisionConfig(**_random_sizes(cfg)))
-        s = cfg.image_size
-        processor = CLIPImageProcessor(
-            size={"shortest_edge": s},
-            crop_size={"height": s, "width": s},
-            image_mean=CLIP_MEAN,
-            image_std=CLIP_STD,
-        )
+        return backbone_from_config("clip", CLIPVisionConfig(**_random_sizes(cfg)))
     c = model.config
     return CLIPBackbone(model, processor, c.hidden_size, c.num_hidden_layers)
 
@@ -221,9 +248,7 @@ def _create_siglip(cfg: VisionBackboneConfig, allow_pickle: bool) -> VisionBackb
         )
         processor = SiglipImageProcessor.from_pretrained(cfg.name_or_path)
     else:
-        model = SiglipVisionModel(SiglipVisionConfig(**_random_sizes(cfg)))
-        s = cfg.image_size
-        processor = SiglipImageProcessor(size={"height": s, "width": s})
+        return backbone_from_config("siglip", SiglipVisionConfig(**_random_sizes(cfg)))
     c = model.config
     return SiglipBackbone(model, processor, c.hidden_size, c.num_hidden_layers)
 
@@ -267,12 +292,7 @@ class TimmBackbone(VisionBackbone):
 
 @register_backbone("timm")
 def _create_timm(cfg: VisionBackboneConfig, allow_pickle: bool) -> VisionBackbone:
-    try:
-        import timm
-    except ImportError as e:
-        raise ImportError("vision backbone 'timm' needs timm: pip install 'llm2clip-vlm[timm]'") from e
-    from transformers import CLIPImageProcessor
-
+    timm = _import_timm()
     if not cfg.name_or_path:
         raise ValueError("vision backbone 'timm' needs name_or_path (a timm model name or a saved dir)")
     name = cfg.name_or_path
@@ -280,6 +300,22 @@ def _create_timm(cfg: VisionBackboneConfig, allow_pickle: bool) -> VisionBackbon
         model = timm.create_model(f"local-dir:{name}", pretrained=True, num_classes=0)
     else:
         model = timm.create_model(name, pretrained=True, num_classes=0)
+    return _timm_backbone(model)
+
+
+def _import_timm() -> Any:
+    try:
+        import timm
+    except ImportError as e:
+        raise ImportError("vision backbone 'timm' needs timm: pip install 'llm2clip-vlm[timm]'") from e
+    return timm
+
+
+def _timm_backbone(model: nn.Module) -> TimmBackbone:
+    """A timm model wrapped with a CLIP-compatible processor from its data config."""
+    import timm
+    from transformers import CLIPImageProcessor
+
     data_cfg = timm.data.resolve_data_config({}, model=model)
     _, h, w = data_cfg["input_size"]
     processor = CLIPImageProcessor(

@@ -32,7 +32,7 @@ from llm2clip_vlm import config_io
 from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.vision.adaptor import TextAdaptor, new_image_head
 from llm2clip_vlm.vision.backbones import VisionBackbone, create_backbone
-from llm2clip_vlm.vision.config import VisionBackboneConfig
+from llm2clip_vlm.vision.config import Stage2Config, VisionBackboneConfig
 
 CONFIG_FILE = "llm2clip_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -58,6 +58,18 @@ class LLM2CLIPConfig:
     # The stage-1 CaptionEncoder directory and its identity (get_text_features checks it).
     encoder_path: str = ""
     encoder_identity: str = ""
+
+
+def stage2_model_config(
+    s: Stage2Config, text_dim: int, encoder_path: str = "", encoder_identity: str = ""
+) -> LLM2CLIPConfig:
+    """The :class:`LLM2CLIPConfig` that stage 2 trains for section ``s`` on ``text_dim``-wide
+    caption embeddings (the store's width: the stage-1 LLM's hidden size)."""
+    return LLM2CLIPConfig(
+        backbone=s.backbone, text_dim=text_dim, embed_dim=s.embed_dim, image_head=s.image_head,
+        adaptor_blocks=s.adaptor_blocks, loss=s.loss, logit_scale_init=s.logit_scale_init, logit_scale_max=s.logit_scale_max,
+        logit_bias_init=s.logit_bias_init, encoder_path=encoder_path, encoder_identity=encoder_identity,
+    )  # fmt: skip
 
 
 class LLM2CLIP(nn.Module):

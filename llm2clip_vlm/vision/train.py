@@ -50,7 +50,7 @@ from llm2clip_vlm.vision.data import (
 )
 from llm2clip_vlm.vision.decay import exempt_from_weight_decay
 from llm2clip_vlm.vision.evaluate import evaluate_retrieval, log_retrieval
-from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
+from llm2clip_vlm.vision.model import LLM2CLIP, stage2_model_config
 
 log = get_logger(__name__)
 
@@ -143,14 +143,9 @@ def train_stage2(
 
     set_seed(s.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = LLM2CLIP(
-        LLM2CLIPConfig(
-            backbone=s.backbone, text_dim=embeddings.dim, embed_dim=s.embed_dim, image_head=s.image_head,
-            adaptor_blocks=s.adaptor_blocks, loss=s.loss, logit_scale_init=s.logit_scale_init,
-            logit_scale_max=s.logit_scale_max, logit_bias_init=s.logit_bias_init,
-            encoder_path=encoder_path, encoder_identity=encoder_identity,
-        ),
+        stage2_model_config(s, embeddings.dim, encoder_path, encoder_identity),
         backbone=create_backbone(s.backbone, allow_pickle=rel.allow_pickle_weights),
-    )  # fmt: skip
+    )
     if main and on_ready is not None:  # once the inputs (stores, backbone weights) are known to be usable
         out.mkdir(parents=True, exist_ok=True)
         on_ready()
