@@ -16,6 +16,7 @@ from llm2clip_vlm import config_io
 from llm2clip_vlm.data import open_image, resolve_data
 from llm2clip_vlm.data.captions import captions_only
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
+from llm2clip_vlm.data.text_corpus import load_text_corpus
 from llm2clip_vlm.hub.cards import llava_card, tower_card
 from llm2clip_vlm.llava.inputs import phase_data
 from llm2clip_vlm.llava.model import check_inputs
@@ -26,7 +27,6 @@ from llm2clip_vlm.store.run import embed_splits, resolve_encoder_dir
 from llm2clip_vlm.store.store import EmbeddingStore
 from llm2clip_vlm.text.cra import choose_cra_source
 from llm2clip_vlm.text.encoder import encoder_identity
-from llm2clip_vlm.text.mntp import read_text_corpus
 from llm2clip_vlm.text.train import train_stage1
 from llm2clip_vlm.vision.export import export_tower
 from llm2clip_vlm.vision.inputs import heldout_sets, usable_images
@@ -58,7 +58,7 @@ def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     else:
         log.info("CRA on held-out set %r", source.name)
     corpus = (
-        read_text_corpus(cfg.data.text_corpus) if cfg.stage1.mntp.enabled and cfg.data.text_corpus else []
+        load_text_corpus(cfg.data.text_corpus) if cfg.stage1.mntp.enabled and cfg.data.text_corpus else []
     )
     return train_stage1(
         cfg.stage1, out, source.train_records, source.records, text_corpus=corpus,
