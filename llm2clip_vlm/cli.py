@@ -129,10 +129,11 @@ def _not_built(command: str, issue: str) -> None:
 def demo_data(
     out: Annotated[Path, typer.Argument(help="Folder to write the synthetic data set into.")],
     seed: Annotated[int, typer.Option(help="Random seed (the data set is deterministic per seed).")] = 0,
-    train_images: Annotated[int, typer.Option(help="Images in the training split.")] = 4000,
-    heldout_images: Annotated[int, typer.Option(help="Images in each held-out split.")] = 1000,
+    train_images: Annotated[int, typer.Option(min=1, help="Images in the training split.")] = 4000,
+    heldout_images: Annotated[int, typer.Option(min=0, help="Images in each held-out split.")] = 1000,
     image_size: Annotated[
-        int | None, typer.Option(help="Side of the square images in pixels (default 64 shapes, 96 glyphs).")
+        int | None,
+        typer.Option(min=8, help="Side of the square images in pixels (default 64 shapes, 96 glyphs)."),
     ] = None,
     world: Annotated[
         str, typer.Option(help="'shapes' (the demo world) or 'glyphs' (letters and digits on patterns).")
@@ -338,7 +339,7 @@ def import_encoder(
             help="'auto' (Llama-3 Instruct: the reference's chat header), 'none', or a {text} template."
         ),
     ] = "auto",
-    max_length: Annotated[int, typer.Option(help="Token limit (the reference: 512).")] = 512,
+    max_length: Annotated[int, typer.Option(min=1, help="Token limit (the reference: 512).")] = 512,
 ) -> None:
     """Convert a released stage-1 LLM (e.g. LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned) to a CaptionEncoder."""
     from llm2clip_vlm.imports.encoder import import_encoder as do_import
@@ -383,14 +384,16 @@ def llava_shards(
         Path | None,
         typer.Option(help="Folder the records' image paths are relative to (default: the file's folder)."),
     ] = None,
-    per_shard: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
+    per_shard: Annotated[int, typer.Option(min=1, help="Samples per shard.")] = 1000,
     prefix: Annotated[
         str, typer.Option(help="Shard names: PREFIX-000000.tar, PREFIX-000001.tar, ...")
     ] = "llava",
     skip_bad: Annotated[
         bool, typer.Option(help="Leave bad records out (and count them) instead of stopping at the first.")
     ] = False,
-    max_bad_fraction: Annotated[float, typer.Option(help="With --skip-bad, stop above this share.")] = 0.01,
+    max_bad_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="With --skip-bad, stop above this share.")
+    ] = 0.01,
 ) -> None:
     """Write LLaVA JSON records and their images as webdataset shards (for `llava.<phase>.data.stream`)."""
     from llm2clip_vlm.data.errors import BadRecords
@@ -550,9 +553,9 @@ def evaluate(
     ] = None,
     output: OutputOpt = Path("runs/eval"),
     limit: Annotated[
-        int | None, typer.Option(help="Evaluate only the first N documents of each task.")
+        int | None, typer.Option(min=1, help="Evaluate only the first N documents of each task.")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Requests per generate call.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests per generate call.")] = 1,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if present).")] = None,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
     model_args: Annotated[
@@ -598,9 +601,9 @@ def eval_data(
         Path, typer.Argument(help="Folder for mme.parquet, scienceqa_img.parquet, vizwiz_vqa_val.parquet.")
     ],
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
-    mme_images: Annotated[int, typer.Option(help="MME images per category (two questions each).")] = 4,
-    scienceqa: Annotated[int, typer.Option(help="ScienceQA-IMG questions.")] = 24,
-    vizwiz: Annotated[int, typer.Option(help="VizWiz questions.")] = 24,
+    mme_images: Annotated[int, typer.Option(min=1, help="MME images per category (two questions each).")] = 4,
+    scienceqa: Annotated[int, typer.Option(min=1, help="ScienceQA-IMG questions.")] = 24,
+    vizwiz: Annotated[int, typer.Option(min=1, help="VizWiz questions.")] = 24,
     tiny_model: Annotated[
         Path | None, typer.Option(help="Also write a tiny random LLaVA model here (to try `eval`).")
     ] = None,
@@ -657,10 +660,10 @@ def bench(
         str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: the preset's).")
     ] = None,
     warmup: Annotated[
-        int | None, typer.Option(help="Warm-up calls per variant (default: the preset's).")
+        int | None, typer.Option(min=0, help="Warm-up calls per variant (default: the preset's).")
     ] = None,
     repeats: Annotated[
-        int | None, typer.Option(help="Timed calls per variant (default: the preset's).")
+        int | None, typer.Option(min=1, help="Timed calls per variant (default: the preset's).")
     ] = None,
 ) -> None:
     """Benchmarks: time per call and peak memory of a hot loop, after warm-up, over interleaved repeats."""
@@ -692,11 +695,17 @@ def main() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+    from llm2clip_vlm.errors import Terminated, exit_on_sigterm
+
+    exit_on_sigterm()  # a scheduler's preemption is one line and 143, never a raw -15
     try:
         app()
     except KeyboardInterrupt:  # pragma: no cover
         console.print("[red]interrupted[/red]")
         sys.exit(130)
+    except Terminated as e:
+        console.print(f"[yellow]{escape(str(e))}[/yellow]", soft_wrap=True, highlight=False)
+        sys.exit(e.exit_code)
     except Exception as e:
         sys.exit(_report_error(e))
 
