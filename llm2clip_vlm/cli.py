@@ -17,8 +17,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from llm2clip_vlm import config_io
-from llm2clip_vlm.recipe import RunConfig, apply_runtime
+from llm2clip_vlm.errors import Terminated, exit_on_sigterm
+
+if __name__ == "__main__" or Path(sys.argv[0]).name == "llm2clip-vlm":
+    exit_on_sigterm(at_start=True)  # a SIGTERM while the modules below load is one line too
+
+from llm2clip_vlm import config_io  # noqa: E402
+from llm2clip_vlm.recipe import RunConfig, apply_runtime  # noqa: E402
 
 app = typer.Typer(
     name="llm2clip-vlm",
@@ -695,8 +700,6 @@ def main() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
-    from llm2clip_vlm.errors import Terminated, exit_on_sigterm
-
     exit_on_sigterm()  # a scheduler's preemption is one line and 143, never a raw -15
     try:
         app()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ class RunDirError(UserError):
     """The output directory cannot be used for this run (a file, another command's, changed config)."""
 
 
-class BadInputFileError(UserError):
+class BadInputFileError(UserError, ValueError):
     """A file a command reads is damaged or is not what the option expects (the message names it).
 
     E.g. a safetensors file with a broken header, a ``config.json`` that is not JSON, a tower
@@ -64,12 +65,16 @@ class Terminated(BaseException):
         )
 
 
-def exit_on_sigterm() -> None:
+def exit_on_sigterm(at_start: bool = False) -> None:
     """Make SIGTERM raise :class:`Terminated` in this process (the CLI calls it at start-up).
 
     A training loop replaces the handler while it runs (it saves a checkpoint first, see
     ``training.checkpoint.GracefulExit``) and puts this one back after. A forked child (a
     DataLoader worker) that receives SIGTERM dies of it as before: only the main process prints.
+
+    Args:
+        at_start: while the CLI's modules load (nothing written yet, and an exception there would
+            end in a traceback): print the line and exit at once.
     """
     owner = os.getpid()
 
@@ -78,6 +83,9 @@ def exit_on_sigterm() -> None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        if at_start:
+            sys.stderr.write(f"{Terminated()}\n")
+            os._exit(Terminated.exit_code)
         raise Terminated
 
     if threading.current_thread() is threading.main_thread():

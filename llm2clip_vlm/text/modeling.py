@@ -36,7 +36,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from llm2clip_vlm.data.index import cache_root, file_identity
 from llm2clip_vlm.logging import get_logger
-from llm2clip_vlm.weights import require_safetensors
+from llm2clip_vlm.weights import check_llm_folder, loading, require_safetensors
 
 log = get_logger(__name__)
 
@@ -162,7 +162,8 @@ def gguf_as_transformers(ref: ModelRef) -> ModelRef:
 
 def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
     """The tokenizer, set up as LLM2Vec uses it: left padding, pad token = eos."""
-    tokenizer = AutoTokenizer.from_pretrained(ref.path, **ref.kwargs())
+    with loading(ref.path, "tokenizer of"):
+        tokenizer = AutoTokenizer.from_pretrained(ref.path, **ref.kwargs())
     if tokenizer.eos_token is None:
         raise ValueError(f"tokenizer of {ref.path} has no eos token to pad with")
     # Left padding keeps the caption tokens at the end of every row, where pooling looks for them.
@@ -213,7 +214,10 @@ def load_bidirectional(
     Returns:
         The model, in train mode off (``eval()``), with ``config.is_causal == False``.
     """
-    config = AutoConfig.from_pretrained(ref.path, **ref.kwargs())
+    if not ref.gguf_file:
+        check_llm_folder(ref.path, allow_pickle)
+    with loading(ref.path, "LLM"):
+        config = AutoConfig.from_pretrained(ref.path, **ref.kwargs())
     if config.model_type not in TESTED_FAMILIES:
         log.warning(
             "model type %r is not among the tested families %s; bidirectionality relies on it "
@@ -241,7 +245,8 @@ def load_bidirectional(
     elif device_map is not None:
         kwargs["device_map"] = device_map
     cls = AutoModelForCausalLM if with_lm_head else AutoModel
-    model = cls.from_pretrained(ref.path, **kwargs)
+    with loading(ref.path, "LLM"):
+        model = cls.from_pretrained(ref.path, **kwargs)
     if getattr(model.config, "is_causal", True) is not False:
         raise RuntimeError(f"{ref.path}: config.is_causal did not survive loading; attention would be causal")
     return model.eval()
