@@ -14,11 +14,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from llm2clip_vlm.errors import PickleRefusedError
+from llm2clip_vlm.errors import BadInputFileError, PickleRefusedError
 from llm2clip_vlm.llava.assemble import build_llava_model
 from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
 from llm2clip_vlm.llava.templates import TEMPLATE_FILE, VICUNA_SYSTEM, VICUNA_V1_JINJA
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.weights import check_safetensors_file
 
 log = get_logger(__name__)
 
@@ -68,9 +69,23 @@ def load_projector(projector: torch.nn.Module, path: Path) -> None:
         )
     if path.suffix != ".safetensors":
         raise PickleRefusedError(PICKLED_PROJECTOR.format(path=path))
+    check_safetensors_file(path, "pretrained projector")
     state = load_file(str(path))
     inverse = {v: k for k, v in LLAVA_PROJECTOR_KEYS.items()}
     state = {inverse.get(k, k): v for k, v in state.items()}
+    expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+    missing, unknown = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unknown:
+        raise BadInputFileError(
+            f"pretrained projector {path}: not a projector of this model "
+            f"(missing {missing[:2]}, unexpected {unknown[:2]}): pass --from the llava-pretrain output"
+        )
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise BadInputFileError(
+                f"pretrained projector {path}: {k} has shape {list(state[k].shape)}, this tower and LLM "
+                f"need {list(shape)}: it was pretrained with another tower or LLM (check --tower / llava.llm)"
+            )
     projector.load_state_dict(state)
 
 
