@@ -404,11 +404,16 @@ def llava_shards(
     from llm2clip_vlm.data.errors import BadRecords
     from llm2clip_vlm.data.index import file_identity
     from llm2clip_vlm.llava.data import load_llava_records
-    from llm2clip_vlm.llava.shards import write_llava_shards
+    from llm2clip_vlm.llava.shards import check_prefix, write_llava_shards
 
     if per_shard <= 0:
         console.print(f"[red]llava-shards:[/red] --per-shard must be positive, got {per_shard}")
         raise typer.Exit(2)
+    try:
+        check_prefix(prefix)  # before reading anything: the shards stay inside --output
+    except ValueError as e:
+        console.print(f"[red]llava-shards:[/red] --prefix: {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2) from e
     if not data.is_file():
         console.print(
             f"[red]llava-shards:[/red] {escape(str(data))}: no such file (a LLaVA JSON or JSONL file)"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,7 @@ def write_llava_shards(
     """
     if per_shard <= 0:
         raise ValueError(f"per_shard must be positive, got {per_shard}")
+    check_prefix(prefix)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"source": source, "records": len(records), "per_shard": per_shard, "prefix": prefix}
@@ -86,6 +88,23 @@ def write_llava_shards(
                 _write_shard(path, records, first, last)
             progress.update(task, completed=last, status=f"shard {j + 1}/{n_shards}")
     return paths
+
+
+# A shard name's prefix is a plain file name: the shards land in ``out_dir`` and nowhere else.
+_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_prefix(prefix: str) -> None:
+    """Refuse a prefix that is not a plain name (a ``/``, ``..``, or a leading dot or dash).
+
+    Raises:
+        ValueError: naming the prefix.
+    """
+    if not _PREFIX.fullmatch(prefix) or ".." in prefix:
+        raise ValueError(
+            f"shard prefix {prefix!r} must be a plain name (letters, digits, '.', '_', '-'; no '/' or "
+            "'..'): the shards are written into the output folder only"
+        )
 
 
 def _describe(source: Any) -> str:
