@@ -294,7 +294,11 @@ def export_tower(
     """Export the stage-2 vision encoder in its own transformers format (a LLaVA vision tower)."""
     from llm2clip_vlm.commands import run_export as do_export
     from llm2clip_vlm.errors import UserError
+    from llm2clip_vlm.vision.export import DTYPES
 
+    if dtype is not None and dtype not in DTYPES:
+        console.print(f"[red]export-tower:[/red] --dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise typer.Exit(2)
     if not (run / "model").is_dir():  # before --output is created
         raise UserError(f"{run} is not a finished stage-2 run (no model/ folder): give a `stage2` --output")
     with claimed_output(output, "export-tower", None):
@@ -322,8 +326,12 @@ def import_tower(
     dtype: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: as released).")] = None,
 ) -> None:
     """Convert a released LLM2CLIP tower: OUTPUT/tower (CLIPVisionModel) + OUTPUT/model (stage 2)."""
+    from llm2clip_vlm.imports.tower import DTYPES
     from llm2clip_vlm.imports.tower import import_tower as do_import
 
+    if dtype is not None and dtype not in DTYPES:
+        console.print(f"[red]import-tower:[/red] --dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise typer.Exit(2)
     summary = _run_import(do_import, source, output, dtype=dtype)
     console.print(f"tower: {summary['tower']}\nstage-2 checkpoint: {summary['model']}")
 

@@ -11,12 +11,19 @@ choice.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from llm2clip_vlm.errors import HINT_PICKLE, BadInputFileError, PickleRefusedError, UserError
 from llm2clip_vlm.resources import ResourceError
+
+# Bytes per element of the safetensors dtypes (the format's spec; 8-bit floats included).
+_DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
 
 # Weight files that are pickles: loading one can run arbitrary code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -34,7 +41,9 @@ def weight_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
     return safe, pickled
 
 
-def require_safetensors(folder: str | Path, allow_pickle: bool, what: str = "model", hint: str = HINT_PICKLE) -> None:
+def require_safetensors(
+    folder: str | Path, allow_pickle: bool, what: str = "model", hint: str = HINT_PICKLE
+) -> None:
     """Refuse ``folder`` when its weights exist only as pickles and pickles are not allowed.
 
     A hub id or a folder without any weight file is left to the loader (it says what is missing).
@@ -97,6 +106,15 @@ def check_safetensors_file(f: Path, what: str = "model") -> dict[str, tuple[list
         tensors = {k: v for k, v in header.items() if k != "__metadata__"}
         end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
         info = {k: (list(v["shape"]), str(v["dtype"])) for k, v in tensors.items()}
+        for k, v in tensors.items():  # a header that lies about a tensor's bytes
+            start, stop = (int(x) for x in v["data_offsets"])
+            numel = math.prod(int(d) for d in v["shape"])
+            size_of = _DTYPE_BYTES.get(str(v["dtype"]))
+            if size_of is not None and stop - start != numel * size_of:
+                raise ValueError(
+                    f"tensor {k}: the header gives {stop - start} bytes for shape {v['shape']} of "
+                    f"{v['dtype']} ({numel * size_of} needed)"
+                )
     except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
         raise BadInputFileError(f"{what}: {f} is not a readable safetensors file ({e})") from e
     if 8 + n + end != size:

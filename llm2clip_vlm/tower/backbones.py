@@ -126,7 +126,10 @@ def load_tower_model(path: Path, fmt: TowerFormat, device_map: Any = None) -> nn
             load, naming the file or folder.
     """
     require_safetensors(
-        path, allow_pickle=False, what="vision tower", hint="towers are read as safetensors only: convert the weights"
+        path,
+        allow_pickle=False,
+        what="vision tower",
+        hint="towers are read as safetensors only: convert the weights",
     )
     check_model_files(path, "vision tower")
     with loading(path, "vision tower"):
