@@ -294,7 +294,7 @@ def export_tower(
     """Export the stage-2 vision encoder in its own transformers format (a LLaVA vision tower)."""
     from llm2clip_vlm.commands import run_export as do_export
     from llm2clip_vlm.errors import UserError
-    from llm2clip_vlm.vision.export import DTYPES
+    from llm2clip_vlm.training.optim import DTYPES
 
     if dtype is not None and dtype not in DTYPES:
         console.print(f"[red]export-tower:[/red] --dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

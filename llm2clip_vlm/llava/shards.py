@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llm2clip_vlm import resources
 from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.llava.data import LlavaRecord
 from llm2clip_vlm.progress import make_progress
@@ -117,6 +118,23 @@ def _describe(source: Any) -> str:
 def _write_shard(path: Path, records: Sequence[LlavaRecord], first: int, last: int) -> None:
     """Samples ``first..last-1`` into ``path``, through a temporary name renamed at the end."""
     tmp = path.with_name(path.name + ".tmp")
+
+    def needed() -> int:  # about the shard's size, only computed when a write failed
+        return sum(
+            len(r.image) if isinstance(r.image, bytes) else (r.image.stat().st_size if r.image else 0)
+            for r in records[first:last]
+        )
+
+    try:
+        with resources.writing(path, needed):
+            _write_tar(tmp, records, first, last)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half shard left behind; finished shards stay
+        raise
+    os.replace(tmp, path)
+
+
+def _write_tar(tmp: Path, records: Sequence[LlavaRecord], first: int, last: int) -> None:
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for k in range(first, last):
             rec = records[k]
@@ -130,4 +148,3 @@ def _write_shard(path: Path, records: Sequence[LlavaRecord], first: int, last: i
                 _add(tar, f"{key}.jpg", rec.image)  # the extension only marks an image member
             elif rec.image is not None:
                 _add(tar, f"{key}{rec.image.suffix.lower() or '.jpg'}", rec.image.read_bytes())
-    os.replace(tmp, path)
