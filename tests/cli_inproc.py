@@ -27,6 +27,7 @@ class Result:
 def run_main(*args: str) -> Result:
     """``llm2clip-vlm ARGS`` through :func:`llm2clip_vlm.cli.main`; never raises SystemExit."""
     import os
+    import signal
 
     from accelerate.state import AcceleratorState, GradientState
 
@@ -39,6 +40,7 @@ def run_main(*args: str) -> Result:
     sys.argv = ["llm2clip-vlm", *args]
     os.environ["COLUMNS"] = "400"
     code = 0
+    sigterm = signal.getsignal(signal.SIGTERM)  # main() installs its own: give pytest's back
     try:
         with redirect_stdout(out), redirect_stderr(err):
             cli.console.file = err  # the console was made at import, for the real stderr
@@ -47,6 +49,7 @@ def run_main(*args: str) -> Result:
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
+        signal.signal(signal.SIGTERM, sigterm)
         cli.console.file = None  # type: ignore[assignment]  # back to sys.stderr at each print
         sys.argv = argv
         if columns is None:

@@ -40,7 +40,9 @@ class World:
         from llm2clip_vlm.data.synthetic import write_demo_dataset
 
         def make() -> Path:
-            write_demo_dataset(self.root / "data", seed=0, train_images=32, heldout_images=16, show_progress=False)
+            write_demo_dataset(
+                self.root / "data", seed=0, train_images=32, heldout_images=16, show_progress=False
+            )
             return self.root / "data"
 
         return self._once("data", make)
@@ -101,7 +103,13 @@ class World:
         def make() -> Path:
             from llm2clip_vlm.data.synthetic_llava import write_llava_demo
 
-            write_llava_demo(self.root / "llava-data", pretrain_images=8, instruct_images=8, heldout_images=4, image_size=32)
+            write_llava_demo(
+                self.root / "llava-data",
+                pretrain_images=8,
+                instruct_images=8,
+                heldout_images=4,
+                image_size=32,
+            )
             return self.root / "llava-data"
 
         return self._once("llava_data", make)
