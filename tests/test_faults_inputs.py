@@ -156,6 +156,20 @@ def test_a_damaged_store_manifest_is_named(w: World) -> None:
     one_line(r, 1, f"{store}/train/manifest.json", "not valid JSON")
 
 
+def test_a_damaged_store_sidecar_is_redone_and_a_damaged_plan_named(w: World) -> None:
+    store = w.copy(w.store, "store-sidecar")
+    (store / "train" / "manifest.json").unlink()  # as if killed after the shard, before the manifest
+    side = next((store / "train" / "shards").glob("*.json"))
+    side.write_bytes(b"\xff\xfe\x00 not json")
+    r = w.embed(store)
+    assert r.code == 0 and f"shard sidecar {side} is damaged" in r.err, r.err[-3000:]
+    assert _tree(store / "train") == _tree(w.store / "train")  # redone to the same bytes
+    (store / "heldout-long" / "plan.json").write_bytes(b"\x92 garbage")
+    (store / "heldout-long" / "manifest.json").unlink()
+    r = w.embed(store)
+    one_line(r, 1, f"{store}/heldout-long/plan.json: not valid JSON")
+
+
 def test_random_bytes_in_metrics_jsonl_are_one_warning_and_resume_and_report_work(w: World) -> None:
     run = w.copy(w.stage2_run, "s2-metrics")
     m = run / "metrics.jsonl"
