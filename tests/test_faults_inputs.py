@@ -119,6 +119,16 @@ def test_a_damaged_tower_or_llm_is_named(w: World, part: str, file: str, damage,
     assert not (out / "checkpoints").exists() and not (out / "model").exists()
 
 
+def test_a_damaged_caption_encoder_is_named(w: World) -> None:
+    enc = w.copy(w.encoder, "enc-damaged")
+    _truncate(enc / "model.safetensors")
+    r = run_main("embed", "-o", str(w.root / "store-enc-damaged"), *w.common(), f"--set=embed.encoder={enc}")
+    one_line(r, 1, f"{enc}/model.safetensors is not a readable safetensors file")
+    (enc / "llm2clip_encoder.json").write_bytes(b"\xff\xfe{")
+    r = run_main("embed", "-o", str(w.root / "store-enc-damaged"), *w.common(), f"--set=embed.encoder={enc}")
+    one_line(r, 1, f"{enc}/llm2clip_encoder.json: not valid JSON")
+
+
 def test_a_tower_given_as_the_llm_and_the_reverse(w: World) -> None:
     r = w.llava("pretrain", w.root / "out-swap1", tower=w.llm)
     one_line(r, 1, f"{w.llm}/config.json", "no tower format for type 'llama'")
