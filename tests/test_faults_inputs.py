@@ -304,6 +304,25 @@ def test_full_disk_in_torch_save_is_one_line_and_keeps_the_last_checkpoint(
     assert r.code == 0 and "resum" in r.err.lower(), r.err[-3000:]
 
 
+def test_full_disk_when_the_final_model_is_saved(w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors import SafetensorError
+
+    from llm2clip_vlm.vision import model
+
+    def full(*_a: object, **_k: object) -> None:  # safetensors' form: no errno
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(model, "save_file", full)
+    monkeypatch.setattr(resources, "free_bytes", lambda path: 0)
+    out = w.root / "s2-full-final"
+    r = w.stage2(out)
+    one_line(r, 1, f"{out}/model: no space left on its disk", "needs about")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+    monkeypatch.undo()
+    r = w.stage2(out)  # room again: the finished checkpoints are used, the model written
+    assert r.code == 0 and (out / "model" / "model.safetensors").is_file(), r.err[-3000:]
+
+
 def _enospc(*_a: object, **_k: object) -> None:
     raise OSError(errno.ENOSPC, "No space left on device")
 

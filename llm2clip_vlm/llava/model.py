@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from llm2clip_vlm import resources
 from llm2clip_vlm.errors import BadInputFileError, PickleRefusedError
 from llm2clip_vlm.llava.assemble import build_llava_model
 from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
@@ -208,13 +209,18 @@ def merged_model(llava: LlavaConfig, p: LlavaPhaseConfig, model: Any, allow_pick
     return merged
 
 
+def _bytes_of(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def save_llava(
     model: Any, processor: Any, out: Path, template: str, system: str | None, dtype: torch.dtype
 ) -> None:
     """``out``: the model in transformers' LLaVA format + processor + which template it learnt."""
     model = model.to(dtype)
     model.eval()
-    model.save_pretrained(out, safe_serialization=True)
+    with resources.writing(out, lambda: _bytes_of(model)):  # a full disk: one line naming out
+        model.save_pretrained(out, safe_serialization=True)
     if template == "vicuna_v1":
         # transformers (lmms-eval, serving engines) then build the prompt the model was trained on.
         processor.chat_template = VICUNA_V1_JINJA
