@@ -12,6 +12,7 @@ are mapped here by type, so nothing below the CLI has to know how messages are p
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -114,7 +115,7 @@ def describe(e: BaseException) -> Described | None:
     """
     from llm2clip_vlm.config_io import ConfigError
     from llm2clip_vlm.data.errors import DataError
-    from llm2clip_vlm.resources import FULL_ERRNOS, READ_ONLY_ERRNOS, ResourceError, classify
+    from llm2clip_vlm.resources import FULL_ERRNOS, ResourceError, classify
     from llm2clip_vlm.training.checkpoint import CheckpointError, NonFiniteError, TrainingInterrupted
     from llm2clip_vlm.training.dist import PrecisionConflictError
 
@@ -130,7 +131,9 @@ def describe(e: BaseException) -> Described | None:
         return Described("error", str(e), 1)
     if isinstance(e, ResourceError):  # a full disk, a read-only folder: names the path and space
         return Described("error", str(e), e.exit_code)
-    if isinstance(e, OSError) and e.errno in (*FULL_ERRNOS, *READ_ONLY_ERRNOS):
+    # Any other full disk or read-only file system (EACCES stays "permission denied" below: it
+    # is as likely a file the command could not read).
+    if isinstance(e, OSError) and e.errno in (*FULL_ERRNOS, errno.EROFS):
         typed = classify(e, e.filename or "the output folder")
         if typed is not None:
             return Described("error", str(typed), typed.exit_code)
