@@ -397,7 +397,7 @@ def llava_shards(
         Path | None,
         typer.Option(help="Folder the records' image paths are relative to (default: the file's folder)."),
     ] = None,
-    per_shard: Annotated[int, typer.Option(min=1, help="Samples per shard.")] = 1000,
+    per_shard: Annotated[int, typer.Option(help="Samples per shard (checked below, in one line).")] = 1000,
     prefix: Annotated[
         str, typer.Option(help="Shard names: PREFIX-000000.tar, PREFIX-000001.tar, ...")
     ] = "llava",
