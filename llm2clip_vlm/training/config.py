@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from llm2clip_vlm.config_io import COUNT, FRACTION, NONNEGATIVE, RATE, SIZE, Range
+from llm2clip_vlm.config_io import COUNT, FRACTION, NONNEGATIVE, SIZE, Range
 
 Precision = Literal["bf16", "fp16", "fp32"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -45,7 +45,7 @@ class LoopConfig:
 
     # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
     RANGES: ClassVar[dict[str, Range]] = {
-        "epochs": RATE,
+        "epochs": NONNEGATIVE,  # 0 = no training steps (stage 1: the "without stage 1" baseline)
         "max_steps": COUNT,
         "max_seconds": NONNEGATIVE,
         "warmup_steps": COUNT,
