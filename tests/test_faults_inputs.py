@@ -323,6 +323,20 @@ def test_full_disk_when_the_final_model_is_saved(w: World, monkeypatch: pytest.M
     assert r.code == 0 and (out / "model" / "model.safetensors").is_file(), r.err[-3000:]
 
 
+def test_full_disk_in_export_tower(w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import PreTrainedModel
+
+    def full(*_a: object, **_k: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    run = w.stage2_run  # built before the disk fills
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    out = w.root / "exported-full" / "tower"
+    r = run_main("export-tower", str(run), "-o", str(out))
+    one_line(r, 1, "no space left on its disk", "needs about")
+    assert (w.stage2_run / "model" / "model.safetensors").is_file()  # the run is untouched
+
+
 def _enospc(*_a: object, **_k: object) -> None:
     raise OSError(errno.ENOSPC, "No space left on device")
 

@@ -34,6 +34,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from llm2clip_vlm import resources
 from llm2clip_vlm.data.index import cache_root, file_identity
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.weights import check_llm_folder, loading, require_safetensors
@@ -300,4 +301,6 @@ def save_model(model: nn.Module, path: str | Path) -> None:
         fresh = type(model)._from_config(config, dtype=next(iter(state.values())).dtype)
         fresh.load_state_dict(state, strict=True)
         model = fresh
-    model.save_pretrained(Path(path), safe_serialization=True)
+    needed = sum(p.numel() * p.element_size() for p in model.parameters())
+    with resources.writing(path, needed):  # a full disk: one line naming the folder and size
+        model.save_pretrained(Path(path), safe_serialization=True)
