@@ -155,8 +155,6 @@ def describe(e: BaseException) -> Described | None:
         return Described("error", f"{message} (check the path)", 2)
     if isinstance(e, PermissionError):
         return Described("error", f"{e.filename or e}: permission denied", 2)
-    if isinstance(e, OSError) and "allow_pickle_weights" in str(e):
-        return Described("error", str(e), 2)
     return None
 
 
