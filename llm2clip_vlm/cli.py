@@ -17,8 +17,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from llm2clip_vlm import config_io
-from llm2clip_vlm.recipe import RunConfig, apply_runtime
+from llm2clip_vlm.errors import Terminated, exit_on_sigterm
+
+if __name__ == "__main__" or Path(sys.argv[0]).name == "llm2clip-vlm":
+    exit_on_sigterm(at_start=True)  # a SIGTERM while the modules below load is one line too
+
+from llm2clip_vlm import config_io  # noqa: E402
+from llm2clip_vlm.recipe import RunConfig, apply_runtime  # noqa: E402
 
 app = typer.Typer(
     name="llm2clip-vlm",
@@ -129,10 +134,11 @@ def _not_built(command: str, issue: str) -> None:
 def demo_data(
     out: Annotated[Path, typer.Argument(help="Folder to write the synthetic data set into.")],
     seed: Annotated[int, typer.Option(help="Random seed (the data set is deterministic per seed).")] = 0,
-    train_images: Annotated[int, typer.Option(help="Images in the training split.")] = 4000,
-    heldout_images: Annotated[int, typer.Option(help="Images in each held-out split.")] = 1000,
+    train_images: Annotated[int, typer.Option(min=1, help="Images in the training split.")] = 4000,
+    heldout_images: Annotated[int, typer.Option(min=0, help="Images in each held-out split.")] = 1000,
     image_size: Annotated[
-        int | None, typer.Option(help="Side of the square images in pixels (default 64 shapes, 96 glyphs).")
+        int | None,
+        typer.Option(min=8, help="Side of the square images in pixels (default 64 shapes, 96 glyphs)."),
     ] = None,
     world: Annotated[
         str, typer.Option(help="'shapes' (the demo world) or 'glyphs' (letters and digits on patterns).")
@@ -288,7 +294,11 @@ def export_tower(
     """Export the stage-2 vision encoder in its own transformers format (a LLaVA vision tower)."""
     from llm2clip_vlm.commands import run_export as do_export
     from llm2clip_vlm.errors import UserError
+    from llm2clip_vlm.training.optim import DTYPES
 
+    if dtype is not None and dtype not in DTYPES:
+        console.print(f"[red]export-tower:[/red] --dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise typer.Exit(2)
     if not (run / "model").is_dir():  # before --output is created
         raise UserError(f"{run} is not a finished stage-2 run (no model/ folder): give a `stage2` --output")
     with claimed_output(output, "export-tower", None):
@@ -316,8 +326,12 @@ def import_tower(
     dtype: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: as released).")] = None,
 ) -> None:
     """Convert a released LLM2CLIP tower: OUTPUT/tower (CLIPVisionModel) + OUTPUT/model (stage 2)."""
+    from llm2clip_vlm.imports.tower import DTYPES
     from llm2clip_vlm.imports.tower import import_tower as do_import
 
+    if dtype is not None and dtype not in DTYPES:
+        console.print(f"[red]import-tower:[/red] --dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise typer.Exit(2)
     summary = _run_import(do_import, source, output, dtype=dtype)
     console.print(f"tower: {summary['tower']}\nstage-2 checkpoint: {summary['model']}")
 
@@ -338,7 +352,7 @@ def import_encoder(
             help="'auto' (Llama-3 Instruct: the reference's chat header), 'none', or a {text} template."
         ),
     ] = "auto",
-    max_length: Annotated[int, typer.Option(help="Token limit (the reference: 512).")] = 512,
+    max_length: Annotated[int, typer.Option(min=1, help="Token limit (the reference: 512).")] = 512,
 ) -> None:
     """Convert a released stage-1 LLM (e.g. LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned) to a CaptionEncoder."""
     from llm2clip_vlm.imports.encoder import import_encoder as do_import
@@ -386,24 +400,31 @@ def llava_shards(
         Path | None,
         typer.Option(help="Folder the records' image paths are relative to (default: the file's folder)."),
     ] = None,
-    per_shard: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
+    per_shard: Annotated[int, typer.Option(help="Samples per shard (checked below, in one line).")] = 1000,
     prefix: Annotated[
         str, typer.Option(help="Shard names: PREFIX-000000.tar, PREFIX-000001.tar, ...")
     ] = "llava",
     skip_bad: Annotated[
         bool, typer.Option(help="Leave bad records out (and count them) instead of stopping at the first.")
     ] = False,
-    max_bad_fraction: Annotated[float, typer.Option(help="With --skip-bad, stop above this share.")] = 0.01,
+    max_bad_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="With --skip-bad, stop above this share.")
+    ] = 0.01,
 ) -> None:
     """Write LLaVA JSON records and their images as webdataset shards (for `llava.<phase>.data.stream`)."""
     from llm2clip_vlm.data.errors import BadRecords
     from llm2clip_vlm.data.index import file_identity
     from llm2clip_vlm.llava.data import load_llava_records
-    from llm2clip_vlm.llava.shards import write_llava_shards
+    from llm2clip_vlm.llava.shards import check_prefix, write_llava_shards
 
     if per_shard <= 0:
         console.print(f"[red]llava-shards:[/red] --per-shard must be positive, got {per_shard}")
         raise typer.Exit(2)
+    try:
+        check_prefix(prefix)  # before reading anything: the shards stay inside --output
+    except ValueError as e:
+        console.print(f"[red]llava-shards:[/red] --prefix: {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2) from e
     if not data.is_file():
         console.print(
             f"[red]llava-shards:[/red] {escape(str(data))}: no such file (a LLaVA JSON or JSONL file)"
@@ -673,9 +694,9 @@ def evaluate(
     ] = None,
     output: OutputOpt = Path("runs/eval"),
     limit: Annotated[
-        int | None, typer.Option(help="Evaluate only the first N documents of each task.")
+        int | None, typer.Option(min=1, help="Evaluate only the first N documents of each task.")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Requests per generate call.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests per generate call.")] = 1,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if present).")] = None,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
     model_args: Annotated[
@@ -721,9 +742,9 @@ def eval_data(
         Path, typer.Argument(help="Folder for mme.parquet, scienceqa_img.parquet, vizwiz_vqa_val.parquet.")
     ],
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
-    mme_images: Annotated[int, typer.Option(help="MME images per category (two questions each).")] = 4,
-    scienceqa: Annotated[int, typer.Option(help="ScienceQA-IMG questions.")] = 24,
-    vizwiz: Annotated[int, typer.Option(help="VizWiz questions.")] = 24,
+    mme_images: Annotated[int, typer.Option(min=1, help="MME images per category (two questions each).")] = 4,
+    scienceqa: Annotated[int, typer.Option(min=1, help="ScienceQA-IMG questions.")] = 24,
+    vizwiz: Annotated[int, typer.Option(min=1, help="VizWiz questions.")] = 24,
     tiny_model: Annotated[
         Path | None, typer.Option(help="Also write a tiny random LLaVA model here (to try `eval`).")
     ] = None,
@@ -852,10 +873,10 @@ def bench(
         str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: the preset's).")
     ] = None,
     warmup: Annotated[
-        int | None, typer.Option(help="Warm-up calls per variant (default: the preset's).")
+        int | None, typer.Option(min=0, help="Warm-up calls per variant (default: the preset's).")
     ] = None,
     repeats: Annotated[
-        int | None, typer.Option(help="Timed calls per variant (default: the preset's).")
+        int | None, typer.Option(min=1, help="Timed calls per variant (default: the preset's).")
     ] = None,
 ) -> None:
     """Benchmarks: time per call and peak memory of a hot loop, after warm-up, over interleaved repeats."""
@@ -887,11 +908,15 @@ def main() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+    exit_on_sigterm()  # a scheduler's preemption is one line and 143, never a raw -15
     try:
         app()
     except KeyboardInterrupt:  # pragma: no cover
         console.print("[red]interrupted[/red]")
         sys.exit(130)
+    except Terminated as e:
+        console.print(f"[yellow]{escape(str(e))}[/yellow]", soft_wrap=True, highlight=False)
+        sys.exit(e.exit_code)
     except Exception as e:
         sys.exit(_report_error(e))
 

@@ -20,6 +20,7 @@ from llm2clip_vlm.data.captions import CaptionSet, caption_counts, captions_only
 from llm2clip_vlm.data.config import DataConfig, train_sets
 from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
+from llm2clip_vlm.data.text_corpus import load_text_corpus
 from llm2clip_vlm.hub.cards import llava_card, tower_card
 from llm2clip_vlm.imports.sidecar import offer_sidecars
 from llm2clip_vlm.llava.inputs import phase_data
@@ -34,7 +35,6 @@ from llm2clip_vlm.store.run import embed_splits, resolve_encoder_dir
 from llm2clip_vlm.store.store import EmbeddingStore
 from llm2clip_vlm.text.cra import choose_cra_source
 from llm2clip_vlm.text.encoder import encoder_identity
-from llm2clip_vlm.text.mntp import read_text_corpus
 from llm2clip_vlm.text.train import train_stage1
 from llm2clip_vlm.training import dist
 from llm2clip_vlm.vision.export import export_tower
@@ -68,7 +68,7 @@ def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     else:
         log.info("CRA on held-out set %r", source.name)
     corpus = (
-        read_text_corpus(cfg.data.text_corpus) if cfg.stage1.mntp.enabled and cfg.data.text_corpus else []
+        load_text_corpus(cfg.data.text_corpus) if cfg.stage1.mntp.enabled and cfg.data.text_corpus else []
     )
     metrics = train_stage1(
         cfg.stage1, out, source.train_records, source.records, text_corpus=corpus,

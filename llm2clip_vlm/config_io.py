@@ -13,8 +13,10 @@ llm2clip_vlm`` stays light.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -25,6 +27,63 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the config schema (the message names the key)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric config field accepts (checked by :func:`build` when a recipe is read).
+
+    A config dataclass lists its fields' ranges in a class-level table ``RANGES: ClassVar[dict[str,
+    Range]]`` next to the fields (``tests/test_config_io.py`` requires one for every int and float
+    field of the recipe schema). A list value (``betas``) is checked item by item.
+
+    Attributes:
+        low, high: the bounds (None = unbounded); ``low_open``/``high_open``: excluded.
+        words: how the range reads in an error message ("an integer >= 1 (a size)").
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    words: str = "a number"
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is out of range, or None."""
+        if isinstance(value, (list, tuple)):
+            return next((p for p in map(self.problem, value) if p), None)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None  # the type was already checked; None in an Optional field is allowed
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be {self.words}, got {value!r} (not a finite number)"
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return f"must be {self.words}, got {value!r}" if below or above else None
+
+
+# The ranges config fields use. A "count" may be 0, which means "off" / "all" / "none" (each
+# field's comment says which); a "size" is at least 1.
+SIZE = Range(low=1, words="an integer >= 1 (a size)")
+COUNT = Range(low=0, words="an integer >= 0")
+SEED = Range(low=0, high=2**32 - 1, words="an integer in [0, 2**32 - 1] (a seed)")
+INDEX = Range(words="an integer (negative counts from the end)")
+RATE = Range(low=0, low_open=True, words="a finite number > 0 (a rate)")
+NONNEGATIVE = Range(low=0, words="a finite number >= 0 (0 = off)")
+FINITE = Range(words="a finite number")
+FRACTION = Range(low=0, high=1, words="a fraction in [0, 1]")
+PROBABILITY = Range(low=0, high=1, low_open=True, words="a probability in (0, 1]")
+DROPOUT = Range(low=0, high=1, high_open=True, words="a dropout rate in [0, 1)")
+BETA = Range(low=0, high=1, high_open=True, words="a decay rate in [0, 1) (an Adam beta)")
+
+
+def _check_ranges(obj: Any, prefix: str) -> None:
+    """Refuse a built section whose values lie outside the ranges its ``RANGES`` table gives."""
+    table: Mapping[str, Range] = getattr(type(obj), "RANGES", {})
+    for name, rule in table.items():
+        problem = rule.problem(getattr(obj, name))
+        if problem:
+            key = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"{key} {problem}")
 
 
 def _type_name(tp: Any) -> str:
@@ -126,9 +185,11 @@ def build(cls: type[T], data: dict[str, Any] | None = None, prefix: str = "") ->
             value = _deep_merge(base, value)
         kwargs[name] = _coerce(value, tp, key)
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except TypeError as e:  # a required field with no default
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+    _check_ranges(obj, prefix)
+    return obj
 
 
 def _has_defaults(cls: type) -> bool:
@@ -206,13 +267,45 @@ def _child(node: Any, key: str, item: str) -> Any:
     return node.setdefault(key, {})
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that names one key twice (plain YAML lets the last one win, silently)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader (never executes tags) that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            if isinstance(key, typing.Hashable) and key in seen:
+                line = key_node.start_mark.line + 1
+                raise DuplicateKeyError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (lines {seen[key]} and {line})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (:class:`DuplicateKeyError`)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a recipe with the safe YAML loader (never executes tags)."""
+    """Read a recipe with the safe YAML loader (never executes tags; a key given twice is refused)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_load_unique(path.read_text(encoding="utf-8")) or {}
+    except DuplicateKeyError as e:
+        raise ConfigError(f"recipe {path}: {e.problem}: remove one of them") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {path} is not UTF-8 text (byte {e.start}: {e.reason})") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):

@@ -12,6 +12,11 @@ are mapped here by type, so nothing below the CLI has to know how messages are p
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 
 
@@ -36,6 +41,58 @@ class RunDirError(UserError):
     """The output directory cannot be used for this run (a file, another command's, changed config)."""
 
 
+class BadInputFileError(UserError, ValueError):
+    """A file a command reads is damaged or is not what the option expects (the message names it).
+
+    E.g. a safetensors file with a broken header, a ``config.json`` that is not JSON, a tower
+    folder given where an LLM is expected, a weight of the wrong shape.
+    """
+
+    exit_code = 1
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived outside a training loop (which checkpoints first and stops on its own).
+
+    A BaseException, like KeyboardInterrupt: ``except Exception`` blocks do not swallow it.
+    """
+
+    exit_code = 128 + signal.SIGTERM
+
+    def __str__(self) -> str:
+        return (
+            "stopped by SIGTERM (files finished before it are kept; partial ones are left as "
+            "temporary files and ignored); run the same command again to continue"
+        )
+
+
+def exit_on_sigterm(at_start: bool = False) -> None:
+    """Make SIGTERM raise :class:`Terminated` in this process (the CLI calls it at start-up).
+
+    A training loop replaces the handler while it runs (it saves a checkpoint first, see
+    ``training.checkpoint.GracefulExit``) and puts this one back after. A forked child (a
+    DataLoader worker) that receives SIGTERM dies of it as before: only the main process prints.
+
+    Args:
+        at_start: while the CLI's modules load (nothing written yet, and an exception there would
+            end in a traceback): print the line and exit at once.
+    """
+    owner = os.getpid()
+
+    def handle(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if at_start:
+            sys.stderr.write(f"{Terminated()}\n")
+            os._exit(Terminated.exit_code)
+        raise Terminated
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handle)
+
+
 HINT_PICKLE = (
     "convert the weights to safetensors, or allow pickles with --set reliability.allow_pickle_weights=true"
 )
@@ -58,6 +115,7 @@ def describe(e: BaseException) -> Described | None:
     """
     from llm2clip_vlm.config_io import ConfigError
     from llm2clip_vlm.data.errors import DataError
+    from llm2clip_vlm.resources import FULL_ERRNOS, ResourceError, classify
     from llm2clip_vlm.training.checkpoint import CheckpointError, NonFiniteError, TrainingInterrupted
     from llm2clip_vlm.training.dist import PrecisionConflictError
 
@@ -71,6 +129,14 @@ def describe(e: BaseException) -> Described | None:
         return Described("data error", str(e), 1)
     if isinstance(e, (CheckpointError, NonFiniteError)):
         return Described("error", str(e), 1)
+    if isinstance(e, ResourceError):  # a full disk, a read-only folder: names the path and space
+        return Described("error", str(e), e.exit_code)
+    # Any other full disk or read-only file system (EACCES stays "permission denied" below: it
+    # is as likely a file the command could not read).
+    if isinstance(e, OSError) and e.errno in (*FULL_ERRNOS, errno.EROFS):
+        typed = classify(e, e.filename or "the output folder")
+        if typed is not None:
+            return Described("error", str(typed), typed.exit_code)
     store = _store_error(e)
     if store is not None:
         return store
@@ -89,8 +155,6 @@ def describe(e: BaseException) -> Described | None:
         return Described("error", f"{message} (check the path)", 2)
     if isinstance(e, PermissionError):
         return Described("error", f"{e.filename or e}: permission denied", 2)
-    if isinstance(e, OSError) and "allow_pickle_weights" in str(e):
-        return Described("error", str(e), 2)
     return None
 
 

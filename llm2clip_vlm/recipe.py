@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+from llm2clip_vlm.config_io import COUNT, NONNEGATIVE, Range
 from llm2clip_vlm.data.config import DataConfig
 from llm2clip_vlm.hub.config import HubConfig
 from llm2clip_vlm.llava.config import LlavaConfig
@@ -27,6 +29,13 @@ class RuntimeConfig:
     # loss, s/step, ETA) every this many seconds and/or steps (0 = not by that criterion).
     progress_seconds: float = 30.0
     progress_steps: int = 0
+
+    # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "threads": COUNT,
+        "progress_seconds": NONNEGATIVE,
+        "progress_steps": COUNT,
+    }
 
 
 def apply_runtime(runtime: RuntimeConfig) -> None:

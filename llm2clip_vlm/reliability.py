@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
+
+from llm2clip_vlm.config_io import COUNT, Range
 
 
 @dataclass
@@ -19,3 +21,8 @@ class ReliabilityConfig:
     # artifact is still valid: "sampled" = size, mtime and three sampled 64 KiB blocks per file
     # (cheap); "full" = the whole content's sha256 (exact; reads everything once per run).
     input_identity: Literal["sampled", "full"] = "sampled"
+
+    # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "max_skipped_steps": COUNT,
+    }

@@ -535,6 +535,196 @@ def case_sigterm_during_image_check(w: World) -> str:
     return expect_one_line(r, 143, "stopped by SIGTERM", "checking")
 
 
+# ------------------------------------------------------------------------------------------------
+# Issue 27 ("round 3"), items 5-9: damaged inputs, resources, config ranges, report/shards
+# containment, SIGTERM anywhere. tests/test_faults_config.py and tests/test_faults_inputs.py hold
+# the full set in-process; these are the same promises in fresh processes, as a user meets them.
+# ------------------------------------------------------------------------------------------------
+def _patched_main(patch: str, argv: list[str]) -> Run:
+    """The CLI in a fresh process after ``patch`` (Python) ran: a fault only a fake can make."""
+    code = f"import sys\n{patch}\nfrom llm2clip_vlm.cli import main\nsys.argv = {['llm2clip-vlm', *argv]!r}\nmain()\n"
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+    return Run(r.returncode, r.stdout, r.stderr)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def case_config_ranges(w: World) -> str:
+    lines = []
+    for item in ("stage2.batch_size=0", "stage2.lr=.nan", "stage2.embed_dim=0", "data.max_bad_fraction=7",
+                 "stage2.loop.max_steps=-5", "data.text_corpus_ratio=1.5"):  # fmt: skip
+        r = cli("stage2", "-o", str(w.root / "cfg-range"), f"--set={item}")
+        lines.append(expect_one_line(r, 2, "config error:", item.split("=")[0], "must be"))
+    assert not (w.root / "cfg-range").exists()
+    recipe = w.root / "dup.yaml"
+    recipe.write_text("stage2:\n  lr: 0.001\n  lr: 0.01\n")
+    dup = expect_one_line(cli("stage2", str(recipe), "-o", str(w.root / "cfg-range")), 2, str(recipe), "'lr'")
+    return f"6 out-of-range values refused before any write (e.g. `{lines[1][:70]}`); duplicate key: `{dup[-60:]}`"
+
+
+def case_text_corpus_nul(w: World) -> str:
+    corpus = w.root / "corpus-nul.txt"
+    corpus.write_bytes(b"a line of text long enough to be a sample\x00 and a NUL byte\n")
+    r = cli("stage1", "-o", str(w.root / "s1-nul"), *w.common(), f"--set=stage1.model={w.llm}",
+            *sets(STAGE1_TINY), "--set=stage1.mntp.enabled=true", f"--set=data.text_corpus=[{corpus}]",
+            "--set=data.text_corpus_ratio=0.5")  # fmt: skip
+    line = expect_one_line(r, 1, str(corpus), "a NUL byte")
+    return f"refused (exit 1): {line[:110]}"
+
+
+def case_report_stays_inside(w: World) -> str:
+    run = w.root / "s2-report"
+    shutil.copytree(w.stage2_run, run)
+    secret = w.root / "secret.txt"
+    secret.write_bytes(b"SECRET-CONTENT-0123456789")
+    doc = json.loads((run / "gallery" / "retrieval.json").read_text())
+    g = next(iter(doc.values()))
+    first = next(iter(g["images"]))
+    g["images"][first] = "../../secret.txt"
+    g["images"][next(iter(list(g["images"])[1:]))] = str(secret)
+    g["text_to_image"][0]["caption"] = '"><script>alert(1)</script>'
+    (run / "gallery" / "retrieval.json").write_text(json.dumps(doc))
+    r = cli("report", str(run), "-o", str(w.root / "report.html"))
+    assert r.code == 0, r.err[-2000:]
+    html = (w.root / "report.html").read_text()
+    import base64
+
+    assert base64.b64encode(b"SECRET-CONTENT-0123456789").decode()[:16] not in html
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    return 'gallery naming ../../secret.txt and an absolute path: not inlined; `"><script>` escaped'
+
+
+def case_llava_shards_prefix(w: World) -> str:
+    from llm2clip_vlm.data.synthetic_llava import write_llava_demo
+
+    data = w.root / "llava-data"
+    if not data.exists():
+        write_llava_demo(data, pretrain_images=8, instruct_images=8, heldout_images=4, image_size=32)
+    out = w.root / "shards" / "inner"
+    r = cli("llava-shards", str(data / "llava_pretrain.json"), "-o", str(out), "--prefix", "../../escaped")
+    line = expect_one_line(r, 2, "--prefix", "plain name")
+    assert not list(w.root.rglob("escaped*")) and not out.exists()
+    return f"refused, nothing written: {line[:90]}"
+
+
+def case_damaged_backbone(w: World) -> str:
+    bb = _pickle_only_clip(w.root / "clip-damaged")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file(torch.load(bb / "pytorch_model.bin", weights_only=True), str(bb / "model.safetensors"))
+    (bb / "pytorch_model.bin").unlink()
+    f = bb / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # a partial copy
+    r = w.stage2(w.root / "s2-damaged-bb", f"--set=stage2.backbone.name_or_path={bb}")
+    line = expect_one_line(r, 1, str(f), "is damaged")
+    (bb / "config.json").write_text("{ not json")
+    r = w.stage2(w.root / "s2-damaged-bb", f"--set=stage2.backbone.name_or_path={bb}")
+    line2 = expect_one_line(r, 1, "config.json", "not valid UTF-8 JSON")
+    return f"truncated safetensors: `{line[:80]}...`; bad config.json: `...{line2[-60:]}`"
+
+
+def case_damaged_metrics_and_index(w: World) -> str:
+    run = w.root / "s2-metrics"
+    shutil.copytree(w.stage2_run, run)
+    with (run / "metrics.jsonl").open("ab") as f:
+        f.write(b'\x92\xff garbage \x00{{\n{"step": 1\n')
+    r = cli("report", str(run), "-o", str(w.root / "report-metrics.html"))
+    warned = expect_one_line(r, 0, "metrics.jsonl", "damaged line")
+    r = w.stage2(run, "--set=stage2.loop.max_steps=3", "--allow-config-change")
+    assert r.code == 0, r.err[-2000:]
+    # A private cache (never the user's): build it, damage every index in it, run again.
+    env = dict(ENV, LLM2CLIP_VLM_CACHE=str(w.root / "cache-damaged"))
+    r = cli("embed", "-o", str(w.root / "store-reindexed"), *w.common(), env=env)
+    assert r.code == 0, r.err[-2000:]
+    arrows = list((w.root / "cache-damaged" / "index").glob("*/records.arrow"))
+    for p in arrows:
+        p.write_bytes(b"not arrow")
+    r = cli("embed", "-o", str(w.root / "store-reindexed"), *w.common(), env=env)
+    assert r.code == 0 and "rebuilding it" in r.err, r.err[-2000:]
+    return f"report: one warning (`{warned[-70:]}`), resume ok; {len(arrows)} damaged index caches rebuilt"
+
+
+def case_full_disk_torch_save(w: World) -> str:
+    out = w.root / "s2-full"
+    patch = (
+        "from llm2clip_vlm.training import checkpoint as c\nfrom llm2clip_vlm import resources\n"
+        "real = c._save_pickle\n"
+        "def full(obj, path):\n"
+        "    if path.parent.name == '.tmp-step-0000002': raise RuntimeError('PytorchStreamWriter failed writing file data/0: file write failed')\n"
+        "    real(obj, path)\n"
+        "c._save_pickle = full\nresources.free_bytes = lambda p: 0\n"
+    )  # fmt: skip
+    args = ["stage2", "-o", str(out), f"--store={w.store}", *w.common(), *sets(STAGE2_TINY)]
+    r = _patched_main(patch, args)
+    line = expect_one_line(r, 1, "could not write checkpoint", "no space left", "step-0000001 is intact")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"]
+    before = _files(out / "checkpoints" / "step-0000001")
+    r = cli(*args)
+    assert r.code == 0, r.err[-2000:]
+    assert before, "the kept checkpoint had files"
+    return f"exit 1, `{line[:120]}...`; rerun with room resumes and finishes"
+
+
+def case_read_only_output(w: World) -> str:
+    ro = w.root / "read-only"
+    ro.mkdir(exist_ok=True)
+    patch = (
+        "import os, errno, builtins, pathlib\n"
+        f"RO = {str(ro)!r}\n"
+        "def under(p):\n    return os.path.abspath(os.fsdecode(p)).startswith(RO + os.sep)\n"
+        "ro_open, ro_osopen, ro_mkdir = builtins.open, os.open, os.mkdir\n"
+        "def op(f, mode='r', *a, **k):\n"
+        "    if isinstance(f, (str, os.PathLike)) and any(c in mode for c in 'wax+') and under(f): raise OSError(errno.EROFS, 'Read-only file system', os.fsdecode(f))\n"
+        "    return ro_open(f, mode, *a, **k)\n"
+        "def oso(p, fl, *a, **k):\n"
+        "    if fl & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and under(p): raise OSError(errno.EROFS, 'Read-only file system', os.fsdecode(p))\n"
+        "    return ro_osopen(p, fl, *a, **k)\n"
+        "def mk(p, *a, **k):\n"
+        "    if under(p) and not os.path.isdir(p): raise OSError(errno.EROFS, 'Read-only file system', os.fsdecode(p))\n"
+        "    return ro_mkdir(p, *a, **k)\n"
+        "builtins.open, os.open, os.mkdir = op, oso, mk\n"
+    )  # fmt: skip
+    r = _patched_main(
+        patch, ["stage2", "-o", str(ro / "run"), f"--store={w.store}", *w.common(), *sets(STAGE2_TINY)]
+    )
+    line = expect_one_line(r, 1, str(ro), "cannot write here (Read-only file system)")
+    assert list(ro.iterdir()) == []
+    return f"exit 1: `{line[:110]}`"
+
+
+def case_sigterm_during_embed(w: World) -> str:
+    marker = w.root / "embedding.started"
+    code = (
+        "import pathlib, sys, time\n"
+        "from llm2clip_vlm.store import writer\n"
+        "orig = writer.to_storage\n"
+        "def slow(*a, **k):\n"
+        f"    pathlib.Path({str(marker)!r}).touch(); time.sleep(2); return orig(*a, **k)\n"
+        "writer.to_storage = slow\n"
+        "from llm2clip_vlm.cli import main\n"
+        f"sys.argv = ['llm2clip-vlm', 'embed', '-o', {str(w.root / 'store-term')!r}, *{w.common()!r}]\n"
+        "main()\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], env=ENV, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 300
+    while not marker.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    line = expect_one_line(
+        Run(p.returncode, "", err), 143, "stopped by SIGTERM", "run the same command again"
+    )
+    assert not list((w.root / "store-term").rglob("*.partial"))
+    r = cli("embed", "-o", str(w.root / "store-term"), *w.common())
+    assert r.code == 0, r.err[-2000:]
+    return f"exit 143, `{line[:70]}...`; rerun completes the store"
+
+
 CASES: list[tuple[str, str, Callable[[World], str]]] = [
     ("build-tower: edited caption", "1", case_build_tower_edited_caption),
     ("build-tower: replaced encoder weights", "1", case_build_tower_replaced_encoder_weights),
@@ -559,6 +749,15 @@ CASES: list[tuple[str, str, Callable[[World], str]]] = [
     ("malformed CSV", "9", case_malformed_csv),
     ("duplicate keys", "9", case_duplicate_keys),
     ("SIGTERM during the image check", "9", case_sigterm_during_image_check),
+    ("config values out of range; duplicate YAML key", "27/8", case_config_ranges),
+    ("text corpus with a NUL byte", "27/8", case_text_corpus_nul),
+    ("report: gallery path traversal and markup", "27/5", case_report_stays_inside),
+    ("llava-shards --prefix ../../escaped", "27/6", case_llava_shards_prefix),
+    ("stage2: truncated backbone safetensors, bad config.json", "27/7", case_damaged_backbone),
+    ("damaged metrics.jsonl and index caches", "27/7", case_damaged_metrics_and_index),
+    ("full disk in torch.save (RuntimeError)", "27/7", case_full_disk_torch_save),
+    ("read-only output folder", "27/7", case_read_only_output),
+    ("SIGTERM during embed", "27/9", case_sigterm_during_embed),
 ]
 
 

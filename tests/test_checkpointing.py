@@ -86,7 +86,7 @@ def test_full_disk_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch: p
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpointing, "_save_tensors", full_disk)
-    with pytest.raises(CheckpointWriteError, match=r"No space left.*step-0000001 is intact"):
+    with pytest.raises(CheckpointWriteError, match=r"no space left on its disk.*step-0000001 is intact"):
         ckpt.save(2, weights=model.state_dict(), optimizer=opt, scheduler=sched, state={"step": 2})
     monkeypatch.undo()
     assert ckpt.latest() == good and sorted(p.name for p in tmp_path.iterdir()) == ["step-0000001"]

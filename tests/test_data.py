@@ -218,7 +218,7 @@ def test_text_corpus(tmp_path: Path) -> None:
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "a.txt").write_text("first line\n\nsecond line\n")
     (tmp_path / "c" / "b.txt").write_text("third\n")
-    assert load_text_corpus([str(tmp_path / "c")]) == ["first line", "second line", "third"]
+    assert load_text_corpus([str(tmp_path / "c")], min_chars=1) == ["first line", "second line", "third"]
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02")
     with pytest.raises(DataError, match="bin.txt is binary"):
         load_text_corpus([str(tmp_path / "bin.txt")])

@@ -133,7 +133,9 @@ def test_full_disk_during_training_keeps_the_last_checkpoint(tmp_path: Path, mon
         save(tensors, path, metadata)
 
     monkeypatch.setattr(checkpointing, "_save_tensors", disk_full_at_step_4)
-    with pytest.raises(CheckpointWriteError, match=r"step-0000004.*No space left.*step-0000002 is intact"):
+    with pytest.raises(
+        CheckpointWriteError, match=r"step-0000004.*no space left on its disk.*step-0000002 is intact"
+    ):
         run_stage2(tmp_path / "data", tmp_path / "run")
     ckpts = Checkpointer(tmp_path / "run" / "checkpoints")
     assert [p.name for p in ckpts.complete()] == ["step-0000002"]

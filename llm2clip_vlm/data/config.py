@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
+
+from llm2clip_vlm.config_io import COUNT, FRACTION, RATE, SEED, SIZE, Range
 
 
 @dataclass
@@ -42,6 +44,12 @@ class CaptionSetConfig:
     # draws ``weight`` x this set's images (2 = every image twice, 0.5 = a fresh half each epoch).
     weight: float = 1.0
 
+    # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "max_images": COUNT,
+        "weight": RATE,
+    }
+
 
 @dataclass
 class DataConfig:
@@ -75,6 +83,17 @@ class DataConfig:
     # records (images are then checked while training, under the same skip_bad policy).
     stream: bool = False
     shuffle_buffer: int = 2000
+
+    # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "demo_seed": SEED,
+        "demo_train_images": SIZE,
+        "demo_heldout_images": COUNT,
+        "text_corpus_ratio": FRACTION,
+        "max_bad_fraction": FRACTION,
+        "check_workers": COUNT,
+        "shuffle_buffer": COUNT,
+    }
 
 
 def train_sets(cfg: DataConfig) -> list[CaptionSetConfig]:

@@ -273,7 +273,17 @@ def build_table(
     root = (cache_dir or cache_root()) / "index"
     directory = root / key
     if (directory / "meta.json").is_file():
-        return directory
+        damage = _damage(directory)
+        if damage is None:
+            return directory
+        # A cache is ours to rebuild: set the damaged copy aside (another process may map it).
+        log.warning("index cache %s is damaged (%s): rebuilding it", directory, damage)
+        aside = directory.with_name(f".damaged-{key}-{os.getpid()}")
+        try:
+            os.rename(directory, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        except OSError:  # another process set it aside first
+            pass
     root.mkdir(parents=True, exist_ok=True)
     # Built in a private temp folder and renamed: concurrent ranks may build the same index; the
     # first rename wins and the others use it (their own copy is removed).
@@ -304,6 +314,31 @@ def build_table(
         raise
     log.info("indexed %d records of %s (%d bad) in %s", n, files[0] if files else "?", len(bad), directory)
     return directory
+
+
+def _damage(directory: Path) -> str | None:
+    """What is wrong with a cached index directory (None: it opens and is complete).
+
+    Cheap: parses the small JSON files and reads the Arrow file's footer (schema and batch
+    count), not its rows.
+    """
+    import pyarrow as pa
+
+    try:
+        meta = json.loads((directory / "meta.json").read_bytes().decode("utf-8"))
+        if not isinstance(meta, dict) or meta.get("version") != INDEX_VERSION:
+            return "meta.json is not this version's index metadata"
+        bad = json.loads((directory / "bad.json").read_bytes().decode("utf-8"))
+        if not isinstance(bad, list):
+            return "bad.json is not a list"
+        with pa.memory_map(str(directory / "records.arrow"), "r") as f:
+            reader = pa.ipc.open_file(f)
+            rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+        if rows != meta.get("records"):
+            return f"records.arrow holds {rows} records, meta.json says {meta.get('records')}"
+    except (OSError, ValueError, pa.ArrowException) as e:  # JSON/Unicode errors are ValueErrors
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
 
 
 def open_table(directory: Path) -> tuple[Any, dict[str, Any], list[BadRow]]:

@@ -7,6 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+
+from llm2clip_vlm.errors import BadInputFileError
+from llm2clip_vlm.weights import check_safetensors_file
 
 # Weight files we never open: they are pickles (arbitrary code on load).
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "adapter_model.bin")
@@ -63,9 +67,18 @@ def load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        for name, t in load_file(str(f)).items():
+        try:
+            check_safetensors_file(f, "checkpoint")  # a truncated file or a header that lies
+            tensors = load_file(str(f))
+        except (BadInputFileError, SafetensorError) as e:
+            raise ImportRefused(f"{f}: not a readable safetensors file ({e})") from e
+        for name, t in tensors.items():
             if name in state:
                 raise ImportRefused(f"{f}: tensor {name!r} also appears in another shard")
+            if not t.is_floating_point():
+                raise ImportRefused(f"{f}: tensor {name!r} is {t.dtype}, a weight must be floating point")
+            if not bool(torch.isfinite(t).all()):
+                raise ImportRefused(f"{f}: tensor {name!r} holds NaN or inf values")
             state[name] = t
     return state
 

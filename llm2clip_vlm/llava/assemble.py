@@ -19,9 +19,14 @@ import torch
 
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.text.modeling import quantization_config, resolve_model_ref
-from llm2clip_vlm.tower.backbones import TowerFormat, detect_tower_format, resolve_tower_path
+from llm2clip_vlm.tower.backbones import (
+    TowerFormat,
+    detect_tower_format,
+    load_tower_model,
+    resolve_tower_path,
+)
 from llm2clip_vlm.training.checkpoint import from_pretrained_kwargs
-from llm2clip_vlm.weights import require_safetensors
+from llm2clip_vlm.weights import check_llm_folder, loading, require_safetensors
 
 log = get_logger(__name__)
 
@@ -110,13 +115,17 @@ def build_llava_model(
             f"{path}: a {fmt.name} tower is not a transformers vision model; LlavaForConditionalGeneration "
             "needs a CLIP or SigLIP tower (use LLM2CLIPVisionTower in the LLaVA codebase instead)"
         )
-    vision = fmt.load_model(path, None)
+    vision = load_tower_model(path, fmt)
     check_feature_layer(vision.config, vision_feature_layer)  # before the (large) LLM loads
+    # transformers' LLaVA knows one prefix token at most (CLIP's CLS): "default" drops exactly one.
     has_cls = fmt.num_prefix_tokens(vision.config) == 1
     strategy = resolve_select_strategy(fmt, select_strategy, has_cls)
 
     ref = resolve_model_ref(str(llm_name_or_path))
-    tokenizer = AutoTokenizer.from_pretrained(ref.path, **ref.kwargs())
+    if not ref.gguf_file:
+        check_llm_folder(ref.path, allow_pickle)
+    with loading(ref.path, "LLM"):
+        tokenizer = AutoTokenizer.from_pretrained(ref.path, **ref.kwargs())
     tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
     if tokenizer.pad_token is None:
         # Batched generation and training need a pad token; LLaVA-1.5 pads with unk/eos too.
@@ -132,7 +141,8 @@ def build_llava_model(
         if ref.gguf_file:
             raise ValueError(f"{ref.gguf_file}: a GGUF LLM cannot be quantized with bitsandbytes")
         lm_kwargs.update(quantization_config=qconfig, device_map={"": "cpu"})
-    lm = AutoModelForCausalLM.from_pretrained(ref.path, **lm_kwargs)
+    with loading(ref.path, "LLM"):
+        lm = AutoModelForCausalLM.from_pretrained(ref.path, **lm_kwargs)
     model = assemble_llava(
         vision, lm, has_cls=has_cls, select_strategy=strategy, image_token_id=image_token_id,
         vocab_size=len(tokenizer), vision_feature_layer=vision_feature_layer, dtype=dtype,

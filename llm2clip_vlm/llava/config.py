@@ -8,8 +8,9 @@ the template, and how the model trains.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
+from llm2clip_vlm.config_io import COUNT, DROPOUT, FRACTION, INDEX, NONNEGATIVE, RATE, SEED, SIZE, Range
 from llm2clip_vlm.training.config import LoopConfig
 
 
@@ -47,6 +48,15 @@ class LlavaDataConfig:
     # before and after training (empty = none; the demo uses its held-out split).
     heldout_path: str = ""
     heldout_max_samples: int = 0
+
+    # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "max_samples": COUNT,
+        "max_bad_fraction": FRACTION,
+        "check_workers": COUNT,
+        "shuffle_buffer": COUNT,
+        "heldout_max_samples": COUNT,
+    }
 
 
 @dataclass
@@ -96,6 +106,23 @@ class LlavaPhaseConfig:
     # get_cosine_schedule_with_warmup (factors 0, 1/w, ...), then decays the lr on a cosine.
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(warmup_ratio=0.03, warmup_from_zero=True))
 
+    # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "lora_r": SIZE,
+        "lora_alpha": SIZE,
+        "lora_dropout": DROPOUT,
+        "batch_size": SIZE,
+        "micro_batch_size": SIZE,
+        "lr": RATE,
+        "projector_lr": NONNEGATIVE,
+        "weight_decay": NONNEGATIVE,
+        "max_length": SIZE,
+        "num_workers": COUNT,
+        "seed": SEED,
+        "eval_max_new_tokens": SIZE,
+        "eval_batch_size": SIZE,
+    }
+
 
 def _pretrain_defaults() -> LlavaPhaseConfig:
     # LLaVA-1.5's pretrain.sh: no --image_aspect_ratio (train.py's default 'square'), no grouping.
@@ -119,3 +146,8 @@ class LlavaConfig:
     system_prompt: str = ""  # empty = the template's own (vicuna_v1: LLaVA-1.5's)
     pretrain: LlavaPhaseConfig = field(default_factory=_pretrain_defaults)
     finetune: LlavaPhaseConfig = field(default_factory=LlavaPhaseConfig)
+
+    # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "vision_feature_layer": INDEX,
+    }

@@ -82,17 +82,26 @@ class LlavaRecord:
 
 def _read_json_records(path: Path) -> list[tuple[str, Any]]:
     """``(where, raw record)`` pairs of a JSON list or a JSONL file; broken JSON names its line."""
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(raw) > 1 and raw[1:2] == b"\x00"):
+        # UTF-16 (a byte-order mark, or "[\0" / "{\0"): JSON files are UTF-8 (RFC 8259).
+        raise DataError(f"{path}: the file is UTF-16 text, not UTF-8: save it as UTF-8 JSON")
     if path.suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                rows.append((f"{path}:{n}", json.loads(line)))
+                rows.append((f"{path}:{n}", json.loads(line.decode("utf-8"))))
+            except UnicodeDecodeError as e:
+                rows.append((f"{path}:{n}", DataError(f"{path}:{n}: not UTF-8 (byte {e.start}: {e.reason})")))
             except json.JSONDecodeError as e:
                 rows.append((f"{path}:{n}", DataError(f"{path}:{n}: malformed JSON ({e.msg})")))
         return rows
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -111,7 +120,11 @@ def _check_turns(raw: Any, where: str, has_image: Callable[[dict[str, Any]], boo
         raise raw
     if not isinstance(raw, dict):
         raise DataError(f"{where}: a record must be an object, got {type(raw).__name__}")
-    rid = str(raw.get("id", where))
+    rid = raw.get("id", where)
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        # LLaVA's ids are strings (numbers in some sets); an object or a list is not an id.
+        raise DataError(f"{where}: 'id' must be a string or a number, got {type(rid).__name__} {rid!r:.60}")
+    rid = str(rid)
     where = f"{where} id={rid}"
     conv = raw.get("conversations")
     if not isinstance(conv, list) or not conv:

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from llm2clip_vlm.errors import PickleRefusedError
+from llm2clip_vlm import resources
+from llm2clip_vlm.errors import BadInputFileError, PickleRefusedError
 from llm2clip_vlm.llava.assemble import build_llava_model
 from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
 from llm2clip_vlm.llava.templates import TEMPLATE_FILE, VICUNA_SYSTEM, VICUNA_V1_JINJA
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.weights import check_safetensors_file
 
 log = get_logger(__name__)
 
@@ -68,9 +70,23 @@ def load_projector(projector: torch.nn.Module, path: Path) -> None:
         )
     if path.suffix != ".safetensors":
         raise PickleRefusedError(PICKLED_PROJECTOR.format(path=path))
+    check_safetensors_file(path, "pretrained projector")
     state = load_file(str(path))
     inverse = {v: k for k, v in LLAVA_PROJECTOR_KEYS.items()}
     state = {inverse.get(k, k): v for k, v in state.items()}
+    expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+    missing, unknown = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unknown:
+        raise BadInputFileError(
+            f"pretrained projector {path}: not a projector of this model "
+            f"(missing {missing[:2]}, unexpected {unknown[:2]}): pass --from the llava-pretrain output"
+        )
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise BadInputFileError(
+                f"pretrained projector {path}: {k} has shape {list(state[k].shape)}, this tower and LLM "
+                f"need {list(shape)}: it was pretrained with another tower or LLM (check --tower / llava.llm)"
+            )
     projector.load_state_dict(state)
 
 
@@ -205,13 +221,18 @@ def merged_model(llava: LlavaConfig, p: LlavaPhaseConfig, model: Any, allow_pick
     return merged
 
 
+def _bytes_of(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def save_llava(
     model: Any, processor: Any, out: Path, template: str, system: str | None, dtype: torch.dtype
 ) -> None:
     """``out``: the model in transformers' LLaVA format + processor + which template it learnt."""
     model = model.to(dtype)
     model.eval()
-    model.save_pretrained(out, safe_serialization=True)
+    with resources.writing(out, lambda: _bytes_of(model)):  # a full disk: one line naming out
+        model.save_pretrained(out, safe_serialization=True)
     if template == "vicuna_v1":
         # transformers (lmms-eval, serving engines) then build the prompt the model was trained on.
         processor.chat_template = VICUNA_V1_JINJA

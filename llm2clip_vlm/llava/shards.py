@@ -17,11 +17,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llm2clip_vlm import resources
 from llm2clip_vlm.data.captions import IMAGE_EXTENSIONS
 from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.llava.data import LlavaRecord
@@ -60,6 +62,7 @@ def write_llava_shards(
     """
     if per_shard <= 0:
         raise ValueError(f"per_shard must be positive, got {per_shard}")
+    check_prefix(prefix)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"source": source, "records": len(records), "per_shard": per_shard, "prefix": prefix}
@@ -89,6 +92,23 @@ def write_llava_shards(
     return paths
 
 
+# A shard name's prefix is a plain file name: the shards land in ``out_dir`` and nowhere else.
+_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_prefix(prefix: str) -> None:
+    """Refuse a prefix that is not a plain name (a ``/``, ``..``, or a leading dot or dash).
+
+    Raises:
+        ValueError: naming the prefix.
+    """
+    if not _PREFIX.fullmatch(prefix) or ".." in prefix:
+        raise ValueError(
+            f"shard prefix {prefix!r} must be a plain name (letters, digits, '.', '_', '-'; no '/' or "
+            "'..'): the shards are written into the output folder only"
+        )
+
+
 def _describe(source: Any) -> str:
     """A source description in a few words: the data file's path when there is one."""
     data = source.get("data") if isinstance(source, dict) else None
@@ -99,6 +119,23 @@ def _describe(source: Any) -> str:
 def _write_shard(path: Path, records: Sequence[LlavaRecord], first: int, last: int) -> None:
     """Samples ``first..last-1`` into ``path``, through a temporary name renamed at the end."""
     tmp = path.with_name(path.name + ".tmp")
+
+    def needed() -> int:  # about the shard's size, only computed when a write failed
+        return sum(
+            len(r.image) if isinstance(r.image, bytes) else (r.image.stat().st_size if r.image else 0)
+            for r in records[first:last]
+        )
+
+    try:
+        with resources.writing(path, needed):
+            _write_tar(tmp, records, first, last)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half shard left behind; finished shards stay
+        raise
+    os.replace(tmp, path)
+
+
+def _write_tar(tmp: Path, records: Sequence[LlavaRecord], first: int, last: int) -> None:
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for k in range(first, last):
             rec = records[k]
@@ -116,4 +153,3 @@ def _write_shard(path: Path, records: Sequence[LlavaRecord], first: int, last: i
                 # only when the reader knows it.
                 ext = rec.image.suffix.lower().lstrip(".")
                 _add(tar, f"{key}.{ext if ext in IMAGE_EXTENSIONS else 'jpg'}", rec.image.read_bytes())
-    os.replace(tmp, path)

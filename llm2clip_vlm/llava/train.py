@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from llm2clip_vlm import resources
 from llm2clip_vlm.data.errors import BadRecords, write_report
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.llava.batches import phase_batches, steps_per_epoch
@@ -268,10 +269,11 @@ def train_llava(
         save_dtype = torch.float32 if p.loop.precision == "fp32" else compute_dtype
         save_llava(final, processor, out / "model", p.template, system, save_dtype)
         projector_state = projector_state_for_llava(final.model.multi_modal_projector)
-        save_file(projector_state, str(out / PROJECTOR_FILE))
-        # LLaVA's `--pretrain_mm_mlp_adapter` reads a torch.save file: a plain dict of tensors,
-        # which `torch.load(weights_only=True)` loads without unpickling any code.
-        torch.save(projector_state, out / "mm_projector.bin")
+        with resources.writing(out / PROJECTOR_FILE, 2 * sum(t.nbytes for t in projector_state.values())):
+            save_file(projector_state, str(out / PROJECTOR_FILE))
+            # LLaVA's `--pretrain_mm_mlp_adapter` reads a torch.save file: a plain dict of tensors,
+            # which `torch.load(weights_only=True)` loads without unpickling any code.
+            torch.save(projector_state, out / "mm_projector.bin")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_report(out, data.records.name, total_records, bad.skipped)
     tracker.finish()

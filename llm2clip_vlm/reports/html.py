@@ -1,13 +1,18 @@
-"""Lay out the report: one HTML file, no external resources (figures and thumbnails inlined)."""
+"""Lay out the report: one HTML file, no external resources (figures and thumbnails inlined).
+
+Rendered with Jinja2 and autoescape: every string read from a run's files is escaped wherever it
+lands (text or attribute), and thumbnails are read only from inside each run's ``gallery/``.
+"""
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
-import html
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import jinja2
 
 from llm2clip_vlm.reports import plots
 from llm2clip_vlm.reports.runs import Run
@@ -31,76 +36,121 @@ th{background:#f3f5f9} td.l,th.l{text-align:left} img.plot{max-width:100%;displa
 """
 
 
-def _e(x: Any) -> str:
-    return html.escape(str(x))
+# The page: one Jinja2 template with autoescape on, so every string from a run's files (captions,
+# questions, answers, labels) is escaped in text and in attributes alike; only the base64 data
+# URIs built here go into src attributes (they are [A-Za-z0-9+/=] and need no escaping).
+TEMPLATE = """\
+{%- macro table(head, rows, left=1) -%}
+<table><tr>{% for h in head %}<th class="{{ 'l' if loop.index0 < left else '' }}">{{ h }}</th>{% endfor %}</tr>
+{%- for r in rows %}<tr>{% for c in r %}<td class="{{ 'l' if loop.index0 < left else '' }}">{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
+{%- endmacro -%}
+{%- macro img(src, alt, cls="plot") -%}
+{% if src %}<img class="{{ cls }}" alt="{{ alt }}" src="{{ src }}">{% endif %}
+{%- endmacro -%}
+<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title><style>{{ css|safe }}</style></head><body>
+<h1>{{ title }}</h1>
+<p class="muted">{{ runs|length }} run(s); generated {{ now }} by <code>llm2clip-vlm report</code> from each run's metrics.jsonl.</p>
+<h2>Runs</h2>{{ table(overview.head, overview.rows, 2) }}
+{% if curves %}<h2>Training curves</h2>
+{% for src, alt in curves %}{{ img(src, alt) }}
+{% endfor %}{% endif %}
+{% if cra %}<h2>Stage 1: caption retrieval accuracy (CRA)</h2><p class="muted">Top-1: each held-out caption retrieves the other caption of its image.</p>{{ table(cra.head, cra.rows) }}{{ img(cra.bars, "CRA before and after", "plot bars") }}
+{% endif %}
+{% if retrieval %}<h2>Stage 2: zero-shot retrieval on held-out sets (%)</h2>
+{% for r in retrieval %}<h3>{{ r.label }}</h3>{{ table(r.head, r.rows, 2) }}
+{% for g in r.galleries %}<h3>Retrieval gallery: {{ g.name }} (after training)</h3>
+<p class="muted">Held-out caption &rarr; top-5 images; the green frame is its own image.</p>
+{% for q in g.t2i %}<div class="q"><div class="cap">&ldquo;{{ q.caption }}&rdquo;</div>
+{%- for t in q.thumbs %}<span class="th{{ ' ok' if t.ok else '' }}"><img src="{{ t.src }}" alt="image {{ t.image }}"><span class="tag">{{ t.n }}{% if t.ok %} &#10003;{% endif %}</span></span>{% endfor %}
+{%- if not q.found %}<span class="muted">its image:</span><span class="th"><img src="{{ q.answer_src }}" alt="answer"></span>{% endif %}</div>
+{% endfor %}<p class="muted">Image &rarr; its top captions (green: a caption of this image).</p>
+<div class="grid">
+{% for q in g.i2t %}<div class="q"><span class="th"><img src="{{ q.src }}" alt="image {{ q.image }}"></span><ul class="caps">{% for c in q.caps %}<li class="{{ 'ok' if c.ok else '' }}">{{ c.caption }}</li>{% endfor %}</ul></div>
+{% endfor %}</div>
+{% endfor %}{% endfor %}{% endif %}
+{% if llava %}<h2>LLaVA: held-out accuracy by question type, and generated answers</h2>
+{% for r in llava %}<h3>{{ r.label }}</h3>
+{% if r.rows %}{{ table(["question type", "before (%)", "after (%)", "questions"], r.rows) }}{{ img(r.bars, "held-out accuracy by question type", "plot bars") }}
+{% else %}<p class="muted">No held-out questions were evaluated in this run.</p>
+{% endif %}
+{% for ex in r.examples %}<div class="ex">{% if ex.src %}<img src="{{ ex.src }}" alt="question image">{% endif %}<div><b>Q</b> ({{ ex.qtype }}): {{ ex.question }}<br><b>expected</b>: {{ ex.answer }}<br><b>generated</b>: {{ ex.prediction }} {% if ex.ok %}<span class="good">correct</span>{% else %}<span class="bad">wrong</span>{% endif %}</div></div>
+{% endfor %}{% endfor %}{% endif %}
+</body></html>
+"""
+
+_ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+PAGE = _ENV.from_string(TEMPLATE)
 
 
-def _img(png: bytes | None, alt: str, cls: str = "plot") -> str:
-    if png is None:
+def _png(png: bytes | None) -> str:
+    return f"data:image/png;base64,{base64.b64encode(png).decode()}" if png is not None else ""
+
+
+def _thumb(run: Run, rel: Any) -> str:
+    """A gallery thumbnail as a data URI; "" unless ``rel`` names a file inside ``RUN/gallery``.
+
+    The gallery JSON is data, not trusted: ``"../../secret"``, an absolute path or a symlink out
+    of the gallery folder is never read.
+    """
+    if not isinstance(rel, str) or not rel:
         return ""
-    return f'<img class="{cls}" alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-
-
-def _thumb(run: Run, rel: str | None) -> str:
-    path = run.path / GALLERY_DIR / rel if rel else None
-    if path is None or not path.is_file():
+    gallery = (run.path / GALLERY_DIR).resolve()
+    path = (gallery / rel).resolve()
+    if not path.is_relative_to(gallery) or not path.is_file():
         return ""
     return f"data:image/jpeg;base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
 def _fmt(v: Any, nd: int = 1) -> str:
-    return f"{v:.{nd}f}" if isinstance(v, (int, float)) else "-"
+    return f"{v:.{nd}f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
 
-def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
-    th = "".join(f'<th class="{"l" if i < left else ""}">{_e(h)}</th>' for i, h in enumerate(head))
-    body = "".join(
-        "<tr>"
-        + "".join(f'<td class="{"l" if i < left else ""}">{_e(c)}</td>' for i, c in enumerate(r))
-        + "</tr>"
-        for r in rows
-    )
-    return f"<table><tr>{th}</tr>{body}</table>"
+def _text(v: Any) -> str:
+    """A value from a run's files as text (the template escapes it)."""
+    return "-" if v is None else str(v)
 
 
 # --------------------------------------------------------------------------------------------
-def _overview(runs: Sequence[Run]) -> str:
+def _overview(runs: Sequence[Run]) -> dict[str, Any]:
     rows = []
     for r in runs:
         last = r.train[-1] if r.train else {}
         rows.append([
-            r.label, r.kind, last.get("step", "-"), _fmt(last.get("loss"), 4), _fmt(last.get("samples_per_s"), 1),
+            r.label, r.kind, _text(last.get("step", "-")), _fmt(last.get("loss"), 4), _fmt(last.get("samples_per_s"), 1),
             _fmt(last.get("tokens_per_s"), 0), _fmt(last.get("peak_gpu_gib", last.get("peak_rss_gib")), 2), str(r.path),
         ])  # fmt: skip
     head = ["run", "kind", "steps", "last loss", "samples/s", "tokens/s", "peak mem GiB", "directory"]
-    return "<h2>Runs</h2>" + _table(head, rows, left=2)
+    return {"head": head, "rows": rows}
 
 
-def _curves(runs: Sequence[Run]) -> str:
-    parts = ["<h2>Training curves</h2>"]
-    for kind in plots.kinds(runs):
-        parts.append(_img(plots.training_curves(runs, kind), f"{kind} training curves"))
-    return "\n".join(parts) if len(parts) > 1 else ""
+def _curves(runs: Sequence[Run]) -> list[tuple[str, str]]:
+    return [
+        (_png(plots.training_curves(runs, kind)), f"{kind} training curves") for kind in plots.kinds(runs)
+    ]
 
 
-def _cra(runs: Sequence[Run]) -> str:
+def _cra(runs: Sequence[Run]) -> dict[str, Any] | None:
     rows, labels, before, after = [], [], [], []
     for r in runs:
         if r.kind != "stage1":
             continue
         b, a = r.before_after()
-        rows.append([r.label, _fmt(b.get("cra")), _fmt(a.get("cra")), a.get("step", "-")])
+        rows.append([r.label, _fmt(b.get("cra")), _fmt(a.get("cra")), _text(a.get("step", "-"))])
         labels.append(r.label)
-        before.append(float(b.get("cra", 0.0) or 0.0))
-        after.append(float(a.get("cra", 0.0) or 0.0))
+        before.append(_number(b.get("cra")))
+        after.append(_number(a.get("cra")))
     if not rows:
-        return ""
-    return (
-        "<h2>Stage 1: caption retrieval accuracy (CRA)</h2>"
-        '<p class="muted">Top-1: each held-out caption retrieves the other caption of its image.</p>'
-        + _table(["run", "CRA before (%)", "CRA after (%)", "steps"], rows)
-        + _img(plots.before_after_bars(labels, before, after, "CRA (%)"), "CRA before and after", "plot bars")
-    )
+        return None
+    return {
+        "head": ["run", "CRA before (%)", "CRA after (%)", "steps"],
+        "rows": rows,
+        "bars": _png(plots.before_after_bars(labels, before, after, "CRA (%)")),
+    }
+
+
+def _number(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
 
 
 def _retrieval_sets(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -112,8 +162,20 @@ def _retrieval_sets(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return sets
 
 
-def _retrieval(runs: Sequence[Run]) -> str:
-    parts = []
+def _retrieval(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    out = []
+    head = [
+        "set",
+        "when",
+        "images",
+        "captions",
+        "I2T R@1",
+        "I2T R@5",
+        "I2T R@10",
+        "T2I R@1",
+        "T2I R@5",
+        "T2I R@10",
+    ]
     for r in runs:
         if r.kind != "stage2":
             continue
@@ -123,130 +185,91 @@ def _retrieval(runs: Sequence[Run]) -> str:
         for name in sorted(set(before) | set(after)):
             for when, m in (("before", before.get(name)), ("after", after.get(name))):
                 if m:
-                    rows.append(
-                        [
-                            name,
-                            when,
-                            m.get("n_images", "-"),
-                            m.get("n_captions", "-"),
-                            *(_fmt(m.get(k)) for k in R_KEYS),
-                        ]
-                    )
-        head = [
-            "set",
-            "when",
-            "images",
-            "captions",
-            "I2T R@1",
-            "I2T R@5",
-            "I2T R@10",
-            "T2I R@1",
-            "T2I R@5",
-            "T2I R@10",
-        ]
-        parts.append(f"<h3>{_e(r.label)}</h3>" + _table(head, rows, left=2) + _gallery(r))
-    if not parts:
-        return ""
-    return "<h2>Stage 2: zero-shot retrieval on held-out sets (%)</h2>" + "\n".join(parts)
+                    rows.append([
+                        name, when, _text(m.get("n_images", "-")), _text(m.get("n_captions", "-")),
+                        *(_fmt(m.get(k)) for k in R_KEYS),
+                    ])  # fmt: skip
+        out.append({"label": r.label, "head": head, "rows": rows, "galleries": _galleries(r)})
+    return out
 
 
-def _gallery(run: Run) -> str:
+def _galleries(run: Run) -> list[dict[str, Any]]:
     out = []
     for name, g in run.retrieval_gallery.items():
-        images = g.get("images", {})
-        out.append(f"<h3>Retrieval gallery: {_e(name)} (after training)</h3>")
-        out.append(
-            '<p class="muted">Held-out caption &rarr; top-5 images; the green frame is its own image.</p>'
-        )
-        for q in g.get("text_to_image", []):
-            thumbs = "".join(
-                f'<span class="th{" ok" if i == q["answer"] else ""}"><img src="{_thumb(run, images.get(str(i)))}" '
-                f'alt="image {i}"><span class="tag">{n + 1}{" &#10003;" if i == q["answer"] else ""}</span></span>'
+        images = g["images"]
+        t2i = []
+        for q in g["text_to_image"]:
+            thumbs = [
+                {"src": _thumb(run, images.get(str(i))), "image": i, "n": n + 1, "ok": i == q["answer"]}
                 for n, (i, _) in enumerate(q["top"])
-            )  # fmt: skip
-            found = any(i == q["answer"] for i, _ in q["top"])
-            missing = "" if found else (
-                f'<span class="muted">its image:</span><span class="th"><img src="{_thumb(run, images.get(str(q["answer"])))}" alt="answer"></span>'
-            )  # fmt: skip
-            out.append(
-                f'<div class="q"><div class="cap">&ldquo;{_e(q["caption"])}&rdquo;</div>{thumbs}{missing}</div>'
-            )
-        out.append('<p class="muted">Image &rarr; its top captions (green: a caption of this image).</p>')
-        out.append('<div class="grid">')
-        for q in g.get("image_to_text", []):
-            caps = "".join(
-                f'<li class="{"ok" if c["correct"] else ""}">{_e(c["caption"])}</li>' for c in q["top"]
-            )
-            out.append(
-                f'<div class="q"><span class="th"><img src="{_thumb(run, images.get(str(q["image"])))}" '
-                f'alt="image {q["image"]}"></span><ul class="caps">{caps}</ul></div>'
-            )
-        out.append("</div>")
-    return "\n".join(out)
+            ]
+            t2i.append({
+                "caption": _text(q["caption"]), "thumbs": thumbs, "found": any(t["ok"] for t in thumbs),
+                "answer_src": _thumb(run, images.get(str(q["answer"]))),
+            })  # fmt: skip
+        i2t = [
+            {
+                "src": _thumb(run, images.get(str(q["image"]))),
+                "image": q["image"],
+                "caps": [{"caption": _text(c["caption"]), "ok": bool(c["correct"])} for c in q["top"]],
+            }
+            for q in g["image_to_text"]
+        ]
+        out.append({"name": name, "t2i": t2i, "i2t": i2t})
+    return out
 
 
-def _llava(runs: Sequence[Run]) -> str:
-    parts = []
+def _llava(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    out = []
     for r in runs:
         if r.kind != "llava":
             continue
         b, a = r.before_after()
         types = sorted({k.split("/")[2] for row in (b, a) for k in row if k.startswith("heldout/per_type/")})
-        section = [f"<h3>{_e(r.label)}</h3>"]
+        rows, bars = [], ""
         if a or b:
-            rows = [
-                [
-                    "all",
-                    _fmt(b.get("heldout/accuracy")),
-                    _fmt(a.get("heldout/accuracy")),
-                    a.get("heldout/n", b.get("heldout/n", "-")),
-                ]
-            ]
+            rows.append([
+                "all", _fmt(b.get("heldout/accuracy")), _fmt(a.get("heldout/accuracy")),
+                _text(a.get("heldout/n", b.get("heldout/n", "-"))),
+            ])  # fmt: skip
             for t in types:
                 key = f"heldout/per_type/{t}"
-                rows.append(
-                    [
-                        t,
-                        _fmt(b.get(f"{key}/accuracy")),
-                        _fmt(a.get(f"{key}/accuracy")),
-                        a.get(f"{key}/n", b.get(f"{key}/n", "-")),
-                    ]
-                )
-            section.append(_table(["question type", "before (%)", "after (%)", "questions"], rows))
+                rows.append([
+                    t, _fmt(b.get(f"{key}/accuracy")), _fmt(a.get(f"{key}/accuracy")),
+                    _text(a.get(f"{key}/n", b.get(f"{key}/n", "-"))),
+                ])  # fmt: skip
             if types:
-                section.append(_img(plots.before_after_bars(
-                    types, [float(b.get(f"heldout/per_type/{t}/accuracy") or 0) for t in types],
-                    [float(a.get(f"heldout/per_type/{t}/accuracy") or 0) for t in types], "accuracy (%)",
-                ), "held-out accuracy by question type", "plot bars"))  # fmt: skip
-        else:
-            section.append('<p class="muted">No held-out questions were evaluated in this run.</p>')
-        for ex in r.answers:
-            ok = ex.get("correct")
-            mark = '<span class="good">correct</span>' if ok else '<span class="bad">wrong</span>'
-            img = f'<img src="{_thumb(r, ex.get("image"))}" alt="question image">' if ex.get("image") else ""
-            section.append(
-                f'<div class="ex">{img}<div><b>Q</b> ({_e(ex.get("question_type") or "-")}): {_e(ex.get("question", ""))}<br>'
-                f'<b>expected</b>: {_e(ex.get("answer"))}<br><b>generated</b>: {_e(ex.get("prediction"))} {mark}</div></div>'
-            )  # fmt: skip
-        parts.append("\n".join(section))
-    if not parts:
-        return ""
-    return "<h2>LLaVA: held-out accuracy by question type, and generated answers</h2>" + "\n".join(parts)
+                bars = _png(plots.before_after_bars(
+                    types, [_number(b.get(f"heldout/per_type/{t}/accuracy")) for t in types],
+                    [_number(a.get(f"heldout/per_type/{t}/accuracy")) for t in types], "accuracy (%)",
+                ))  # fmt: skip
+        examples = [
+            {
+                "src": _thumb(r, ex.get("image")),
+                "qtype": _text(ex.get("question_type") or "-"),
+                "question": _text(ex.get("question", "")),
+                "answer": _text(ex.get("answer")),
+                "prediction": _text(ex.get("prediction")),
+                "ok": bool(ex.get("correct")),
+            }
+            for ex in r.answers
+        ]
+        out.append({"label": r.label, "rows": rows, "bars": bars, "examples": examples})
+    return out
 
 
 def render(runs: Sequence[Run], title: str = "llm2clip-vlm run report") -> str:
     """The whole page as a string."""
-    now = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    body = [
-        f"<h1>{_e(title)}</h1>",
-        f'<p class="muted">{len(runs)} run(s); generated {now} by <code>llm2clip-vlm report</code> from each run\'s metrics.jsonl.</p>',
-        _overview(runs), _curves(runs), _cra(runs), _retrieval(runs), _llava(runs),
-    ]  # fmt: skip
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>\n"
-        + "\n".join(p for p in body if p)
-        + "\n</body></html>\n"
+    return PAGE.render(
+        title=title,
+        css=CSS,
+        runs=runs,
+        now=dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        overview=_overview(runs),
+        curves=_curves(runs),
+        cra=_cra(runs),
+        retrieval=_retrieval(runs),
+        llava=_llava(runs),
     )
 
 

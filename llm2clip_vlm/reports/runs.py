@@ -9,12 +9,16 @@ A RUN argument is a training run directory (one with a ``metrics.jsonl``: stage 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.tracking.gallery import ANSWERS_FILE, GALLERY_DIR, RETRIEVAL_FILE
 from llm2clip_vlm.tracking.metrics_log import FILENAME, read_jsonl
+
+log = get_logger(__name__)
 
 BUILD_STAGES = ("stage1", "stage2")
 # What each trainer writes as ``stage`` -> the report's section for it.
@@ -71,13 +75,73 @@ class Run:
         return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _inside(base: Path, path: Path) -> bool:
+    """``path`` is a file under ``base`` once links are resolved (a run's files may be edited or
+    linked by anyone: the report reads nothing outside the run folders it was given)."""
+    return path.resolve().is_relative_to(base.resolve()) and path.is_file()
+
+
+def _read_json(base: Path, path: Path, check: Callable[[Any], bool]) -> Any:
+    """A gallery JSON file of the run, or None (with one warning) when it is outside the run,
+    not UTF-8 JSON, or not shaped as :mod:`llm2clip_vlm.tracking.gallery` writes it."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    if not _inside(base, path):
+        log.warning("%s: left out of the report (it leads outside the run folder %s)", path, base)
+        return None
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        log.warning("%s: left out of the report (not UTF-8 JSON: %s)", path, e)
+        return None
+    if not check(doc):
+        log.warning("%s: left out of the report (not the layout the run writes)", path)
+        return None
+    return doc
+
+
+def _is_retrieval(doc: Any) -> bool:
+    def query_ok(q: Any) -> bool:
+        return (
+            isinstance(q, dict)
+            and isinstance(q.get("top"), list)
+            and all(isinstance(t, list) and len(t) == 2 for t in q["top"])
+            and "answer" in q
+            and "caption" in q
+        )
+
+    def image_ok(q: Any) -> bool:
+        return (
+            isinstance(q, dict)
+            and "image" in q
+            and isinstance(q.get("top"), list)
+            and all(isinstance(c, dict) and "caption" in c and "correct" in c for c in q["top"])
+        )
+
+    return isinstance(doc, dict) and all(
+        isinstance(g, dict)
+        and isinstance(g.get("images"), dict)
+        and isinstance(g.get("text_to_image"), list)
+        and isinstance(g.get("image_to_text"), list)
+        and all(map(query_ok, g["text_to_image"]))
+        and all(map(image_ok, g["image_to_text"]))
+        for g in doc.values()
+    )
+
+
+def _is_answers(doc: Any) -> bool:
+    return isinstance(doc, list) and all(isinstance(ex, dict) for ex in doc)
+
+
 def _read_run(path: Path, label: str) -> Run:
     gallery = path / GALLERY_DIR
-    retrieval = (
-        json.loads((gallery / RETRIEVAL_FILE).read_text()) if (gallery / RETRIEVAL_FILE).is_file() else {}
-    )
-    answers = json.loads((gallery / ANSWERS_FILE).read_text()) if (gallery / ANSWERS_FILE).is_file() else []
-    return Run(label, path, read_jsonl(path / FILENAME), retrieval, answers)
+    retrieval = _read_json(path, gallery / RETRIEVAL_FILE, _is_retrieval) or {}
+    answers = _read_json(path, gallery / ANSWERS_FILE, _is_answers) or []
+    metrics = path / FILENAME
+    rows = read_jsonl(metrics) if _inside(path, metrics) else []
+    if not rows and metrics.is_file() and not _inside(path, metrics):
+        log.warning("%s: left out of the report (it leads outside the run folder %s)", metrics, path)
+    return Run(label, path, rows, retrieval, answers)
 
 
 def load_runs(paths: list[Path]) -> list[Run]:

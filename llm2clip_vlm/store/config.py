@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
+
+from llm2clip_vlm.config_io import COUNT, SIZE, Range
 
 
 @dataclass
@@ -21,3 +23,10 @@ class EmbedConfig:
     # the first ones (0 = all). Held-out sets are always embedded whole. Where the LLM pass is
     # the bottleneck (a CPU), more images with fewer captions each is the better trade.
     train_captions_per_kind: int = 0
+
+    # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "batch_size": SIZE,
+        "shard_size": SIZE,
+        "train_captions_per_kind": COUNT,
+    }

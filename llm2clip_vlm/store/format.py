@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from llm2clip_vlm import resources
 from llm2clip_vlm.data.captions import captions_only
 from llm2clip_vlm.data.records import ImageCaptions
 
@@ -221,10 +222,14 @@ def shard_name(index: int) -> str:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp name, fsync, then rename: a reader (or a resumed run) never sees half a file."""
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with resources.writing(path, len(data)), open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -235,10 +240,14 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """``np.save`` through a temp name (the .npy header is deterministic, so reruns are byte-equal)."""
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with resources.writing(path, array.nbytes + 128), open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written shard takes no space; the finished ones stay
+        raise
     os.replace(tmp, path)
 
 

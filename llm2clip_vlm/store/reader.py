@@ -181,9 +181,11 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         )
         raise StoreMismatchError(f"{path} is an incomplete store: no {fmt.MANIFEST} ({hint})")
     try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(file.read_bytes().decode("utf-8"))
+    except ValueError as e:  # not UTF-8, or not JSON
         raise StoreMismatchError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(manifest, dict):
+        raise StoreMismatchError(f"{file}: not valid JSON (a {type(manifest).__name__}, not an object)")
     if manifest.get("format") != fmt.FORMAT or manifest.get("version") != fmt.VERSION:
         raise StoreMismatchError(
             f"{file}: format {manifest.get('format')!r} v{manifest.get('version')}, "

@@ -134,9 +134,10 @@ def _drop_if_other_encoder(path: Path, identity: str) -> None:
     if not plan.is_file():
         return
     try:
-        old = json.loads(plan.read_text()).get("encoder_identity")
-    except json.JSONDecodeError:
-        return  # the writer reports it
+        doc = json.loads(plan.read_bytes().decode("utf-8"))
+    except ValueError:  # not UTF-8 or not JSON: the writer reports it
+        return
+    old = doc.get("encoder_identity") if isinstance(doc, dict) else None
     if old and old != identity:
         log.warning(
             "%s was embedded by encoder %s..., the encoder's weights are now %s...: embedding again",

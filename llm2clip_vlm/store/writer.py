@@ -133,9 +133,11 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
     if not path.is_file():
         return
     try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        old = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as e:  # not UTF-8, or not JSON
         raise StoreMismatchError(f"{path}: not valid JSON ({e}); remove {out} and rerun") from e
+    if not isinstance(old, dict):
+        raise StoreMismatchError(f"{path}: not a store plan (a {type(old).__name__}); remove {out} and rerun")
     diffs = [
         f"{k}: {old.get(k)!r} there, {plan[k]!r} now"
         for k in plan
@@ -165,8 +167,11 @@ def shard_is_complete(out: Path, index: int, start: int, stop: int, plan_sha: st
     if not (npy.is_file() and side.is_file()):
         return None
     try:
-        meta = json.loads(side.read_text())
-    except json.JSONDecodeError:
+        meta = json.loads(side.read_bytes().decode("utf-8"))
+    except ValueError:  # not UTF-8, or not JSON: the shard is redone
+        meta = None
+    if not isinstance(meta, dict):
+        log.warning("shard sidecar %s is damaged; recomputing shard %d", side, index)
         return None
     if (meta.get("plan"), meta.get("start"), meta.get("stop")) != (plan_sha, start, stop):
         return None

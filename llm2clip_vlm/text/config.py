@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
+from llm2clip_vlm.config_io import COUNT, DROPOUT, NONNEGATIVE, PROBABILITY, RATE, SEED, SIZE, Range
 from llm2clip_vlm.training.config import LoopConfig
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -22,6 +23,14 @@ class LoraConfig:
     top_layers: int = 0
     # "4bit" = QLoRA (bitsandbytes NF4 base), "8bit" = LLM.int8 base, "none" = full-precision base.
     quantization: Literal["none", "4bit", "8bit"] = "none"
+
+    # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "r": SIZE,
+        "alpha": SIZE,
+        "dropout": DROPOUT,
+        "top_layers": COUNT,
+    }
 
 
 @dataclass
@@ -45,6 +54,17 @@ class MNTPConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     schedule: Literal["linear", "constant", "cosine"] = "linear"
+
+    # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "mlm_probability": PROBABILITY,
+        "steps": COUNT,
+        "batch_size": SIZE,
+        "lr": RATE,
+        "warmup_steps": COUNT,
+        "weight_decay": NONNEGATIVE,
+        "grad_clip": NONNEGATIVE,
+    }
 
 
 @dataclass
@@ -121,3 +141,17 @@ class Stage1Config:
             warmup_steps=300, warmup_from_zero=True, schedule="linear", grad_clip=1.0, save_every_steps=200
         )
     )
+
+    # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "max_length": SIZE,
+        "pad_to_multiple_of": COUNT,
+        "scale": RATE,
+        "batch_size": SIZE,
+        "lr": RATE,
+        "weight_decay": NONNEGATIVE,
+        "chunk_size": COUNT,
+        "seed": SEED,
+        "cra_captions": COUNT,
+        "eval_batch_size": SIZE,
+    }

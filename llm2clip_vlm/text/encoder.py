@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from llm2clip_vlm.errors import BadInputFileError
 from llm2clip_vlm.identity import file_sha256, folder_files
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
@@ -44,9 +45,12 @@ def read_encoder_meta(path: Path) -> dict[str, Any]:
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not a CaptionEncoder directory (no {ENCODER_FILE})")
     try:
-        return json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_file}: not valid JSON ({e})") from e
+        meta = json.loads(meta_file.read_bytes().decode("utf-8"))
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise BadInputFileError(f"{meta_file}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise BadInputFileError(f"{meta_file}: not valid JSON (a {type(meta).__name__}, not an object)")
+    return meta
 
 
 FORMAT_VERSION = 1
@@ -255,7 +259,7 @@ class CaptionEncoder(nn.Module):
         meta = read_encoder_meta(path)
         for key in ("pooling", "instructions", "max_length", "identity"):
             if key not in meta:
-                raise ValueError(f"{meta_file}: missing key {key!r}")
+                raise BadInputFileError(f"{meta_file}: missing key {key!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         ref = ModelRef(str(path))

@@ -10,7 +10,6 @@ Captions are mixed and shuffled with a plain-text corpus at ``data.text_corpus_r
 from __future__ import annotations
 
 import dataclasses
-import glob
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -59,30 +58,6 @@ def mntp_loop(s: Stage1Config) -> LoopConfig:
 def mntp_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the label at masked position i against the logits at position i-1."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-
-
-def read_text_corpus(paths: Sequence[str], min_chars: int = 20) -> list[str]:
-    """Lines of plain-text files (files, directories of ``.txt``, or globs); short lines dropped."""
-    files: list[Path] = []
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            files += sorted(path.rglob("*.txt"))
-        elif path.is_file():
-            files.append(path)
-        else:
-            matched = sorted(Path(m) for m in glob.glob(p))
-            if not matched:
-                raise FileNotFoundError(f"text corpus {p!r} matches no file")
-            files += matched
-    lines = []
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"text corpus file {f} is not UTF-8 text ({e})") from e
-        lines += [ln.strip() for ln in text.splitlines() if len(ln.strip()) >= min_chars]
-    return lines
 
 
 def mix_texts(captions: Sequence[str], corpus: Sequence[str], ratio: float, n: int, seed: int) -> list[str]:

@@ -34,9 +34,10 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from llm2clip_vlm import resources
 from llm2clip_vlm.data.index import cache_root, file_identity
 from llm2clip_vlm.logging import get_logger
-from llm2clip_vlm.weights import require_safetensors
+from llm2clip_vlm.weights import check_llm_folder, loading, require_safetensors
 
 log = get_logger(__name__)
 
@@ -162,7 +163,8 @@ def gguf_as_transformers(ref: ModelRef) -> ModelRef:
 
 def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
     """The tokenizer, set up as LLM2Vec uses it: left padding, pad token = eos."""
-    tokenizer = AutoTokenizer.from_pretrained(ref.path, **ref.kwargs())
+    with loading(ref.path, "tokenizer of"):
+        tokenizer = AutoTokenizer.from_pretrained(ref.path, **ref.kwargs())
     if tokenizer.eos_token is None:
         raise ValueError(f"tokenizer of {ref.path} has no eos token to pad with")
     # Left padding keeps the caption tokens at the end of every row, where pooling looks for them.
@@ -213,7 +215,10 @@ def load_bidirectional(
     Returns:
         The model, in train mode off (``eval()``), with ``config.is_causal == False``.
     """
-    config = AutoConfig.from_pretrained(ref.path, **ref.kwargs())
+    if not ref.gguf_file:
+        check_llm_folder(ref.path, allow_pickle)
+    with loading(ref.path, "LLM"):
+        config = AutoConfig.from_pretrained(ref.path, **ref.kwargs())
     if config.model_type not in TESTED_FAMILIES:
         log.warning(
             "model type %r is not among the tested families %s; bidirectionality relies on it "
@@ -241,7 +246,8 @@ def load_bidirectional(
     elif device_map is not None:
         kwargs["device_map"] = device_map
     cls = AutoModelForCausalLM if with_lm_head else AutoModel
-    model = cls.from_pretrained(ref.path, **kwargs)
+    with loading(ref.path, "LLM"):
+        model = cls.from_pretrained(ref.path, **kwargs)
     if getattr(model.config, "is_causal", True) is not False:
         raise RuntimeError(f"{ref.path}: config.is_causal did not survive loading; attention would be causal")
     return model.eval()
@@ -313,4 +319,6 @@ def save_model(model: nn.Module, path: str | Path) -> None:
         fresh = type(model)._from_config(config, dtype=next(iter(state.values())).dtype)
         fresh.load_state_dict(state, strict=True)
         model = fresh
-    model.save_pretrained(Path(path), safe_serialization=True)
+    needed = sum(p.numel() * p.element_size() for p in model.parameters())
+    with resources.writing(path, needed):  # a full disk: one line naming the folder and size
+        model.save_pretrained(Path(path), safe_serialization=True)

@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from llm2clip_vlm.errors import BadInputFileError
 from llm2clip_vlm.tower.timm_tower import load_timm_config, load_timm_model
+from llm2clip_vlm.weights import check_model_files, loading, require_safetensors, shape_mismatch
 
 PREFIX = "llm2clip:"
 
@@ -40,6 +43,8 @@ class TowerFormat:
         load_config: ``path -> config`` (no weights): ``hidden_size``, ``image_size``, ``patch_size``.
         load_model: ``(path, device_map) -> model`` with the weights.
         load_image_processor: ``path -> image processor``.
+        model_class: ``config -> model`` without weights, to check the file's tensor shapes
+            against the config before loading (None: not checked).
     """
 
     name: str
@@ -47,6 +52,7 @@ class TowerFormat:
     load_config: Callable[[Path], Any]
     load_model: Callable[[Path, Any], nn.Module]
     load_image_processor: Callable[[Path], Any]
+    model_class: Callable[[Any], nn.Module] | None = None
 
 
 _FORMATS: dict[str, TowerFormat] = {}
@@ -109,17 +115,46 @@ def detect_tower_format(path: Path) -> TowerFormat:
     """
     cfg_file = path / "config.json"
     try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{cfg_file}: not a readable JSON config ({e})") from e
+        cfg = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInputFileError(f"{cfg_file}: not a readable JSON config ({e})") from e
     if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
+        raise BadInputFileError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
     # timm's hub format has no model_type; it names the timm architecture instead.
     key = cfg.get("model_type") or ("timm" if "architecture" in cfg else "")
-    try:
-        return tower_format(key)
-    except ValueError as e:
-        raise ValueError(f"{cfg_file}: {e}") from e
+    if key not in _FORMATS:
+        raise BadInputFileError(
+            f"{cfg_file}: no tower format for type {key or '(none)'!r} (is {path} a vision tower?); "
+            f"known: {', '.join(known_tower_types())} (add one with register_tower_format)"
+        )
+    return _FORMATS[key]
+
+
+def load_tower_model(path: Path, fmt: TowerFormat, device_map: Any = None) -> nn.Module:
+    """The tower's weights, after naming a damaged file, a pickle-only folder or a wrong shape.
+
+    Raises:
+        PickleRefusedError: the weights exist only as pickles (towers are always safetensors).
+        BadInputFileError: a damaged ``config.json``/safetensors file, a tensor whose shape
+            differs from what ``config.json`` describes, or any other reason the folder does not
+            load, naming the file or folder.
+    """
+    require_safetensors(
+        path,
+        allow_pickle=False,
+        what="vision tower",
+        hint="towers are read as safetensors only: convert the weights",
+    )
+    check_model_files(path, "vision tower")
+    with loading(path, "vision tower"):
+        if fmt.model_class is not None:  # compare shapes on the meta device (no memory) first
+            with torch.device("meta"):
+                skeleton = fmt.model_class(fmt.load_config(path))
+            expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+            wrong = shape_mismatch(path, expected, prefixes=("", "vision_model.", "model."))
+            if wrong:
+                raise BadInputFileError(f"vision tower {path}: {wrong}")
+        return fmt.load_model(path, device_map)
 
 
 # -- transformers families ----------------------------------------------------------------------
@@ -155,6 +190,18 @@ def _siglip_model(path: Path, device_map: Any) -> nn.Module:
     )
 
 
+def _clip_skeleton(config: Any) -> nn.Module:
+    from transformers import CLIPVisionModel
+
+    return CLIPVisionModel(config)
+
+
+def _siglip_skeleton(config: Any) -> nn.Module:
+    from transformers import SiglipVisionModel
+
+    return SiglipVisionModel(config)
+
+
 def _auto_image_processor(path: Path) -> Any:
     from transformers import AutoImageProcessor
 
@@ -163,11 +210,13 @@ def _auto_image_processor(path: Path) -> Any:
 
 register_tower_format(
     ("clip_vision_model", "clip"),
-    TowerFormat("clip", lambda config: 1, _clip_config, _clip_model, _auto_image_processor),
+    TowerFormat("clip", lambda config: 1, _clip_config, _clip_model, _auto_image_processor, _clip_skeleton),
 )
 register_tower_format(
     ("siglip_vision_model", "siglip"),
-    TowerFormat("siglip", lambda config: 0, _siglip_config, _siglip_model, _auto_image_processor),
+    TowerFormat(
+        "siglip", lambda config: 0, _siglip_config, _siglip_model, _auto_image_processor, _siglip_skeleton
+    ),
 )
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
+
+from llm2clip_vlm.config_io import SIZE, Range
 
 # Backends accelerate knows under these names (accelerate.tracking.LOGGER_TYPE_TO_CLASS).
 BACKENDS = ("tensorboard", "wandb", "trackio", "mlflow")
@@ -27,3 +29,8 @@ class TrackingConfig:
     project: str = "llm2clip-vlm"
     # Run name shown by the trackers; "" = the run directory's name (plus the stage).
     run_name: str = ""
+
+    # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "log_every_steps": SIZE,
+    }

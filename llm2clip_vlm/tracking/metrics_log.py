@@ -20,6 +20,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from llm2clip_vlm.logging import get_logger
+
+log = get_logger(__name__)
+
 FILENAME = "metrics.jsonl"
 
 
@@ -40,20 +44,27 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, float | in
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The lines of a ``metrics.jsonl`` (a line cut short by a crash is ignored)."""
+    """The lines of a ``metrics.jsonl``; a line that is not a JSON object with a step is left out.
+
+    The torn last line of a killed run is left out silently; other damaged lines (bytes that are
+    not UTF-8 JSON) are left out with one warning naming the file and how many lines.
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
+    rows, bad = [], 0
+    lines = [ln for ln in path.read_bytes().splitlines() if ln.strip()]
+    for n, line in enumerate(lines):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the torn last line of a killed run
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             rows.append(row)
+        elif n < len(lines) - 1 or row is not None:  # not merely the torn last line
+            bad += 1
+    if bad:
+        log.warning("%s: %d damaged line(s) left out (not JSON objects with a step)", path, bad)
     return rows
 
 

@@ -62,7 +62,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
+from llm2clip_vlm import resources
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.training import dist
 
@@ -138,6 +140,15 @@ def _save_tensors(
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def _bytes_needed(weights: Mapping[str, torch.Tensor] | None, optimizer: Any = None) -> int:
+    """About what a checkpoint of ``weights`` (and the optimizer's tensors) takes on disk."""
+    tensors = list((weights or {}).values())
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _save_pickle(obj: Any, path: Path) -> None:
@@ -438,7 +449,7 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
         except OSError as e:
-            error = e
+            error = resources.classify(e, tmp) or e
         dist.barrier(acc)
         if error is None and tmp.is_dir():
             try:
@@ -454,8 +465,8 @@ class Checkpointer:
                         _write(_save_pickle, scheduler.state_dict(), tmp / "scheduler.pt")
                     if scaler is not None:
                         _write(_save_pickle, scaler.state_dict(), tmp / "scaler.pt")
-            except OSError as e:
-                error = e
+            except (OSError, RuntimeError, SafetensorError) as e:  # torch.save: a RuntimeError
+                error = resources.classify(e, tmp, lambda: _bytes_needed(weights, optimizer)) or e
         elif error is None:
             error = OSError(errno.ENOENT, "temporary checkpoint folder missing", str(tmp))
         failed = dist.any_rank(acc, error is not None)
@@ -476,7 +487,7 @@ class Checkpointer:
                     _fsync(tmp)
                     self._swap_in(tmp, final)
             except OSError as e:
-                error = e
+                error = resources.classify(e, tmp) or e
             failed = dist.any_rank(acc, error is not None)
         if failed:
             if main:

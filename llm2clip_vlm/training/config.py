@@ -8,7 +8,9 @@ nothing else from the recipe.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
+
+from llm2clip_vlm.config_io import COUNT, FRACTION, NONNEGATIVE, SIZE, Range
 
 Precision = Literal["bf16", "fp16", "fp32"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -40,3 +42,15 @@ class LoopConfig:
     save_every_steps: int = 500
     # Checkpoints kept in ``<output>/checkpoints`` (the newest; older ones are deleted).
     keep_checkpoints: int = 2
+
+    # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "epochs": NONNEGATIVE,  # 0 = no training steps (stage 1: the "without stage 1" baseline)
+        "max_steps": COUNT,
+        "max_seconds": NONNEGATIVE,
+        "warmup_steps": COUNT,
+        "warmup_ratio": FRACTION,
+        "grad_clip": NONNEGATIVE,
+        "save_every_steps": COUNT,
+        "keep_checkpoints": SIZE,
+    }

@@ -26,7 +26,7 @@ from torch import nn
 
 from llm2clip_vlm.training.checkpoint import from_pretrained_kwargs
 from llm2clip_vlm.vision.config import VisionBackboneConfig
-from llm2clip_vlm.weights import require_safetensors
+from llm2clip_vlm.weights import check_model_files, loading, require_safetensors
 
 # OpenAI CLIP's normalisation; SigLIP uses 0.5/0.5 (its processor's own default).
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -228,10 +228,12 @@ def _create_clip(cfg: VisionBackboneConfig, allow_pickle: bool) -> VisionBackbon
 
     if cfg.name_or_path:
         # fp32 master weights; mixed precision is the trainer's autocast.
-        model = CLIPVisionModel.from_pretrained(
-            cfg.name_or_path, dtype=torch.float32, **from_pretrained_kwargs(allow_pickle)
-        )
-        processor = CLIPImageProcessor.from_pretrained(cfg.name_or_path)
+        check_model_files(cfg.name_or_path, "vision backbone")
+        with loading(cfg.name_or_path, "vision backbone"):
+            model = CLIPVisionModel.from_pretrained(
+                cfg.name_or_path, dtype=torch.float32, **from_pretrained_kwargs(allow_pickle)
+            )
+            processor = CLIPImageProcessor.from_pretrained(cfg.name_or_path)
     else:
         return backbone_from_config("clip", CLIPVisionConfig(**_random_sizes(cfg)))
     c = model.config
@@ -243,10 +245,12 @@ def _create_siglip(cfg: VisionBackboneConfig, allow_pickle: bool) -> VisionBackb
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     if cfg.name_or_path:
-        model = SiglipVisionModel.from_pretrained(
-            cfg.name_or_path, dtype=torch.float32, **from_pretrained_kwargs(allow_pickle)
-        )
-        processor = SiglipImageProcessor.from_pretrained(cfg.name_or_path)
+        check_model_files(cfg.name_or_path, "vision backbone")
+        with loading(cfg.name_or_path, "vision backbone"):
+            model = SiglipVisionModel.from_pretrained(
+                cfg.name_or_path, dtype=torch.float32, **from_pretrained_kwargs(allow_pickle)
+            )
+            processor = SiglipImageProcessor.from_pretrained(cfg.name_or_path)
     else:
         return backbone_from_config("siglip", SiglipVisionConfig(**_random_sizes(cfg)))
     c = model.config

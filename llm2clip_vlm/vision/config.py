@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
+from llm2clip_vlm.config_io import (
+    BETA,
+    COUNT,
+    FINITE,
+    FRACTION,
+    NONNEGATIVE,
+    PROBABILITY,
+    RATE,
+    SEED,
+    SIZE,
+    Range,
+)
 from llm2clip_vlm.training.config import LoopConfig
 
 
@@ -21,6 +33,15 @@ class VisionBackboneConfig:
     hidden_size: int = 192
     num_layers: int = 6
     num_heads: int = 3
+
+    # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "image_size": SIZE,
+        "patch_size": SIZE,
+        "hidden_size": SIZE,
+        "num_layers": SIZE,
+        "num_heads": SIZE,
+    }
 
 
 @dataclass
@@ -60,6 +81,28 @@ class Stage2Config:
     eval_batch_size: int = 256
     # The loop: precision, steps/epochs, time budget, warm-up and cosine schedule, clipping, saving.
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(grad_clip=5.0))
+
+    # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "embed_dim": SIZE,
+        "adaptor_blocks": COUNT,
+        "logit_scale_init": FINITE,
+        "logit_scale_max": FINITE,
+        "logit_bias_init": FINITE,
+        "long_caption_ratio": FRACTION,
+        # Area shares in (0, 1], item by item (the pair's order is checked by the data set).
+        "random_resized_crop": PROBABILITY,
+        "batch_size": SIZE,
+        "lr": RATE,
+        "head_lr": NONNEGATIVE,
+        "weight_decay": NONNEGATIVE,
+        "betas": BETA,
+        "eps": RATE,
+        "layer_decay": PROBABILITY,
+        "num_workers": COUNT,
+        "seed": SEED,
+        "eval_batch_size": SIZE,
+    }
 
 
 @dataclass

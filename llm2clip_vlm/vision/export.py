@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from llm2clip_vlm import config_io
+from llm2clip_vlm import config_io, resources
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.training.optim import DTYPES
 from llm2clip_vlm.vision.config import ExportConfig, Stage2Config
@@ -75,7 +75,8 @@ def export_tower(
     backbone = model.vision
     reference = _probe_features(backbone) if verify else None
     backbone.model.to(DTYPES[dtype])
-    backbone.save_pretrained(out_dir)
+    with resources.writing(out_dir, lambda: sum(p.nbytes for p in backbone.model.parameters())):
+        backbone.save_pretrained(out_dir)
     backbone.model.to(torch.float32)
 
     provenance = _provenance(cfg, model, metrics, run_dir, dtype)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llm2clip_vlm import config_io
+from llm2clip_vlm import config_io, resources
 from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.vision.adaptor import TextAdaptor, new_image_head
 from llm2clip_vlm.vision.backbones import VisionBackbone, create_backbone
@@ -159,9 +159,11 @@ class LLM2CLIP(nn.Module):
         """Write config, head weights (safetensors) and the backbone in its own format to ``path``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.vision.save_pretrained(path / VISION_DIR)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.head_state_dict().items()}
-        save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+        needed = sum(p.numel() * p.element_size() for p in self.parameters())
+        with resources.writing(path, needed):  # a full disk: one line naming the folder and size
+            self.vision.save_pretrained(path / VISION_DIR)
+            state = {k: v.detach().contiguous().cpu() for k, v in self.head_state_dict().items()}
+            save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
         cfg = config_io.to_dict(self.config)
         cfg["backbone"]["name_or_path"] = VISION_DIR  # relative: the folder can move
         cfg["format"] = FORMAT_VERSION

@@ -22,7 +22,12 @@ import torch
 from torch import nn
 
 from llm2clip_vlm.logging import get_logger
-from llm2clip_vlm.tower.backbones import TowerFormat, detect_tower_format, resolve_tower_path
+from llm2clip_vlm.tower.backbones import (
+    TowerFormat,
+    detect_tower_format,
+    load_tower_model,
+    resolve_tower_path,
+)
 from llm2clip_vlm.tower.image_processor import llava_image_processor
 
 log = get_logger(__name__)
@@ -88,7 +93,7 @@ class LLM2CLIPVisionTower(nn.Module):
             log.info("%s is already loaded, `load_model` called again, skipping.", self.vision_tower_name)
             return
         self.image_processor = llava_image_processor(self._format.load_image_processor(self._path))
-        self.vision_tower = self._format.load_model(self._path, device_map)
+        self.vision_tower = load_tower_model(self._path, self._format, device_map)
         self.vision_tower.requires_grad_(False)
         self.vision_tower.eval()
         self.is_loaded = True
