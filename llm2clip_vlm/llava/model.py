@@ -161,6 +161,22 @@ def base_model(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def fsdp_blocks(model: Any) -> list[torch.nn.Module]:
+    """The FSDP wrapping policy of a LLaVA model: its units, innermost first.
+
+    The blocks transformers declares unsplittable (``_no_split_modules``: ``LlamaDecoderLayer``,
+    ``CLIPEncoderLayer``, ...) of the LLM and of the tower, then the whole tower, so its frozen
+    stem (in the compute dtype) stays out of the root unit, whose trainable parameters (projector,
+    embeddings, LM head) must share one dtype.
+    """
+    base = base_model(model)
+    blocks: list[torch.nn.Module] = []
+    for part in (base.model.language_model, base.model.vision_tower):
+        names = set(getattr(part, "_no_split_modules", None) or ())
+        blocks += [m for m in part.modules() if m is not part and type(m).__name__ in names]
+    return [*blocks, base.model.vision_tower]
+
+
 def projector_of(model: Any) -> torch.nn.Module:
     return base_model(model).model.multi_modal_projector
 
