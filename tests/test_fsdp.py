@@ -96,7 +96,9 @@ def test_stage2_fsdp2_matches_one_process_and_resumes_exactly_after_sigkill(tmp_
                        nprocs=2, join=False))  # fmt: skip
     assert (sharded / "metrics.json").is_file() and not (cut / "metrics.json").exists()
     assert Checkpointer(cut / "checkpoints").latest().name == "step-0000002"  # type: ignore[union-attr]
-    _join(mp.spawn(_stage2_worker, args=(2, free_port(), str(data), [(str(cut), False)]), nprocs=2, join=False))
+    _join(
+        mp.spawn(_stage2_worker, args=(2, free_port(), str(data), [(str(cut), False)]), nprocs=2, join=False)
+    )
 
     two = json.loads((sharded / "metrics.json").read_text())["stage2"]["train"]
     resumed = json.loads((cut / "metrics.json").read_text())["stage2"]["train"]
@@ -110,3 +112,97 @@ def test_stage2_fsdp2_matches_one_process_and_resumes_exactly_after_sigkill(tmp_
     _check_sharded_checkpoint(sharded / "checkpoints" / "step-0000004",
                               "model.vision.model.encoder.layers.0.mlp.fc1.weight", 128)  # fmt: skip
     assert one["losses"][-1] != pytest.approx(one["losses"][0], abs=1e-3)  # the steps changed the model
+
+
+# -- LLaVA full finetuning ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llava_parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from llm2clip_vlm import config_io
+    from llm2clip_vlm.commands import run_llava
+    from llm2clip_vlm.data.synthetic_llava import write_llava_demo
+    from llm2clip_vlm.recipe import RunConfig
+    from llm2clip_vlm.text.tiny import save_tiny_llm
+    from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
+
+    root = tmp_path_factory.mktemp("fsdp_llava")
+    write_llava_demo(root / "data", pretrain_images=24, instruct_images=24, heldout_images=2, image_size=32)
+    parts = {
+        "data": root / "data",
+        "tower": save_random_tower(root / "tower", "clip", TowerShape(32, 8, 32, 3, 2, 64), seed=1),
+        "llm": save_tiny_llm(root / "llm", hidden_size=64, seed=2),
+    }
+    pre = _llava_overrides(parts, "pretrain", ["llava.pretrain.loop.max_steps=1"])
+    run_llava(config_io.load(RunConfig, None, pre), root / "pre", "pretrain")
+    return {**parts, "pre": root / "pre"}
+
+
+def _llava_overrides(parts: dict[str, Path], phase: str, extra: list[str] = ()) -> list[str]:
+    name = "llava_pretrain.json" if phase == "pretrain" else "llava_instruct.json"
+    p = f"llava.{phase}"
+    return [
+        f"llava.tower={parts['tower']}", f"llava.llm={parts['llm']}", f"{p}.data.path={parts['data'] / name}",
+        f"{p}.batch_size=8", f"{p}.micro_batch_size=4", f"{p}.num_workers=0", f"{p}.loop.precision=fp32",
+        f"{p}.lr=1e-3", f"{p}.loop.warmup_ratio=0", f"{p}.gradient_checkpointing=false", *extra,
+    ]  # fmt: skip
+
+
+LLAVA_FT = [
+    "llava.finetune.tune=full",
+    "llava.finetune.loop.max_steps=4",
+    "llava.finetune.loop.save_every_steps=2",
+]
+
+
+def _llava_worker(
+    rank: int, world: int, port: int, parts: dict[str, Path], runs: list[tuple[str, bool]]
+) -> None:
+    join_as_rank(rank, world, port)
+    torch.set_num_threads(1)
+    from llm2clip_vlm import config_io
+    from llm2clip_vlm.commands import run_llava
+    from llm2clip_vlm.recipe import RunConfig
+
+    overrides = _llava_overrides(parts, "finetune", [*LLAVA_FT, "llava.finetune.loop.distributed=fsdp2"])
+    for out, kill in runs:
+        cfg = config_io.load(RunConfig, None, overrides)
+        run_llava(cfg, Path(out), "finetune", init=parts["pre"], on_step=_killer(rank) if kill else None)
+
+
+@pytest.mark.slow  # 2 x 2 processes + 1: ~40-80 s on a shared 2-core CPU
+def test_llava_full_finetune_fsdp2_matches_one_process_and_resumes_exactly_after_sigkill(
+    llava_parts: dict[str, Path], tmp_path: Path
+) -> None:
+    from llm2clip_vlm import config_io
+    from llm2clip_vlm.commands import run_llava
+    from llm2clip_vlm.recipe import RunConfig
+
+    sharded, cut = tmp_path / "fsdp", tmp_path / "cut"
+    cfg = config_io.load(RunConfig, None, _llava_overrides(llava_parts, "finetune", LLAVA_FT))
+    one = run_llava(cfg, tmp_path / "one", "finetune", init=llava_parts["pre"])
+    with pytest.raises(mp.ProcessExitedException, match="signal SIGKILL"):
+        _join(mp.spawn(_llava_worker, args=(2, free_port(), llava_parts, [(str(sharded), False), (str(cut), True)]),
+                       nprocs=2, join=False))  # fmt: skip
+    assert Checkpointer(cut / "checkpoints").latest().name == "step-0000002"  # type: ignore[union-attr]
+    _join(
+        mp.spawn(_llava_worker, args=(2, free_port(), llava_parts, [(str(cut), False)]), nprocs=2, join=False)
+    )
+
+    two = json.loads((sharded / "metrics.json").read_text())
+    resumed = json.loads((cut / "metrics.json").read_text())
+    assert two["processes"] == 2 and len(two["losses"]) == 4
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)  # sharded = unsharded
+    assert resumed["losses"] == two["losses"]  # resumed = uninterrupted, exactly
+    # The exported LLaVA (transformers' format) and projector, gathered from the shards.
+    exported = _weights(sharded / "model")
+    _assert_same(exported, _weights(tmp_path / "one" / "model"), atol=1e-5)
+    _assert_same(_weights(cut / "model"), exported, atol=0.0)
+    _assert_same(load_file(str(cut / "mm_projector.safetensors")),
+                 load_file(str(sharded / "mm_projector.safetensors")), atol=0.0)  # fmt: skip
+    block = "layers.0.mlp.gate_proj.weight"  # the LLM's first decoder layer (the tower has no gate_proj)
+    (saved,) = [k for k in exported if k.endswith(block)]
+    rows = exported[saved].shape[0]
+    _check_sharded_checkpoint(sharded / "checkpoints" / "step-0000004",
+                              f"model.model.language_model.{block}", rows)  # fmt: skip
+    # The LLM trained (full finetuning), not only the projector.
+    before = load_file(str(llava_parts["llm"] / "model.safetensors"))
+    assert not torch.equal(before[f"model.{block}"], exported[saved])

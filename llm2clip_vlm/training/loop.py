@@ -166,7 +166,9 @@ class Run:
             return None
         return self.resumed.weights
 
-    def shard(self, model: nn.Module, blocks: Iterable[nn.Module], forward_methods: Iterable[str] = ()) -> nn.Module:
+    def shard(
+        self, model: nn.Module, blocks: Iterable[nn.Module], forward_methods: Iterable[str] = ()
+    ) -> nn.Module:
         """Under ``loop.distributed: fsdp2``: ``fully_shard`` every block, then the root (the
         model's wrapping hook names the blocks); otherwise the model unchanged.
 
