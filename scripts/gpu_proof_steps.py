@@ -36,7 +36,9 @@ def _model(dry: bool, device: torch.device) -> LLM2CLIP:
     vit = TINY_VIT if dry else VIT_L_336
     backbone = VisionBackboneConfig(kind="clip", **vit)
     torch.manual_seed(0)
-    model = LLM2CLIP(LLM2CLIPConfig(backbone=backbone, text_dim=64 if dry else 4096, embed_dim=32 if dry else 1280))
+    model = LLM2CLIP(
+        LLM2CLIPConfig(backbone=backbone, text_dim=64 if dry else 4096, embed_dim=32 if dry else 1280)
+    )
     if not dry:
         model.vision.set_grad_checkpointing(True)
     return model.to(device)
@@ -186,7 +188,11 @@ def fsdp_steps(out: Path, dry: bool) -> dict[str, Any]:
 
 # -- plan against measured peaks ----------------------------------------------------------------
 # The bench step whose peak a stage's plan predicts, and its variant.
-MATCH = {"stage1": ("bench-stage1", "qlora"), "stage2": ("bench-stage2", None), "llava": ("bench-llava", None)}
+MATCH = {
+    "stage1": ("bench-stage1", "qlora"),
+    "stage2": ("bench-stage2", None),
+    "llava": ("bench-llava", None),
+}
 RECIPES = {"stage1": "recipes/stage1-llama3-8b-qlora.yaml", "stage2": "recipes/stage2-openai-clip-vit-l-14-336.yaml",
            "llava": "recipes/llava15-7b-llm2clip.yaml"}  # fmt: skip
 
