@@ -72,35 +72,41 @@ def _write_shards(root: Path, n: int, size: int, per_shard: int) -> list[Path]:
     return shards
 
 
-class _ShardImages(torch.utils.data.IterableDataset):
-    """Pixel values of every JPEG of the shards, each DataLoader worker reading its own shards."""
+class _ShardImages(torch.utils.data.Dataset):
+    """Pixel values of the JPEGs in tar shards, read by offset (any worker reads any sample); index
+    ``i`` is image ``i % n``, so a short run can stream more samples than were written."""
 
-    def __init__(self, shards: list[Path], processor: Any) -> None:
-        self.shards, self.processor = shards, processor
+    def __init__(self, shards: list[Path], processor: Any, length: int) -> None:
+        self.processor, self.length = processor, length
+        self.members: list[tuple[str, int, int]] = []
+        for shard in shards:
+            with tarfile.open(shard) as tar:
+                self.members += [(str(shard), m.offset_data, m.size) for m in tar if m.name.endswith(".jpg")]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> torch.Tensor:
         from PIL import Image
 
-        info = torch.utils.data.get_worker_info()
-        mine = self.shards[info.id :: info.num_workers] if info else self.shards
-        for shard in mine:
-            with tarfile.open(shard) as tar:
-                for m in tar:
-                    if m.name.endswith(".jpg"):
-                        img = Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
-                        yield self.processor(img, return_tensors="pt")["pixel_values"][0]
+        path, offset, size = self.members[i % len(self.members)]
+        with open(path, "rb") as f:
+            f.seek(offset)
+            img = Image.open(io.BytesIO(f.read(size))).convert("RGB")
+        return self.processor(img, return_tensors="pt")["pixel_values"][0]
 
 
 def stream(out: Path, dry: bool) -> dict[str, Any]:
+    """Stage-2 steps fed by DataLoader workers decoding JPEGs from shards, against the same steps
+    on a cached batch: does the loader keep the GPU busy at this batch size?"""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batch, steps, workers = (8, 3, 2) if dry else (512, 3, 12)
-    shards = _write_shards(out / "shards", batch * (steps + 1), 48 if dry else 384, max(8, batch // 4))
+    batch, micro, steps, workers = (8, 4, 3, 2) if dry else (512, 64, 4, 12)
+    shards = _write_shards(out / "shards", batch, 48 if dry else 384, max(8, batch // 4))
     model = _model(dry, dev)
-    text_dim = model.config.text_dim
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
     loss_fn = ClipLoss()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    texts = torch.randn(batch, text_dim, device=dev)
+    texts = torch.randn(batch, model.config.text_dim, device=dev)
 
     def step(pv: torch.Tensor) -> None:
         with torch.autocast(dev.type, dtype=dtype, enabled=dev.type == "cuda"):
@@ -113,33 +119,43 @@ def stream(out: Path, dry: bool) -> dict[str, Any]:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    loader = torch.utils.data.DataLoader(
-        _ShardImages(shards, model.vision.image_processor), batch_size=batch, num_workers=workers,
-        pin_memory=dev.type == "cuda", persistent_workers=False,
-    )  # fmt: skip
-    it = iter(loader)
+    def loader(n_batches: int):  # type: ignore[no-untyped-def]
+        ds = _ShardImages(shards, model.vision.image_processor, batch * n_batches)
+        dl = torch.utils.data.DataLoader(
+            ds, batch_size=micro, num_workers=workers, pin_memory=dev.type == "cuda"
+        )
+        it = iter(dl)
+        for _ in range(n_batches):  # micro batches from every worker, joined into the step's batch
+            yield torch.cat([next(it) for _ in range(batch // micro)])
+
+    # The loader alone (after its first batch: workers started): images/s it can deliver.
+    it = loader(steps + 1)
+    next(it)
+    t0 = time.perf_counter()
+    for _ in it:
+        pass
+    loader_ips = batch * steps / (time.perf_counter() - t0)
+    # Steps fed by the loader, then the same steps on a cached batch.
+    it = loader(steps + 1)
     first = next(it)
-    step(first)  # warm-up (and the workers' start)
+    step(first)  # warm-up
     sync()
     t0 = time.perf_counter()
-    fed = 0
     for pv in it:
         step(pv)
-        fed += 1
     sync()
-    fed_s = (time.perf_counter() - t0) / max(1, fed)
+    fed_s = (time.perf_counter() - t0) / steps
     t0 = time.perf_counter()
-    for _ in range(fed):
+    for _ in range(steps):
         step(first)
     sync()
-    cached_s = (time.perf_counter() - t0) / max(1, fed)
-    busy = cached_s / fed_s if fed_s > 0 else None
+    cached_s = (time.perf_counter() - t0) / steps
     return {
-        "batch": batch, "image_size": model.vision.image_size, "workers": workers, "timed_steps": fed,
-        "step_s_fed": round(fed_s, 3), "step_s_cached": round(cached_s, 3),
-        "images_per_s": round(batch / fed_s, 1), "busy_share": None if busy is None else round(min(1.0, busy), 3),
-        "loader_keeps_up": busy is not None and busy >= 0.9, "peak_mem_mb": _peak_mb(dev),
-        "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+        "batch": batch, "image_size": model.vision.image_size, "workers": workers, "timed_steps": steps,
+        "step_s_fed": round(fed_s, 3), "step_s_cached": round(cached_s, 3), "images_per_s": round(batch / fed_s, 1),
+        "loader_images_per_s": round(loader_ips, 1), "step_images_per_s": round(batch / cached_s, 1),
+        "busy_share": round(min(1.0, cached_s / fed_s), 3), "loader_keeps_up": loader_ips >= batch / cached_s,
+        "peak_mem_mb": _peak_mb(dev), "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
     }  # fmt: skip
 
 

@@ -206,3 +206,47 @@ def test_llava_full_finetune_fsdp2_matches_one_process_and_resumes_exactly_after
     # The LLM trained (full finetuning), not only the projector.
     before = load_file(str(llava_parts["llm"] / "model.safetensors"))
     assert not torch.equal(before[f"model.{block}"], exported[saved])
+
+
+# -- policies and refusals (no processes) ---------------------------------------------------------
+def test_mixed_precision_policy_follows_the_recipe_on_a_gpu_and_is_fp32_on_a_cpu() -> None:
+    from llm2clip_vlm.training.fsdp import mixed_precision
+
+    gpu = mixed_precision("bf16", torch.device("cuda"))
+    assert (gpu.param_dtype, gpu.reduce_dtype) == (torch.bfloat16, torch.float32)
+    for policy in (
+        mixed_precision("bf16", torch.device("cpu")),
+        mixed_precision("fp32", torch.device("cuda")),
+    ):
+        assert (policy.param_dtype, policy.reduce_dtype) == (None, None)  # fp32 throughout
+
+
+def test_wrapping_hooks_name_the_transformer_blocks() -> None:
+    from llm2clip_vlm.vision.backbones import create_backbone
+    from llm2clip_vlm.vision.config import VisionBackboneConfig
+    from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
+
+    cfg = VisionBackboneConfig(
+        kind="clip", image_size=32, patch_size=8, hidden_size=32, num_layers=3, num_heads=2
+    )
+    model = LLM2CLIP(
+        LLM2CLIPConfig(backbone=cfg, text_dim=24, embed_dim=16, adaptor_blocks=2), create_backbone(cfg)
+    )
+    blocks = model.fsdp_blocks()
+    assert [type(b).__name__ for b in blocks] == ["CLIPEncoderLayer"] * 3 + ["ResidualMLPBlock"] * 2
+
+
+def test_a_stage_that_does_not_shard_is_refused_under_fsdp2_and_checkpoints_keep_their_kind(
+    tmp_path: Path,
+) -> None:
+    from llm2clip_vlm.training.config import LoopConfig
+    from llm2clip_vlm.training.loop import Run
+
+    run = Run("stage1", LoopConfig(distributed="fsdp2"), tmp_path / "a", None)
+    with pytest.raises(ValueError, match="stage1 does not shard with FSDP2.*DDP or DeepSpeed"):
+        run.prepare(torch.nn.Linear(2, 2), None, None)
+    ckpt = tmp_path / "b" / "step-0000001"
+    (ckpt / "sharded").mkdir(parents=True)
+    (ckpt / "checkpoint.json").write_text(json.dumps({"step": 1, "world_size": 1, "files": {}, "state": {}}))
+    with pytest.raises(ValueError, match="holds FSDP2 shards.*loop.distributed \\(fsdp2\\)"):
+        Run("stage2", LoopConfig(), tmp_path / "b", None)
