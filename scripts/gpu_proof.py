@@ -194,22 +194,24 @@ def _headline(name: str, figures: Any) -> str:
     if not isinstance(figures, dict):
         return ""
     parts = []
-    for vname, v in (figures.get("variants") or {}).items():
-        keys = ("samples_per_s", "tokens_per_s", "items_per_s", "median_ms", "peak_mem_mb", "peak_share")
-        vals = ", ".join(f"{k} {v[k]}" for k in keys if isinstance(v, dict) and v.get(k) is not None)
-        parts.append(f"{vname}: {vals}")
-    for k in (
-        "images_per_s",
-        "loader_keeps_up",
-        "busy_share",
-        "peak_mem_mb",
-        "step_s",
-        "comparisons",
-        "message",
-    ):
-        if k in figures:
+    for t in figures.get("timings") or []:  # a bench report
+        mem = f", peak {t['peak_memory_bytes'] / 2**20:.0f} MiB" if t.get("peak_memory_bytes") else ""
+        parts.append(f"{t['name']}: {t['median_ms']:.1f} ms, {t['items_per_s']:.1f}/s{mem}")
+    for k, v in figures.items():  # embed: per-variant share of the bf16 peak
+        if isinstance(v, dict) and v.get("peak_share") is not None:
+            parts.append(f"{k} peak_share {v['peak_share']}")
+    for k, v in (figures.get("results") or {}).items():
+        if "peak_share" in k or "tokens_per_s" in k:
+            parts.append(f"{k} {v}")
+    for k in ("images_per_s", "loader_images_per_s", "step_images_per_s", "busy_share", "loader_keeps_up",
+              "step_s", "peak_mem_mb", "reload_identical", "message", "note"):  # fmt: skip
+        if figures.get(k) not in (None, ""):
             parts.append(f"{k} {figures[k]}")
-    return "; ".join(parts)[:400]
+    for row in figures.get("comparisons") or []:
+        parts.append(
+            f"{row['what']}: plan {row.get('predicted_peak_mib')} / measured {row.get('measured_peak_mib')} MiB"
+        )
+    return "; ".join(parts)[:600]
 
 
 def markdown(doc: dict[str, Any]) -> str:

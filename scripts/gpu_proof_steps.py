@@ -203,33 +203,37 @@ def fsdp_steps(out: Path, dry: bool) -> dict[str, Any]:
 
 
 # -- plan against measured peaks ----------------------------------------------------------------
-# The bench step whose peak a stage's plan predicts, and its variant.
-MATCH = {
-    "stage1": ("bench-stage1", "qlora"),
-    "stage2": ("bench-stage2", None),
-    "llava": ("bench-llava", None),
-}
-RECIPES = {"stage1": "recipes/stage1-llama3-8b-qlora.yaml", "stage2": "recipes/stage2-openai-clip-vit-l-14-336.yaml",
-           "llava": "recipes/llava15-7b-llm2clip.yaml"}  # fmt: skip
+# (label, recipe, plan stage, plan overrides to the measured step's size, proof step, its variant)
+COMPARE = [
+    ("stage1 qlora, 32 queries", "recipes/stage1-llama3-8b-qlora.yaml", "stage1", ["stage1.batch_size=32"],
+     "bench-stage1", "qlora"),
+    ("stage1 lora, 32 queries", "recipes/stage1-llama3-8b.yaml", "stage1", ["stage1.batch_size=32"],
+     "bench-stage1", "lora"),
+    ("stage2 ViT-L-336, batch 512", "recipes/stage2-openai-clip-vit-l-14-336.yaml", "stage2",
+     ["stage2.batch_size=512"], "stage2-stream", None),
+    ("stage2 ViT-L-336 FSDP2, batch 64", "recipes/stage2-openai-clip-vit-l-14-336.yaml", "stage2",
+     ["stage2.batch_size=64"], "fsdp", None),
+    ("llava pretrain, micro 4", "recipes/llava15-7b-llm2clip.yaml", "llava-pretrain",
+     ["llava.pretrain.batch_size=4", "llava.pretrain.micro_batch_size=4"], "bench-llava", "pretrain"),
+    ("llava finetune full, micro 4", "recipes/llava15-7b-llm2clip.yaml", "llava-finetune",
+     ["llava.finetune.batch_size=4", "llava.finetune.micro_batch_size=4"], "bench-llava", "finetune-full"),
+]  # fmt: skip
 
 
-def _peaks(doc: Any, prefix: str = "") -> dict[str, float]:
-    """Every numeric field whose name says peak memory, by its path in the plan's JSON."""
-    found: dict[str, float] = {}
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            path = f"{prefix}.{k}" if prefix else str(k)
-            if isinstance(v, int | float) and "peak" in str(k).lower():
-                found[path] = float(v)
-            else:
-                found.update(_peaks(v, path))
-    elif isinstance(doc, list):
-        for i, v in enumerate(doc):
-            found.update(_peaks(v, f"{prefix}[{i}]"))
-    return found
+def _measured_peak(figures: dict[str, Any] | None, variant: str | None) -> float | None:
+    """MiB: a bench variant's peak (``timings[].peak_memory_bytes``: the allocator's peak on a GPU,
+    ``torch.cuda.max_memory_allocated``), or a proof step's own ``peak_mem_mb``."""
+    figures = figures or {}
+    if variant is None:
+        return figures.get("peak_mem_mb")
+    for t in figures.get("timings") or []:
+        if t.get("name") == variant and t.get("peak_memory_bytes"):
+            return round(t["peak_memory_bytes"] / 2**20, 1)
+    return None
 
 
 def plan(out: Path, dry: bool) -> dict[str, Any]:
+    """``plan RECIPE --gpus 1 --json`` at each measured step's size; predicted vs measured peak."""
     cli = [sys.executable, "-m", "llm2clip_vlm.cli"]
     probe = subprocess.run([*cli, "plan", "--help"], capture_output=True, text=True, check=False)
     if probe.returncode != 0:
@@ -237,31 +241,33 @@ def plan(out: Path, dry: bool) -> dict[str, Any]:
                 "the plan-vs-measured comparison is owed until it is merged"}  # fmt: skip
     measured_file = out.parent / "measured.json"
     measured = json.loads(measured_file.read_text()) if measured_file.is_file() else {}
-    out.mkdir(parents=True, exist_ok=True)
-    comparisons, plans = [], {}
-    for stage, recipe in RECIPES.items():
-        path = out / f"{stage}.json"
-        proc = subprocess.run([*cli, "plan", recipe, "--gpus", "1", "--json", str(path)],
-                              capture_output=True, text=True, check=False)  # fmt: skip
+    rows = []
+    for i, (label, recipe, stage, sets, step, variant) in enumerate(COMPARE):
+        path = out / f"plan-{i}.json"
+        argv = [*cli, "plan", recipe, "--gpus", "1", "--stage", stage, "--json", str(path)]
+        argv += ["--tower", "clip-vit-large-patch14-336"] if stage.startswith("llava") else []
+        for s in sets:
+            argv += ["--set", s]
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        row: dict[str, Any] = {"what": label, "recipe": recipe, "plan_overrides": sets, "measured_by": step}
         if proc.returncode != 0 or not path.is_file():
-            comparisons.append({"stage": stage, "error": (proc.stderr or proc.stdout).strip()[-300:]})
+            row["error"] = (proc.stderr or proc.stdout).strip()[-400:]
+            rows.append(row)
             continue
-        doc = json.loads(path.read_text())
-        plans[stage] = doc
-        bench, variant = MATCH[stage]
-        figures = (measured.get(bench) or {}).get("variants") or {}
-        picked = figures.get(variant) if variant else next(iter(figures.values()), None)
-        got = (picked or {}).get("peak_mem_mb")
-        peaks = {k: v for k, v in _peaks(doc).items() if stage in k.lower() or len(_peaks(doc)) == 1}
-        row: dict[str, Any] = {"stage": stage, "recipe": recipe, "measured_peak_mb": got, "predicted": peaks}
-        if got and peaks:
-            # Plans state GB or MB: read the unit from the field name (``..._gb`` / ``..._mb``).
-            k, v = next(iter(peaks.items()))
-            mb = v * 1024 if k.lower().endswith(("gb", "gib")) else v
-            row.update(predicted_peak_mb=round(mb, 1), predicted_over_measured=round(mb / got, 3))
-        comparisons.append(row)
-    note = "dry run: CPU peaks are process RSS, not comparable with a GPU plan" if dry else ""
-    return {"comparisons": comparisons, "note": note, "plans": plans}
+        stages = [p for p in json.loads(path.read_text()).get("stages", []) if p.get("stage") == stage]
+        predicted = stages[0].get("peak_gib") if stages else None
+        got = _measured_peak(measured.get(step), variant)
+        row.update(
+            predicted_peak_mib=None if predicted is None else round(predicted * 1024, 1),
+            measured_peak_mib=got,
+            micro_batch=stages[0].get("micro_batch") if stages else None,
+            seq_len=stages[0].get("seq_len") if stages else None,
+        )
+        if predicted and got:
+            row["predicted_over_measured"] = round(predicted * 1024 / got, 3)
+        rows.append(row)
+    note = "dry run: CPU peaks are process RSS (or none), not comparable with the plan" if dry else ""
+    return {"comparisons": rows, "note": note}
 
 
 def main() -> None:

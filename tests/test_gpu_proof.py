@@ -26,7 +26,10 @@ def test_gpu_proof_dry_run_runs_every_step_and_writes_json_and_rows(tmp_path: Pa
     steps = doc["steps"]
     for name in STEPS[:6]:  # every bench suite reports its figures
         assert steps[name]["seconds"] <= steps[name]["budget_s"]
-    assert steps["bench-embed"]["figures"]["variants"] and steps["bench-llava"]["figures"]["variants"]
+    for name in ("bench-stage1", "bench-embed", "bench-stage2", "bench-tower", "bench-llava"):
+        assert steps[name]["figures"]["timings"], name  # the bench's own JSON report
+    llava = {t["name"] for t in steps["bench-llava"]["figures"]["timings"]}
+    assert {"pretrain", "finetune-full"} <= llava
     stream = steps["stage2-stream"]["figures"]
     assert stream["images_per_s"] > 0 and 0 < stream["busy_share"] <= 1 and "loader_keeps_up" in stream
     fsdp = steps["fsdp"]["figures"]
