@@ -83,8 +83,8 @@ def _steps(out: Path, dry: bool) -> list[Step]:
     device = ["--device", "cpu"] if dry else []
     return [
         _bench("stage1", size or "llama3-8b", dry, 60 if dry else 90),
-        _bench("embed", size or "llama3-8b", dry, 45 if dry else 60),
-        _bench("stage2", size or "vit-l-336-llama3-8b", dry, 60 if dry else 75),
+        _bench("embed", "dry" if dry else "llama3-8b", dry, 60),
+        _bench("stage2", "dry" if dry else "vit-l-336-llama3-8b", dry, 75),
         Step(
             "stage2-stream",
             [*helper, "stream", str(out / "stream"), *(["--dry-run"] if dry else [])],
