@@ -158,6 +158,17 @@ def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float) ->
     return total
 
 
+def nonfinite_parameter(model: nn.Module) -> str | None:
+    """The name of a parameter whose local shard holds NaN/inf (None: all finite), this rank only."""
+    from torch.distributed.tensor import DTensor
+
+    for name, p in model.named_parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if local.numel() and not torch.isfinite(local.detach()).all():
+            return name
+    return None
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full (unsharded) weights on rank 0, on the CPU; ``{}`` on the other ranks.
 

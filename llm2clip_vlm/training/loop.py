@@ -29,7 +29,13 @@ from torch import nn
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
 from llm2clip_vlm.training import dist, fsdp
-from llm2clip_vlm.training.checkpoint import Checkpointer, GracefulExit, NonFiniteGuard, Resumed
+from llm2clip_vlm.training.checkpoint import (
+    Checkpointer,
+    GracefulExit,
+    NonFiniteError,
+    NonFiniteGuard,
+    Resumed,
+)
 from llm2clip_vlm.training.config import LoopConfig
 
 log = get_logger(__name__)
@@ -226,6 +232,10 @@ class Run:
         if stage.data_state is not None:
             self.state.extra["data"] = stage.data_state()
         if self.fsdp2:  # every rank writes its shards; no full copy is gathered
+            bad = fsdp.nonfinite_parameter(stage.model)
+            if dist.any_rank(self.accelerator, bad is not None):  # never written, as full weights
+                where = f"{bad} is" if bad else "another process's shard is"
+                raise NonFiniteError(f"checkpoint of step {self.state.step}: {where} not finite; not written")
 
             def write_shards(folder: Path) -> None:
                 fsdp.save_sharded(folder, stage.model, stage.optimizer)
