@@ -112,7 +112,7 @@ def _files_figures(step: Step, out: Path) -> dict[str, Any]:
     found = {}
     for m in sorted(folder.rglob("metrics.json")):
         found[str(m.parent.relative_to(folder)) or "."] = json.loads(m.read_text())
-    return _trim(found)
+    return _trim(found.get(".", found))  # the run's own metrics.json holds its stages' figures
 
 
 def _trim(x: Any, depth: int = 0) -> Any:
@@ -180,6 +180,14 @@ def _headline(name: str, figures: Any) -> str:
     if not isinstance(figures, dict):
         return ""
     parts = []
+    s1, s2 = figures.get("stage1") or {}, (figures.get("stage2") or {}).get("train") or {}
+    if s1:  # build-tower's metrics.json
+        parts.append(f"stage1 {s1.get('steps')} steps, {s1.get('seconds_per_step')} s/step, CRA "
+                     f"{s1.get('cra_before')} -> {s1.get('cra_after')}")  # fmt: skip
+    if s2:
+        parts.append(f"stage2 {s2.get('steps')} steps, {s2.get('images_per_second')} images/s")
+    if "samples_per_second" in figures:  # a llava run's metrics.json
+        parts.append(f"{figures.get('steps')} steps, {figures['samples_per_second']} samples/s")
     for t in figures.get("timings") or []:  # a bench report
         mem = f", peak {t['peak_memory_bytes'] / 2**20:.0f} MiB" if t.get("peak_memory_bytes") else ""
         parts.append(f"{t['name']}: {t['median_ms']:.1f} ms, {t['items_per_s']:.1f}/s{mem}")
