@@ -40,4 +40,4 @@ def test_gpu_proof_dry_run_runs_every_step_and_writes_json_and_rows(tmp_path: Pa
     plan = steps["plan"]
     assert plan["status"] == "ok" or "not in this checkout" in plan["figures"]["message"]
     rows = (tmp_path / "gpu-proof.md").read_text()
-    assert rows.count("\n| ") == len(STEPS) + 1 and "dry run on the CPU" in rows
+    assert rows.count("\n| ") == len(STEPS) + 2 and "dry run on the CPU" in rows  # header, rule, rows
