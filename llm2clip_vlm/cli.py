@@ -864,7 +864,7 @@ def bench(
         str | None,
         typer.Option(
             help="The suite's preset; the first is the default. stage1: tiny, llama3-8b; "
-            "embed: tiny, llama3-8b; stage2: tiny, tiny-577, vit-l-336-llama3-8b; "
+            "embed: tiny, dry, llama3-8b; stage2: tiny, tiny-577, dry, vit-l-336-llama3-8b; "
             "tower: tiny, tiny-siglip, micro, vit-l-14-336; llava: tiny, vicuna-7b.",
         ),
     ] = None,

@@ -1,6 +1,6 @@
-"""Stage 2 on streamed shards, as a script for ``accelerate launch`` (the FSDP / DDP configs).
+"""Stage 2 on streamed shards, as a script for ``accelerate launch`` (the DDP config; FSDP2 on CPU: tests/test_fsdp.py).
 
-    accelerate launch --config_file recipes/accelerate/fsdp-8gpu.yaml --num_processes 2 --cpu \\
+    accelerate launch --config_file recipes/accelerate/ddp-8gpu.yaml --num_processes 2 --cpu \\
         tests/stage2_stream_driver.py DATA_DIR OUT [override ...]
 
 Writes ``OUT/losses.rank<r>.json``; the checkpoint's ``state.extra.data`` says what each rank read.

@@ -52,7 +52,8 @@ def test_accelerate_configs_parse() -> None:
     assert found["ddp-8gpu.yaml"].distributed_type == DistributedType.MULTI_GPU
     assert found["ddp-8gpu.yaml"].num_processes == 8
     assert found["fsdp-8gpu.yaml"].distributed_type == DistributedType.FSDP
-    assert found["fsdp-8gpu.yaml"].fsdp_config["fsdp_use_orig_params"] is True
+    # FSDP2: the trainers' own fully_shard path (training/fsdp.py), the one tests/test_fsdp.py runs.
+    assert found["fsdp-8gpu.yaml"].fsdp_config["fsdp_version"] == 2
     assert (found["multinode-2x8.yaml"].num_machines, found["multinode-2x8.yaml"].num_processes) == (2, 16)
 
 

@@ -84,6 +84,10 @@ PRESETS: dict[str, EmbedPreset] = {
     "tiny": EmbedPreset(
         LLMShape(256, 896, 4, 4, 2, 0), 200, 64, "fp32", "fp32", 1, 512, "cpu", 1, 3, cpu_threads=1
     ),
+    # The GPU proof's dry run (scripts/gpu-proof.sh --dry-run): the tiny pass on 16 images' captions.
+    "dry": EmbedPreset(
+        LLMShape(256, 896, 4, 4, 2, 0), 16, 32, "fp32", "fp32", 1, 512, "cpu", 0, 1, cpu_threads=1
+    ),
     # Llama-3-8B-Instruct's shape, random bf16 weights, 10000 captions, batch 256: for GPUs.
     "llama3-8b": EmbedPreset(LLAMA3_8B, 2000, 256, "bf16", "bf16", 1, 512, "cuda", 1, 3, full_vocab=True),
 }

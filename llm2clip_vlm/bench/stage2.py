@@ -128,6 +128,19 @@ PRESETS: dict[str, Stage2Preset] = {
         3,
         cpu_threads=1,
     ),  # fmt: skip
+    # The GPU proof's dry run (scripts/gpu-proof.sh --dry-run): every variant, smallest sizes.
+    "dry": Stage2Preset(
+        ViTShape(32, 8, 32, 2, 2),
+        LLMShape(64, 128, 2, 4, 2, 0),
+        8,
+        16,
+        "fp32",
+        False,
+        "cpu",
+        0,
+        1,
+        cpu_threads=1,
+    ),  # fmt: skip
     # Reference: CLIP ViT-L/14-336 + Llama-3-8B-Instruct, bf16, gradient checkpointing, batch 64.
     "vit-l-336-llama3-8b": Stage2Preset(
         VIT_L_14_336, LLAMA3_8B, 64, 1280, "bf16", True, "cuda", 2, 5, full_vocab=True

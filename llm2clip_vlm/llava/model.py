@@ -189,6 +189,24 @@ def base_model(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def fsdp_blocks(model: Any) -> list[torch.nn.Module]:
+    """The FSDP wrapping policy of a LLaVA model: the blocks transformers declares unsplittable
+    (``_no_split_modules``: ``LlamaDecoderLayer``, ``CLIPEncoderLayer``, ``CLIPVisionEmbeddings``, ...)
+    of the LLM and of the tower, each one unit; the root keeps the rest (projector, token
+    embeddings, LM head, the tower's norms).
+
+    [IMPORTANT] Not the tower itself: ``fully_shard`` on a transformers ``PreTrainedModel`` that
+    records hidden states (the tower's ``output_hidden_states``, which LLaVA's layer -2 needs) makes
+    them come back as None (transformers 5.x output capturing).
+    """
+    base = base_model(model)
+    blocks: list[torch.nn.Module] = []
+    for part in (base.model.language_model, base.model.vision_tower):
+        names = set(getattr(part, "_no_split_modules", None) or ())
+        blocks += [m for m in part.modules() if m is not part and type(m).__name__ in names]
+    return blocks
+
+
 def projector_of(model: Any) -> torch.nn.Module:
     return base_model(model).model.multi_modal_projector
 

@@ -80,12 +80,12 @@ class LlavaStep:
 
     def __init__(
         self, accelerator: Any, model: Any, micro_batch_size: int, deepspeed: bool, counts: dict[str, Any],
-        loss_mean: str = "tokens",
+        loss_mean: str = "tokens", fsdp2: bool = False,
     ) -> None:  # fmt: skip
         if loss_mean not in ("tokens", "micro_batch"):
             raise ValueError(f"loss_mean must be 'tokens' or 'micro_batch', not {loss_mean!r}")
         self.accelerator, self.model = accelerator, model
-        self.micro, self.deepspeed = micro_batch_size, deepspeed
+        self.micro, self.deepspeed, self.fsdp2 = micro_batch_size, deepspeed, fsdp2
         self.per_micro = loss_mean == "micro_batch"
         # Truncated / dropped samples so far: the run's state (checkpointed with it).
         self.counts = counts
@@ -111,6 +111,11 @@ class LlavaStep:
                 acc.sync_gradients = sync
                 scale = world * acc.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]
                 ctx: Any = nullcontext()
+            elif self.fsdp2:
+                scale = world  # FSDP2 averages gradients over processes too
+                # Reduce-scatter only after the last micro batch (FSDP2's no_sync).
+                self.model.set_requires_gradient_sync(sync)
+                ctx = nullcontext()
             else:
                 scale = world  # DDP averages gradients over processes
                 ctx = acc.no_sync(self.model) if not sync and world > 1 else nullcontext()

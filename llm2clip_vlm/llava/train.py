@@ -39,6 +39,7 @@ from llm2clip_vlm.llava.model import (
     base_model,
     build_model,
     check_inputs,
+    fsdp_blocks,
     merged_model,
     projector_state_for_llava,
     save_llava,
@@ -157,13 +158,19 @@ def train_llava(
     # Each rank slices the global batch, so only the same number of processes continues a run.
     run = Run(f"llava {phase}", p.loop, out / CHECKPOINTS, accelerator, skip_nonfinite=rel.skip_nonfinite_steps,
               max_skipped=rel.max_skipped_steps, same_world_size=True)  # fmt: skip
-    if run.resumed is not None:
-        missing = set(trainable_state(model)) - set(run.resumed.weights)
+    if run.resumed_weights is not None:
+        missing = set(trainable_state(model)) - set(run.resumed_weights)
         if missing:
             raise ValueError(
                 f"{run.resumed.path} does not match this model: no weights for {sorted(missing)[:3]}"
             )
-        model.load_state_dict(run.resumed.weights, strict=False)
+        model.load_state_dict(run.resumed_weights, strict=False)
+    if run.fsdp2 and p.tune not in ("projector", "full"):
+        raise ValueError(
+            f"llava.{phase}.tune={p.tune} is not sharded with FSDP2 (loop.distributed=fsdp2): use full "
+            "finetuning, or DDP / DeepSpeed ZeRO-3 for LoRA and QLoRA"
+        )
+    model = run.shard(model, fsdp_blocks(model))  # FSDP2 only; before the optimizer is built
     optimizer = adamw(
         param_groups(model, p), p.lr, accelerator.device, betas=(0.9, 0.999), eps=1e-8, fused=None
     )
@@ -224,7 +231,7 @@ def train_llava(
         full = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
         return {n: t.detach().cpu().contiguous() for n, t in (full or {}).items() if n in trainable}
 
-    step = LlavaStep(accelerator, model, p.micro_batch_size, deepspeed, state.extra, p.loss_mean)
+    step = LlavaStep(accelerator, model, p.micro_batch_size, deepspeed, state.extra, p.loss_mean, fsdp2=run.fsdp2)
     # Under DeepSpeed, clipping and the update happen in backward (gradient_clipping).
     stage = Stage(f"llava {phase}", model, optimizer, scheduler, step, weights,
                   None if deepspeed else model.parameters, samples_per_step=p.batch_size,
@@ -244,6 +251,7 @@ def train_llava(
             after["accuracy"],
             before.get("accuracy", float("nan")),
         )
+    full = run.full_weights(model) if run.fsdp2 else None  # a collective: every rank gathers
     metrics: dict[str, Any] = {}
     if main:
         k = max(1, min(10, len(state.losses) // 5))
@@ -265,6 +273,9 @@ def train_llava(
             "heldout_before": before, "heldout_after": after,
             "trainable_parameters": n_train, "processes": world,
         }  # fmt: skip
+        if full is not None:  # FSDP2: the gathered weights into a fresh, unsharded copy
+            raw, _ = build_model(llava, phase, init, compute_dtype, rel.allow_pickle_weights)
+            raw.load_state_dict(full)
         final = merged_model(llava, p, raw, rel.allow_pickle_weights)
         save_dtype = torch.float32 if p.loop.precision == "fp32" else compute_dtype
         save_llava(final, processor, out / "model", p.template, system, save_dtype)

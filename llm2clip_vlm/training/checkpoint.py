@@ -7,6 +7,9 @@ What a checkpoint holds (one folder ``<root>/step-0000042/``):
 - ``optimizer.pt`` (``optimizer.rank<r>.pt`` per rank under FSDP), ``scheduler.pt``, ``scaler.pt``:
   written with ``torch.save`` and read back **only** with ``torch.load(..., weights_only=True)``;
 - ``rng.rank<r>.safetensors``: python, numpy, torch CPU and CUDA generator states of every rank;
+- ``sharded/`` (FSDP2 runs, :mod:`llm2clip_vlm.training.fsdp`) instead of ``model.safetensors`` and
+  ``optimizer*.pt``: every rank's shards of the weights and the optimizer state, as safetensors
+  (``torch.distributed.checkpoint``'s safetensors storage) plus the optimizer's settings as JSON;
 - ``checkpoint.json``, written last: step, the caller's trainer state (data position, history),
   the world size and the size and sha256 of every file (a truncated or corrupted file is refused
   on load, naming it).
@@ -73,6 +76,7 @@ log = get_logger(__name__)
 PREFIX = "step-"
 META = "checkpoint.json"
 WEIGHTS = "model.safetensors"
+SHARDED = "sharded"  # FSDP2 shards (training.fsdp.SHARDED_DIR)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Weight files that are pickles: torch.load on them can run arbitrary code (see load_weights).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -366,6 +370,11 @@ class Resumed:
     state: dict[str, Any]
     _rng: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None
 
+    @property
+    def sharded(self) -> bool:
+        """Whether it holds FSDP2 shards (``sharded/``) instead of ``model.safetensors``."""
+        return (self.path / SHARDED).is_dir()
+
     def restore_rng(self) -> None:
         """Put every generator back to where it was when the checkpoint was written.
 
@@ -414,6 +423,7 @@ class Checkpointer:
         scheduler: Any = None,
         scaler: Any = None,
         state: Mapping[str, Any] | None = None,
+        sharded: Callable[[Path], None] | None = None,
     ) -> Path:
         """Write checkpoint ``step`` atomically; every process must call it.
 
@@ -423,6 +433,8 @@ class Checkpointer:
                 Refused when not finite.
             optimizer, scheduler, scaler: saved with their ``state_dict()`` if given.
             state: JSON-serialisable trainer state (data position, losses, ...).
+            sharded: writes every rank's shards into the (temporary) checkpoint folder it is
+                given; called on every rank (a collective; FSDP2's weights and optimizer state).
 
         Returns:
             The checkpoint folder.
@@ -455,6 +467,8 @@ class Checkpointer:
             try:
                 tensors, meta = rng_state()
                 _write(lambda o, p: _save_tensors(o, p, meta), tensors, tmp / f"rng.rank{rank}.safetensors")
+                if sharded is not None:
+                    sharded(tmp)
                 if optimizer is not None and (main or dist.sharded_optimizer(acc)):
                     name = f"optimizer.rank{rank}.pt" if dist.sharded_optimizer(acc) else "optimizer.pt"
                     _write(_save_pickle, optimizer.state_dict(), tmp / name)
@@ -474,7 +488,9 @@ class Checkpointer:
             dist.barrier(acc)
             try:
                 if main:
-                    names = sorted(p.name for p in tmp.iterdir())
+                    names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+                    for sub in {p for p in tmp.rglob("*") if p.is_dir()}:
+                        _fsync(sub)
                     files = {n: (tmp / n).stat().st_size for n in names}
                     meta_doc = {
                         "step": step,

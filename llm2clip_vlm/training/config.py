@@ -14,12 +14,18 @@ from llm2clip_vlm.config_io import COUNT, FRACTION, NONNEGATIVE, SIZE, Range
 
 Precision = Literal["bf16", "fp16", "fp32"]
 Schedule = Literal["cosine", "linear", "constant"]
+Distributed = Literal["accelerate", "fsdp2"]
 
 
 @dataclass
 class LoopConfig:
     # Mixed precision of the forward/backward (fp32 master weights; accelerate's autocast).
     precision: Precision = "bf16"
+    # How the processes share the model: "accelerate" = as the launcher config says (one process,
+    # DDP, DeepSpeed); "fsdp2" = torch's fully_shard per transformer block, sharded checkpoints
+    # (training/fsdp.py), under accelerate launch, torchrun or any process group. An accelerate
+    # config with distributed_type FSDP (recipes/accelerate/fsdp-8gpu.yaml) also selects fsdp2.
+    distributed: Distributed = "accelerate"
     # Passes over the training data; a stage turns it into its number of optimizer steps.
     epochs: float = 1.0
     # 0 = run ``epochs``; otherwise exactly this many optimizer steps (the schedule's length).

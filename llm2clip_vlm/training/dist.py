@@ -55,6 +55,17 @@ def uses(accelerator: Any, kind: str) -> bool:
     return str(getattr(accelerator, "distributed_type", "")).endswith(kind)
 
 
+def wants_fsdp2(accelerator: Any, distributed: str) -> bool:
+    """Whether a run shards with FSDP2 (:mod:`llm2clip_vlm.training.fsdp`).
+
+    ``loop.distributed: fsdp2`` in the recipe, or an accelerate launcher config whose
+    ``distributed_type`` is FSDP (``recipes/accelerate/fsdp-8gpu.yaml``): both take the same
+    path, so a run behaves alike under ``accelerate launch`` on GPUs, ``torchrun``, and the CPU
+    processes the tests start (where accelerate's launcher would turn FSDP into DDP).
+    """
+    return distributed == "fsdp2" or uses(accelerator, "FSDP")
+
+
 def process_state() -> Any:
     """This process's place in the run (accelerate's ``PartialState``; joins the process group).
 

@@ -35,8 +35,14 @@ from torch import nn
 
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
-from llm2clip_vlm.training import dist
-from llm2clip_vlm.training.checkpoint import Checkpointer, GracefulExit, NonFiniteGuard, Resumed
+from llm2clip_vlm.training import dist, fsdp
+from llm2clip_vlm.training.checkpoint import (
+    Checkpointer,
+    GracefulExit,
+    NonFiniteError,
+    NonFiniteGuard,
+    Resumed,
+)
 from llm2clip_vlm.training.config import LoopConfig
 
 log = get_logger(__name__)
@@ -158,15 +164,51 @@ class Run:
             log.info("%s: resuming from %s at step %d", name, self.resumed.path, self.state.step)
         self.samples_seen = 0
         self.loop_seconds = 0.0
+        self.fsdp2 = dist.wants_fsdp2(accelerator, loop.distributed)
+        if self.resumed is not None and self.resumed.sharded != self.fsdp2:
+            kind = "FSDP2 shards" if self.resumed.sharded else "full weights"
+            raise ValueError(
+                f"{self.resumed.path} holds {kind}: resume it with the same {name} loop.distributed "
+                f"({'fsdp2' if self.resumed.sharded else 'accelerate'})"
+            )
 
     @property
     def resumed_weights(self) -> dict[str, torch.Tensor] | None:
-        """The checkpoint's weights, to load into the model before :meth:`prepare` (None: fresh)."""
-        return self.resumed.weights if self.resumed is not None else None
+        """The checkpoint's weights, to load into the model before :meth:`prepare` (None: fresh, or
+        FSDP2 shards, which :meth:`prepare` loads into the sharded model)."""
+        if self.resumed is None or self.resumed.sharded:
+            return None
+        return self.resumed.weights
+
+    def shard(
+        self, model: nn.Module, blocks: Iterable[nn.Module], forward_methods: Iterable[str] = ()
+    ) -> nn.Module:
+        """Under ``loop.distributed: fsdp2``: ``fully_shard`` every block, then the root (the
+        model's wrapping hook names the blocks); otherwise the model unchanged.
+
+        Call it before building the optimizer: FSDP2's optimizer holds the sharded parameters.
+        """
+        if not self.fsdp2:
+            return model
+        return fsdp.shard(model, blocks, self.loop.precision, self.accelerator.device, forward_methods)
 
     def prepare(self, model: nn.Module, optimizer: Any, scheduler: Any) -> tuple[Any, Any]:
         """``accelerator.prepare(model, optimizer)``, then the optimizer and scheduler states of the
-        checkpoint (after wrapping: under FSDP the optimizer state is per-shard)."""
+        checkpoint (after wrapping: under FSDP the optimizer state is per-shard).
+
+        Under FSDP2 the model is already sharded (:meth:`shard`) and accelerate wraps nothing; a
+        sharded checkpoint's weights and optimizer state are loaded here (DCP, every rank).
+        """
+        if self.fsdp2:
+            if not fsdp.is_sharded(model):
+                raise ValueError(
+                    f"{self.name} does not shard with FSDP2 (loop.distributed=fsdp2 or an accelerate FSDP "
+                    "config): stage 2 and LLaVA do; run this stage with DDP or DeepSpeed"
+                )
+            if self.resumed is not None:
+                self.checkpointer.load(self.resumed.path, scheduler=scheduler, with_weights=False)
+                fsdp.load_sharded(self.resumed.path, model, optimizer)
+            return model, optimizer
         model, optimizer = self.accelerator.prepare(model, optimizer)
         if self.resumed is not None:
             self.checkpointer.load(
@@ -176,6 +218,21 @@ class Run:
             if saved is not None and self.scaler is not None:
                 self.scaler.load_state_dict(saved)
         return model, optimizer
+
+    def full_weights(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The model's full state dict on the main process (None elsewhere); a collective under
+        FSDP (every rank calls it): for the export after training."""
+        if self.fsdp2:
+            full = fsdp.full_state_dict(model)
+        else:
+            full = self.accelerator.get_state_dict(model)
+        return full if dist.is_main(self.accelerator) else None
+
+    def clip(self, parameters: Iterable[torch.nn.Parameter], max_norm: float) -> Any:
+        """Clip the global gradient norm (FSDP2: over the shards); returns the norm before clipping."""
+        if self.fsdp2:
+            return fsdp.clip_grad_norm(parameters, max_norm)
+        return self.accelerator.clip_grad_norm_(parameters, max_norm)
 
     @property
     def scaler(self) -> Any:
@@ -192,6 +249,20 @@ class Run:
             self.state.extra["data"] = stage.data_state()
         if self.scaler is not None:
             self.state.extra[GRAD_SCALER] = dict(self.scaler.state_dict())
+        if self.fsdp2:  # every rank writes its shards; no full copy is gathered
+            bad = fsdp.nonfinite_parameter(stage.model)
+            if dist.any_rank(self.accelerator, bad is not None):  # never written, as full weights
+                where = f"{bad} is" if bad else "another process's shard is"
+                raise NonFiniteError(f"checkpoint of step {self.state.step}: {where} not finite; not written")
+
+            def write_shards(folder: Path) -> None:
+                fsdp.save_sharded(folder, stage.model, stage.optimizer)
+
+            self.checkpointer.save(
+                self.state.step, weights=None, scheduler=stage.scheduler,
+                state=dataclasses.asdict(self.state), sharded=write_shards,
+            )  # fmt: skip
+            return
         weights = stage.weights()
         self.checkpointer.save(
             self.state.step,
@@ -241,7 +312,7 @@ class Run:
                 out = stage.step(batch)
                 grad_norm = None
                 if loop.grad_clip > 0 and stage.clip_parameters is not None:
-                    grad_norm = acc.clip_grad_norm_(stage.clip_parameters(), loop.grad_clip)
+                    grad_norm = self.clip(stage.clip_parameters(), loop.grad_clip)
                 scaler = self.scaler
                 # Under the fp16 scaler an overflowed gradient is expected: the scaler's step skips
                 # it and lowers the scale (it must run for that, even on a skipped step).

@@ -65,6 +65,10 @@ class VisionBackbone(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def fsdp_blocks(self) -> list[nn.Module]:  # pragma: no cover - abstract
+        """The transformer blocks, each one FSDP unit (the wrapping policy's hook)."""
+        raise NotImplementedError
+
     def save_pretrained(self, path: str | Path) -> Path:  # pragma: no cover - abstract
         """Write the encoder and its image processor in the family's own format."""
         raise NotImplementedError
@@ -182,6 +186,9 @@ class HFVisionBackbone(VisionBackbone):
         else:
             self.model.activation_checkpointing_disable()
 
+    def fsdp_blocks(self) -> list[nn.Module]:
+        return list(self.model.encoder.layers)
+
     def save_pretrained(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -281,6 +288,9 @@ class TimmBackbone(VisionBackbone):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
+
+    def fsdp_blocks(self) -> list[nn.Module]:
+        return list(self.model.blocks)
 
     def save_pretrained(self, path: str | Path) -> Path:
         from timm.models import save_for_hf

@@ -126,6 +126,11 @@ class LLM2CLIP(nn.Module):
             out["text_features"] = self.get_text_features_from_embeddings(text_embeddings)
         return out
 
+    def fsdp_blocks(self) -> list[nn.Module]:
+        """The FSDP wrapping policy's units: the ViT's blocks and the adaptor's residual blocks (the
+        head, norms and logit scale stay with the root)."""
+        return [*self.vision.fsdp_blocks(), *self.text_adaptor.blocks]
+
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
         """Keep ``logit_scale`` in [0, ln 100] (applied after every optimizer step, as open_clip)."""

@@ -157,6 +157,7 @@ def train_stage2(
               max_skipped=rel.max_skipped_steps, same_world_size=True)  # fmt: skip
     if run.resumed_weights is not None:
         model.load_state_dict(run.resumed_weights)
+    model = run.shard(model, model.fsdp_blocks())  # FSDP2 only; before the optimizer is built
     optimizer = adamw(build_param_groups(model, s), s.lr, accelerator.device, betas=tuple(s.betas), eps=s.eps)
     scheduler = make_scheduler(optimizer, s.loop, steps)
     model, optimizer = run.prepare(model, optimizer, scheduler)
@@ -264,9 +265,9 @@ def train_stage2(
         }
     }
     to_save: LLM2CLIP | None = raw
-    if dist.uses(accelerator, "FSDP"):
+    if run.fsdp2:
         # Sharded parameters: gather the full state (a collective) into a fresh copy on the main rank.
-        full = accelerator.get_state_dict(model)
+        full = run.full_weights(model)
         to_save = LLM2CLIP(raw.config) if main else None
         if to_save is not None:
             to_save.load_state_dict(full)
