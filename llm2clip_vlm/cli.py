@@ -314,12 +314,24 @@ def import_tower(
     source: Annotated[Path, typer.Argument(help="A downloaded release, e.g. LLM2CLIP-Openai-L-14-336/.")],
     output: OutputOpt = Path("runs/imported-tower"),
     dtype: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: as released).")] = None,
+    heads: Annotated[
+        int | None,
+        typer.Option(help="Attention heads of an EVA02/SigLIP2 tower (default: the releases' 16)."),
+    ] = None,
 ) -> None:
-    """Convert a released LLM2CLIP tower: OUTPUT/tower (CLIPVisionModel) + OUTPUT/model (stage 2)."""
+    """Convert a released LLM2CLIP tower (OpenAI ViT-L, EVA02-L-14-336, SigLIP2 so400m) into OUTPUT/tower.
+
+    OpenAI: OUTPUT/tower (CLIPVisionModel) + OUTPUT/model (stage 2). EVA02: OUTPUT/tower in timm's
+    format; SigLIP2: OUTPUT/tower as a SiglipVisionModel; both + OUTPUT/heads (head, adaptor, scale).
+    """
     from llm2clip_vlm.imports.tower import import_tower as do_import
 
-    summary = _run_import(do_import, source, output, dtype=dtype)
-    console.print(f"tower: {summary['tower']}\nstage-2 checkpoint: {summary['model']}")
+    summary = _run_import(do_import, source, output, dtype=dtype, num_heads=heads)
+    console.print(f"tower: {summary['tower']}")
+    if "model" in summary:
+        console.print(f"stage-2 checkpoint: {summary['model']}")
+    else:
+        console.print(f"heads: {summary['heads']} ({summary['tower_format']})")
 
 
 @app.command("import-encoder")

@@ -1,0 +1,309 @@
+"""Key maps for the released EVA02 and SigLIP2 LLM2CLIP towers (pure tensor renames, no I/O).
+
+Both maps come from the official model code, not from memory:
+
+- **EVA02-CLIP-L-14-336** (``LLM2CLIP-EVA02-L-14-336``, ``LLM2CLIP-Llama-3.2-1B-EVA02-L-14-336``):
+  the vision tower is microsoft/LLM2CLIP ``llm2clip/eva_clip/eva_vit_model.py``
+  (``EVAVisionTransformer`` with ``subln``, ``naiveswiglu``, ``rope``; built by
+  ``eva_clip/model.py:_build_vision_tower`` with ``num_classes=embed_dim`` and
+  ``use_mean_pooling=False``, so ``head`` is the image head, a ``Linear`` with bias, and ``norm``
+  the final LayerNorm). Its tensors are renamed to timm's ``eva02_large_patch14_clip_336``
+  (huggingface/pytorch-image-models ``timm/models/eva.py``: ``eva02_large_patch14_clip_336`` and
+  the EVA-CLIP rules of ``checkpoint_filter_fn``: ``mlp.ffn_ln -> mlp.norm``,
+  ``attn.inner_attn_ln -> attn.norm``, ``mlp.w1/w2/w3 -> mlp.fc1_g/fc1_x/fc2``, rotary buffers
+  dropped because timm recomputes them). timm built that architecture for EVA-CLIP's own
+  EVA02-L-14-336 weights, so the map is exact: same widths, SwiGLU with a sub-LayerNorm, the
+  attention's inner LayerNorm, k without bias, 2-d RoPE rescaled to a 16x16 reference grid.
+- **SigLIP2 so400m/14 @224** (``LLM2CLIP-Llama3.1-8B-siglip2-so400m-patch14-224``): the reference
+  trains timm's ``vit_so400m_patch14_siglip_224.v2_webli`` through ``eva_clip/timm_model.py``
+  (``TimmModel``: ``trunk`` = the timm model, ``timm_pool: map``, ``timm_proj: none``; config
+  ``model_configs/Llama3.1-8B-Siglip2-So-L-14-224.json``). Its timm ``VisionTransformer``
+  (``timm/models/vision_transformer.py``: no class token, ``global_pool='map'``, GELU,
+  LayerNorm eps 1e-6) is exactly a transformers ``SiglipVisionModel`` with ``hidden_act="gelu"``:
+  the fused ``qkv`` splits into ``q/k/v_proj``, ``pos_embed [1, N, D]`` is the position table,
+  ``norm`` is ``post_layernorm``, and timm's ``AttentionPoolLatent`` (``timm/layers/attention_pool.py``:
+  ``latent``, ``q``, ``kv``, ``proj``, ``norm``, ``mlp``) is the ``head``
+  (``probe``, ``nn.MultiheadAttention`` with ``in_proj = [q; kv]``, ``out_proj``, ``layernorm``,
+  ``mlp``). transformers' SigLIP uses tanh-GELU by default; ``hidden_act="gelu"`` is timm's erf
+  GELU, so nothing is approximated.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llm2clip_vlm.imports.checkpoint import ImportRefused
+
+# timm/models/eva.py eva02_large_patch14_clip_336: the architecture's own arguments.
+EVA_ARCH = "eva02_large_patch14_clip_336"
+EVA_DEFAULTS = {"img_size": 336, "patch_size": 14, "embed_dim": 1024, "depth": 24, "num_heads": 16}
+EVA_MLP_RATIO = 4 * 2 / 3
+# eva_clip/model_configs/EVA02-CLIP-L-14-336.json: head_width 64.
+EVA_HEAD_WIDTH = 64
+# timm/models/vision_transformer.py vit_so400m_patch14_siglip_224: 16 heads at width 1152.
+SIGLIP_ARCH = "vit_so400m_patch14_siglip_224"
+SIGLIP_HEADS = {1152: 16}
+
+_ROPE_BUFFER = re.compile(r"(^|\.)rope\.freqs_(cos|sin)$")
+# eva_vit_model.py names -> timm eva.py names (checkpoint_filter_fn's EVA-CLIP rules).
+_EVA_RENAMES = (
+    ("mlp.ffn_ln", "mlp.norm"),
+    ("attn.inner_attn_ln", "attn.norm"),
+    ("mlp.w1", "mlp.fc1_g"),
+    ("mlp.w2", "mlp.fc1_x"),
+    ("mlp.w3", "mlp.fc2"),
+)
+
+
+@dataclass
+class VisionLayout:
+    """One recognised vision tower inside a released checkpoint."""
+
+    family: str  # "eva02" or "siglip"
+    prefix: str  # e.g. "visual." or "visual.trunk."
+    used: set[str] = field(default_factory=set)  # source tensor names consumed
+
+
+def find_prefix(state: dict[str, torch.Tensor], suffix: str, also: str, where: Path) -> str | None:
+    """The unique prefix ``P`` with ``P + suffix`` and ``P + also`` both in ``state`` (None: no match)."""
+    found = sorted(
+        name[: -len(suffix)]
+        for name in state
+        if name.endswith(suffix) and (name[: -len(suffix)] + also) in state
+    )
+    if len(found) > 1:
+        raise ImportRefused(f"{where}: several vision towers ({', '.join(found)}); expected one")
+    return found[0] if found else None
+
+
+def detect_layout(state: dict[str, torch.Tensor], where: Path) -> VisionLayout | None:
+    """EVA02 (``eva_vit_model.py`` names) or a timm MAP ViT (SigLIP2), from the tensor names."""
+    eva = find_prefix(state, "patch_embed.proj.weight", "blocks.0.mlp.w1.weight", where)
+    if eva is not None:
+        return VisionLayout("eva02", eva)
+    siglip = find_prefix(state, "patch_embed.proj.weight", "attn_pool.latent", where)
+    if siglip is not None:
+        return VisionLayout("siglip", siglip)
+    return None
+
+
+def _depth(names: list[str], where: Path) -> int:
+    idx = {int(m.group(1)) for n in names if (m := re.match(r"blocks\.(\d+)\.", n))}
+    if not idx or idx != set(range(len(idx))):
+        raise ImportRefused(f"{where}: vision blocks {sorted(idx)} are not numbered 0..n-1")
+    return len(idx)
+
+
+def _grid(n_tokens: int, prefix_tokens: int, what: str, where: Path) -> int:
+    side = math.isqrt(n_tokens - prefix_tokens)
+    if side * side + prefix_tokens != n_tokens:
+        raise ImportRefused(f"{where}: {what} has {n_tokens} rows, not a square grid + {prefix_tokens}")
+    return side
+
+
+# -- EVA02 -> timm eva02_large_patch14_clip_336 ------------------------------------------------
+
+
+def eva_expected_timm_keys(depth: int) -> set[str]:
+    """timm ``Eva``'s state-dict names for ``eva02_large_patch14_clip_336`` with ``num_classes=0``
+    (eva.py: ``EvaAttention`` with ``qkv_fused=False`` (k_proj without bias) and
+    ``scale_attn_inner`` (``attn.norm``); ``SwiGLU`` with ``scale_mlp`` (``fc1_g``, ``fc1_x``,
+    ``norm``, ``fc2``); ``norm`` as the final LayerNorm for ``global_pool='token'``; rotary
+    buffers are not persistent)."""
+    keys = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"}
+    keys |= {"norm.weight", "norm.bias"}
+    per_block = [
+        "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias",
+        "attn.q_proj.weight", "attn.q_proj.bias", "attn.k_proj.weight",
+        "attn.v_proj.weight", "attn.v_proj.bias", "attn.norm.weight", "attn.norm.bias",
+        "attn.proj.weight", "attn.proj.bias",
+        "mlp.fc1_g.weight", "mlp.fc1_g.bias", "mlp.fc1_x.weight", "mlp.fc1_x.bias",
+        "mlp.norm.weight", "mlp.norm.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+    ]  # fmt: skip
+    for i in range(depth):
+        keys |= {f"blocks.{i}.{k}" for k in per_block}
+    return keys
+
+
+def eva_to_timm(
+    state: dict[str, torch.Tensor], layout: VisionLayout, where: Path, num_heads: int | None
+) -> tuple[dict[str, torch.Tensor], dict[str, object], dict[str, torch.Tensor]]:
+    """The EVA-CLIP vision tensors under ``layout.prefix`` as timm tensors.
+
+    Returns:
+        ``(timm_state, timm_model_args, image_head)``: ``model_args`` holds only what differs from
+        ``eva02_large_patch14_clip_336``; ``image_head`` is ``{"weight", "bias"}`` from ``head``.
+    """
+    p = layout.prefix
+    vision = {k[len(p) :]: v for k, v in state.items() if k.startswith(p)}
+    layout.used |= {p + k for k in vision}
+    if any(".attn.qkv." in k or k.endswith("attn.q_bias") for k in vision):
+        raise ImportRefused(
+            f"{where}: fused qkv attention under {p!r}; the EVA02-L-14-336 release uses subln "
+            "(separate q/k/v projections, eva_vit_model.py Attention with subln=True)"
+        )
+    head = {}
+    for part in ("weight", "bias"):
+        if f"head.{part}" not in vision:
+            raise ImportRefused(f"{where}: tensor {p}head.{part!r} (the image head) is missing")
+        head[part] = vision.pop(f"head.{part}")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in vision.items():
+        if _ROPE_BUFFER.search(name):
+            continue  # fixed sin/cos tables: timm rebuilds them (eva.py checkpoint_filter_fn)
+        for old, new in _EVA_RENAMES:
+            name = name.replace(old, new)
+        out[name] = t
+    depth = _depth(list(out), where)
+    expected = eva_expected_timm_keys(depth)
+    missing, unknown = sorted(expected - set(out)), sorted(set(out) - expected)
+    if missing or unknown:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unknown[0]}"
+        raise ImportRefused(
+            f"{where}: EVA02 tensors under {p!r} do not map onto timm {EVA_ARCH} ({what} after renaming; "
+            f"{len(missing)} missing, {len(unknown)} unexpected)"
+        )
+    dim, _, patch, _ = out["patch_embed.proj.weight"].shape
+    side = _grid(int(out["pos_embed"].shape[1]), 1, f"{p}pos_embed", where)
+    heads = num_heads or dim // EVA_HEAD_WIDTH
+    hidden = int(out["blocks.0.mlp.fc1_g.weight"].shape[0])
+    shapes = {
+        "cls_token": (1, 1, dim),
+        "pos_embed": (1, side * side + 1, dim),
+        "head.weight": (int(head["weight"].shape[0]), dim),
+    }
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes |= {
+            b + "attn.q_proj.weight": (dim, dim),
+            b + "attn.k_proj.weight": (dim, dim),
+            b + "attn.v_proj.weight": (dim, dim),
+            b + "attn.norm.weight": (dim,),
+            b + "attn.proj.weight": (dim, dim),
+            b + "mlp.fc1_g.weight": (hidden, dim),
+            b + "mlp.fc1_x.weight": (hidden, dim),
+            b + "mlp.norm.weight": (hidden,),
+            b + "mlp.fc2.weight": (dim, hidden),
+        }
+    for name, shape in shapes.items():
+        t = head["weight"] if name == "head.weight" else out[name]
+        if tuple(t.shape) != shape:
+            raise ImportRefused(f"{where}: tensor {p}{name!r} has shape {tuple(t.shape)}, expected {shape}")
+    if dim % heads:
+        raise ImportRefused(f"{where}: width {dim} is not divisible by {heads} heads")
+    actual = {
+        "img_size": side * patch,
+        "patch_size": patch,
+        "embed_dim": dim,
+        "depth": depth,
+        "num_heads": heads,
+    }
+    args: dict[str, object] = {k: v for k, v in actual.items() if EVA_DEFAULTS[k] != v}
+    if int(dim * EVA_MLP_RATIO) != hidden:
+        ratio = hidden / dim
+        if int(dim * ratio) != hidden:
+            raise ImportRefused(
+                f"{where}: SwiGLU width {hidden} is not expressible as a timm mlp_ratio of {dim}"
+            )
+        args["mlp_ratio"] = ratio
+    return out, args, head
+
+
+# -- timm SigLIP ViT -> transformers SiglipVisionModel --------------------------------------------
+
+
+def siglip_to_hf(
+    state: dict[str, torch.Tensor], layout: VisionLayout, where: Path, num_heads: int | None
+) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """The timm ViT tensors under ``layout.prefix`` as ``SiglipVisionModel`` tensors and config kwargs."""
+    p = layout.prefix
+    v = {k[len(p) :]: t for k, t in state.items() if k.startswith(p)}
+    layout.used |= {p + k for k in v}
+    if "cls_token" in v or "reg_token" in v:
+        raise ImportRefused(f"{where}: tensor {p}cls_token: SigLIP has no class token (class_token=False)")
+    if "head.weight" in v:
+        raise ImportRefused(
+            f"{where}: tensor {p}head.weight: the reference builds the tower with timm_proj 'none' "
+            "and num_classes 0 (no classifier); refusing to drop it"
+        )
+    dim, _, patch, _ = v["patch_embed.proj.weight"].shape
+    side = _grid(int(v["pos_embed"].shape[1]), 0, f"{p}pos_embed", where)
+    depth = _depth(list(v), where)
+    hidden = int(v["blocks.0.mlp.fc1.weight"].shape[0])
+    heads = num_heads or SIGLIP_HEADS.get(int(dim))
+    if heads is None:
+        raise ImportRefused(
+            f"{where}: width {dim} is not the so400m tower's 1152; give the number of attention heads (--heads)"
+        )
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def take(src: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if src not in v:
+            raise ImportRefused(f"{where}: tensor {p}{src!r} is missing")
+        if tuple(v[src].shape) != shape:
+            raise ImportRefused(
+                f"{where}: tensor {p}{src!r} has shape {tuple(v[src].shape)}, expected {shape}"
+            )
+        used.add(src)
+        return v[src]
+
+    out["embeddings.patch_embedding.weight"] = take("patch_embed.proj.weight", (dim, 3, patch, patch))
+    out["embeddings.patch_embedding.bias"] = take("patch_embed.proj.bias", (dim,))
+    out["embeddings.position_embedding.weight"] = take("pos_embed", (1, side * side, dim))[0]
+    for i in range(depth):
+        s, d = f"blocks.{i}.", f"encoder.layers.{i}."
+        for a, b in (("norm1", "layer_norm1"), ("norm2", "layer_norm2")):
+            out[d + b + ".weight"] = take(s + a + ".weight", (dim,))
+            out[d + b + ".bias"] = take(s + a + ".bias", (dim,))
+        qw = take(s + "attn.qkv.weight", (3 * dim, dim)).chunk(3, dim=0)
+        qb = take(s + "attn.qkv.bias", (3 * dim,)).chunk(3, dim=0)
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[f"{d}self_attn.{name}.weight"] = qw[j].contiguous()
+            out[f"{d}self_attn.{name}.bias"] = qb[j].contiguous()
+        out[d + "self_attn.out_proj.weight"] = take(s + "attn.proj.weight", (dim, dim))
+        out[d + "self_attn.out_proj.bias"] = take(s + "attn.proj.bias", (dim,))
+        out[d + "mlp.fc1.weight"] = take(s + "mlp.fc1.weight", (hidden, dim))
+        out[d + "mlp.fc1.bias"] = take(s + "mlp.fc1.bias", (hidden,))
+        out[d + "mlp.fc2.weight"] = take(s + "mlp.fc2.weight", (dim, hidden))
+        out[d + "mlp.fc2.bias"] = take(s + "mlp.fc2.bias", (dim,))
+    out["post_layernorm.weight"] = take("norm.weight", (dim,))
+    out["post_layernorm.bias"] = take("norm.bias", (dim,))
+    out["head.probe"] = take("attn_pool.latent", (1, 1, dim))
+    out["head.attention.in_proj_weight"] = torch.cat(
+        [take("attn_pool.q.weight", (dim, dim)), take("attn_pool.kv.weight", (2 * dim, dim))]
+    )
+    out["head.attention.in_proj_bias"] = torch.cat(
+        [take("attn_pool.q.bias", (dim,)), take("attn_pool.kv.bias", (2 * dim,))]
+    )
+    out["head.attention.out_proj.weight"] = take("attn_pool.proj.weight", (dim, dim))
+    out["head.attention.out_proj.bias"] = take("attn_pool.proj.bias", (dim,))
+    out["head.layernorm.weight"] = take("attn_pool.norm.weight", (dim,))
+    out["head.layernorm.bias"] = take("attn_pool.norm.bias", (dim,))
+    out["head.mlp.fc1.weight"] = take("attn_pool.mlp.fc1.weight", (hidden, dim))
+    out["head.mlp.fc1.bias"] = take("attn_pool.mlp.fc1.bias", (hidden,))
+    out["head.mlp.fc2.weight"] = take("attn_pool.mlp.fc2.weight", (dim, hidden))
+    out["head.mlp.fc2.bias"] = take("attn_pool.mlp.fc2.bias", (dim,))
+    leftover = sorted(set(v) - used)
+    if leftover:
+        raise ImportRefused(
+            f"{where}: tensor {p}{leftover[0]!r} has no place in a SiglipVisionModel "
+            f"({len(leftover)} unknown); refusing to drop weights silently"
+        )
+    config = {
+        "hidden_size": int(dim),
+        "intermediate_size": hidden,
+        "num_hidden_layers": depth,
+        "num_attention_heads": int(heads),
+        "image_size": side * int(patch),
+        "patch_size": int(patch),
+        "hidden_act": "gelu",  # timm's nn.GELU (erf), not transformers' default tanh approximation
+        "layer_norm_eps": 1e-6,
+        "vision_use_head": True,
+    }
+    return out, config
