@@ -150,7 +150,7 @@ def eva_to_timm(
     head = {}
     for part in ("weight", "bias"):
         if f"head.{part}" not in vision:
-            raise ImportRefused(f"{where}: tensor {p}head.{part!r} (the image head) is missing")
+            raise ImportRefused(f"{where}: tensor {p + 'head.' + part!r} (the image head) is missing")
         head[part] = vision.pop(f"head.{part}")
     out: dict[str, torch.Tensor] = {}
     for name, t in vision.items():
@@ -163,10 +163,13 @@ def eva_to_timm(
     expected = eva_expected_timm_keys(depth)
     missing, unknown = sorted(expected - set(out)), sorted(set(out) - expected)
     if missing or unknown:
-        what = f"missing {missing[0]}" if missing else f"unexpected {unknown[0]}"
+        name = missing[0] if missing else unknown[0]
+        for old, new in _EVA_RENAMES:  # name the tensor as the release spells it
+            name = name.replace(new, old) if missing else name
+        what = f"tensor {p + name!r} is missing" if missing else f"tensor {p + name!r} is unexpected"
         raise ImportRefused(
-            f"{where}: EVA02 tensors under {p!r} do not map onto timm {EVA_ARCH} ({what} after renaming; "
-            f"{len(missing)} missing, {len(unknown)} unexpected)"
+            f"{where}: {what}; the EVA02 tower does not map onto timm {EVA_ARCH} "
+            f"({len(missing)} missing, {len(unknown)} unexpected)"
         )
     dim, _, patch, _ = out["patch_embed.proj.weight"].shape
     side = _grid(int(out["pos_embed"].shape[1]), 1, f"{p}pos_embed", where)
