@@ -560,6 +560,15 @@ def evaluate(
             "Default: the standard tasks with their hub data.",
         ),
     ] = None,
+    dataset_org: Annotated[
+        str,
+        typer.Option(
+            "--dataset-org",
+            help="Hub organisation of the data sets: lmms-lab or lmms-lab-encoder (lmms-eval moved "
+            "them after v0.7.2), for every task or per task (mme=lmms-lab,...). Default: as the "
+            "installed lmms-eval.",
+        ),
+    ] = "",
     output: OutputOpt = Path("runs/eval"),
     limit: Annotated[
         int | None, typer.Option(help="Evaluate only the first N documents of each task.")
@@ -582,8 +591,17 @@ def evaluate(
     if not models and not compare:
         console.print("[red]eval:[/red] give at least one MODEL directory or a --compare results file")
         raise typer.Exit(2)
+    from llm2clip_vlm.evaluation.local_tasks import parse_dataset_orgs
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    try:
+        orgs = parse_dataset_orgs(dataset_org, task_list)
+    except ValueError as e:
+        console.print(f"[red]eval:[/red] {e}")
+        raise typer.Exit(2) from e
     options = EvalOptions(
-        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        tasks=task_list,
+        dataset_orgs=orgs,
         data_dir=data_dir,
         limit=limit,
         batch_size=batch_size,
