@@ -182,6 +182,9 @@ class _TimmEvaSkeleton(nn.Module):
     def __init__(self, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int) -> None:
         super().__init__()
         d, hidden = embed_dim, int(embed_dim * 4 * 2 / 3)
+        # As timm's Eva.__init__ (eva.py:614): Python floats from a tensor, which the meta device
+        # cannot give, so the tower must build the config model elsewhere.
+        self.drop_path_rates = [x.item() for x in torch.linspace(0, 0.0, depth)]
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, d, patch_size, patch_size)
         self.patch_embed.img_size, self.patch_embed.patch_size = (
@@ -238,8 +241,7 @@ def test_eva02_tower_loads_through_llm2clip_vision_tower(
             model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
             calls.append((name, cfg["model_args"]))
             return model
-        with torch.device("cpu"):
-            return _TimmEvaSkeleton(**{"img_size": 336, "patch_size": 14, "embed_dim": 1024, "depth": 24,
+        return _TimmEvaSkeleton(**{"img_size": 336, "patch_size": 14, "embed_dim": 1024, "depth": 24,
                                        "num_heads": 16, **kwargs})  # fmt: skip
 
     fake = ModuleType("timm")
