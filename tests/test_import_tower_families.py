@@ -297,6 +297,79 @@ def test_eva02_refusals_name_the_tensor(tmp_path: Path) -> None:
         import_tower(tmp_path / "r", tmp_path / "o4")
 
 
+# The hub's remote-code layout of the same tower: BAAI's transformers port of EVA-CLIP
+# (modeling_evaclip.py / convert_evaclip_pytorch_to_hf.py, shipped in the LLM2CLIP EVA02 hub repos),
+# names as in mindspore-lab/mindone's port of it: EvaCLIPVisionEmbeddings (class_embedding [D],
+# patch_embedding, position_embedding [N+1, D]), EvaCLIPEncoderLayer (layer_norm1/2, self_attn.
+# {q,k,v,out}_proj + inner_attn_ln, mlp.fc1/fc2/fc3 + ffn_ln), post_layernorm; visual_projection.
+HUB_LAYER = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.q_proj": "self_attn.q_proj",
+             "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
+             "attn.proj": "self_attn.out_proj", "attn.inner_attn_ln": "self_attn.inner_attn_ln",
+             "attn.rope": "self_attn.rope", "mlp.w1": "mlp.fc1", "mlp.w2": "mlp.fc2", "mlp.w3": "mlp.fc3",
+             "mlp.ffn_ln": "mlp.ffn_ln"}  # fmt: skip
+
+
+def eva_hub_release(path: Path, native: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, t in native.items():
+        if not name.startswith("visual."):
+            out[name] = t
+            continue
+        k = name[len("visual.") :]
+        if k == "cls_token":
+            out["vision_model.embeddings.class_embedding"] = t.reshape(-1)
+        elif k == "pos_embed":
+            out["vision_model.embeddings.position_embedding.weight"] = t[0]
+            out["vision_model.embeddings.position_ids"] = torch.arange(t.shape[1]).unsqueeze(0)
+        elif k.startswith("patch_embed.proj."):
+            out["vision_model.embeddings.patch_embedding." + k.rsplit(".", 1)[1]] = t
+        elif k.startswith("norm."):
+            out["vision_model.post_layernorm." + k.rsplit(".", 1)[1]] = t
+        elif k.startswith("head."):
+            out["visual_projection." + k.rsplit(".", 1)[1]] = t
+        elif k.startswith("rope."):
+            continue  # the hub model keeps the rotary tables per attention only
+        else:
+            i, rest = k[len("blocks.") :].split(".", 1)
+            mod = next(m for m in sorted(HUB_LAYER, key=len, reverse=True) if rest.startswith(m + "."))
+            out[f"vision_model.encoder.layers.{i}.{HUB_LAYER[mod]}{rest[len(mod) :]}"] = t
+    path.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path / "model.safetensors"))
+    # BAAI's EvaCLIPConfig is a CLIP-like config (model_type clip, vision_config): still an EVA02 tower.
+    (path / "config.json").write_text(json.dumps({"model_type": "clip", "architectures": ["LLM2CLIPModel"],
+                                                  "vision_config": {"hidden_size": EVA["width"]}}))  # fmt: skip
+    (path / "modeling_evaclip.py").write_text(POISON)
+    return out
+
+
+def test_eva02_hub_layout_imports_like_eva_clips_own_names(tmp_path: Path) -> None:
+    native = eva_release(tmp_path / "native")
+    hub = eva_hub_release(tmp_path / "hub", native)
+    assert len(hub) == len(native) - 2 + 1  # top-level rope tables gone, position_ids added
+    a = import_tower(tmp_path / "native", tmp_path / "a")
+    b = import_tower(tmp_path / "hub", tmp_path / "b")
+    assert (b["family"], b["vision_prefix"], b["image_head"]) == ("eva02", "vision_model.", "linear_bias")
+    for sub, name in (("tower", "model.safetensors"), ("heads", "heads.safetensors")):
+        x, y = load_file(str(tmp_path / "a" / sub / name)), load_file(str(tmp_path / "b" / sub / name))
+        assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x), sub
+    assert json.loads((tmp_path / "a/tower/config.json").read_text()) == json.loads(
+        (tmp_path / "b/tower/config.json").read_text()
+    )
+    assert a["embed_dim"] == b["embed_dim"]
+
+    # Refusals name the tensor as the hub file spells it.
+    broken = {k: v for k, v in hub.items() if k != "vision_model.encoder.layers.1.mlp.ffn_ln.bias"}
+    save_file({k: v.contiguous() for k, v in broken.items()}, str(tmp_path / "hub" / "model.safetensors"))
+    with pytest.raises(
+        ImportRefused, match=r"'vision_model\.encoder\.layers\.1\.mlp\.ffn_ln\.bias' is missing"
+    ):
+        import_tower(tmp_path / "hub", tmp_path / "c")
+    odd = dict(hub) | {"vision_model.encoder.layers.0.self_attn.qkv.weight": torch.zeros(2)}
+    save_file({k: v.contiguous() for k, v in odd.items()}, str(tmp_path / "hub" / "model.safetensors"))
+    with pytest.raises(ImportRefused, match=r"self_attn\.qkv\.weight' has no place"):
+        import_tower(tmp_path / "hub", tmp_path / "d")
+
+
 # -- SigLIP2 stand-in ----------------------------------------------------------------------------
 SIG = {"width": 32, "layers": 2, "patch": 7, "image": 28, "heads": 4, "hidden": 48}
 

@@ -20,6 +20,7 @@ the image-head kinds (``linear_bias``, ``none``) and, for EVA02, timm at run tim
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ from llm2clip_vlm.imports.tower_layouts import (
     EVA_ARCH,
     SIGLIP_ARCH,
     VisionLayout,
+    eva_hf_to_native,
+    eva_hub_name,
     eva_to_timm,
     siglip_to_hf,
 )
@@ -62,7 +65,19 @@ def import_released_family(
     """
     where = files[0] if len(files) == 1 else src
     head: dict[str, torch.Tensor] = {}
-    if layout.family == "eva02":
+    if layout.family == "eva02_hf":
+        # The hub's modeling_evaclip.py names: renamed to eva_vit_model.py's, then mapped as those.
+        native, back = eva_hf_to_native(state, layout, where)
+        inner = VisionLayout("eva02", "visual.")
+        try:
+            vision, args, head = eva_to_timm(native, inner, where, num_heads)
+        except ImportRefused as e:
+            raise ImportRefused(_hub_names(str(e), back, layout.prefix)) from e
+        layout.used |= set(back.values())
+        layout.family = "eva02"
+        size = int(args.get("img_size", 336))
+        hidden, patch = int(vision["cls_token"].shape[-1]), int(vision["patch_embed.proj.weight"].shape[-1])
+    elif layout.family == "eva02":
         vision, args, head = eva_to_timm(state, layout, where, num_heads)
         hidden, size = int(vision["cls_token"].shape[-1]), int(args.get("img_size", 336))
         patch = int(vision["patch_embed.proj.weight"].shape[-1])
@@ -118,7 +133,7 @@ def import_released_family(
         "text_dim": text_dim,
         "embed_dim": embed_dim,
         "adaptor_blocks": blocks,
-        "image_head": "linear_bias" if head else "none",
+        "image_head": ("linear_bias" if "bias" in head else "linear") if head else "none",
         "loss": loss,
     }
     (heads_dir / HEADS_JSON).write_text(json.dumps(info, indent=2) + "\n")
@@ -143,6 +158,15 @@ def import_released_family(
     (tower_dir / PROVENANCE_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     log.info("imported %s (%s): tower %s (%d px), heads %s", src, layout.family, tower_dir, size, heads_dir)
     return summary
+
+
+def _hub_names(message: str, back: dict[str, str], prefix: str) -> str:
+    """A refusal about renamed tensors, with the names as the release spells them."""
+    return re.sub(
+        r"'(visual\.[^']+)'",
+        lambda m: repr(back.get(m.group(1)) or eva_hub_name(m.group(1), prefix)),
+        message,
+    )
 
 
 def _write_timm_eva(

@@ -116,25 +116,24 @@ def import_tower(
     cfg = read_json(cfg_file)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if cfg.get("model_type") != "clip" or not isinstance(cfg.get("vision_config"), dict):
-        # Not the OpenAI-CLIP layout: the EVA02 and SigLIP2 releases are recognised by their tensors.
-        files = safetensors_files(src)
-        state = load_tensors(files)
-        where = files[0] if len(files) == 1 else src
-        layout = detect_layout(state, where)
-        if layout is None:
-            raise ImportRefused(
-                f"{cfg_file}: model_type {cfg.get('model_type')!r} and no known vision tower in {where} "
-                "(known: LLM2CLIP-Openai-* (model_type 'clip'), EVA02-L-14-336 (eva_vit_model.py names, "
-                "'<prefix>blocks.0.mlp.w1.weight'), SigLIP2 so400m (timm names, '<prefix>attn_pool.latent'))"
-            )
-        return import_released_family(src, out, files, state, layout, dtype, num_heads)
-    arch = cfg.get("architectures")
-    if arch != [ARCHITECTURE]:
-        raise ImportRefused(f"{cfg_file}: architectures {arch!r}, expected [{ARCHITECTURE!r}]")
     files = safetensors_files(src)
     state = load_tensors(files)
     where = files[0] if len(files) == 1 else src
+    # The EVA02 and SigLIP2 releases are recognised by their tensors (their config.json is remote code's).
+    layout = detect_layout(state, where)
+    if layout is not None:
+        return import_released_family(src, out, files, state, layout, dtype, num_heads)
+    if cfg.get("model_type") != "clip" or not isinstance(cfg.get("vision_config"), dict):
+        raise ImportRefused(
+            f"{cfg_file}: model_type {cfg.get('model_type')!r} and no known vision tower in {where} "
+            "(known: LLM2CLIP-Openai-* (model_type 'clip', 'vision_model.*'), EVA02-L-14-336 "
+            "('<prefix>blocks.0.mlp.w1.weight' as eva_vit_model.py, or "
+            "'<prefix>encoder.layers.0.mlp.fc3.weight' as the hub's modeling_evaclip.py), "
+            "SigLIP2 so400m (timm names, '<prefix>attn_pool.latent'))"
+        )
+    arch = cfg.get("architectures")
+    if arch != [ARCHITECTURE]:
+        raise ImportRefused(f"{cfg_file}: architectures {arch!r}, expected [{ARCHITECTURE!r}]")
 
     vision_cfg = _vision_config(cfg, state, where, cfg_file)
     vision = {k[len(VISION_PREFIX) :]: v for k, v in state.items() if k.startswith(VISION_PREFIX)}

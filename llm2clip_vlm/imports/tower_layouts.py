@@ -86,6 +86,9 @@ def detect_layout(state: dict[str, torch.Tensor], where: Path) -> VisionLayout |
     eva = find_prefix(state, "patch_embed.proj.weight", "blocks.0.mlp.w1.weight", where)
     if eva is not None:
         return VisionLayout("eva02", eva)
+    eva_hf = find_prefix(state, "embeddings.class_embedding", "encoder.layers.0.mlp.fc3.weight", where)
+    if eva_hf is not None:
+        return VisionLayout("eva02_hf", eva_hf)
     siglip = find_prefix(state, "patch_embed.proj.weight", "attn_pool.latent", where)
     if siglip is not None:
         return VisionLayout("siglip", siglip)
@@ -147,11 +150,10 @@ def eva_to_timm(
             f"{where}: fused qkv attention under {p!r}; the EVA02-L-14-336 release uses subln "
             "(separate q/k/v projections, eva_vit_model.py Attention with subln=True)"
         )
-    head = {}
-    for part in ("weight", "bias"):
-        if f"head.{part}" not in vision:
-            raise ImportRefused(f"{where}: tensor {p + 'head.' + part!r} (the image head) is missing")
-        head[part] = vision.pop(f"head.{part}")
+    if "head.weight" not in vision:
+        raise ImportRefused(f"{where}: tensor {p + 'head.weight'!r} (the image head) is missing")
+    # The reference's head is a Linear with bias (eva_vit_model.py: nn.Linear(embed_dim, num_classes)).
+    head = {part: vision.pop(f"head.{part}") for part in ("weight", "bias") if f"head.{part}" in vision}
     out: dict[str, torch.Tensor] = {}
     for name, t in vision.items():
         if _ROPE_BUFFER.search(name):
@@ -179,6 +181,7 @@ def eva_to_timm(
         "cls_token": (1, 1, dim),
         "pos_embed": (1, side * side + 1, dim),
         "head.weight": (int(head["weight"].shape[0]), dim),
+        "head.bias": (int(head["weight"].shape[0]),),
     }
     for i in range(depth):
         b = f"blocks.{i}."
@@ -194,7 +197,9 @@ def eva_to_timm(
             b + "mlp.fc2.weight": (dim, hidden),
         }
     for name, shape in shapes.items():
-        t = head["weight"] if name == "head.weight" else out[name]
+        if name == "head.bias" and "bias" not in head:
+            continue
+        t = head[name[len("head.") :]] if name.startswith("head.") else out[name]
         if tuple(t.shape) != shape:
             raise ImportRefused(f"{where}: tensor {p}{name!r} has shape {tuple(t.shape)}, expected {shape}")
     if dim % heads:
@@ -215,6 +220,87 @@ def eva_to_timm(
             )
         args["mlp_ratio"] = ratio
     return out, args, head
+
+
+# -- the hub's remote-code EVA-CLIP names -> eva_vit_model.py names ----------------------------------
+# BAAI's transformers port of EVA-CLIP (modeling_evaclip.py, converted by
+# convert_evaclip_pytorch_to_hf.py; the LLM2CLIP EVA02 hub repos ship both files), here as read in
+# mindspore-lab/mindone's port of it (EvaCLIPVisionEmbeddings, EvaCLIPAttention,
+# EvaCLIPSwiGLUMLP, EvaCLIPEncoderLayer, EvaCLIPVisionTransformer): per layer the names below;
+# SwiGLU computes act(fc1(x)) * fc2(x) -> ffn_ln -> fc3, i.e. EVA-CLIP's w1, w2, w3.
+_EVA_HF_LAYER = (
+    ("layer_norm1.", "norm1."), ("layer_norm2.", "norm2."),
+    ("self_attn.q_proj.", "attn.q_proj."), ("self_attn.k_proj.", "attn.k_proj."),
+    ("self_attn.v_proj.", "attn.v_proj."), ("self_attn.out_proj.", "attn.proj."),
+    ("self_attn.inner_attn_ln.", "attn.inner_attn_ln."), ("self_attn.rope.", "attn.rope."),
+    ("mlp.fc1.", "mlp.w1."), ("mlp.fc2.", "mlp.w2."), ("mlp.fc3.", "mlp.w3."), ("mlp.ffn_ln.", "mlp.ffn_ln."),
+)  # fmt: skip
+EVA_HF_HEAD = "visual_projection."
+
+
+def eva_hf_to_native(
+    state: dict[str, torch.Tensor], layout: VisionLayout, where: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The hub layout's vision tensors (and ``visual_projection``) renamed to ``eva_vit_model.py``'s
+    under ``visual.``, plus ``{native name: hub name}`` to name tensors as the release spells them.
+
+    Raises:
+        ImportRefused: a vision tensor with no counterpart (named).
+    """
+    p = layout.prefix
+    native: dict[str, torch.Tensor] = {}
+    back: dict[str, str] = {}
+
+    def put(name: str, src: str, t: torch.Tensor) -> None:
+        native["visual." + name], back["visual." + name] = t, src
+
+    for src, t in state.items():
+        if src.startswith(EVA_HF_HEAD):
+            put("head." + src[len(EVA_HF_HEAD) :], src, t)
+            continue
+        if not src.startswith(p):
+            continue
+        k = src[len(p) :]
+        if k == "embeddings.class_embedding":
+            put("cls_token", src, t.reshape(1, 1, -1))
+        elif k == "embeddings.position_embedding.weight":
+            put("pos_embed", src, t.unsqueeze(0))
+        elif k == "embeddings.position_ids":
+            back["visual.position_ids"] = src  # an index buffer, rebuilt by any loader
+        elif k.startswith("embeddings.patch_embedding."):
+            put("patch_embed.proj." + k.rsplit(".", 1)[1], src, t)
+        elif k.startswith("post_layernorm."):
+            put("norm." + k.rsplit(".", 1)[1], src, t)
+        elif m := re.match(r"encoder\.layers\.(\d+)\.(.+)$", k):
+            rest = m.group(2)
+            for old, new in _EVA_HF_LAYER:
+                if rest.startswith(old):
+                    put(f"blocks.{m.group(1)}.{new}{rest[len(old) :]}", src, t)
+                    break
+            else:
+                raise ImportRefused(f"{where}: tensor {src!r} has no place in an EVA02 tower")
+        else:
+            raise ImportRefused(f"{where}: tensor {src!r} has no place in an EVA02 tower")
+    return native, back
+
+
+def eva_hub_name(native: str, prefix: str) -> str:
+    """``visual.<eva_vit_model.py name>`` -> the hub layout's name (for messages)."""
+    k = native[len("visual.") :] if native.startswith("visual.") else native
+    fixed = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding.weight"}
+    if k in fixed:
+        return prefix + fixed[k]
+    if k.startswith("head."):
+        return EVA_HF_HEAD + k[len("head.") :]
+    if k.startswith("patch_embed.proj."):
+        return prefix + "embeddings.patch_embedding." + k.rsplit(".", 1)[1]
+    if k.startswith("norm."):
+        return prefix + "post_layernorm." + k.rsplit(".", 1)[1]
+    if m := re.match(r"blocks\.(\d+)\.(.+)$", k):
+        for hub, ours in _EVA_HF_LAYER:
+            if m.group(2).startswith(ours):
+                return f"{prefix}encoder.layers.{m.group(1)}.{hub}{m.group(2)[len(ours) :]}"
+    return native
 
 
 # -- timm SigLIP ViT -> transformers SiglipVisionModel --------------------------------------------
