@@ -12,7 +12,9 @@
 #
 # Needs: a LLaVA checkout with its environment, timm (pip install 'llm2clip-vlm[timm]'), the parts
 # downloaded once (nothing is downloaded at run time), the tower imported (tensors only):
-#   huggingface-cli download microsoft/LLM2CLIP-EVA02-L-14-336 --local-dir checkpoints/LLM2CLIP-EVA02-L-14-336
+#   huggingface-cli download microsoft/LLM2CLIP-EVA02-L-14-336 --revision refs/pr/5 \
+#     --include config.json model.safetensors --local-dir checkpoints/LLM2CLIP-EVA02-L-14-336
+# (main holds pickles only; the hub's safetensors conversion is on its refs/pr revisions, docs/DATA.md)
 #   llm2clip-vlm import-tower checkpoints/LLM2CLIP-EVA02-L-14-336 -o checkpoints/llm2clip-eva02-l-14-336-imported
 #   huggingface-cli download lmsys/vicuna-7b-v1.5 --local-dir checkpoints/vicuna-7b-v1.5
 # (the Llama-3.2-1B release the same way; its text side imports with `llm2clip-vlm import-encoder`).

@@ -14,6 +14,9 @@ Both maps come from the official model code, not from memory:
   dropped because timm recomputes them). timm built that architecture for EVA-CLIP's own
   EVA02-L-14-336 weights, so the map is exact: same widths, SwiGLU with a sub-LayerNorm, the
   attention's inner LayerNorm, k without bias, 2-d RoPE rescaled to a 16x16 reference grid.
+  The hub repos store the tower in BAAI's transformers port of EVA-CLIP (``modeling_evaclip.py``:
+  ``vision_model.embeddings/encoder.layers/post_layernorm``, ``visual_projection``);
+  :func:`eva_hf_to_native` renames those to ``eva_vit_model.py``'s first.
 - **SigLIP2 so400m/14 @224** (``LLM2CLIP-Llama3.1-8B-siglip2-so400m-patch14-224``): the reference
   trains timm's ``vit_so400m_patch14_siglip_224.v2_webli`` through ``eva_clip/timm_model.py``
   (``TimmModel``: ``trunk`` = the timm model, ``timm_pool: map``, ``timm_proj: none``; config
