@@ -327,11 +327,13 @@ def import_tower(
     from llm2clip_vlm.imports.tower import import_tower as do_import
 
     summary = _run_import(do_import, source, output, dtype=dtype, num_heads=heads)
-    console.print(f"tower: {summary['tower']}")
+    console.print(
+        f"tower: {summary['tower']}" + (f" ({summary['tower_format']})" if "tower_format" in summary else "")
+    )
     if "model" in summary:
         console.print(f"stage-2 checkpoint: {summary['model']}")
-    else:
-        console.print(f"heads: {summary['heads']} ({summary['tower_format']})")
+    if "heads" in summary:
+        console.print(f"released heads: {summary['heads']}")
 
 
 @app.command("import-encoder")

@@ -488,6 +488,34 @@ def test_siglip2_release_becomes_a_plain_siglip_vision_model(tmp_path: Path) -> 
     assert torch.equal(feats, out.hidden_states[-2])
 
 
+def test_siglip2_stage2_checkpoint_matches_the_release(tmp_path: Path) -> None:
+    """OUT/model: image features = the MAP-pooled tower output (no projection, as timm_proj none),
+    text features = the reference TextProj, logit scale and bias as released."""
+    from llm2clip_vlm.vision.model import LLM2CLIP
+
+    state = siglip_release(tmp_path / "release")
+    summary = import_tower(tmp_path / "release", tmp_path / "out", num_heads=SIG["heads"])
+    assert summary["model"] == str(tmp_path / "out" / "model")
+    model = LLM2CLIP.from_pretrained(tmp_path / "out" / "model").eval()
+    proj = TextProj(embedding_dim=TEXT_DIM, output_dim=SIG["width"]).eval()
+    proj.text_adaptor.load_state_dict({k[len("text.text_adaptor.") :]: v for k, v in state.items()
+                                       if k.startswith("text.text_adaptor.")})  # fmt: skip
+    tower = SiglipVisionModel.from_pretrained(tmp_path / "out" / "tower").eval()
+    px = torch.randn(3, 3, SIG["image"], SIG["image"], generator=_g(8))
+    emb = torch.randn(4, TEXT_DIM, generator=_g(9)) * 3.0
+    with torch.no_grad():
+        assert torch.allclose(
+            model.get_image_features(px), F.normalize(tower(pixel_values=px).pooler_output, dim=-1), atol=1e-6
+        )
+        assert torch.allclose(
+            model.get_text_features_from_embeddings(emb), F.normalize(proj(emb), dim=-1), atol=1e-5
+        )
+    assert (
+        float(model.logit_scale.detach()) == pytest.approx(2.3) and float(model.logit_bias.detach()) == -10.0
+    )
+    assert model.config.loss == "siglip"
+
+
 def test_siglip2_tower_assembles_into_llava(tmp_path: Path) -> None:
     from llm2clip_vlm.llava.assemble import build_llava_model
     from llm2clip_vlm.text.tiny import save_tiny_llm

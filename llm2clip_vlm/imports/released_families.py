@@ -13,8 +13,9 @@ maps are in :mod:`llm2clip_vlm.imports.tower_layouts`. Written to ``OUT``::
     OUT/heads/   heads.safetensors (image_head.* for EVA's Linear+bias head, text_adaptor.* in our
                  TextAdaptor names, logit_scale, logit_bias) + heads.json (sizes, loss, head kind).
 
-The stage-2 ``model/`` checkpoint of the OpenAI import is not written for these families: it needs
-the image-head kinds (``linear_bias``, ``none``) and, for EVA02, timm at run time.
+SigLIP2 also gets ``OUT/model/``, our stage-2 checkpoint (the reference has no image projection:
+our Linear head is written as the identity, the same map). EVA02 gets none yet: its head is a
+Linear with bias, which our stage-2 image head cannot hold, and its tower needs timm at run time.
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm2clip_vlm.identity import file_sha256
-from llm2clip_vlm.imports.adaptor_map import DTYPES, PROVENANCE_FILE, TOWER_DIR, adaptor_state, find_adaptor
+from llm2clip_vlm.imports.adaptor_map import (
+    DTYPES,
+    MODEL_DIR,
+    PROVENANCE_FILE,
+    TOWER_DIR,
+    adaptor_state,
+    find_adaptor,
+)
 from llm2clip_vlm.imports.checkpoint import ImportRefused
 from llm2clip_vlm.imports.tower_layouts import (
     EVA_ARCH,
@@ -41,6 +49,8 @@ from llm2clip_vlm.imports.tower_layouts import (
 )
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.vision.backbones import CLIP_MEAN, CLIP_STD
+from llm2clip_vlm.vision.config import VisionBackboneConfig
+from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
 
 log = get_logger(__name__)
 
@@ -138,6 +148,11 @@ def import_released_family(
     }
     (heads_dir / HEADS_JSON).write_text(json.dumps(info, indent=2) + "\n")
     _verify(tower_dir, heads_dir, vision, heads, layout.family)
+    model_dir = None
+    if layout.family == "siglip":
+        model_dir = _write_siglip_stage2(
+            out / MODEL_DIR, tower_dir, adaptor, blocks, text_dim, embed_dim, scalars
+        )
 
     summary = {
         "source": str(src.resolve()),
@@ -147,6 +162,7 @@ def import_released_family(
         "tower": str(tower_dir),
         "tower_format": f"timm {EVA_ARCH}" if layout.family == "eva02" else "transformers SiglipVisionModel",
         "heads": str(heads_dir),
+        **({"model": str(model_dir)} if model_dir else {}),
         "image_size": size,
         "patch_size": patch,
         "hidden_size": hidden,
@@ -158,6 +174,38 @@ def import_released_family(
     (tower_dir / PROVENANCE_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     log.info("imported %s (%s): tower %s (%d px), heads %s", src, layout.family, tower_dir, size, heads_dir)
     return summary
+
+
+@torch.no_grad()
+def _write_siglip_stage2(
+    model_dir: Path,
+    tower_dir: Path,
+    adaptor: dict[str, torch.Tensor],
+    blocks: int,
+    text_dim: int,
+    embed_dim: int,
+    scalars: dict[str, torch.Tensor],
+) -> Path:
+    """The SigLIP2 release as our stage-2 checkpoint: the SiglipVisionModel tower (pooled by its MAP
+    head), the adaptor, logit scale and bias. The reference has no image projection
+    (``timm_proj: none``); our image head is a Linear, set to the identity, which is the same map."""
+    model = LLM2CLIP(
+        LLM2CLIPConfig(
+            backbone=VisionBackboneConfig(kind="siglip", name_or_path=str(tower_dir)),
+            text_dim=text_dim,
+            embed_dim=embed_dim,
+            adaptor_blocks=blocks,
+            loss="siglip" if "logit_bias" in scalars else "clip",
+        )
+    )
+    model.image_head.weight.copy_(torch.eye(embed_dim))
+    model.text_adaptor.load_state_dict({k: v.float() for k, v in adaptor.items()}, strict=True)
+    if "logit_scale" in scalars:
+        model.logit_scale.copy_(scalars["logit_scale"])
+    if model.logit_bias is not None:
+        model.logit_bias.copy_(scalars["logit_bias"])
+    model.save_pretrained(model_dir)
+    return model_dir
 
 
 def _hub_names(message: str, back: dict[str, str], prefix: str) -> str:
