@@ -2,7 +2,8 @@
 
 With a data directory, the tasks are local copies (``local_tasks.py``) and only they are indexed;
 without one, the standard lmms-eval tasks read their hub data sets (checked reachable first, so an
-offline machine gets a clear message instead of a stack of retries). Per model, lmms-eval's own
+offline machine gets a clear message instead of a stack of retries); ``dataset_orgs`` reads them from
+``lmms-lab`` or ``lmms-lab-encoder`` per task (``local_tasks.write_hub_tasks``). Per model, lmms-eval's own
 results JSON and per-sample logs are written by its ``EvaluationTracker``; ``summary.json`` and
 ``comparison.md`` hold the table across models with the reference numbers.
 """
