@@ -324,16 +324,30 @@ def import_tower(
     source: Annotated[Path, typer.Argument(help="A downloaded release, e.g. LLM2CLIP-Openai-L-14-336/.")],
     output: OutputOpt = Path("runs/imported-tower"),
     dtype: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: as released).")] = None,
+    heads: Annotated[
+        int | None,
+        typer.Option(help="Attention heads of an EVA02/SigLIP2 tower (default: the releases' 16)."),
+    ] = None,
 ) -> None:
-    """Convert a released LLM2CLIP tower: OUTPUT/tower (CLIPVisionModel) + OUTPUT/model (stage 2)."""
+    """Convert a released LLM2CLIP tower (OpenAI ViT-L, EVA02-L-14-336, SigLIP2 so400m) into OUTPUT/tower.
+
+    OpenAI: OUTPUT/tower (CLIPVisionModel) + OUTPUT/model (stage 2). EVA02: OUTPUT/tower in timm's
+    format; SigLIP2: OUTPUT/tower as a SiglipVisionModel; both + OUTPUT/heads (head, adaptor, scale).
+    """
     from llm2clip_vlm.imports.tower import DTYPES
     from llm2clip_vlm.imports.tower import import_tower as do_import
 
     if dtype is not None and dtype not in DTYPES:
         console.print(f"[red]import-tower:[/red] --dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         raise typer.Exit(2)
-    summary = _run_import(do_import, source, output, dtype=dtype)
-    console.print(f"tower: {summary['tower']}\nstage-2 checkpoint: {summary['model']}")
+    summary = _run_import(do_import, source, output, dtype=dtype, num_heads=heads)
+    console.print(
+        f"tower: {summary['tower']}" + (f" ({summary['tower_format']})" if "tower_format" in summary else "")
+    )
+    if "model" in summary:
+        console.print(f"stage-2 checkpoint: {summary['model']}")
+    if "heads" in summary:
+        console.print(f"released heads: {summary['heads']}")
 
 
 @app.command("import-encoder")
@@ -692,6 +706,15 @@ def evaluate(
             "Default: the standard tasks with their hub data.",
         ),
     ] = None,
+    dataset_org: Annotated[
+        str,
+        typer.Option(
+            "--dataset-org",
+            help="Hub organisation of the data sets: lmms-lab or lmms-lab-encoder (lmms-eval moved "
+            "them after v0.7.2), for every task or per task (mme=lmms-lab,...). Default: as the "
+            "installed lmms-eval.",
+        ),
+    ] = "",
     output: OutputOpt = Path("runs/eval"),
     limit: Annotated[
         int | None, typer.Option(min=1, help="Evaluate only the first N documents of each task.")
@@ -714,8 +737,17 @@ def evaluate(
     if not models and not compare:
         console.print("[red]eval:[/red] give at least one MODEL directory or a --compare results file")
         raise typer.Exit(2)
+    from llm2clip_vlm.evaluation.local_tasks import parse_dataset_orgs
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    try:
+        orgs = parse_dataset_orgs(dataset_org, task_list)
+    except ValueError as e:
+        console.print(f"[red]eval:[/red] {e}")
+        raise typer.Exit(2) from e
     options = EvalOptions(
-        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        tasks=task_list,
+        dataset_orgs=orgs,
         data_dir=data_dir,
         limit=limit,
         batch_size=batch_size,

@@ -11,7 +11,9 @@
 # Usage:  GPUS=1 bash recipes/eval-llava15-7b.sh CLIP_MODEL LLM2CLIP_MODEL [OUT [EVAL OPTIONS...]]
 #         GPUS=8 bash recipes/eval-llava15-7b.sh CLIP_MODEL LLM2CLIP_MODEL [OUT [EVAL OPTIONS...]]
 # EVAL OPTIONS go to `llm2clip-vlm eval` after the ones below (a repeated option wins), e.g.
-#   --data-dir DIR (offline parquet copies), --limit N; DEVICE=cpu picks the device of GPUS=1.
+#   --data-dir DIR (offline parquet copies), --limit N, --dataset-org lmms-lab|lmms-lab-encoder
+#   (or per task, mme=lmms-lab,...: where the hub data sets live; lmms-eval moved them after v0.7.2);
+#   DEVICE=cpu picks the device of GPUS=1.
 # Reference (paper, LLaVA-1.5-7B): MME perception 1476.7 -> 1505.8, SQA-IMG 67.97 -> 69.92,
 # VizWiz 50.57 -> 52.37 (test-dev; lmms-eval's vizwiz_vqa_val is val).
 set -euo pipefail

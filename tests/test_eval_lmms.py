@@ -341,3 +341,87 @@ def test_standard_tasks_need_the_hub(
         run_eval([world["model"]], EvalOptions(), tmp_path)
     with pytest.raises(EvalSetupError, match="not a model directory"):
         run_eval([tmp_path], EvalOptions(data_dir=str(world["small"])), tmp_path)
+
+
+# lmms-eval moved its image data sets from lmms-lab/* to lmms-lab-encoder/* after v0.7.2
+# (EvolvingLMMs-Lab/lmms-eval PR #1416, "chore: migrate dataset paths to new orgs").
+def test_dataset_org_per_task(tmp_path: Path) -> None:
+    import yaml
+    from lmms_eval.tasks import TaskManager
+
+    from llm2clip_vlm.evaluation.local_tasks import (
+        TASKS as SOURCES,
+    )
+    from llm2clip_vlm.evaluation.local_tasks import (
+        builtin_task_config,
+        parse_dataset_orgs,
+        write_hub_tasks,
+    )
+
+    assert parse_dataset_orgs("lmms-lab", TASKS) == dict.fromkeys(TASKS, "lmms-lab")
+    assert parse_dataset_orgs("mme=lmms-lab, vizwiz_vqa_val=lmms-lab-encoder", TASKS) == {
+        "mme": "lmms-lab", "vizwiz_vqa_val": "lmms-lab-encoder"}  # fmt: skip
+    assert parse_dataset_orgs("", TASKS) == {}
+    with pytest.raises(ValueError, match="'lmms-lab-encodr' is not one of"):
+        parse_dataset_orgs("lmms-lab-encodr", TASKS)
+    with pytest.raises(ValueError, match="unknown task 'gqa'"):
+        parse_dataset_orgs("gqa=lmms-lab", TASKS)
+
+    for org in ("lmms-lab", "lmms-lab-encoder"):
+        out = tmp_path / org
+        names = write_hub_tasks(out, TASKS, {t: org for t in TASKS if t != "vizwiz_vqa_val"})
+        assert names == {t: t for t in TASKS}  # lmms-eval's own task names
+        for task in TASKS:
+            builtin = builtin_task_config(SOURCES[task])
+            text = (out / f"{task}.yaml").read_text()
+            ours = yaml.safe_load("\n".join(line.replace("!function ", "") for line in text.splitlines()))
+            repo = builtin["dataset_path"].split("/", 1)[1]  # MME, ScienceQA, VizWiz-VQA
+            want = org if task != "vizwiz_vqa_val" else builtin["dataset_path"].split("/")[0]
+            assert ours["dataset_path"] == f"{want}/{repo}"
+            # Everything else is lmms-eval's: name, split, subset, prompts, metrics.
+            assert ours["task"] == task and ours["test_split"] == builtin["test_split"]
+            assert ours.get("dataset_name") == builtin.get("dataset_name")
+            assert ours["metric_list"] == builtin["metric_list"]
+            assert str(ours["process_results"]).startswith(f"lmms_eval.tasks.{SOURCES[task].task_dir}.utils.")
+        manager = TaskManager("WARNING", include_path=str(out), include_defaults=False)
+        assert set(TASKS) <= set(manager.all_tasks) and not any(
+            t.endswith("_local") for t in manager.all_tasks
+        )
+    assert "ScienceQA-IMG" in (tmp_path / "lmms-lab" / "scienceqa_img.yaml").read_text()
+
+
+def test_local_copies_keep_lmms_evals_metrics(world: dict[str, Path], tmp_path: Path) -> None:
+    import yaml
+
+    from llm2clip_vlm.evaluation.local_tasks import TASKS as SOURCES
+    from llm2clip_vlm.evaluation.local_tasks import builtin_task_config
+
+    names = write_local_tasks(world["small"], tmp_path, TASKS)
+    for task, name in names.items():
+        text = (tmp_path / f"{name}.yaml").read_text()
+        ours = yaml.safe_load("\n".join(line.replace("!function ", "") for line in text.splitlines()))
+        builtin = builtin_task_config(SOURCES[task])
+        assert ours["metric_list"] == builtin["metric_list"] and ours["dataset_path"] == "parquet"
+        assert ours["process_results"] == str(builtin["process_results"])
+        assert ours["dataset_kwargs"]["data_files"][SOURCES[task].split].endswith(f"{task}.parquet")
+
+
+def test_cli_dataset_org_errors(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from llm2clip_vlm.cli import app
+
+    bad = CliRunner().invoke(app, ["eval", str(world["model"]), "--dataset-org", "lmms", "-o", str(tmp_path)])
+    assert bad.exit_code == 2 and "'lmms' is not one of lmms-lab, lmms-lab-encoder" in " ".join(
+        bad.output.split()
+    )
+    both = CliRunner().invoke(app, ["eval", str(world["model"]), "--dataset-org", "lmms-lab",
+                                    "--data-dir", str(world["small"]), "-o", str(tmp_path)])  # fmt: skip
+    assert both.exit_code == 2 and "cannot be combined with --data-dir" in " ".join(both.output.split())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = CliRunner().invoke(
+        app, ["eval", str(world["model"]), "--dataset-org", "lmms-lab", "-o", str(tmp_path)]
+    )
+    assert offline.exit_code == 2 and "hub is not reachable" in " ".join(offline.output.split())

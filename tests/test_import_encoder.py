@@ -157,3 +157,48 @@ def test_embed_runs_on_the_imported_encoder(release: dict[str, Path], tmp_path: 
     store = EmbeddingStore.open(tmp_path / "store", captions=records, encoder_identity=encoder.identity())
     expected, _ = oracle(release)  # embeddings of CAPTIONS in order
     assert (torch.from_numpy(store[[0, 2, 4]]) - expected).abs().max() < 1e-5
+
+
+# The text sides of the EVA02 / SigLIP2 towers: Llama-3.2-1B and Llama-3.1-8B encoders. Their
+# config.json carries Llama-3.1's rope_scaling (rope_type "llama3") and, for 3.2-1B, tied
+# embeddings (no lm_head in the file); the reference wraps their captions in the Llama-3 header
+# too (microsoft/LLM2CLIP llm2clip/llm2vec/llm2vec.py prepare_for_tokenization: "Llama-3" and
+# "Instruct" in the name).
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64, "rope_theta": 500000.0}  # fmt: skip
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["llama-3.2-1b", "llama-3.1-8b"])
+def test_llama31_and_32_text_sides_import(tmp_path: Path, tied: bool) -> None:
+    tok = llama3_like_tokenizer()
+    cfg = tiny_config(vocab_size=len(tok))
+    cfg.rope_parameters = dict(LLAMA31_ROPE)
+    cfg.tie_word_embeddings = tied
+    torch.manual_seed(3)
+    src = tmp_path / "release"
+    AutoModel.from_config(cfg).save_pretrained(src)  # the bare (bidirectional) encoder, as released
+    tok.save_pretrained(src)
+    raw = json.loads((src / "config.json").read_text())
+    raw.update(
+        architectures=["LlamaEncoderModel"],
+        auto_map={"AutoModel": "modeling_llama_encoder.LlamaEncoderModel"},
+    )
+    # As meta-llama/Llama-3.2-1B-Instruct's config.json spells it (transformers 4.x keys).
+    raw.pop("rope_parameters", None)
+    raw["rope_theta"] = LLAMA31_ROPE["rope_theta"]
+    raw["rope_scaling"] = {k: v for k, v in LLAMA31_ROPE.items() if k != "rope_theta"}
+    (src / "config.json").write_text(json.dumps(raw))
+    (src / "modeling_llama_encoder.py").write_text("raise SystemExit('remote code was run')\n")
+
+    summary = import_encoder(src, tmp_path / "enc")
+    assert summary["caption_template"] == LLAMA3_CHAT_TEMPLATE
+    encoder = CaptionEncoder.from_pretrained(tmp_path / "enc", device="cpu")
+    rope = getattr(encoder.model.config, "rope_parameters", None) or encoder.model.config.rope_scaling
+    assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0
+
+    oracle_model = _bare(src)
+    mask, batch = reference_embed_mask(tok, [SEPARATOR + c for c in CAPTIONS], max_length=512)
+    with torch.no_grad():
+        hidden = oracle_model(**batch).last_hidden_state
+    expected = torch.stack([hidden[i, -int(n) :].mean(0) for i, n in enumerate(mask.sum(-1))])
+    assert (encoder.encode(CAPTIONS) - expected).abs().max() < 1e-5

@@ -75,3 +75,12 @@ def test_demo_recipe_runs_llava_on_the_cpu_demo() -> None:
     assert cfg.llava.llm == "builtin:smollm2-135m-instruct" and cfg.llava.tower
     for p in (cfg.llava.pretrain, cfg.llava.finetune):
         assert p.loop.precision == "fp32" and p.loop.max_seconds > 0 and not p.data.path
+
+
+def test_siglip2_released_tower_recipe_keeps_every_token() -> None:
+    cfg = config_io.load(RunConfig, RECIPES / "llava15-7b-llm2clip-siglip2-so400m-224.yaml")
+    assert cfg.llava.tower.endswith("llm2clip-siglip2-so400m-224-imported/tower")
+    # SigLIP has no CLS: "full" keeps all 256 patches (LLaVA's "default" drops the first token).
+    assert (cfg.llava.vision_feature_layer, cfg.llava.select_strategy) == (-2, "full")
+    ref = config_io.load(RunConfig, RECIPES / "llava15-7b-llm2clip-released.yaml")
+    assert cfg.llava.pretrain == ref.llava.pretrain and cfg.llava.finetune == ref.llava.finetune

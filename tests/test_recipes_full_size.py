@@ -262,6 +262,17 @@ def test_llava_7b_on_a_siglip2_tower(vicuna: Any) -> None:
     assert meta.count(model).trainable == 1152 * 4096 + 4096 + 4096 * 4096 + 4096
 
 
+def test_llava_7b_on_the_released_siglip2_tower(vicuna: Any) -> None:
+    # The released LLM2CLIP SigLIP2 tower is so400m/14 at 224 px: 16 x 16 patch tokens of 1152-d.
+    cfg = recipe("llava15-7b-llm2clip-siglip2-so400m-224.yaml")
+    siglip_224 = load_config("google/siglip2-so400m-patch14-224", vision=True)
+    for phase in ("pretrain", "finetune"):
+        model = meta.llava_model(cfg.llava, phase, siglip_224, vicuna)
+        assert model.config.vision_feature_select_strategy == "full"
+        assert projector_input(model, 224) == (2, 256, 1152)
+    assert meta.count(model).trainable == 6_759_403_520 - 1024 * 4096 + 1152 * 4096  # full finetune
+
+
 def test_llava_refuses_a_timm_tower(vicuna: Any) -> None:
     class TimmConfig:  # what a timm tower's config.json gives: no model_type
         num_prefix_tokens = 1
@@ -276,5 +287,6 @@ def test_every_recipe_file_is_built_here() -> None:
         "stage1-llama3-8b.yaml", "stage1-llama3-8b-qlora.yaml", "stage2-openai-clip-vit-l-14-336.yaml",
         "stage2-siglip2-so400m.yaml", "stage2-eva02-l-14-336.yaml", "llava15-7b-clip-vit-l-14-336.yaml",
         "llava15-7b-llm2clip.yaml", "llava15-7b-llm2clip-released.yaml", "llava15-7b-llm2clip-lora.yaml",
+        "llava15-7b-llm2clip-siglip2-so400m-224.yaml",
     }  # fmt: skip
     assert {p.name for p in RECIPES.glob("*.yaml")} == covered

@@ -51,6 +51,8 @@ RUN_BY = {
     "llava15-7b-llm2clip.yaml": "test_llava_llm2clip_recipes",
     "llava15-7b-llm2clip-lora.yaml": "test_llava_llm2clip_recipes",
     "llava15-7b-llm2clip-released.yaml": "test_llava_released_tower_recipe",
+    "llava15-7b-llm2clip-siglip2-so400m-224.yaml": "test_llava_siglip2_released_tower_recipe",
+    "llava15-7b-llm2clip-eva02-l-14-336.sh": "test_eva02_recipe_runs_llavas_scripts_through_the_shim",
     "eval-llava15-7b.sh": "test_eval_script",
     "demo.yaml": "test_demo_recipe_end_to_end",
 }
@@ -353,3 +355,81 @@ def test_ddp_launcher_config_with_two_cpu_processes(world: Path, store: Path, to
     assert two["train"]["processes"] == 2 and one["train"]["processes"] == 1
     # Same global batch, local-loss formulation: 2 processes compute the 1-process loss (bf16 noise).
     assert two["train"]["losses"] == pytest.approx(one["train"]["losses"], abs=2e-3)
+
+
+@pytest.mark.slow  # import a SigLIP2-layout tower, then pretrain + finetune on it
+def test_llava_siglip2_released_tower_recipe(in_world: Path) -> None:
+    from test_import_tower_families import SIG, siglip_release
+
+    # The recipe's commands on a tiny stand-in of the release (width 32, so --heads is given; the
+    # real so400m tower's 16 heads are the default).
+    siglip_release(in_world / "checkpoints/LLM2CLIP-Llama3.1-8B-siglip2-so400m-patch14-224")
+    cli("import-tower", "checkpoints/LLM2CLIP-Llama3.1-8B-siglip2-so400m-patch14-224", "-o",
+        "checkpoints/llm2clip-siglip2-so400m-224-imported", "--heads", str(SIG["heads"]))  # fmt: skip
+    recipe = str(RECIPES / "llava15-7b-llm2clip-siglip2-so400m-224.yaml")
+    pre = "runs/llava15-siglip2/pretrain"
+    cli("llava-pretrain", recipe, "-o", pre, *sets(_llava("pretrain")))
+    cli("llava-finetune", recipe, "--from", pre, "-o", "runs/llava15-siglip2/finetune",
+        *sets(_llava("finetune")))  # fmt: skip
+    m = _metrics(in_world / "runs/llava15-siglip2/finetune/metrics.json")
+    assert m["steps"] == 2 and m["tune"] == "full"
+
+
+# haotian-liu/LLaVA scripts/v1_5/pretrain.sh and finetune.sh (c121f04), transcribed: every flag
+# but the model, data and output paths, which the EVA02 recipe fills in (report_to: see its header).
+LLAVA15_PRETRAIN = {
+    "--deepspeed": "./scripts/zero2.json", "--version": "plain", "--mm_projector_type": "mlp2x_gelu",
+    "--tune_mm_mlp_adapter": "True", "--mm_vision_select_layer": "-2", "--mm_use_im_start_end": "False",
+    "--mm_use_im_patch_token": "False", "--bf16": "True", "--num_train_epochs": "1",
+    "--per_device_train_batch_size": "32", "--per_device_eval_batch_size": "4",
+    "--gradient_accumulation_steps": "1", "--evaluation_strategy": "no", "--save_strategy": "steps",
+    "--save_steps": "24000", "--save_total_limit": "1", "--learning_rate": "1e-3", "--weight_decay": "0.",
+    "--warmup_ratio": "0.03", "--lr_scheduler_type": "cosine", "--logging_steps": "1", "--tf32": "True",
+    "--model_max_length": "2048", "--gradient_checkpointing": "True", "--dataloader_num_workers": "4",
+    "--lazy_preprocess": "True", "--report_to": "none",
+}  # fmt: skip
+LLAVA15_FINETUNE = {
+    **{k: v for k, v in LLAVA15_PRETRAIN.items() if k != "--tune_mm_mlp_adapter"},
+    "--deepspeed": "./scripts/zero3.json", "--version": "v1", "--image_aspect_ratio": "pad",
+    "--group_by_modality_length": "True", "--per_device_train_batch_size": "16", "--save_steps": "50000",
+    "--learning_rate": "2e-5",
+}  # fmt: skip
+
+
+def test_eva02_recipe_runs_llavas_scripts_through_the_shim(tmp_path: Path) -> None:
+    tower, llava = tmp_path / "imported" / "tower", tmp_path / "LLaVA"
+    tower.mkdir(parents=True)
+    (tower / "config.json").write_text('{"architecture": "eva02_large_patch14_clip_336"}')
+    llava.mkdir()
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "deepspeed"  # records its argv and working directory, one line per call
+    fake.write_text(f'#!/usr/bin/env bash\necho "$PWD|$*" >> {log}\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, LLAVA_DIR=str(llava), DEEPSPEED=str(fake))
+    script = RECIPES / "llava15-7b-llm2clip-eva02-l-14-336.sh"
+    r = subprocess.run(["bash", str(script), str(tower), "llm", "out", "data"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    calls = [line.split("|", 1) for line in log.read_text().splitlines()]
+    assert [cwd for cwd, _ in calls] == [str(llava)] * 2
+    for (_, argv), expected, phase in zip(
+        calls, (LLAVA15_PRETRAIN, LLAVA15_FINETUNE), ("pretrain", "finetune"), strict=True
+    ):
+        words = argv.split()
+        assert words[:3] == ["--module", "llm2clip_vlm.adapters.llava.patch", "llava/train/train_mem.py"]
+        flags = dict(zip(words[3::2], words[4::2], strict=True))
+        paths = {"--model_name_or_path": str(tmp_path / "llm"), "--vision_tower": f"llm2clip:{tower}",
+                 "--output_dir": str(tmp_path / "out" / phase)}  # fmt: skip
+        if phase == "pretrain":
+            paths |= {"--data_path": str(tmp_path / "data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"),
+                      "--image_folder": str(tmp_path / "data/LLaVA-Pretrain/images")}  # fmt: skip
+        else:
+            paths |= {"--data_path": str(tmp_path / "data/llava_v1_5_mix665k.json"),
+                      "--image_folder": str(tmp_path / "data"),
+                      "--pretrain_mm_mlp_adapter": str(tmp_path / "out/pretrain/mm_projector.bin")}  # fmt: skip
+        assert flags == {**expected, **paths}
+
+    bad = subprocess.run(
+        ["bash", str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 1 and "no config.json" in bad.stderr

@@ -2,7 +2,8 @@
 
 With a data directory, the tasks are local copies (``local_tasks.py``) and only they are indexed;
 without one, the standard lmms-eval tasks read their hub data sets (checked reachable first, so an
-offline machine gets a clear message instead of a stack of retries). Per model, lmms-eval's own
+offline machine gets a clear message instead of a stack of retries); ``dataset_orgs`` reads them from
+``lmms-lab`` or ``lmms-lab-encoder`` per task (``local_tasks.write_hub_tasks``). Per model, lmms-eval's own
 results JSON and per-sample logs are written by its ``EvaluationTracker``; ``summary.json`` and
 ``comparison.md`` hold the table across models with the reference numbers.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm2clip_vlm.evaluation.local_tasks import write_local_tasks
+from llm2clip_vlm.evaluation.local_tasks import write_hub_tasks, write_local_tasks
 from llm2clip_vlm.evaluation.report import extract_metrics, load_results_file, markdown_table
 from llm2clip_vlm.evaluation.synthetic_tasks import write_eval_data
 from llm2clip_vlm.logging import get_logger
@@ -43,6 +44,8 @@ class EvalOptions:
     dtype: str = "auto"
     model_args: str = ""  # extra key=value,... for the lmms-eval model
     seed: int = 0
+    # {task: "lmms-lab" | "lmms-lab-encoder"}: where the hub data sets are read (empty: as lmms-eval)
+    dataset_orgs: dict[str, str] = field(default_factory=dict)
 
 
 def require_lmms_eval() -> None:
@@ -98,7 +101,17 @@ def resolve_tasks(options: EvalOptions, output: Path) -> tuple[list[str], Any, s
                 "the Hugging Face hub is not reachable, so lmms-eval cannot download the standard data "
                 "sets; pass --data-dir DIR (parquet copies, docs/DATA.md) or --data-dir demo"
             )
-        return list(options.tasks), TaskManager("WARNING"), "standard lmms-eval tasks (hub data)"
+        if not options.dataset_orgs:
+            return list(options.tasks), TaskManager("WARNING"), "standard lmms-eval tasks (hub data)"
+        try:
+            names = write_hub_tasks(output / "tasks", list(options.tasks), options.dataset_orgs)
+        except (ValueError, FileNotFoundError) as e:
+            raise EvalSetupError(str(e)) from e
+        manager = TaskManager("WARNING", include_path=str(output / "tasks"), include_defaults=False)
+        where = ", ".join(f"{t}: {o}" for t, o in sorted(options.dataset_orgs.items()))
+        return [names[t] for t in options.tasks], manager, f"standard lmms-eval tasks (hub data; {where})"
+    if options.dataset_orgs:
+        raise EvalSetupError("--dataset-org chooses hub data sets; it cannot be combined with --data-dir")
     data_dir = Path(options.data_dir)
     # Under `accelerate launch` every process writes its own copies (same content): no process
     # reads a file another one is still writing.

@@ -25,12 +25,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llm2clip_vlm.imports.adaptor_map import (
+    DTYPES,
+    MODEL_DIR,
+    PROVENANCE_FILE,
+    TOWER_DIR,
+    adaptor_state,
+    find_adaptor,
+)
 from llm2clip_vlm.imports.checkpoint import (
     ImportRefused,
     expect_shape,
@@ -38,6 +45,8 @@ from llm2clip_vlm.imports.checkpoint import (
     read_json,
     safetensors_files,
 )
+from llm2clip_vlm.imports.released_families import import_released_family
+from llm2clip_vlm.imports.tower_layouts import detect_layout
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.vision.backbones import CLIP_MEAN, CLIP_STD
 from llm2clip_vlm.vision.config import VisionBackboneConfig
@@ -49,67 +58,6 @@ ARCHITECTURE = "LLM2CLIPModel"
 VISION_PREFIX = "vision_model."
 IMAGE_HEAD = "visual_projection.weight"
 LOGIT_SCALE = "logit_scale"
-TOWER_DIR, MODEL_DIR = "tower", "model"
-PROVENANCE_FILE = "llm2clip_import.json"
-_BLOCK = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)\.fn\.0\.weight$")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def find_adaptor(state: dict[str, torch.Tensor], where: Path) -> tuple[str, int]:
-    """The adaptor's key prefix and its number of residual blocks, found from the tensor names."""
-    prefixes: dict[str, set[int]] = {}
-    for name in state:
-        m = _BLOCK.match(name)
-        if m:
-            prefixes.setdefault(m["prefix"], set()).add(int(m["index"]))
-    if not prefixes:
-        raise ImportRefused(f"{where}: no text adaptor (no tensor named like '<prefix>0.fn.0.weight')")
-    if len(prefixes) > 1:
-        raise ImportRefused(
-            f"{where}: several adaptor-like tensor groups ({', '.join(sorted(prefixes))}); expected one"
-        )
-    prefix, indices = next(iter(prefixes.items()))
-    n = len(indices)
-    if indices != set(range(n)):
-        raise ImportRefused(
-            f"{where}: adaptor blocks {sorted(indices)} under {prefix!r} are not numbered 0..{n - 1}"
-        )
-    return prefix, n
-
-
-def adaptor_state(
-    state: dict[str, torch.Tensor], prefix: str, blocks: int, where: Path
-) -> tuple[dict[str, torch.Tensor], list[str], int, int]:
-    """Our ``TextAdaptor`` state dict from the reference ``TextProj`` tensors under ``prefix``.
-
-    Returns:
-        ``(ours, used_source_names, text_dim, embed_dim)``.
-    """
-    first = state[f"{prefix}0.fn.0.weight"]
-    hidden, d = int(first.shape[0]), int(first.shape[1])
-    proj_w = f"{prefix}{blocks + 1}.weight"
-    if proj_w not in state or state[proj_w].ndim != 2:
-        raise ImportRefused(f"{where}: tensor {proj_w!r} (the adaptor's last Linear) is missing or not 2-d")
-    e = int(state[proj_w].shape[0])
-    names = {}
-    for i in range(blocks):
-        names[f"blocks.{i}.norm.weight"] = (f"{prefix}{i}.ln.weight", (d,))
-        names[f"blocks.{i}.norm.bias"] = (f"{prefix}{i}.ln.bias", (d,))
-        names[f"blocks.{i}.fc1.weight"] = (f"{prefix}{i}.fn.0.weight", (hidden, d))
-        names[f"blocks.{i}.fc1.bias"] = (f"{prefix}{i}.fn.0.bias", (hidden,))
-        names[f"blocks.{i}.fc2.weight"] = (f"{prefix}{i}.fn.3.weight", (d, hidden))
-        names[f"blocks.{i}.fc2.bias"] = (f"{prefix}{i}.fn.3.bias", (d,))
-    names["norm.weight"] = (f"{prefix}{blocks}.weight", (d,))
-    names["norm.bias"] = (f"{prefix}{blocks}.bias", (d,))
-    names["proj.weight"] = (proj_w, (e, d))
-    # proj_bias=True in the reference (model.py:232,238): a missing bias is a different model.
-    names["proj.bias"] = (f"{prefix}{blocks + 1}.bias", (e,))
-    if hidden != 2 * d:
-        raise ImportRefused(
-            f"{where}: tensor {prefix}0.fn.0.weight widens {d} -> {hidden}; the reference expands x2"
-        )
-    ours = {k: expect_shape(state, src, shape, where) for k, (src, shape) in names.items()}
-    return ours, [src for src, _ in names.values()], d, e
 
 
 def _vision_config(cfg: dict[str, Any], state: dict[str, torch.Tensor], where: Path, cfg_file: Path) -> Any:
@@ -143,13 +91,17 @@ def _vision_config(cfg: dict[str, Any], state: dict[str, torch.Tensor], where: P
     return config
 
 
-def import_tower(src: str | Path, out: str | Path, dtype: str | None = None) -> dict[str, Any]:
-    """Convert a released LLM2CLIP-Openai tower directory ``src`` into ``out`` (see module doc).
+def import_tower(
+    src: str | Path, out: str | Path, dtype: str | None = None, num_heads: int | None = None
+) -> dict[str, Any]:
+    """Convert a released LLM2CLIP tower directory ``src`` into ``out`` (see module doc).
 
     Args:
         src: the downloaded release (``config.json`` + ``model.safetensors``).
         out: output directory (gets ``tower/`` and ``model/``).
         dtype: ``fp32``/``bf16``/``fp16`` for the written tower (default: as released).
+        num_heads: attention heads of an EVA02/SigLIP2 tower (default: the released towers' 16;
+            the tensors do not say).
 
     Returns:
         A summary: paths, sizes, the adaptor prefix, tensor counts.
@@ -162,20 +114,26 @@ def import_tower(src: str | Path, out: str | Path, dtype: str | None = None) -> 
     src, out = Path(src), Path(out)
     cfg_file = src / "config.json"
     cfg = read_json(cfg_file)
-    if cfg.get("model_type") != "clip" or not isinstance(cfg.get("vision_config"), dict):
-        raise ImportRefused(
-            f"{cfg_file}: model_type {cfg.get('model_type')!r}; only the CLIP-based release layout "
-            "(LLM2CLIP-Openai-*: model_type 'clip' with a vision_config) is importable. EVA02 and "
-            "SigLIP2 towers are not supported yet."
-        )
-    arch = cfg.get("architectures")
-    if arch != [ARCHITECTURE]:
-        raise ImportRefused(f"{cfg_file}: architectures {arch!r}, expected [{ARCHITECTURE!r}]")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     files = safetensors_files(src)
     state = load_tensors(files)
     where = files[0] if len(files) == 1 else src
+    # The EVA02 and SigLIP2 releases are recognised by their tensors (their config.json is remote code's).
+    layout = detect_layout(state, where)
+    if layout is not None:
+        return import_released_family(src, out, files, state, layout, dtype, num_heads)
+    if cfg.get("model_type") != "clip" or not isinstance(cfg.get("vision_config"), dict):
+        raise ImportRefused(
+            f"{cfg_file}: model_type {cfg.get('model_type')!r} and no known vision tower in {where} "
+            "(known: LLM2CLIP-Openai-* (model_type 'clip', 'vision_model.*'), EVA02-L-14-336 "
+            "('<prefix>blocks.0.mlp.w1.weight' as eva_vit_model.py, or "
+            "'<prefix>encoder.layers.0.mlp.fc3.weight' as the hub's modeling_evaclip.py), "
+            "SigLIP2 so400m (timm names, '<prefix>attn_pool.latent'))"
+        )
+    arch = cfg.get("architectures")
+    if arch != [ARCHITECTURE]:
+        raise ImportRefused(f"{cfg_file}: architectures {arch!r}, expected [{ARCHITECTURE!r}]")
 
     vision_cfg = _vision_config(cfg, state, where, cfg_file)
     vision = {k[len(VISION_PREFIX) :]: v for k, v in state.items() if k.startswith(VISION_PREFIX)}

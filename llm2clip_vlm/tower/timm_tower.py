@@ -85,13 +85,25 @@ def config_from_model(model: nn.Module, architecture: str) -> TimmTowerConfig:
 
 
 def load_timm_config(path: Path) -> TimmTowerConfig:
-    """The tower config without loading weights (the model is built on the meta device)."""
+    """The tower config without loading weights (the model is built on the meta device).
+
+    Some timm models compute Python numbers from tensors while they are built (timm's ``Eva``:
+    ``torch.linspace(...).item()`` for the drop-path rates), which the meta device cannot; those
+    are built on the CPU instead, still without weights.
+    """
     timm = _import_timm()
     cfg = _read_hub_config(path)
-    with torch.device("meta"):
-        model = timm.create_model(
+
+    def build() -> nn.Module:
+        return timm.create_model(
             cfg["architecture"], pretrained=False, num_classes=0, **cfg.get("model_args", {})
         )
+
+    try:
+        with torch.device("meta"):
+            model = build()
+    except (RuntimeError, NotImplementedError):
+        model = build()
     return config_from_model(model, cfg["architecture"])
 
 
