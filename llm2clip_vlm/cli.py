@@ -308,9 +308,11 @@ def export_tower(
     """Export the stage-2 vision encoder in its own transformers format (a LLaVA vision tower)."""
     from llm2clip_vlm.commands import run_export as do_export
     from llm2clip_vlm.errors import UserError
+    from llm2clip_vlm.run_dir import checked_outputs
 
     if not (run / "model").is_dir():  # before --output is created
         raise UserError(f"{run} is not a finished stage-2 run (no model/ folder): give a `stage2` --output")
+    checked_outputs(run, "stage-2 run")  # its model/ as it was written, else refused (nothing created)
     with claimed_output(output, "export-tower", None, started=True):
         do_export(run, output, model_dir=model_output, dtype=dtype)
     console.print(f"tower: {output}")

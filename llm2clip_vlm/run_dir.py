@@ -233,8 +233,9 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _lock(out: Path, command: str) -> tuple[int, bool]:
-    """Take ``out/run.lock`` (exclusive, non-blocking); returns the fd and whether it was created.
+def _lock(out: Path, command: str) -> tuple[int, bool, bytes]:
+    """Take ``out/run.lock`` (exclusive, non-blocking): the fd, whether it was created, and what
+    it held (the last holder's pid and command, restored if this run is refused).
 
     Raises:
         RunDirError: another live process holds it (its pid and command are named).
@@ -258,7 +259,7 @@ def _lock(out: Path, command: str) -> tuple[int, bool]:
             ) from None
         except OSError as e:  # a file system without flock (some network mounts): say so, go on
             log.warning("%s: cannot lock (%s); make sure no other run writes this folder", path, e)
-            return fd, created
+            return fd, created, os.pread(fd, 4096, 0)
         # The lock file may have been removed (a refused run cleaning up) between open and flock.
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
@@ -267,9 +268,10 @@ def _lock(out: Path, command: str) -> tuple[int, bool]:
         if same:
             break
         os.close(fd)
+    before = os.pread(fd, 4096, 0)
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": command, "since": _now()}).encode(), 0)
-    return fd, created
+    return fd, created, before
 
 
 def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -311,6 +313,7 @@ class Claim:
         self.had_work = False
         self.fd: int | None = None
         self.created_dir = self.created_lock = False
+        self.lock_before = b""
 
     # -- called by the command ------------------------------------------------------------------
     def inputs(self, identities: Mapping[str, Any], *, compare: bool = True) -> None:
@@ -360,7 +363,7 @@ class Claim:
         self.created_dir = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         try:
-            self.fd, self.created_lock = _lock(self.out, self.command)
+            self.fd, self.created_lock, self.lock_before = _lock(self.out, self.command)
         except BaseException:
             if self.created_dir:
                 shutil.rmtree(self.out, ignore_errors=True)
@@ -419,6 +422,9 @@ class Claim:
             owner_file.unlink(missing_ok=True)
         if self.created_lock:
             (self.out / LOCK_FILE).unlink(missing_ok=True)
+        elif self.fd is not None:  # the last holder's record, as it was
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, self.lock_before, 0)
 
 
 @contextmanager
