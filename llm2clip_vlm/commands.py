@@ -291,15 +291,18 @@ def run_export(
     model_dir: str | Path | None = None,
     dtype: str | None = None,
     verify: bool = True,
+    cfg: RunConfig | None = None,
 ) -> Path:
     """``export-tower``: the stage-2 run's tower and retrieval model, with the hub card of its config.
 
     The run's ``model/`` is checked first against the checksums it was written with (its
-    ``run.json``): a model changed since is refused, never exported.
+    ``run.json``): a model changed since is refused, never exported. ``cfg`` (``build-tower``:
+    its current config) makes the card; default: the run's ``config.yaml``.
     """
     checked_outputs(Path(run_dir), "stage-2 run")
     cfg_file = Path(run_dir) / "config.yaml"
-    cfg = config_io.load(RunConfig, cfg_file) if cfg_file.is_file() else RunConfig()
+    if cfg is None:
+        cfg = config_io.load(RunConfig, cfg_file) if cfg_file.is_file() else RunConfig()
     return export_tower(
         run_dir, out_dir, model_dir=model_dir, dtype=dtype, verify=verify,
         card=lambda provenance: tower_card(provenance, cfg),

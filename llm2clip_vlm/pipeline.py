@@ -234,7 +234,10 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
         run_stage2(cfg, dirs["stage2"], store_dir=dirs["embed"], encoder_dir=encoder_dir)
 
     def do_export() -> None:
-        run_export(dirs["stage2"], dirs["export"], model_dir=output_dir / "model")
+        # The card from this build's config: a changed hub.license reruns the export only.
+        run_export(
+            dirs["stage2"], dirs["export"], model_dir=output_dir / "model", dtype=cfg.export.dtype, cfg=cfg
+        )
 
     actions: dict[str, Callable[[], None]] = {
         "stage1": do_stage1,
