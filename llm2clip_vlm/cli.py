@@ -465,8 +465,8 @@ def build_tower(
         console.print(f"[red]--from-stage must be one of {', '.join(STAGES)}[/red], got {from_stage!r}")
         raise typer.Exit(2)
     cfg = resolve_config(recipe, set_)
-    with claimed_output(output, "build-tower", None, started=True):
-        metrics = run_build_tower(cfg, output, from_stage=from_stage)
+    with claimed_output(output, "build-tower", None) as claim:
+        metrics = run_build_tower(cfg, output, from_stage=from_stage, claim=claim)
     print_metrics(metrics, output)
     if os.environ.get("RANK", "0") == "0":  # one process writes the report and uploads
         _report_and_logs(output, [output])

@@ -190,13 +190,21 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = None) -> dict[str, Any]:
-    """Run the whole pipeline into ``output_dir``; returns the combined metrics."""
+def run_build_tower(
+    cfg: RunConfig, output_dir: Path, from_stage: str | None = None, claim: run_dir.Claim | None = None
+) -> dict[str, Any]:
+    """Run the whole pipeline into ``output_dir``; returns the combined metrics.
+
+    ``claim`` (the CLI's hold on ``output_dir``) is marked started once the settings are accepted:
+    a build refused before that leaves no trace.
+    """
     if from_stage is not None and from_stage not in STAGES:
         raise ValueError(f"--from-stage must be one of {', '.join(STAGES)}, got {from_stage!r}")
     # Stage 1 and stage 2 train in this process, and accelerate fixes one mixed precision per
     # process: refuse a mismatch now, not after stage 1 has run.
     dist.check_one_precision({"stage1": cfg.stage1.loop.precision, "stage2": cfg.stage2.loop.precision})
+    if claim is not None:
+        claim.started()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # All stages share one data location, so the demo world is generated once (and up front:

@@ -175,10 +175,10 @@ def check(
     owner = infer_owner(out)
     legacy_llava = owner == "llava" and command.startswith("llava-")  # before run.json existed
     if owner is not None and owner != command and not legacy_llava:
-        what = "checkpoints and results" if has_work(out) else "run"
+        what = " (its checkpoints and results)" if has_work(out) else ""
         raise RunDirError(
-            f"--output {out} holds the {what} of a `{owner}` run; `{command}` will not resume or "
-            f"overwrite them (choose another --output directory, or rerun `{owner}` there)"
+            f"--output {out} holds a `{owner}` run{what}; `{command}` will not resume or overwrite "
+            f"it (choose another --output directory, or rerun `{owner}` there)"
         )
     if restart:
         return out

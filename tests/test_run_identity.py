@@ -84,7 +84,7 @@ def test_killed_stage1_still_owns_its_folder_and_stage2_is_refused(world, tmp_pa
     assert owner["command"] == "stage1" and owner["status"] == "running" and owner["pid"] == p.pid
     before = _tree(out)
     r = world.stage2(out)
-    line = fi.expect_one_line(r, 2, "holds the", "`stage1`", "`stage2` will not resume")
+    line = fi.expect_one_line(r, 2, "holds a `stage1` run", "`stage2` will not resume")
     assert str(out) in line
     assert _tree(out) == before  # nothing of stage 1's was touched, nothing claimed
     # ... and stage 1 resumes in its own folder.
