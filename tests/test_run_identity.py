@@ -326,3 +326,55 @@ def test_stage_inputs_cover_gguf_files_and_the_text_corpus_tree(tmp_path: Path) 
     assert second != first
     (corpus / "a.txt").write_text("an edited line of text, long enough to count\n" * 4)
     assert fp() != second
+
+
+# -- the pieces, in-process (fast) ---------------------------------------------------------------
+def test_claim_lock_refuses_a_second_writer_but_not_other_ranks(tmp_path: Path, monkeypatch) -> None:
+    from llm2clip_vlm.errors import RunDirError
+    from llm2clip_vlm.run_dir import claimed
+
+    out = tmp_path / "run"
+    with claimed(out, "stage2", started=True) as claim:
+        doc = json.loads((out / "run.json").read_text())
+        assert doc["command"] == "stage2" and doc["status"] == "running" and doc["pid"] == os.getpid()
+        # flock is per open file: a second claim (even from this process) is refused, naming the holder.
+        with pytest.raises(RunDirError, match=rf"is in use by `stage2` \(pid {os.getpid()}"):
+            with claimed(out, "stage2"):
+                pass
+        assert json.loads((out / "run.json").read_text()) == doc  # the refused claim wrote nothing
+        # Another rank of the same multi-process run follows the main one: no lock, no write.
+        monkeypatch.setenv("RANK", "1")
+        with claimed(out, "stage2") as other:
+            assert not other.main
+        monkeypatch.delenv("RANK")
+        claim.record_outputs([])
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+
+
+def test_a_claim_refused_before_it_started_leaves_the_folder_as_it_was(tmp_path: Path) -> None:
+    from llm2clip_vlm.errors import RunDirError
+    from llm2clip_vlm.run_dir import claimed
+
+    new = tmp_path / "new"
+    with pytest.raises(FileNotFoundError):
+        with claimed(new, "stage2"):
+            raise FileNotFoundError("no store")
+    assert not new.exists()
+    old = tmp_path / "old"
+    with claimed(old, "stage2") as c:
+        c.inputs({"data": {"a.jsonl": "1"}})
+        c.started()
+        (old / "checkpoints" / "step-0000001").mkdir(parents=True)
+        (old / "checkpoints" / "step-0000001" / "checkpoint.json").write_text("{}")
+    before = _tree(old)
+    with pytest.raises(RunDirError, match=r"other inputs \(data: a.jsonl changed\).*--restart"):
+        with claimed(old, "stage2") as c:
+            c.inputs({"data": {"a.jsonl": "2"}})
+    assert _tree(old) == before
+    with pytest.raises(RunDirError, match="holds a `stage2` run .*`stage1` will not resume"):
+        with claimed(old, "stage1"):
+            pass
+    assert _tree(old) == before
+    with claimed(old, "stage2", restart=True) as c:  # --restart: the old run is discarded
+        assert not (old / "checkpoints").exists()
+        c.inputs({"data": {"a.jsonl": "2"}})
