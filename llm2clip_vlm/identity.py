@@ -112,6 +112,8 @@ def images_identity(paths: Sequence[str], mode: Mode = "sampled", sample: int = 
     h = hashlib.sha256(f"{n}|{mode}|".encode())
     for i in picked:
         p = str(paths[i])
+        if not p:  # an image inside a shard: identified with its shard
+            continue
         try:
             h.update(f"{p}|{os.path.getsize(p)}|{file_sha256(p)}\n".encode())
         except OSError:

@@ -386,8 +386,11 @@ class Claim:
             "argv": sys.argv[1:],
             "started": _now(),
         }
-        if "outputs" in self.previous and not started:
-            self.doc["outputs"] = self.previous["outputs"]
+        # Kept until this run replaces them: a run killed before it compared its inputs must not
+        # leave a record that lets the next one resume without comparing.
+        for key in ("inputs", "outputs"):
+            if key in self.previous:
+                self.doc[key] = self.previous[key]
         self._write()
 
     def close(self, error: BaseException | None) -> None:
