@@ -61,6 +61,7 @@ def _popen(*args: str) -> subprocess.Popen[str]:
 @pytest.mark.slow  # 3 CLI processes (one killed): ~40 s on 2 busy cores
 def test_killed_stage1_still_owns_its_folder_and_stage2_is_refused(world, tmp_path: Path) -> None:
     out = tmp_path / "x"
+    data = world.copy_data("data-stage1")
     args = [
         "stage1",
         "-o",
@@ -83,7 +84,7 @@ def test_killed_stage1_still_owns_its_folder_and_stage2_is_refused(world, tmp_pa
     owner = json.loads((out / "run.json").read_text())
     assert owner["command"] == "stage1" and owner["status"] == "running" and owner["pid"] == p.pid
     before = _tree(out)
-    r = world.stage2(out)
+    r = world.stage2(out, data=data)
     line = fi.expect_one_line(r, 2, "holds a `stage1` run", "`stage2` will not resume")
     assert str(out) in line
     assert _tree(out) == before  # nothing of stage 1's was touched, nothing claimed
@@ -91,6 +92,17 @@ def test_killed_stage1_still_owns_its_folder_and_stage2_is_refused(world, tmp_pa
     r = fi.cli(*args)
     assert r.code == 0, r.err[-2000:]
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    # Its captions edited: the rerun refuses to call the old encoder current, naming the file.
+    manifest = data / "train.jsonl"
+    lines = manifest.read_text().splitlines()
+    rec = json.loads(lines[2])
+    rec["short_captions"][0] = "an edited caption: " + rec["short_captions"][0]
+    lines[2] = json.dumps(rec)
+    manifest.write_text("\n".join(lines) + "\n")
+    finished = _tree(out)
+    r = fi.cli(*args)
+    fi.expect_one_line(r, 2, "made from other inputs", "train.jsonl changed", "--restart")
+    assert _tree(out) == finished
 
 
 @pytest.mark.slow  # 2 concurrent stage-2 runs + 1 refused one: ~40 s
