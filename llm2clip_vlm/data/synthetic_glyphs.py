@@ -107,9 +107,7 @@ def draw_glyph_scene(scene: GlyphScene, image_size: int = 96) -> Image.Image:
         for r in range(12):
             for c in range(12):
                 if (r + c) % 2:
-                    draw.rectangle(
-                        [c * stripe, r * stripe, (c + 1) * stripe - 1, (r + 1) * stripe - 1], fill=dark
-                    )
+                    draw.rectangle([c * stripe, r * stripe, (c + 1) * stripe - 1, (r + 1) * stripe - 1], fill=dark)
     cell = big / 3
     font = _font(int(cell * 0.7))
     for g in scene.glyphs:
@@ -140,9 +138,7 @@ def long_glyph_captions(scene: GlyphScene, rng: random.Random, n: int) -> list[s
     letters = sum(not g.char.isdigit() for g in scene.glyphs)
     digits = len(scene.glyphs) - letters
     counts = " and ".join(
-        f"{NUMBER_WORDS[k]} {word}{'s' if k > 1 else ''}"
-        for k, word in ((letters, "letter"), (digits, "digit"))
-        if k
+        f"{NUMBER_WORDS[k]} {word}{'s' if k > 1 else ''}" for k, word in ((letters, "letter"), (digits, "digit")) if k
     )
     ground = f"{_article(scene.pattern)} {scene.pattern} {scene.tint} background"
     out = []
@@ -150,9 +146,7 @@ def long_glyph_captions(scene: GlyphScene, rng: random.Random, n: int) -> list[s
         glyphs = list(scene.glyphs)
         rng.shuffle(glyphs)
         if t == 0:
-            body = " ".join(
-                f"In the {POSITIONS[g.cell]} cell, {_name(g.char)} is written in {g.ink}." for g in glyphs
-            )
+            body = " ".join(f"In the {POSITIONS[g.cell]} cell, {_name(g.char)} is written in {g.ink}." for g in glyphs)
             out.append(f"A grid of three by three cells on {ground} holds {counts}. {body}")
         else:
             body = "; ".join(f"a {g.ink} {g.char} sits at the {POSITIONS[g.cell]}" for g in glyphs)

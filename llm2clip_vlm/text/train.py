@@ -242,17 +242,13 @@ def total_steps(s: Stage1Config, batches: SimCSEBatches) -> int:
 CRA_BEFORE = "cra_before.json"
 
 
-def _cra_before(
-    decoder: nn.Module, tokenizer: Any, s: Stage1Config, pairs: list[tuple[str, str]], out: Path
-) -> float:
+def _cra_before(decoder: nn.Module, tokenizer: Any, s: Stage1Config, pairs: list[tuple[str, str]], out: Path) -> float:
     """CRA of the untrained model, computed once per run directory: a resumed run reads it back
     (it depends only on the base model, the caption pairs and the encoding settings)."""
     import hashlib
 
     key = hashlib.sha256(
-        json.dumps(
-            [s.model, s.max_length, s.pad_to_multiple_of, s.loop.precision, s.caption_template, pairs]
-        ).encode()
+        json.dumps([s.model, s.max_length, s.pad_to_multiple_of, s.loop.precision, s.caption_template, pairs]).encode()
     ).hexdigest()
     cached = out / CRA_BEFORE
     if cached.is_file():
