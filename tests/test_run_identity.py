@@ -67,7 +67,7 @@ def test_killed_stage1_still_owns_its_folder_and_stage2_is_refused(world, tmp_pa
         "-o",
         str(out),
         f"--set=stage1.model={world.llm}",
-        *world.common(),
+        *world.common(data),
         *fi.sets(fi.STAGE1_TINY),
     ]
     p = _popen(*args)
