@@ -47,6 +47,14 @@ AllowChangeOpt = Annotated[
         help="Resume a run whose config differs (beyond speed settings) from the one it was started with.",
     ),
 ]
+RestartOpt = Annotated[
+    bool,
+    typer.Option(
+        "--restart",
+        help="Start over: discard this command's earlier run in --output (checkpoints, results) "
+        "instead of resuming it; needed when its inputs or config changed.",
+    ),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config value: section.key=value (repeatable)."),
@@ -116,13 +124,21 @@ def _report_and_logs(output: Path, runs: list[Path]) -> None:
 
 
 def claimed_output(
-    output: Path, command: str, cfg: RunConfig | None, allow_config_change: bool = False
+    output: Path,
+    command: str,
+    cfg: RunConfig | None,
+    allow_config_change: bool = False,
+    restart: bool = False,
+    started: bool = False,
 ) -> Any:
-    """Context: refuse an --output that is a file, another command's run or a run with another
-    config; record the owner once the run has started (see llm2clip_vlm.run_dir)."""
+    """Context: refuse an --output that is a file, another command's run, a run with another
+    config or one another process writes; lock it and record the owner in run.json at once,
+    undone if the command is refused before it starts (see llm2clip_vlm.run_dir)."""
     from llm2clip_vlm.run_dir import claimed
 
-    return claimed(output, command, cfg, allow_config_change=allow_config_change)
+    return claimed(
+        output, command, cfg, allow_config_change=allow_config_change, restart=restart, started=started
+    )
 
 
 def _not_built(command: str, issue: str) -> None:
@@ -163,13 +179,14 @@ def stage1(
     output: OutputOpt = Path("runs/stage1"),
     set_: SetOpt = None,
     allow_config_change: AllowChangeOpt = False,
+    restart: RestartOpt = False,
 ) -> None:
     """Stage 1: make a decoder LLM a caption embedder (bidirectional, MNTP, supervised SimCSE)."""
     from llm2clip_vlm.commands import run_stage1
 
     cfg = resolve_config(recipe, set_)
-    with claimed_output(output, "stage1", cfg, allow_config_change):
-        metrics = run_stage1(cfg, output)
+    with claimed_output(output, "stage1", cfg, allow_config_change, restart) as claim:
+        metrics = run_stage1(cfg, output, claim=claim)
     if metrics:  # empty on non-main processes
         console.print(
             f"stage 1: CRA {metrics['cra_before']:.1f} -> {metrics['cra_after']:.1f} "
@@ -191,6 +208,7 @@ def embed(
     output: OutputOpt = Path("runs/store"),
     set_: SetOpt = None,
     allow_config_change: AllowChangeOpt = False,
+    restart: RestartOpt = False,
 ) -> None:
     """Encode every caption once with a stage-1 embedder into the embedding store.
 
@@ -205,8 +223,8 @@ def embed(
 
     cfg = resolve_config(recipe, set_)
     try:
-        with claimed_output(output, "embed", cfg, allow_config_change):
-            summary = run_embed(cfg, output)
+        with claimed_output(output, "embed", cfg, allow_config_change, restart) as claim:
+            summary = run_embed(cfg, output, claim=claim)
     except MissingEncoderError as e:
         console.print(f"[red]embed:[/red] {e}")
         raise typer.Exit(2) from e
@@ -267,13 +285,15 @@ def stage2(
     ] = None,
     set_: SetOpt = None,
     allow_config_change: AllowChangeOpt = False,
+    restart: RestartOpt = False,
 ) -> None:
     """Stage 2: align a CLIP vision encoder to the frozen LLM through stored caption embeddings."""
     from llm2clip_vlm.commands import run_stage2
 
     cfg = resolve_config(recipe, set_)
-    with claimed_output(output, "stage2", cfg, allow_config_change):
-        run_stage2(cfg, output, store_dir=store, encoder_dir=encoder)
+    with claimed_output(output, "stage2", cfg, allow_config_change, restart) as claim:
+        run_stage2(cfg, output, store_dir=store, encoder_dir=encoder, claim=claim)
+        claim.record_outputs(["model"])  # what export-tower checks before exporting it
 
 
 @app.command("export-tower")
@@ -294,6 +314,7 @@ def export_tower(
     """Export the stage-2 vision encoder in its own transformers format (a LLaVA vision tower)."""
     from llm2clip_vlm.commands import run_export as do_export
     from llm2clip_vlm.errors import UserError
+    from llm2clip_vlm.run_dir import checked_outputs
     from llm2clip_vlm.training.optim import DTYPES
 
     if dtype is not None and dtype not in DTYPES:
@@ -301,7 +322,8 @@ def export_tower(
         raise typer.Exit(2)
     if not (run / "model").is_dir():  # before --output is created
         raise UserError(f"{run} is not a finished stage-2 run (no model/ folder): give a `stage2` --output")
-    with claimed_output(output, "export-tower", None):
+    checked_outputs(run, "stage-2 run")  # its model/ as it was written, else refused (nothing created)
+    with claimed_output(output, "export-tower", None, started=True):
         do_export(run, output, model_dir=model_output, dtype=dtype)
     console.print(f"tower: {output}")
     _push(output, push_to_hub)
@@ -601,8 +623,8 @@ def build_tower(
         console.print(f"[red]--from-stage must be one of {', '.join(STAGES)}[/red], got {from_stage!r}")
         raise typer.Exit(2)
     cfg = resolve_config(recipe, set_)
-    with claimed_output(output, "build-tower", None):
-        metrics = run_build_tower(cfg, output, from_stage=from_stage)
+    with claimed_output(output, "build-tower", None) as claim:
+        metrics = run_build_tower(cfg, output, from_stage=from_stage, claim=claim)
     print_metrics(metrics, output)
     if os.environ.get("RANK", "0") == "0":  # one process writes the report and uploads
         _report_and_logs(output, [output])
@@ -616,7 +638,7 @@ TowerOpt = Annotated[
 
 def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | None, tower: str | None,
                init: Path | None, push_to_hub: str | None = None,
-               allow_config_change: bool = False) -> None:  # fmt: skip
+               allow_config_change: bool = False, restart: bool = False) -> None:  # fmt: skip
     from llm2clip_vlm.commands import run_llava
     from llm2clip_vlm.data.errors import DataError
     from llm2clip_vlm.llava.model import MissingInputError
@@ -626,8 +648,8 @@ def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | 
     if tower:
         cfg.llava.tower = tower
     try:
-        with claimed_output(output, f"llava-{phase}", cfg, allow_config_change):
-            metrics = run_llava(cfg, output, phase, init=init)  # type: ignore[arg-type]
+        with claimed_output(output, f"llava-{phase}", cfg, allow_config_change, restart) as claim:
+            metrics = run_llava(cfg, output, phase, init=init, claim=claim)  # type: ignore[arg-type]
     except (MissingInputError, FileNotFoundError) as e:
         console.print(f"[red]llava-{phase}:[/red] {escape(str(e))}", soft_wrap=True)  # paths stay copyable
         raise typer.Exit(2) from e
@@ -665,9 +687,10 @@ def llava_pretrain(
     tower: TowerOpt = None,
     push_to_hub: PushOpt = None,
     allow_config_change: AllowChangeOpt = False,
+    restart: RestartOpt = False,
 ) -> None:
     """LLaVA-1.5 projector pretraining on top of a tower (only the projector trains)."""
-    _run_llava("pretrain", recipe, output, set_, tower, None, push_to_hub, allow_config_change)
+    _run_llava("pretrain", recipe, output, set_, tower, None, push_to_hub, allow_config_change, restart)
 
 
 @app.command("llava-finetune")
@@ -685,9 +708,10 @@ def llava_finetune(
     ] = Path("runs/llava-pretrain"),
     push_to_hub: PushOpt = None,
     allow_config_change: AllowChangeOpt = False,
+    restart: RestartOpt = False,
 ) -> None:
     """LLaVA-1.5 instruction tuning (projector + LLM: full, LoRA or QLoRA)."""
-    _run_llava("finetune", recipe, output, set_, tower, init, push_to_hub, allow_config_change)
+    _run_llava("finetune", recipe, output, set_, tower, init, push_to_hub, allow_config_change, restart)
 
 
 @app.command("eval")

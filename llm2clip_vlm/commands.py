@@ -4,10 +4,17 @@ The CLI and the pipeline call these; trainers below them never see the recipe sc
 function writes ``config.yaml`` (the config exactly as run) into its output directory before the
 stage starts, resolves the data and inputs the stage needs, and calls the stage's trainer with
 its own section (``cfg.stage1``, ``cfg.stage2``, ``cfg.llava``) and explicit arguments.
+
+Given the CLI's :class:`~llm2clip_vlm.run_dir.Claim` of the output folder, each function also
+hands it the identity of every input once the data is resolved (:func:`stage1_inputs`,
+:func:`stage2_inputs`, :func:`llava_inputs`: data files, the text-corpus tree, image content,
+model files or GGUF file, tower, projector, store, encoder), before anything is written: a
+rerun into the same folder resumes only from work made from the same inputs.
 """
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,14 +23,25 @@ import yaml
 
 from llm2clip_vlm import config_io
 from llm2clip_vlm.data import open_image, resolve_data
-from llm2clip_vlm.data.captions import CaptionSet, caption_counts, captions_only, data_counts, is_text_only
+from llm2clip_vlm.data.captions import (
+    CaptionSet,
+    caption_counts,
+    captions_only,
+    data_counts,
+    demo_dir_for,
+    demo_set_configs,
+    expand_braces,
+    is_text_only,
+)
 from llm2clip_vlm.data.config import DataConfig, train_sets
 from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.data.text_corpus import load_text_corpus
 from llm2clip_vlm.hub.cards import llava_card, tower_card
+from llm2clip_vlm.identity import Mode, files_identity, images_identity, path_identity, tree_files
 from llm2clip_vlm.imports.sidecar import offer_sidecars
-from llm2clip_vlm.llava.inputs import phase_data
+from llm2clip_vlm.llava.data import load_llava_records
+from llm2clip_vlm.llava.inputs import PhaseData, phase_data
 from llm2clip_vlm.llava.model import check_inputs
 from llm2clip_vlm.llava.train import train_llava
 from llm2clip_vlm.logging import get_logger
@@ -31,10 +49,12 @@ from llm2clip_vlm.plan.known import is_timm_name, load_config
 from llm2clip_vlm.plan.memory import DEFAULT, Distributed, named_config, read_accelerate
 from llm2clip_vlm.plan.stages import Cluster, StagePlan, plan_embed, plan_llava, plan_stage1, plan_stage2
 from llm2clip_vlm.recipe import RunConfig
+from llm2clip_vlm.run_dir import Claim, checked_outputs
 from llm2clip_vlm.store.run import embed_splits, resolve_encoder_dir
 from llm2clip_vlm.store.store import EmbeddingStore
 from llm2clip_vlm.text.cra import choose_cra_source
 from llm2clip_vlm.text.encoder import encoder_identity
+from llm2clip_vlm.text.modeling import resolve_model_ref
 from llm2clip_vlm.text.train import train_stage1
 from llm2clip_vlm.training import dist
 from llm2clip_vlm.vision.export import export_tower
@@ -44,18 +64,137 @@ from llm2clip_vlm.vision.train import train_stage2
 log = get_logger(__name__)
 
 
-def config_writer(cfg: RunConfig, output_dir: Path) -> Callable[[], None]:
+def config_writer(cfg: RunConfig, output_dir: Path, claim: Claim | None = None) -> Callable[[], None]:
     """What a stage calls (main process) once its inputs are usable: write ``config.yaml``, the
-    config exactly as run. A refused run leaves no config.yaml (the run directory's owner check
-    relies on it)."""
-    return lambda: config_io.dump(cfg, output_dir / "config.yaml")
+    config exactly as run, and mark the claimed run started. A refused run leaves no config.yaml
+    (the run directory's owner check relies on it)."""
+
+    def ready() -> None:
+        config_io.dump(cfg, output_dir / "config.yaml")
+        if claim is not None:
+            claim.started()
+
+    return ready
 
 
-def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
+# -- the identity of each command's inputs ------------------------------------------------------
+def data_files(cfg: RunConfig, output_dir: Path | None = None) -> list[str]:
+    """Every data file the run reads: manifests, webdataset shards, every text-corpus file.
+
+    The demo world counts when it exists (``data.demo_dir``, or the run's own ``demo-data``).
+    Folders are listed recursively (stage 1 reads a text-corpus folder's whole tree). Image files
+    named by a manifest are identified by :func:`images_of` instead.
+    """
+    d = cfg.data
+    sets = [*train_sets(d), *d.heldout.values()]
+    if not train_sets(d):
+        root = Path(d.demo_dir) if d.demo_dir else demo_dir_for(d, output_dir) if output_dir else None
+        if root is not None and root.is_dir():
+            train, heldout = demo_set_configs(root)
+            sets = [train, *heldout.values(), *d.heldout.values()]
+    return _expand([c.path for c in sets] + list(d.text_corpus))
+
+
+def _expand(paths: Sequence[str]) -> list[str]:
+    files: list[str] = []
+    for path in paths:
+        if not path:
+            continue
+        if Path(path).is_dir():
+            files += [str(p) for p in tree_files(path)]
+        else:
+            files += [f for pattern in expand_braces(path) for f in sorted(glob.glob(pattern))] or [path]
+    return files
+
+
+def model_identity(ref: str, mode: Mode) -> dict[str, str]:
+    """The identity of a model reference's files: a folder's tree, a ``.gguf`` file (also behind
+    ``builtin:``), a tower (``llm2clip:`` prefix); a hub id is identified by its name."""
+    if not ref:
+        return {}
+    ref = ref.removeprefix("llm2clip:")
+    if ref.startswith("builtin:") or ref.endswith(".gguf"):
+        found = resolve_model_ref(ref, convert_gguf=False)
+        return path_identity(Path(found.path) / (found.gguf_file or ""), mode)
+    if Path(ref).expanduser().exists():
+        return path_identity(Path(ref).expanduser(), mode)
+    return {ref: "hub id"}
+
+
+class _ImagePaths(Sequence[str]):
+    """The image file paths of records, built on access ("" for an image inside a shard)."""
+
+    def __init__(self, records: Sequence[Any]) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+        image = self.records[i].image
+        return str(image) if isinstance(image, (str, Path)) else ""
+
+
+def images_of(record_sets: Sequence[Sequence[Any]], mode: Mode) -> dict[str, str]:
+    """The content identity of the image files of each record set (shard images come with their
+    shard's identity); see :func:`llm2clip_vlm.identity.images_identity`."""
+    return {str(i): images_identity(_ImagePaths(captions_only(r)), mode) for i, r in enumerate(record_sets)}
+
+
+def stage1_inputs(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    """What stage 1's result depends on besides its config: the data (captions, text corpus tree)
+    and the base LLM's files (a folder or a GGUF file)."""
+    mode = cfg.reliability.input_identity
+    return {
+        "data": files_identity(data_files(cfg, out), mode),
+        "base_model": model_identity(cfg.stage1.model, mode),
+    }
+
+
+def stage2_inputs(
+    cfg: RunConfig, out: Path, records: Sequence[Sequence[Any]], store: Path, encoder: str
+) -> dict[str, Any]:
+    """Stage 2's inputs: data files, image content, the store's manifests (each holds its shards'
+    sha256), the encoder's identity and the backbone's files."""
+    mode = cfg.reliability.input_identity
+    return {
+        "data": files_identity(data_files(cfg, out), mode),
+        "images": images_of(records, mode),
+        "store": files_identity(sorted(store.glob("*/manifest.json")), "full"),
+        "encoder": encoder,
+        "backbone": model_identity(cfg.stage2.backbone.name_or_path, mode),
+    }
+
+
+def llava_inputs(cfg: RunConfig, phase: str, data: PhaseData, init: Path | None) -> dict[str, Any]:
+    """A LLaVA phase's inputs: its records (and held-out) files, image content, the tower, the LLM
+    (folder or GGUF file) and, for finetuning, the pretrained projector (``--from``)."""
+    mode = cfg.reliability.input_identity
+    p = getattr(cfg.llava, phase)
+    records = load_llava_records(
+        data.records, data.image_folder, max_samples=p.data.max_samples, skip_bad=True,
+        max_bad_fraction=1.0, verify_images=False,
+    )  # fmt: skip
+    inputs: dict[str, Any] = {
+        "data": files_identity(_expand([str(data.records), str(data.heldout or "")]), mode),
+        "images": images_identity(_ImagePaths(records), mode),
+        "tower": model_identity(cfg.llava.tower, mode),
+        "llm": model_identity(cfg.llava.llm, mode),
+    }
+    if init is not None:
+        inputs["projector"] = path_identity(
+            init / "mm_projector.safetensors" if init.is_dir() else init, mode
+        )
+    return inputs
+
+
+def run_stage1(cfg: RunConfig, output_dir: str | Path, claim: Claim | None = None) -> dict[str, Any]:
     """``llm2clip-vlm stage1``: resolve the data of ``cfg`` and train (see ``train_stage1``)."""
     out = Path(output_dir)
     train_set, heldout_sets = resolve_data(cfg.data, out)
     check_caption_pairs(train_set, heldout_sets, cfg.data)
+    if claim is not None and claim.main:
+        claim.inputs(stage1_inputs(cfg, out))
     # Stage 1 reads captions only: shard records come without their image bytes.
     heldout = {name: captions_only(records) for name, records in heldout_sets.items()}
     source = choose_cra_source(captions_only(train_set), heldout, cfg.stage1.cra_set, cfg.stage1.cra_captions)
@@ -72,7 +211,7 @@ def run_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
     )
     metrics = train_stage1(
         cfg.stage1, out, source.train_records, source.records, text_corpus=corpus,
-        text_corpus_ratio=cfg.data.text_corpus_ratio, reliability=cfg.reliability, cra_info=source.describe(), on_ready=config_writer(cfg, out),
+        text_corpus_ratio=cfg.data.text_corpus_ratio, reliability=cfg.reliability, cra_info=source.describe(), on_ready=config_writer(cfg, out, claim),
         tracking=cfg.tracking, run_config=config_io.to_dict(cfg),
     )  # fmt: skip
     return _with_data_counts(out, metrics, train_set, heldout_sets)
@@ -123,18 +262,38 @@ def run_embed(
     output_dir: str | Path,
     stage1_output: str | Path | None = None,
     data: tuple[Sequence[ImageCaptions], Mapping[str, Sequence[ImageCaptions]]] | None = None,
+    claim: Claim | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """``llm2clip-vlm embed``: one store per split of ``cfg.data`` (see ``embed_splits``)."""
+    """``llm2clip-vlm embed``: one store per split of ``cfg.data`` (see ``embed_splits``).
 
-    resolve_encoder_dir(cfg.embed.encoder, stage1_output)  # a missing encoder is refused before any write
+    Its inputs are recorded in the claim but not compared: each store compares its own (the
+    captions and the encoder identity) and embeds again what changed.
+    """
+
+    encoder = resolve_encoder_dir(
+        cfg.embed.encoder, stage1_output
+    )  # a missing one is refused before any write
+    if claim is not None and claim.main:
+        mode = cfg.reliability.input_identity
+        claim.inputs(
+            {
+                "data": files_identity(data_files(cfg, Path(output_dir)), mode),
+                "encoder": encoder_identity(encoder),
+            },
+            compare=False,
+        )
     return embed_splits(
         cfg.embed, cfg.data, output_dir, stage1_output=stage1_output, data=data,
-        on_ready=config_writer(cfg, Path(output_dir)),
+        on_ready=config_writer(cfg, Path(output_dir), claim),
     )  # fmt: skip
 
 
 def run_stage2(
-    cfg: RunConfig, output_dir: str | Path, store_dir: str | Path, encoder_dir: str | Path | None = None
+    cfg: RunConfig,
+    output_dir: str | Path,
+    store_dir: str | Path,
+    encoder_dir: str | Path | None = None,
+    claim: Claim | None = None,
 ) -> dict[str, Any]:
     """``llm2clip-vlm stage2``: resolve data, open the stores, train (see ``train_stage2``).
 
@@ -172,8 +331,13 @@ def run_stage2(
         # when the encoder reproduces them (one line either way; see offer_sidecars).
         state = dist.process_state()
         with state.main_process_first():
-            if state.is_main_process:
-                offer_sidecars(cfg.data.train, store_dir, encoder)
+            sets = train_sets(cfg.data)
+            # One set's side-cars import as they are; several sets' keys are namespaced per set,
+            # which the side-cars do not know (embed writes the store for a list of sets).
+            if state.is_main_process and len(sets) == 1:
+                offer_sidecars(sets[0], store_dir, encoder)
+            elif state.is_main_process and len(sets) > 1:
+                log.info("LLM2CLIP side-cars are offered for one training set, not a list of %d: run embed", len(sets))
     store = EmbeddingStore.open(
         store_dir / "train", captions=train_records, encoder_identity=identity or None
     )
@@ -192,12 +356,15 @@ def run_stage2(
     # The store keeps every record's rows; images that fail to decode are left out of sampling.
     # A streamed training set is checked while it is read (no up-front pass over millions of images).
     train_usable = None if cfg.data.stream else usable("train", train_records)
+    if claim is not None and claim.main:  # before the images are checked: nothing written yet
+        records = [train_records, *heldout_records.values()]
+        claim.inputs(stage2_inputs(cfg, out, records, store_dir, identity))
     heldout = heldout_sets(heldout_records, store_dir, encoder, identity, out / "heldout", cfg.embed, usable)
     metrics = train_stage2(
         cfg.stage2, out, train_records, store, heldout, usable=train_usable, load_image=open_image,
         reliability=cfg.reliability, encoder_path=str(encoder.resolve()) if encoder else "",
         encoder_identity=identity, skip_bad=cfg.data.skip_bad, max_bad_fraction=cfg.data.max_bad_fraction,
-        tracking=cfg.tracking, run_config=config_io.to_dict(cfg), on_ready=config_writer(cfg, out),
+        tracking=cfg.tracking, run_config=config_io.to_dict(cfg), on_ready=config_writer(cfg, out, claim),
         shuffle_buffer=cfg.data.shuffle_buffer if cfg.data.stream else 0,
     )  # fmt: skip
     return _with_data_counts(out, metrics, train_set, heldout_records)
@@ -209,10 +376,18 @@ def run_export(
     model_dir: str | Path | None = None,
     dtype: str | None = None,
     verify: bool = True,
+    cfg: RunConfig | None = None,
 ) -> Path:
-    """``export-tower``: the stage-2 run's tower and retrieval model, with the hub card of its config."""
+    """``export-tower``: the stage-2 run's tower and retrieval model, with the hub card of its config.
+
+    The run's ``model/`` is checked first against the checksums it was written with (its
+    ``run.json``): a model changed since is refused, never exported. ``cfg`` (``build-tower``:
+    its current config) makes the card; default: the run's ``config.yaml``.
+    """
+    checked_outputs(Path(run_dir), "stage-2 run")
     cfg_file = Path(run_dir) / "config.yaml"
-    cfg = config_io.load(RunConfig, cfg_file) if cfg_file.is_file() else RunConfig()
+    if cfg is None:
+        cfg = config_io.load(RunConfig, cfg_file) if cfg_file.is_file() else RunConfig()
     return export_tower(
         run_dir, out_dir, model_dir=model_dir, dtype=dtype, verify=verify,
         card=lambda provenance: tower_card(provenance, cfg),
@@ -225,16 +400,19 @@ def run_llava(
     phase: str,
     init: str | Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    claim: Claim | None = None,
 ) -> dict[str, Any]:
     """``llava-pretrain`` / ``llava-finetune``: resolve the phase's data and train it."""
 
     out = Path(output_dir)
     check_inputs(cfg.llava, phase, Path(init) if init else None)  # before anything is written
     data = phase_data(cfg.llava, phase, out, demo_dir=cfg.data.demo_dir, demo_seed=cfg.data.demo_seed)
+    if claim is not None and claim.main:
+        claim.inputs(llava_inputs(cfg, phase, data, Path(init) if init else None))
     metrics = train_llava(
         cfg.llava, phase, out, data, init=Path(init) if init else None, reliability=cfg.reliability,
         on_step=on_step, tracking=cfg.tracking, run_config=config_io.to_dict(cfg),
-        on_ready=config_writer(cfg, out),
+        on_ready=config_writer(cfg, out, claim),
     )  # fmt: skip
     if metrics:  # the main process: the hub model card of model/
         card = llava_card(cfg, phase, metrics, out, Path(init) if init else None, data.records, data.heldout)

@@ -8,6 +8,11 @@ have kept the size and the time. :func:`files_identity` combines many files into
 
 What is *not* covered in the sampled mode: an edit that keeps the size and restores the mtime and
 misses the three blocks; use ``reliability.input_identity=full``.
+
+Folders (a model, a tower, a text corpus) are identified by every file of their tree
+(:func:`path_identity`), a single file (a GGUF model, a projector) by itself. Images named by a
+manifest join by content: :func:`images_identity` hashes a fixed number of them spread over the
+data set (sampled), or all of them (full).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -65,3 +70,52 @@ def folder_files(folder: str | Path, suffixes: tuple[str, ...] = ()) -> list[Pat
 def combine(parts: object) -> str:
     """One sha256 over a JSON-serialisable structure of identities."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tree_files(folder: str | Path) -> list[Path]:
+    """Every file under ``folder``, recursively (hidden files and folders left out), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def path_identity(path: str | Path, mode: Mode = "sampled") -> dict[str, str]:
+    """``{file: identity}`` of a file, or of every file in a folder tree (a GGUF file, a model
+    folder, a tower, a projector); ``{path: "missing"}`` when it does not exist."""
+    path = Path(path)
+    if path.is_file():
+        return {str(path): file_identity(path, mode)}
+    if path.is_dir():
+        return files_identity(tree_files(path), mode)
+    return {str(path): "missing"}
+
+
+# How many images a sampled image identity reads: spread evenly over the records, so the cost is
+# the same for 1 000 and 10 000 000 records (docs/BENCHMARKS.md, "content identity").
+IMAGE_SAMPLE = 1024
+
+
+def images_identity(paths: Sequence[str], mode: Mode = "sampled", sample: int = IMAGE_SAMPLE) -> str:
+    """One hash of the images' content: ``sample`` of them spread evenly over ``paths`` (sampled),
+    or every one (``full``); each image contributes its size and the sha256 of its bytes.
+
+    What the sampled mode misses: an image overwritten in place that is not among the sampled ones
+    (1024 of 10M: a whole-set change is caught, a single file is not; use ``full``).
+    """
+    n = len(paths)
+    picked = range(n) if mode == "full" or n <= sample else sorted({i * n // sample for i in range(sample)})
+    h = hashlib.sha256(f"{n}|{mode}|".encode())
+    for i in picked:
+        p = str(paths[i])
+        if not p:  # an image inside a shard: identified with its shard
+            continue
+        try:
+            h.update(f"{p}|{os.path.getsize(p)}|{file_sha256(p)}\n".encode())
+        except OSError:
+            h.update(f"{p}|missing\n".encode())
+    return h.hexdigest()

@@ -3,14 +3,21 @@
 Each stage writes its artifact into its own folder of the run directory and a ``stage.json``
 stamp holding a fingerprint of everything the artifact depends on (:func:`stage_inputs`):
 
-- the config sections the stage reads and the fingerprint of the stage before it;
-- the data: every manifest / webdataset shard / text-corpus file (size, mtime and sampled
-  hashes, or whole-file hashes with ``reliability.input_identity=full``; see
-  :mod:`llm2clip_vlm.identity`);
-- the weights it starts from: the stage-1 base LLM, the stage-1 encoder (its identity, checked
-  against its weight files), the stage-2 backbone;
+- the config sections the stage reads (the export: ``export`` and ``hub``, which the card is
+  made from) and the fingerprint of the stage before it;
+- the data: every manifest / webdataset shard file and every file of the text-corpus tree (size,
+  mtime and sampled hashes, or whole-file hashes with ``reliability.input_identity=full``; see
+  :mod:`llm2clip_vlm.identity`); for stage 2 also the images' content (a sample, or all);
+- the weights it starts from: the stage-1 base LLM (a folder's tree, or a GGUF file), the
+  stage-1 encoder (its identity, checked against its weight files), the stage-2 backbone;
 - every upstream artifact as it is on disk: the stores' manifests (which hold each shard's
   sha256) and the stage-2 model's files.
+
+A complete stage's stamp also holds the size, mtime and sha256 of every file of its artifact
+(``encoder/``, the stores, ``model/``, the tower). Before an artifact is reused it is checked
+against them (:func:`llm2clip_vlm.run_dir.verify_outputs`): one changed since it was written
+(flipped bytes in ``stage2/model/vision/model.safetensors``, in the encoder's weights) is never
+reused nor shipped; the stage runs again.
 
 The stamp is written as ``complete: false`` when a stage starts and ``true`` when it ends. A later
 run skips a complete stage whose fingerprint matches; a stage whose fingerprint changed (edited
@@ -40,13 +47,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llm2clip_vlm import config_io
-from llm2clip_vlm.commands import run_embed, run_export, run_stage1, run_stage2
+from llm2clip_vlm import config_io, run_dir
+from llm2clip_vlm.commands import (
+    data_files,
+    images_of,
+    model_identity,
+    run_embed,
+    run_export,
+    run_stage1,
+    run_stage2,
+)
 from llm2clip_vlm.data import resolve_data
-from llm2clip_vlm.data.captions import demo_set_configs, ensure_demo_data, expand_braces
-from llm2clip_vlm.data.config import has_train_data, train_sets
+from llm2clip_vlm.data.captions import ensure_demo_data
+from llm2clip_vlm.data.config import has_train_data
 from llm2clip_vlm.estimate import estimate_build, format_estimate
-from llm2clip_vlm.identity import files_identity, folder_files
+from llm2clip_vlm.identity import files_identity, tree_files
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.text.encoder import encoder_identity
@@ -63,8 +78,17 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "stage1": ("data", "stage1"),
     "embed": ("data", "embed"),
     "stage2": ("data", "stage2"),
-    "export": ("export",),
+    "export": ("export", "hub"),
 }
+# What each stage's artifact is, relative to the run directory: checked before it is reused.
+ARTIFACTS: dict[str, tuple[str, ...]] = {
+    "stage1": ("stage1/encoder",),
+    "embed": ("store",),
+    "stage2": ("stage2/model",),
+    "export": ("tower", "model"),
+}
+# Files of a stage folder that are bookkeeping, not the artifact.
+_BOOKKEEPING = {"stage.json", "run.json", "run.lock", "config.yaml"}
 
 
 def stage_fingerprint(cfg: RunConfig, stage: str, upstream: str, inputs: dict[str, Any] | None = None) -> str:
@@ -79,36 +103,14 @@ def stage_fingerprint(cfg: RunConfig, stage: str, upstream: str, inputs: dict[st
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def data_files(cfg: RunConfig) -> list[str]:
-    """Every data file the run reads: manifests, webdataset shards, text-corpus files.
-
-    Image files named by a manifest are not listed (a data set may hold millions); they are
-    identified by their path in the manifest.
-    """
-    import glob
-
-    d = cfg.data
-    sets = [*train_sets(d), *d.heldout.values()]
-    if not has_train_data(d) and d.demo_dir:
-        train, heldout = demo_set_configs(Path(d.demo_dir))
-        sets = [train, *heldout.values(), *d.heldout.values()]
-    files: list[str] = []
-    for path in [c.path for c in sets] + list(d.text_corpus):
-        if not path:
-            continue
-        if Path(path).is_dir():
-            files += [str(p) for p in sorted(Path(path).iterdir()) if p.is_file()]
-        else:
-            files += [f for pattern in expand_braces(path) for f in sorted(glob.glob(pattern))] or [path]
-    return files
-
-
-def stage_inputs(cfg: RunConfig, stage: str, dirs: dict[str, Path]) -> dict[str, Any]:
+def stage_inputs(
+    cfg: RunConfig, stage: str, dirs: dict[str, Path], images: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The identities of what ``stage`` reads besides its config (see the module docstring)."""
     mode = cfg.reliability.input_identity
     inputs: dict[str, Any] = {"data": files_identity(data_files(cfg), mode)}
-    if stage == "stage1" and Path(cfg.stage1.model).is_dir():
-        inputs["base_model"] = files_identity(folder_files(cfg.stage1.model), mode)
+    if stage == "stage1":
+        inputs["base_model"] = model_identity(cfg.stage1.model, mode)
     if stage in ("embed", "stage2"):
         encoder = dirs["stage1"] / "encoder"
         inputs["encoder"] = encoder_identity(encoder) if encoder.is_dir() else "missing"
@@ -116,12 +118,11 @@ def stage_inputs(cfg: RunConfig, stage: str, dirs: dict[str, Path]) -> dict[str,
         store = dirs["embed"]
         manifests = sorted(store.glob("*/manifest.json")) if store.is_dir() else []
         inputs["store"] = files_identity(manifests, "full")  # each holds its shards' sha256
-        if cfg.stage2.backbone.name_or_path and Path(cfg.stage2.backbone.name_or_path).is_dir():
-            inputs["backbone"] = files_identity(folder_files(cfg.stage2.backbone.name_or_path), mode)
+        inputs["backbone"] = model_identity(cfg.stage2.backbone.name_or_path, mode)
+        inputs["images"] = images or {}
     if stage == "export":
         model = dirs["stage2"] / "model"
-        files = [p for p in sorted(model.rglob("*")) if p.is_file()] if model.is_dir() else []
-        inputs["stage2_model"] = files_identity(files, mode)
+        inputs["stage2_model"] = files_identity(tree_files(model), mode)
     # Paths are compared as given; the identities are what matters, keyed by path for messages.
     return inputs
 
@@ -136,12 +137,46 @@ def _read_stamp(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write_stamp(folder: Path, stage: str, fingerprint: str, seconds: float, complete: bool = True) -> None:
+def _write_stamp(
+    folder: Path,
+    stage: str,
+    fingerprint: str,
+    seconds: float,
+    complete: bool = True,
+    outputs: dict[str, Any] | None = None,
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "stage.json.tmp"
     doc = {"stage": stage, "fingerprint": fingerprint, "complete": complete, "seconds": seconds}
+    if outputs is not None:
+        doc["outputs"] = outputs
     tmp.write_text(json.dumps(doc, indent=2))
     tmp.replace(folder / "stage.json")
+
+
+def _artifact_files(output_dir: Path, stage: str) -> list[str]:
+    """The artifact's files, relative to the run directory (bookkeeping files left out)."""
+    files = []
+    for rel in ARTIFACTS[stage]:
+        files += [
+            str(p.relative_to(output_dir))
+            for p in tree_files(output_dir / rel)
+            if not (p.parent == output_dir / rel and p.name in _BOOKKEEPING)
+        ]
+    return files
+
+
+def _changed_artifact(output_dir: Path, stage: str, stamp: dict[str, Any], full: bool) -> str | None:
+    """Why a complete stage's artifact may not be reused (None: it is as it was written)."""
+    recorded = stamp.get("outputs")
+    if recorded is None:  # stamped before checksums were recorded: nothing to check against
+        return None
+    problems = run_dir.verify_outputs(output_dir, recorded, full)
+    extra = sorted(set(_artifact_files(output_dir, stage)) - set(recorded))
+    problems += [f"{output_dir / f} was added" for f in extra]
+    if not problems:
+        return None
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
 
 
 def _clear(folder: Path) -> None:
@@ -156,13 +191,21 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = None) -> dict[str, Any]:
-    """Run the whole pipeline into ``output_dir``; returns the combined metrics."""
+def run_build_tower(
+    cfg: RunConfig, output_dir: Path, from_stage: str | None = None, claim: run_dir.Claim | None = None
+) -> dict[str, Any]:
+    """Run the whole pipeline into ``output_dir``; returns the combined metrics.
+
+    ``claim`` (the CLI's hold on ``output_dir``) is marked started once the settings are accepted:
+    a build refused before that leaves no trace.
+    """
     if from_stage is not None and from_stage not in STAGES:
         raise ValueError(f"--from-stage must be one of {', '.join(STAGES)}, got {from_stage!r}")
     # Stage 1 and stage 2 train in this process, and accelerate fixes one mixed precision per
     # process: refuse a mismatch now, not after stage 1 has run.
     dist.check_one_precision({"stage1": cfg.stage1.loop.precision, "stage2": cfg.stage2.loop.precision})
+    if claim is not None:
+        claim.started()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # All stages share one data location, so the demo world is generated once (and up front:
@@ -176,7 +219,11 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
     if not has_train_data(cfg.data):
         ensure_demo_data(cfg.data, output_dir)
 
-    _log_estimate(cfg, output_dir)
+    train, heldout = resolve_data(cfg.data, output_dir / "stage1")
+    _log_estimate(cfg, list(train), {k: list(v) for k, v in heldout.items()})
+    # Stage 2 reads the images: their content joins its fingerprint (sampled, or all: input_identity).
+    images = images_of([train, *heldout.values()], cfg.reliability.input_identity)
+    full = cfg.reliability.input_identity == "full"
 
     dirs = {
         "stage1": output_dir / "stage1",
@@ -196,7 +243,10 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
         run_stage2(cfg, dirs["stage2"], store_dir=dirs["embed"], encoder_dir=encoder_dir)
 
     def do_export() -> None:
-        run_export(dirs["stage2"], dirs["export"], model_dir=output_dir / "model")
+        # The card from this build's config: a changed hub.license reruns the export only.
+        run_export(
+            dirs["stage2"], dirs["export"], model_dir=output_dir / "model", dtype=cfg.export.dtype, cfg=cfg
+        )
 
     actions: dict[str, Callable[[], None]] = {
         "stage1": do_stage1,
@@ -209,25 +259,42 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
     timings: dict[str, float] = {}
     for stage in STAGES:
         forced = forced or stage == from_stage
-        fingerprint = stage_fingerprint(cfg, stage, upstream, stage_inputs(cfg, stage, dirs))
+        fingerprint = stage_fingerprint(cfg, stage, upstream, stage_inputs(cfg, stage, dirs, images))
         stamp = _read_stamp(dirs[stage])
         same = bool(stamp) and stamp.get("fingerprint") == fingerprint  # type: ignore[union-attr]
-        if not forced and same and stamp.get("complete", True):  # type: ignore[union-attr]
+        complete = same and stamp.get("complete", True)  # type: ignore[union-attr]
+        changed = _changed_artifact(output_dir, stage, stamp, full) if complete and not forced else None  # type: ignore[arg-type]
+        if not forced and complete and changed is None:
             log.info("%s: artifact in %s matches its config and inputs, skipped", stage, dirs[stage])
             timings[stage] = float(stamp.get("seconds", 0.0))  # type: ignore[union-attr]
         else:
-            if stamp and (forced or not same):
-                why = "forced by --from-stage" if forced else "its config or inputs changed"
-                log.info("%s: %s; clearing %s and running it again", stage, why, dirs[stage])
-                _clear(dirs[stage])
+            if stamp and (forced or not complete or changed):
+                why = (
+                    "forced by --from-stage" if forced
+                    else f"its artifact was changed after it was written ({changed}), it is not reused" if changed
+                    else "its config or inputs changed" if not same
+                    else "an unfinished run with the same inputs: resuming it"
+                )  # fmt: skip
+                if changed:
+                    log.warning("%s: %s; running it again", stage, why)
+                if forced or changed or not same:
+                    log.info("%s: %s; clearing %s and running it again", stage, why, dirs[stage])
+                    _clear(dirs[stage])
             log.info("%s: running into %s", stage, dirs[stage])
-            # Stamped incomplete first: a killed stage resumes only with the same fingerprint.
-            _write_stamp(dirs[stage], stage, fingerprint, 0.0, complete=False)
-            (dirs[stage] / "run.json").write_text(json.dumps({"command": OWNERS[stage]}) + "\n")
-            start = time.perf_counter()
-            actions[stage]()
-            timings[stage] = time.perf_counter() - start
-            _write_stamp(dirs[stage], stage, fingerprint, timings[stage])
+            # Each stage folder has its owner and lock, so it can also be resumed by hand.
+            claim = run_dir.hold(dirs[stage], OWNERS[stage])
+            try:
+                # Stamped incomplete first: a killed stage resumes only with the same fingerprint.
+                _write_stamp(dirs[stage], stage, fingerprint, 0.0, complete=False)
+                start = time.perf_counter()
+                actions[stage]()
+                timings[stage] = time.perf_counter() - start
+                outputs = run_dir.output_checksums(output_dir, _artifact_files(output_dir, stage))
+                _write_stamp(dirs[stage], stage, fingerprint, timings[stage], outputs=outputs)
+            except BaseException as e:
+                claim.close(e)
+                raise
+            claim.close(None)
         upstream = fingerprint
 
     metrics = {
@@ -241,12 +308,11 @@ def run_build_tower(cfg: RunConfig, output_dir: Path, from_stage: str | None = N
     return metrics
 
 
-def _log_estimate(cfg: RunConfig, output_dir: Path) -> None:
+def _log_estimate(cfg: RunConfig, train: list[Any], heldout: dict[str, list[Any]]) -> None:
     """Log how long the whole build should take here (see :mod:`llm2clip_vlm.estimate`)."""
     import torch
 
-    train, heldout = resolve_data(cfg.data, output_dir / "stage1")
-    est = estimate_build(cfg, list(train), {k: list(v) for k, v in heldout.items()})
+    est = estimate_build(cfg, train, heldout)
     if est is not None:
         log.info(format_estimate(est, torch.get_num_threads()))
 

@@ -204,11 +204,15 @@ def case_build_tower_edited_caption(w: World) -> str:
 def case_build_tower_replaced_encoder_weights(w: World) -> str:
     run = w.cache.get("bt") or (case_build_tower_edited_caption(w) and w.cache["bt"])
     other = w.encoder("enc-other", seed=1)
-    shutil.copy(other / "model.safetensors", run / "stage1" / "encoder" / "model.safetensors")
+    weights = run / "stage1" / "encoder" / "model.safetensors"
+    shutil.copy(other / "model.safetensors", weights)
     r = w.build(run)
     assert r.code == 0, r.err[-2000:]
-    assert "stage1: artifact" in r.text and "embed: artifact" not in r.text, r.err[-2000:]
-    return "stage-1 encoder weights replaced: stage1 kept, embed/stage2/export re-ran"
+    # Issue 27: an artifact changed after it was written is never reused: stage 1 runs again, so
+    # embed and stage 2 never train on weights the build did not make.
+    assert "stage1: its artifact was changed after it was written" in r.err, r.err[-2000:]
+    assert weights.read_bytes() != (other / "model.safetensors").read_bytes()
+    return "stage-1 encoder weights replaced by hand: not reused, stage1 rebuilt (sha256 differs from its stamp)"
 
 
 def _batch_positions(n: int, batch: int, step: int, seed: int = 42) -> list[int]:

@@ -31,3 +31,7 @@ def test_data_suite_reports_every_reader(monkeypatch: pytest.MonkeyPatch) -> Non
     for name in ("stage2_stream_sets", "stage2_map_sets"):
         assert results[name]["seconds_to_first_batch"] > 0 and results[name]["rss_bytes_per_record"] > 0
     assert results["loader"]["images_per_s_per_worker"] > 0 and results["loader"]["jpeg_bytes"] > 20_000
+    # Content identity: sampled reads at most 1024 images, full hashes every one.
+    ident = results["content_identity"]
+    assert 0 < ident["sampled_seconds"] and 0 < ident["full_us_per_record"]
+    assert ident["full_40kb_us_per_record"] > 0 and ident["full_40kb_seconds_at_10m"] > 0

@@ -13,7 +13,11 @@ process** so its peak RSS is its own:
   gets), image check cached, up to the first streamed batch and the first map-style batch; and the
   full store check (``verify-store`` + every caption) on its own;
 - loader throughput: 384 px JPEGs (~40 KB) decoded and processed at 336 px (CLIP processor), per
-  worker (a worker = one process; DataLoader workers scale it on more cores).
+  worker (a worker = one process; DataLoader workers scale it on more cores);
+- the content identity of the images a manifest names (what a rerun compares,
+  :func:`llm2clip_vlm.identity.images_identity`): sampled (1024 images, whatever N) and full
+  (every image hashed) over the N-record JSONL, and full over files of 384 px JPEGs (~40 KB,
+  page cache warm), per record, with the figure extrapolated to 10M records.
 
 RSS growth is the peak RSS during the work (``VmHWM``, reset after the imports) minus the RSS
 after the imports, divided by N.
@@ -57,6 +61,7 @@ from llm2clip_vlm.data.errors import BadRecords
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.data.records import keep_captions
 from llm2clip_vlm.data.stream import ShardStream
+from llm2clip_vlm.identity import images_identity
 from llm2clip_vlm.llava.data import load_llava_records
 from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.store.store import EmbeddingStore, write_store
@@ -341,6 +346,36 @@ def _child_throughput(shard_dir: str, images: int) -> dict[str, Any]:
     }
 
 
+def _child_identity(path: str, mode: str) -> dict[str, Any]:
+    """The images' content identity of a manifest (index warm): seconds and records."""
+    cs = load_caption_set(CaptionSetConfig(path=path, key_column="key", caption_columns=CAPTIONS))
+
+    class Paths:  # the records' image paths, built on access (as the commands do)
+        def __len__(self) -> int:
+            return len(cs)
+
+        def __getitem__(self, i: int) -> str:
+            return str(cs[i].image)
+
+    t0 = time.perf_counter()
+    images_identity(Paths(), mode)  # type: ignore[arg-type]
+    return {"seconds": time.perf_counter() - t0, "records": len(cs)}
+
+
+def _write_image_files(root: Path, images: int) -> Path:
+    """``images`` distinct 384 px JPEGs as files and a JSONL manifest naming them."""
+    folder = root / "files384"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "m.jsonl", "w") as f:
+        for i in range(images):
+            (folder / f"{i:06d}.jpg").write_bytes(_jpeg(384, i))
+            f.write(
+                json.dumps({"image": f"{i:06d}.jpg", "key": f"k{i}", "shortSV_captions": '["a picture"]'})
+                + "\n"
+            )
+    return folder / "m.jsonl"
+
+
 def _write_throughput_shard(root: Path, images: int) -> Path:
     folder = root / "shards384"
     folder.mkdir(parents=True, exist_ok=True)
@@ -446,6 +481,19 @@ def run(
             "jpeg_bytes": int(tp["bytes_per_image"]),
             "workers_for_2000_per_s": int(np.ceil(2000 / tp["images_per_s"])),
         }
+        # Content identity: warm the JSONL index first (the identity reads it as a run does).
+        cache = root / "cache-jsonl"
+        identity: dict[str, Any] = {}
+        for mode in ("sampled", "full"):
+            r = _spawn("identity", [str(paths["jsonl"]), mode], cache)
+            identity[f"{mode}_seconds"] = round(r["seconds"], 3)
+            identity[f"{mode}_us_per_record"] = round(1e6 * r["seconds"] / n, 3)
+        manifest = _write_image_files(root, p.throughput_images)
+        r = _spawn("identity", [str(manifest), "full"], root / "cache-files")
+        identity["full_40kb_us_per_record"] = round(1e6 * r["seconds"] / r["records"], 1)
+        identity["full_40kb_seconds_at_10m"] = round(10 * r["seconds"] / r["records"] * 1e6, 0)
+        identity["sampled_seconds_at_10m"] = round(identity["sampled_seconds"], 3)  # independent of N
+        results["content_identity"] = identity
     return BenchReport(
         suite="data",
         preset=preset,
@@ -465,6 +513,7 @@ def _main() -> None:
         "verify": _child_verify,
         "stage2": _child_stage2,
         "throughput": _child_throughput,
+        "identity": _child_identity,
     }[task]
     import logging
 
