@@ -487,6 +487,8 @@ def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | 
     if after:
         line += f"; held-out accuracy {before.get('accuracy', float('nan')):.1f} -> {after['accuracy']:.1f} %"
     console.print(line)
+    if after:
+        console.print(_heldout_table(after))
     if metrics["bad_records"]["count"] or metrics["dropped_samples"]:
         console.print(
             f"[yellow]skipped {metrics['bad_records']['count']} bad records, dropped "
@@ -497,6 +499,33 @@ def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | 
     console.print(f"model: {output / 'model'}   projector: {output / 'mm_projector.safetensors'}")
     _report_and_logs(output, [output])
     _push(output / "model", push_to_hub)
+
+
+def _heldout_table(after: dict[str, Any]) -> Any:
+    """Held-out accuracy per question type after training, next to the blind and majority baselines."""
+    from rich.table import Table
+
+    blind = after.get("blind")
+    title = "held-out accuracy (%) after training"
+    if blind:
+        shown = "another question's image" if blind == "shuffle" else "a blank image"
+        title += f"; blind = the same questions with {shown}"
+    table = Table(title=title)
+    for col in ("type", "n", "accuracy", "blind", "gap", "majority answer"):
+        table.add_column(col, justify="left" if col == "type" else "right")
+
+    def cells(name: str, r: dict[str, Any], majority: str = "") -> list[str]:
+        b = r.get("blind_accuracy")
+        return [
+            name, str(r["n"]), f"{r['accuracy']:.1f}", "-" if b is None else f"{b:.1f}",
+            "-" if b is None else f"{r['gap']:+.1f}",
+            f"{r.get('majority_accuracy', float('nan')):.1f}" + (f" ({escape(majority)})" if majority else ""),
+        ]  # fmt: skip
+
+    for t, r in after.get("per_type", {}).items():
+        table.add_row(*cells(t, r, r.get("majority_answer", "")))
+    table.add_row(*cells("all", after))
+    return table
 
 
 @app.command("llava-pretrain")

@@ -194,25 +194,31 @@ def _llava(runs: Sequence[Run]) -> str:
         types = sorted({k.split("/")[2] for row in (b, a) for k in row if k.startswith("heldout/per_type/")})
         section = [f"<h3>{_e(r.label)}</h3>"]
         if a or b:
-            rows = [
-                [
-                    "all",
-                    _fmt(b.get("heldout/accuracy")),
-                    _fmt(a.get("heldout/accuracy")),
-                    a.get("heldout/n", b.get("heldout/n", "-")),
+            # Blind: the same questions with the image withheld (another question's image, or a
+            # blank one); gap = after - blind; majority: always the type's most frequent answer.
+            def row(name: str, key: str) -> list[Any]:
+                return [
+                    name,
+                    _fmt(b.get(f"{key}accuracy")),
+                    _fmt(a.get(f"{key}accuracy")),
+                    _fmt(a.get(f"{key}blind_accuracy")),
+                    _fmt(a.get(f"{key}gap")),
+                    _fmt(a.get(f"{key}majority_accuracy")),
+                    a.get(f"{key}n", b.get(f"{key}n", "-")),
                 ]
-            ]
-            for t in types:
-                key = f"heldout/per_type/{t}"
-                rows.append(
-                    [
-                        t,
-                        _fmt(b.get(f"{key}/accuracy")),
-                        _fmt(a.get(f"{key}/accuracy")),
-                        a.get(f"{key}/n", b.get(f"{key}/n", "-")),
-                    ]
+
+            rows = [row("all", "heldout/")] + [row(t, f"heldout/per_type/{t}/") for t in types]
+            header = ["question type", "before (%)", "after (%)", "after, blind (%)", "gap (points)",
+                      "majority answer (%)", "questions"]  # fmt: skip
+            section.append(_table(header, rows))
+            blind = a.get("heldout/blind")
+            if blind:
+                shown = "another question's image" if blind == "shuffle" else "a blank image"
+                section.append(
+                    f'<p class="muted">Blind: the same questions asked with {shown} instead of their own; '
+                    "gap = after &minus; blind (what the image adds). Majority answer: always answering the "
+                    "most frequent answer of the type in the held-out set.</p>"
                 )
-            section.append(_table(["question type", "before (%)", "after (%)", "questions"], rows))
             if types:
                 section.append(_img(plots.before_after_bars(
                     types, [float(b.get(f"heldout/per_type/{t}/accuracy") or 0) for t in types],
@@ -226,7 +232,9 @@ def _llava(runs: Sequence[Run]) -> str:
             img = f'<img src="{_thumb(r, ex.get("image"))}" alt="question image">' if ex.get("image") else ""
             section.append(
                 f'<div class="ex">{img}<div><b>Q</b> ({_e(ex.get("question_type") or "-")}): {_e(ex.get("question", ""))}<br>'
-                f'<b>expected</b>: {_e(ex.get("answer"))}<br><b>generated</b>: {_e(ex.get("prediction"))} {mark}</div></div>'
+                f'<b>expected</b>: {_e(ex.get("answer"))}<br><b>generated</b>: {_e(ex.get("prediction"))} {mark}'
+                + (f'<br><b>blind</b>: {_e(ex["blind_prediction"])}' if ex.get("blind_prediction") is not None else "")
+                + "</div></div>"
             )  # fmt: skip
         parts.append("\n".join(section))
     if not parts:
