@@ -65,6 +65,18 @@ def test_pretrain_trains_only_the_projector_and_writes_llava_formats(parts, pret
     metrics = json.loads((pretrained / "metrics.json").read_text())
     assert metrics["steps"] == 3 and len(metrics["losses"]) == 3 and metrics["tune"] == "projector"
     assert metrics["heldout_before"]["n"] == 6 and "per_type" in metrics["heldout_after"]
+    # Every held-out evaluation has its blind baseline (shuffled images) and the majority answer.
+    for when in ("heldout_before", "heldout_after"):
+        h = metrics[when]
+        assert h["blind"] == "shuffle" and h["gap"] == pytest.approx(h["accuracy"] - h["blind_accuracy"])
+        for row in h["per_type"].values():
+            assert {"accuracy", "blind_accuracy", "gap", "majority_accuracy", "majority_answer", "n"} <= set(
+                row
+            )
+    lines = [json.loads(x) for x in (pretrained / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if x.get("kind") == "eval"]
+    assert evals and all("heldout/blind_accuracy" in x for x in evals)
+    assert any(k.startswith("heldout/per_type/") and k.endswith("/majority_accuracy") for k in evals[-1])
     model = LlavaForConditionalGeneration.from_pretrained(pretrained / "model")
     tower = CLIPVisionModel.from_pretrained(parts["tower"])
     for k, v in tower.state_dict().items():  # the tower is frozen

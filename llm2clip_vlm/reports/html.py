@@ -185,6 +185,21 @@ def _gallery(run: Run) -> str:
     return "\n".join(out)
 
 
+def _heldout_row(name: str, key: str, b: dict[str, Any], a: dict[str, Any]) -> list[Any]:
+    """One row of the held-out table: before, after, after blind (the same questions with the image
+    withheld: another question's image, or a blank one), the gap after - blind, and the majority
+    answer's accuracy (always the type's most frequent held-out answer)."""
+    return [
+        name,
+        _fmt(b.get(f"{key}accuracy")),
+        _fmt(a.get(f"{key}accuracy")),
+        _fmt(a.get(f"{key}blind_accuracy")),
+        _fmt(a.get(f"{key}gap")),
+        _fmt(a.get(f"{key}majority_accuracy")),
+        a.get(f"{key}n", b.get(f"{key}n", "-")),
+    ]
+
+
 def _llava(runs: Sequence[Run]) -> str:
     parts = []
     for r in runs:
@@ -194,20 +209,8 @@ def _llava(runs: Sequence[Run]) -> str:
         types = sorted({k.split("/")[2] for row in (b, a) for k in row if k.startswith("heldout/per_type/")})
         section = [f"<h3>{_e(r.label)}</h3>"]
         if a or b:
-            # Blind: the same questions with the image withheld (another question's image, or a
-            # blank one); gap = after - blind; majority: always the type's most frequent answer.
-            def row(name: str, key: str) -> list[Any]:
-                return [
-                    name,
-                    _fmt(b.get(f"{key}accuracy")),
-                    _fmt(a.get(f"{key}accuracy")),
-                    _fmt(a.get(f"{key}blind_accuracy")),
-                    _fmt(a.get(f"{key}gap")),
-                    _fmt(a.get(f"{key}majority_accuracy")),
-                    a.get(f"{key}n", b.get(f"{key}n", "-")),
-                ]
-
-            rows = [row("all", "heldout/")] + [row(t, f"heldout/per_type/{t}/") for t in types]
+            rows = [_heldout_row("all", "heldout/", b, a)]
+            rows += [_heldout_row(t, f"heldout/per_type/{t}/", b, a) for t in types]
             header = ["question type", "before (%)", "after (%)", "after, blind (%)", "gap (points)",
                       "majority answer (%)", "questions"]  # fmt: skip
             section.append(_table(header, rows))

@@ -1,0 +1,165 @@
+"""The blind baseline of LLaVA's held-out evaluation: the same questions with the image withheld.
+
+A model built so that the image decides the answer (it reads the colour of the pixels it is given)
+must lose its accuracy blind, by exactly the share of questions whose foreign image has another
+colour; a question whose answer does not depend on the image must score the same blind. The
+majority-answer baseline is checked against counts made by hand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from llm2clip_vlm.llava.blind import derangement
+from llm2clip_vlm.llava.data import LlavaRecord
+from llm2clip_vlm.llava.evaluate import answer_questions, majority_answers, score
+from llm2clip_vlm.text.tiny import save_tiny_llm
+
+IMAGE_TOKEN_ID = 0  # "<s>": any id works, the model below reads pixels, not image tokens
+COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230)}
+
+
+def test_derangement_moves_every_key_and_keeps_shared_keys_together() -> None:
+    keys = ["a", "b", "a", "c", "d", "b", "e"]
+    m = derangement(keys, seed=3)
+    assert m is not None and set(m) == set(keys) and set(m.values()) == set(keys)
+    assert all(m[k] != k for k in m)
+    assert derangement(keys, seed=3) == m  # seeded
+    assert derangement(["x", "x"]) is None and derangement([]) is None
+    assert derangement(["x", "y"]) == {"x": "y", "y": "x"}
+
+
+class ColourReader(torch.nn.Module):
+    """A "LLaVA" whose answer is decided by the image: ``red`` or ``blue`` from the pixels' colour,
+    and ``yes`` to a question about whether there is a picture (an answer no image changes)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def generate(self, input_ids, attention_mask, pixel_values=None, max_new_tokens=8, **_: Any):
+        rows = []
+        for i, ids in enumerate(input_ids):
+            prompt = self.tokenizer.decode(ids[attention_mask[i].bool()])
+            if "picture" in prompt:
+                word = "yes"
+            else:
+                r, _, b = pixel_values[i].mean(dim=(1, 2)).tolist()
+                word = "red" if r > b else "blue"
+            rows.append(
+                self.tokenizer(word, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            )
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.eos_token_id
+        new = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, new], dim=1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    root = tmp_path_factory.mktemp("blind")
+    tok = AutoTokenizer.from_pretrained(save_tiny_llm(root / "llm", hidden_size=64, seed=0))
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    records = []
+    # 10 images, colours in a fixed order; a colour question on each, and a "picture" question on
+    # the first 6 (the answer is "yes" whatever the image).
+    order = ["red", "blue", "red", "red", "blue", "blue", "red", "blue", "red", "red"]
+    for i, colour in enumerate(order):
+        path = root / f"{i}.png"
+        Image.new("RGB", (20, 12), COLOURS[colour]).save(path)
+        questions = [("colour", "What colour is the shape?", colour)]
+        if i < 6:
+            questions.append(("exists", "Is there a picture?", "yes"))
+        for qtype, q, a in questions:
+            records.append(
+                LlavaRecord(
+                    id=f"{i}-{qtype}",
+                    image=path,
+                    source=f"test[#{i}]",
+                    conversations=[{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}],
+                    extra={"question_type": qtype, "answer": a},
+                )  # fmt: skip
+            )
+    return {"tok": tok, "processor": processor, "records": records, "order": order, "root": root}
+
+
+def _ask(world: dict[str, Any], blind: str, batch_size: int = 4) -> list[str]:
+    return answer_questions(
+        ColourReader(world["tok"]), world["tok"], world["processor"], world["records"],
+        template="vicuna_v1", image_token_id=IMAGE_TOKEN_ID, image_seq_length=1, max_new_tokens=4,
+        batch_size=batch_size, show_progress=False, blind=blind, blind_seed=7,
+    )  # fmt: skip
+
+
+def test_the_image_decides_colour_blind_drops_and_image_free_questions_do_not(world) -> None:
+    records, order = world["records"], world["order"]
+    sighted = _ask(world, "off")
+    shuffled = _ask(world, "shuffle")
+    assert _ask(world, "shuffle", batch_size=3) == shuffled  # batching changes nothing
+    result = score(records, sighted, shuffled, "shuffle")
+    colour, exists = result["per_type"]["colour"], result["per_type"]["exists"]
+    assert colour["accuracy"] == 100.0 and exists["accuracy"] == 100.0
+    # Expected blind accuracy by hand: a colour question is right blind only when the foreign image
+    # it was given has its own image's colour.
+    paths = [str(world["root"] / f"{i}.png") for i in range(len(order))]
+    moved = derangement([str(r.image) for r in records], 7)
+    assert moved is not None and all(moved[p] != p for p in paths)
+    same = sum(order[paths.index(moved[p])] == order[i] for i, p in enumerate(paths))
+    assert colour["blind_accuracy"] == pytest.approx(100.0 * same / 10)
+    assert colour["blind_accuracy"] < colour["accuracy"] and colour["gap"] == pytest.approx(100 - 10 * same)
+    assert exists["blind_accuracy"] == exists["accuracy"] == 100.0 and exists["gap"] == 0.0
+    assert result["blind"] == "shuffle" and result["n"] == 16
+    assert result["blind_accuracy"] == pytest.approx(100.0 * (same + 6) / 16)
+
+
+def test_a_blank_image_gives_one_answer_whatever_the_image(world) -> None:
+    # A blank image is the processor's mean colour: every colour question gets the same answer.
+    blank = _ask(world, "blank")
+    answers = {a.strip() for a, r in zip(blank, world["records"], strict=True) if r.id.endswith("colour")}
+    assert len(answers) == 1
+    result = score(world["records"], _ask(world, "off"), blank, "blank")
+    # 6 of the 10 images are red.
+    expected = 60.0 if answers == {"red"} else 40.0
+    assert result["per_type"]["colour"]["blind_accuracy"] == expected and result["blind"] == "blank"
+
+
+def test_majority_baseline_is_the_most_frequent_answer_of_each_type(world) -> None:
+    records = world["records"]
+    assert majority_answers(records) == {"colour": "red", "exists": "yes"}
+    result = score(records, ["nonsense"] * len(records))
+    assert result["per_type"]["colour"]["majority_accuracy"] == 60.0
+    assert result["per_type"]["colour"]["majority_answer"] == "red"
+    assert result["per_type"]["exists"]["majority_accuracy"] == 100.0
+    assert result["majority_accuracy"] == pytest.approx(100.0 * 12 / 16)
+    assert "blind_accuracy" not in result and result["accuracy"] == 0.0
+
+
+def test_shuffle_needs_two_different_images(world) -> None:
+    one = [r for r in world["records"] if r.image == world["records"][0].image]
+    with pytest.raises(ValueError, match="two different images"):
+        answer_questions(
+            ColourReader(world["tok"]), world["tok"], world["processor"], one, template="vicuna_v1",
+            image_token_id=IMAGE_TOKEN_ID, image_seq_length=1, show_progress=False, blind="shuffle",
+        )  # fmt: skip
+
+
+def test_lettered_choice_majority(tmp_path: Path) -> None:
+    recs = [
+        LlavaRecord(
+            str(i),
+            None,
+            [{"from": "human", "value": "q"}, {"from": "gpt", "value": a}],
+            "t",
+            {"question_type": "choice", "answer": a},
+        )  # fmt: skip
+        for i, a in enumerate(["B", "A", "B", "C", "B."])
+    ]
+    r = score(recs, ["A"] * 5)["per_type"]["choice"]
+    assert r["majority_answer"] == "b" and r["majority_accuracy"] == 60.0 and r["accuracy"] == 20.0
