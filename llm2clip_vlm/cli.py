@@ -591,6 +591,13 @@ def evaluate(
         list[Path] | None,
         typer.Option(help="lmms-eval results JSON of earlier runs to compare (repeatable)."),
     ] = None,
+    blind: Annotated[
+        str,
+        typer.Option(
+            help="Also run each model blind, as a row 'LABEL-blind': shuffle = every question gets "
+            "another question's image; blank = a mean-colour image; off = no blind row."
+        ),
+    ] = "off",
 ) -> None:
     """Evaluate LLaVA models with lmms-eval (MME, ScienceQA-IMG, VizWiz) and compare them with the paper."""
     from llm2clip_vlm.evaluation.report import rich_table
@@ -599,7 +606,11 @@ def evaluate(
     if not models and not compare:
         console.print("[red]eval:[/red] give at least one MODEL directory or a --compare results file")
         raise typer.Exit(2)
+    if blind not in ("shuffle", "blank", "off"):
+        console.print(f"[red]eval:[/red] --blind must be shuffle, blank or off, got {escape(blind)!r}")
+        raise typer.Exit(2)
     options = EvalOptions(
+        blind=blind,
         tasks=[t.strip() for t in tasks.split(",") if t.strip()],
         data_dir=data_dir,
         limit=limit,

@@ -314,6 +314,12 @@ def test_blind_option_withholds_each_requests_image(world: dict[str, Path]) -> N
     assert all(blank[i].size == docs[i]["image"].size and blank[i].getpixel((3, 3)) == mean for i in range(6))
     with pytest.raises(ValueError, match="blind must be one of shuffle, blank, off"):
         LLM2CLIPLlava(str(world["model"]), blind="yes")
+    from typer.testing import CliRunner
+
+    from llm2clip_vlm.cli import app
+
+    bad = CliRunner().invoke(app, ["eval", str(world["model"]), "--blind", "yes"])
+    assert bad.exit_code == 2 and "--blind must be shuffle, blank or off" in bad.output
 
 
 def test_helpers_and_bad_arguments(world: dict[str, Path], tmp_path: Path) -> None:
@@ -339,12 +345,19 @@ def test_cli_eval_on_tiny_model(world: dict[str, Path], tmp_path: Path) -> None:
 
     out = tmp_path / "run"
     args = ["eval", str(world["model"]), "--data-dir", str(world["small"]), "--limit", "1", "-o", str(out),
-            "--batch-size", "2", "--device", "cpu", "--model-args", "max_new_tokens=4"]  # fmt: skip
+            "--batch-size", "2", "--device", "cpu", "--model-args", "max_new_tokens=4", "--blind", "shuffle"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "MME perception" in result.output and "1505.8" in result.output
     summary = json.loads((out / "summary.json").read_text())
     metrics = summary["rows"]["tiny"]
+    # --blind: the same model again with blind=shuffle, its own row and lmms-eval files.
+    assert (
+        set(summary["rows"]["tiny-blind"]) == set(metrics)
+        and "| tiny-blind |" in (out / "comparison.md").read_text()
+    )
+    blind_config = json.loads(Path(summary["files"]["tiny-blind"]).read_text())["config"]["model_args"]
+    assert "blind=shuffle" in blind_config and "max_new_tokens=4" in blind_config
     assert set(metrics) == {"MME perception", "SQA-IMG", "VizWiz"}  # limit 1 -> 2: one perception pair
     results_file = Path(summary["files"]["tiny"])
     lmms_results = json.loads(results_file.read_text())

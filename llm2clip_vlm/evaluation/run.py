@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class EvalOptions:
     dtype: str = "auto"
     model_args: str = ""  # extra key=value,... for the lmms-eval model
     seed: int = 0
+    # Also evaluate each model blind (llm2clip_llava's blind=shuffle|blank), as "LABEL-blind".
+    blind: str = "off"
 
 
 def require_lmms_eval() -> None:
@@ -208,9 +210,16 @@ def run_eval(
 
         datasets.disable_progress_bars()
         tasks, manager, source = resolve_tasks(options, output)
-        for model_dir, label in zip(models, model_labels(models), strict=True):
-            log.info("evaluating %s on %s (%s)", model_dir, ", ".join(tasks), source)
-            results = evaluate_model(model_dir, label, tasks, manager, options, output)
+        runs = [(m, label, options) for m, label in zip(models, model_labels(models), strict=True)]
+        if options.blind != "off":  # the same questions with the image withheld, row by row
+            blind_args = ",".join(a for a in (options.model_args, f"blind={options.blind}") if a)
+            blind_options = replace(options, model_args=blind_args)
+            runs = [
+                r for m, label, o in runs for r in ((m, label, o), (m, f"{label}-blind", blind_options))
+            ]
+        for model_dir, label, run_options in runs:
+            log.info("evaluating %s on %s (%s)", label, ", ".join(tasks), source)
+            results = evaluate_model(model_dir, label, tasks, manager, run_options, output)
             if results is None:
                 # A non-main process of a multi-process run: it takes part in every model's run
                 # (lmms-eval gathers across processes), rank 0 reports.
