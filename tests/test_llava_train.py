@@ -167,6 +167,10 @@ def test_cli_bad_record_is_named_and_skip_bad_finishes(parts, tmp_path: Path) ->
     more = ["--set", "llava.pretrain.data.skip_bad=true", "--set", "llava.pretrain.data.max_bad_fraction=0.1"]
     result = CliRunner().invoke(app, args + more)
     assert result.exit_code == 0, result.output
+    # The console's held-out table: accuracy next to the blind and majority baselines, per type.
+    flat = " ".join(result.output.split())  # rich wraps the title at the terminal's width
+    for word in ("accuracy", "blind", "gap", "majority", "with another question's image"):
+        assert word in flat, result.output
     report = json.loads((tmp_path / "bad" / "metrics.json").read_text())["bad_records"]
     assert report["count"] == 1 and "#3" in report["records"][0]["record"]
     listed = json.loads((tmp_path / "bad" / "bad_records.json").read_text())["bad_pretrain.json"]
