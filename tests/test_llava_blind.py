@@ -8,6 +8,7 @@ majority-answer baseline is checked against counts made by hand.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +164,92 @@ def test_lettered_choice_majority(tmp_path: Path) -> None:
     ]
     r = score(recs, ["A"] * 5)["per_type"]["choice"]
     assert r["majority_answer"] == "b" and r["majority_accuracy"] == 60.0 and r["accuracy"] == 20.0
+
+
+# ----------------------------------------------------------------------------------------------
+# A real tiny LLaVA, trained through llava-finetune on a task only the image answers
+# ----------------------------------------------------------------------------------------------
+TRAIN_COLOURS = {
+    "red": (220, 30, 30),
+    "blue": (30, 30, 220),
+}
+
+
+def _colour_split(root: Path, name: str, colours: list[str], seed: int) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    (root / name).mkdir(parents=True)
+    recs = []
+    for i, c in enumerate(colours):
+        jitter = tuple(max(0, min(255, v + rng.randint(-20, 20))) for v in TRAIN_COLOURS[c])
+        Image.new("RGB", (32, 32), jitter).save(root / name / f"{i}.png")
+        recs.append({"id": f"{name}{i}", "image": f"{name}/{i}.png", "question_type": "colour", "answer": c,
+                     "conversations": [{"from": "human", "value": "<image>\nWhat colour is the image?"},
+                                       {"from": "gpt", "value": c}]})  # fmt: skip
+    (root / f"{name}.json").write_text(json.dumps(recs))
+    return root / f"{name}.json"
+
+
+def test_a_tiny_llava_trained_on_colours_loses_its_accuracy_blind(tmp_path: Path) -> None:
+    """The answer is the image's colour (red or blue): 15 finetuning steps make the model read it
+    (a scratch run of this set-up, 2026-12-06: 100 % sighted, 50 % blind, majority 50 %); blind it answers the colour of
+    the image it was given, right only where that has its own image's colour. Where every
+    held-out image shows the same thing (copies of one image), the foreign image carries the same
+    answer and blind accuracy equals accuracy exactly."""
+    import random
+
+    from llm2clip_vlm import config_io
+    from llm2clip_vlm.commands import run_llava
+    from llm2clip_vlm.recipe import RunConfig
+    from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
+
+    rng = random.Random(0)
+    names = list(TRAIN_COLOURS)
+    train = _colour_split(tmp_path, "train", [rng.choice(names) for _ in range(128)], 1)
+    held = _colour_split(tmp_path, "held", [rng.choice(names) for _ in range(16)], 2)
+    same = tmp_path / "same.json"  # 6 paths, one image
+    records = json.loads(held.read_text())[:1] * 6
+    for i, r in enumerate(records):
+        (tmp_path / "held" / f"copy{i}.png").write_bytes((tmp_path / r["image"]).read_bytes())
+    same.write_text(
+        json.dumps([{**r, "id": f"c{i}", "image": f"held/copy{i}.png"} for i, r in enumerate(records)])
+    )
+    tower = save_random_tower(tmp_path / "tower", "clip", TowerShape(32, 8, 32, 2, 2, 64), seed=1)
+    llm = save_tiny_llm(tmp_path / "llm", hidden_size=64, seed=2)
+
+    def cfg(phase: str, steps: int, heldout: Path | str) -> RunConfig:
+        p = f"llava.{phase}"
+        return config_io.load(RunConfig, None, [
+            f"llava.tower={tower}", f"llava.llm={llm}", f"{p}.data.path={train}", f"{p}.data.heldout_path={heldout}",
+            f"{p}.batch_size=16", f"{p}.micro_batch_size=16", f"{p}.num_workers=0", f"{p}.loop.precision=fp32",
+            f"{p}.loop.max_steps={steps}", f"{p}.eval_max_new_tokens=3", f"{p}.lr=3e-3", f"{p}.loop.warmup_ratio=0",
+            f"{p}.gradient_checkpointing=false", f"{p}.template=vicuna_v1", f"{p}.max_length=256",
+        ])  # fmt: skip
+
+    run_llava(cfg("pretrain", 1, ""), tmp_path / "pre", "pretrain")
+    metrics = run_llava(cfg("finetune", 15, held), tmp_path / "ft", "finetune", init=tmp_path / "pre")
+    after = metrics["heldout_after"]
+    assert after["blind"] == "shuffle" and after["n"] == 16
+    assert after["accuracy"] >= 90 and after["blind_accuracy"] <= after["accuracy"] - 25, (
+        after["examples"],
+        metrics["losses"][-3:],
+    )
+    answers = [r["answer"] for r in json.loads(held.read_text())]
+    majority = max(answers.count(c) for c in names)
+    assert after["per_type"]["colour"]["majority_accuracy"] == pytest.approx(100 * majority / 16)
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llm2clip_vlm.llava.data import load_llava_records
+
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ft" / "model")
+    proc = AutoProcessor.from_pretrained(tmp_path / "ft" / "model")
+    copies = load_llava_records(same)
+    kw = {"template": "vicuna_v1", "image_token_id": model.config.image_token_index, "max_new_tokens": 3,
+          "image_seq_length": model.config.image_seq_length, "show_progress": False}  # fmt: skip
+    sighted = answer_questions(model, proc.tokenizer, proc.image_processor, copies, **kw)
+    blind = answer_questions(model, proc.tokenizer, proc.image_processor, copies, blind="shuffle", **kw)
+    assert blind == sighted
+    result = score(copies, sighted, blind)
+    assert result["blind_accuracy"] == result["accuracy"] and result["gap"] == 0.0
