@@ -314,6 +314,10 @@ def test_blind_option_withholds_each_requests_image(world: dict[str, Path]) -> N
     assert all(blank[i].size == docs[i]["image"].size and blank[i].getpixel((3, 3)) == mean for i in range(6))
     with pytest.raises(ValueError, match="blind must be one of shuffle, blank, off"):
         LLM2CLIPLlava(str(world["model"]), blind="yes")
+    # Every request shows one image (an MME pair under --limit 2): shuffle falls back to blank.
+    docs[:] = [{"image": docs[0]["image"]} for _ in range(6)]
+    alone = shown(blind="shuffle")
+    assert all(alone[i].getpixel((3, 3)) == mean for i in range(6))
     from typer.testing import CliRunner
 
     from llm2clip_vlm.cli import app

@@ -284,9 +284,12 @@ class LLM2CLIPLlava(lmms):
         ]
         mapping = derangement([k for k in keys if k], self.blind_seed)
         if mapping is None:
-            if any(keys):
-                raise ValueError(f"{MODEL_ID}: blind=shuffle needs at least two different images; use blank")
-            return image_sets
+            if not any(keys):  # no images at all: nothing to withhold
+                return image_sets
+            # One image for every request (MME with --limit 2): nothing to shuffle with.
+            log.warning("%s: blind=shuffle: all requests show the same image; using blank instead", MODEL_ID)
+            colour = mean_colour(self.processor.image_processor)
+            return [[blank_like(im, colour) for im in images] for images in image_sets]
         first = {k: image_sets[i] for i, k in reversed(list(enumerate(keys)))}
         return [first[mapping[k]] if k else ims for k, ims in zip(keys, image_sets, strict=True)]
 
