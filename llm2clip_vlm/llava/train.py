@@ -198,6 +198,7 @@ def train_llava(
         # A held-out set with images from fewer than two files cannot be shuffled: blank instead.
         mode = p.eval_blind
         if mode == "shuffle" and len({str(r.image) for r in heldout if r.image is not None}) < 2:
+            log.warning("held-out images come from one file: the blind baseline uses a blank image")
             mode = "blank"
         blind_preds = ask(mode) if mode != "off" else None
         result = score(heldout, preds, blind_preds, mode)
