@@ -214,9 +214,7 @@ def run_eval(
         if options.blind != "off":  # the same questions with the image withheld, row by row
             blind_args = ",".join(a for a in (options.model_args, f"blind={options.blind}") if a)
             blind_options = replace(options, model_args=blind_args)
-            runs = [
-                r for m, label, o in runs for r in ((m, label, o), (m, f"{label}-blind", blind_options))
-            ]
+            runs = [r for m, label, o in runs for r in ((m, label, o), (m, f"{label}-blind", blind_options))]
         for model_dir, label, run_options in runs:
             log.info("evaluating %s on %s (%s)", label, ", ".join(tasks), source)
             results = evaluate_model(model_dir, label, tasks, manager, run_options, output)
