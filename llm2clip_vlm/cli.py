@@ -667,6 +667,8 @@ def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | 
     if after:
         line += f"; held-out accuracy {before.get('accuracy', float('nan')):.1f} -> {after['accuracy']:.1f} %"
     console.print(line)
+    if after:
+        console.print(_heldout_table(after))
     if metrics["bad_records"]["count"] or metrics["dropped_samples"]:
         console.print(
             f"[yellow]skipped {metrics['bad_records']['count']} bad records, dropped "
@@ -677,6 +679,33 @@ def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | 
     console.print(f"model: {output / 'model'}   projector: {output / 'mm_projector.safetensors'}")
     _report_and_logs(output, [output])
     _push(output / "model", push_to_hub)
+
+
+def _heldout_table(after: dict[str, Any]) -> Any:
+    """Held-out accuracy per question type after training, next to the blind and majority baselines."""
+    from rich.table import Table
+
+    blind = after.get("blind")
+    title = "held-out accuracy (%) after training"
+    if blind:
+        shown = "another question's image" if blind == "shuffle" else "a blank image"
+        title += f"; blind = the same questions with {shown}"
+    table = Table(title=title)
+    for col in ("type", "n", "accuracy", "blind", "gap", "majority answer"):
+        table.add_column(col, justify="left" if col == "type" else "right")
+
+    def cells(name: str, r: dict[str, Any], majority: str = "") -> list[str]:
+        b = r.get("blind_accuracy")
+        return [
+            name, str(r["n"]), f"{r['accuracy']:.1f}", "-" if b is None else f"{b:.1f}",
+            "-" if b is None else f"{r['gap']:+.1f}",
+            f"{r.get('majority_accuracy', float('nan')):.1f}" + (f" ({escape(majority)})" if majority else ""),
+        ]  # fmt: skip
+
+    for t, r in after.get("per_type", {}).items():
+        table.add_row(*cells(t, r, r.get("majority_answer", "")))
+    table.add_row(*cells("all", after))
+    return table
 
 
 @app.command("llava-pretrain")
@@ -753,6 +782,13 @@ def evaluate(
         list[Path] | None,
         typer.Option(help="lmms-eval results JSON of earlier runs to compare (repeatable)."),
     ] = None,
+    blind: Annotated[
+        str,
+        typer.Option(
+            help="Also run each model blind, as a row 'LABEL-blind': shuffle = every question gets "
+            "another question's image; blank = a mean-colour image; off = no blind row."
+        ),
+    ] = "off",
 ) -> None:
     """Evaluate LLaVA models with lmms-eval (MME, ScienceQA-IMG, VizWiz) and compare them with the paper."""
     from llm2clip_vlm.evaluation.report import rich_table
@@ -760,6 +796,9 @@ def evaluate(
 
     if not models and not compare:
         console.print("[red]eval:[/red] give at least one MODEL directory or a --compare results file")
+        raise typer.Exit(2)
+    if blind not in ("shuffle", "blank", "off"):
+        console.print(f"[red]eval:[/red] --blind must be shuffle, blank or off, got {escape(blind)!r}")
         raise typer.Exit(2)
     from llm2clip_vlm.evaluation.local_tasks import parse_dataset_orgs
 
@@ -772,6 +811,7 @@ def evaluate(
     options = EvalOptions(
         tasks=task_list,
         dataset_orgs=orgs,
+        blind=blind,
         data_dir=data_dir,
         limit=limit,
         batch_size=batch_size,

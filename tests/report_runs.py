@@ -71,9 +71,13 @@ def write_stage2(run: Path, images: Path, seed: int, steps: int = 30, quality: f
 def write_llava(run: Path, images: Path) -> Path:
     log = MetricsLog(run)
     per = {"color": (20.0, 80.0), "count": (10.0, 45.0), "choice": (25.0, 60.0)}
+    blind = {"color": 30.0, "count": 40.0, "choice": 50.0}  # after training, image withheld
+    majority = {"color": 20.0, "count": 30.0, "choice": 40.0}
     for step, n in ((0, 0), (20, 1)):
-        log.write(step, {"heldout": {"accuracy": sum(v[n] for v in per.values()) / 3, "n": 30,
-                                     "per_type": {t: {"accuracy": v[n], "n": 10} for t, v in per.items()}}}, kind="eval")  # fmt: skip
+        log.write(step, {"heldout": {"accuracy": sum(v[n] for v in per.values()) / 3, "n": 30, "blind": "shuffle",
+                                     "per_type": {t: {"accuracy": v[n], "n": 10, "blind_accuracy": blind[t],
+                                                      "gap": v[n] - blind[t], "majority_accuracy": majority[t]}
+                                                  for t, v in per.items()}}}, kind="eval")  # fmt: skip
         if step == 0:
             for s in range(1, 21):
                 log.write(s, {"loss": 4.0 / s**0.4, "lr": 2e-5, "grad_norm": 1.0, "samples_per_s": 3.3,
@@ -87,7 +91,7 @@ def write_llava(run: Path, images: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         _image(i).save(path)
         examples.append({"question": q, "answer": a, "prediction": p, "question_type": t, "correct": a == p,
-                         "image": str(path)})  # fmt: skip
+                         "image": str(path), "blind_prediction": "blue"})  # fmt: skip
     write_answer_gallery(run, examples, lambda p: Image.open(p))
     return run
 

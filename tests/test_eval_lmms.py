@@ -284,6 +284,48 @@ def test_multi_round(world: dict[str, Path]) -> None:
     assert asked == [(1, ["first"]), (2, ["first", "second"])]
 
 
+def test_blind_option_withholds_each_requests_image(world: dict[str, Path]) -> None:
+    """blind=shuffle: every request gets another request's image (requests sharing an image get the
+    same foreign one, as MME's two questions per image); blind=blank: a mean-colour image."""
+    colours = [(200, 0, 0), (200, 0, 0), (0, 200, 0), (0, 0, 200), (90, 90, 0), (0, 90, 90)]
+    docs = [
+        {"image": Image.new("RGB", (16 + max(i, 1), 12), c)} for i, c in enumerate(colours)
+    ]  # 0, 1: one image
+    texts = [f"q{i}" for i in range(6)]
+    gens = [{"max_new_tokens": 2}] * 6
+    answers = {("t", i): "a" for i in range(6)}
+
+    def shown(**kwargs: Any) -> dict[int, Image.Image]:
+        model = ScriptedLlava(answers, pretrained=str(world["model"]), device="cpu", batch_size=4, **kwargs)
+        model.task_dict = {"t": {"test": docs}}
+        model.generate_until(_instances(texts, gens))
+        seen = {r.doc_id: r for batch, _ in model.calls for r in batch}
+        assert all(r.prompt.count("<image>") == 1 for r in seen.values())
+        return {i: r.images[0] for i, r in seen.items()}
+
+    own = shown()
+    assert all(own[i].tobytes() == docs[i]["image"].convert("RGB").tobytes() for i in range(6))
+    moved = shown(blind="shuffle", blind_seed=3)
+    assert all(moved[i].getpixel((0, 0)) != colours[i] for i in range(6))
+    assert moved[0].tobytes() == moved[1].tobytes()  # one image, one foreign image
+    assert shown(blind="shuffle", blind_seed=3)[2].tobytes() == moved[2].tobytes()  # seeded
+    blank = shown(blind="blank")
+    mean = tuple(int(255 * m) for m in (0.48145466, 0.4578275, 0.40821073))
+    assert all(blank[i].size == docs[i]["image"].size and blank[i].getpixel((3, 3)) == mean for i in range(6))
+    with pytest.raises(ValueError, match="blind must be one of shuffle, blank, off"):
+        LLM2CLIPLlava(str(world["model"]), blind="yes")
+    # Every request shows one image (an MME pair under --limit 2): shuffle falls back to blank.
+    docs[:] = [{"image": docs[0]["image"]} for _ in range(6)]
+    alone = shown(blind="shuffle")
+    assert all(alone[i].getpixel((3, 3)) == mean for i in range(6))
+    from typer.testing import CliRunner
+
+    from llm2clip_vlm.cli import app
+
+    bad = CliRunner().invoke(app, ["eval", str(world["model"]), "--blind", "yes"])
+    assert bad.exit_code == 2 and "--blind must be shuffle, blank or off" in bad.output
+
+
 def test_helpers_and_bad_arguments(world: dict[str, Path], tmp_path: Path) -> None:
     square = expand2square(Image.new("RGB", (4, 2), (255, 0, 0)), (122, 116, 104))
     assert square.size == (4, 4)
@@ -307,12 +349,19 @@ def test_cli_eval_on_tiny_model(world: dict[str, Path], tmp_path: Path) -> None:
 
     out = tmp_path / "run"
     args = ["eval", str(world["model"]), "--data-dir", str(world["small"]), "--limit", "1", "-o", str(out),
-            "--batch-size", "2", "--device", "cpu", "--model-args", "max_new_tokens=4"]  # fmt: skip
+            "--batch-size", "2", "--device", "cpu", "--model-args", "max_new_tokens=4", "--blind", "shuffle"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "MME perception" in result.output and "1505.8" in result.output
     summary = json.loads((out / "summary.json").read_text())
     metrics = summary["rows"]["tiny"]
+    # --blind: the same model again with blind=shuffle, its own row and lmms-eval files.
+    assert (
+        set(summary["rows"]["tiny-blind"]) == set(metrics)
+        and "| tiny-blind |" in (out / "comparison.md").read_text()
+    )
+    blind_config = json.loads(Path(summary["files"]["tiny-blind"]).read_text())["config"]["model_args"]
+    assert "blind=shuffle" in blind_config and "max_new_tokens=4" in blind_config
     assert set(metrics) == {"MME perception", "SQA-IMG", "VizWiz"}  # limit 1 -> 2: one perception pair
     results_file = Path(summary["files"]["tiny"])
     lmms_results = json.loads(results_file.read_text())

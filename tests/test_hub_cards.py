@@ -163,8 +163,14 @@ def test_llava_finetune_cli_writes_card_metrics_gallery_report(parts, pretrained
     assert {f"accuracy ({t})" for t in metrics["heldout_after"]["per_type"]} <= set(values)
     for needle in ("LlavaForConditionalGeneration.from_pretrained", "apply_chat_template", "--pretrain_mm_mlp_adapter",
                    f"llm2clip-vlm llava-finetune {out / 'config.yaml'} --output {out} --from {pretrained}",
-                   f"base LLM: `{parts['llm']}`", "Resolved config"):  # fmt: skip
+                   f"base LLM: `{parts['llm']}`", "Resolved config",
+                   "| question type | before | after | after, blind | majority answer | questions |"):  # fmt: skip
         assert needle in card, needle
+    a = metrics["heldout_after"]
+    assert (
+        f"| all | {metrics['heldout_before']['accuracy']:.1f} | {a['accuracy']:.1f} | {a['blind_accuracy']:.1f} "
+        in card
+    )
     files = files_to_upload(out / "model")
     assert {"README.md", "config.json", "model.safetensors", "llava_template.json"} <= set(files)
     assert not [f for f in files if f.endswith(".bin")]

@@ -65,6 +65,18 @@ def test_pretrain_trains_only_the_projector_and_writes_llava_formats(parts, pret
     metrics = json.loads((pretrained / "metrics.json").read_text())
     assert metrics["steps"] == 3 and len(metrics["losses"]) == 3 and metrics["tune"] == "projector"
     assert metrics["heldout_before"]["n"] == 6 and "per_type" in metrics["heldout_after"]
+    # Every held-out evaluation has its blind baseline (shuffled images) and the majority answer.
+    for when in ("heldout_before", "heldout_after"):
+        h = metrics[when]
+        assert h["blind"] == "shuffle" and h["gap"] == pytest.approx(h["accuracy"] - h["blind_accuracy"])
+        for row in h["per_type"].values():
+            assert {"accuracy", "blind_accuracy", "gap", "majority_accuracy", "majority_answer", "n"} <= set(
+                row
+            )
+    lines = [json.loads(x) for x in (pretrained / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if x.get("kind") == "eval"]
+    assert evals and all("heldout/blind_accuracy" in x for x in evals)
+    assert any(k.startswith("heldout/per_type/") and k.endswith("/majority_accuracy") for k in evals[-1])
     model = LlavaForConditionalGeneration.from_pretrained(pretrained / "model")
     tower = CLIPVisionModel.from_pretrained(parts["tower"])
     for k, v in tower.state_dict().items():  # the tower is frozen
@@ -155,6 +167,10 @@ def test_cli_bad_record_is_named_and_skip_bad_finishes(parts, tmp_path: Path) ->
     more = ["--set", "llava.pretrain.data.skip_bad=true", "--set", "llava.pretrain.data.max_bad_fraction=0.1"]
     result = CliRunner().invoke(app, args + more)
     assert result.exit_code == 0, result.output
+    # The console's held-out table: accuracy next to the blind and majority baselines, per type.
+    flat = " ".join(result.output.split())  # rich wraps the title at the terminal's width
+    for word in ("accuracy", "blind", "gap", "majority", "with another question's image"):
+        assert word in flat, result.output
     report = json.loads((tmp_path / "bad" / "metrics.json").read_text())["bad_records"]
     assert report["count"] == 1 and "#3" in report["records"][0]["record"]
     listed = json.loads((tmp_path / "bad" / "bad_records.json").read_text())["bad_pretrain.json"]

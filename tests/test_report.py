@@ -82,13 +82,17 @@ def test_page_has_the_curves_tables_and_galleries(page: Path) -> None:
     assert html.count('<div class="q"><div class="cap">') == 12
     assert html.count('class="th ok"') >= 6 and html.count("&#10003;") == html.count('class="th ok"')
     assert html.count('<li class="ok">') >= 6
-    # LLaVA: accuracy by question type, generated answers next to their images.
-    for qtype, before, after in (
-        ("choice", "25.0", "60.0"),
-        ("color", "20.0", "80.0"),
-        ("count", "10.0", "45.0"),
+    # LLaVA: accuracy by question type next to the blind baseline (gap) and the majority answer,
+    # generated answers next to their images.
+    for qtype, before, after, blind, gap, majority in (
+        ("choice", "25.0", "60.0", "50.0", "10.0", "40.0"),
+        ("color", "20.0", "80.0", "30.0", "50.0", "20.0"),
+        ("count", "10.0", "45.0", "40.0", "5.0", "30.0"),
     ):
-        assert re.search(rf"<td[^>]*>{qtype}</td><td[^>]*>{before}</td><td[^>]*>{after}</td>", html)
+        cells = "".join(rf"</td><td[^>]*>{v}" for v in (before, after, blind, gap, majority))
+        assert re.search(rf"<td[^>]*>{qtype}{cells}</td><td[^>]*>10</td>", html), qtype
+    assert "after, blind (%)" in html and "the image of another question" in html
+    assert "<b>blind</b>: blue" in html
     assert html.count('<div class="ex"><img src="data:image/jpeg;base64,') == 3
     assert '<b>generated</b>: 3 <span class="bad">wrong</span>' in html
 

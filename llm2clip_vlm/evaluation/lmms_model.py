@@ -11,6 +11,13 @@ What it does the way LLaVA-1.5's own evaluation does:
   (``image_aspect_ratio=pad``; a task may ask for ``original`` through its generation kwargs);
 - decoding is greedy unless the task asks for sampling; ``until`` strings end an answer.
 
+``blind=shuffle`` (or ``blank``) asks every question with the image withheld, the blind baseline
+of :mod:`llm2clip_vlm.llava.blind`: ``shuffle`` gives each request the images of a request with
+*different* images (a seeded derangement of the distinct image sets of the requests in one call,
+so the input stays in distribution and a drop means the model used its own image); ``blank``
+replaces each image by a mean-colour one of the same size. Run the task twice, with and without
+it, and compare: the gap is what the image adds.
+
 Requests are batched (grouped by generation settings, sorted by prompt length) and the answers
 returned in request order. The weights load lazily, so lmms-eval's ``clean()`` (which deletes
 every ``nn.Module`` attribute after a run) leaves a usable object: the next call reloads them.
@@ -18,6 +25,7 @@ every ``nn.Module`` attribute after a run) leaves a usable object: the next call
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +43,8 @@ from llm2clip_vlm.evaluation.prompt import (
     load_template,
     with_image_tokens,
 )
-from llm2clip_vlm.llava.data import expand_to_square
+from llm2clip_vlm.llava.blind import BLIND_MODES, blank_like, derangement
+from llm2clip_vlm.llava.data import expand_to_square, mean_colour
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
 from llm2clip_vlm.training.checkpoint import from_pretrained_kwargs
@@ -132,6 +141,10 @@ class LLM2CLIPLlava(lmms):
         max_batch_size: accepted for lmms-eval's CLI; unused.
         allow_pickle_weights: accept a model whose weights are only pickles (``pytorch_model.bin``);
             refused by default, as ``reliability.allow_pickle_weights`` does for training.
+        blind: ``off`` (default); ``shuffle``: each request gets another request's images (a seeded
+            derangement, so none keeps its own); ``blank``: mean-colour images of the same sizes.
+            The blind baseline: the same questions with the image withheld.
+        blind_seed: the derangement's seed.
     """
 
     is_simple = True
@@ -148,6 +161,8 @@ class LLM2CLIPLlava(lmms):
         attn_implementation: str | None = None,
         max_batch_size: int | None = None,
         allow_pickle_weights: bool | str = False,
+        blind: str = "off",
+        blind_seed: int | str = 0,
         **unexpected: Any,
     ) -> None:
         super().__init__()
@@ -155,7 +170,7 @@ class LLM2CLIPLlava(lmms):
             raise TypeError(
                 f"{MODEL_ID}: unknown model_args {sorted(unexpected)}; known: pretrained, device, dtype, "
                 "batch_size, max_new_tokens, image_aspect_ratio, template, attn_implementation, "
-                "allow_pickle_weights"
+                "allow_pickle_weights, blind, blind_seed"
             )
         path = Path(str(pretrained)).expanduser()
         if not (path / "config.json").is_file():
@@ -166,6 +181,10 @@ class LLM2CLIPLlava(lmms):
             raise ValueError(
                 f"{MODEL_ID}: image_aspect_ratio must be pad or original, got {image_aspect_ratio!r}"
             )
+        if str(blind) not in BLIND_MODES:
+            raise ValueError(f"{MODEL_ID}: blind must be one of {', '.join(BLIND_MODES)}, got {blind!r}")
+        self.blind = str(blind)
+        self.blind_seed = int(blind_seed)
         self.allow_pickle = str(allow_pickle_weights).lower() in ("true", "1", "yes")
 
         # Before anything loads: a pickle-only model is refused with a message naming the opt-in.
@@ -251,6 +270,29 @@ class LLM2CLIPLlava(lmms):
                 raise TypeError(f"{MODEL_ID} takes images only; got a {type(v).__name__} visual")
         return [im.convert("RGB") for im in images]
 
+    def _withhold(self, image_sets: list[list[Image.Image]]) -> list[list[Image.Image]]:
+        """The blind baseline's images for each request (``blind=off``: the requests' own)."""
+        if self.blind == "off":
+            return image_sets
+        if self.blind == "blank":
+            colour = mean_colour(self.processor.image_processor)
+            return [[blank_like(im, colour) for im in images] for images in image_sets]
+        # shuffle: a request's images are identified by their pixels (tasks like MME ask two
+        # questions of one image: both must get a foreign one, the same one).
+        keys = [
+            tuple(hashlib.sha1(im.tobytes()).hexdigest() + str(im.size) for im in ims) for ims in image_sets
+        ]
+        mapping = derangement([k for k in keys if k], self.blind_seed)
+        if mapping is None:
+            if not any(keys):  # no images at all: nothing to withhold
+                return image_sets
+            # One image for every request (MME with --limit 2): nothing to shuffle with.
+            log.warning("%s: blind=shuffle: all requests show the same image; using blank instead", MODEL_ID)
+            colour = mean_colour(self.processor.image_processor)
+            return [[blank_like(im, colour) for im in images] for images in image_sets]
+        first = {k: image_sets[i] for i, k in reversed(list(enumerate(keys)))}
+        return [first[mapping[k]] if k else ims for k, ims in zip(keys, image_sets, strict=True)]
+
     def _prompt(self, question: str, images: list[Image.Image]) -> str:
         user = with_image_tokens(question, len(images))
         return format_conversation(self.template, [(user, None)], tokenizer=self._template_tokenizer())
@@ -328,8 +370,9 @@ class LLM2CLIPLlava(lmms):
         """Greedy (or task-configured) answers, one per request, in request order."""
         prepared: list[PreparedRequest] = []
         settings: list[GenerationSettings] = []
-        for ctx, gen_kwargs, doc_to_visual, doc_id, task, split in (r.args for r in requests):
-            images = self._images(doc_to_visual(self._doc(task, split, doc_id)))
+        args = [r.args for r in requests]
+        shown = self._withhold([self._images(a[2](self._doc(a[4], a[5], a[3]))) for a in args])
+        for (ctx, gen_kwargs, _, doc_id, task, split), images in zip(args, shown, strict=True):
             prepared.append(PreparedRequest(self._prompt(ctx, images), images, task, doc_id, split))
             settings.append(self.settings(gen_kwargs))
         keys = [json.dumps(s.__dict__, sort_keys=True) for s in settings]
@@ -375,10 +418,11 @@ class LLM2CLIPLlava(lmms):
             bar = progress.add_task(
                 f"{MODEL_ID} loglikelihood", total=len(requests), status="", unit="request"
             )
-            for ctx, target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
+            args = [r.args for r in requests]
+            shown = self._withhold([self._images(a[2](self._doc(a[4], a[5], a[3]))) for a in args])
+            for (ctx, target, _, doc_id, task, split), images in zip(args, shown, strict=True):
                 doc = self._doc(task, split, doc_id)
                 continuation = target if isinstance(target, str) else target(doc)
-                images = self._images(doc_to_visual(doc))
                 prompt = self._prompt(ctx, images)
                 full = prompt + answer_separator(self.template) + str(continuation).lstrip()
                 results.append(self._score(prompt, full, images))
@@ -392,10 +436,11 @@ class LLM2CLIPLlava(lmms):
         as in lmms-eval's reference implementation; the answer is the list of round answers.
         """
         results: list[list[str]] = []
-        for ctx, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split in (r.args for r in requests):
+        args = [r.args for r in requests]
+        shown = self._withhold([self._images(a[2](self._doc(a[5], a[6], a[4]))) for a in args])
+        for (ctx, gen_kwargs, _, doc_to_text, doc_id, task, split), images in zip(args, shown, strict=True):
             doc = self._doc(task, split, doc_id)
             settings = self.settings(gen_kwargs)
-            images = self._images(doc_to_visual(doc))
             question, answers, info, round_idx = ctx, [], None, 0
             while True:
                 if round_idx > 0:
@@ -404,8 +449,11 @@ class LLM2CLIPLlava(lmms):
                     )
                     if terminal:
                         break
-                    if visuals is not None:
+                    if visuals is not None:  # a later round's own images: withheld by blank
                         images = self._images(visuals)
+                        if self.blind != "off":
+                            colour = mean_colour(self.processor.image_processor)
+                            images = [blank_like(im, colour) for im in images]
                 prepared = PreparedRequest(self._prompt(question, images), images, task, doc_id, split)
                 answers.append(self._generate_batch([prepared], settings)[0])
                 round_idx += 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ class EvalOptions:
     seed: int = 0
     # {task: "lmms-lab" | "lmms-lab-encoder"}: where the hub data sets are read (empty: as lmms-eval)
     dataset_orgs: dict[str, str] = field(default_factory=dict)
+    # Also evaluate each model blind (llm2clip_llava's blind=shuffle|blank), as "LABEL-blind".
+    blind: str = "off"
 
 
 def require_lmms_eval() -> None:
@@ -221,9 +223,14 @@ def run_eval(
 
         datasets.disable_progress_bars()
         tasks, manager, source = resolve_tasks(options, output)
-        for model_dir, label in zip(models, model_labels(models), strict=True):
-            log.info("evaluating %s on %s (%s)", model_dir, ", ".join(tasks), source)
-            results = evaluate_model(model_dir, label, tasks, manager, options, output)
+        runs = [(m, label, options) for m, label in zip(models, model_labels(models), strict=True)]
+        if options.blind != "off":  # the same questions with the image withheld, row by row
+            blind_args = ",".join(a for a in (options.model_args, f"blind={options.blind}") if a)
+            blind_options = replace(options, model_args=blind_args)
+            runs = [r for m, label, o in runs for r in ((m, label, o), (m, f"{label}-blind", blind_options))]
+        for model_dir, label, run_options in runs:
+            log.info("evaluating %s on %s (%s)", label, ", ".join(tasks), source)
+            results = evaluate_model(model_dir, label, tasks, manager, run_options, output)
             if results is None:
                 # A non-main process of a multi-process run: it takes part in every model's run
                 # (lmms-eval gathers across processes), rank 0 reports.

@@ -195,13 +195,20 @@ def llava_card(
         "",
     ]  # fmt: skip
     if after:
-        lines += ["| question type | before | after | questions |", "|---|---|---|---|"]
-        lines.append(
-            f"| all | {before.get('accuracy', float('nan')):.1f} | {after['accuracy']:.1f} | {after.get('n', '?')} |"
-        )
-        for t, v in after.get("per_type", {}).items():
-            b = before.get("per_type", {}).get(t, {}).get("accuracy", float("nan"))
-            lines.append(f"| {t} | {b:.1f} | {v['accuracy']:.1f} | {v['n']} |")
+        # Blind: the same questions with the image withheld (another question's image); majority:
+        # always the type's most frequent held-out answer. A model that looks beats both.
+        nan = float("nan")
+        lines += [
+            "| question type | before | after | after, blind | majority answer | questions |",
+            "|---|---|---|---|---|---|",
+        ]
+        rows = [("all", before, after), *((t, before.get("per_type", {}).get(t, {}), v)
+                                          for t, v in after.get("per_type", {}).items())]  # fmt: skip
+        for t, b, v in rows:
+            lines.append(
+                f"| {t} | {b.get('accuracy', nan):.1f} | {v['accuracy']:.1f} | {v.get('blind_accuracy', nan):.1f} "
+                f"| {v.get('majority_accuracy', nan):.1f} | {v.get('n', '?')} |"
+            )
     else:
         lines.append("No held-out questions were evaluated in this run.")
     lines += [

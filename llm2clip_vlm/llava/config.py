@@ -102,6 +102,11 @@ class LlavaPhaseConfig:
     # Held-out question answering: greedy answers of at most this many tokens, this many per batch.
     eval_max_new_tokens: int = 16
     eval_batch_size: int = 16
+    # The blind baseline of the held-out questions (asked again with the image withheld):
+    # shuffle = each question gets another question's image (in-distribution input: a drop means
+    # the model uses THIS image); blank = a mean-colour image; off = not measured. Doubles the
+    # held-out evaluation's time.
+    eval_blind: Literal["shuffle", "blank", "off"] = "shuffle"
     # The loop: LLaVA-1.5 warms up over 3% of the steps (ceil), from lr 0 as the HF Trainer's
     # get_cosine_schedule_with_warmup (factors 0, 1/w, ...), then decays the lr on a cosine.
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(warmup_ratio=0.03, warmup_from_zero=True))

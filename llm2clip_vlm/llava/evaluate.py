@@ -4,19 +4,25 @@ Used by ``llava-pretrain`` / ``llava-finetune`` to report accuracy before and af
 questions whose answers are known (the synthetic world's held-out split, or any LLaVA records
 with an ``"answer"`` field). Answers are normalised (case, surrounding punctuation and spaces);
 a lettered multiple-choice answer counts when its first letter matches, as ScienceQA scoring does.
+
+Every evaluation also asks the questions blind (:mod:`llm2clip_vlm.llava.blind`: by default each
+question gets another question's image) and scores the majority answer of each question type, so
+a table says per type: accuracy, blind accuracy, the gap (how much the image adds), and what
+answering the most frequent answer of that type in the held-out set would score.
 """
 
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from llm2clip_vlm.data.images import load_rgb
-from llm2clip_vlm.llava.data import LlavaRecord, image_to_pixels
+from llm2clip_vlm.llava.blind import BlindMode, blank_like, derangement
+from llm2clip_vlm.llava.data import LlavaRecord, image_to_pixels, mean_colour
 from llm2clip_vlm.llava.templates import TemplateName, generation_prompt, tokenize_image_chunks
 from llm2clip_vlm.progress import make_progress
 
@@ -51,9 +57,25 @@ def answer_questions(
     device: torch.device | str = "cpu",
     autocast: Any = None,
     show_progress: bool = True,
+    blind: BlindMode = "off",
+    blind_seed: int = 0,
 ) -> list[str]:
-    """Greedy answers to each record's first question (left-padded batches, request order kept)."""
+    """Greedy answers to each record's first question (left-padded batches, request order kept).
+
+    ``blind``: ``off`` = each question with its own image; ``shuffle`` = with another question's
+    image (a seeded derangement of the distinct images); ``blank`` = with a mean-colour image of
+    the same size (see :mod:`llm2clip_vlm.llava.blind`). Text-only records are asked as they are.
+    """
     model.eval()
+    source = {}  # image path -> the image path it is replaced by (shuffle)
+    if blind == "shuffle":
+        keys = [str(r.image) for r in records if r.image is not None]
+        source = derangement(keys, blind_seed) or {}
+        if keys and not source:
+            raise ValueError("a shuffled blind baseline needs at least two different images; use blank")
+    elif blind not in ("off", "blank"):
+        raise ValueError(f"blind must be shuffle, blank or off, got {blind!r}")
+    by_path = {str(r.image): r for r in records if r.image is not None}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     answers: list[str] = []
@@ -70,9 +92,11 @@ def answer_questions(
                     ids += [t] * (image_seq_length if t == image_token_id else 1)
                 rows.append(ids)
                 if rec.image is not None:
-                    pixels.append(
-                        image_to_pixels(load_rgb(rec.image, rec.source), image_processor, image_aspect_ratio)
-                    )
+                    shown = by_path[source[str(rec.image)]] if blind == "shuffle" else rec
+                    image = load_rgb(shown.image, shown.source)
+                    if blind == "blank":
+                        image = blank_like(image, mean_colour(image_processor))
+                    pixels.append(image_to_pixels(image, image_processor, image_aspect_ratio))
             t = max(len(r) for r in rows)
             input_ids = torch.full((len(rows), t), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), t), dtype=torch.long)
@@ -101,18 +125,69 @@ def answer_questions(
     return answers
 
 
-def score(records: Sequence[LlavaRecord], predictions: Sequence[str]) -> dict[str, Any]:
-    """Accuracy (percent) overall and per ``question_type``, with counts."""
-    per_type: dict[str, list[bool]] = defaultdict(list)
-    for rec, pred in zip(records, predictions, strict=True):
-        answer = str(rec.extra.get("answer", rec.conversations[1]["value"]))
-        qtype = str(rec.extra.get("question_type", ""))
-        per_type[qtype or "all"].append(is_correct(pred, answer, qtype))
-    flat = [c for v in per_type.values() for c in v]
-    return {
-        "accuracy": 100.0 * sum(flat) / max(1, len(flat)),
-        "n": len(flat),
-        "per_type": {
-            k: {"accuracy": 100.0 * sum(v) / len(v), "n": len(v)} for k, v in sorted(per_type.items())
-        },
+def _answer(rec: LlavaRecord) -> str:
+    return str(rec.extra.get("answer", rec.conversations[1]["value"]))
+
+
+def _qtype(rec: LlavaRecord) -> str:
+    return str(rec.extra.get("question_type", ""))
+
+
+def majority_answers(records: Sequence[LlavaRecord]) -> dict[str, str]:
+    """The most frequent (normalised) answer of each question type in ``records``.
+
+    Ties go to the answer seen first, so the baseline is deterministic. This is an upper bound on
+    what a model that ignores the image *and* the question's wording can score per type.
+    """
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for rec in records:
+        counts[_qtype(rec) or "all"][normalise_answer(_answer(rec))] += 1
+    return {t: c.most_common(1)[0][0] for t, c in counts.items()}
+
+
+def score(
+    records: Sequence[LlavaRecord],
+    predictions: Sequence[str],
+    blind_predictions: Sequence[str] | None = None,
+    blind: str = "shuffle",
+) -> dict[str, Any]:
+    """Accuracy (percent) overall and per ``question_type``, with counts.
+
+    With ``blind_predictions`` (the same questions asked blind, in the same order), each row also
+    has ``blind_accuracy`` and ``gap`` (accuracy minus blind accuracy, points). Every row has
+    ``majority_accuracy``: the score of always answering the type's most frequent held-out answer
+    (``majority_answer``); the overall row sums those per-type policies.
+    """
+    majority = majority_answers(records)
+    sighted: dict[str, list[bool]] = defaultdict(list)
+    blinded: dict[str, list[bool]] = defaultdict(list)
+    habit: dict[str, list[bool]] = defaultdict(list)
+    blind_preds = blind_predictions if blind_predictions is not None else [None] * len(records)
+    for rec, pred, bpred in zip(records, predictions, blind_preds, strict=True):
+        answer, qtype = _answer(rec), _qtype(rec)
+        key = qtype or "all"
+        sighted[key].append(is_correct(pred, answer, qtype))
+        habit[key].append(is_correct(majority[key], answer, qtype))
+        if bpred is not None:
+            blinded[key].append(is_correct(bpred, answer, qtype))
+
+    def pct(v: Sequence[bool]) -> float:
+        return 100.0 * sum(v) / max(1, len(v))
+
+    def row(s: Sequence[bool], b: Sequence[bool], h: Sequence[bool]) -> dict[str, Any]:
+        out: dict[str, Any] = {"accuracy": pct(s), "n": len(s), "majority_accuracy": pct(h)}
+        if blind_predictions is not None:
+            out["blind_accuracy"] = pct(b)
+            out["gap"] = out["accuracy"] - out["blind_accuracy"]
+        return out
+
+    def flat(d: dict[str, list[bool]]) -> list[bool]:
+        return [c for v in d.values() for c in v]
+
+    result = row(flat(sighted), flat(blinded), flat(habit))
+    if blind_predictions is not None:
+        result["blind"] = blind
+    result["per_type"] = {
+        k: {**row(sighted[k], blinded[k], habit[k]), "majority_answer": majority[k]} for k in sorted(sighted)
     }
+    return result

@@ -12,7 +12,9 @@
    a token-mean loss over the global batch, DeepSpeed's own accumulation when it is in use;
    everything else (precision, clipping, checkpoints, resume, signals, the NaN guard, the time
    budget) is the one loop's (:mod:`llm2clip_vlm.training.loop`);
-5. held-out questions answered before and after training -> ``metrics.json``; the model saved in
+5. held-out questions answered before and after training, with their own image and blind
+   (``eval_blind``: another question's image), scored per type next to the majority answer ->
+   ``metrics.json`` / ``metrics.jsonl``; the model saved in
    transformers' LLaVA format (LoRA merged), plus the projector alone in LLaVA's format.
 """
 
@@ -190,19 +192,31 @@ def train_llava(
     def run_heldout() -> dict[str, Any]:
         if not heldout or not main:
             return {}
-        preds = answer_questions(
-            raw, tokenizer, processor.image_processor, heldout, template=p.template,
-            image_token_id=image_token_id, image_seq_length=image_seq_length,
-            image_aspect_ratio=p.image_aspect_ratio, system=system, max_new_tokens=p.eval_max_new_tokens,
-            batch_size=p.eval_batch_size, device=accelerator.device, autocast=accelerator.autocast,
-        )  # fmt: skip
-        result = score(heldout, preds)
+
+        def ask(blind: str) -> list[str]:
+            return answer_questions(
+                raw, tokenizer, processor.image_processor, heldout, template=p.template,
+                image_token_id=image_token_id, image_seq_length=image_seq_length,
+                image_aspect_ratio=p.image_aspect_ratio, system=system, max_new_tokens=p.eval_max_new_tokens,
+                batch_size=p.eval_batch_size, device=accelerator.device, autocast=accelerator.autocast,
+                blind=blind, blind_seed=p.seed,  # type: ignore[arg-type]
+            )  # fmt: skip
+
+        preds = ask("off")
+        # A held-out set with images from fewer than two files cannot be shuffled: blank instead.
+        mode = p.eval_blind
+        if mode == "shuffle" and len({str(r.image) for r in heldout if r.image is not None}) < 2:
+            log.warning("held-out images come from one file: the blind baseline uses a blank image")
+            mode = "blank"
+        blind_preds = ask(mode) if mode != "off" else None
+        result = score(heldout, preds, blind_preds, mode)
         result["examples"] = [
             {"question": r.conversations[0]["value"], "answer": r.extra.get("answer"), "prediction": pr,
              "question_type": r.extra.get("question_type", ""), "image": str(r.image) if r.image else None,
              "correct": is_correct(pr, str(r.extra.get("answer", r.conversations[1]["value"])),
-                                   str(r.extra.get("question_type", "")))}
-            for r, pr in list(zip(heldout, preds, strict=True))[:8]
+                                   str(r.extra.get("question_type", ""))),
+             **({"blind_prediction": blind_preds[i]} if blind_preds is not None else {})}
+            for i, (r, pr) in enumerate(list(zip(heldout, preds, strict=True))[:8])
         ]  # fmt: skip
         return result
 

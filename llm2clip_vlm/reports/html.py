@@ -71,10 +71,10 @@ TEMPLATE = """\
 {% endfor %}{% endfor %}{% endif %}
 {% if llava %}<h2>LLaVA: held-out accuracy by question type, and generated answers</h2>
 {% for r in llava %}<h3>{{ r.label }}</h3>
-{% if r.rows %}{{ table(["question type", "before (%)", "after (%)", "questions"], r.rows) }}{{ img(r.bars, "held-out accuracy by question type", "plot bars") }}
+{% if r.rows %}{{ table(["question type", "before (%)", "after (%)", "after, blind (%)", "gap (points)", "majority answer (%)", "questions"], r.rows) }}{% if r.blind %}<p class="muted">Blind: the same questions asked with {{ r.blind }} instead of their own; gap = after &minus; blind (what the image adds). Majority answer: always answering the most frequent answer of the type in the held-out set.</p>{% endif %}{{ img(r.bars, "held-out accuracy by question type", "plot bars") }}
 {% else %}<p class="muted">No held-out questions were evaluated in this run.</p>
 {% endif %}
-{% for ex in r.examples %}<div class="ex">{% if ex.src %}<img src="{{ ex.src }}" alt="question image">{% endif %}<div><b>Q</b> ({{ ex.qtype }}): {{ ex.question }}<br><b>expected</b>: {{ ex.answer }}<br><b>generated</b>: {{ ex.prediction }} {% if ex.ok %}<span class="good">correct</span>{% else %}<span class="bad">wrong</span>{% endif %}</div></div>
+{% for ex in r.examples %}<div class="ex">{% if ex.src %}<img src="{{ ex.src }}" alt="question image">{% endif %}<div><b>Q</b> ({{ ex.qtype }}): {{ ex.question }}<br><b>expected</b>: {{ ex.answer }}<br><b>generated</b>: {{ ex.prediction }} {% if ex.ok %}<span class="good">correct</span>{% else %}<span class="bad">wrong</span>{% endif %}{% if ex.blind is not none %}<br><b>blind</b>: {{ ex.blind }}{% endif %}</div></div>
 {% endfor %}{% endfor %}{% endif %}
 </body></html>
 """
@@ -219,6 +219,21 @@ def _galleries(run: Run) -> list[dict[str, Any]]:
     return out
 
 
+def _heldout_row(name: str, key: str, b: dict[str, Any], a: dict[str, Any]) -> list[Any]:
+    """One row of the held-out table: before, after, after blind (the same questions with the image
+    withheld: another question's image, or a blank one), the gap after - blind, and the majority
+    answer's accuracy (always the type's most frequent held-out answer)."""
+    return [
+        name,
+        _fmt(b.get(f"{key}accuracy")),
+        _fmt(a.get(f"{key}accuracy")),
+        _fmt(a.get(f"{key}blind_accuracy")),
+        _fmt(a.get(f"{key}gap")),
+        _fmt(a.get(f"{key}majority_accuracy")),
+        _text(a.get(f"{key}n", b.get(f"{key}n", "-"))),
+    ]
+
+
 def _llava(runs: Sequence[Run]) -> list[dict[str, Any]]:
     out = []
     for r in runs:
@@ -228,16 +243,8 @@ def _llava(runs: Sequence[Run]) -> list[dict[str, Any]]:
         types = sorted({k.split("/")[2] for row in (b, a) for k in row if k.startswith("heldout/per_type/")})
         rows, bars = [], ""
         if a or b:
-            rows.append([
-                "all", _fmt(b.get("heldout/accuracy")), _fmt(a.get("heldout/accuracy")),
-                _text(a.get("heldout/n", b.get("heldout/n", "-"))),
-            ])  # fmt: skip
-            for t in types:
-                key = f"heldout/per_type/{t}"
-                rows.append([
-                    t, _fmt(b.get(f"{key}/accuracy")), _fmt(a.get(f"{key}/accuracy")),
-                    _text(a.get(f"{key}/n", b.get(f"{key}/n", "-"))),
-                ])  # fmt: skip
+            rows = [_heldout_row("all", "heldout/", b, a)]
+            rows += [_heldout_row(t, f"heldout/per_type/{t}/", b, a) for t in types]
             if types:
                 bars = _png(plots.before_after_bars(
                     types, [_number(b.get(f"heldout/per_type/{t}/accuracy")) for t in types],
@@ -251,10 +258,13 @@ def _llava(runs: Sequence[Run]) -> list[dict[str, Any]]:
                 "answer": _text(ex.get("answer")),
                 "prediction": _text(ex.get("prediction")),
                 "ok": bool(ex.get("correct")),
+                "blind": None if ex.get("blind_prediction") is None else _text(ex["blind_prediction"]),
             }
             for ex in r.answers
         ]
-        out.append({"label": r.label, "rows": rows, "bars": bars, "examples": examples})
+        # Blind: the same questions with another question's image (shuffle) or a blank one.
+        blind = {"shuffle": "the image of another question", "blank": "a blank image"}.get(str(a.get("heldout/blind")), "")
+        out.append({"label": r.label, "rows": rows, "bars": bars, "examples": examples, "blind": blind})
     return out
 
 

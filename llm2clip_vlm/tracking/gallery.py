@@ -107,6 +107,8 @@ def write_answer_gallery(
     rows = []
     for n, ex in enumerate(examples):
         row = {k: ex.get(k) for k in ("question", "answer", "prediction", "question_type", "correct")}
+        if "blind_prediction" in ex:  # the same question asked blind (llava.evaluate)
+            row["blind_prediction"] = ex["blind_prediction"]
         row["image"] = None
         if ex.get("image"):
             rel = f"answer-{n}.jpg"
