@@ -9,6 +9,7 @@ hashes every word, bigram and trigram (template-dominated: CRA 0.1 / 1.0).
 
     python scripts/stage2_probe.py demo DATA_DIR OUT [--vectors content] [--set KEY=VALUE ...]
     python scripts/stage2_probe.py glyphs DATA_DIR OUT ...   (DATA_DIR from demo-data --world glyphs)
+    python scripts/stage2_probe.py posters DATA_DIR OUT ...  (DATA_DIR from demo-data --world posters)
 
 Prints the held-out R@1 (I2T, T2I) of every set; the run's metrics.json is in OUT.
 """
@@ -32,10 +33,17 @@ from llm2clip_vlm.vision.data import HeldoutSet
 from llm2clip_vlm.vision.train import train_stage2
 
 DIM = 256
-CONTENT = set(string.ascii_lowercase) | set(string.digits) | set(
-    "top bottom left right centre black red blue green white yellow grey gray beige plain striped "
-    "checkered one two three four letter letters digit digits circle square triangle star diamond "
-    "cross purple orange pink cyan small large larger".split()
+CONTENT = (
+    set(string.ascii_lowercase)
+    | set(string.digits)
+    | set(
+        "top bottom left right centre black red blue green white yellow grey gray beige plain striped "
+        "checkered one two three four letter letters digit digits circle square triangle star diamond "
+        "cross purple orange pink cyan small large larger "
+        # the poster world (``demo-data --world posters``)
+        "lime spring azure violet magenta rose medium upright tilted horizontal vertical diagonal stripes "
+        "checks checkered".split()
+    )
 )
 
 
@@ -58,7 +66,9 @@ def vector(text: str, kind: str) -> np.ndarray:
     if kind == "content":
         w = [t for t in w if t in CONTENT and t != "a"]
         return _hashed(w + ["_".join(sorted(p)) for p in zip(w, w[1:], strict=False)])
-    grams = [f"{a}_{b}" for a, b in zip(w, w[1:], strict=False)] + [f"{a}_{b}_{c}" for a, b, c in zip(w, w[1:], w[2:], strict=False)]
+    grams = [f"{a}_{b}" for a, b in zip(w, w[1:], strict=False)] + [
+        f"{a}_{b}_{c}" for a, b, c in zip(w, w[1:], w[2:], strict=False)
+    ]
     return _hashed(w + grams)
 
 
@@ -87,7 +97,7 @@ class VectorStore:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("world", choices=["demo", "glyphs"])
+    ap.add_argument("world", choices=["demo", "glyphs", "posters"])
     ap.add_argument("data_dir")
     ap.add_argument("out")
     ap.add_argument("--vectors", choices=["content", "all"], default="content")
@@ -116,9 +126,13 @@ def main() -> None:
         emb = torch.tensor(np.asarray([vector(c.text, args.vectors) for r in records for c in r.captions]))
         heldout[name] = HeldoutSet(records, emb.float(), caption_image)
     start = time.time()
-    metrics = train_stage2(cfg.stage2, args.out, train, VectorStore(train, args.vectors), heldout, load_image=open_image)
+    metrics = train_stage2(
+        cfg.stage2, args.out, train, VectorStore(train, args.vectors), heldout, load_image=open_image
+    )
     for name, m in metrics["stage2"]["retrieval"].items():
-        print(f"{args.world} {name}: I2T R@1 {m['i2t_r1']:.1f}  T2I R@1 {m['t2i_r1']:.1f}  ({time.time() - start:.0f} s)")
+        print(
+            f"{args.world} {name}: I2T R@1 {m['i2t_r1']:.1f}  T2I R@1 {m['t2i_r1']:.1f}  ({time.time() - start:.0f} s)"
+        )
 
 
 if __name__ == "__main__":
