@@ -32,8 +32,10 @@ log = get_logger(__name__)
 # The loss counts as "not moved" while it stays within this share of where it started (ln(batch)
 # for the CLIP loss: the loss of features that tell nothing apart).
 LOSS_SLACK = 0.05
-# Training-slice R@1 counts as "at chance" up to this multiple of chance in both directions.
-CHANCE_FACTOR = 3.0
+# Training-slice R@1 counts as "at chance" below this multiple of chance in both directions: the
+# floor held-out retrieval must pass (issue 28). A run stuck at ln(batch) can still rank a few of
+# the very images it trains on first (3-8x chance measured on the poster world), so 3x would miss it.
+CHANCE_FACTOR = 10.0
 
 
 class TrainSlice:
@@ -152,7 +154,7 @@ class LearningWatch:
         start = self.loss_start if self.loss_start is not None else losses[0]
         log.warning(
             "stage 2 is not learning (step %d): the loss is %.3f (%.3f at the start%s) and retrieval on "
-            "%d training images is at chance (R@1 I2T %.1f / T2I %.1f, chance %.1f). Likely causes: the "
+            "%d training images is near chance (R@1 I2T %.1f / T2I %.1f, chance %.1f). Likely causes: the "
             "caption embeddings do not describe the images (check the store's data and the stage-1 "
             "CRA); a from-scratch ViT whose patch embedding does not see the content through busy "
             "backgrounds (try stage2.backbone.stem: conv, a smaller stage2.backbone.patch_size); "
