@@ -55,7 +55,12 @@ def test_the_watch_fires_once_after_its_first_step_and_only_when_both_signs_agre
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "not learning (step 92)" in warnings[0] and "= ln(batch)" in warnings[0]
-    for setting in ("stage2.lr", "stage2.loop.epochs", "stage2.backbone.stem", "stage2.loop.warmup_steps"):
+    for setting in (
+        "stage2.lr",
+        "stage2.loop.epochs",
+        "stage2.backbone.name_or_path",
+        "stage2.loop.warmup_steps",
+    ):
         assert setting in warnings[0]
     # The sigmoid loss has no ln(batch): its start is the first recorded loss.
     sig = LearningWatch(first_step=1, loss_start=None)

@@ -136,9 +136,8 @@ class LearningWatch:
         start = self.loss_start if self.loss_start is not None else losses[0]
         recent = losses[-max(1, window) :]
         loss = sum(recent) / len(recent)
-        at_chance = max(float(metrics["i2t_r1"]), float(metrics["t2i_r1"])) <= CHANCE_FACTOR * self.chance(
-            metrics
-        )
+        best = max(float(metrics["i2t_r1"]), float(metrics["t2i_r1"]))
+        at_chance = best < CHANCE_FACTOR * self.chance(metrics)
         return loss >= (1 - LOSS_SLACK) * start and at_chance
 
     def update(
@@ -154,12 +153,13 @@ class LearningWatch:
         start = self.loss_start if self.loss_start is not None else losses[0]
         log.warning(
             "stage 2 is not learning (step %d): the loss is %.3f (%.3f at the start%s) and retrieval on "
-            "%d training images is near chance (R@1 I2T %.1f / T2I %.1f, chance %.1f). Likely causes: the "
-            "caption embeddings do not describe the images (check the store's data and the stage-1 "
-            "CRA); a from-scratch ViT whose patch embedding does not see the content through busy "
-            "backgrounds (try stage2.backbone.stem: conv, a smaller stage2.backbone.patch_size); "
-            "learning rates too low, or too high for the warm-up (stage2.lr, stage2.head_lr, "
-            "stage2.loop.warmup_steps); too few steps (stage2.loop.epochs)",
+            "%d training images is near chance (R@1 I2T %.1f / T2I %.1f, chance %.1f). Likely causes: "
+            "the caption embeddings do not describe the images (check the store's data and the stage-1 "
+            "CRA); the captions name details a from-scratch ViT cannot learn in this many steps (small, "
+            "shifted or tilted objects over busy backgrounds: start from a pretrained encoder with "
+            "stage2.backbone.name_or_path, or try a smaller stage2.backbone.patch_size); learning rates "
+            "too high for the warm-up, or too low (stage2.lr, stage2.head_lr, stage2.loop.warmup_steps); "
+            "too few steps (stage2.loop.epochs)",
             step, sum(recent) / len(recent), start,
             " = ln(batch)" if self.loss_start is not None else "", int(metrics["n_images"]),
             float(metrics["i2t_r1"]), float(metrics["t2i_r1"]), self.chance(metrics),
