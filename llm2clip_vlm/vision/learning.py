@@ -170,3 +170,66 @@ class LearningWatch:
 def clip_loss_start(batch_size: int) -> float:
     """The CLIP loss of features that tell nothing apart: ln(global batch)."""
     return math.log(batch_size)
+
+
+class LearningCheck:
+    """Stage 2's check: training-slice retrieval every ``every`` steps, logged next to the loss (the
+    console, ``metrics.jsonl`` lines of kind ``learning``, ``history``), and the :class:`LearningWatch`.
+
+    ``extra`` is the run state's ``extra`` dict: the history and whether it warned survive a resume.
+    """
+
+    def __init__(
+        self, train_slice: TrainSlice | None, watch: LearningWatch, every: int, extra: dict[str, Any]
+    ) -> None:
+        self.slice, self.watch, self.every, self.extra = train_slice, watch, max(1, every), extra
+        self.history: list[dict[str, Any]] = extra.setdefault("train_retrieval", [])
+        watch.warned = bool(extra.get("not_learning_warned", False))
+
+    @classmethod
+    def for_stage2(
+        cls, s: Any, steps: int, records: Sequence[Any], embeddings: CaptionEmbeddings, positions: Sequence[int],
+        image_processor: Any, load_image: ImageLoader, extra: dict[str, Any], *, main: bool,
+    ) -> LearningCheck:  # fmt: skip
+        """From the ``stage2`` section: every epoch unless ``train_retrieval_every_steps``; the watch
+        may fire from warm-up + one epoch on."""
+        per_epoch = max(1, len(positions) // s.batch_size)
+        warmup = s.loop.warmup_steps or math.ceil(s.loop.warmup_ratio * steps)
+        start = clip_loss_start(s.batch_size) if s.loss == "clip" else None
+        sl = TrainSlice.build(
+            records, embeddings, positions, image_processor, load_image, s.train_retrieval_images
+        )
+        return cls(
+            sl,
+            LearningWatch(warmup + per_epoch, start, main=main),
+            s.train_retrieval_every_steps or per_epoch,
+            extra,
+        )
+
+    @property
+    def warned(self) -> bool:
+        return bool(self.extra.get("not_learning_warned", False))
+
+    def due(self, step: int) -> bool:
+        return step > 0 and step % self.every == 0
+
+    def __call__(
+        self, step: int, losses: Sequence[float], model: nn.Module, device: torch.device,
+        autocast: Callable[[], Any], batch_size: int, tracker: Any, *, quiet: bool = False,
+    ) -> None:  # fmt: skip
+        """Measure at ``step`` (once per step), log, and let the watch decide (``quiet``: do not warn,
+        e.g. after the collapse warning, which already named the cause)."""
+        if self.slice is None or (self.history and self.history[-1]["step"] == step):
+            return
+        m = self.slice.evaluate(model, device, autocast, batch_size)
+        recent = losses[-self.every :]
+        loss = sum(recent) / max(len(recent), 1)
+        self.history.append({"step": step, "loss": round(loss, 4), **m})
+        log.info(
+            "stage 2 step %d: loss %.3f (mean of the last %d steps), retrieval on %d training images "
+            "R@1 I2T %.1f / T2I %.1f (chance %.1f)",
+            step, loss, len(recent), m["n_images"], m["i2t_r1"], m["t2i_r1"], LearningWatch.chance(m),
+        )  # fmt: skip
+        tracker.log(step, {"train_retrieval": m, "train_loss_mean": loss}, kind="learning")
+        if not quiet and self.watch.update(step, losses, m, self.every):
+            self.extra["not_learning_warned"] = True

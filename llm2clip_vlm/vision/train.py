@@ -20,7 +20,6 @@ Reads like the run it is, top to bottom:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ from llm2clip_vlm.vision.data import (
 )
 from llm2clip_vlm.vision.decay import exempt_from_weight_decay
 from llm2clip_vlm.vision.evaluate import evaluate_retrieval, log_retrieval
-from llm2clip_vlm.vision.learning import LearningWatch, TrainSlice, clip_loss_start
+from llm2clip_vlm.vision.learning import LearningCheck
 from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
 
 log = get_logger(__name__)
@@ -213,37 +212,17 @@ def train_stage2(
     collapse = CollapseWatch()
     # Is it learning? Retrieval on a fixed slice of training images every epoch (or N steps), next
     # to the loss; one warning when neither moved after the warm-up and an epoch.
-    steps_per_epoch = max(1, len(usable) // s.batch_size)
-    check_every = s.train_retrieval_every_steps or steps_per_epoch
-    train_slice = TrainSlice.build(
-        train_records, embeddings, usable, processor, load_image, s.train_retrieval_images
+    learning = LearningCheck.for_stage2(
+        s, steps, train_records, embeddings, usable, processor, load_image, state.extra, main=main
     )
-    warmup = s.loop.warmup_steps or math.ceil(s.loop.warmup_ratio * steps)
-    learning = LearningWatch(
-        warmup + steps_per_epoch, clip_loss_start(s.batch_size) if s.loss == "clip" else None, main=main
-    )
-    learning.warned = bool(state.extra.get("not_learning_warned", False))
-    history: list[dict[str, Any]] = state.extra.setdefault("train_retrieval", [])
 
     def check_learning() -> None:
-        if train_slice is None or (history and history[-1]["step"] == state.step):
-            return
-        m = train_slice.evaluate(model, accelerator.device, accelerator.autocast, s.eval_batch_size)
-        recent = state.losses[-check_every:]
-        loss = sum(recent) / max(len(recent), 1)
-        history.append({"step": state.step, "loss": round(loss, 4), **m})
-        log.info(
-            "stage 2 step %d: loss %.3f (mean of the last %d steps), retrieval on %d training images "
-            "R@1 I2T %.1f / T2I %.1f (chance %.1f)",
-            state.step, loss, len(recent), m["n_images"], m["i2t_r1"], m["t2i_r1"], LearningWatch.chance(m),
-        )  # fmt: skip
-        tracker.log(state.step, {"train_retrieval": m, "train_loss_mean": loss}, kind="learning")
-        if not collapse.warned and learning.update(state.step, state.losses, m, check_every):
-            state.extra["not_learning_warned"] = True
+        learning(state.step, state.losses, model, accelerator.device, accelerator.autocast, s.eval_batch_size,
+                 tracker, quiet=collapse.warned)  # fmt: skip
 
     def step(batch: tuple[torch.Tensor, torch.Tensor, Any]) -> StepOutput:
         # The model as it is after ``state.step`` updates (every process: a forward under FSDP).
-        if state.step > 0 and state.step % check_every == 0:
+        if learning.due(state.step):
             check_learning()
         # Images unreadable mid-run: stop naming the file unless data.skip_bad; every rank decides alike.
         bad_images.add(gather_failures(accelerator, batch[2]))
@@ -297,8 +276,8 @@ def train_stage2(
                 "bad_images": len(state.extra.get("bad_images", [])),
                 "processes": world,
                 "logit_scale": last_scale[0] if last_scale else None,
-                "train_retrieval": history,
-                "not_learning": bool(state.extra.get("not_learning_warned", False)),
+                "train_retrieval": learning.history,
+                "not_learning": learning.warned,
             },
         }
     }
