@@ -154,20 +154,26 @@ def demo_data(
     heldout_images: Annotated[int, typer.Option(min=0, help="Images in each held-out split.")] = 1000,
     image_size: Annotated[
         int | None,
-        typer.Option(min=8, help="Side of the square images in pixels (default 64 shapes, 96 glyphs)."),
+        typer.Option(min=8, help="Side of the square images in pixels (default 64 shapes, 96 glyphs and posters)."),
     ] = None,
     world: Annotated[
-        str, typer.Option(help="'shapes' (the demo world) or 'glyphs' (letters and digits on patterns).")
+        str,
+        typer.Option(
+            help="'shapes' (the demo world), 'glyphs' (letters and digits on patterns) or 'posters' "
+            "(tilted, jittered glyphs on saturated striped/checkered grounds)."
+        ),
     ] = "shapes",
 ) -> None:
     """Write the synthetic image-caption world (train + held-out splits) in real-data formats."""
     from llm2clip_vlm.data.synthetic import write_demo_dataset
     from llm2clip_vlm.data.synthetic_glyphs import write_glyph_dataset
+    from llm2clip_vlm.data.synthetic_posters import write_poster_dataset
 
-    if world not in ("shapes", "glyphs"):
-        console.print(f"[red]demo-data:[/red] --world must be 'shapes' or 'glyphs', got {world!r}")
+    writers = {"shapes": write_demo_dataset, "glyphs": write_glyph_dataset, "posters": write_poster_dataset}
+    if world not in writers:
+        console.print(f"[red]demo-data:[/red] --world must be one of {', '.join(writers)}, got {world!r}")
         raise typer.Exit(2)
-    write = write_demo_dataset if world == "shapes" else write_glyph_dataset
+    write = writers[world]
     size = image_size or (64 if world == "shapes" else 96)
     summary = write(out, seed=seed, train_images=train_images, heldout_images=heldout_images, image_size=size)
     console.print(summary)

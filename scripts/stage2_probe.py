@@ -9,6 +9,7 @@ hashes every word, bigram and trigram (template-dominated: CRA 0.1 / 1.0).
 
     python scripts/stage2_probe.py demo DATA_DIR OUT [--vectors content] [--set KEY=VALUE ...]
     python scripts/stage2_probe.py glyphs DATA_DIR OUT ...   (DATA_DIR from demo-data --world glyphs)
+    python scripts/stage2_probe.py posters DATA_DIR OUT ...  (DATA_DIR from demo-data --world posters)
 
 Prints the held-out R@1 (I2T, T2I) of every set; the run's metrics.json is in OUT.
 """
@@ -38,7 +39,10 @@ CONTENT = (
     | set(
         "top bottom left right centre black red blue green white yellow grey gray beige plain striped "
         "checkered one two three four letter letters digit digits circle square triangle star diamond "
-        "cross purple orange pink cyan small large larger".split()
+        "cross purple orange pink cyan small large larger "
+        # the poster world (``demo-data --world posters``)
+        "lime spring azure violet magenta rose medium upright tilted horizontal vertical diagonal stripes "
+        "checks checkered".split()
     )
 )
 
@@ -93,7 +97,7 @@ class VectorStore:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("world", choices=["demo", "glyphs"])
+    ap.add_argument("world", choices=["demo", "glyphs", "posters"])
     ap.add_argument("data_dir")
     ap.add_argument("out")
     ap.add_argument("--vectors", choices=["content", "all"], default="content")

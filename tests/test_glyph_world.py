@@ -85,4 +85,4 @@ def test_demo_data_command_writes_the_glyph_world(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "g" / "images" / "train" / "train-000000.png").size == (96, 96)
     bad = CliRunner().invoke(app, ["demo-data", str(tmp_path / "x"), "--world", "trees"])
-    assert bad.exit_code == 2 and "--world must be 'shapes' or 'glyphs'" in bad.output
+    assert bad.exit_code == 2 and "--world must be one of shapes, glyphs, posters" in bad.output

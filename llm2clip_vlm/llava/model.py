@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from llm2clip_vlm import resources
 from llm2clip_vlm.errors import BadInputFileError, PickleRefusedError
@@ -53,6 +53,16 @@ def projector_state_for_llava(projector: torch.nn.Module) -> dict[str, torch.Ten
         LLAVA_PROJECTOR_KEYS[k]: v.detach().float().cpu().contiguous()
         for k, v in projector.state_dict().items()
     }
+
+
+def save_projector(projector: torch.nn.Module, out: Path) -> None:
+    """The projector alone under LLaVA's names, as safetensors and as LLaVA's ``mm_projector.bin``."""
+    state = projector_state_for_llava(projector)
+    with resources.writing(out / PROJECTOR_FILE, 2 * sum(t.nbytes for t in state.values())):
+        save_file(state, str(out / PROJECTOR_FILE))
+        # LLaVA's `--pretrain_mm_mlp_adapter` reads a torch.save file: a plain dict of tensors,
+        # which `torch.load(weights_only=True)` loads without unpickling any code.
+        torch.save(state, out / "mm_projector.bin")
 
 
 def load_projector(projector: torch.nn.Module, path: Path) -> None:

@@ -26,9 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from llm2clip_vlm import resources
 from llm2clip_vlm.data.errors import BadRecords, write_report
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.llava.batches import phase_batches, steps_per_epoch
@@ -37,14 +35,13 @@ from llm2clip_vlm.llava.data import LlavaDataset, LlavaRecord, load_llava_record
 from llm2clip_vlm.llava.evaluate import answer_questions, is_correct, score
 from llm2clip_vlm.llava.inputs import PhaseData
 from llm2clip_vlm.llava.model import (
-    PROJECTOR_FILE,
     base_model,
     build_model,
     check_inputs,
     fsdp_blocks,
     merged_model,
-    projector_state_for_llava,
     save_llava,
+    save_projector,
     trainable_state,
 )
 from llm2clip_vlm.llava.step import LlavaStep, setup_deepspeed
@@ -260,11 +257,7 @@ def train_llava(
     if after:
         tracker.log(state.step, {"heldout": after})
         write_answer_gallery(out, after["examples"], lambda path: load_rgb(str(path), str(path)))
-        log.info(
-            "held-out accuracy after: %.1f%% (before %.1f%%)",
-            after["accuracy"],
-            before.get("accuracy", float("nan")),
-        )
+        log.info("held-out accuracy after: %.1f%% (before %.1f%%)", after["accuracy"], before.get("accuracy", float("nan")))  # fmt: skip
     full = run.full_weights(model) if run.fsdp2 else None  # a collective: every rank gathers
     metrics: dict[str, Any] = {}
     if main:
@@ -293,12 +286,7 @@ def train_llava(
         final = merged_model(llava, p, raw, rel.allow_pickle_weights)
         save_dtype = torch.float32 if p.loop.precision == "fp32" else compute_dtype
         save_llava(final, processor, out / "model", p.template, system, save_dtype)
-        projector_state = projector_state_for_llava(final.model.multi_modal_projector)
-        with resources.writing(out / PROJECTOR_FILE, 2 * sum(t.nbytes for t in projector_state.values())):
-            save_file(projector_state, str(out / PROJECTOR_FILE))
-            # LLaVA's `--pretrain_mm_mlp_adapter` reads a torch.save file: a plain dict of tensors,
-            # which `torch.load(weights_only=True)` loads without unpickling any code.
-            torch.save(projector_state, out / "mm_projector.bin")
+        save_projector(final.model.multi_modal_projector, out)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_report(out, data.records.name, total_records, bad.skipped)
     tracker.finish()

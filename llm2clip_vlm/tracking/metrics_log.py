@@ -1,8 +1,9 @@
 """``metrics.jsonl``: one JSON object per logged step, the single source for reports.
 
-Each line is ``{"step": int, "kind": "train" | "eval", "stage": str, "time": unix seconds,
+Each line is ``{"step": int, "kind": "train" | "eval" | "learning", "stage": str, "time": unix seconds,
 <flat scalars>}`` (``stage``: ``stage1``, ``stage2``, ``llava-pretrain``, ``llava-finetune``);
 nested values are flattened with ``/`` (``retrieval/heldout/i2t_r1``), the names the trackers get.
+``learning`` lines are stage 2's retrieval on a slice of its training images (``vision/learning.py``).
 
 [IMPORTANT] A resumed run repeats the steps after its checkpoint. Opening the log with
 ``resume_step=S`` drops every line past step ``S`` first, and a line whose ``(step, kind)`` is

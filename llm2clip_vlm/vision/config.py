@@ -79,6 +79,11 @@ class Stage2Config:
     num_workers: int = 2
     seed: int = 42
     eval_batch_size: int = 256
+    # Retrieval on this many training images (a fixed, evenly spread slice; 0 = off), measured every
+    # ``train_retrieval_every_steps`` steps (0 = once per epoch) and logged next to the loss; it
+    # feeds the warning that the run learns nothing (llm2clip_vlm/vision/learning.py).
+    train_retrieval_images: int = 256
+    train_retrieval_every_steps: int = 0
     # The loop: precision, steps/epochs, time budget, warm-up and cosine schedule, clipping, saving.
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(grad_clip=5.0))
 
@@ -92,6 +97,8 @@ class Stage2Config:
         "long_caption_ratio": FRACTION,
         # Area shares in (0, 1], item by item (the pair's order is checked by the data set).
         "random_resized_crop": PROBABILITY,
+        "train_retrieval_images": COUNT,
+        "train_retrieval_every_steps": COUNT,
         "batch_size": SIZE,
         "lr": RATE,
         "head_lr": NONNEGATIVE,

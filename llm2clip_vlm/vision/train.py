@@ -50,6 +50,7 @@ from llm2clip_vlm.vision.data import (
 )
 from llm2clip_vlm.vision.decay import exempt_from_weight_decay
 from llm2clip_vlm.vision.evaluate import evaluate_retrieval, log_retrieval
+from llm2clip_vlm.vision.learning import LearningCheck
 from llm2clip_vlm.vision.model import LLM2CLIP, stage2_model_config
 
 log = get_logger(__name__)
@@ -208,8 +209,20 @@ def train_stage2(
     )  # fmt: skip
     last_scale: list[float] = []
     collapse = CollapseWatch()
+    # Is it learning? Retrieval on a fixed slice of training images every epoch (or N steps), next
+    # to the loss; one warning when neither moved after the warm-up and an epoch.
+    learning = LearningCheck.for_stage2(
+        s, steps, train_records, embeddings, usable, processor, load_image, state.extra, main=main
+    )
+
+    def check_learning() -> None:
+        learning(state.step, state.losses, model, accelerator.device, accelerator.autocast, s.eval_batch_size,
+                 tracker, quiet=collapse.warned)  # fmt: skip
 
     def step(batch: tuple[torch.Tensor, torch.Tensor, Any]) -> StepOutput:
+        # The model as it is after ``state.step`` updates (every process: a forward under FSDP).
+        if learning.due(state.step):
+            check_learning()
         # Images unreadable mid-run: stop naming the file unless data.skip_bad; every rank decides alike.
         bad_images.add(gather_failures(accelerator, batch[2]))
         state.extra["bad_images"] = [list(x) for x in bad_images.seen]
@@ -238,6 +251,7 @@ def train_stage2(
                   after_update=raw.clamp_logit_scale, samples_per_step=s.batch_size, unit="img",
                   data_state=getattr(loader, "state_dict", None))  # fmt: skip
     run.train(stage, loader, steps, on_step, tracker)
+    check_learning()
 
     similarities: dict[str, torch.Tensor] = {}
     after = run_eval(similarities)
@@ -261,6 +275,8 @@ def train_stage2(
                 "bad_images": len(state.extra.get("bad_images", [])),
                 "processes": world,
                 "logit_scale": last_scale[0] if last_scale else None,
+                "train_retrieval": learning.history,
+                "not_learning": learning.warned,
             },
         }
     }
