@@ -331,13 +331,10 @@ def run_stage2(
         # when the encoder reproduces them (one line either way; see offer_sidecars).
         state = dist.process_state()
         with state.main_process_first():
-            sets = train_sets(cfg.data)
-            # One set's side-cars import as they are; several sets' keys are namespaced per set,
-            # which the side-cars do not know (embed writes the store for a list of sets).
-            if state.is_main_process and len(sets) == 1:
-                offer_sidecars(sets[0], store_dir, encoder)
-            elif state.is_main_process and len(sets) > 1:
-                log.info("LLM2CLIP side-cars are offered for one training set, not a list of %d: run embed", len(sets))
+            # A list of sets imports every set's side-cars into one store, keys namespaced per set
+            # as the joined training set names them (a list of one set is that set).
+            if state.is_main_process:
+                offer_sidecars(train_sets(cfg.data), store_dir, encoder)
     store = EmbeddingStore.open(
         store_dir / "train", captions=train_records, encoder_identity=identity or None
     )

@@ -37,6 +37,8 @@ from llm2clip_vlm.data.captions import (
 )
 from llm2clip_vlm.data.config import CaptionSetConfig
 from llm2clip_vlm.data.errors import DataError
+from llm2clip_vlm.data.records import ImageCaptions
+from llm2clip_vlm.data.sets import set_names
 from llm2clip_vlm.imports.checkpoint import ImportRefused, read_json
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.store.config import EmbedConfig
@@ -175,6 +177,27 @@ class _Rows(Sequence[Any]):
             yield from x
 
 
+class _Named(Sequence[ImageCaptions]):
+    """One set's records with its keys namespaced ``name/key``, as a list of sets names them in
+    training (:class:`~llm2clip_vlm.data.sets.JoinedIndex`): the store's key hashes must match."""
+
+    def __init__(self, records: Sequence[ImageCaptions], name: str) -> None:
+        self.records, self.name = records, name
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        r = self.records[i]
+        return ImageCaptions(f"{self.name}/{r.key}", r.image, r.captions, r.source)
+
+    def __iter__(self) -> Any:
+        for r in self.records:
+            yield ImageCaptions(f"{self.name}/{r.key}", r.image, r.captions, r.source)
+
+
 def _batch_key(texts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
 
@@ -282,23 +305,47 @@ def import_sidecars(
     Returns:
         ``{"path", "rows", "images", "dim", "identity"}``.
     """
-    # A folder, glob or brace pattern names its image shards (what data.train.path accepts).
-    named = [
-        f
-        for s in shards
-        for f in (
-            expand_shards(str(s)) if is_shard_path(str(s)) and not str(s).endswith(".tar") else [str(s)]
-        )
-    ]
-    paths = [Path(s) for s in named if not str(s).endswith(SUFFIX)]
-    if not paths:
-        raise ImportRefused("no image shards given (x.tar, with x_text_embeddings.tar beside it)")
-    sets: list[Sequence[Any]] = []
+    return import_sidecar_sets([("", shards)], out, encoder=encoder, dtype=dtype, shard_size=shard_size)
+
+
+def import_sidecar_sets(
+    sets: Sequence[tuple[str, Sequence[str | Path]]],
+    out: str | Path,
+    encoder: str | Path | None = None,
+    dtype: str = "fp32",
+    shard_size: int = 4096,
+) -> dict[str, Any]:
+    """:func:`import_sidecars` for a list of sets (``data.train: [...]``), one store for all.
+
+    The store's rows follow the joined training set (:func:`~llm2clip_vlm.data.captions.load_caption_sets`):
+    set after set, each in its shards' order, and a named set's keys are ``name/key`` (each
+    side-car's ``key`` maps to ``name/key``: two img2dataset runs both number from ``000000000``).
+
+    Args:
+        sets: ``(name, shards)`` per set; name ``""`` keeps the keys as they are (one set).
+        out, encoder, dtype, shard_size: as :func:`import_sidecars`.
+    """
+    groups: list[tuple[str, list[Path]]] = []
+    for name, shards in sets:
+        # A folder, glob or brace pattern names its image shards (what data.train.path accepts).
+        named = [
+            f
+            for s in shards
+            for f in (
+                expand_shards(str(s)) if is_shard_path(str(s)) and not str(s).endswith(".tar") else [str(s)]
+            )
+        ]
+        paths = [Path(s) for s in named if not str(s).endswith(SUFFIX)]
+        if not paths:
+            where = f"set {name!r}: " if name else ""
+            raise ImportRefused(f"{where}no image shards given (x.tar, with x_text_embeddings.tar beside it)")
+        groups.append((name, paths))
+    parts: list[Sequence[Any]] = []
     files: list[Path] = []
     file_of, offset_of = array.array("i"), array.array("q")
     digest = hashlib.sha256()
     dim = 0
-    for shard in paths:
+    for name, shard in ((n, sh) for n, paths in groups for sh in paths):
         side = sidecar_path(shard)
         if not shard.is_file():
             raise ImportRefused(f"{shard}: missing")
@@ -329,8 +376,8 @@ def import_sidecars(
         if where:
             raise ImportRefused(f"{side}: key {sorted(where)[0]!r} has no image in {shard.name}")
         files.append(side)
-        sets.append(shard_records)
-    records = _Rows(sets)
+        parts.append(_Named(shard_records, name) if name else shard_records)
+    records = _Rows(parts)
     tokenizer: Any = _WordCounts()
     identity = "official-sidecars:" + digest.hexdigest()
     if encoder is not None:
@@ -350,7 +397,7 @@ def import_sidecars(
     )  # fmt: skip
     path = write_store(source, records, Path(out) / "train", embed)
     log.info(
-        "store %s: %d captions of %d images from %d side-cars", path, len(offset_of), len(records), len(paths)
+        "store %s: %d captions of %d images from %d side-cars", path, len(offset_of), len(records), len(files)
     )
     return {
         "path": str(path),
@@ -391,95 +438,182 @@ def sidecar_dim(sidecar: str | Path) -> int:
     return int(first_vectors(sidecar)[1][KEYS[0]].size)
 
 
+def _shards_and_sidecars(train: CaptionSetConfig) -> tuple[list[str], list[str]]:
+    """A set's image shards and the side-cars beside them (both empty: not a set of shards)."""
+    if not train.path or not is_shard_path(train.path):
+        return [], []
+    try:
+        shards = expand_shards(train.path)
+    except DataError:
+        return [], []
+    return shards, sidecars_of(shards)
+
+
+class _Offered:
+    """One set's side-cars as checked so far: its first key's two vectors and captions."""
+
+    def __init__(self, where: str, shards: list[str], sides: list[str]) -> None:
+        self.where, self.shards, self.sides = where, shards, sides
+        self.key, self.texts, self.theirs = "", [""], np.zeros((0, 0), dtype=np.float32)
+
+
+def _settings_refuse(train: CaptionSetConfig, field: str, offered: _Offered) -> bool:
+    """Whether the set's settings rule its side-cars out (then one line says why)."""
+    where, shards, sides = offered.where, offered.shards, offered.sides
+    if len(sides) != len(shards):
+        log.warning("%s: ignored, only %d of %d image shards have one", where, len(sides), len(shards))
+        return True
+    wanted = f"set {field}.caption_columns to {{shortSV_captions: short, longSV_captions: long}} to use them"
+    if any(train.caption_columns.get(column) != kind for column, kind in KINDS.items()):
+        log.warning(
+            "%s: ignored, they embed shortSV_captions/longSV_captions and %s.caption_columns is %s (%s)",
+            where, field, dict(train.caption_columns), wanted,
+        )  # fmt: skip
+        return True
+    if train.max_images:
+        log.warning(
+            "%s: ignored, %s.max_images keeps part of the set (the side-cars embed all)", where, field
+        )
+        return True
+    return False
+
+
+def _first_pair_refuses(
+    train: CaptionSetConfig, field: str, offered: _Offered, encoder: str | Path, dim: int
+) -> bool:
+    """Read the set's first side-car key and its captions into ``offered``; whether they rule the
+    side-cars out (their width is not the encoder's, or the set reads other captions).
+
+    Raises:
+        ImportRefused, DataError, OSError, ValueError, StopIteration: unreadable side-car or shard.
+    """
+    where = offered.where
+    key, vectors = first_vectors(offered.sides[0])
+    width = int(vectors[KEYS[0]].size)
+    if width != dim:
+        log.warning("%s: ignored, they are %d-d and the encoder %s is %d-d", where, width, encoder, dim)
+        return True
+    first = CaptionSetConfig(
+        path=offered.shards[0], format="webdataset", caption_columns=dict(train.caption_columns)
+    )
+    record = next(r for r in captions_only(load_caption_set(first, skip_bad=True, max_bad_fraction=1.0))
+                  if r.key == key)  # fmt: skip
+    texts = [c.text for c in record.captions]
+    if [c.kind for c in record.captions] != ["short", "long"]:
+        wanted = (
+            f"set {field}.caption_columns to {{shortSV_captions: short, longSV_captions: long}} to use them"
+        )
+        log.warning("%s: ignored, %s reads %d captions per image, the side-cars embed two (%s)",
+                    where, record.source, len(texts), wanted)  # fmt: skip
+        return True
+    offered.key, offered.texts = key, texts
+    offered.theirs = np.stack([vectors["shortSV_captions"], vectors["longSV_captions"]])
+    return False
+
+
+def _min_cosine(own: np.ndarray, theirs: np.ndarray) -> float:
+    return float(
+        np.min(
+            np.sum(own * theirs, 1) / (np.linalg.norm(own, axis=1) * np.linalg.norm(theirs, axis=1) + 1e-12)
+        )
+    )
+
+
 def offer_sidecars(
-    train: CaptionSetConfig, store_dir: str | Path, encoder: str | Path | None
+    train: CaptionSetConfig | Sequence[CaptionSetConfig], store_dir: str | Path, encoder: str | Path | None
 ) -> dict[str, Any] | None:
     """Stage 2 without a store: use LLM2CLIP's side-cars beside the training shards when they match.
 
-    The side-cars match when every image shard has one, the training set reads the two captions
-    they embed (``caption_columns`` = ``shortSV_captions: short, longSV_captions: long``), and the
-    stage-1 encoder reproduces them: its embedding of the first record's two captions is within
+    ``train`` is ``data.train``: one caption set, or a list of them (CC3M + CC12M: two
+    img2dataset folders, each with its side-cars). The side-cars match when every image shard of
+    every set has one, each set reads the two captions they embed (``caption_columns`` =
+    ``shortSV_captions: short, longSV_captions: long``) with no ``max_images``, and the stage-1
+    encoder reproduces them: its embedding of each set's first record's two captions is within
     :data:`MATCH_COSINE` of the side-car's (the same width alone proves nothing). Then they are
-    imported into ``store_dir/train`` as ``import-embeddings`` does, with the encoder's identity,
-    and one line says so. Otherwise one line says why they are ignored. Nothing is logged when
-    the training set has no side-cars.
+    imported into ``store_dir/train`` as ``import-embeddings`` does, with the encoder's identity
+    (for a list, in the joined set's record order with its ``name/key`` keys:
+    :func:`import_sidecar_sets`), and one line says so. Otherwise one line says why they are
+    ignored, naming the set that fails. Nothing is logged when no set has side-cars. A list of
+    one set is that set.
 
     Returns:
         :func:`import_sidecars`' summary, or None (no side-cars, or ignored).
     """
-    if not train.path or not is_shard_path(train.path):
+    cfgs = [train] if isinstance(train, CaptionSetConfig) else list(train)
+    if not cfgs:
         return None
-    try:
-        shards = expand_shards(train.path)
-    except DataError:
+    found = [_shards_and_sidecars(c) for c in cfgs]
+    if not any(sides for _, sides in found):
         return None
-    sides = sidecars_of(shards)
-    if not sides:
-        return None
-    where = f"LLM2CLIP side-cars beside {train.path}"
-    if len(sides) != len(shards):
-        log.warning("%s: ignored, only %d of %d image shards have one", where, len(sides), len(shards))
-        return None
-    wanted = "set data.train.caption_columns to {shortSV_captions: short, longSV_captions: long} to use them"
-    if any(train.caption_columns.get(column) != kind for column, kind in KINDS.items()):
-        log.warning(
-            "%s: ignored, they embed shortSV_captions/longSV_captions and data.train.caption_columns is %s (%s)",
-            where, dict(train.caption_columns), wanted,
-        )  # fmt: skip
-        return None
-    if train.max_images:
-        log.warning(
-            "%s: ignored, data.train.max_images keeps part of the set (the side-cars embed all)", where
-        )
-        return None
+    if len(cfgs) == 1:
+        names, fields = [""], ["data.train"]
+        offers = [_Offered(f"LLM2CLIP side-cars beside {cfgs[0].path}", *found[0])]
+    else:
+        names = set_names(cfgs)
+        fields = [f"data.train[{i}]" for i in range(len(cfgs))]
+        offers = [
+            _Offered(f"LLM2CLIP side-cars of data.train set {n!r} ({c.path})", *f)
+            for n, c, f in zip(names, cfgs, found, strict=True)
+        ]
+        bare = next((o for o in offers if not o.sides), None)
+        if bare is not None:  # one store for the list: every set needs its side-cars
+            with_sides = ", ".join(repr(n) for n, o in zip(names, offers, strict=True) if o.sides)
+            log.warning(
+                "%s: ignored, this set has no side-cars beside its shards and set(s) %s do: the "
+                "stage-2 store covers every set (run `embed` for the list, or extract_embedding.py "
+                "on this set)", bare.where, with_sides,
+            )  # fmt: skip
+            return None
+    for c, field, o in zip(cfgs, fields, offers, strict=True):
+        if _settings_refuse(c, field, o):
+            return None
     if encoder is None:
+        where = offers[0].where if len(offers) == 1 else "LLM2CLIP side-cars of data.train's sets"
         log.warning(
             "%s: ignored, no stage-1 encoder to check them against (--encoder or embed.encoder)", where
         )
         return None
+    where = offers[0].where
     try:
         dim = int(read_encoder_meta(Path(encoder)).get("dim", -1))
-        key, vectors = first_vectors(sides[0])
-        width = int(vectors[KEYS[0]].size)
-        if width != dim:
-            log.warning("%s: ignored, they are %d-d and the encoder %s is %d-d", where, width, encoder, dim)
-            return None
-        first = CaptionSetConfig(
-            path=shards[0], format="webdataset", caption_columns=dict(train.caption_columns)
-        )
-        record = next(r for r in captions_only(load_caption_set(first, skip_bad=True, max_bad_fraction=1.0))
-                      if r.key == key)  # fmt: skip
-        texts = [c.text for c in record.captions]
-        if [c.kind for c in record.captions] != ["short", "long"]:
-            log.warning("%s: ignored, %s reads %d captions per image, the side-cars embed two (%s)",
-                        where, record.source, len(texts), wanted)  # fmt: skip
-            return None
+        for c, field, o in zip(cfgs, fields, offers, strict=True):
+            where = o.where
+            if _first_pair_refuses(c, field, o, encoder, dim):
+                return None
+        where = offers[0].where if len(offers) == 1 else "LLM2CLIP side-cars of data.train's sets"
         enc = CaptionEncoder.from_pretrained(encoder)
-        own = enc.encode(texts).numpy()
+        own = enc.encode([t for o in offers for t in o.texts]).numpy()  # one batch: 2 captions per set
         del enc
-        theirs = np.stack([vectors["shortSV_captions"], vectors["longSV_captions"]])
-        cos = float(
-            np.min(
-                np.sum(own * theirs, 1)
-                / (np.linalg.norm(own, axis=1) * np.linalg.norm(theirs, axis=1) + 1e-12)
-            )
-        )
     except (ImportRefused, DataError, OSError, ValueError, StopIteration) as e:
         log.warning("%s: ignored, %s", where, e if str(e) else type(e).__name__)
         return None
-    if cos < MATCH_COSINE:
-        log.warning(
-            "%s: ignored, the encoder %s does not reproduce them (cosine %.3f on %s's captions; "
-            "made by another model): stage 2 needs `embed` with this encoder", where, encoder, cos, key,
-        )  # fmt: skip
-        return None
+    cosines = [_min_cosine(own[2 * i : 2 * i + 2], o.theirs) for i, o in enumerate(offers)]
+    for o, cos in zip(offers, cosines, strict=True):
+        if cos < MATCH_COSINE:
+            log.warning(
+                "%s: ignored, the encoder %s does not reproduce them (cosine %.3f on %s's captions; "
+                "made by another model): stage 2 needs `embed` with this encoder", o.where, encoder, cos, o.key,
+            )  # fmt: skip
+            return None
+    width = int(offers[0].theirs.shape[1])
+    sides = sum(len(o.sides) for o in offers)
+    if len(offers) == 1:
+        where = offers[0].where
+    else:
+        where = "LLM2CLIP side-cars of data.train's sets " + ", ".join(
+            f"{n} ({len(o.sides)})" for n, o in zip(names, offers, strict=True)
+        )
     log.info(
         "%s: %d side-cars, %d-d, reproduced by %s (cosine %.4f): imported as the stage-2 store %s "
         "(what `llm2clip-vlm import-embeddings` does)",
-        where, len(sides), width, encoder, cos, Path(store_dir) / "train",
+        where, sides, width, encoder, min(cosines), Path(store_dir) / "train",
     )  # fmt: skip
     try:
-        return import_sidecars(shards, store_dir, encoder=encoder)
+        if len(offers) == 1:
+            return import_sidecars(offers[0].shards, store_dir, encoder=encoder)
+        return import_sidecar_sets(
+            [(n, o.shards) for n, o in zip(names, offers, strict=True)], store_dir, encoder=encoder
+        )
     except (ImportRefused, DataError) as e:
         log.warning("%s: ignored, %s", where, e)
         return None
