@@ -381,6 +381,21 @@ def test_eva02_stage2_image_features_equal_timm_eva_and_the_released_head(tmp_pa
         assert torch.allclose(model.get_image_features(px), expected, atol=1e-5)
 
 
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("timm") is not None,
+    reason="timm is installed here: export-tower on the EVA02 checkpoint runs instead of refusing",
+)
+def test_eva02_checkpoint_without_timm_is_one_line_naming_the_extra(tmp_path: Path) -> None:
+    """export-tower on an imported EVA02 OUT needs timm to build the backbone: without it, one line
+    saying what to install (a missing optional dependency, not a bug report with a traceback)."""
+    from cli_inproc import one_line, run_main
+
+    eva_release(tmp_path / "release")
+    assert run_main("import-tower", str(tmp_path / "release"), "-o", str(tmp_path / "out")).code == 0
+    r = run_main("export-tower", str(tmp_path / "out"), "-o", str(tmp_path / "exported"))
+    one_line(r, 2, "error:", "needs timm", "pip install 'llm2clip-vlm[timm]'")
+
+
 def test_eva02_refusals_name_the_tensor(tmp_path: Path) -> None:
     state = eva_release(tmp_path / "r")
     missing = dict(state)
