@@ -20,7 +20,10 @@ Equivalence with timm's own forward needs timm, which is not importable on the C
 (timm needs torchvision, which does not load with the CPU torch build): those tests skip there.
 Without timm, the SigLIP2 pooling head is compared with a verbatim copy of timm's
 ``AttentionPoolLatent.forward`` (attention_pool.py, aa4b585), and the EVA02 tower's names and
-shapes are checked by a strict load into a module with timm ``Eva``'s attribute structure.
+shapes are checked by a strict load into a module with timm ``Eva``'s attribute structure. A
+stage-2 model with a timm backbone cannot be built without timm either: the EVA02 ``OUT/model`` is
+checked by its files, names, shapes and values, and loaded through ``LLM2CLIP.from_pretrained``
+with that structure standing in for timm.
 """
 
 from __future__ import annotations
