@@ -154,9 +154,7 @@ def demo_data(
     heldout_images: Annotated[int, typer.Option(min=0, help="Images in each held-out split.")] = 1000,
     image_size: Annotated[
         int | None,
-        typer.Option(
-            min=8, help="Side of the square images in pixels (default 64 shapes, 96 glyphs and posters)."
-        ),
+        typer.Option(min=8, help="Side of the square images in pixels (default 64 shapes, 96 glyphs and posters)."),
     ] = None,
     world: Annotated[
         str,
