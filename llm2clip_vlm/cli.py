@@ -359,8 +359,8 @@ def import_tower(
 ) -> None:
     """Convert a released LLM2CLIP tower (OpenAI ViT-L, EVA02-L-14-336, SigLIP2 so400m) into OUTPUT/tower.
 
-    OpenAI: OUTPUT/tower (CLIPVisionModel) + OUTPUT/model (stage 2). EVA02: OUTPUT/tower in timm's
-    format; SigLIP2: OUTPUT/tower as a SiglipVisionModel; both + OUTPUT/heads (head, adaptor, scale).
+    All: OUTPUT/tower + OUTPUT/model (stage 2). OpenAI: tower = CLIPVisionModel; EVA02: timm's
+    format; SigLIP2: a SiglipVisionModel; both + OUTPUT/heads (head, adaptor, scale).
     """
     from llm2clip_vlm.imports.tower import DTYPES
     from llm2clip_vlm.imports.tower import import_tower as do_import

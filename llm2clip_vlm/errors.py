@@ -37,6 +37,11 @@ class PickleRefusedError(UserError, OSError):
     """
 
 
+class MissingDependencyError(UserError, ImportError):
+    """An optional dependency the input needs is not installed (e.g. timm for an EVA02 tower); the
+    message says what to ``pip install``. Also an ``ImportError``, for callers that catch that."""
+
+
 class RunDirError(UserError):
     """The output directory cannot be used for this run (a file, another command's, changed config)."""
 

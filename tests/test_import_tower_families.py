@@ -20,7 +20,10 @@ Equivalence with timm's own forward needs timm, which is not importable on the C
 (timm needs torchvision, which does not load with the CPU torch build): those tests skip there.
 Without timm, the SigLIP2 pooling head is compared with a verbatim copy of timm's
 ``AttentionPoolLatent.forward`` (attention_pool.py, aa4b585), and the EVA02 tower's names and
-shapes are checked by a strict load into a module with timm ``Eva``'s attribute structure.
+shapes are checked by a strict load into a module with timm ``Eva``'s attribute structure. A
+stage-2 model with a timm backbone cannot be built without timm either: the EVA02 ``OUT/model`` is
+checked by its files, names, shapes and values, and loaded through ``LLM2CLIP.from_pretrained``
+with that structure standing in for timm.
 """
 
 from __future__ import annotations
@@ -275,6 +278,125 @@ def test_eva02_tower_equals_timm_eva_forward(tmp_path: Path) -> None:
     with torch.no_grad():
         hidden = ref.forward_intermediates(px, indices=1, norm=False, intermediates_only=True)[0]
     assert torch.allclose(tower(px), hidden.flatten(2).transpose(1, 2), atol=1e-5)
+
+
+def test_eva02_release_also_becomes_a_stage2_checkpoint(tmp_path: Path) -> None:
+    """OUT/model: LLM2CLIP.save_pretrained's layout with a timm backbone (vision/ = OUT/tower),
+    image_head linear_bias holding the released head and bias, the adaptor and logit scale as
+    OUT/heads. Checked by files, names, shapes and values (building the backbone needs timm)."""
+    state = eva_release(tmp_path / "release")
+    summary = import_tower(tmp_path / "release", tmp_path / "out", num_heads=2)
+    model_dir = tmp_path / "out" / "model"
+    assert summary["model"] == str(model_dir)
+    cfg = json.loads((model_dir / "llm2clip_config.json").read_text())
+    assert (cfg["image_head"], cfg["loss"], cfg["text_dim"], cfg["embed_dim"], cfg["adaptor_blocks"]) == (
+        "linear_bias", "clip", TEXT_DIM, EVA["embed"], 4,
+    )  # fmt: skip
+    assert cfg["backbone"]["kind"] == "timm" and cfg["backbone"]["name_or_path"] == "vision"
+    weights = load_file(str(model_dir / "model.safetensors"))
+    heads = load_file(str(tmp_path / "out" / "heads" / "heads.safetensors"))
+    assert torch.equal(weights["image_head.weight"], state["visual.head.weight"])
+    assert torch.equal(weights["image_head.bias"], state["visual.head.bias"])
+    assert weights["image_head.bias"].abs().sum() > 0  # the released bias, not a fresh zero init
+    assert {k for k in weights if k.startswith("text_adaptor.")} == {
+        k for k in heads if k.startswith("text_adaptor.")
+    }
+    assert all(
+        torch.equal(weights[k], heads[k])
+        for k in heads
+        if k != "image_head.weight" and k != "image_head.bias"
+    )
+    assert float(weights["logit_scale"]) == float(heads["logit_scale"]) == pytest.approx(4.0)
+    assert set(weights) == set(heads)  # no logit_bias (clip loss), nothing of the backbone
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        assert (model_dir / "vision" / name).read_bytes() == (tmp_path / "out" / "tower" / name).read_bytes()
+
+
+def test_eva02_stage2_checkpoint_loads_through_from_pretrained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LLM2CLIP.from_pretrained on OUT/model, with timm replaced by a stand-in whose create_model
+    builds timm Eva's parameter structure (_TimmEvaSkeleton) and loads vision/ strictly: the real
+    loader's strict check of the head names, the released bias in place, text features equal to
+    the reference TextProj's. Image features need timm's real Eva forward (the skipped test below)."""
+    import sys
+    from types import ModuleType
+
+    from llm2clip_vlm.vision.model import LLM2CLIP
+
+    state = eva_release(tmp_path / "release")
+    import_tower(tmp_path / "release", tmp_path / "out", num_heads=2)
+
+    def create_model(name: str, pretrained: bool = False, num_classes: int = 0, **kw: object) -> nn.Module:
+        path = Path(name[len("local-dir:") :])
+        cfg = json.loads((path / "config.json").read_text())
+        assert name.startswith("local-dir:") and pretrained and num_classes == 0
+        model = _TimmEvaSkeleton(**cfg["model_args"])
+        model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+        model.pretrained_cfg = cfg["pretrained_cfg"]
+        return model
+
+    def resolve_data_config(args: dict, model: nn.Module) -> dict:
+        c = model.pretrained_cfg
+        return {"input_size": tuple(c["input_size"]), "mean": tuple(c["mean"]), "std": tuple(c["std"])}
+
+    fake = ModuleType("timm")
+    fake.create_model = create_model  # type: ignore[attr-defined]
+    fake.data = SimpleNamespace(resolve_data_config=resolve_data_config)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    model = LLM2CLIP.from_pretrained(tmp_path / "out" / "model").eval()
+    assert model.vision.kind == "timm" and model.vision.hidden_size == EVA["width"]
+    assert model.vision.image_size == EVA["image"]
+    assert torch.equal(model.image_head.bias, state["visual.head.bias"])
+    assert float(model.logit_scale.detach()) == pytest.approx(4.0) and model.logit_bias is None
+    proj = TextProj(embedding_dim=TEXT_DIM, output_dim=EVA["embed"]).eval()
+    proj.text_adaptor.load_state_dict({k[len("text.text_adaptor.") :]: v for k, v in state.items()
+                                       if k.startswith("text.text_adaptor.")})  # fmt: skip
+    emb = torch.randn(4, TEXT_DIM, generator=_g(9)) * 3.0
+    with torch.no_grad():
+        assert torch.allclose(
+            model.get_text_features_from_embeddings(emb), F.normalize(proj(emb), dim=-1), atol=1e-5
+        )
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("timm") is None,
+    reason="timm is not importable here (it needs torchvision, which does not load with the CPU torch "
+    "build), so a stage-2 model with a timm backbone cannot be built: OUT/model is checked by names, "
+    "shapes and values above; its image features against timm's Eva run where timm is installed",
+)
+def test_eva02_stage2_image_features_equal_timm_eva_and_the_released_head(tmp_path: Path) -> None:
+    import timm
+
+    from llm2clip_vlm.vision.model import LLM2CLIP
+
+    state = eva_release(tmp_path / "release")
+    import_tower(tmp_path / "release", tmp_path / "out")
+    ref = timm.create_model(EVA_ARCH, pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                            embed_dim=128, depth=2, num_heads=2).eval()  # fmt: skip
+    ref.load_state_dict(load_file(str(tmp_path / "out" / "tower" / "model.safetensors")), strict=True)
+    model = LLM2CLIP.from_pretrained(tmp_path / "out" / "model").eval()
+    px = torch.randn(2, 3, 32, 32, generator=_g(5))
+    with torch.no_grad():
+        expected = F.normalize(
+            F.linear(ref(px), state["visual.head.weight"], state["visual.head.bias"]), dim=-1
+        )
+        assert torch.allclose(model.get_image_features(px), expected, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("timm") is not None,
+    reason="timm is installed here: export-tower on the EVA02 checkpoint runs instead of refusing",
+)
+def test_eva02_checkpoint_without_timm_is_one_line_naming_the_extra(tmp_path: Path) -> None:
+    """export-tower on an imported EVA02 OUT needs timm to build the backbone: without it, one line
+    saying what to install (a missing optional dependency, not a bug report with a traceback)."""
+    from cli_inproc import one_line, run_main
+
+    eva_release(tmp_path / "release")
+    assert run_main("import-tower", str(tmp_path / "release"), "-o", str(tmp_path / "out")).code == 0
+    r = run_main("export-tower", str(tmp_path / "out"), "-o", str(tmp_path / "exported"))
+    one_line(r, 2, "error:", "needs timm", "pip install 'llm2clip-vlm[timm]'")
 
 
 def test_eva02_refusals_name_the_tensor(tmp_path: Path) -> None:

@@ -75,7 +75,9 @@ def load_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
         for name, t in tensors.items():
             if name in state:
                 raise ImportRefused(f"{f}: tensor {name!r} also appears in another shard")
-            if not t.is_floating_point():
+            # transformers saves ``position_ids`` (an int64 index buffer, e.g. BAAI's EVA-CLIP port);
+            # the layouts drop it. Any other integer tensor is refused.
+            if not t.is_floating_point() and name.rsplit(".", 1)[-1] != "position_ids":
                 raise ImportRefused(f"{f}: tensor {name!r} is {t.dtype}, a weight must be floating point")
             if not bool(torch.isfinite(t).all()):
                 raise ImportRefused(f"{f}: tensor {name!r} holds NaN or inf values")

@@ -13,20 +13,31 @@ maps are in :mod:`llm2clip_vlm.imports.tower_layouts`. Written to ``OUT``::
     OUT/heads/   heads.safetensors (image_head.* for EVA's Linear+bias head, text_adaptor.* in our
                  TextAdaptor names, logit_scale, logit_bias) + heads.json (sizes, loss, head kind).
 
-SigLIP2 also gets ``OUT/model/``, our stage-2 checkpoint (the reference has no image projection:
-our Linear head is written as the identity, the same map). EVA02 gets none yet: its head is a
-Linear with bias, which our stage-2 image head cannot hold, and its tower needs timm at run time.
+Both also get ``OUT/model/``, our stage-2 checkpoint (``LLM2CLIP.from_pretrained``, ``export-tower``):
+
+- SigLIP2: ``siglip`` backbone; the reference has no image projection, so our Linear head is
+  written as the identity, the same map.
+- EVA02: ``timm`` backbone (``vision/`` = a copy of ``OUT/tower``), ``image_head: linear_bias``
+  holding the released ``head`` (weight and bias), the adaptor and ``logit_scale``. Building a
+  timm backbone needs timm, which is optional (and not importable on the CPU machines: it needs
+  torchvision). So the checkpoint is written from its parts without building the backbone: the
+  head tensors go through an ``LLM2CLIP`` whose vision module is a placeholder of the tower's
+  width (strict loads fix their names and shapes as ``LLM2CLIP`` has them), and are read back and
+  compared. Loading the checkpoint (``LLM2CLIP.from_pretrained``) needs timm.
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from llm2clip_vlm.identity import file_sha256
 from llm2clip_vlm.imports.adaptor_map import (
@@ -48,9 +59,9 @@ from llm2clip_vlm.imports.tower_layouts import (
     siglip_to_hf,
 )
 from llm2clip_vlm.logging import get_logger
-from llm2clip_vlm.vision.backbones import CLIP_MEAN, CLIP_STD
+from llm2clip_vlm.vision.backbones import CLIP_MEAN, CLIP_STD, VisionBackbone
 from llm2clip_vlm.vision.config import VisionBackboneConfig
-from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
+from llm2clip_vlm.vision.model import LLM2CLIP, VISION_DIR, WEIGHTS_FILE, LLM2CLIPConfig, write_checkpoint
 
 log = get_logger(__name__)
 
@@ -148,10 +159,13 @@ def import_released_family(
     }
     (heads_dir / HEADS_JSON).write_text(json.dumps(info, indent=2) + "\n")
     _verify(tower_dir, heads_dir, vision, heads, layout.family)
-    model_dir = None
     if layout.family == "siglip":
         model_dir = _write_siglip_stage2(
             out / MODEL_DIR, tower_dir, adaptor, blocks, text_dim, embed_dim, scalars
+        )
+    else:
+        model_dir = _write_eva_stage2(
+            out / MODEL_DIR, tower_dir, hidden, head, adaptor, blocks, text_dim, embed_dim, scalars
         )
 
     summary = {
@@ -162,7 +176,7 @@ def import_released_family(
         "tower": str(tower_dir),
         "tower_format": f"timm {EVA_ARCH}" if layout.family == "eva02" else "transformers SiglipVisionModel",
         "heads": str(heads_dir),
-        **({"model": str(model_dir)} if model_dir else {}),
+        "model": str(model_dir),
         "image_size": size,
         "patch_size": patch,
         "hidden_size": hidden,
@@ -172,7 +186,10 @@ def import_released_family(
         **info,
     }
     (tower_dir / PROVENANCE_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("imported %s (%s): tower %s (%d px), heads %s", src, layout.family, tower_dir, size, heads_dir)
+    log.info(
+        "imported %s (%s): tower %s (%d px), heads %s, stage-2 checkpoint %s",
+        src, layout.family, tower_dir, size, heads_dir, model_dir,
+    )  # fmt: skip
     return summary
 
 
@@ -205,6 +222,55 @@ def _write_siglip_stage2(
     if model.logit_bias is not None:
         model.logit_bias.copy_(scalars["logit_bias"])
     model.save_pretrained(model_dir)
+    return model_dir
+
+
+@torch.no_grad()
+def _write_eva_stage2(
+    model_dir: Path,
+    tower_dir: Path,
+    hidden: int,
+    head: dict[str, torch.Tensor],
+    adaptor: dict[str, torch.Tensor],
+    blocks: int,
+    text_dim: int,
+    embed_dim: int,
+    scalars: dict[str, torch.Tensor],
+) -> Path:
+    """The EVA02 release as our stage-2 checkpoint, written without building the timm backbone.
+
+    ``vision/`` is a byte copy of the timm tower just written and verified; the head state comes
+    from an ``LLM2CLIP`` (``image_head: linear_bias``) whose vision module is only a placeholder of
+    the tower's width, never saved: timm is needed to build the real one and is optional. The
+    written head tensors are read back and compared; the backbone itself is checked by names and
+    shapes only here (``_verify`` and the tower tests), loading it needs timm.
+    """
+    config = LLM2CLIPConfig(
+        backbone=VisionBackboneConfig(kind="timm", name_or_path=str(tower_dir)),
+        text_dim=text_dim,
+        embed_dim=embed_dim,
+        image_head="linear_bias",
+        adaptor_blocks=blocks,
+        loss="clip",
+    )
+    placeholder = VisionBackbone(nn.Identity(), None, hidden, 0)
+    model = LLM2CLIP(config, backbone=placeholder)
+    # Strict loads: a name or shape that LLM2CLIP would not have is refused here, not at load time.
+    model.image_head.load_state_dict({k: v.float() for k, v in head.items()}, strict=True)
+    model.text_adaptor.load_state_dict({k: v.float() for k, v in adaptor.items()}, strict=True)
+    if "logit_scale" in scalars:
+        model.logit_scale.copy_(scalars["logit_scale"])
+    state = model.head_state_dict()
+    needed = sum(v.nbytes for v in state.values()) + sum(f.stat().st_size for f in tower_dir.iterdir())
+    write_checkpoint(
+        model_dir, config, state, lambda p: shutil.copytree(tower_dir, p, dirs_exist_ok=True), needed
+    )
+    back = load_file(str(model_dir / WEIGHTS_FILE))
+    if set(back) != set(state) or not all(torch.equal(back[k], v) for k, v in state.items()):
+        raise RuntimeError(f"{model_dir / WEIGHTS_FILE}: the head tensors differ after writing")
+    for f in tower_dir.iterdir():
+        if not filecmp.cmp(f, model_dir / VISION_DIR / f.name, shallow=False):
+            raise RuntimeError(f"{model_dir / VISION_DIR / f.name} differs from {f} after copying")
     return model_dir
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from llm2clip_vlm.errors import MissingDependencyError
+
 
 @dataclass
 class TimmTowerConfig:
@@ -50,7 +52,9 @@ def _import_timm() -> Any:
     try:
         import timm
     except ImportError as e:
-        raise ImportError("this tower is timm-backed and needs timm: pip install 'llm2clip-vlm[timm]'") from e
+        raise MissingDependencyError(
+            "this tower is timm-backed and needs timm: pip install 'llm2clip-vlm[timm]'"
+        ) from e
     return timm
 
 

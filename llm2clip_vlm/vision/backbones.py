@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llm2clip_vlm.errors import MissingDependencyError
 from llm2clip_vlm.training.checkpoint import from_pretrained_kwargs
 from llm2clip_vlm.vision.config import VisionBackboneConfig
 from llm2clip_vlm.weights import check_model_files, loading, require_safetensors
@@ -321,7 +322,9 @@ def _import_timm() -> Any:
     try:
         import timm
     except ImportError as e:
-        raise ImportError("vision backbone 'timm' needs timm: pip install 'llm2clip-vlm[timm]'") from e
+        raise MissingDependencyError(
+            "vision backbone 'timm' (e.g. an imported EVA02 tower) needs timm: pip install 'llm2clip-vlm[timm]'"
+        ) from e
     return timm
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,18 +162,10 @@ class LLM2CLIP(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write config, head weights (safetensors) and the backbone in its own format to ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         needed = sum(p.numel() * p.element_size() for p in self.parameters())
-        with resources.writing(path, needed):  # a full disk: one line naming the folder and size
-            self.vision.save_pretrained(path / VISION_DIR)
-            state = {k: v.detach().contiguous().cpu() for k, v in self.head_state_dict().items()}
-            save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
-        cfg = config_io.to_dict(self.config)
-        cfg["backbone"]["name_or_path"] = VISION_DIR  # relative: the folder can move
-        cfg["format"] = FORMAT_VERSION
-        (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
-        return path
+        return write_checkpoint(
+            path, self.config, self.head_state_dict(), self.vision.save_pretrained, needed
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | Path, encoder_path: str | None = None) -> LLM2CLIP:
@@ -208,3 +200,30 @@ class LLM2CLIP(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{path / WEIGHTS_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model
+
+
+def write_checkpoint(
+    path: str | Path,
+    config: LLM2CLIPConfig,
+    head_state: dict[str, torch.Tensor],
+    write_vision: Callable[[Path], Any],
+    needed_bytes: int,
+) -> Path:
+    """Write the :meth:`LLM2CLIP.save_pretrained` layout from its parts.
+
+    ``write_vision(path / "vision")`` writes the backbone in its own format. :meth:`LLM2CLIP.save_pretrained`
+    passes its backbone's ``save_pretrained``; ``import-tower`` passes a copy of an already written
+    tower, so an EVA02 (timm) release becomes a checkpoint without building the backbone, which
+    would need timm.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with resources.writing(path, needed_bytes):  # a full disk: one line naming the folder and size
+        write_vision(path / VISION_DIR)
+        state = {k: v.detach().contiguous().cpu() for k, v in head_state.items()}
+        save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    cfg = config_io.to_dict(config)
+    cfg["backbone"]["name_or_path"] = VISION_DIR  # relative: the folder can move
+    cfg["format"] = FORMAT_VERSION
+    (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    return path
