@@ -154,9 +154,11 @@ def test_utf16_llava_json_and_an_id_that_is_an_object(w: World) -> None:
     records[2]["id"] = {"a": 1}
     bad = w.llava_data / "id-object.json"
     bad.write_text(json.dumps(records))
+    # The error line (the index's warning that counts the bad record repeats the reason).
     one_line(
-        w.llava("pretrain", w.root / "o-id", data=bad), 1, f"{bad}[#2]", "'id' must be a string or a number"
-    )
+        w.llava("pretrain", w.root / "o-id", data=bad), 1, "bad data:", f"{bad}[#2]",
+        "'id' must be a string or a number",
+    )  # fmt: skip
 
 
 def test_a_damaged_store_manifest_is_named(w: World) -> None:
