@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from llm2clip_vlm.data.captions import (
     IMAGE_EXTENSIONS,
@@ -51,6 +51,7 @@ from llm2clip_vlm.data.index import (
     read_member,
     scan_tar,
 )
+from llm2clip_vlm.llava.grouping import StepBatchSampler
 from llm2clip_vlm.llava.templates import (
     IGNORE_INDEX,
     ConversationError,
@@ -603,7 +604,7 @@ class Collator:
         )  # fmt: skip
 
 
-class ModalityBatchSampler(Sampler[list[int]]):
+class ModalityBatchSampler(StepBatchSampler):
     """This process's slice of global batch ``step``, for ``step in [start_step, total_steps)``.
 
     Epoch ``e`` shuffles the image records and the text-only records with ``seed + e``, cuts each
@@ -655,16 +656,3 @@ class ModalityBatchSampler(Sampler[list[int]]):
             batches.append(rest[:usable])
         order = torch.randperm(len(batches), generator=g).tolist()
         return [batches[o] for o in order]
-
-    def __len__(self) -> int:
-        return max(0, self.total - self.start)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        cached_epoch, batches = -1, []
-        for step in range(self.start, self.total):
-            epoch, k = divmod(step, self.steps_per_epoch)
-            if epoch != cached_epoch:
-                batches, cached_epoch = self.epoch_batches(epoch), epoch
-            batch = batches[k]
-            local = len(batch) // self.world
-            yield batch[self.rank * local : (self.rank + 1) * local]

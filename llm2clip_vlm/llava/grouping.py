@@ -76,7 +76,38 @@ def modality_length_grouped_indices(lengths: Sequence[int], batch_size: int, wor
     return [i for m in megabatches for i in m]
 
 
-class LengthGroupedBatchSampler(Sampler[list[int]]):
+class StepBatchSampler(Sampler[list[int]]):
+    """Yields this process's slice of global batch ``step`` for ``step in [start, total)``.
+
+    A subclass sets ``start``, ``total``, ``rank``, ``world`` and ``steps_per_epoch`` and draws an
+    epoch's global batches in ``epoch_batches(epoch)`` (a function of the seed and the epoch only,
+    so a resumed run continues the exact sequence for any process count).
+    """
+
+    start: int
+    total: int
+    rank: int
+    world: int
+    steps_per_epoch: int
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        cached, batches = -1, []
+        for step in range(self.start, self.total):
+            epoch, k = divmod(step, self.steps_per_epoch)
+            if epoch != cached:
+                batches, cached = self.epoch_batches(epoch), epoch
+            batch = batches[k]
+            local = len(batch) // self.world
+            yield batch[self.rank * local : (self.rank + 1) * local]
+
+
+class LengthGroupedBatchSampler(StepBatchSampler):
     """This process's part of global batch ``step`` in LLaVA's length-grouped order.
 
     Args:
@@ -144,16 +175,3 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             elif not self.full_only and len(batch) >= self.world:
                 out.append(batch[: len(batch) // self.world * self.world])
         return out
-
-    def __len__(self) -> int:
-        return max(0, self.total - self.start)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        cached, batches = -1, []
-        for step in range(self.start, self.total):
-            epoch, k = divmod(step, self.steps_per_epoch)
-            if epoch != cached:
-                batches, cached = self.epoch_batches(epoch), epoch
-            batch = batches[k]
-            local = len(batch) // self.world
-            yield batch[self.rank * local : (self.rank + 1) * local]
