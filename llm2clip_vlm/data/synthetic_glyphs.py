@@ -25,8 +25,10 @@ import json
 import random
 import string
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -191,29 +193,27 @@ def glyph_spec(seed: int, train_images: int, heldout_images: int, image_size: in
     }
 
 
-def write_glyph_dataset(
-    out: str | Path, seed: int = 0, train_images: int = 1500, heldout_images: int = 500, image_size: int = 96
-) -> str:
-    """Write the glyph world into ``out``; returns a one-line summary."""
-    out = Path(out)
-    rng = random.Random(seed)
-    splits = {"train": _scenes(rng, train_images, 0.3), "heldout": _scenes(rng, heldout_images, 0.5)}
+def write_world_splits(
+    out: Path, splits: dict[str, list[Any]], rng_prefix: str,
+    render: Callable[[Any, random.Random], tuple[list[str], list[str], bytes]],
+) -> None:
+    """Write a synthetic world's splits in the real-data formats: ``images/<split>/KEY.png``,
+    ``<split>.jsonl`` and, for ``train``, webdataset shards of :data:`TRAIN_SHARD_SIZE` images.
+
+    ``render(item, rng)`` gives an item's short captions, long captions and PNG bytes; ``rng`` is
+    seeded ``"<rng_prefix>-<split>-<i>"`` per image, so each image's captions do not depend on the
+    others. Shared by the glyph and poster worlds.
+    """
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    for split, scenes in splits.items():
+    for split, items in splits.items():
         img_dir = out / "images" / split
         img_dir.mkdir(parents=True, exist_ok=True)
         tar = None
         lines = []
-        for i, scene in enumerate(scenes):
+        for i, item in enumerate(items):
             key = f"{split}-{i:06d}"
-            srng = random.Random(f"glyphs-{seed}-{split}-{i}")
-            record = {
-                "key": key,
-                "image": f"images/{split}/{key}.png",
-                "short_captions": short_glyph_captions(scene, srng, CAPTIONS_PER_KIND),
-                "long_captions": long_glyph_captions(scene, srng, CAPTIONS_PER_KIND),
-            }
-            png = png_bytes(draw_glyph_scene(scene, image_size))
+            short, long, png = render(item, random.Random(f"{rng_prefix}-{split}-{i}"))
+            record = {"key": key, "image": f"images/{split}/{key}.png", "short_captions": short, "long_captions": long}
             (img_dir / f"{key}.png").write_bytes(png)
             lines.append(json.dumps(record))
             if split == "train":
@@ -225,10 +225,27 @@ def write_glyph_dataset(
                 meta = {k: record[k] for k in ("key", "short_captions", "long_captions")}
                 add_tar_member(tar, f"{key}.png", png)
                 add_tar_member(tar, f"{key}.json", json.dumps(meta).encode())
-                add_tar_member(tar, f"{key}.txt", record["short_captions"][0].encode())
+                add_tar_member(tar, f"{key}.txt", short[0].encode())
         if tar is not None:
             tar.close()
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def write_glyph_dataset(
+    out: str | Path, seed: int = 0, train_images: int = 1500, heldout_images: int = 500, image_size: int = 96
+) -> str:
+    """Write the glyph world into ``out``; returns a one-line summary."""
+    out = Path(out)
+    rng = random.Random(seed)
+    splits = {"train": _scenes(rng, train_images, 0.3), "heldout": _scenes(rng, heldout_images, 0.5)}
+    write_world_splits(
+        out, splits, f"glyphs-{seed}",
+        lambda scene, srng: (
+            short_glyph_captions(scene, srng, CAPTIONS_PER_KIND),
+            long_glyph_captions(scene, srng, CAPTIONS_PER_KIND),
+            png_bytes(draw_glyph_scene(scene, image_size)),
+        ),
+    )  # fmt: skip
     info = {
         **glyph_spec(seed, train_images, heldout_images, image_size),
         "splits": {s: len(v) for s, v in splits.items()},

@@ -25,13 +25,13 @@ import colorsys
 import json
 import random
 import string
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from llm2clip_vlm.data.synthetic import NUMBER_WORDS, POSITIONS, SUPERSAMPLE, add_tar_member, png_bytes
+from llm2clip_vlm.data.synthetic import NUMBER_WORDS, POSITIONS, SUPERSAMPLE, png_bytes
+from llm2clip_vlm.data.synthetic_glyphs import write_world_splits
 
 GLYPHS = tuple(string.ascii_uppercase + string.digits)
 
@@ -54,7 +54,6 @@ GROUNDS = ("plain", "horizontal stripes", "vertical stripes", "diagonal stripes"
 MAX_GLYPHS = 3
 TILT_SHARE = 0.35
 TILT_RANGE = (12, 35)
-TRAIN_SHARD_SIZE = 1000
 CAPTIONS_PER_KIND = 2
 
 
@@ -222,37 +221,14 @@ def write_poster_dataset(
         "train": [random_poster(rng) for _ in range(train_images)],
         "heldout": [random_poster(rng) for _ in range(heldout_images)],
     }
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    for split, posters in splits.items():
-        img_dir = out / "images" / split
-        img_dir.mkdir(parents=True, exist_ok=True)
-        tar = None
-        lines = []
-        for i, poster in enumerate(posters):
-            key = f"{split}-{i:06d}"
-            srng = random.Random(f"posters-{seed}-{split}-{i}")
-            record = {
-                "key": key,
-                "image": f"images/{split}/{key}.png",
-                "short_captions": short_poster_captions(poster, srng),
-                "long_captions": long_poster_captions(poster, srng),
-            }
-            png = png_bytes(draw_poster(poster, image_size))
-            (img_dir / f"{key}.png").write_bytes(png)
-            lines.append(json.dumps(record))
-            if split == "train":
-                if i % TRAIN_SHARD_SIZE == 0:
-                    if tar is not None:
-                        tar.close()
-                    name = out / "shards" / f"train-{i // TRAIN_SHARD_SIZE:05d}.tar"
-                    tar = tarfile.open(name, "w", format=tarfile.USTAR_FORMAT)
-                meta = {k: record[k] for k in ("key", "short_captions", "long_captions")}
-                add_tar_member(tar, f"{key}.png", png)
-                add_tar_member(tar, f"{key}.json", json.dumps(meta).encode())
-                add_tar_member(tar, f"{key}.txt", record["short_captions"][0].encode())
-        if tar is not None:
-            tar.close()
-        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    write_world_splits(
+        out, splits, f"posters-{seed}",
+        lambda poster, srng: (
+            short_poster_captions(poster, srng),
+            long_poster_captions(poster, srng),
+            png_bytes(draw_poster(poster, image_size)),
+        ),
+    )  # fmt: skip
     info = {
         **poster_spec(seed, train_images, heldout_images, image_size),
         "splits": {s: len(v) for s, v in splits.items()},
