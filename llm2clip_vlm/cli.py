@@ -154,7 +154,9 @@ def demo_data(
     heldout_images: Annotated[int, typer.Option(min=0, help="Images in each held-out split.")] = 1000,
     image_size: Annotated[
         int | None,
-        typer.Option(min=8, help="Side of the square images in pixels (default 64 shapes, 96 glyphs and posters)."),
+        typer.Option(
+            min=8, help="Side of the square images in pixels (default 64 shapes, 96 glyphs and posters)."
+        ),
     ] = None,
     world: Annotated[
         str,
@@ -621,6 +623,14 @@ def build_tower(
         str | None, typer.Option(help="Rerun from this stage: stage1 | embed | stage2 | export.")
     ] = None,
     push_to_hub: PushOpt = None,
+    without_stage1: Annotated[
+        bool,
+        typer.Option(
+            "--without-stage1",
+            help="The paper's ablation (a control tower for llava-compare): no stage-1 training; "
+            "stage 2 aligns to caption embeddings of the base LLM as pretrained (causal, mean-pooled).",
+        ),
+    ] = False,
 ) -> None:
     """Stage 1, embed, stage 2 and export in one command (stages whose artifact matches are skipped)."""
     from llm2clip_vlm.pipeline import STAGES, print_metrics, run_build_tower
@@ -630,7 +640,9 @@ def build_tower(
         raise typer.Exit(2)
     cfg = resolve_config(recipe, set_)
     with claimed_output(output, "build-tower", None) as claim:
-        metrics = run_build_tower(cfg, output, from_stage=from_stage, claim=claim)
+        metrics = run_build_tower(
+            cfg, output, from_stage=from_stage, claim=claim, without_stage1=without_stage1
+        )
     print_metrics(metrics, output)
     if os.environ.get("RANK", "0") == "0":  # one process writes the report and uploads
         _report_and_logs(output, [output])
@@ -747,6 +759,55 @@ def llava_finetune(
 ) -> None:
     """LLaVA-1.5 instruction tuning (projector + LLM: full, LoRA or QLoRA)."""
     _run_llava("finetune", recipe, output, set_, tower, init, push_to_hub, allow_config_change, restart)
+
+
+@app.command("llava-compare")
+def llava_compare(
+    recipe: RecipeArg = None,
+    towers: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tower",
+            help="NAME=DIR: a tower to train the recipe's LLaVA on (repeatable, two or more), e.g. "
+            "llm2clip=runs/demo/tower control=runs/control/tower.",
+        ),
+    ] = None,
+    output: OutputOpt = Path("runs/llava-compare"),
+    set_: SetOpt = None,
+    restart: Annotated[
+        bool,
+        typer.Option("--restart", help="Discard every tower's earlier runs in --output and train again."),
+    ] = False,
+) -> None:
+    """The same LLaVA (pretrain + finetune) on several towers; held-out tables side by side, with blind baselines.
+
+    Trains into OUTPUT/NAME/pretrain and OUTPUT/NAME/finetune per tower (finished ones are skipped on a rerun), then writes OUTPUT/comparison.md, comparison.json and report.html; progress also goes to OUTPUT/compare.log.
+    """
+    from llm2clip_vlm.llava_compare import TowerSpecError, parse_towers, run_compare
+    from llm2clip_vlm.reports.compare import table_rows
+
+    try:
+        tower_list = parse_towers(towers or [])
+    except TowerSpecError as e:
+        console.print(f"[red]llava-compare:[/red] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2) from e
+    cfg = resolve_config(recipe, set_)
+    doc = run_compare(cfg, tower_list, output, restart=restart)
+    from rich.table import Table
+
+    head, rows = table_rows(doc)
+    table = Table(title="held-out accuracy (%) per tower: sighted, blind (image withheld), gap")
+    for i, col in enumerate(head):
+        table.add_column(escape(col), justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(escape(c) for c in row))
+    console.print(table)
+    for note in doc["notes"]:
+        console.print(f"[yellow]{escape(note)}[/yellow]", soft_wrap=True)
+    console.print(
+        f"comparison: {output / 'comparison.md'}  {output / 'comparison.json'}  {output / 'report.html'}",
+        soft_wrap=True,
+    )
 
 
 @app.command("eval")

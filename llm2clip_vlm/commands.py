@@ -55,6 +55,7 @@ from llm2clip_vlm.store.store import EmbeddingStore
 from llm2clip_vlm.text.cra import choose_cra_source
 from llm2clip_vlm.text.encoder import encoder_identity
 from llm2clip_vlm.text.modeling import resolve_model_ref
+from llm2clip_vlm.text.raw import write_raw_encoder
 from llm2clip_vlm.text.train import train_stage1
 from llm2clip_vlm.training import dist
 from llm2clip_vlm.vision.export import export_tower
@@ -213,6 +214,24 @@ def run_stage1(cfg: RunConfig, output_dir: str | Path, claim: Claim | None = Non
         cfg.stage1, out, source.train_records, source.records, text_corpus=corpus,
         text_corpus_ratio=cfg.data.text_corpus_ratio, reliability=cfg.reliability, cra_info=source.describe(), on_ready=config_writer(cfg, out, claim),
         tracking=cfg.tracking, run_config=config_io.to_dict(cfg),
+    )  # fmt: skip
+    return _with_data_counts(out, metrics, train_set, heldout_sets)
+
+
+def run_without_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]:
+    """``build-tower --without-stage1``: the base LLM, untrained, as the stage-1 encoder.
+
+    The stage-1 folder gets the raw LLM as a CaptionEncoder (:mod:`llm2clip_vlm.text.raw`) and
+    its CRA on the same held-out pairs stage 1 would use.
+    """
+    out = Path(output_dir)
+    train_set, heldout_sets = resolve_data(cfg.data, out)
+    check_caption_pairs(train_set, heldout_sets, cfg.data)
+    heldout = {name: captions_only(records) for name, records in heldout_sets.items()}
+    source = choose_cra_source(captions_only(train_set), heldout, cfg.stage1.cra_set, cfg.stage1.cra_captions)
+    metrics = write_raw_encoder(
+        cfg.stage1, out, source.records, cra_info=source.describe(),
+        allow_pickle=cfg.reliability.allow_pickle_weights,
     )  # fmt: skip
     return _with_data_counts(out, metrics, train_set, heldout_sets)
 

@@ -29,7 +29,8 @@ a given stage on.
 Layout of ``DIR``::
 
     config.yaml       the resolved config
-    stage1/           stage-1 run (encoder/ = the merged caption embedder)
+    stage1/           stage-1 run (encoder/ = the merged caption embedder; with
+                      --without-stage1 the base LLM as pretrained, untrained)
     store/            caption embedding store (train/, heldout-<name>/)
     stage2/           stage-2 run
     tower/            the exported vision tower (backbone's own transformers format)
@@ -56,6 +57,7 @@ from llm2clip_vlm.commands import (
     run_export,
     run_stage1,
     run_stage2,
+    run_without_stage1,
 )
 from llm2clip_vlm.data import resolve_data
 from llm2clip_vlm.data.captions import ensure_demo_data
@@ -65,6 +67,7 @@ from llm2clip_vlm.identity import files_identity, tree_files
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.text.encoder import encoder_identity
+from llm2clip_vlm.text.raw import WITHOUT_STAGE1
 from llm2clip_vlm.training import dist
 
 log = get_logger(__name__)
@@ -192,9 +195,17 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def run_build_tower(
-    cfg: RunConfig, output_dir: Path, from_stage: str | None = None, claim: run_dir.Claim | None = None
+    cfg: RunConfig,
+    output_dir: Path,
+    from_stage: str | None = None,
+    claim: run_dir.Claim | None = None,
+    without_stage1: bool = False,
 ) -> dict[str, Any]:
     """Run the whole pipeline into ``output_dir``; returns the combined metrics.
+
+    ``without_stage1``: the paper's ablation of stage 1. ``stage1/encoder`` is the base LLM as
+    pretrained (:mod:`llm2clip_vlm.text.raw`), and embed, stage 2 and the export run as usual on
+    its caption embeddings. It is part of stage 1's fingerprint, so switching it reruns everything.
 
     ``claim`` (the CLI's hold on ``output_dir``) is marked started once the settings are accepted:
     a build refused before that leaves no trace.
@@ -234,7 +245,10 @@ def run_build_tower(
     encoder_dir = dirs["stage1"] / "encoder"
 
     def do_stage1() -> None:
-        run_stage1(cfg, dirs["stage1"])
+        if without_stage1:
+            run_without_stage1(cfg, dirs["stage1"])
+        else:
+            run_stage1(cfg, dirs["stage1"])
 
     def do_embed() -> None:
         run_embed(cfg, dirs["embed"], stage1_output=dirs["stage1"])
@@ -259,7 +273,10 @@ def run_build_tower(
     timings: dict[str, float] = {}
     for stage in STAGES:
         forced = forced or stage == from_stage
-        fingerprint = stage_fingerprint(cfg, stage, upstream, stage_inputs(cfg, stage, dirs, images))
+        inputs = stage_inputs(cfg, stage, dirs, images)
+        if stage == "stage1" and without_stage1:
+            inputs["without_stage1"] = WITHOUT_STAGE1
+        fingerprint = stage_fingerprint(cfg, stage, upstream, inputs)
         stamp = _read_stamp(dirs[stage])
         same = bool(stamp) and stamp.get("fingerprint") == fingerprint  # type: ignore[union-attr]
         complete = same and stamp.get("complete", True)  # type: ignore[union-attr]
@@ -324,7 +341,12 @@ def print_metrics(metrics: dict[str, Any], output_dir: Path) -> None:
 
     console = Console()
     s1 = metrics.get("stage1", {})
-    if s1:
+    if s1.get("without_stage1"):
+        console.print(
+            f"[bold]stage 1[/bold]: skipped ({s1['without_stage1']}); its caption retrieval accuracy "
+            f"{s1.get('cra_after', float('nan')):.1f} % over {s1.get('cra_captions', '?')} held-out captions"
+        )
+    elif s1:
         console.print(
             f"[bold]stage 1[/bold]: caption retrieval accuracy {s1.get('cra_before', float('nan')):.1f} -> "
             f"{s1.get('cra_after', float('nan')):.1f} % over {s1.get('cra_captions', '?')} held-out captions "

@@ -13,7 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "llm2clip_vlm"
 # The command layer: the only modules that may see the recipe schema (RunConfig).
-COMMAND_LAYER = {f"{PACKAGE}.cli", f"{PACKAGE}.pipeline", f"{PACKAGE}.commands", f"{PACKAGE}.recipe"}
+COMMAND_LAYER = {
+    f"{PACKAGE}.cli",
+    f"{PACKAGE}.pipeline",
+    f"{PACKAGE}.commands",
+    f"{PACKAGE}.llava_compare",
+    f"{PACKAGE}.recipe",
+}
 
 
 def _modules() -> dict[str, Path]:

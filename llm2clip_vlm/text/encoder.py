@@ -28,10 +28,13 @@ from llm2clip_vlm.errors import BadInputFileError
 from llm2clip_vlm.identity import file_sha256, folder_files
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
-from llm2clip_vlm.text.modeling import ModelRef, load_bidirectional, load_tokenizer, save_model
+from llm2clip_vlm.text.modeling import ModelRef, load_bidirectional, load_causal, load_tokenizer, save_model
 from llm2clip_vlm.text.pooling import mean_pool, tokenize
 
 ENCODER_FILE = "llm2clip_encoder.json"
+# How the tokens of a caption see each other: stage 1's encoders are bidirectional; ``causal`` is
+# the raw LLM as it was pretrained (the stage-1-free control).
+ATTENTIONS = ("bidirectional", "causal")
 
 
 def read_encoder_meta(path: Path) -> dict[str, Any]:
@@ -80,6 +83,8 @@ class CaptionEncoder(nn.Module):
         caption_template: wrapping of every text, with one ``{text}`` (e.g. the Llama-3 chat header
             the reference uses for Llama-3 Instruct), or None; stored with the encoder so that
             stage 1 and ``embed`` always wrap alike.
+        attention: ``bidirectional`` (stage 1's encoders) or ``causal`` (the raw LLM as pretrained:
+            the stage-1-free control of :mod:`llm2clip_vlm.text.raw`); recorded and loaded so.
     """
 
     def __init__(
@@ -91,10 +96,14 @@ class CaptionEncoder(nn.Module):
         pooling: str = "mean",
         pad_to_multiple_of: int | None = 16,
         caption_template: str | None = None,
+        attention: str = "bidirectional",
     ) -> None:
         super().__init__()
         if pooling != "mean":
             raise ValueError(f"unknown pooling {pooling!r} (only 'mean')")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {attention!r} (one of {', '.join(ATTENTIONS)})")
+        self.attention = attention
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -131,6 +140,8 @@ class CaptionEncoder(nn.Module):
         }
         if self.caption_template is not None:  # absent = bare text (identities of older encoders kept)
             settings["caption_template"] = self.caption_template
+        if self.attention != "bidirectional":  # absent = bidirectional (older identities kept)
+            settings["attention"] = self.attention
         return settings
 
     # -- forward ----------------------------------------------------------------------------
@@ -263,7 +274,13 @@ class CaptionEncoder(nn.Module):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         ref = ModelRef(str(path))
-        model = load_bidirectional(ref, attn_implementation=attn_implementation, dtype=dtype or "auto")
+        attention = meta.get("attention", "bidirectional")
+        if attention not in ATTENTIONS:
+            raise BadInputFileError(
+                f"{meta_file}: attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}"
+            )
+        load = load_causal if attention == "causal" else load_bidirectional
+        model = load(ref, attn_implementation=attn_implementation, dtype=dtype or "auto")
         model.to(device)
         template = meta.get("caption_template")
         if template is not None and (not isinstance(template, str) or template.count("{text}") != 1):
@@ -279,6 +296,7 @@ class CaptionEncoder(nn.Module):
             # As stage 1 padded (encoders saved before it was recorded: 16, the default then).
             pad_to_multiple_of=meta.get("pad_to_multiple_of", 16),
             caption_template=template,
+            attention=attention,
         )
         if int(meta.get("dim", enc.hidden_size)) != enc.hidden_size:
             raise ValueError(f"{meta_file}: dim {meta['dim']} != model hidden size {enc.hidden_size}")

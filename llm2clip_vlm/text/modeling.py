@@ -253,6 +253,31 @@ def load_bidirectional(
     return model.eval()
 
 
+def load_causal(
+    ref: ModelRef,
+    *,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype | str = torch.float32,
+    allow_pickle: bool = False,
+) -> nn.Module:
+    """The bare decoder stack as it was pretrained (causal attention), in ``eval()`` mode.
+
+    The embedder of the stage-1-free control (:mod:`llm2clip_vlm.text.raw`): the raw LLM,
+    nothing switched or trained.
+    """
+    if not ref.gguf_file:
+        check_llm_folder(ref.path, allow_pickle)
+    kwargs: dict[str, Any] = dict(ref.kwargs(), dtype=dtype, attn_implementation=attn_implementation)
+    if not ref.gguf_file and not allow_pickle:
+        require_safetensors(ref.path, allow_pickle, what="LLM")
+        kwargs["use_safetensors"] = True
+    with loading(ref.path, "LLM"):
+        model = AutoModel.from_pretrained(ref.path, **kwargs)
+    if getattr(model.config, "is_causal", True) is False:
+        raise RuntimeError(f"{ref.path}: config.is_causal is false; this is not a causal LLM")
+    return model.eval()
+
+
 def bidirectional_from_config(
     config: Any,
     *,
