@@ -795,12 +795,16 @@ def llava_compare(
     doc = run_compare(cfg, tower_list, output, restart=restart)
     from rich.table import Table
 
+    # One column per tower (acc / blind / gap) keeps the table readable in an 80-column log;
+    # comparison.md has them as separate columns.
     head, rows = table_rows(doc)
-    table = Table(title="held-out accuracy (%) per tower: sighted, blind (image withheld), gap")
-    for i, col in enumerate(head):
+    names = [tw["name"] for tw in doc["towers"]]
+    table = Table(title="held-out accuracy (%): acc / blind (image withheld) / gap, per tower")
+    for i, col in enumerate([*head[:3], *names]):
         table.add_column(escape(col), justify="left" if i == 0 else "right")
     for row in rows:
-        table.add_row(*(escape(c) for c in row))
+        cells = [" / ".join(row[3 + 3 * t : 6 + 3 * t]) for t in range(len(names))]
+        table.add_row(*(escape(c) for c in [*row[:3], *cells]))
     console.print(table)
     for note in doc["notes"]:
         console.print(f"[yellow]{escape(note)}[/yellow]", soft_wrap=True)

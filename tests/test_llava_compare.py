@@ -100,7 +100,7 @@ def test_the_side_by_side_numbers_are_each_runs_metrics(compared: tuple[Path, st
     ]
     assert "| " + " | ".join(rows[-1]) + " |" in md
     # The console table (wrapped to the terminal's width) and where the files are.
-    assert "per tower" in output and str(out / "comparison.md") in output
+    assert "per tower" in output and "acc / blind" in output and str(out / "comparison.md") in output
     html = (out / "report.html").read_text()
     assert "<table>" in html and "control blind" in html
     log = (out / "compare.log").read_text()  # the progress, also in a file
