@@ -343,7 +343,7 @@ def print_metrics(metrics: dict[str, Any], output_dir: Path) -> None:
     s1 = metrics.get("stage1", {})
     if s1.get("without_stage1"):
         console.print(
-            f"[bold]stage 1[/bold]: skipped ({s1['without_stage1']}); its caption retrieval accuracy "
+            f"[bold]stage 1[/bold]: not trained ({s1['without_stage1']}); its caption retrieval accuracy "
             f"{s1.get('cra_after', float('nan')):.1f} % over {s1.get('cra_captions', '?')} held-out captions"
         )
     elif s1:

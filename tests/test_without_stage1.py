@@ -96,13 +96,13 @@ def test_build_tower_without_stage1_end_to_end_then_skip_then_with_stage1(tmp_pa
     run = tmp_path / "run"
     s1 = json.loads((run / "metrics.json").read_text())["stage1"]
     assert s1["steps"] == 0 and s1["cra_captions"] == 16 and "causal" in s1["without_stage1"]
-    assert "stage 1: skipped (base LLM as pretrained" in out
+    assert "stage 1: not trained (base LLM as pretrained" in out
     assert not (run / "stage1" / "checkpoints").exists()  # nothing trained
     store = json.loads((run / "store" / "train" / "manifest.json").read_text())
     assert store["encoder_identity"] == s1["encoder_identity"]  # stage 2 aligned to the raw LLM
     assert (run / "tower" / "model.safetensors").is_file()
     # Again with the flag: every stage is skipped.
-    assert _build(tmp_path, llm, "--without-stage1").count("skipped") == 5  # 4 stages + the summary
+    assert _build(tmp_path, llm, "--without-stage1").count("skipped") == 4
     # Without it, the raw encoder is not taken for a stage-1 one: stage 1 (and all after it) run.
     out = _build(tmp_path, llm)
     assert "stage1: its config or inputs changed" in out
