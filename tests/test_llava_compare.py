@@ -174,6 +174,11 @@ def test_different_question_sets_are_flagged_and_missing_evaluations_named(tmp_p
     md = to_markdown(doc)
     assert "| colour | 4 | 25.0 (red\\|blue) | 50.0 | 10.0 | +40.0 | 37.5 | 10.0 | +27.5 |" in md
     assert "a blank (mean-colour) image" in md
+    # Held-out questions without a question_type (LLaVA data of other sources): one "all" row.
+    untyped = {**after(4, 50.0), "per_type": {"all": after(4, 50.0)}}
+    untyped["per_type"]["all"].pop("per_type")
+    doc = build_comparison([_run(tmp_path, "u1", untyped), _run(tmp_path, "u2", untyped)])
+    assert [r[0] for r in table_rows(doc)[1]] == ["all"]
     with pytest.raises(NoHeldoutError, match="no held-out evaluation"):
         build_comparison([_run(tmp_path, "c", None), _run(tmp_path, "d", after(4, 1.0))])
     with pytest.raises(NoHeldoutError, match="has not finished"):

@@ -131,7 +131,8 @@ def table_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     head = ["type", "n", "majority answer"]
     head += [f"{tw['name']} {label}" for tw in towers for _, label in TOWER_COLUMNS]
     rows = []
-    for t in [*doc["types"], "all"]:
+    # Questions without a question_type are scored under "all", which is then the overall row.
+    for t in [*(t for t in doc["types"] if t != "all"), "all"]:
         cells = [(tw["all"] if t == "all" else tw["per_type"].get(t, {})) for tw in towers]
         first = next((c for c in cells if c), {})
         majority = _num(first.get("majority_accuracy"))
