@@ -455,7 +455,7 @@ def llava_shards(
 ) -> None:
     """Write LLaVA JSON records and their images as webdataset shards (for `llava.<phase>.data.stream`)."""
     from llm2clip_vlm.data.errors import BadRecords
-    from llm2clip_vlm.data.index import file_identity
+    from llm2clip_vlm.identity import file_stamp
     from llm2clip_vlm.llava.data import load_llava_records
     from llm2clip_vlm.llava.shards import check_prefix, write_llava_shards
 
@@ -479,7 +479,7 @@ def llava_shards(
         data, image_folder or "", skip_bad=skip_bad, max_bad_fraction=max_bad_fraction, bad=bad
     )
     folder = (image_folder or data.parent).resolve()
-    source = {"data": file_identity(data), "image_folder": str(folder), "skip_bad": skip_bad}
+    source = {"data": file_stamp(data), "image_folder": str(folder), "skip_bad": skip_bad}
     paths = write_llava_shards(
         records, output, per_shard=per_shard, prefix=prefix, source=source, show_progress=True
     )

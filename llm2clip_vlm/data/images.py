@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import io
+import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 from llm2clip_vlm.data.errors import BadRecords, DataError
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
+from llm2clip_vlm.signals import GracefulExit, TrainingInterrupted
 
 log = get_logger(__name__)
 
@@ -134,8 +136,6 @@ def find_bad_images(
         except DataError as e:
             return e
 
-    from llm2clip_vlm.training.checkpoint import GracefulExit  # lazy: torch, on --help's path
-
     good: list[int] = []
     # SIGTERM/SIGINT stop the check at the next image with a message (and 128 + signal), rather
     # than killing the process silently; there is nothing to save yet.
@@ -159,10 +159,6 @@ def find_bad_images(
 
 
 def interrupted_check(signum: int, description: str) -> Exception:
-    import signal
-
-    from llm2clip_vlm.training.checkpoint import TrainingInterrupted  # lazy: torch, on --help's path
-
     e = TrainingInterrupted(signum, None)
     name = signal.Signals(signum).name
     e.args = (f"stopped by {name} while {description} (nothing to save yet); run the same command again",)

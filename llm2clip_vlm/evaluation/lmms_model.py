@@ -47,8 +47,7 @@ from llm2clip_vlm.llava.blind import BLIND_MODES, blank_like, derangement
 from llm2clip_vlm.llava.data import expand_to_square, mean_colour
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
-from llm2clip_vlm.training.checkpoint import from_pretrained_kwargs
-from llm2clip_vlm.weights import require_safetensors
+from llm2clip_vlm.weights import from_pretrained_kwargs, require_safetensors
 
 log = get_logger(__name__)
 

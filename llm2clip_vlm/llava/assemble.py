@@ -25,8 +25,7 @@ from llm2clip_vlm.tower.backbones import (
     load_tower_model,
     resolve_tower_path,
 )
-from llm2clip_vlm.training.checkpoint import from_pretrained_kwargs
-from llm2clip_vlm.weights import check_llm_folder, loading, require_safetensors
+from llm2clip_vlm.weights import check_llm_folder, from_pretrained_kwargs, loading, require_safetensors
 
 log = get_logger(__name__)
 

@@ -46,11 +46,11 @@ from llm2clip_vlm.data.index import (
     DamagedShard,
     TarRecord,
     build_table,
-    file_identity,
     open_table,
     read_member,
     scan_tar,
 )
+from llm2clip_vlm.identity import file_stamp
 from llm2clip_vlm.llava.grouping import StepBatchSampler
 from llm2clip_vlm.llava.templates import (
     IGNORE_INDEX,
@@ -166,7 +166,7 @@ def _check_key(files: Sequence[str | Path], folder: Path, max_samples: int) -> s
     """The identity of a LLaVA data set as read (the image check's cache key)."""
     import hashlib
 
-    ids = [file_identity(f) for f in files]
+    ids = [file_stamp(f) for f in files]
     blob = json.dumps([ids[0] if len(ids) == 1 else ids, str(folder.resolve()), max_samples], sort_keys=True)
     return "llava-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
 

@@ -51,12 +51,11 @@ from llm2clip_vlm.tracking.config import TrackingConfig
 from llm2clip_vlm.tracking.gallery import write_answer_gallery
 from llm2clip_vlm.tracking.tracker import RunTracker
 from llm2clip_vlm.training import dist
+from llm2clip_vlm.training.checkpoint import CHECKPOINTS
 from llm2clip_vlm.training.loop import OnStep, Run, Stage
 from llm2clip_vlm.training.optim import DTYPES, adamw, grouped, make_scheduler
 
 log = get_logger(__name__)
-
-CHECKPOINTS = "checkpoints"
 
 
 def param_groups(model: Any, p: LlavaPhaseConfig) -> list[dict[str, Any]]:

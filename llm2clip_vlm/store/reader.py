@@ -28,6 +28,7 @@ import numpy as np
 
 from llm2clip_vlm.data.captions import caption_counts, captions_only
 from llm2clip_vlm.data.records import ImageCaptions
+from llm2clip_vlm.identity import file_sha256
 from llm2clip_vlm.store import format as fmt
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -261,7 +262,7 @@ def _check_shard(path: Path, shard: dict[str, Any], m: dict[str, Any], verify: b
         raise StoreMismatchError(
             f"shard {file}: shape {a.shape} {a.dtype}, the manifest says {want_shape} {want_dtype} ({m['dtype']})"
         )
-    if verify and fmt.file_sha256(file) != shard["sha256"]:
+    if verify and file_sha256(file) != shard["sha256"]:
         raise StoreMismatchError(f"shard {file} is corrupt: its sha256 differs from the manifest's")
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from llm2clip_vlm.data.records import ImageCaptions
+from llm2clip_vlm.identity import file_sha256
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
 from llm2clip_vlm.store import format as fmt
@@ -175,7 +176,7 @@ def shard_is_complete(out: Path, index: int, start: int, stop: int, plan_sha: st
         return None
     if (meta.get("plan"), meta.get("start"), meta.get("stop")) != (plan_sha, start, stop):
         return None
-    if fmt.file_sha256(npy) != meta.get("sha256"):
+    if file_sha256(npy) != meta.get("sha256"):
         log.warning("shard %s is corrupt (checksum differs); recomputing it", npy)
         return None
     return meta
@@ -264,7 +265,7 @@ def _encode_shards(
                         "plan": plan_sha,
                         "start": start,
                         "stop": stop,
-                        "sha256": fmt.file_sha256(npy),
+                        "sha256": file_sha256(npy),
                         "real_tokens": shard_real,
                         "computed_tokens": shard_computed,
                         "cut_captions": cut,
