@@ -23,7 +23,8 @@ if __name__ == "__main__" or Path(sys.argv[0]).name == "llm2clip-vlm":
     exit_on_sigterm(at_start=True)  # a SIGTERM while the modules below load is one line too
 
 from llm2clip_vlm import config_io  # noqa: E402
-from llm2clip_vlm.recipe import RunConfig, apply_runtime  # noqa: E402
+from llm2clip_vlm.progress import configure_lines  # noqa: E402
+from llm2clip_vlm.recipe import RunConfig, RuntimeConfig  # noqa: E402
 
 app = typer.Typer(
     name="llm2clip-vlm",
@@ -75,8 +76,20 @@ def demo_recipe_path() -> Path:
     return Path(str(resources.files("llm2clip_vlm") / "recipes" / "demo.yaml"))
 
 
+def apply_runtime(runtime: RuntimeConfig) -> None:
+    """Apply the process settings of a command's config: torch's CPU threads, progress lines."""
+    if runtime.threads < 0:
+        raise ValueError(f"runtime.threads must be >= 0, got {runtime.threads}")
+    configure_lines(runtime.progress_seconds, runtime.progress_steps)
+    if runtime.threads:
+        import torch
+
+        torch.set_num_threads(runtime.threads)
+
+
 def resolve_config(recipe: Path | None, overrides: list[str] | None) -> RunConfig:
-    """Defaults <- recipe (or the embedded demo recipe) <- ``--set`` overrides."""
+    """Defaults <- recipe (or the embedded demo recipe) <- ``--set`` overrides; then the command
+    applies the config's runtime settings to this process (reading a recipe alone never does)."""
     try:
         cfg = config_io.load(RunConfig, recipe or demo_recipe_path(), overrides or [])
         apply_runtime(cfg.runtime)
@@ -139,11 +152,6 @@ def claimed_output(
     return claimed(
         output, command, cfg, allow_config_change=allow_config_change, restart=restart, started=started
     )
-
-
-def _not_built(command: str, issue: str) -> None:
-    console.print(f"[yellow]`llm2clip-vlm {command}` is not built yet[/yellow] ({issue}). Nothing was run.")
-    raise typer.Exit(3)
 
 
 @app.command("demo-data")

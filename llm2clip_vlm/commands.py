@@ -385,9 +385,10 @@ def run_export(
     cfg_file = Path(run_dir) / "config.yaml"
     if cfg is None:
         cfg = config_io.load(RunConfig, cfg_file) if cfg_file.is_file() else RunConfig()
+    datasets = [s.path for s in (*train_sets(cfg.data), *cfg.data.heldout.values())]
     return export_tower(
         run_dir, out_dir, model_dir=model_dir, dtype=dtype, verify=verify,
-        card=lambda provenance: tower_card(provenance, cfg),
+        card=lambda provenance: tower_card(provenance, cfg.hub, datasets),
     )  # fmt: skip
 
 
@@ -412,7 +413,9 @@ def run_llava(
         on_ready=config_writer(cfg, out, claim),
     )  # fmt: skip
     if metrics:  # the main process: the hub model card of model/
-        card = llava_card(cfg, phase, metrics, out, Path(init) if init else None, data.records, data.heldout)
+        card = llava_card(
+            cfg.llava, cfg.hub, phase, metrics, out, Path(init) if init else None, data.records, data.heldout
+        )
         (out / "model" / "README.md").write_text(card)
     return metrics
 

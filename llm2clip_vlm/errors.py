@@ -167,12 +167,13 @@ def describe(e: BaseException) -> Described | None:
 
 def _store_error(e: BaseException) -> Described | None:
     from llm2clip_vlm.store.format import StoreInputError
-    from llm2clip_vlm.store.reader import StoreMismatchError
+    from llm2clip_vlm.store.reader import StoreConflictError, StoreMismatchError
 
     if isinstance(e, StoreMismatchError):
+        # A conflicting output folder already says what to do; any other mismatch gets the way out.
         hint = (
             ""
-            if "remove" in str(e) or "rerun" in str(e)
+            if isinstance(e, StoreConflictError)
             else " (run `llm2clip-vlm embed` with this data and encoder, or pass the matching --store)"
         )
         return Described("store refused", f"{e}{hint}", 1)

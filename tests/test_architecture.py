@@ -193,3 +193,82 @@ def test_own_modules_are_imported_at_module_level() -> None:
                 if own and "# lazy:" not in text:
                     offenders.add(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, f"import these at module level (or say why not with '# lazy:'): {sorted(offenders)}"
+
+
+# Conversation-template names: a template carries its own properties (default system prompt,
+# whether prompts need the tokenizer, the chat template saved with a model), so no code outside
+# the registry decides by a template's name. "plain" is also an ordinary word (a poster's ground):
+# it counts where the other side of the comparison speaks of a template.
+TEMPLATE_REGISTRY = f"{PACKAGE}.llava.templates"
+TEMPLATE_NAMES = {"vicuna_v1", "chat_template"}
+AMBIGUOUS_TEMPLATE_NAMES = {"plain"}
+
+
+def _template_name_checks(source: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        literals = set()
+        for op in operands:
+            items = op.elts if isinstance(op, (ast.Tuple, ast.List, ast.Set)) else [op]
+            literals |= {i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)}
+        text = ast.unparse(node)
+        if literals & TEMPLATE_NAMES or (literals & AMBIGUOUS_TEMPLATE_NAMES and "template" in text.lower()):
+            found.append(f"line {node.lineno}: {text}")
+    return found
+
+
+def test_no_code_checks_a_template_name() -> None:
+    offenders = {
+        name: checks
+        for name, path in MODULES.items()
+        if name != TEMPLATE_REGISTRY and (checks := _template_name_checks(path.read_text()))
+    }
+    assert not offenders, (
+        f"decide by the template's properties (llava/templates.py), not its name: {offenders}"
+    )
+    # The check itself sees the forms it forbids.
+    assert _template_name_checks('x = VICUNA if name == "vicuna_v1" else ""')
+    assert _template_name_checks('t = tok if self.template.name in ("chat_template",) else None')
+    assert _template_name_checks('chat = p.template != "plain"')
+    assert not _template_name_checks('if poster.ground == "plain": pass')
+
+
+# Helpers and constants with one definition in the package (each once existed two to four times).
+ONE_DEFINITION = (
+    "file_sha256",
+    "file_identity",
+    "file_stamp",
+    "PICKLE_SUFFIXES",
+    "CHECKPOINTS",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "GracefulExit",
+    "TrainingInterrupted",
+    "NonFiniteGuard",
+    "from_pretrained_kwargs",
+    "expand_image_tokens",
+    "generation_ids",
+    "left_padded",
+)
+
+
+def _top_level_definitions(source: str) -> set[str]:
+    names = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+def test_shared_helpers_have_one_definition() -> None:
+    where: dict[str, list[str]] = {n: [] for n in ONE_DEFINITION}
+    for name, path in MODULES.items():
+        for defined in _top_level_definitions(path.read_text()) & set(ONE_DEFINITION):
+            where[defined].append(name)
+    assert {n: w for n, w in where.items() if len(w) != 1} == {}

@@ -19,7 +19,7 @@ import torch
 
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.text.modeling import quantization_config, resolve_model_ref
-from llm2clip_vlm.tower.backbones import (
+from llm2clip_vlm.tower.formats import (
     TowerFormat,
     detect_tower_format,
     load_tower_model,

@@ -52,6 +52,7 @@ from llm2clip_vlm.data.index import (
 )
 from llm2clip_vlm.identity import file_stamp
 from llm2clip_vlm.llava.grouping import StepBatchSampler
+from llm2clip_vlm.llava.prompting import expand_image_tokens
 from llm2clip_vlm.llava.templates import (
     IGNORE_INDEX,
     ConversationError,
@@ -507,14 +508,9 @@ class LlavaDataset(Dataset):
     def sample(self, rec: LlavaRecord) -> Sample:
         """One record's sample; raises (ConversationError, DataError) when it cannot be built."""
         tok = tokenize_conversation(self.template, rec.conversations, self.tokenizer, self.system)
-        ids, labels = [], []
-        for t, lab in zip(tok.input_ids, tok.labels, strict=True):
-            if t == self.image_token_id:
-                ids += [self.image_token_id] * self.image_seq_length
-                labels += [IGNORE_INDEX] * self.image_seq_length
-            else:
-                ids.append(t)
-                labels.append(lab)
+        ids, labels = expand_image_tokens(
+            tok.input_ids, tok.labels, self.image_token_id, self.image_seq_length
+        )
         n_image = ids.count(self.image_token_id)
         if n_image != (self.image_seq_length if rec.has_image else 0):
             raise ConversationError(

@@ -139,6 +139,13 @@ class Template:
     default_system: ClassVar[str] = ""
     # What joins a generation prompt and the answer text (the prompt ends before it).
     answer_separator: ClassVar[str] = ""
+    # Whether a generation prompt needs the tokenizer (its chat template); else prompts are
+    # built from the text alone.
+    prompt_needs_tokenizer: ClassVar[bool] = False
+    # A Jinja chat template saved with a trained model's processor, so transformers'
+    # ``apply_chat_template`` (lmms-eval, serving engines) builds the prompt the model learnt;
+    # None: the processor keeps its own.
+    processor_chat_template: ClassVar[str | None] = None
 
     def system(self, system: str | None) -> str:
         return self.default_system if system is None else system
@@ -206,6 +213,7 @@ class VicunaV1Template(Template):
     name = "vicuna_v1"
     default_system = VICUNA_SYSTEM
     answer_separator = " "
+    processor_chat_template = VICUNA_V1_JINJA
 
     def text(
         self, turns: Sequence[tuple[str, str | None]], tokenizer: Any, system: str | None = None
@@ -236,6 +244,7 @@ class LLMChatTemplate(Template):
     assistant message and the end-of-turn token right after it."""
 
     name = "chat_template"
+    prompt_needs_tokenizer = True
 
     def text(
         self, turns: Sequence[tuple[str, str | None]], tokenizer: Any, system: str | None = None
@@ -269,6 +278,8 @@ class LLMChatTemplate(Template):
 
 REGISTRY: dict[str, Template] = {t.name: t for t in (PlainTemplate(), VicunaV1Template(), LLMChatTemplate())}
 TEMPLATES = tuple(REGISTRY)
+# A model directory without llava_template.json is taken to be LLaVA-1.5's.
+DEFAULT_TEMPLATE: TemplateName = VicunaV1Template.name
 
 
 def get_template(name: str) -> Template:

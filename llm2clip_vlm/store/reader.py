@@ -44,6 +44,11 @@ class StoreMismatchError(ValueError):
     """The store does not match the data, the embedder, or itself (the message says what differs)."""
 
 
+class StoreConflictError(StoreMismatchError):
+    """An output folder holds (part of) a store this run cannot continue; the message says what to
+    do (remove it, or choose another folder)."""
+
+
 class EmbeddingStore:
     """A complete, verified caption embedding store (open it with :meth:`open`).
 
