@@ -18,7 +18,6 @@ data set (sampled), or all of them (full).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -83,11 +82,6 @@ def folder_files(folder: str | Path, suffixes: tuple[str, ...] = ()) -> list[Pat
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_file() and (not suffixes or p.name.endswith(suffixes)))
-
-
-def combine(parts: object) -> str:
-    """One sha256 over a JSON-serialisable structure of identities."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def tree_files(folder: str | Path) -> list[Path]:
