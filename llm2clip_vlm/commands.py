@@ -34,13 +34,13 @@ from llm2clip_vlm.data.captions import (
     is_text_only,
 )
 from llm2clip_vlm.data.config import DataConfig, train_sets
+from llm2clip_vlm.data.conversations import load_llava_records
 from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.data.text_corpus import load_text_corpus
 from llm2clip_vlm.hub.cards import llava_card, tower_card
 from llm2clip_vlm.identity import Mode, files_identity, images_identity, path_identity, tree_files
 from llm2clip_vlm.imports.sidecar import offer_sidecars
-from llm2clip_vlm.llava.data import load_llava_records
 from llm2clip_vlm.llava.inputs import PhaseData, phase_data
 from llm2clip_vlm.llava.model import check_inputs
 from llm2clip_vlm.llava.train import train_llava

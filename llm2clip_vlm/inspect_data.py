@@ -44,10 +44,10 @@ from llm2clip_vlm.data.captions import (
 )
 from llm2clip_vlm.data.check import check_caption_images
 from llm2clip_vlm.data.config import CaptionSetConfig
+from llm2clip_vlm.data.conversations import load_llava_records
 from llm2clip_vlm.data.errors import BadRecords, DataError
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.data.index import KIND_NAMES, scan_tar
-from llm2clip_vlm.llava.data import load_llava_records
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
 

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 from llm2clip_vlm import config_io
 from llm2clip_vlm.commands import run_llava
+from llm2clip_vlm.data.conversations import load_llava_records
 from llm2clip_vlm.data.errors import DataError
+from llm2clip_vlm.data.llava_shards import write_llava_shards
 from llm2clip_vlm.data.synthetic_llava import write_llava_demo
 from llm2clip_vlm.llava import train as llava_train
-from llm2clip_vlm.llava.data import load_llava_records
-from llm2clip_vlm.llava.shards import write_llava_shards
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.text.tiny import save_tiny_llm
 from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower

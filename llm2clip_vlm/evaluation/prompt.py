@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 # One source of truth for what training writes and evaluation reads.
-from llm2clip_vlm.llava.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN
+from llm2clip_vlm.data.conversations import IMAGE_PLACEHOLDER as IMAGE_TOKEN
 from llm2clip_vlm.llava.templates import TEMPLATE_FILE, TEMPLATES, VICUNA_SYSTEM, get_template
 
 

@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from llm2clip_vlm.data.conversations import LlavaRecords
 from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.index import RecordIndex
 from llm2clip_vlm.data.stream import ShardStream, StreamLoader
 from llm2clip_vlm.llava.config import LlavaPhaseConfig
-from llm2clip_vlm.llava.data import Batch, Collator, LlavaDataset, LlavaRecords, ModalityBatchSampler, Sample
+from llm2clip_vlm.llava.data import Batch, Collator, LlavaDataset, ModalityBatchSampler, Sample
 from llm2clip_vlm.llava.grouping import LengthGroupedBatchSampler, modality_lengths
 from llm2clip_vlm.logging import get_logger
 

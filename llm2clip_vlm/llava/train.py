@@ -27,11 +27,12 @@ from typing import Any
 
 import torch
 
+from llm2clip_vlm.data.conversations import LlavaRecord, load_llava_records
 from llm2clip_vlm.data.errors import BadRecords, write_report
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.llava.batches import phase_batches, steps_per_epoch
 from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
-from llm2clip_vlm.llava.data import LlavaDataset, LlavaRecord, load_llava_records
+from llm2clip_vlm.llava.data import LlavaDataset
 from llm2clip_vlm.llava.evaluate import answer_questions, is_correct, score
 from llm2clip_vlm.llava.inputs import PhaseData
 from llm2clip_vlm.llava.model import (
