@@ -147,8 +147,6 @@ class Batch:
     truncated: int = 0
     dropped: int = 0
     sources: list[str] = field(default_factory=list)  # the rows' records (for messages, tests)
-    # Streamed: ``[record, reason]`` of bad records the stream skipped before these samples.
-    skipped: list[list[str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

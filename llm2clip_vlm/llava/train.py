@@ -235,7 +235,7 @@ def train_llava(
     run.train(stage, loader, total_steps, on_step, tracker)
     # Streamed: the records skipped while reading, all ranks', as of the last checkpoint.
     total_records = len(records) + len(bad.skipped)  # streamed skips are among ``records``
-    bad.skipped += [(w, r) for w, r in state.extra.get("data", {}).get("skipped", [])]
+    bad.take(state.extra.get("data", {}).get("skipped", []))  # one ledger: read + streamed
 
     after = run_heldout() if world == 1 else {}
     before = state.extra.get("heldout_before", {})
