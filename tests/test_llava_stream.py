@@ -141,6 +141,18 @@ def test_a_bad_image_stops_naming_it_or_is_skipped_and_counted(parts, tmp_path: 
     assert listed["records"] == 24 and listed["skipped"][0]["record"].endswith("llava-000000.tar:000000003")
 
 
+def test_a_bad_record_met_in_every_epoch_is_one_skipped_record(parts, tmp_path: Path) -> None:
+    # 24 records, 8 a step: steps 4-6 are the second epoch and meet the bad image again. The
+    # stream's ledger (data.errors.BadRecords, as stage 2's) lists it once, in metrics.json as in
+    # bad_records.json.
+    skip = ["llava.pretrain.data.skip_bad=true", "llava.pretrain.data.max_bad_fraction=0.1"]
+    skip.append("llava.pretrain.loop.max_steps=6")
+    metrics = run_llava(_cfg(parts, parts["bad"], skip), tmp_path / "skip", "pretrain")
+    assert metrics["steps"] == 6 and metrics["bad_records"]["count"] == 1
+    listed = json.loads((tmp_path / "skip" / "bad_records.json").read_text())["bad"]
+    assert [s["record"] for s in listed["skipped"]] == [metrics["bad_records"]["records"][0]["record"]]
+
+
 def _worker(
     rank: int, world: int, port: int, overrides: list[str], out: str, phase: str = "pretrain", init: str = ""
 ) -> None:
