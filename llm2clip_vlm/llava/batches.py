@@ -88,11 +88,8 @@ def phase_batches(
     pad = dataset.tokenizer.pad_token_id
     if p.data.stream:
         return llava_stream(
-            records, dataset, saved or {}, option=f"llava.{phase}.data", batch_size=p.batch_size,
-            num_workers=p.num_workers, seed=p.seed, shuffle_buffer=p.data.shuffle_buffer,
-            skip_bad=p.data.skip_bad, max_bad_fraction=p.data.max_bad_fraction, rank=rank, world=world,
-            pin_memory=pin_memory, pad_token_id=pad,
-        )  # fmt: skip
+            records, dataset, p, phase, saved or {}, rank=rank, world=world, pin_memory=pin_memory
+        )
     sampler = map_sampler(records, p, rank, world, start_step, total_steps, deepspeed)
     return DataLoader(
         dataset, batch_sampler=sampler, num_workers=p.num_workers, collate_fn=Collator(pad),
@@ -126,43 +123,35 @@ class StreamCollate:
 def llava_stream(
     records: LlavaRecords,
     dataset: LlavaDataset,
+    p: LlavaPhaseConfig,
+    phase: str,
     saved: dict[str, Any],
     *,
-    option: str,
-    batch_size: int,
-    num_workers: int,
-    seed: int,
-    shuffle_buffer: int,
-    skip_bad: bool,
-    max_bad_fraction: float,
     rank: int,
     world: int,
     pin_memory: bool,
-    pad_token_id: int,
 ) -> TrainStream:
     """The streamed batches of one rank (see the module docstring): the shared
-    :class:`~llm2clip_vlm.data.train_stream.TrainStream` with LLaVA's sample hook and padding.
+    :class:`~llm2clip_vlm.data.train_stream.TrainStream` with LLaVA's sample hook and padding,
+    under ``llava.<phase>.data``'s policy.
 
     Args:
         records: the phase's records, read from shards without the up-front image check (the
             stream's record ids are the index's rows, all of them kept).
         dataset: turns a record into a sample (tokens, labels, pixels).
+        p, phase: the phase's section (batch size, workers, seed, data policy) and its name.
         saved: the stream state of the checkpoint resumed from (``{}`` for a fresh run).
-        option: the config prefix named in messages (``llava.pretrain.data``).
-        batch_size: the global batch (each rank takes ``batch_size / world``).
-        num_workers, seed, shuffle_buffer: DataLoader workers, shuffle seed, buffer size in records.
-        skip_bad, max_bad_fraction: the bad-record policy, applied while reading.
-        rank, world, pin_memory, pad_token_id: this process, the process count, pinned host
-            batches, the tokenizer's padding id.
+        rank, world, pin_memory: this process, the process count, pinned host batches.
     """
+    option = f"llava.{phase}.data"
     if not records.shards or records.directory is None:
         raise ValueError(f"{option}.stream needs webdataset shards (a folder of .tar, or a shard pattern)")
     if not np.array_equal(records.rows, np.arange(len(records))):
         raise ValueError(f"{option}.stream streams every indexed record: read them without verify_images")
     return TrainStream(
         RecordIndex(records.directory), len(records), StreamSample(dataset, records),
-        StreamCollate(pad_token_id), saved, option=option, what=option, batch_size=batch_size,
-        num_workers=num_workers, seed=seed, shuffle_buffer=shuffle_buffer, skip_bad=skip_bad,
-        max_bad_fraction=max_bad_fraction, rank=rank, world=world, pin_memory=pin_memory,
-        note="; batches mix image and text-only records",
+        StreamCollate(dataset.tokenizer.pad_token_id), saved, option=option, what=option,
+        batch_size=p.batch_size, num_workers=p.num_workers, seed=p.seed, shuffle_buffer=p.data.shuffle_buffer,
+        skip_bad=p.data.skip_bad, max_bad_fraction=p.data.max_bad_fraction, rank=rank, world=world,
+        pin_memory=pin_memory, note="; batches mix image and text-only records",
     )  # fmt: skip
