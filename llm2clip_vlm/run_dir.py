@@ -43,7 +43,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -527,20 +527,3 @@ def checked_outputs(run: Path, what: str, full: bool = False) -> None:
             f"{what} {run} was changed after it was written: {problems[0]}{more}; it is not reused "
             "(rerun the command that made it)"
         )
-
-
-def cached_value(path: Path, key: str, compute: Callable[[], float]) -> tuple[float, bool]:
-    """A number a run computes once per output folder (e.g. stage 1's CRA before training), kept in
-    ``path`` with the ``key`` of what it depends on: ``(value, read back)``. A file that is
-    unreadable or holds another key is computed again and overwritten.
-    """
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            saved = {}
-        if saved.get("key") == key:
-            return float(saved["cra"]), True
-    value = compute()
-    path.write_text(json.dumps({"key": key, "cra": value}) + "\n")
-    return value, False

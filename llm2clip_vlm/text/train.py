@@ -25,7 +25,6 @@ from torch import nn
 from llm2clip_vlm.data.records import ImageCaptions
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.reliability import ReliabilityConfig
-from llm2clip_vlm.run_dir import cached_value
 from llm2clip_vlm.text.config import Stage1Config
 from llm2clip_vlm.text.cra import caption_pairs, caption_retrieval_accuracy
 from llm2clip_vlm.text.e5 import TaskBatches
@@ -266,9 +265,17 @@ def _cra_before(
             [s.model, s.adapters, s.max_length, s.pad_to_multiple_of, s.loop.precision, s.caption_template, pairs]
         ).encode()
     ).hexdigest()
-    cra, earlier = cached_value(out / CRA_BEFORE, key, lambda: _cra(decoder, tokenizer, s, pairs))
-    if earlier:
-        log.info("CRA before training: %.1f (computed by an earlier run, %s)", cra, out / CRA_BEFORE)
+    cached = out / CRA_BEFORE
+    if cached.is_file():
+        try:
+            saved = json.loads(cached.read_text())
+        except json.JSONDecodeError:
+            saved = {}
+        if saved.get("key") == key:
+            log.info("CRA before training: %.1f (computed by an earlier run, %s)", saved["cra"], cached)
+            return float(saved["cra"])
+    cra = _cra(decoder, tokenizer, s, pairs)
+    cached.write_text(json.dumps({"key": key, "cra": cra}) + "\n")
     return cra
 
 
