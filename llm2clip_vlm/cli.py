@@ -462,10 +462,10 @@ def llava_shards(
     ] = 0.01,
 ) -> None:
     """Write LLaVA JSON records and their images as webdataset shards (for `llava.<phase>.data.stream`)."""
+    from llm2clip_vlm.data.conversations import load_llava_records
     from llm2clip_vlm.data.errors import BadRecords
+    from llm2clip_vlm.data.llava_shards import check_prefix, write_llava_shards
     from llm2clip_vlm.identity import file_stamp
-    from llm2clip_vlm.llava.data import load_llava_records
-    from llm2clip_vlm.llava.shards import check_prefix, write_llava_shards
 
     if per_shard <= 0:
         console.print(f"[red]llava-shards:[/red] --per-shard must be positive, got {per_shard}")
@@ -654,9 +654,9 @@ def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | 
                init: Path | None, push_to_hub: str | None = None,
                allow_config_change: bool = False, restart: bool = False) -> None:  # fmt: skip
     from llm2clip_vlm.commands import run_llava
+    from llm2clip_vlm.data.conversations import ConversationError
     from llm2clip_vlm.data.errors import DataError
     from llm2clip_vlm.llava.model import MissingInputError
-    from llm2clip_vlm.llava.templates import ConversationError
 
     cfg = resolve_config(recipe, set_)
     if tower:

@@ -272,3 +272,68 @@ def test_shared_helpers_have_one_definition() -> None:
         for defined in _top_level_definitions(path.read_text()) & set(ONE_DEFINITION):
             where[defined].append(name)
     assert {n: w for n, w in where.items() if len(w) != 1} == {}
+
+
+# What reads files: builtins, pathlib, json/numpy/torch loaders, archives, and the package's data
+# readers (docs/ARCHITECTURE.md: a stage sees records, never files; the command layer reads them).
+FILE_READERS = {"open", "read_text", "read_bytes", "load", "loadtxt", "fromfile", "read_csv", "read_json",
+                "read_parquet", "load_llava_records", "load_caption_set", "load_caption_sets",
+                "resolve_data", "load_text_corpus", "open_table", "index_llava_shards", "phase_data",
+                "read_phase"}  # fmt: skip
+FILE_MODULES = {"tarfile", "webdataset", "pyarrow", "pandas", "zipfile", "csv"}
+
+
+# text/train.py joins once its CRA-before cache moves out of it (the run scaffold's work).
+@pytest.mark.parametrize("trainer", ["text/mntp.py", "vision/train.py", "llava/train.py"])
+def test_trainers_read_no_files(trainer: str) -> None:
+    """A trainer is handed records (and writes its outputs); it opens no data file of its own."""
+    tree = ast.parse((ROOT / PACKAGE / trainer).read_text())
+    calls = sorted(
+        {
+            f"line {node.lineno}: {ast.unparse(node.func)}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+            and (node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", ""))
+            in FILE_READERS
+        }
+    )
+    assert not calls, f"{trainer} reads files: {calls}"
+    modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not modules & FILE_MODULES, f"{trainer} imports {modules & FILE_MODULES}"
+
+
+def test_one_data_policy() -> None:
+    """``skip_bad`` (and the rest of the bad-record / image-check / streaming policy) is declared
+    once, by ``data.config.DataPolicy``; the data sections inherit it."""
+    declared = sorted(
+        f"{name}.{node.name}"
+        for name, path in MODULES.items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef)
+        and any(
+            isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and s.target.id == "skip_bad"
+            for s in node.body
+        )
+    )
+    assert declared == [f"{PACKAGE}.data.config.DataPolicy"], declared
+    from llm2clip_vlm.data.config import DataConfig, DataPolicy
+    from llm2clip_vlm.llava.config import LlavaDataConfig
+
+    assert issubclass(DataConfig, DataPolicy) and issubclass(LlavaDataConfig, DataPolicy)
+
+
+def test_one_streamed_loader() -> None:
+    """Every stage streams through ``data.train_stream.TrainStream`` (its own sample hook and collate):
+    no other module builds a ``ShardStream`` or ``StreamLoader`` (the data bench times the bare
+    shard stream's decoding)."""
+    builders = sorted(
+        name
+        for name, path in MODULES.items()
+        if name != f"{PACKAGE}.bench.data"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("ShardStream", "StreamLoader")
+    )
+    assert set(builders) == {f"{PACKAGE}.data.train_stream"}, builders

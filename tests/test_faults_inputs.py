@@ -463,7 +463,7 @@ def test_sigterm_outside_the_loop_is_one_line_and_143(
     w: World, monkeypatch: pytest.MonkeyPatch, phase: str
 ) -> None:
     from llm2clip_vlm import cli
-    from llm2clip_vlm.llava import shards
+    from llm2clip_vlm.data import llava_shards as shards
     from llm2clip_vlm.store import writer
     from llm2clip_vlm.vision import train
 

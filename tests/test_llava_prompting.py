@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 
+from llm2clip_vlm.data.conversations import LlavaRecord
 from llm2clip_vlm.evaluation.tiny import save_tiny_llava
-from llm2clip_vlm.llava.data import LlavaDataset, LlavaRecord
+from llm2clip_vlm.llava.data import LlavaDataset
 from llm2clip_vlm.llava.evaluate import answer_questions
 from llm2clip_vlm.llava.prompting import expand_image_tokens, generation_ids, left_padded
 from llm2clip_vlm.llava.templates import IGNORE_INDEX, VICUNA_SYSTEM

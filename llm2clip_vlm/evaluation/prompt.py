@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# One source of truth for what training writes and evaluation reads.
+from llm2clip_vlm.data.conversations import IMAGE_PLACEHOLDER as IMAGE_TOKEN
 from llm2clip_vlm.llava.templates import (
     DEFAULT_TEMPLATE,
     REGISTRY,
@@ -23,9 +25,6 @@ from llm2clip_vlm.llava.templates import (
     VICUNA_SYSTEM,
     get_template,
 )
-
-# One source of truth for what training writes and evaluation reads.
-from llm2clip_vlm.llava.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN
 
 
 @dataclass(frozen=True)

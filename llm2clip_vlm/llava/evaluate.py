@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from llm2clip_vlm.data.conversations import LlavaRecord
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.llava.blind import BlindMode, blank_like, derangement
-from llm2clip_vlm.llava.data import LlavaRecord, image_to_pixels, mean_colour
+from llm2clip_vlm.llava.data import image_to_pixels, mean_colour
 from llm2clip_vlm.llava.prompting import generation_ids, left_padded
 from llm2clip_vlm.llava.templates import TemplateName
 from llm2clip_vlm.progress import make_progress
