@@ -76,22 +76,28 @@ class MidRunBadImages:
         seen: Iterable[Sequence[str]] = (),
         write: bool = True,
     ) -> None:
-        self.skip_bad, self.max_bad_fraction = skip_bad, max_bad_fraction
         self.out, self.name, self.write = Path(out), name, write
-        self.seen: list[tuple[str, str]] = [(str(r), str(why)) for r, why in seen]
-        mine = {r for r, _ in self.seen}
+        # The ledger (data.errors.BadRecords): this phase's skips, restored from the checkpoint.
+        self.ledger = BadRecords(skip_bad, max_bad_fraction, name=f"{name} images")
+        self.ledger.take(seen)
+        mine = {r for r, _ in self.ledger.skipped}
         report = self.out / REPORT_FILE
         entry = json.loads(report.read_text()).get(name, {}) if report.is_file() else {}
         # Skipped before training (reading, up-front check); the report also lists this phase's.
-        self.earlier = [
+        self.ledger.earlier = [
             (s["record"], s["reason"]) for s in entry.get("skipped", []) if s["record"] not in mine
         ]
         # The report counts the records as read (with the ones skipped then); ``total`` those kept.
         self.read_total = max(total, int(entry.get("records", 0)))
 
+    @property
+    def seen(self) -> list[tuple[str, str]]:
+        """The records skipped mid-run so far (what the checkpoint stores)."""
+        return self.ledger.skipped
+
     def add(self, failures: Iterable[str]) -> None:
         """Apply the policy to one batch's reported failures (raises DataError to stop)."""
-        known = {r for r, _ in self.seen}
+        known = {r for r, _ in self.ledger.skipped}
         new: list[tuple[str, str]] = []
         for item in failures:
             for record, reason in json.loads(item) if item else []:
@@ -101,17 +107,12 @@ class MidRunBadImages:
         if not new:
             return
         # Met again after a resume: listed in the report by the run before, not an earlier phase.
-        self.earlier = [e for e in self.earlier if e[0] not in known]
-        policy = BadRecords(
-            self.skip_bad, self.max_bad_fraction, name=f"{self.name} images", earlier=self.earlier
-        )
+        self.ledger.earlier = [e for e in self.ledger.earlier if e[0] not in known]
         for record, reason in new:
-            policy.add(record, DataError(reason))  # raises unless skipping
-        self.seen += new
+            self.ledger.add(record, DataError(reason))  # raises unless skipping
         if self.write:
             write_report(self.out, self.name, self.read_total, new)
-        policy.skipped = list(self.seen)
-        policy.check(self.read_total - len(self.earlier))
+        self.ledger.check(self.read_total - len(self.ledger.earlier))
 
 
 def gather_failures(accelerator: Any, failures: Sequence[str]) -> list[str]:

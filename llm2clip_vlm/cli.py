@@ -23,7 +23,8 @@ if __name__ == "__main__" or Path(sys.argv[0]).name == "llm2clip-vlm":
     exit_on_sigterm(at_start=True)  # a SIGTERM while the modules below load is one line too
 
 from llm2clip_vlm import config_io  # noqa: E402
-from llm2clip_vlm.recipe import RunConfig, apply_runtime  # noqa: E402
+from llm2clip_vlm.progress import configure_lines  # noqa: E402
+from llm2clip_vlm.recipe import RunConfig, RuntimeConfig  # noqa: E402
 
 app = typer.Typer(
     name="llm2clip-vlm",
@@ -75,8 +76,20 @@ def demo_recipe_path() -> Path:
     return Path(str(resources.files("llm2clip_vlm") / "recipes" / "demo.yaml"))
 
 
+def apply_runtime(runtime: RuntimeConfig) -> None:
+    """Apply the process settings of a command's config: torch's CPU threads, progress lines."""
+    if runtime.threads < 0:
+        raise ValueError(f"runtime.threads must be >= 0, got {runtime.threads}")
+    configure_lines(runtime.progress_seconds, runtime.progress_steps)
+    if runtime.threads:
+        import torch
+
+        torch.set_num_threads(runtime.threads)
+
+
 def resolve_config(recipe: Path | None, overrides: list[str] | None) -> RunConfig:
-    """Defaults <- recipe (or the embedded demo recipe) <- ``--set`` overrides."""
+    """Defaults <- recipe (or the embedded demo recipe) <- ``--set`` overrides; then the command
+    applies the config's runtime settings to this process (reading a recipe alone never does)."""
     try:
         cfg = config_io.load(RunConfig, recipe or demo_recipe_path(), overrides or [])
         apply_runtime(cfg.runtime)
@@ -139,11 +152,6 @@ def claimed_output(
     return claimed(
         output, command, cfg, allow_config_change=allow_config_change, restart=restart, started=started
     )
-
-
-def _not_built(command: str, issue: str) -> None:
-    console.print(f"[yellow]`llm2clip-vlm {command}` is not built yet[/yellow] ({issue}). Nothing was run.")
-    raise typer.Exit(3)
 
 
 @app.command("demo-data")
@@ -456,10 +464,10 @@ def llava_shards(
     ] = 0.01,
 ) -> None:
     """Write LLaVA JSON records and their images as webdataset shards (for `llava.<phase>.data.stream`)."""
+    from llm2clip_vlm.data.conversations import load_llava_records
     from llm2clip_vlm.data.errors import BadRecords
-    from llm2clip_vlm.data.index import file_identity
-    from llm2clip_vlm.llava.data import load_llava_records
-    from llm2clip_vlm.llava.shards import check_prefix, write_llava_shards
+    from llm2clip_vlm.data.llava_shards import check_prefix, write_llava_shards
+    from llm2clip_vlm.identity import file_stamp
 
     if per_shard <= 0:
         console.print(f"[red]llava-shards:[/red] --per-shard must be positive, got {per_shard}")
@@ -481,7 +489,7 @@ def llava_shards(
         data, image_folder or "", skip_bad=skip_bad, max_bad_fraction=max_bad_fraction, bad=bad
     )
     folder = (image_folder or data.parent).resolve()
-    source = {"data": file_identity(data), "image_folder": str(folder), "skip_bad": skip_bad}
+    source = {"data": file_stamp(data), "image_folder": str(folder), "skip_bad": skip_bad}
     paths = write_llava_shards(
         records, output, per_shard=per_shard, prefix=prefix, source=source, show_progress=True
     )
@@ -658,9 +666,9 @@ def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | 
                init: Path | None, push_to_hub: str | None = None,
                allow_config_change: bool = False, restart: bool = False) -> None:  # fmt: skip
     from llm2clip_vlm.commands import run_llava
+    from llm2clip_vlm.data.conversations import ConversationError
     from llm2clip_vlm.data.errors import DataError
     from llm2clip_vlm.llava.model import MissingInputError
-    from llm2clip_vlm.llava.templates import ConversationError
 
     cfg = resolve_config(recipe, set_)
     if tower:

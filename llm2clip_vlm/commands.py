@@ -34,14 +34,14 @@ from llm2clip_vlm.data.captions import (
     is_text_only,
 )
 from llm2clip_vlm.data.config import DataConfig, train_sets
+from llm2clip_vlm.data.conversations import load_llava_records
 from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.records import ImageCaptions, keep_captions
 from llm2clip_vlm.data.text_corpus import load_text_corpus
 from llm2clip_vlm.hub.cards import llava_card, tower_card
 from llm2clip_vlm.identity import Mode, files_identity, images_identity, path_identity, tree_files
 from llm2clip_vlm.imports.sidecar import offer_sidecars
-from llm2clip_vlm.llava.data import load_llava_records
-from llm2clip_vlm.llava.inputs import PhaseData, phase_data
+from llm2clip_vlm.llava.inputs import PhaseData, phase_data, read_phase
 from llm2clip_vlm.llava.model import check_inputs
 from llm2clip_vlm.llava.train import train_llava
 from llm2clip_vlm.logging import get_logger
@@ -404,9 +404,10 @@ def run_export(
     cfg_file = Path(run_dir) / "config.yaml"
     if cfg is None:
         cfg = config_io.load(RunConfig, cfg_file) if cfg_file.is_file() else RunConfig()
+    datasets = [s.path for s in (*train_sets(cfg.data), *cfg.data.heldout.values())]
     return export_tower(
         run_dir, out_dir, model_dir=model_dir, dtype=dtype, verify=verify,
-        card=lambda provenance: tower_card(provenance, cfg),
+        card=lambda provenance: tower_card(provenance, cfg.hub, datasets),
     )  # fmt: skip
 
 
@@ -418,20 +419,24 @@ def run_llava(
     on_step: Callable[[int, float], None] | None = None,
     claim: Claim | None = None,
 ) -> dict[str, Any]:
-    """``llava-pretrain`` / ``llava-finetune``: resolve the phase's data and train it."""
+    """``llava-pretrain`` / ``llava-finetune``: resolve the phase's data, read its records and train
+    it (see ``train_llava``)."""
 
     out = Path(output_dir)
     check_inputs(cfg.llava, phase, Path(init) if init else None)  # before anything is written
     data = phase_data(cfg.llava, phase, out, demo_dir=cfg.data.demo_dir, demo_seed=cfg.data.demo_seed)
     if claim is not None and claim.main:
         claim.inputs(llava_inputs(cfg, phase, data, Path(init) if init else None))
+    records = read_phase(cfg.llava, phase, data)
     metrics = train_llava(
-        cfg.llava, phase, out, data, init=Path(init) if init else None, reliability=cfg.reliability,
+        cfg.llava, phase, out, records, init=Path(init) if init else None, reliability=cfg.reliability,
         on_step=on_step, tracking=cfg.tracking, run_config=config_io.to_dict(cfg),
         on_ready=config_writer(cfg, out, claim),
     )  # fmt: skip
     if metrics:  # the main process: the hub model card of model/
-        card = llava_card(cfg, phase, metrics, out, Path(init) if init else None, data.records, data.heldout)
+        card = llava_card(
+            cfg.llava, cfg.hub, phase, metrics, out, Path(init) if init else None, data.records, data.heldout
+        )
         (out / "model" / "README.md").write_text(card)
     return metrics
 

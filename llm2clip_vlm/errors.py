@@ -75,7 +75,7 @@ def exit_on_sigterm(at_start: bool = False) -> None:
     """Make SIGTERM raise :class:`Terminated` in this process (the CLI calls it at start-up).
 
     A training loop replaces the handler while it runs (it saves a checkpoint first, see
-    ``training.checkpoint.GracefulExit``) and puts this one back after. A forked child (a
+    ``signals.GracefulExit``) and puts this one back after. A forked child (a
     DataLoader worker) that receives SIGTERM dies of it as before: only the main process prints.
 
     Args:
@@ -121,8 +121,10 @@ def describe(e: BaseException) -> Described | None:
     from llm2clip_vlm.config_io import ConfigError
     from llm2clip_vlm.data.errors import DataError
     from llm2clip_vlm.resources import FULL_ERRNOS, ResourceError, classify
-    from llm2clip_vlm.training.checkpoint import CheckpointError, NonFiniteError, TrainingInterrupted
+    from llm2clip_vlm.signals import TrainingInterrupted
+    from llm2clip_vlm.training.checkpoint import CheckpointError
     from llm2clip_vlm.training.dist import PrecisionConflictError
+    from llm2clip_vlm.training.guards import NonFiniteError
 
     if isinstance(e, TrainingInterrupted):  # SIGTERM/SIGINT: a checkpoint was saved first
         return Described("", str(e), e.exit_code, style="yellow")
@@ -165,12 +167,13 @@ def describe(e: BaseException) -> Described | None:
 
 def _store_error(e: BaseException) -> Described | None:
     from llm2clip_vlm.store.format import StoreInputError
-    from llm2clip_vlm.store.reader import StoreMismatchError
+    from llm2clip_vlm.store.reader import StoreConflictError, StoreMismatchError
 
     if isinstance(e, StoreMismatchError):
+        # A conflicting output folder already says what to do; any other mismatch gets the way out.
         hint = (
             ""
-            if "remove" in str(e) or "rerun" in str(e)
+            if isinstance(e, StoreConflictError)
             else " (run `llm2clip-vlm embed` with this data and encoder, or pass the matching --store)"
         )
         return Described("store refused", f"{e}{hint}", 1)

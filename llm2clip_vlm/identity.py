@@ -18,7 +18,6 @@ data set (sampled), or all of them (full).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Literal
 
 Mode = Literal["sampled", "full"]
 BLOCK = 64 * 1024
+STAMP_BLOCK = 4096  # file_stamp's blocks
 
 
 def file_sha256(path: str | Path) -> str:
@@ -37,18 +37,35 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def sampled_sha256(path: str | Path, size: int, block: int = BLOCK, prefix: bytes = b"") -> str:
+    """sha256 of ``prefix`` and three ``block``-byte blocks of a ``size``-byte file: start, middle, end."""
+    h = hashlib.sha256(prefix)
+    with open(path, "rb") as f:
+        for offset in sorted({0, max(0, size // 2 - block // 2), max(0, size - block)}):
+            f.seek(offset)
+            h.update(f.read(block))
+    return h.hexdigest()
+
+
 def file_identity(path: str | Path, mode: Mode = "sampled") -> str:
     """The identity of one file (see the module docstring); raises OSError if it cannot be read."""
     path = Path(path)
     st = os.stat(path)
     if mode == "full":
         return hashlib.sha256(f"{st.st_size}|{file_sha256(path)}".encode()).hexdigest()
-    h = hashlib.sha256(f"{st.st_size}|{st.st_mtime_ns}|".encode())
-    with open(path, "rb") as f:
-        for offset in sorted({0, max(0, st.st_size // 2 - BLOCK // 2), max(0, st.st_size - BLOCK)}):
-            f.seek(offset)
-            h.update(f.read(BLOCK))
-    return h.hexdigest()
+    return sampled_sha256(path, st.st_size, BLOCK, f"{st.st_size}|{st.st_mtime_ns}|".encode())
+
+
+def file_stamp(path: str | Path) -> dict[str, object]:
+    """A cache key's view of a file: its resolved path, size, mtime and a sampled sha256.
+
+    Cheaper than :func:`file_identity` (three 4 KiB blocks: ~15 MB read for 1200 shards, not
+    230 MB); the data indexes and the image-check and GGUF caches are keyed by it.
+    """
+    p = Path(path).resolve()
+    st = p.stat()
+    digest = sampled_sha256(p, st.st_size, STAMP_BLOCK)
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample_sha256": digest}
 
 
 def files_identity(paths: Iterable[str | Path], mode: Mode = "sampled") -> dict[str, str]:
@@ -65,11 +82,6 @@ def folder_files(folder: str | Path, suffixes: tuple[str, ...] = ()) -> list[Pat
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_file() and (not suffixes or p.name.endswith(suffixes)))
-
-
-def combine(parts: object) -> str:
-    """One sha256 over a JSON-serialisable structure of identities."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def tree_files(folder: str | Path) -> list[Path]:

@@ -9,7 +9,7 @@ report is what a run will see, and every layout a reader learns comes along):
   columns, vectorised chunk by chunk; no per-record Python object is kept, so 10M records fit in
   the data path's own memory budget;
 - LLaVA records (a JSON/JSONL file of ``conversations``, or ``llava-shards`` output), through
-  :func:`~llm2clip_vlm.llava.data.load_llava_records` (images not decoded up front).
+  :func:`~llm2clip_vlm.data.conversations.load_llava_records` (images not decoded up front).
 
 It reports the format, records, bad records by cause (missing image files, duplicate keys,
 damaged shards, ...), images decodable on a sample (or all), captions per kind with token-length
@@ -44,10 +44,10 @@ from llm2clip_vlm.data.captions import (
 )
 from llm2clip_vlm.data.check import check_caption_images
 from llm2clip_vlm.data.config import CaptionSetConfig
+from llm2clip_vlm.data.conversations import load_llava_records
 from llm2clip_vlm.data.errors import BadRecords, DataError
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.data.index import KIND_NAMES, scan_tar
-from llm2clip_vlm.llava.data import load_llava_records
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
 

@@ -9,7 +9,6 @@ from llm2clip_vlm.config_io import COUNT, NONNEGATIVE, Range
 from llm2clip_vlm.data.config import DataConfig
 from llm2clip_vlm.hub.config import HubConfig
 from llm2clip_vlm.llava.config import LlavaConfig
-from llm2clip_vlm.progress import configure_lines
 from llm2clip_vlm.reliability import ReliabilityConfig
 from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.text.config import Stage1Config
@@ -19,7 +18,11 @@ from llm2clip_vlm.vision.config import ExportConfig, Stage2Config
 
 @dataclass
 class RuntimeConfig:
-    """Process settings that change speed, not results (no stage fingerprint includes them)."""
+    """Process settings that change speed, not results (no stage fingerprint includes them).
+
+    Reading a recipe never applies them: the CLI does, once a command has its config
+    (``cli.apply_runtime``).
+    """
 
     # torch intra-op CPU threads; 0 = torch's default (one per core). On a CPU shared with other
     # busy processes, fewer threads than cores avoids OpenMP threads spinning while they wait for
@@ -36,17 +39,6 @@ class RuntimeConfig:
         "progress_seconds": NONNEGATIVE,
         "progress_steps": COUNT,
     }
-
-
-def apply_runtime(runtime: RuntimeConfig) -> None:
-    """Apply ``runtime`` to this process (called once a command has resolved its config)."""
-    if runtime.threads < 0:
-        raise ValueError(f"runtime.threads must be >= 0, got {runtime.threads}")
-    configure_lines(runtime.progress_seconds, runtime.progress_steps)
-    if runtime.threads:
-        import torch
-
-        torch.set_num_threads(runtime.threads)
 
 
 @dataclass

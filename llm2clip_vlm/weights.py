@@ -4,8 +4,7 @@ transformers' ``from_pretrained(..., use_safetensors=True)`` refuses a directory
 ``pytorch_model.bin`` with "no file named model.safetensors", which does not say why nor how to
 allow it. Every loader of ours calls :func:`require_safetensors` first, which names the pickle,
 the risk and the opt-in (``reliability.allow_pickle_weights``), and then passes
-``checkpointing.from_pretrained_kwargs`` to ``from_pretrained`` so transformers enforces the same
-choice.
+:func:`from_pretrained_kwargs` to ``from_pretrained`` so transformers enforces the same choice.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from llm2clip_vlm.errors import HINT_PICKLE, BadInputFileError, PickleRefusedError, UserError
 from llm2clip_vlm.resources import ResourceError
@@ -27,6 +27,18 @@ _DTYPE_BYTES = {
 
 # Weight files that are pickles: loading one can run arbitrary code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def from_pretrained_kwargs(allow_pickle: bool = False) -> dict[str, Any]:
+    """Keyword arguments for transformers' ``from_pretrained`` that keep loading safe.
+
+    ``trust_remote_code=False`` (never run a model repository's Python) and, unless pickles are
+    explicitly allowed, ``use_safetensors=True`` (refuse ``pytorch_model.bin``).
+    """
+    kw: dict[str, Any] = {"trust_remote_code": False}
+    if not allow_pickle:
+        kw["use_safetensors"] = True
+    return kw
 
 
 def weight_files(folder: str | Path) -> tuple[list[Path], list[Path]]:

@@ -419,7 +419,7 @@ def test_stage2_refuses_weights_with_streaming_before_any_work(tmp_path: Path) -
 
 
 def test_llava_data_with_a_forgotten_image_folder_names_it(tmp_path: Path) -> None:
-    from llm2clip_vlm.llava.data import load_llava_records
+    from llm2clip_vlm.data.conversations import load_llava_records
 
     path = write_llava_pretrain(tmp_path, 6)
     with pytest.raises(DataError) as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import random
@@ -14,18 +15,12 @@ import pytest
 import torch
 from torch import nn
 
+from llm2clip_vlm.errors import PickleRefusedError
+from llm2clip_vlm.signals import GracefulExit, TrainingInterrupted
 from llm2clip_vlm.training import checkpoint as checkpointing
-from llm2clip_vlm.training.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    CheckpointWriteError,
-    GracefulExit,
-    NonFiniteError,
-    NonFiniteGuard,
-    TrainingInterrupted,
-    from_pretrained_kwargs,
-    load_weights,
-)
+from llm2clip_vlm.training.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError
+from llm2clip_vlm.training.guards import NonFiniteError, NonFiniteGuard
+from llm2clip_vlm.weights import from_pretrained_kwargs, require_safetensors
 
 
 def _setup(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -126,13 +121,21 @@ class _Evil:
 
 def test_pickle_weights_refused_unless_allowed(tmp_path: Path) -> None:
     torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="pickle checkpoint.*allow_pickle_weights"):
-        load_weights(tmp_path / "pytorch_model.bin")
-    assert torch.equal(load_weights(tmp_path / "pytorch_model.bin", allow_pickle=True)["w"], torch.ones(2))
-    with open(tmp_path / "evil.pt", "wb") as f:
+    with pytest.raises(PickleRefusedError, match="pytorch_model.bin.*allow_pickle_weights"):
+        require_safetensors(tmp_path, allow_pickle=False)
+    require_safetensors(tmp_path, allow_pickle=True)
+
+
+def test_a_checkpoint_never_unpickles_code(tmp_path: Path) -> None:
+    model, opt, sched = _setup()
+    path = Checkpointer(tmp_path).save(1, weights=model.state_dict(), scheduler=sched, state={})
+    with open(path / "scheduler.pt", "wb") as f:  # a scheduler state that runs code when unpickled
         pickle.dump({"w": _Evil()}, f)
-    with pytest.raises(CheckpointError, match="weights_only"):
-        load_weights(tmp_path / "evil.pt", allow_pickle=True)
+    meta = json.loads((path / "checkpoint.json").read_text())
+    meta["files"].pop("scheduler.pt"), meta["sha256"].pop("scheduler.pt")  # past the checksums
+    (path / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="cannot be resumed from: UnpicklingError"):
+        Checkpointer(tmp_path).load(scheduler=sched)
     assert from_pretrained_kwargs() == {"trust_remote_code": False, "use_safetensors": True}
     assert from_pretrained_kwargs(allow_pickle=True) == {"trust_remote_code": False}
 
@@ -162,8 +165,6 @@ def test_sigterm_finishes_the_step_then_raises() -> None:
 
 def test_same_world_size_refuses_a_checkpoint_of_another_process_count(tmp_path: Path) -> None:
     from types import SimpleNamespace
-
-    from llm2clip_vlm.training.checkpoint import CheckpointError
 
     model, opt, _ = _setup()
     Checkpointer(tmp_path).save(1, weights=model.state_dict(), optimizer=opt, state={})

@@ -77,7 +77,7 @@ def test_llava_images_are_checked_once_with_the_same_switch(
 
     from PIL import Image
 
-    import llm2clip_vlm.llava.data as llava_data
+    import llm2clip_vlm.data.conversations as llava_data
 
     monkeypatch.setenv("LLM2CLIP_VLM_CACHE", str(tmp_path / "cache"))
     for i in range(3):

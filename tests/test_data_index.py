@@ -14,7 +14,7 @@ from PIL import Image
 
 from llm2clip_vlm.data.captions import index_caption_set, load_caption_set
 from llm2clip_vlm.data.config import CaptionSetConfig
-from llm2clip_vlm.data.index import file_identity
+from llm2clip_vlm.identity import file_stamp
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +47,7 @@ def test_second_open_reuses_the_index_and_a_changed_file_rebuilds(tmp_path: Path
         f.write(json.dumps({"image": "a.png", "key": "new", "short_captions": ["x"]}) + "\n")
     assert len(index_caption_set(cfg)) == 51
     assert len(list((_cache / "index").iterdir())) == 3
-    ident = file_identity(m)
+    ident = file_stamp(m)
     assert set(ident) == {"path", "size", "mtime_ns", "sample_sha256"}
 
 

@@ -247,9 +247,9 @@ def test_sidecars_of_another_model_are_ignored_in_one_line(
 
 
 def test_a_truncated_llava_shard_is_named_or_its_readable_records_kept(tmp_path: Path) -> None:
+    from llm2clip_vlm.data.conversations import load_llava_records
+    from llm2clip_vlm.data.llava_shards import write_llava_shards
     from llm2clip_vlm.data.synthetic_llava import write_llava_demo
-    from llm2clip_vlm.llava.data import load_llava_records
-    from llm2clip_vlm.llava.shards import write_llava_shards
 
     write_llava_demo(
         tmp_path / "llava", pretrain_images=8, instruct_images=2, heldout_images=2, image_size=16

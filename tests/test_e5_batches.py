@@ -28,7 +28,8 @@ from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.text.lora import merge_adapters
 from llm2clip_vlm.text.modeling import ModelRef, load_bidirectional
 from llm2clip_vlm.text.tiny import tiny_config
-from llm2clip_vlm.text.train import CHECKPOINTS, train_stage1
+from llm2clip_vlm.text.train import train_stage1
+from llm2clip_vlm.training.checkpoint import CHECKPOINTS
 
 SEP = "!@#$%^&*()"  # E5Data's separator
 INSTRUCTIONS = {

@@ -26,13 +26,13 @@ from llm2clip_vlm.evaluation.lmms_model import (  # noqa: E402
     LLM2CLIPLlava,
     PreparedRequest,
     batch_order,
-    expand2square,
     truncate_at_stop,
 )
 from llm2clip_vlm.evaluation.local_tasks import write_local_tasks  # noqa: E402
 from llm2clip_vlm.evaluation.prompt import VICUNA_SYSTEM  # noqa: E402
 from llm2clip_vlm.evaluation.synthetic_tasks import write_eval_data  # noqa: E402
 from llm2clip_vlm.evaluation.tiny import save_tiny_llava  # noqa: E402
+from llm2clip_vlm.llava.data import expand_to_square  # noqa: E402
 
 TASKS = ["mme", "scienceqa_img", "vizwiz_vqa_val"]
 SPLITS = {"mme": "test", "scienceqa_img": "test", "vizwiz_vqa_val": "val"}
@@ -327,7 +327,7 @@ def test_blind_option_withholds_each_requests_image(world: dict[str, Path]) -> N
 
 
 def test_helpers_and_bad_arguments(world: dict[str, Path], tmp_path: Path) -> None:
-    square = expand2square(Image.new("RGB", (4, 2), (255, 0, 0)), (122, 116, 104))
+    square = expand_to_square(Image.new("RGB", (4, 2), (255, 0, 0)), (122, 116, 104))
     assert square.size == (4, 4)
     assert square.getpixel((0, 0)) == (122, 116, 104) and square.getpixel((0, 1)) == (255, 0, 0)
     assert truncate_at_stop("yes ASSISTANT: no", ["ASSISTANT:", "\n"]) == "yes "

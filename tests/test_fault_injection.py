@@ -1,21 +1,14 @@
-"""Every case of scripts/fault_injection.py (through the CLI), plus fast in-process checks of its parts."""
+"""Every case of tests/fault_injection.py (through the CLI), plus fast in-process checks of its parts."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import fault_injection as fi
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fault_injection.py"
-_spec = importlib.util.spec_from_file_location("fault_injection", SCRIPT)
-fi = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-sys.modules["fault_injection"] = fi
-_spec.loader.exec_module(fi)  # type: ignore[union-attr]
 
 
 @pytest.fixture(scope="module")

@@ -30,14 +30,11 @@ from llm2clip_vlm.data import DataError, load_caption_set
 from llm2clip_vlm.data.config import CaptionSetConfig
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.recipe import RunConfig
+from llm2clip_vlm.signals import TrainingInterrupted
 from llm2clip_vlm.text.tiny import save_tiny_llm
 from llm2clip_vlm.training import checkpoint as checkpointing
-from llm2clip_vlm.training.checkpoint import (
-    Checkpointer,
-    CheckpointWriteError,
-    NonFiniteError,
-    TrainingInterrupted,
-)
+from llm2clip_vlm.training.checkpoint import Checkpointer, CheckpointWriteError
+from llm2clip_vlm.training.guards import NonFiniteError
 from llm2clip_vlm.training.losses import ClipLoss
 
 DRIVER = Path(__file__).with_name("fault_driver.py")

@@ -182,12 +182,17 @@ def test_a_damaged_store_sidecar_is_redone_and_a_damaged_plan_named(w: World) ->
     one_line(r, 1, f"{store}/heldout-long/plan.json: not valid JSON")
 
 
+def _no_line_breaks(data: bytes) -> bytes:
+    """Random bytes as one line: without \\n and \\r, both of which bytes.splitlines (the reader's) breaks at."""
+    return bytes(b for b in data if b not in b"\n\r")
+
+
 def test_random_bytes_in_metrics_jsonl_are_one_warning_and_resume_and_report_work(w: World) -> None:
     run = w.copy(w.stage2_run, "s2-metrics")
     m = run / "metrics.jsonl"
     good = m.read_bytes()
     # A damaged line inside the file (named), and a torn last line (a killed run's, silently left out).
-    m.write_bytes(good + b"\x92\xff\x00garbage{{\n" + os.urandom(64).replace(b"\n", b"") + b"\n")
+    m.write_bytes(good + b"\x92\xff\x00garbage{{\n" + _no_line_breaks(os.urandom(64)) + b"\n")
     r = run_main("report", str(run), "-o", str(w.root / "metrics-report.html"))
     assert r.code == 0, r.err[-3000:]
     assert len([ln for ln in r.lines() if f"{m}: 1 damaged line(s) left out" in ln]) == 1, r.err
@@ -458,7 +463,7 @@ def test_sigterm_outside_the_loop_is_one_line_and_143(
     w: World, monkeypatch: pytest.MonkeyPatch, phase: str
 ) -> None:
     from llm2clip_vlm import cli
-    from llm2clip_vlm.llava import shards
+    from llm2clip_vlm.data import llava_shards as shards
     from llm2clip_vlm.store import writer
     from llm2clip_vlm.vision import train
 

@@ -113,7 +113,7 @@ def test_tower_card_names_a_hub_backbone_as_base_model() -> None:
         "stage2": config_io.to_dict(cfg.stage2), "run_dir": "/r", "retrieval": {"coco": r},
         "retrieval_before": {}, "train": {"steps": 1},
     }  # fmt: skip
-    meta = front_matter(tower_card(p, cfg))
+    meta = front_matter(tower_card(p, cfg.hub, []))
     assert meta["base_model"] == "openai/clip-vit-large-patch14-336"
     assert meta["model-index"][0]["results"][0]["dataset"]["name"] == "coco (held-out)"
 

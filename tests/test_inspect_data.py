@@ -152,8 +152,8 @@ def test_undecodable_images_and_long_captions(tmp_path: Path, tokenizer_model: P
 
 
 def test_llava_json_and_its_shards(tmp_path: Path, tokenizer_model: Path) -> None:
+    from llm2clip_vlm.data.conversations import load_llava_records
     from llm2clip_vlm.data.synthetic_llava import write_llava_demo
-    from llm2clip_vlm.llava.data import load_llava_records
 
     write_llava_demo(
         tmp_path / "llava", pretrain_images=6, instruct_images=6, heldout_images=2, image_size=16

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from llm2clip_vlm.data.conversations import LlavaRecord
 from llm2clip_vlm.llava.blind import derangement
-from llm2clip_vlm.llava.data import LlavaRecord
 from llm2clip_vlm.llava.evaluate import answer_questions, majority_answers, score
 from llm2clip_vlm.text.tiny import save_tiny_llm
 
@@ -243,7 +243,7 @@ def test_a_tiny_llava_trained_on_colours_loses_its_accuracy_blind(tmp_path: Path
 
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from llm2clip_vlm.llava.data import load_llava_records
+    from llm2clip_vlm.data.conversations import load_llava_records
 
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ft" / "model")
     proc = AutoProcessor.from_pretrained(tmp_path / "ft" / "model")

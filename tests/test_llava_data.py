@@ -10,15 +10,10 @@ import torch
 from PIL import Image
 from transformers import AddedToken, CLIPImageProcessor
 
+from llm2clip_vlm.data.conversations import load_llava_records
 from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.synthetic_llava import QUESTION_TYPES, make_question, write_llava_demo
-from llm2clip_vlm.llava.data import (
-    Collator,
-    LlavaDataset,
-    ModalityBatchSampler,
-    expand_to_square,
-    load_llava_records,
-)
+from llm2clip_vlm.llava.data import Collator, LlavaDataset, ModalityBatchSampler, expand_to_square
 from llm2clip_vlm.llava.templates import IGNORE_INDEX
 from llm2clip_vlm.text.tiny import tiny_tokenizer
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llm2clip_vlm.llava.data import load_llava_records
-from llm2clip_vlm.llava.shards import write_llava_shards
+from llm2clip_vlm.data.conversations import load_llava_records
+from llm2clip_vlm.data.llava_shards import write_llava_shards
 
 QA = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A picture."}]
 

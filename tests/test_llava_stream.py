@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 from llm2clip_vlm import config_io
 from llm2clip_vlm.commands import run_llava
+from llm2clip_vlm.data.conversations import load_llava_records
 from llm2clip_vlm.data.errors import DataError
+from llm2clip_vlm.data.llava_shards import write_llava_shards
 from llm2clip_vlm.data.synthetic_llava import write_llava_demo
 from llm2clip_vlm.llava import train as llava_train
-from llm2clip_vlm.llava.data import load_llava_records
-from llm2clip_vlm.llava.shards import write_llava_shards
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.text.tiny import save_tiny_llm
 from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
@@ -139,6 +139,18 @@ def test_a_bad_image_stops_naming_it_or_is_skipped_and_counted(parts, tmp_path: 
     assert metrics["bad_records"]["records"][0]["record"].endswith("llava-000000.tar:000000003")
     listed = json.loads((tmp_path / "skip" / "bad_records.json").read_text())["bad"]
     assert listed["records"] == 24 and listed["skipped"][0]["record"].endswith("llava-000000.tar:000000003")
+
+
+def test_a_bad_record_met_in_every_epoch_is_one_skipped_record(parts, tmp_path: Path) -> None:
+    # 24 records, 8 a step: steps 4-6 are the second epoch and meet the bad image again. The
+    # stream's ledger (data.errors.BadRecords, as stage 2's) lists it once, in metrics.json as in
+    # bad_records.json.
+    skip = ["llava.pretrain.data.skip_bad=true", "llava.pretrain.data.max_bad_fraction=0.1"]
+    skip.append("llava.pretrain.loop.max_steps=6")
+    metrics = run_llava(_cfg(parts, parts["bad"], skip), tmp_path / "skip", "pretrain")
+    assert metrics["steps"] == 6 and metrics["bad_records"]["count"] == 1
+    listed = json.loads((tmp_path / "skip" / "bad_records.json").read_text())["bad"]
+    assert [s["record"] for s in listed["skipped"]] == [metrics["bad_records"]["records"][0]["record"]]
 
 
 def _worker(

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 from transformers import AddedToken
 
+from llm2clip_vlm.data.conversations import ConversationError, check_image_placeholders
 from llm2clip_vlm.llava.templates import (
     IGNORE_INDEX,
     VICUNA_SYSTEM,
-    ConversationError,
-    check_image_placeholders,
     generation_prompt,
     render,
     tokenize_conversation,

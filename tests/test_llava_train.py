@@ -257,7 +257,8 @@ def test_token_loss_equals_transformers_loss_with_logits_kept_only_where_needed(
 ) -> None:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from llm2clip_vlm.llava.data import Collator, LlavaDataset, load_llava_records
+    from llm2clip_vlm.data.conversations import load_llava_records
+    from llm2clip_vlm.llava.data import Collator, LlavaDataset
     from llm2clip_vlm.llava.step import token_loss_sum
 
     model = LlavaForConditionalGeneration.from_pretrained(pretrained / "model").eval()

@@ -1,14 +1,13 @@
 """Issue 27, items 1-3, through the real CLI entry point: every rerun knows its inputs, an output
 folder has one owner (a lock, run.json at start), and build-tower never reuses a changed artifact.
 
-Each test drives ``python -m llm2clip_vlm.cli`` on the tiny world of ``scripts/fault_injection.py``
+Each test drives ``python -m llm2clip_vlm.cli`` on the tiny world of ``tests/fault_injection.py``
 and asserts the one line, the exit status, and that nothing was lost or reused stale.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,15 +16,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import fault_injection as fi
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fault_injection.py"
-if "fault_injection" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("fault_injection", SCRIPT)
-    _mod = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-    sys.modules["fault_injection"] = _mod
-    _spec.loader.exec_module(_mod)  # type: ignore[union-attr]
-fi = sys.modules["fault_injection"]
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from llm2clip_vlm.text.cra import caption_pairs, cra_from_embeddings
 from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.text.modeling import ModelRef, load_bidirectional
 from llm2clip_vlm.text.tiny import save_tiny_llm
-from llm2clip_vlm.text.train import CHECKPOINTS, train_stage1
-from llm2clip_vlm.training.checkpoint import Checkpointer
+from llm2clip_vlm.text.train import train_stage1
+from llm2clip_vlm.training.checkpoint import CHECKPOINTS, Checkpointer
 from llm2clip_vlm.training.config import LoopConfig
 
 COLOURS = ["red", "blue", "green", "yellow"]

@@ -23,8 +23,8 @@ from llm2clip_vlm.data.captions import load_caption_set, record_index
 from llm2clip_vlm.data.config import CaptionSetConfig
 from llm2clip_vlm.data.stream import StreamPlan
 from llm2clip_vlm.recipe import RunConfig
-from llm2clip_vlm.training.checkpoint import Checkpointer
-from llm2clip_vlm.vision.train import CHECKPOINTS, HeldoutSet, train_stage2
+from llm2clip_vlm.training.checkpoint import CHECKPOINTS, Checkpointer
+from llm2clip_vlm.vision.train import HeldoutSet, train_stage2
 
 TINY = [
     "stage2.backbone.image_size=32",

@@ -366,3 +366,15 @@ def test_two_processes_write_the_same_store_as_one(
     shares = [list(fmt.rank_shards(n_shards, r, 2)) for r in range(2)]
     assert shares[0] + shares[1] == list(range(n_shards)) and abs(len(shares[0]) - len(shares[1])) <= 1
     assert store_files(out) == store_files(full_store)
+
+
+def test_store_errors_are_described_by_type_not_wording() -> None:
+    from llm2clip_vlm.errors import describe
+    from llm2clip_vlm.store.reader import StoreConflictError
+
+    conflict = describe(StoreConflictError("out holds a store built from other inputs; remove it"))
+    assert conflict is not None and conflict.message == "out holds a store built from other inputs; remove it"
+    # Any other mismatch gets the way out, whatever words its message happens to use.
+    other = describe(StoreMismatchError("shard x.npy is missing (remove nothing)"))
+    assert other is not None and other.message.endswith("or pass the matching --store)")
+    assert other.label == conflict.label == "store refused" and other.exit_code == conflict.exit_code == 1

@@ -50,8 +50,8 @@ def test_cheap_open_reads_no_shard_and_still_refuses_what_is_cheap_to_see(
     out = write_store(encoder, records, tmp_path / "s", CFG)
     monkeypatch.setattr(reader, "FULL_CHECK_BYTES", 0)  # as if the store were large
     hashed: list[str] = []
-    real = fmt.file_sha256
-    monkeypatch.setattr(fmt, "file_sha256", lambda p: (hashed.append(str(p)), real(p))[1])
+    real = reader.file_sha256
+    monkeypatch.setattr(reader, "file_sha256", lambda p: (hashed.append(str(p)), real(p))[1])
     EmbeddingStore.open(out, captions=records)
     assert hashed == []  # no shard re-hashed
     with pytest.raises(StoreMismatchError, match="captions of"):

@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import AutoModel
 
 from llm2clip_vlm import LLM2CLIPVisionTower
-from llm2clip_vlm.tower.backbones import known_tower_types, resolve_tower_path
+from llm2clip_vlm.tower.formats import known_tower_types, resolve_tower_path
 from llm2clip_vlm.tower.image_processor import SquareResizeProcessorView
 from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
 

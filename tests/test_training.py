@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from llm2clip_vlm.training import dist
-from llm2clip_vlm.training.checkpoint import Checkpointer, NonFiniteError
+from llm2clip_vlm.training.checkpoint import Checkpointer
 from llm2clip_vlm.training.config import LoopConfig
+from llm2clip_vlm.training.guards import NonFiniteError
 from llm2clip_vlm.training.loop import Run, Stage, StepOutput, TrainState
 from llm2clip_vlm.training.optim import adamw, grouped, lr_factor, make_scheduler, warmup_steps
 

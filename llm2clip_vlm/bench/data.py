@@ -57,12 +57,12 @@ from llm2clip_vlm.data.captions import (
 )
 from llm2clip_vlm.data.check import check_caption_images
 from llm2clip_vlm.data.config import CaptionSetConfig
+from llm2clip_vlm.data.conversations import load_llava_records
 from llm2clip_vlm.data.errors import BadRecords
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.data.records import keep_captions
 from llm2clip_vlm.data.stream import ShardStream
 from llm2clip_vlm.identity import images_identity
-from llm2clip_vlm.llava.data import load_llava_records
 from llm2clip_vlm.store.config import EmbedConfig
 from llm2clip_vlm.store.store import EmbeddingStore, write_store
 from llm2clip_vlm.vision.data import Stage2TrainData, train_loader

@@ -39,7 +39,7 @@ from llm2clip_vlm.data.images import interrupted_check
 from llm2clip_vlm.data.index import cache_root
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
-from llm2clip_vlm.training.checkpoint import GracefulExit
+from llm2clip_vlm.signals import GracefulExit
 
 log = get_logger(__name__)
 

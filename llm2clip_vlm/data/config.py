@@ -1,4 +1,6 @@
-"""Config sections for the data sets every stage reads (image-caption sets and a text corpus)."""
+"""Config sections for the data sets every stage reads (image-caption sets and a text corpus), and
+the one :class:`DataPolicy` (bad records, the up-front image check, streaming) that both data
+sections embed: ``data`` (stages 1 and 2, ``embed``) and ``llava.<phase>.data``."""
 
 from __future__ import annotations
 
@@ -6,6 +8,39 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from llm2clip_vlm.config_io import COUNT, FRACTION, RATE, SEED, SIZE, Range
+
+
+@dataclass
+class DataPolicy:
+    """How a stage reads its data: what a bad record does, whether images are decoded up front, and
+    whether the training set is streamed. Embedded (as a base class: the recipe keys stay
+    ``data.skip_bad``, ``llava.finetune.data.skip_bad``, ...) by :class:`DataConfig` and
+    ``llava.config.LlavaDataConfig``."""
+
+    # Bad records (unreadable or missing image, malformed record or conversation): False = stop at
+    # the first with a message naming it; True = skip, count and report them
+    # (``bad_records.json``, ``metrics.json``), but stop if more than ``max_bad_fraction`` is bad.
+    skip_bad: bool = False
+    max_bad_fraction: float = 0.01
+    # Decode every image once before training, so a broken image is found (and stopped at or
+    # skipped) up front, not hours into the run; the result is cached by the data set's identity
+    # (docs/DATA.md), so a second start decodes nothing. False = find it when it is reached.
+    verify_images: bool = True
+    # Worker threads of that check.
+    check_workers: int = 4
+    # Shards (or an indexed manifest for stage 2): stream the training set instead of sampling it
+    # at random. Each process and DataLoader worker reads its own shards in order through a
+    # shuffle buffer of this many records; the stream position is saved with every checkpoint.
+    # Images are then checked while training (under the same skip_bad policy), not up front.
+    stream: bool = False
+    shuffle_buffer: int = 2000
+
+    # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "max_bad_fraction": FRACTION,
+        "check_workers": COUNT,
+        "shuffle_buffer": COUNT,
+    }
 
 
 @dataclass
@@ -52,8 +87,9 @@ class CaptionSetConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where the data of a run comes from. An empty ``train.path`` means the synthetic demo world."""
+class DataConfig(DataPolicy):
+    """Where the data of a run comes from (and, from :class:`DataPolicy`, how it is read). An empty
+    ``train.path`` means the synthetic demo world."""
 
     # Synthetic demo world (``llm2clip-vlm demo-data``): written here when missing; empty = <output>/demo-data.
     demo_dir: str = ""
@@ -69,30 +105,14 @@ class DataConfig:
     text_corpus: list[str] = field(default_factory=list)
     # Share of stage-1 MNTP samples drawn from the text corpus (0 = captions only).
     text_corpus_ratio: float = 0.0
-    # Bad-input policy: False = stop at the first bad record with a message naming it;
-    # True = skip, count and report, but stop if more than ``max_bad_fraction`` is bad.
-    skip_bad: bool = False
-    max_bad_fraction: float = 0.01
-    # Decode every image once before stage 2 / LLaVA training, so a broken image is found (and
-    # stopped at or skipped) up front, not hours into the run. False = find it when it is reached.
-    verify_images: bool = True
-    # Worker threads of that check (its result is cached by the data set's identity: see docs/DATA.md).
-    check_workers: int = 4
-    # Stage 2: stream the training set instead of sampling it at random: each process and
-    # DataLoader worker reads its own shards in order through a shuffle buffer of this many
-    # records (images are then checked while training, under the same skip_bad policy).
-    stream: bool = False
-    shuffle_buffer: int = 2000
 
     # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
     RANGES: ClassVar[dict[str, Range]] = {
+        **DataPolicy.RANGES,
         "demo_seed": SEED,
         "demo_train_images": SIZE,
         "demo_heldout_images": COUNT,
         "text_corpus_ratio": FRACTION,
-        "max_bad_fraction": FRACTION,
-        "check_workers": COUNT,
-        "shuffle_buffer": COUNT,
     }
 
 

@@ -1,12 +1,14 @@
 """The bad-input policy every stage applies: :class:`DataError` names the file/record and the
 problem; :class:`BadRecords` stops at the first bad record, or skips, counts and reports them
-(``bad_records.json``, :func:`write_report`)."""
+(``bad_records.json``, :func:`write_report`). A :class:`BadRecords` is also the one ledger of the
+records a run skipped, whoever found them: the reader, the up-front image check, a DataLoader
+worker mid-run (:mod:`llm2clip_vlm.bad_samples`) or a stream (:mod:`llm2clip_vlm.data.train_stream`)."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,21 @@ class BadRecords:
         if not self.skip_bad:
             raise DataError(f"{error} (set {self.option}=true to skip bad records)") from error
         self.skipped.append((where, str(error)))
+
+    def take(self, pairs: Iterable[Sequence[str]]) -> list[tuple[str, str]]:
+        """Note ``[record, reason]`` pairs skipped elsewhere (a DataLoader worker, another rank, the
+        run resumed from), each record once: whoever skipped them applied the policy. The new ones."""
+        pairs = list(pairs)
+        if not pairs:  # the common case (a batch without skips): no pass over the ledger
+            return []
+        known = {r for r, _ in self.skipped}
+        new: list[tuple[str, str]] = []
+        for record, reason in pairs:
+            if record not in known:
+                known.add(record)
+                new.append((str(record), str(reason)))
+        self.skipped += new
+        return new
 
     def check(self, total: int) -> None:
         """After a pass over ``total`` records: log the skips and stop if too many were bad.

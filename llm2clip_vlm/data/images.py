@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import signal
 from pathlib import Path
-from typing import Any
 
-from llm2clip_vlm.data.errors import BadRecords, DataError
+from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.logging import get_logger
-from llm2clip_vlm.progress import make_progress
+from llm2clip_vlm.signals import TrainingInterrupted
 
 log = get_logger(__name__)
 
@@ -114,55 +112,7 @@ def _quiet_bomb_warning() -> None:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-def find_bad_images(
-    records: Sequence[Any],
-    policy: BadRecords,
-    load: Callable[[Any], Any],
-    workers: int = 4,
-    description: str = "checking images",
-) -> list[int]:
-    """Decode every record's image once; return the indices of the usable ones.
-
-    Bad images go through ``policy`` (stop at the first, or skip and count; then
-    :meth:`BadRecords.check`). Decoding runs in threads (PIL releases the GIL while decoding).
-    """
-
-    def probe(i: int) -> Exception | None:
-        try:
-            load(records[i])
-            return None
-        except DataError as e:
-            return e
-
-    from llm2clip_vlm.training.checkpoint import GracefulExit  # lazy: torch, on --help's path
-
-    good: list[int] = []
-    # SIGTERM/SIGINT stop the check at the next image with a message (and 128 + signal), rather
-    # than killing the process silently; there is nothing to save yet.
-    with GracefulExit() as signals, make_progress() as progress:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            task = progress.add_task(description, total=len(records), status="", unit="image")
-            for i, error in enumerate(pool.map(probe, range(len(records)))):
-                if signals.requested is not None:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    break
-                if error is None:
-                    good.append(i)
-                else:
-                    r = records[i]
-                    policy.add(getattr(r, "source", "") or getattr(r, "key", str(i)), error)
-                progress.advance(task)
-        if signals.requested is not None:
-            raise interrupted_check(signals.requested, description)
-    policy.check(len(records))
-    return good
-
-
 def interrupted_check(signum: int, description: str) -> Exception:
-    import signal
-
-    from llm2clip_vlm.training.checkpoint import TrainingInterrupted  # lazy: torch, on --help's path
-
     e = TrainingInterrupted(signum, None)
     name = signal.Signals(signum).name
     e.args = (f"stopped by {name} while {description} (nothing to save yet); run the same command again",)

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from llm2clip_vlm.data.records import Caption, ImageCaptions
+from llm2clip_vlm.identity import file_stamp
 from llm2clip_vlm.logging import get_logger
 
 log = get_logger(__name__)
@@ -51,7 +52,6 @@ log = get_logger(__name__)
 INDEX_VERSION = 3  # 2: repeated keys are bad rows; JSON lines read as bytes; 3: scattered members grouped, damaged shards named
 KIND_CODES = {"short": 0, "long": 1}
 KIND_NAMES = ("short", "long")
-_SAMPLE_BYTES = 4096  # x3 per file: ~15 MB read per start for 1200 shards, not 230 MB
 _BATCH = 8192  # rows per Arrow record batch while building (bounds the builder's memory)
 
 
@@ -64,24 +64,10 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "llm2clip-vlm"
 
 
-def file_identity(path: str | Path) -> dict[str, Any]:
-    """What identifies a file's content cheaply: path, size, mtime and a sampled sha256."""
-    p = Path(path).resolve()
-    st = p.stat()
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for start in sorted(
-            {0, max(0, st.st_size // 2 - _SAMPLE_BYTES // 2), max(0, st.st_size - _SAMPLE_BYTES)}
-        ):
-            f.seek(start)
-            h.update(f.read(_SAMPLE_BYTES))
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample_sha256": h.hexdigest()}
-
-
 def identity_key(files: Sequence[str | Path], settings: dict[str, Any]) -> str:
     """The cache key of an index over ``files`` read with ``settings``."""
     blob = json.dumps(
-        {"version": INDEX_VERSION, "settings": settings, "files": [file_identity(f) for f in files]},
+        {"version": INDEX_VERSION, "settings": settings, "files": [file_stamp(f) for f in files]},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

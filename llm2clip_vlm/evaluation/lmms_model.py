@@ -44,11 +44,11 @@ from llm2clip_vlm.evaluation.prompt import (
     with_image_tokens,
 )
 from llm2clip_vlm.llava.blind import BLIND_MODES, blank_like, derangement
-from llm2clip_vlm.llava.data import expand_to_square, mean_colour
+from llm2clip_vlm.llava.data import image_to_pixels, mean_colour
+from llm2clip_vlm.llava.prompting import left_padded, prompt_ids
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
-from llm2clip_vlm.training.checkpoint import from_pretrained_kwargs
-from llm2clip_vlm.weights import require_safetensors
+from llm2clip_vlm.weights import from_pretrained_kwargs, require_safetensors
 
 log = get_logger(__name__)
 
@@ -81,10 +81,6 @@ class GenerationSettings:
     top_p: float | None
     num_beams: int
     image_aspect_ratio: str
-
-
-# LLaVA-1.5's ``image_aspect_ratio=pad``: the same function training pads with.
-expand2square = expand_to_square
 
 
 def truncate_at_stop(text: str, until: tuple[str, ...] | list[str]) -> str:
@@ -298,8 +294,8 @@ class LLM2CLIPLlava(lmms):
         return format_conversation(self.template, [(user, None)], tokenizer=self._template_tokenizer())
 
     def _template_tokenizer(self) -> Any:
-        # Only the chat_template template needs the tokenizer; the others stay model-free.
-        return self.tokenizer if self.template.name == "chat_template" else None
+        # Only a template built on the LLM's chat template needs the tokenizer; others stay model-free.
+        return self.tokenizer if self.template.needs_tokenizer else None
 
     def settings(self, gen_kwargs: dict[str, Any]) -> GenerationSettings:
         """A task's generation kwargs resolved against the model's defaults (greedy by default)."""
@@ -327,15 +323,18 @@ class LLM2CLIPLlava(lmms):
     # The model calls (a test double overrides these two)
     # ------------------------------------------------------------------------------------------
     def _encode(self, texts: list[str], images: list[Image.Image], aspect: str) -> dict[str, torch.Tensor]:
-        processor = self.processor
-        if images and aspect == "pad":
-            mean = processor.image_processor.image_mean
-            background = tuple(int(round(255 * m)) for m in mean)
-            images = [expand2square(im, background) for im in images]
-        inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-        out = {k: v.to(self._device) for k, v in inputs.items()}
-        if "pixel_values" in out:
-            out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
+        # The same input ids and pixels as training and held-out scoring (llava.prompting,
+        # llava.data.image_to_pixels: LLaVA's expand2square padding), left-padded.
+        processor, config = self.processor, self.model.config
+        rows = [
+            prompt_ids(t, processor.tokenizer, config.image_token_index, config.image_seq_length)
+            for t in texts
+        ]
+        input_ids, mask = left_padded(rows, processor.tokenizer.pad_token_id)
+        out = {"input_ids": input_ids.to(self._device), "attention_mask": mask.to(self._device)}
+        if images:
+            pixels = torch.stack([image_to_pixels(im, processor.image_processor, aspect) for im in images])
+            out["pixel_values"] = pixels.to(self._device).to(self.model.dtype)
         return out
 
     def _generate_batch(self, batch: list[PreparedRequest], settings: GenerationSettings) -> list[str]:
@@ -467,6 +466,5 @@ __all__ = [
     "GenerationSettings",
     "PreparedRequest",
     "batch_order",
-    "expand2square",
     "truncate_at_stop",
 ]

@@ -16,20 +16,32 @@ from pathlib import Path
 from typing import Any
 
 # One source of truth for what training writes and evaluation reads.
-from llm2clip_vlm.llava.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN
-from llm2clip_vlm.llava.templates import TEMPLATE_FILE, TEMPLATES, VICUNA_SYSTEM, get_template
+from llm2clip_vlm.data.conversations import IMAGE_PLACEHOLDER as IMAGE_TOKEN
+from llm2clip_vlm.llava.templates import (
+    DEFAULT_TEMPLATE,
+    REGISTRY,
+    TEMPLATE_FILE,
+    TEMPLATES,
+    VICUNA_SYSTEM,
+    get_template,
+)
 
 
 @dataclass(frozen=True)
 class ChatTemplate:
     """Which template a model was trained with and its system prompt."""
 
-    name: str = "vicuna_v1"
-    system: str = VICUNA_SYSTEM
+    name: str = DEFAULT_TEMPLATE
+    system: str = REGISTRY[DEFAULT_TEMPLATE].default_system
 
     def __post_init__(self) -> None:
         if self.name not in TEMPLATES:
             raise ValueError(f"unknown conversation template {self.name!r}; known: {', '.join(TEMPLATES)}")
+
+    @property
+    def needs_tokenizer(self) -> bool:
+        """Whether prompts need the model's tokenizer (its chat template)."""
+        return get_template(self.name).prompt_needs_tokenizer
 
 
 def load_template(model_dir: str | Path, override: str | None = None) -> ChatTemplate:
@@ -52,8 +64,8 @@ def load_template(model_dir: str | Path, override: str | None = None) -> ChatTem
             raise ValueError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(data, dict) or "template" not in data:
             raise ValueError(f'{path}: expected {{"template": ..., "system": ...}}, got {data!r}')
-    name = override or data.get("template", "vicuna_v1")
-    default_system = VICUNA_SYSTEM if name == "vicuna_v1" else ""
+    name = override or data.get("template", DEFAULT_TEMPLATE)
+    default_system = REGISTRY[name].default_system if name in REGISTRY else ""  # unknown: refused below
     return ChatTemplate(name=name, system=data.get("system", default_system))
 
 

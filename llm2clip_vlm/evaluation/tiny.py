@@ -12,13 +12,14 @@ import json
 import tempfile
 from pathlib import Path
 
-from llm2clip_vlm.evaluation.prompt import TEMPLATE_FILE, VICUNA_SYSTEM
+from llm2clip_vlm.evaluation.prompt import TEMPLATE_FILE
 from llm2clip_vlm.llava.assemble import build_llava_model
+from llm2clip_vlm.llava.templates import DEFAULT_TEMPLATE, get_template
 from llm2clip_vlm.text.tiny import save_tiny_llm
 from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
 
 
-def save_tiny_llava(path: str | Path, seed: int = 0, template: str = "vicuna_v1") -> Path:
+def save_tiny_llava(path: str | Path, seed: int = 0, template: str = DEFAULT_TEMPLATE) -> Path:
     """Write a tiny random LLaVA model (model, processor, ``llava_template.json``) to ``path``.
 
     Returns:
@@ -34,7 +35,7 @@ def save_tiny_llava(path: str | Path, seed: int = 0, template: str = "vicuna_v1"
         model, processor = build_llava_model(tower, llm)
         model.save_pretrained(path)
         processor.save_pretrained(path)
-    system = VICUNA_SYSTEM if template == "vicuna_v1" else ""
+    system = get_template(template).default_system
     (path / TEMPLATE_FILE).write_text(json.dumps({"template": template, "system": system}, indent=2) + "\n")
     return path
 

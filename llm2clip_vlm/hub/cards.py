@@ -11,11 +11,13 @@ from __future__ import annotations
 import re
 import shlex
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from llm2clip_vlm.data.config import train_sets
+from llm2clip_vlm.hub.config import HubConfig
+from llm2clip_vlm.llava.config import LlavaConfig
+from llm2clip_vlm.llava.templates import get_template
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 R_KEYS = (("i2t_r1", "I2T R@1"), ("i2t_r5", "I2T R@5"), ("i2t_r10", "I2T R@10"),
@@ -32,12 +34,11 @@ def _hub_ids(names: Iterable[str]) -> list[str]:
 
 
 def _metadata(
-    cfg: Any, base_models: list[str], datasets: list[str], pipeline_tag: str, tags: list[str], name: str,
+    hub: HubConfig, base_models: list[str], datasets: list[str], pipeline_tag: str, tags: list[str], name: str,
     results: list[Any],
 ) -> str:  # fmt: skip
     from huggingface_hub import ModelCardData
 
-    hub = cfg.hub
     bases = list(hub.base_model) or _hub_ids(base_models)
     data = ModelCardData(
         # One base model is written as a string, as the hub's own cards do.
@@ -64,8 +65,14 @@ def _invocation() -> str:
 # --------------------------------------------------------------------------------------------
 # Tower
 # --------------------------------------------------------------------------------------------
-def tower_card(p: dict[str, Any], cfg: Any) -> str:
-    """``README.md`` of an exported tower from its provenance (see ``vision.export``)."""
+def tower_card(p: dict[str, Any], hub: HubConfig, datasets: Sequence[str]) -> str:
+    """``README.md`` of an exported tower from its provenance (see ``vision.export``).
+
+    Args:
+        p: the tower's provenance (``llm2clip_provenance.json``).
+        hub: the card's metadata settings.
+        datasets: the data sets it was trained and evaluated on (those that are hub ids are named).
+    """
     from huggingface_hub import EvalResult
 
     s2 = p["stage2"]
@@ -85,7 +92,7 @@ def tower_card(p: dict[str, Any], cfg: Any) -> str:
         if key in m
     ]
     meta = _metadata(
-        cfg, [p["backbone"]["init"]], [*(t.path for t in train_sets(cfg.data)), *(h.path for h in cfg.data.heldout.values())],
+        hub, [p["backbone"]["init"]], list(datasets),
         "image-feature-extraction", ["llm2clip", "clip", "vision-tower", "llava"], name, results,
     )  # fmt: skip
     lines = [
@@ -133,16 +140,21 @@ def tower_card(p: dict[str, Any], cfg: Any) -> str:
 # LLaVA
 # --------------------------------------------------------------------------------------------
 def llava_card(
-    cfg: Any, phase: str, metrics: dict[str, Any], run_dir: Path, init: Path | None, data_file: Path,
-    heldout_file: Path | None,
+    llava: LlavaConfig, hub: HubConfig, phase: str, metrics: dict[str, Any], run_dir: Path, init: Path | None,
+    data_file: Path, heldout_file: Path | None,
 ) -> str:  # fmt: skip
-    """``README.md`` of a LLaVA model directory (``RUN/model``) after ``llava-pretrain``/``-finetune``."""
+    """``README.md`` of a LLaVA model directory (``RUN/model``) after ``llava-pretrain``/``-finetune``.
+
+    Args:
+        llava: the run's LLaVA section (the phase's settings, the LLM and the tower).
+        hub: the card's metadata settings.
+    """
     import json
 
     from huggingface_hub import EvalResult
 
-    p = getattr(cfg.llava, phase)
-    tower = cfg.llava.tower.removeprefix("llm2clip:")
+    p = getattr(llava, phase)
+    tower = llava.tower.removeprefix("llm2clip:")
     provenance_file = Path(tower) / "llm2clip_provenance.json"
     tower_info = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
     after, before = metrics.get("heldout_after") or {}, metrics.get("heldout_before") or {}
@@ -167,24 +179,25 @@ def llava_card(
     ]
     name = f"llava-1.5-llm2clip-{phase}"
     meta = _metadata(
-        cfg, [cfg.llava.llm, cfg.llava.tower], [p.data.path],
+        hub, [llava.llm, llava.tower], [p.data.path],
         "image-text-to-text", ["llava", "llava-1.5", "llm2clip", "vision-language"], name, eval_results,
     )  # fmt: skip
     rerun = ["llm2clip-vlm", f"llava-{phase}", str(run_dir / "config.yaml"), "--output", str(run_dir)]
     if init is not None:
         rerun += ["--from", str(init)]
     config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
-    chat = p.template == "vicuna_v1"
+    # A template saved as the processor's chat template: apply_chat_template builds its prompt.
+    chat = get_template(p.template).processor_chat_template is not None
     lines = [
         f"# LLaVA-1.5 on an LLM2CLIP vision tower ({phase})",
         "",
         "transformers' `LlavaForConditionalGeneration`: the LLM2CLIP tower (frozen, features of layer "
-        f"{cfg.llava.vision_feature_layer}, patch tokens), an `mlp2x_gelu` projector and the LLM.",
+        f"{llava.vision_feature_layer}, patch tokens), an `mlp2x_gelu` projector and the LLM.",
         "",
         "## What it is made of",
         "",
-        f"- base LLM: `{cfg.llava.llm}`",
-        f"- vision tower: `{cfg.llava.tower}`"
+        f"- base LLM: `{llava.llm}`",
+        f"- vision tower: `{llava.tower}`"
         + (f" ({tower_info['backbone']['kind']} from `{tower_info['backbone']['init']}`, LLM2CLIP stage 2)" if tower_info else ""),
         f"- phase: {phase}, tuning `{p.tune}`, template `{p.template}`, {metrics.get('steps', '?')} steps of "
         f"{p.batch_size}, lr {p.lr}, {p.loop.precision}",

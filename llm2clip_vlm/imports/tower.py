@@ -22,7 +22,6 @@ Every source tensor must be used exactly once; the written files are read back a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from llm2clip_vlm.identity import file_sha256
 from llm2clip_vlm.imports.adaptor_map import (
     DTYPES,
     MODEL_DIR,
@@ -216,7 +216,7 @@ def import_tower(
     _verify(tower_dir, model_dir, vision, head, adaptor, state.get(LOGIT_SCALE), target)
     summary = {
         "source": str(src.resolve()),
-        "source_files": {f.name: _sha256(f) for f in files},
+        "source_files": {f.name: file_sha256(f) for f in files},
         "tower": str(tower_dir),
         "model": str(model_dir),
         "image_size": size,
@@ -260,11 +260,3 @@ def _verify(
             raise RuntimeError(f"{model_dir}: adaptor tensor {name} differs after writing")
     if logit_scale is not None and float(model.logit_scale) != float(logit_scale.float()):
         raise RuntimeError(f"{model_dir}: logit_scale differs after writing")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -19,14 +19,13 @@ import torch
 
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.text.modeling import quantization_config, resolve_model_ref
-from llm2clip_vlm.tower.backbones import (
+from llm2clip_vlm.tower.formats import (
     TowerFormat,
     detect_tower_format,
     load_tower_model,
     resolve_tower_path,
 )
-from llm2clip_vlm.training.checkpoint import from_pretrained_kwargs
-from llm2clip_vlm.weights import check_llm_folder, loading, require_safetensors
+from llm2clip_vlm.weights import check_llm_folder, from_pretrained_kwargs, loading, require_safetensors
 
 log = get_logger(__name__)
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from llm2clip_vlm.config_io import COUNT, DROPOUT, FRACTION, INDEX, NONNEGATIVE, RATE, SEED, SIZE, Range
+from llm2clip_vlm.config_io import COUNT, DROPOUT, INDEX, NONNEGATIVE, RATE, SEED, SIZE, Range
+from llm2clip_vlm.data.config import DataPolicy
 from llm2clip_vlm.training.config import LoopConfig
 
 
 @dataclass
-class LlavaDataConfig:
+class LlavaDataConfig(DataPolicy):
     """A LLaVA data set: a JSON list (or JSONL) of records and the folder their images live in, or
-    webdataset shards of LLaVA records (``docs/DATA.md``)."""
+    webdataset shards of LLaVA records (``docs/DATA.md``); how it is read (bad records, the image
+    check, streaming) is the :class:`~llm2clip_vlm.data.config.DataPolicy` every stage shares.
+    Streamed batches mix image and text-only records (``group_by_modality`` does not apply)."""
 
     # LLaVA records (``blip_laion_cc_sbu_558k.json``, ``llava_v1_5_mix665k.json``, ...), or shards: a
     # folder of ``*.tar``, a brace pattern ``llava-{000..099}.tar`` or a glob; empty = the synthetic
@@ -27,23 +30,6 @@ class LlavaDataConfig:
     image_folder: str = ""
     # Keep only the first N records (0 = all).
     max_samples: int = 0
-    # Bad records (missing/unreadable image, <image> missing or repeated, malformed turns): False =
-    # stop with a message naming the record; True = skip, count and report them, but stop if more
-    # than ``max_bad_fraction`` of the records are bad.
-    skip_bad: bool = False
-    max_bad_fraction: float = 0.01
-    # Decode every image once before training (the result is cached by the data file's identity,
-    # so later starts decode nothing); False = find a bad image when it is reached.
-    verify_images: bool = True
-    # Threads that decode images for that check.
-    check_workers: int = 4
-    # Shards only: stream the records instead of sampling them at random. Each process and
-    # DataLoader worker reads its own shards in order through a shuffle buffer of this many
-    # records; the stream position is saved with every checkpoint. Images are then checked while
-    # training (under skip_bad), not up front, and batches mix image and text-only records
-    # (group_by_modality does not apply).
-    stream: bool = False
-    shuffle_buffer: int = 2000
     # Held-out question records (``{"question_type", "answer"}`` extras) scored by exact match
     # before and after training (empty = none; the demo uses its held-out split).
     heldout_path: str = ""
@@ -51,10 +37,8 @@ class LlavaDataConfig:
 
     # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
     RANGES: ClassVar[dict[str, Range]] = {
+        **DataPolicy.RANGES,
         "max_samples": COUNT,
-        "max_bad_fraction": FRACTION,
-        "check_workers": COUNT,
-        "shuffle_buffer": COUNT,
         "heldout_max_samples": COUNT,
     }
 

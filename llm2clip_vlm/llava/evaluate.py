@@ -20,10 +20,12 @@ from typing import Any
 
 import torch
 
+from llm2clip_vlm.data.conversations import LlavaRecord
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.llava.blind import BlindMode, blank_like, derangement
-from llm2clip_vlm.llava.data import LlavaRecord, image_to_pixels, mean_colour
-from llm2clip_vlm.llava.templates import TemplateName, generation_prompt, tokenize_image_chunks
+from llm2clip_vlm.llava.data import image_to_pixels, mean_colour
+from llm2clip_vlm.llava.prompting import generation_ids, left_padded
+from llm2clip_vlm.llava.templates import TemplateName
 from llm2clip_vlm.progress import make_progress
 
 
@@ -86,23 +88,19 @@ def answer_questions(
             rows, pixels = [], []
             for rec in chunk:
                 question = rec.conversations[0]["value"]
-                prompt = generation_prompt(template, question, tokenizer, system, has_image=rec.has_image)
-                ids: list[int] = []
-                for t in tokenize_image_chunks(prompt, tokenizer)[0]:  # as training tokenized
-                    ids += [t] * (image_seq_length if t == image_token_id else 1)
-                rows.append(ids)
+                rows.append(
+                    generation_ids(
+                        template, question, tokenizer, image_token_id, image_seq_length, system, rec.has_image
+                    )
+                )
                 if rec.image is not None:
                     shown = by_path[source[str(rec.image)]] if blind == "shuffle" else rec
                     image = load_rgb(shown.image, shown.source)
                     if blind == "blank":
                         image = blank_like(image, mean_colour(image_processor))
                     pixels.append(image_to_pixels(image, image_processor, image_aspect_ratio))
-            t = max(len(r) for r in rows)
-            input_ids = torch.full((len(rows), t), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), t), dtype=torch.long)
-            for i, r in enumerate(rows):  # left padding: every prompt ends where generation starts
-                input_ids[i, t - len(r) :] = torch.tensor(r)
-                mask[i, t - len(r) :] = 1
+            input_ids, mask = left_padded(rows, pad)
+            t = input_ids.shape[1]
             kwargs: dict[str, Any] = {
                 "input_ids": input_ids.to(device),
                 "attention_mask": mask.to(device),

@@ -31,10 +31,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from llm2clip_vlm.data.conversations import IMAGE_PLACEHOLDER, ConversationError, conversation_turns
+
 IGNORE_INDEX = -100
 # Written into every trained model directory: which template (and system prompt) it learnt.
 TEMPLATE_FILE = "llava_template.json"
-IMAGE_PLACEHOLDER = "<image>"
 TemplateName = Literal["plain", "vicuna_v1", "chat_template"]
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -60,10 +61,6 @@ VICUNA_V1_JINJA = (
 )
 
 
-class ConversationError(ValueError):
-    """A record whose conversation a template cannot use (the message says why)."""
-
-
 @dataclass(frozen=True)
 class Tokenized:
     """One conversation as tokens: ``labels`` is ``IGNORE_INDEX`` where no loss is taken."""
@@ -74,49 +71,6 @@ class Tokenized:
     @property
     def num_supervised(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
-
-
-def conversation_turns(conversations: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
-    """``[(question, answer), ...]`` of a LLaVA conversation, checked for shape."""
-    if not conversations:
-        raise ConversationError("empty conversation")
-    if len(conversations) % 2:
-        raise ConversationError(f"{len(conversations)} turns: expected human/gpt pairs")
-    pairs = []
-    for i in range(0, len(conversations), 2):
-        q, a = conversations[i], conversations[i + 1]
-        if not isinstance(q, dict) or not isinstance(a, dict):
-            raise ConversationError(f"turn {i} is not an object with 'from' and 'value'")
-        if q.get("from") != "human" or a.get("from") != "gpt":
-            raise ConversationError(
-                f"turns {i}-{i + 1} are from {q.get('from')!r}/{a.get('from')!r}; expected 'human' then 'gpt'"
-            )
-        qv, av = q.get("value"), a.get("value")
-        if not isinstance(qv, str) or not isinstance(av, str):
-            raise ConversationError(f"turns {i}-{i + 1}: 'value' must be text")
-        if not av.strip():
-            raise ConversationError(f"turn {i + 1}: empty answer")
-        pairs.append((qv, av))
-    return pairs
-
-
-def check_image_placeholders(conversations: Sequence[dict[str, Any]], has_image: bool) -> None:
-    """An image record has exactly one ``<image>``, in the first human turn; a text-only one none.
-
-    Raises:
-        ConversationError: the placeholder is missing, repeated, misplaced or unexpected.
-    """
-    counts = [str(t.get("value", "")).count(IMAGE_PLACEHOLDER) for t in conversations if isinstance(t, dict)]
-    total = sum(counts)
-    if has_image:
-        if total == 0:
-            raise ConversationError("record has an image but no <image> in its conversation")
-        if total > 1:
-            raise ConversationError(f"<image> appears {total} times; LLaVA-1.5 records have exactly one")
-        if not counts or counts[0] != 1:
-            raise ConversationError("<image> must be in the first human turn")
-    elif total:
-        raise ConversationError("text-only record (no 'image') contains <image>")
 
 
 def _normalise_image_turn(question: str) -> str:
@@ -139,6 +93,13 @@ class Template:
     default_system: ClassVar[str] = ""
     # What joins a generation prompt and the answer text (the prompt ends before it).
     answer_separator: ClassVar[str] = ""
+    # Whether a generation prompt needs the tokenizer (its chat template); else prompts are
+    # built from the text alone.
+    prompt_needs_tokenizer: ClassVar[bool] = False
+    # A Jinja chat template saved with a trained model's processor, so transformers'
+    # ``apply_chat_template`` (lmms-eval, serving engines) builds the prompt the model learnt;
+    # None: the processor keeps its own.
+    processor_chat_template: ClassVar[str | None] = None
 
     def system(self, system: str | None) -> str:
         return self.default_system if system is None else system
@@ -206,6 +167,7 @@ class VicunaV1Template(Template):
     name = "vicuna_v1"
     default_system = VICUNA_SYSTEM
     answer_separator = " "
+    processor_chat_template = VICUNA_V1_JINJA
 
     def text(
         self, turns: Sequence[tuple[str, str | None]], tokenizer: Any, system: str | None = None
@@ -236,6 +198,7 @@ class LLMChatTemplate(Template):
     assistant message and the end-of-turn token right after it."""
 
     name = "chat_template"
+    prompt_needs_tokenizer = True
 
     def text(
         self, turns: Sequence[tuple[str, str | None]], tokenizer: Any, system: str | None = None
@@ -269,6 +232,8 @@ class LLMChatTemplate(Template):
 
 REGISTRY: dict[str, Template] = {t.name: t for t in (PlainTemplate(), VicunaV1Template(), LLMChatTemplate())}
 TEMPLATES = tuple(REGISTRY)
+# A model directory without llava_template.json is taken to be LLaVA-1.5's.
+DEFAULT_TEMPLATE: TemplateName = VicunaV1Template.name
 
 
 def get_template(name: str) -> Template:

@@ -1,7 +1,8 @@
 """LLaVA-1.5 training on a tower: projector pretraining and instruction tuning, top to bottom.
 
-1. data: LLaVA records from JSON or shards, checked up front (:mod:`llm2clip_vlm.llava.data`);
-   the demo world's LLaVA splits when no data is given (:mod:`llm2clip_vlm.llava.inputs`); cut
+1. data: LLaVA records from JSON or shards, read and checked by the command layer
+   (:func:`llm2clip_vlm.llava.inputs.read_phase`, :mod:`llm2clip_vlm.data.conversations`; the demo
+   world's LLaVA splits when no data is given): the trainer opens no file; cut
    into modality batches, or streamed from shards (:mod:`llm2clip_vlm.llava.batches`: the stream
    position is saved with each checkpoint through the loop's ``data_state``);
 2. model (:mod:`llm2clip_vlm.llava.model`): tower + LLM + ``mlp2x_gelu`` projector, transformers'
@@ -21,19 +22,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llm2clip_vlm.data.errors import BadRecords, write_report
+from llm2clip_vlm.data.errors import write_report
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.llava.batches import phase_batches, steps_per_epoch
 from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
-from llm2clip_vlm.llava.data import LlavaDataset, LlavaRecord, load_llava_records
+from llm2clip_vlm.llava.data import LlavaDataset
 from llm2clip_vlm.llava.evaluate import answer_questions, is_correct, score
-from llm2clip_vlm.llava.inputs import PhaseData
+from llm2clip_vlm.llava.inputs import PhaseRecords
 from llm2clip_vlm.llava.model import (
     base_model,
     build_model,
@@ -51,12 +52,11 @@ from llm2clip_vlm.tracking.config import TrackingConfig
 from llm2clip_vlm.tracking.gallery import write_answer_gallery
 from llm2clip_vlm.tracking.tracker import RunTracker
 from llm2clip_vlm.training import dist
+from llm2clip_vlm.training.checkpoint import CHECKPOINTS
 from llm2clip_vlm.training.loop import OnStep, Run, Stage
 from llm2clip_vlm.training.optim import DTYPES, adamw, grouped, make_scheduler
 
 log = get_logger(__name__)
-
-CHECKPOINTS = "checkpoints"
 
 
 def param_groups(model: Any, p: LlavaPhaseConfig) -> list[dict[str, Any]]:
@@ -74,7 +74,7 @@ def train_llava(
     llava: LlavaConfig,
     phase: str,
     output_dir: str | Path,
-    data: PhaseData,
+    data: PhaseRecords,
     *,
     init: Path | None = None,
     reliability: ReliabilityConfig | None = None,
@@ -89,7 +89,8 @@ def train_llava(
         llava: the ``llava`` section (the parts, and ``llava.<phase>`` for the phase).
         phase: ``pretrain`` or ``finetune``.
         output_dir: the run directory (resumes from its checkpoint).
-        data: the phase's records, image folder and held-out questions.
+        data: the phase's checked records, held-out questions and the records skipped reading
+            them (:func:`~llm2clip_vlm.llava.inputs.read_phase`).
         init: the pretrained projector (a ``llava-pretrain`` output or a ``mm_projector.safetensors``);
             required for ``finetune``.
         reliability: non-finite steps and pickled weights (default: stop / refuse).
@@ -109,24 +110,7 @@ def train_llava(
     accelerator = dist.make_accelerator(p.loop.precision)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     check_inputs(llava, phase, init)
-    bad = BadRecords(
-        p.data.skip_bad,
-        p.data.max_bad_fraction,
-        name=data.records.name,
-        option=f"llava.{phase}.data.skip_bad",
-    )
-    records = load_llava_records(
-        data.records, data.image_folder, max_samples=p.data.max_samples, skip_bad=p.data.skip_bad,
-        max_bad_fraction=p.data.max_bad_fraction, bad=bad, check_workers=p.data.check_workers,
-        verify_images=p.data.verify_images and not p.data.stream,  # a stream checks while reading
-    )  # fmt: skip
-    heldout: Sequence[LlavaRecord] = []
-    if data.heldout is not None and data.heldout.is_file():
-        heldout = load_llava_records(
-            data.heldout, max_samples=p.data.heldout_max_samples, skip_bad=p.data.skip_bad,
-            max_bad_fraction=p.data.max_bad_fraction, verify_images=p.data.verify_images,
-            check_workers=p.data.check_workers,
-        )  # fmt: skip
+    records, heldout, bad = data.records, data.heldout, data.bad  # read by the command layer
     if main:  # only once the inputs are known to be usable (a refused run leaves no config.yaml)
         out.mkdir(parents=True, exist_ok=True)
         if on_ready is not None:
@@ -250,7 +234,7 @@ def train_llava(
     run.train(stage, loader, total_steps, on_step, tracker)
     # Streamed: the records skipped while reading, all ranks', as of the last checkpoint.
     total_records = len(records) + len(bad.skipped)  # streamed skips are among ``records``
-    bad.skipped += [(w, r) for w, r in state.extra.get("data", {}).get("skipped", [])]
+    bad.take(state.extra.get("data", {}).get("skipped", []))  # one ledger: read + streamed
 
     after = run_heldout() if world == 1 else {}
     before = state.extra.get("heldout_before", {})
@@ -288,7 +272,7 @@ def train_llava(
         save_llava(final, processor, out / "model", p.template, system, save_dtype)
         save_projector(final.model.multi_modal_projector, out)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        write_report(out, data.records.name, total_records, bad.skipped)
+        write_report(out, data.name, total_records, bad.skipped)
     tracker.finish()
     accelerator.wait_for_everyone()
     return metrics

@@ -29,7 +29,7 @@ from llm2clip_vlm.llava.model import prepare_phase
 from llm2clip_vlm.text.config import Stage1Config
 from llm2clip_vlm.text.lora import wrap_lora
 from llm2clip_vlm.text.modeling import bidirectional_from_config, quantization_config
-from llm2clip_vlm.tower.backbones import tower_format
+from llm2clip_vlm.tower.formats import tower_format
 from llm2clip_vlm.training.optim import DTYPES
 from llm2clip_vlm.vision.backbones import backbone_from_config, create_backbone
 from llm2clip_vlm.vision.config import Stage2Config

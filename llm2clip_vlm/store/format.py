@@ -194,15 +194,6 @@ def read_npy_rows(path: Path, rows: Sequence[int]) -> list[bytes]:
     return out
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 8 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def shard_ranges(num_rows: int, shard_size: int) -> list[tuple[int, int]]:
     """Contiguous ``[start, stop)`` row ranges of ``shard_size`` rows (the last may be shorter)."""
     if shard_size <= 0:

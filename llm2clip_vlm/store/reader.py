@@ -28,6 +28,7 @@ import numpy as np
 
 from llm2clip_vlm.data.captions import caption_counts, captions_only
 from llm2clip_vlm.data.records import ImageCaptions
+from llm2clip_vlm.identity import file_sha256
 from llm2clip_vlm.store import format as fmt
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,6 +42,11 @@ SAMPLE_ROWS = 1024
 
 class StoreMismatchError(ValueError):
     """The store does not match the data, the embedder, or itself (the message says what differs)."""
+
+
+class StoreConflictError(StoreMismatchError):
+    """An output folder holds (part of) a store this run cannot continue; the message says what to
+    do (remove it, or choose another folder)."""
 
 
 class EmbeddingStore:
@@ -261,7 +267,7 @@ def _check_shard(path: Path, shard: dict[str, Any], m: dict[str, Any], verify: b
         raise StoreMismatchError(
             f"shard {file}: shape {a.shape} {a.dtype}, the manifest says {want_shape} {want_dtype} ({m['dtype']})"
         )
-    if verify and fmt.file_sha256(file) != shard["sha256"]:
+    if verify and file_sha256(file) != shard["sha256"]:
         raise StoreMismatchError(f"shard {file} is corrupt: its sha256 differs from the manifest's")
 
 

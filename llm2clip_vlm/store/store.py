@@ -7,14 +7,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from llm2clip_vlm.data.records import ImageCaptions
 from llm2clip_vlm.store.format import StoreInputError
-from llm2clip_vlm.store.reader import EmbeddingStore, StoreMismatchError
+from llm2clip_vlm.store.reader import EmbeddingStore, StoreConflictError, StoreMismatchError
 from llm2clip_vlm.store.writer import write_store
 
-# The data layer's CaptionSet is a sequence of ImageCaptions; any such sequence works here.
-CaptionSet = Sequence[ImageCaptions]
-
-__all__ = ["CaptionSet", "EmbeddingStore", "StoreInputError", "StoreMismatchError", "write_store"]
+# Stores are written from any sequence of ImageCaptions (e.g. the data layer's data.CaptionSet).
+__all__ = ["EmbeddingStore", "StoreConflictError", "StoreInputError", "StoreMismatchError", "write_store"]

@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from llm2clip_vlm.data.records import ImageCaptions
+from llm2clip_vlm.identity import file_sha256
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
 from llm2clip_vlm.store import format as fmt
 from llm2clip_vlm.store.config import EmbedConfig
-from llm2clip_vlm.store.reader import StoreMismatchError
+from llm2clip_vlm.store.reader import StoreConflictError
 
 log = get_logger(__name__)
 
@@ -75,7 +76,7 @@ def write_store(
 
     Raises:
         StoreInputError: a caption is empty or not text (names the record).
-        StoreMismatchError: ``out_dir`` holds a store (or part of one) built from other inputs.
+        StoreConflictError: ``out_dir`` holds a store (or part of one) built from other inputs.
     """
     if world_size > 1 and not _dist_ready():
         raise RuntimeError(f"write_store with world_size={world_size} needs torch.distributed initialised")
@@ -135,9 +136,9 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
     try:
         old = json.loads(path.read_bytes().decode("utf-8"))
     except ValueError as e:  # not UTF-8, or not JSON
-        raise StoreMismatchError(f"{path}: not valid JSON ({e}); remove {out} and rerun") from e
+        raise StoreConflictError(f"{path}: not valid JSON ({e}); remove {out} and rerun") from e
     if not isinstance(old, dict):
-        raise StoreMismatchError(f"{path}: not a store plan (a {type(old).__name__}); remove {out} and rerun")
+        raise StoreConflictError(f"{path}: not a store plan (a {type(old).__name__}); remove {out} and rerun")
     diffs = [
         f"{k}: {old.get(k)!r} there, {plan[k]!r} now"
         for k in plan
@@ -148,7 +149,7 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
     if old.get("image_keys_sha256") != plan["image_keys_sha256"]:
         diffs.append("the image keys differ")
     if diffs:
-        raise StoreMismatchError(
+        raise StoreConflictError(
             f"{out} holds a store built from other inputs ({'; '.join(diffs)}); "
             "remove it or choose another output directory"
         )
@@ -175,7 +176,7 @@ def shard_is_complete(out: Path, index: int, start: int, stop: int, plan_sha: st
         return None
     if (meta.get("plan"), meta.get("start"), meta.get("stop")) != (plan_sha, start, stop):
         return None
-    if fmt.file_sha256(npy) != meta.get("sha256"):
+    if file_sha256(npy) != meta.get("sha256"):
         log.warning("shard %s is corrupt (checksum differs); recomputing it", npy)
         return None
     return meta
@@ -264,7 +265,7 @@ def _encode_shards(
                         "plan": plan_sha,
                         "start": start,
                         "stop": stop,
-                        "sha256": fmt.file_sha256(npy),
+                        "sha256": file_sha256(npy),
                         "real_tokens": shard_real,
                         "computed_tokens": shard_computed,
                         "cut_captions": cut,

@@ -35,7 +35,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from llm2clip_vlm import resources
-from llm2clip_vlm.data.index import cache_root, file_identity
+from llm2clip_vlm.data.index import cache_root
+from llm2clip_vlm.identity import file_stamp
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.weights import check_llm_folder, loading, require_safetensors
 
@@ -121,7 +122,7 @@ def gguf_cache_folder(ref: ModelRef) -> Path:
     if not ref.gguf_file:
         raise ValueError(f"{ref.path} is not a GGUF model")
     gguf = Path(ref.path) / ref.gguf_file
-    ident = json.dumps([file_identity(gguf), transformers.__version__, GGUF_CACHE_VERSION], sort_keys=True)
+    ident = json.dumps([file_stamp(gguf), transformers.__version__, GGUF_CACHE_VERSION], sort_keys=True)
     return cache_root() / "models" / f"{gguf.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 

@@ -38,13 +38,13 @@ from llm2clip_vlm.text.simcse import SimCSEBatches, Triplet, embed_triplets
 from llm2clip_vlm.tracking.config import TrackingConfig
 from llm2clip_vlm.tracking.tracker import RunTracker
 from llm2clip_vlm.training import dist
+from llm2clip_vlm.training.checkpoint import CHECKPOINTS
 from llm2clip_vlm.training.loop import Run, Stage, StepOutput
 from llm2clip_vlm.training.losses import SupervisedSimCSELoss
 from llm2clip_vlm.training.optim import DTYPES, adamw, make_scheduler
 
 log = get_logger(__name__)
 
-CHECKPOINTS = "checkpoints"
 MNTP_CHECKPOINTS = "mntp"  # under CHECKPOINTS: the MNTP warm-up's own checkpoints
 
 

@@ -14,8 +14,7 @@ from typing import Literal
 import torch
 
 # OpenAI CLIP's normalisation (SigLIP uses 0.5/0.5, its processor's default).
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+from llm2clip_vlm.vision.backbones import CLIP_MEAN, CLIP_STD
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Checkpoints every trainer shares: atomic, complete, exactly resumable; plus signal and NaN guards.
+"""Checkpoints every trainer shares: atomic, complete, exactly resumable.
 
 What a checkpoint holds (one folder ``<root>/step-0000042/``):
 
@@ -22,7 +22,9 @@ good. Weights that are not finite are never written (:class:`NonFiniteError`).
 
 Usage (any accelerate trainer; ``accelerator`` may be None for a plain single process)::
 
-    from llm2clip_vlm.training.checkpoint import Checkpointer, GracefulExit, NonFiniteGuard
+    from llm2clip_vlm.signals import GracefulExit
+    from llm2clip_vlm.training.checkpoint import Checkpointer
+    from llm2clip_vlm.training.guards import NonFiniteGuard
 
     ckpt = Checkpointer(out / "checkpoints", accelerator, keep=2)
     resumed = ckpt.load(optimizer=optimizer, scheduler=scheduler)  # None on a fresh run
@@ -31,7 +33,7 @@ Usage (any accelerate trainer; ``accelerator`` may be None for a plain single pr
         model.load_state_dict(resumed.weights, strict=False)  # (before accelerator.prepare)
         state = resumed.state
     guard = NonFiniteGuard("llava", skip=cfg.reliability.skip_nonfinite_steps)
-    with GracefulExit() as stop:
+    with GracefulExit(agree=lambda flag: dist.any_rank(accelerator, flag)) as stop:
         for batch in batches_from(state["step"]):
             if resumed:  # RNG as it was right after the saved step (after the loader started)
                 resumed.restore_rng()
@@ -41,10 +43,10 @@ Usage (any accelerate trainer; ``accelerator`` may be None for a plain single pr
                 optimizer.step()
             scheduler.step(); optimizer.zero_grad()
             state["step"] += 1
-            if state["step"] % every == 0 or stop.should_stop(accelerator):
+            if state["step"] % every == 0 or stop.should_stop():
                 ckpt.save(state["step"], weights=trainable_state_dict(model), optimizer=optimizer,
                           scheduler=scheduler, state=state)
-            stop.raise_if_requested(accelerator, ckpt.latest())  # TrainingInterrupted after a save
+            stop.raise_if_requested(ckpt.latest())  # TrainingInterrupted after a save
 """
 
 from __future__ import annotations
@@ -52,34 +54,33 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
+import pickle
 import re
 import shutil
-import signal
-import threading
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 
 from llm2clip_vlm import resources
+from llm2clip_vlm.identity import file_sha256
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.training import dist
+from llm2clip_vlm.training.guards import NonFiniteError, check_finite_weights
+from llm2clip_vlm.training.rng import rng_state, set_rng_state
 
 log = get_logger(__name__)
 
+CHECKPOINTS = "checkpoints"  # a run's checkpoint folder, under its output directory
 PREFIX = "step-"
 META = "checkpoint.json"
 WEIGHTS = "model.safetensors"
 SHARDED = "sharded"  # FSDP2 shards (training.fsdp.SHARDED_DIR)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-# Weight files that are pickles: torch.load on them can run arbitrary code (see load_weights).
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 class CheckpointError(RuntimeError):
@@ -90,29 +91,8 @@ class CheckpointWriteError(CheckpointError):
     """Writing a checkpoint failed (e.g. disk full); the previous checkpoint is untouched."""
 
 
-class NonFiniteError(FloatingPointError):
-    """A NaN/inf loss, gradient or weight (the message names the step or the tensor)."""
-
-
-class TrainingInterrupted(Exception):
-    """SIGTERM/SIGINT arrived; the run stopped after a checkpoint was saved (rerun to resume).
-
-    Attributes:
-        signum: the signal received.
-        checkpoint: the checkpoint the run can resume from (None if none could be written).
-        exit_code: the conventional shell status, 128 + signum.
-    """
-
-    def __init__(self, signum: int, checkpoint: Path | None) -> None:
-        self.signum, self.checkpoint = signum, checkpoint
-        self.exit_code = 128 + signum
-        name = signal.Signals(signum).name
-        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint"
-        super().__init__(f"stopped by {name} after saving {where}; run the same command again to resume")
-
-
 # --------------------------------------------------------------------------------------------
-# Files: fsync'ed writes and refusing pickles
+# Files: fsync'ed writes
 # --------------------------------------------------------------------------------------------
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -124,18 +104,18 @@ def _fsync(path: Path) -> None:
 
 def _sha256_files(folder: Path, names: list[str]) -> dict[str, str]:
     """sha256 of each file, in threads (hashlib releases the GIL on large buffers)."""
-    import hashlib
-    from concurrent.futures import ThreadPoolExecutor
-
-    def digest(name: str) -> str:
-        h = hashlib.sha256()
-        with open(folder / name, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        return h.hexdigest()
-
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(names)))) as pool:
-        return dict(zip(names, pool.map(digest, names), strict=True))
+        return dict(zip(names, pool.map(lambda name: file_sha256(folder / name), names), strict=True))
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's own safetensors file (never a pickle), refused in one line when unreadable."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated headers
+        raise CheckpointError(f"{path}: cannot read the safetensors file ({type(e).__name__}: {e})") from e
 
 
 def _save_tensors(
@@ -166,188 +146,6 @@ def _write_json(obj: Any, path: Path) -> None:
 def _write(writer: Callable[[Any, Path], None], obj: Any, path: Path) -> None:
     writer(obj, path)
     _fsync(path)
-
-
-def load_weights(path: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Load a weight file: safetensors always; a pickle (``.bin``/``.pt``...) only when allowed.
-
-    Args:
-        path: a ``.safetensors`` file, or a pickled state dict.
-        allow_pickle: accept a pickle; it is then read with ``torch.load(weights_only=True)``,
-            which refuses anything but tensors and plain containers.
-
-    Raises:
-        CheckpointError: a pickle without ``allow_pickle``, an unknown format, or an unreadable file.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for truncated headers
-            raise CheckpointError(
-                f"{path}: cannot read the safetensors file ({type(e).__name__}: {e})"
-            ) from e
-    if path.suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{path} is a pickle checkpoint, which can run code when loaded; convert it to "
-                "safetensors, or allow it explicitly (--set reliability.allow_pickle_weights=true)"
-            )
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {e}") from e
-    raise CheckpointError(f"{path}: unknown weight format (expected .safetensors)")
-
-
-def from_pretrained_kwargs(allow_pickle: bool = False) -> dict[str, Any]:
-    """Keyword arguments for transformers' ``from_pretrained`` that keep loading safe.
-
-    ``trust_remote_code=False`` (never run a model repository's Python) and, unless pickles are
-    explicitly allowed, ``use_safetensors=True`` (refuse ``pytorch_model.bin``).
-    """
-    kw: dict[str, Any] = {"trust_remote_code": False}
-    if not allow_pickle:
-        kw["use_safetensors"] = True
-    return kw
-
-
-# --------------------------------------------------------------------------------------------
-# RNG states (stored as safetensors: no pickle needed to restore them)
-# --------------------------------------------------------------------------------------------
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Python, numpy, torch CPU (and every CUDA device's) generator states as tensors + metadata."""
-    version, internal, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
-    tensors = {
-        "python": torch.tensor(internal, dtype=torch.int64),
-        "numpy": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = s
-    meta = {
-        "python": json.dumps([version, gauss]),
-        "numpy": json.dumps([np_name, int(np_pos), int(np_has_gauss), float(np_gauss)]),
-    }
-    return tensors, meta
-
-
-def set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
-    """Restore what :func:`rng_state` captured."""
-    version, gauss = json.loads(meta["python"])
-    random.setstate((version, tuple(int(x) for x in tensors["python"].tolist()), gauss))
-    name, pos, has_gauss, cached = json.loads(meta["numpy"])
-    np.random.set_state((name, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch"])
-    cuda = [
-        tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))
-    ]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-
-
-# --------------------------------------------------------------------------------------------
-# Finiteness
-# --------------------------------------------------------------------------------------------
-def check_finite_weights(weights: Mapping[str, torch.Tensor], where: str = "") -> None:
-    """Raise :class:`NonFiniteError` naming the first tensor holding NaN/inf."""
-    for name, t in weights.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(
-                f"{where + ': ' if where else ''}weight {name!r} holds NaN/inf; not saving it over the "
-                "last good checkpoint (lower the learning rate, or resume from that checkpoint)"
-            )
-
-
-@dataclass
-class NonFiniteGuard:
-    """Decides what to do with a non-finite loss or gradient norm.
-
-    Args:
-        stage: named in messages.
-        skip: skip such steps (no optimizer update) instead of stopping.
-        max_skipped: even when skipping, stop after this many skipped steps in a run.
-    """
-
-    stage: str
-    skip: bool = False
-    max_skipped: int = 100
-    skipped: list[int] = field(default_factory=list)
-
-    def check(self, loss: float, step: int, grad_norm: float | torch.Tensor | None = None) -> bool:
-        """True: take the optimizer step. False: skip it (counted). Raises when not skipping.
-
-        Args:
-            loss: the step's loss (the same value on every rank, e.g. after ``accelerator.reduce``).
-            step: the 1-based number of the step, for the message.
-            grad_norm: the total gradient norm if known (``clip_grad_norm_``'s return value).
-        """
-        norm = float(grad_norm) if grad_norm is not None else 0.0
-        if np.isfinite(loss) and np.isfinite(norm):
-            return True
-        what = f"loss is {loss}" if not np.isfinite(loss) else f"gradient norm is {norm} (loss {loss:.4g})"
-        if not self.skip:
-            raise NonFiniteError(
-                f"{self.stage}: {what} at step {step}; stopping without an update (the last "
-                f"checkpoint is intact). Set reliability.skip_nonfinite_steps=true to skip such steps."
-            )
-        self.skipped.append(step)
-        log.warning("%s: %s at step %d; step skipped (%d so far)", self.stage, what, step, len(self.skipped))
-        if len(self.skipped) > self.max_skipped:
-            raise NonFiniteError(
-                f"{self.stage}: {len(self.skipped)} steps had a non-finite loss (last: step {step}); stopping"
-            )
-        return False
-
-
-# --------------------------------------------------------------------------------------------
-# SIGTERM / SIGINT
-# --------------------------------------------------------------------------------------------
-class GracefulExit:
-    """Context manager: SIGTERM/SIGINT set a flag instead of killing the process.
-
-    The loop finishes its current step, saves a checkpoint, and calls :meth:`raise_if_requested`.
-    A second SIGINT (Ctrl-C twice) interrupts at once. Outside the main thread it does nothing
-    (signal handlers can only be installed there).
-    """
-
-    def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
-        self.signals = tuple(signals)
-        self.requested: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signum
-        log.warning(
-            "received %s: finishing the current step, saving a checkpoint, then exiting",
-            signal.Signals(signum).name,
-        )
-
-    def __enter__(self) -> GracefulExit:
-        if threading.current_thread() is threading.main_thread():
-            for s in self.signals:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous.clear()
-
-    def should_stop(self, accelerator: Any = None) -> bool:
-        """Whether any process received a signal (all processes agree, so they stop together)."""
-        return dist.any_rank(accelerator, self.requested is not None)
-
-    def raise_if_requested(self, accelerator: Any = None, checkpoint: Path | None = None) -> None:
-        """Raise :class:`TrainingInterrupted` if a signal arrived (call after saving)."""
-        if self.should_stop(accelerator):
-            raise TrainingInterrupted(self.requested or signal.SIGTERM, checkpoint)
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,7 +377,7 @@ class Checkpointer:
                 raise CheckpointError(
                     f"written by {meta['world_size']} processes; resume it with the same number (now {world})"
                 )
-            weights = load_weights(ckpt / WEIGHTS) if with_weights and (ckpt / WEIGHTS).is_file() else {}
+            weights = _read_tensors(ckpt / WEIGHTS) if with_weights and (ckpt / WEIGHTS).is_file() else {}
             if optimizer is not None:
                 name = (
                     f"optimizer.rank{rank}.pt" if dist.sharded_optimizer(self.accelerator) else "optimizer.pt"
@@ -602,7 +400,8 @@ class Checkpointer:
                 )
         except CheckpointError as e:
             raise CheckpointError(f"checkpoint {ckpt} cannot be resumed from: {e}") from e
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as e:
+        # UnpicklingError: what torch.load(weights_only=True) raises for a pickle holding code.
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError) as e:
             raise CheckpointError(
                 f"checkpoint {ckpt} cannot be resumed from: {type(e).__name__}: {e} "
                 "(remove it to fall back to an older one)"

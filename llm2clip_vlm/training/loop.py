@@ -35,15 +35,11 @@ from torch import nn
 
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
+from llm2clip_vlm.signals import GracefulExit
 from llm2clip_vlm.training import dist, fsdp
-from llm2clip_vlm.training.checkpoint import (
-    Checkpointer,
-    GracefulExit,
-    NonFiniteError,
-    NonFiniteGuard,
-    Resumed,
-)
+from llm2clip_vlm.training.checkpoint import Checkpointer, Resumed
 from llm2clip_vlm.training.config import LoopConfig
+from llm2clip_vlm.training.guards import NonFiniteError, NonFiniteGuard
 
 log = get_logger(__name__)
 
@@ -303,7 +299,10 @@ class Run:
         stage.model.train()
         started = time.perf_counter() - state.seconds
         loop_start = time.perf_counter()
-        with make_progress(disable=not main) as progress, GracefulExit() as signals:
+        with (
+            make_progress(disable=not main) as progress,
+            GracefulExit(agree=lambda flag: dist.any_rank(acc, flag)) as signals,
+        ):
             task = progress.add_task(stage.name, total=total_steps, completed=state.step, status="")
             for batch in batches:
                 if resumed is not None:  # after the loader started: RNG exactly as after the saved step
@@ -340,7 +339,7 @@ class Run:
 
                 out_of_time = loop.max_seconds > 0 and dist.any_rank(acc, state.seconds >= loop.max_seconds)
                 stop = state.step >= total_steps or out_of_time
-                interrupted = signals.should_stop(acc)
+                interrupted = signals.should_stop()
                 if tracker is not None:
                     tracker.train_step(
                         state.step, loss=out.loss, lr=stage.scheduler.get_last_lr()[0], grad_norm=grad_norm,
@@ -349,7 +348,7 @@ class Run:
                 periodic = loop.save_every_steps > 0 and state.step % loop.save_every_steps == 0
                 if periodic or stop or interrupted:
                     self.save(stage)
-                signals.raise_if_requested(acc, self.checkpointer.latest())
+                signals.raise_if_requested(self.checkpointer.latest())
                 if out_of_time:
                     log.info(
                         "%s: max_seconds=%s reached after %d steps", self.name, loop.max_seconds, state.step

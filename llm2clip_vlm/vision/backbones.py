@@ -25,9 +25,8 @@ import torch
 from torch import nn
 
 from llm2clip_vlm.errors import MissingDependencyError
-from llm2clip_vlm.training.checkpoint import from_pretrained_kwargs
 from llm2clip_vlm.vision.config import VisionBackboneConfig
-from llm2clip_vlm.weights import check_model_files, loading, require_safetensors
+from llm2clip_vlm.weights import check_model_files, from_pretrained_kwargs, loading, require_safetensors
 
 # OpenAI CLIP's normalisation; SigLIP uses 0.5/0.5 (its processor's own default).
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]

@@ -16,14 +16,15 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from llm2clip_vlm.bad_samples import load_or_replace
-from llm2clip_vlm.data.captions import set_parts
+from llm2clip_vlm.data.captions import record_index, set_parts
+from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.data.records import ImageCaptions
 from llm2clip_vlm.data.sets import weighted_epoch
+from llm2clip_vlm.data.train_stream import TrainStream
 from llm2clip_vlm.vision.augment import random_resized_crop
-from llm2clip_vlm.vision.stream import Stage2Stream
 
 ImageLoader = Callable[[ImageCaptions], Any]  # record -> PIL RGB image
 
@@ -219,6 +220,26 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
             yield [(epoch, int(i)) for i in mine]
 
 
+class StreamSample:
+    """Stage 2's sample hook for the shared stream: (epoch, record id, image bytes) -> (pixel
+    values, caption embedding); the caption drawn as in the map-style path
+    (:meth:`Stage2TrainData.caption_row`, by ``(seed, epoch, record)``); picklable."""
+
+    def __init__(self, dataset: Stage2TrainData) -> None:
+        self.dataset = dataset
+
+    def __call__(self, epoch: int, rid: int, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.dataset
+        image = load_rgb(data, self.where(rid))
+        row = d.caption_row(epoch, rid)
+        emb = torch.from_numpy(np.asarray(d.embeddings[[row]], dtype=np.float32)[0])
+        return d.train_pixels(image, epoch, rid), emb
+
+    def where(self, rid: int) -> str:
+        index = record_index(self.dataset.records)
+        return index.describe(rid) if index is not None else str(rid)
+
+
 def train_loader(
     dataset: Stage2TrainData,
     *,
@@ -239,8 +260,11 @@ def train_loader(
     ``shuffle_buffer`` 0: map-style, global batch ``k`` a function of ``(seed, k)``
     (:class:`GlobalBatchSampler`). Otherwise the records are streamed (``data.stream``): each rank
     and worker reads its own shards through a shuffle buffer of that many records
-    (:class:`~llm2clip_vlm.vision.stream.Stage2Stream`), resuming from ``saved`` (the stream state
-    a checkpoint stored); bad images are then found, and stopped at or skipped, while reading.
+    (the stream every stage uses, :class:`~llm2clip_vlm.data.train_stream.TrainStream`, with
+    stage 2's :class:`StreamSample`), resuming from ``saved`` (the stream state a checkpoint
+    stored); bad images are then found, and stopped at or skipped, while reading. A streamed
+    batch's third field holds, per sample, the ``[record, reason]`` pairs skipped before it (JSON,
+    "" when none), as a map-style batch's holds the images replaced (:func:`load_or_replace`).
     """
     if shuffle_buffer > 0:
         if dataset.weighted:
@@ -248,10 +272,16 @@ def train_loader(
                 "data.stream reads every set once per epoch: set weights other than 1 work with "
                 "map-style sampling (data.stream: false)"
             )
-        return Stage2Stream(
-            dataset, saved or {}, batch_size=batch_size, num_workers=num_workers, seed=dataset.seed,
-            shuffle_buffer=shuffle_buffer, skip_bad=skip_bad, max_bad_fraction=max_bad_fraction,
-            rank=rank, world=world, pin_memory=pin_memory,
+        index = record_index(dataset.records)
+        if index is None:
+            raise ValueError("data.stream needs a data set read from disk (a manifest or webdataset shards)")
+        if batch_size % world:
+            raise ValueError(f"stage2.batch_size {batch_size} is not divisible by the {world} processes")
+        return TrainStream(
+            index, len(dataset.records), StreamSample(dataset), default_collate, saved or {},
+            option="data", what="stage 2", batch_size=batch_size, num_workers=num_workers,
+            seed=dataset.seed, shuffle_buffer=shuffle_buffer, skip_bad=skip_bad,
+            max_bad_fraction=max_bad_fraction, rank=rank, world=world, pin_memory=pin_memory,
         )  # fmt: skip
     sampler = GlobalBatchSampler(
         dataset.epoch_size(), batch_size, rank, world, dataset.seed, start_step, total_steps,

@@ -34,6 +34,7 @@ from llm2clip_vlm.tracking.config import TrackingConfig
 from llm2clip_vlm.tracking.gallery import write_retrieval_gallery
 from llm2clip_vlm.tracking.tracker import RunTracker
 from llm2clip_vlm.training import dist
+from llm2clip_vlm.training.checkpoint import CHECKPOINTS
 from llm2clip_vlm.training.loop import OnStep, Run, Stage, StepOutput
 from llm2clip_vlm.training.losses import ClipLoss, SigLipLoss
 from llm2clip_vlm.training.optim import adamw, grouped, make_scheduler
@@ -54,8 +55,6 @@ from llm2clip_vlm.vision.learning import LearningCheck
 from llm2clip_vlm.vision.model import LLM2CLIP, stage2_model_config
 
 log = get_logger(__name__)
-
-CHECKPOINTS = "checkpoints"
 
 
 def build_param_groups(model: LLM2CLIP, s: Stage2Config) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from llm2clip_vlm.adapters.llava.tower import LLM2CLIPVisionTower
-from llm2clip_vlm.tower.backbones import PREFIX
+from llm2clip_vlm.tower.formats import PREFIX
 
 BUILDER_MODULE = "llava.model.multimodal_encoder.builder"
 ARCH_MODULE = "llava.model.llava_arch"

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from llm2clip_vlm.logging import get_logger
-from llm2clip_vlm.tower.backbones import (
+from llm2clip_vlm.tower.formats import (
     TowerFormat,
     detect_tower_format,
     load_tower_model,

@@ -1,4 +1,4 @@
-"""Writing LLaVA records as webdataset shards (the layout :func:`~llm2clip_vlm.llava.data.load_llava_records` reads).
+"""Writing LLaVA records as webdataset shards (the layout :func:`~llm2clip_vlm.data.conversations.load_llava_records` reads).
 
 Sample ``k`` of the data set is ``<key>.json`` (the record: ``id``, ``conversations`` and any
 extra fields; no ``image`` path) followed by ``<key>.<ext>`` (the image file's bytes, as they are;
@@ -25,8 +25,8 @@ from typing import Any
 
 from llm2clip_vlm import resources
 from llm2clip_vlm.data.captions import IMAGE_EXTENSIONS
+from llm2clip_vlm.data.conversations import LlavaRecord
 from llm2clip_vlm.data.errors import DataError
-from llm2clip_vlm.llava.data import LlavaRecord
 from llm2clip_vlm.progress import make_progress
 
 

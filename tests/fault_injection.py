@@ -7,9 +7,9 @@ a SIGTERM...) and checks what the user sees: exit status, the one line that name
 no traceback, and that no finished work is lost or silently reused. It prints a table
 ``case | issue item | outcome | ok``::
 
-    python scripts/fault_injection.py                    # all cases (~6 min on 2 busy cores)
-    python scripts/fault_injection.py --only pickle,owner # cases whose name contains a word
-    python scripts/fault_injection.py --keep DIR         # keep the work folder for inspection
+    python tests/fault_injection.py                    # all cases (~6 min on 2 busy cores)
+    python tests/fault_injection.py --only pickle,owner # cases whose name contains a word
+    python tests/fault_injection.py --keep DIR         # keep the work folder for inspection
 
 ``tests/test_fault_injection.py`` runs every case as a test.
 """
@@ -212,7 +212,9 @@ def case_build_tower_replaced_encoder_weights(w: World) -> str:
     # embed and stage 2 never train on weights the build did not make.
     assert "stage1: its artifact was changed after it was written" in r.err, r.err[-2000:]
     assert weights.read_bytes() != (other / "model.safetensors").read_bytes()
-    return "stage-1 encoder weights replaced by hand: not reused, stage1 rebuilt (sha256 differs from its stamp)"
+    return (
+        "stage-1 encoder weights replaced by hand: not reused, stage1 rebuilt (sha256 differs from its stamp)"
+    )
 
 
 def _batch_positions(n: int, batch: int, step: int, seed: int = 42) -> list[int]:
