@@ -241,13 +241,9 @@ def train_loader(
     and worker reads its own shards through a shuffle buffer of that many records
     (:class:`~llm2clip_vlm.vision.stream.Stage2Stream`), resuming from ``saved`` (the stream state
     a checkpoint stored); bad images are then found, and stopped at or skipped, while reading.
+    Set weights apply to both: map-style draws records by weight, the stream draws shards.
     """
-    if shuffle_buffer > 0:
-        if dataset.weighted:
-            raise ValueError(
-                "data.stream reads every set once per epoch: set weights other than 1 work with "
-                "map-style sampling (data.stream: false)"
-            )
+    if shuffle_buffer > 0:  # (a weighted list of sets: shards drawn by weight, see data/stream.py)
         return Stage2Stream(
             dataset, saved or {}, batch_size=batch_size, num_workers=num_workers, seed=dataset.seed,
             shuffle_buffer=shuffle_buffer, skip_bad=skip_bad, max_bad_fraction=max_bad_fraction,

@@ -8,7 +8,9 @@ counted (the run stops once more than ``data.max_bad_fraction`` of what it read 
 skipped record also rides, as ``[record, reason]``, with the next sample of its worker to the
 trainer, which lists it in ``bad_records.json`` as for a map-style run
 (:class:`~llm2clip_vlm.bad_samples.MidRunBadImages`). The
-loader's :meth:`~llm2clip_vlm.data.stream.StreamLoader.state_dict` goes into the checkpoint.
+loader's :meth:`~llm2clip_vlm.data.stream.StreamLoader.state_dict` goes into the checkpoint. A
+weighted list of sets draws its shards by the sets' weights (open_clip's upsampling factors; see
+:mod:`llm2clip_vlm.data.stream`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm2clip_vlm.data.captions import record_index
+from llm2clip_vlm.data.captions import record_index, set_parts
 from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.data.records import ImageCaptions
@@ -106,22 +108,29 @@ class Stage2Stream:
         if batch_size % world:
             raise ValueError(f"stage2.batch_size {batch_size} is not divisible by the {world} processes")
         self.max_bad_fraction = max_bad_fraction
+        # A weighted list of sets draws its shards by the sets' weights (open_clip's upsampling).
+        parts = set_parts(records)
+        weighted = any(p.weight != 1.0 for p in parts)
+        set_weights = [(p.start, p.weight) for p in parts] if weighted else []
         positions, bad, first = StreamLoader.positions_for(
-            saved, world=world, workers=num_workers, seed=seed, buffer=shuffle_buffer, records=len(records)
-        )
+            saved, world=world, workers=num_workers, seed=seed, buffer=shuffle_buffer, records=len(records),
+            weights=[p.weight for p in parts] if weighted else None,
+        )  # fmt: skip
         sample = _Sample(dataset)
         stream = ShardStream(
             index, len(records), sample, rank=rank, world=world, workers=num_workers, seed=seed,
             buffer=shuffle_buffer, positions=positions, bad=bad, first_worker=first,
-            on_bad=_OnBad(skip_bad, sample),
+            on_bad=_OnBad(skip_bad, sample), set_weights=set_weights,
         )  # fmt: skip
         self.first_batches = int(saved.get("batches", 0)) if saved else 0
         self.loader = StreamLoader(stream, batch_size // world, num_workers, pin_memory=pin_memory)
         plan = stream.plan
         log.info(
             "stage 2 streams %d records from %d shard(s): %d unit(s) (%d process(es) x %d worker(s)), "
-            "shuffle buffer %d",
+            "shuffle buffer %d%s",
             len(records), plan.num_shards, plan.units, world, max(1, num_workers), plan.buffer,
+            "; shards drawn by set weight " + ", ".join(f"{p.name} x{p.weight:g}" for p in parts)
+            if weighted else "",
         )  # fmt: skip
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
