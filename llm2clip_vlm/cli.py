@@ -423,22 +423,57 @@ def import_encoder(
 @app.command("import-embeddings")
 def import_embeddings(
     shards: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Argument(
             help="Image shards (x.tar, or a folder, glob or brace pattern) with x_text_embeddings.tar beside each."
         ),
-    ],
+    ] = None,
     output: OutputOpt = Path("runs/imported-store"),
     encoder: Annotated[
         Path | None,
         typer.Option(help="The CaptionEncoder the side-cars were made with (its identity is recorded)."),
     ] = None,
     dtype: Annotated[str, typer.Option(help="Store dtype: fp32 | bf16 | fp16.")] = "fp32",
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe",
+            "-r",
+            help="Import data.train's sets of this recipe (a list: one store, keys SET/KEY).",
+        ),
+    ] = None,
+    set_: SetOpt = None,
+    each_a_set: Annotated[
+        bool,
+        typer.Option(
+            "--sets", help="Each SHARDS argument is one set of a list (keys FOLDER/KEY), not one set."
+        ),
+    ] = False,
 ) -> None:
-    """Read the official *_text_embeddings.tar side-cars into an embedding store."""
-    from llm2clip_vlm.imports.sidecar import import_sidecars
+    """Read the official *_text_embeddings.tar side-cars into an embedding store.
 
-    summary = _run_import(import_sidecars, shards, output, encoder=encoder, dtype=dtype)
+    One set (SHARDS), several sets (SHARDS... --sets, or --recipe R with data.train as a list):
+    one store, rows in the joined order under SET/KEY, as stage 2 reads data.train.
+    """
+    from llm2clip_vlm.data.config import CaptionSetConfig, train_sets
+    from llm2clip_vlm.imports.sidecar import KINDS, import_recipe_sidecars, import_sidecars
+
+    if recipe is not None and shards:
+        console.print("[red]import-embeddings:[/red] give SHARDS or --recipe, not both")
+        raise typer.Exit(2)
+    if recipe is None and not shards:
+        console.print("[red]import-embeddings:[/red] give SHARDS (x.tar, a folder, glob) or --recipe R")
+        raise typer.Exit(2)
+    if recipe is not None:
+        cfg = resolve_config(recipe, set_)
+        summary = _run_import(
+            import_recipe_sidecars, train_sets(cfg.data), output, encoder=encoder, dtype=dtype
+        )
+    elif each_a_set:
+        sets = [CaptionSetConfig(path=str(s), caption_columns=dict(KINDS)) for s in shards or []]
+        summary = _run_import(import_recipe_sidecars, sets, output, encoder=encoder, dtype=dtype)
+    else:
+        summary = _run_import(import_sidecars, shards, output, encoder=encoder, dtype=dtype)
     console.print(f"store: {summary['path']} ({summary['rows']} captions of {summary['images']} images)")
 
 

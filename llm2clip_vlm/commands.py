@@ -330,11 +330,6 @@ def run_stage2(
     encoder = resolve_encoder_dir(wanted) if wanted else None
     identity = encoder_identity(encoder) if encoder is not None else ""
 
-    if cfg.data.stream and any(t.weight != 1.0 for t in train_sets(cfg.data)):
-        raise DataError(
-            "data.stream reads every set once per epoch: set weights (data.train[i].weight) other "
-            "than 1 work with map-style sampling (data.stream: false)"
-        )
     train_set, heldout_records = resolve_data(cfg.data, out)
     text_only = is_text_only(train_set)
     if text_only:

@@ -405,19 +405,6 @@ def test_stage1_trains_on_a_caption_pair_file(tmp_path: Path) -> None:
     assert m["steps"] == 2 and m["cra_set"] == "coco" and m["data"]["train"] == {"records": 24, "skipped": 0}
 
 
-def test_stage2_refuses_weights_with_streaming_before_any_work(tmp_path: Path) -> None:
-    from llm2clip_vlm.commands import run_stage2
-
-    cfg = config_io.build(
-        RunConfig, {"data": {"stream": True, "train": [{"path": "a"}, {"path": "b", "weight": 2}]}}
-    )
-    with pytest.raises(
-        DataError, match=r"set weights \(data.train\[i\].weight\) other than 1 work with map-style"
-    ):
-        run_stage2(cfg, tmp_path / "s2", tmp_path / "store")
-    assert not (tmp_path / "s2").exists()
-
-
 def test_llava_data_with_a_forgotten_image_folder_names_it(tmp_path: Path) -> None:
     from llm2clip_vlm.data.conversations import load_llava_records
 

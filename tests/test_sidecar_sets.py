@@ -134,3 +134,54 @@ def test_a_list_of_one_set_is_that_set(
         store[np.arange(2)],
         np.stack([vectors[sorted(vectors)[0]][f] for f in ("shortSV_captions", "longSV_captions")]),
     )
+
+
+def test_cli_import_embeddings_takes_a_recipes_list_of_sets(tmp_path: Path, tiny_encoder: Path) -> None:
+    """``import-embeddings --recipe R`` (or ``PATH... --sets``) writes the one store stage 2 reads:
+    rows in the joined order under ``<set>/<key>``, each the side-car's vector."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from llm2clip_vlm.cli import app
+    from llm2clip_vlm.data.captions import load_caption_sets
+    from llm2clip_vlm.store.store import EmbeddingStore
+    from llm2clip_vlm.text.encoder import encoder_identity
+
+    vectors = _two_runs(tmp_path, tiny_encoder)
+    train = [
+        {"path": str(tmp_path / "cc3m"), "caption_columns": dict(CAPTION_COLUMNS)},
+        {"path": str(tmp_path / "cc12m"), "caption_columns": dict(CAPTION_COLUMNS), "weight": 2.0},
+    ]
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"train": train}}))
+    args = ["import-embeddings", "--recipe", str(recipe), "--encoder", str(tiny_encoder)]
+    ok = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "store")])
+    assert ok.exit_code == 0, ok.output
+    assert "22 captions of 11 images" in ok.output
+    records = load_caption_sets([_set(tmp_path / "cc3m"), _set(tmp_path / "cc12m", weight=2.0)])
+    store = EmbeddingStore.open(tmp_path / "store" / "train", captions=records)  # keys + caption hashes
+    assert store.encoder_identity == encoder_identity(tiny_encoder)
+    expected = np.stack([
+        vectors[r.key.split("/")[0]][r.key.split("/")[1]][field]
+        for r in records for field in ("shortSV_captions", "longSV_captions")
+    ])  # fmt: skip
+    assert records[0].key.startswith("cc3m/") and records[6].key.startswith("cc12m/")
+    assert np.array_equal(store[np.arange(22)], expected)
+
+    # Several paths, each a set: the same store, row for row.
+    paths = [str(tmp_path / "cc3m"), str(tmp_path / "cc12m")]
+    two = CliRunner().invoke(app, ["import-embeddings", *paths, "--sets", "-o", str(tmp_path / "s2")])
+    assert two.exit_code == 0, two.output
+    again = EmbeddingStore.open(tmp_path / "s2" / "train", captions=records)
+    assert np.array_equal(again[np.arange(22)], expected)
+
+    # A set the side-cars cannot serve: one line naming it and the fix, no traceback, no store.
+    recipe.write_text(yaml.safe_dump({"data": {"train": [train[0], {"path": str(tmp_path / "cc12m")}]}}))
+    bad = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "s3")])
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    line = " ".join(bad.output.split())
+    assert "data.train[1] (cc12m): side-cars unusable" in line
+    assert "set data.train[1].caption_columns to {shortSV_captions: short, longSV_captions: long}" in line
+    assert not (tmp_path / "s3").exists()
+    both = CliRunner().invoke(app, [*args, paths[0]])
+    assert both.exit_code == 2 and "SHARDS or --recipe, not both" in both.output

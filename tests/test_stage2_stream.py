@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from stage2_world import FakeStore, load_image, make_world
 
 from llm2clip_vlm import config_io
-from llm2clip_vlm.data.captions import load_caption_set, record_index
+from llm2clip_vlm.data.captions import load_caption_set, load_caption_sets, record_index
 from llm2clip_vlm.data.config import CaptionSetConfig
 from llm2clip_vlm.data.stream import StreamPlan
 from llm2clip_vlm.recipe import RunConfig
@@ -61,10 +61,15 @@ def write_world_shards(root: Path, n: int, shards: int) -> Path:
     return root / "shards"
 
 
-def _run(root: Path, out: Path, overrides: list[str], **kw: Any) -> dict[str, Any]:
+def _run(
+    root: Path, out: Path, overrides: list[str], sets: list[CaptionSetConfig] | None = None, **kw: Any
+) -> dict[str, Any]:
     os.environ["LLM2CLIP_VLM_CACHE"] = str(root / "cache")
-    shards = root / "shards" if (root / "shards").is_dir() else write_world_shards(root, 48, 4)
-    train = load_caption_set(CaptionSetConfig(path=str(shards)))
+    if sets is not None:  # a list of sets (data.train as a list)
+        train = load_caption_sets(sets)
+    else:
+        shards = root / "shards" if (root / "shards").is_dir() else write_world_shards(root, 48, 4)
+        train = load_caption_set(CaptionSetConfig(path=str(shards)))
     held = make_world(root / "held", 8, seed=1)
     hstore = FakeStore(held, seed=0)
     owner = torch.tensor([i for i, r in enumerate(held) for _ in r.captions])
@@ -102,6 +107,43 @@ def test_a_killed_streamed_run_resumes_to_identical_weights(tmp_path: Path, work
     state = json.loads((tmp_path / "cut" / CHECKPOINTS / "step-0000008" / "checkpoint.json").read_text())
     position = state["state"]["extra"]["data"]
     assert position["batches"] == 8 and sum(p for p, _ in position["units"].values()) == 64
+
+
+def test_a_killed_weighted_stream_of_two_sets_resumes_to_identical_weights(tmp_path: Path) -> None:
+    """Set weights with data.stream (open_clip's upsampling factors, drawn per shard; see
+    tests/test_stream_weights.py for the source): the draw is in the resume state."""
+    data = tmp_path / "data"
+    sets = [
+        CaptionSetConfig(path=str(write_world_shards(data / "cc3m", 48, 4)), weight=0.5),
+        CaptionSetConfig(path=str(write_world_shards(data / "cc12m", 24, 3)), weight=2.0),
+    ]
+    common = ["stage2.loop.max_steps=8", "stage2.loop.save_every_steps=3"]
+    full = _run(data, tmp_path / "full", common, sets=sets)["stage2"]
+
+    def kill(step: int, loss: float) -> None:
+        if step == 5:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        _run(data, tmp_path / "cut", common, sets=sets, on_step=kill)
+    resumed = _run(data, tmp_path / "cut", common, sets=sets)["stage2"]
+    assert resumed["train"]["losses"] == full["train"]["losses"]
+    a = load_file(str(tmp_path / "full" / CHECKPOINTS / "step-0000008" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / CHECKPOINTS / "step-0000008" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = json.loads((tmp_path / "cut" / CHECKPOINTS / "step-0000008" / "checkpoint.json").read_text())
+    assert state["state"]["extra"]["data"]["weights"] == [0.5, 2.0]
+
+
+def test_a_streamed_list_of_one_set_is_the_same_run(tmp_path: Path) -> None:
+    common = ["stage2.loop.max_steps=4", "stage2.loop.save_every_steps=4"]
+    plain = _run(tmp_path / "data", tmp_path / "plain", common)["stage2"]
+    one = [CaptionSetConfig(path=str(tmp_path / "data" / "shards"), weight=1.0)]
+    listed = _run(tmp_path / "data", tmp_path / "listed", common, sets=one)["stage2"]
+    assert listed["train"]["losses"] == plain["train"]["losses"]
+    a = load_file(str(tmp_path / "plain" / CHECKPOINTS / "step-0000004" / "model.safetensors"))
+    b = load_file(str(tmp_path / "listed" / CHECKPOINTS / "step-0000004" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _worker(rank: int, world: int, port: int, root: str, out: str, overrides: list[str]) -> None:

@@ -76,7 +76,8 @@ class CaptionSetConfig:
     # messages and metrics.json; "" = the folder or file name. Unused for a single set.
     name: str = ""
     # Sampling weight in a list of sets (open_clip's --train-data-upsampling-factors): each epoch
-    # draws ``weight`` x this set's images (2 = every image twice, 0.5 = a fresh half each epoch).
+    # draws ``weight`` x this set's images (2 = every image twice, 0.5 = a fresh half each epoch);
+    # streamed, each epoch draws shards with replacement by this weight (docs/DATA.md).
     weight: float = 1.0
 
     # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).

@@ -23,7 +23,8 @@ slicing) sees one indexed set. A list of one set is that set, unchanged (no pref
 Sampling weights follow open_clip's ``--train-data-upsampling-factors``
 (``src/open_clip_train/params.py``: "upsample specific data sources"; ``data.py``
 ``expand_urls`` gives each shard its source's weight): with weight ``w`` a set contributes
-``w`` times its images to an epoch (:func:`weighted_epoch`).
+``w`` times its images to an epoch (:func:`weighted_epoch`); a streamed run draws each epoch's
+shards with replacement by weight instead (:class:`~llm2clip_vlm.data.stream.StreamPlan`).
 """
 
 from __future__ import annotations

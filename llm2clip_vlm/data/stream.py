@@ -16,6 +16,17 @@ The alternative to map-style random access for data sets too large to shuffle gl
   checkpoint stores one integer per unit (:meth:`StreamLoader.state_dict`) and a resumed run
   emits exactly the records the uninterrupted one would have.
 
+Weighted sets (``data.train[i].weight`` other than 1, a list of sets): as open_clip's
+``--train-data-upsampling-factors`` (``src/open_clip_train/data.py``, ``ResampledShards2``: each
+shard is drawn with replacement by ``rng.choices(urls, weights=...)``, every shard carrying its
+source's weight, the generator reseeded by the epoch), epoch ``e`` *draws* its shard sequence with
+replacement instead of permuting the shards: ``round(sum of the shards' set weights)`` draws, shard
+``s`` with probability proportional to ``weight(set of s) x records(s)`` (open_clip's weights when
+shards are equally full; with unequal shards, a set still gets ``weight x records`` in expectation,
+as the map-style :func:`~llm2clip_vlm.data.sets.weighted_epoch`). The draw is seeded by
+``(seed, e)`` and the units cut it as a permutation, so the position alone still places a resumed
+unit; the weights are part of the stream's state (a resume with other weights is refused).
+
 A sample that fails (a bad image) is skipped under ``skip_bad`` and counted; it still advances
 the position, so the resumed stream stays aligned. Without ``skip_bad`` it raises, naming the
 record.
@@ -27,7 +38,7 @@ after the resume point comes from the same unit as in the uninterrupted run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,16 +68,32 @@ class StreamPlan:
         seed: shuffle seed.
         units: ``world * workers``.
         buffer: shuffle-buffer size in records (1 = no shuffle within a unit).
+        shard_weights: each shard's set weight (a weighted list of sets; see the module
+            docstring); empty = every shard once per epoch, in a random order.
     """
 
     shard_starts: tuple[int, ...]
     seed: int
     units: int
     buffer: int
+    shard_weights: tuple[float, ...] = ()
 
     @classmethod
-    def of_index(cls, index: RecordIndex, n: int, seed: int, units: int, buffer: int) -> StreamPlan:
-        """The plan of the first ``n`` records of an index (shards as the index records them)."""
+    def of_index(
+        cls,
+        index: RecordIndex,
+        n: int,
+        seed: int,
+        units: int,
+        buffer: int,
+        set_weights: Sequence[tuple[int, float]] = (),
+    ) -> StreamPlan:
+        """The plan of the first ``n`` records of an index (shards as the index records them).
+
+        Args:
+            set_weights: ``(first record, weight)`` of each set of a joined index, in order; no
+                weighting when empty or when every weight is 1.
+        """
         if index.meta["kind"] == "shards" or len(index.sources) > 1:  # (joined sets: one unit per source)
             shard = index.column("shard")[:n]
             # Records of one shard are contiguous in the index, shards in order.
@@ -74,7 +101,13 @@ class StreamPlan:
             starts = (0, *(int(c) for c in cuts), n)
         else:
             starts = (0, n)
-        return cls(starts, seed, units, max(1, buffer))
+        weights: tuple[float, ...] = ()
+        if any(w != 1.0 for _, w in set_weights):
+            firsts = np.array([s for s, _ in set_weights], dtype=np.int64)
+            # A shard belongs to the set its first record lies in (sets hold whole shards).
+            k = np.searchsorted(firsts, np.asarray(starts[:-1], dtype=np.int64), side="right") - 1
+            weights = tuple(float(set_weights[int(j)][1]) for j in k)
+        return cls(starts, seed, units, max(1, buffer), weights)
 
     @property
     def num_shards(self) -> int:
@@ -88,8 +121,8 @@ class StreamPlan:
         """
         dtype = np.int32 if self.shard_starts[-1] < 2**31 else np.int64
         starts = np.asarray(self.shard_starts, dtype=np.int64)
-        perm = np.random.default_rng((self.seed, epoch)).permutation(self.num_shards)
-        if self.num_shards >= self.units:
+        perm = self.epoch_shards(epoch)
+        if len(perm) >= self.units:
             mine = perm[unit :: self.units]
             total = int(sum(starts[s + 1] - starts[s] for s in mine))
             ids = np.empty(total, dtype=dtype)
@@ -101,6 +134,20 @@ class StreamPlan:
             return ids
         ids = np.concatenate([np.arange(starts[s], starts[s + 1], dtype=dtype) for s in perm])
         return ids[unit :: self.units]
+
+    def epoch_shards(self, epoch: int) -> np.ndarray:
+        """The shards epoch ``epoch`` reads, in order (the units then take every ``units``-th).
+
+        Unweighted: a permutation of all shards. Weighted: shards drawn with replacement, as
+        open_clip's ``ResampledShards2`` (see the module docstring).
+        """
+        rng = np.random.default_rng((self.seed, epoch))
+        if not self.shard_weights:
+            return rng.permutation(self.num_shards)
+        w = np.asarray(self.shard_weights, dtype=np.float64)
+        p = w * np.diff(np.asarray(self.shard_starts, dtype=np.int64))
+        draws = max(1, int(round(float(w.sum()))))
+        return rng.choice(self.num_shards, size=draws, replace=True, p=p / p.sum())
 
     def epoch_length(self, epoch: int, unit: int) -> int:
         return len(self.epoch_ids(epoch, unit))
@@ -197,6 +244,8 @@ class ShardStream(IterableDataset):
         bad: unit -> bad records skipped so far (a resumed run).
         first_worker: the logical worker DataLoader worker 0 plays (see the module docstring).
         on_bad: called as ``on_bad(source, error)`` for a bad record; it may raise to stop.
+        set_weights: ``(first record, weight)`` per set of a weighted list of sets (see
+            :meth:`StreamPlan.of_index`); empty = every shard once per epoch.
     """
 
     def __init__(
@@ -214,10 +263,13 @@ class ShardStream(IterableDataset):
         bad: dict[int, int] | None = None,
         first_worker: int = 0,
         on_bad: Callable[[str, Exception], None] | None = None,
+        set_weights: Sequence[tuple[int, float]] = (),
     ) -> None:
         self.index, self.n, self.transform = index, n, transform
         self.rank, self.world, self.workers = rank, world, max(1, workers)
-        self.plan = StreamPlan.of_index(index, n, seed, world * self.workers, buffer)
+        self.plan = StreamPlan.of_index(index, n, seed, world * self.workers, buffer, set_weights)
+        # What a checkpoint records of the weights (None = unweighted, the key is then left out).
+        self.weights = [float(w) for _, w in set_weights] if self.plan.shard_weights else None
         self.positions = dict(positions or {})
         self.bad = dict(bad or {})
         self.first_worker = first_worker % self.workers
@@ -335,7 +387,7 @@ class StreamLoader:
             everyone: list[Any] = [None] * s.world
             torch.distributed.all_gather_object(everyone, mine)
             merged = {k: v for d in everyone for k, v in d.items()}
-        return {
+        state = {
             "units": merged,
             "batches": first_batches + self.batches,
             "world": s.world,
@@ -344,16 +396,29 @@ class StreamLoader:
             "buffer": s.plan.buffer,
             "records": s.n,
         }
+        if s.weights is not None:  # a weighted stream: its shards are drawn by these weights
+            state["weights"] = s.weights
+        return state
 
     @staticmethod
     def positions_for(
-        state: dict[str, Any], *, world: int, workers: int, seed: int, buffer: int, records: int
+        state: dict[str, Any],
+        *,
+        world: int,
+        workers: int,
+        seed: int,
+        buffer: int,
+        records: int,
+        weights: Sequence[float] | None = None,
     ) -> tuple[dict[int, int], dict[int, int], int]:
         """``(unit positions, bad counts, first worker)`` to resume from a saved :meth:`state_dict`.
 
+        Args:
+            weights: the sets' weights when any is not 1 (None: unweighted).
+
         Raises:
-            ValueError: the saved stream was cut for another process/worker count, seed, buffer
-                or data set: the same position would mean other records.
+            ValueError: the saved stream was cut for another process/worker count, seed, buffer,
+                data set or set weights: the same position would mean other records.
         """
         if not state:
             return {}, {}, 0
@@ -363,6 +428,7 @@ class StreamLoader:
             "seed": seed,
             "buffer": max(1, buffer),
             "records": records,
+            "weights": [float(w) for w in weights] if weights is not None else None,
         }
         got = {k: state.get(k) for k in want}
         if got != want:

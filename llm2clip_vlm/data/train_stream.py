@@ -20,7 +20,7 @@ The run stops once more than ``max_bad_fraction`` of what a rank read was bad.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -95,6 +95,9 @@ class TrainStream:
         num_workers, seed, shuffle_buffer: DataLoader workers, shuffle seed, buffer size in records.
         skip_bad, max_bad_fraction: the bad-record policy, applied while reading.
         rank, world, pin_memory: this process, the process count, pinned host batches.
+        set_weights: ``(first record, weight)`` of each set of a weighted list of sets, whose
+            shards are then drawn by weight (:class:`~llm2clip_vlm.data.stream.ShardStream`);
+            empty when every weight is 1.
         note: appended to the log line that describes the stream.
     """
 
@@ -117,11 +120,18 @@ class TrainStream:
         rank: int,
         world: int,
         pin_memory: bool,
+        set_weights: Sequence[tuple[int, float]] = (),
         note: str = "",
     ) -> None:
         self.world, self.max_bad_fraction, self.what = world, max_bad_fraction, what
         positions, bad, first = StreamLoader.positions_for(
-            saved, world=world, workers=num_workers, seed=seed, buffer=shuffle_buffer, records=n
+            saved,
+            world=world,
+            workers=num_workers,
+            seed=seed,
+            buffer=shuffle_buffer,
+            records=n,
+            weights=[w for _, w in set_weights] if set_weights else None,
         )
         hook = _Sample(sample)
         stream = ShardStream(
@@ -137,6 +147,7 @@ class TrainStream:
             bad=bad,
             first_worker=first,
             on_bad=_OnBad(skip_bad, option, hook),
+            set_weights=set_weights,
         )
         self.first_batches = int(saved.get("batches", 0)) if saved else 0
         # The ledger of skipped records: every rank's up to the resumed checkpoint, then this rank's.

@@ -457,25 +457,65 @@ class _Offered:
         self.key, self.texts, self.theirs = "", [""], np.zeros((0, 0), dtype=np.float32)
 
 
-def _settings_refuse(train: CaptionSetConfig, field: str, offered: _Offered) -> bool:
-    """Whether the set's settings rule its side-cars out (then one line says why)."""
-    where, shards, sides = offered.where, offered.shards, offered.sides
+def _settings_problem(train: CaptionSetConfig, field: str, shards: list[str], sides: list[str]) -> str:
+    """Why the set's settings rule its side-cars out ("" = they don't)."""
     if len(sides) != len(shards):
-        log.warning("%s: ignored, only %d of %d image shards have one", where, len(sides), len(shards))
-        return True
+        return f"only {len(sides)} of {len(shards)} image shards have one"
     wanted = f"set {field}.caption_columns to {{shortSV_captions: short, longSV_captions: long}} to use them"
     if any(train.caption_columns.get(column) != kind for column, kind in KINDS.items()):
-        log.warning(
-            "%s: ignored, they embed shortSV_captions/longSV_captions and %s.caption_columns is %s (%s)",
-            where, field, dict(train.caption_columns), wanted,
-        )  # fmt: skip
-        return True
-    if train.max_images:
-        log.warning(
-            "%s: ignored, %s.max_images keeps part of the set (the side-cars embed all)", where, field
+        return (
+            f"they embed shortSV_captions/longSV_captions and {field}.caption_columns is "
+            f"{dict(train.caption_columns)} ({wanted})"
         )
-        return True
-    return False
+    if train.max_images:
+        return f"{field}.max_images keeps part of the set (the side-cars embed all)"
+    return ""
+
+
+def _settings_refuse(train: CaptionSetConfig, field: str, offered: _Offered) -> bool:
+    """Whether the set's settings rule its side-cars out (then one line says why)."""
+    problem = _settings_problem(train, field, offered.shards, offered.sides)
+    if problem:
+        log.warning("%s: ignored, %s", offered.where, problem)
+    return bool(problem)
+
+
+def import_recipe_sidecars(
+    train: Sequence[CaptionSetConfig], out: str | Path, encoder: str | Path | None = None, dtype: str = "fp32"
+) -> dict[str, Any]:
+    """``import-embeddings --recipe``: the side-cars of ``data.train``'s sets as one store.
+
+    The store is the one stage 2 would import itself (:func:`offer_sidecars`): for a list, rows in
+    the joined set's order under ``<set>/<key>`` (the names :func:`~llm2clip_vlm.data.sets.set_names`
+    gives); a list of one set is that set (keys as they are). Each set must be image shards with a
+    side-car beside every one, read with the side-cars' two caption columns and no ``max_images``.
+
+    Raises:
+        ImportRefused: a set that cannot give its side-cars, in one line naming it and the fix.
+    """
+    cfgs = list(train)
+    if not cfgs:
+        raise ImportRefused("the recipe has no data.train set")
+    names = set_names(cfgs) if len(cfgs) > 1 else [""]
+    sets: list[tuple[str, Sequence[str | Path]]] = []
+    for i, (c, name) in enumerate(zip(cfgs, names, strict=True)):
+        field = f"data.train[{i}]" if len(cfgs) > 1 else "data.train"
+        where = f"{field} ({name or c.path})" if name else f"{field} ({c.path})"
+        shards, sides = _shards_and_sidecars(c)
+        if not shards:
+            raise ImportRefused(
+                f"{where}: not webdataset image shards (a folder of .tar, a glob or a brace pattern)"
+            )
+        if not sides:
+            raise ImportRefused(
+                f"{where}: no LLM2CLIP side-cars (NNNNN_text_embeddings.tar) beside its shards: "
+                "run extract_embedding.py on it, or `embed` for the recipe"
+            )
+        problem = _settings_problem(c, field, shards, sides)
+        if problem:
+            raise ImportRefused(f"{where}: side-cars unusable, {problem}")
+        sets.append((name, shards))
+    return import_sidecar_sets(sets, out, encoder=encoder, dtype=dtype)
 
 
 def _first_pair_refuses(

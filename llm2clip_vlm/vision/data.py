@@ -265,23 +265,25 @@ def train_loader(
     stored); bad images are then found, and stopped at or skipped, while reading. A streamed
     batch's third field holds, per sample, the ``[record, reason]`` pairs skipped before it (JSON,
     "" when none), as a map-style batch's holds the images replaced (:func:`load_or_replace`).
+    Set weights apply to both: map-style draws records by weight, the stream draws shards.
     """
     if shuffle_buffer > 0:
-        if dataset.weighted:
-            raise ValueError(
-                "data.stream reads every set once per epoch: set weights other than 1 work with "
-                "map-style sampling (data.stream: false)"
-            )
         index = record_index(dataset.records)
         if index is None:
             raise ValueError("data.stream needs a data set read from disk (a manifest or webdataset shards)")
         if batch_size % world:
             raise ValueError(f"stage2.batch_size {batch_size} is not divisible by the {world} processes")
+        # A weighted list of sets draws its shards by the sets' weights (open_clip's upsampling).
+        parts = set_parts(dataset.records)
+        weighted = any(p.weight != 1.0 for p in parts)
         return TrainStream(
             index, len(dataset.records), StreamSample(dataset), default_collate, saved or {},
             option="data", what="stage 2", batch_size=batch_size, num_workers=num_workers,
             seed=dataset.seed, shuffle_buffer=shuffle_buffer, skip_bad=skip_bad,
             max_bad_fraction=max_bad_fraction, rank=rank, world=world, pin_memory=pin_memory,
+            set_weights=[(p.start, p.weight) for p in parts] if weighted else (),
+            note="; shards drawn by set weight " + ", ".join(f"{p.name} x{p.weight:g}" for p in parts)
+            if weighted else "",
         )  # fmt: skip
     sampler = GlobalBatchSampler(
         dataset.epoch_size(), batch_size, rank, world, dataset.seed, start_step, total_steps,
