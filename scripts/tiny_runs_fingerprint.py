@@ -17,6 +17,7 @@ It reads either metrics.json schema (the old per-stage keys and the versioned on
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import sys
 import tempfile
@@ -75,10 +76,12 @@ def main() -> None:
 
         cfg = tiny_cfg(llm)
         run = root / "stage1"
-        m = train_stage1(
-            cfg.stage1, run, scene_records(40), scene_records(10, offset=200), reliability=cfg.reliability,
-            tracking=cfg.tracking, run_config=config_io.to_dict(cfg),
-        )  # fmt: skip
+        explicit = dict(reliability=cfg.reliability, tracking=cfg.tracking, run_config=config_io.to_dict(cfg))
+        if "inputs" in inspect.signature(train_stage1).parameters:  # after the run scaffold (issue 26)
+            from llm2clip_vlm.training.session import RunInputs
+
+            explicit = {"inputs": RunInputs(**explicit)}
+        m = train_stage1(cfg.stage1, run, scene_records(40), scene_records(10, offset=200), **explicit)
         record("stage1-contrastive", m, run)
         record("stage1-mntp", run_stage1(llm, root / "stage1-mntp"), root / "stage1-mntp")
         record("stage2", run_stage2(root / "s2data", root / "stage2"), root / "stage2")

@@ -18,12 +18,8 @@ from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.training.checkpoint import Checkpointer
 from llm2clip_vlm.vision.data import GlobalBatchSampler
 from llm2clip_vlm.vision.retrieval import retrieval_metrics
-from llm2clip_vlm.vision.train import (
-    CHECKPOINTS,
-    HeldoutSet,
-    Stage2TrainData,
-    train_stage2,
-)
+from llm2clip_vlm.vision.data import HeldoutSet, Stage2TrainData
+from llm2clip_vlm.vision.train import CHECKPOINTS, train_stage2
 
 TINY = [
     "stage2.backbone.image_size=32",
@@ -122,11 +118,10 @@ def _run(root: Path, out: Path, overrides: list[str], **kw: Any) -> dict[str, An
     n_train, n_held = kw.pop("n_train", 32), kw.pop("n_held", 8)
     train, store, heldout = _world(root, n_train, n_held)
     cfg = config_io.load(RunConfig, None, TINY + overrides)
-    from fault_driver import stage2_inputs  # what commands.run_stage2 passes (config.yaml, tracking)
+    from fault_driver import run_inputs, stage2_data  # what commands.run_stage2 passes
 
-    return train_stage2(
-        cfg.stage2, out, train, store, heldout, load_image=load_image, **stage2_inputs(cfg, out), **kw
-    )
+    inputs = run_inputs(cfg, out, on_step=kw.pop("on_step", None))
+    return train_stage2(cfg.stage2, out, stage2_data(cfg, train, store, heldout, load_image, **kw), inputs)
 
 
 @pytest.mark.slow  # ~15-35 s on a shared 2-core CPU

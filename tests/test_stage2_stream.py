@@ -24,7 +24,8 @@ from llm2clip_vlm.data.config import CaptionSetConfig
 from llm2clip_vlm.data.stream import StreamPlan
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.training.checkpoint import Checkpointer
-from llm2clip_vlm.vision.train import CHECKPOINTS, HeldoutSet, train_stage2
+from llm2clip_vlm.vision.data import HeldoutSet
+from llm2clip_vlm.vision.train import CHECKPOINTS, train_stage2
 
 TINY = [
     "stage2.backbone.image_size=32",
@@ -70,12 +71,11 @@ def _run(root: Path, out: Path, overrides: list[str], **kw: Any) -> dict[str, An
     owner = torch.tensor([i for i, r in enumerate(held) for _ in r.captions])
     heldout = {"short": HeldoutSet(held, torch.from_numpy(hstore.array.astype("float32")), owner)}
     cfg = config_io.load(RunConfig, None, TINY + overrides)
-    from fault_driver import stage2_inputs  # what commands.run_stage2 passes (data.stream included)
+    from fault_driver import run_inputs, stage2_data  # what commands.run_stage2 passes (data.stream too)
 
-    return train_stage2(
-        cfg.stage2, out, train, FakeStore(list(train), seed=0), heldout, load_image=load_image,
-        **stage2_inputs(cfg, out), **kw,
-    )  # fmt: skip
+    inputs = run_inputs(cfg, out, on_step=kw.pop("on_step", None))
+    data = stage2_data(cfg, train, FakeStore(list(train), seed=0), heldout, load_image, **kw)
+    return train_stage2(cfg.stage2, out, data, inputs)
 
 
 class _Killed(Exception):
