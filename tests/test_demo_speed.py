@@ -54,14 +54,14 @@ def test_cra_before_is_computed_once_per_run_directory(tiny4: Path, tmp_path: Pa
     cfg = tiny_cfg(tiny4, max_steps=1)
     first = train_stage1(cfg.stage1, tmp_path / "run", train, held)
     saved = json.loads((tmp_path / "run" / CRA_BEFORE).read_text())
-    assert saved["cra"] == first["cra_before"]
+    assert saved["cra"] == first["eval"]["before"]
     # A planted value proves the rerun read it back instead of recomputing.
     (tmp_path / "run" / CRA_BEFORE).write_text(json.dumps({**saved, "cra": 12.5}))
     again = train_stage1(cfg.stage1, tmp_path / "run", train, held)
-    assert again["cra_before"] == 12.5
+    assert again["eval"]["before"] == 12.5
     # Other caption pairs: recomputed.
     other = train_stage1(dataclasses.replace(cfg.stage1, cra_captions=10), tmp_path / "run", train, held)
-    assert other["cra_before"] != 12.5
+    assert other["eval"]["before"] != 12.5
 
 
 def test_estimate_counts_the_planned_work(tiny4: Path) -> None:

@@ -85,7 +85,7 @@ class _Killed(Exception):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_killed_streamed_run_resumes_to_identical_weights(tmp_path: Path, workers: int) -> None:
     common = ["stage2.loop.max_steps=8", "stage2.loop.save_every_steps=3", f"stage2.num_workers={workers}"]
-    full = _run(tmp_path / "data", tmp_path / "full", common)["stage2"]
+    full = _run(tmp_path / "data", tmp_path / "full", common)
 
     def kill(step: int, loss: float) -> None:
         if step == 5:  # after the step-3 checkpoint, mid-epoch of every unit
@@ -94,7 +94,7 @@ def test_a_killed_streamed_run_resumes_to_identical_weights(tmp_path: Path, work
     with pytest.raises(_Killed):
         _run(tmp_path / "data", tmp_path / "cut", common, on_step=kill)
     assert Checkpointer(tmp_path / "cut" / CHECKPOINTS).latest().name == "step-0000003"  # type: ignore[union-attr]
-    resumed = _run(tmp_path / "data", tmp_path / "cut", common)["stage2"]
+    resumed = _run(tmp_path / "data", tmp_path / "cut", common)
     assert resumed["train"]["losses"] == full["train"]["losses"]
     a = load_file(str(tmp_path / "full" / CHECKPOINTS / "step-0000008" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / CHECKPOINTS / "step-0000008" / "model.safetensors"))
@@ -108,7 +108,7 @@ def _worker(rank: int, world: int, port: int, root: str, out: str, overrides: li
     join_as_rank(rank, world, port)
     torch.set_num_threads(1)
     metrics = _run(Path(root), Path(out), overrides)
-    Path(out, f"losses.rank{rank}.json").write_text(json.dumps(metrics["stage2"]["train"]["losses"]))
+    Path(out, f"losses.rank{rank}.json").write_text(json.dumps(metrics["train"]["losses"]))
 
 
 @pytest.mark.slow  # spawns 2 processes: ~30-60 s on a shared 2-core CPU
