@@ -17,7 +17,8 @@ from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.text.lora import wrap_lora
 from llm2clip_vlm.text.modeling import ModelRef, decoder_of, load_bidirectional
 from llm2clip_vlm.text.tiny import save_tiny_llm
-from llm2clip_vlm.text.train import CRA_BEFORE, train_stage1
+from llm2clip_vlm.text.evaluate import CRA_BEFORE
+from llm2clip_vlm.text.train import train_stage1
 
 
 @pytest.fixture(scope="module")
