@@ -51,9 +51,9 @@ def stage1_cfg(model: Path, **stage1: Any) -> RunConfig:
 
     cfg = tiny_cfg(model, cra_captions=10, save_every_steps=2, eval_batch_size=32, **stage1)
     cfg.stage1.lora.dropout = 0.1
-    cfg.stage1.mntp = dataclasses.replace(
-        cfg.stage1.mntp, enabled=True, steps=2, batch_size=8, warmup_steps=0
-    )
+    # MNTP's loop saves every 2 steps, as stage 1's here (it took stage 1's before it had its own).
+    loop = dataclasses.replace(cfg.stage1.mntp.loop, max_steps=2, warmup_steps=0, save_every_steps=2)
+    cfg.stage1.mntp = dataclasses.replace(cfg.stage1.mntp, enabled=True, batch_size=8, loop=loop)
     return cfg
 
 

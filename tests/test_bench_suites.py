@@ -148,3 +148,16 @@ def test_stage2_and_llava_benches_time_the_trainers_own_step(monkeypatch: pytest
     monkeypatch.setitem(llava.PRESETS, "test", small)
     run_suite("llava", "test")
     assert len(ll) >= len(llava.VARIANTS)
+
+
+def test_stage1_bench_times_the_trainers_own_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm2clip_vlm.text import train as text_train
+    from llm2clip_vlm.text.step import SimCSEStep
+
+    assert text_train.SimCSEStep is SimCSEStep  # the class the trainer builds its Stage from
+    calls = _spy(monkeypatch, SimCSEStep, "__call__")
+    preset = stage1.Stage1Preset(SMALL_LLM, 4, 64, 0, "fp32", "fp32", False, "cpu", 0, 1, variants=("lora",))
+    monkeypatch.setitem(stage1.PRESETS, "test", preset)
+    run_suite("stage1", "test")
+    assert len(calls) >= 1
+

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 
 # E5 instructions are long for the tiny byte-level tokenizer: 160 tokens keep every query's text.
-S1 = ["stage1.batch_size=4", "stage1.loop.max_steps=2", "stage1.max_length=160", "stage1.mntp.steps=2",
+S1 = ["stage1.batch_size=4", "stage1.loop.max_steps=2", "stage1.max_length=160", "stage1.mntp.loop.max_steps=2",
       "stage1.mntp.batch_size=4"]  # fmt: skip
 S2 = ["stage2.batch_size=8", "stage2.loop.max_steps=2", "stage2.num_workers=0", "stage2.eval_batch_size=16"]
 

@@ -36,6 +36,7 @@ from llm2clip_vlm.bench.common import (
     fused_adamw_kwargs,
     llama_config,
     resolve_run,
+    trainer_accelerator,
 )
 from llm2clip_vlm.bench.harness import BenchReport, cpu_threads, device_name, measure, peak_mb
 from llm2clip_vlm.llava.assemble import build_llava_model
@@ -43,7 +44,6 @@ from llm2clip_vlm.llava.data import Batch
 from llm2clip_vlm.llava.step import LlavaStep
 from llm2clip_vlm.text.tiny import save_tiny_llm
 from llm2clip_vlm.tower.synthetic import VIT_L_14_336, TowerShape, save_random_tower
-from llm2clip_vlm.training import dist
 from llm2clip_vlm.training.optim import DTYPES
 
 VARIANTS = ("pretrain", "finetune-full", "finetune-lora")
@@ -180,7 +180,7 @@ def run(
     p = PRESETS[preset]
     dev, warmup, repeats = resolve_run(preset, p, device, warmup, repeats)
     # The trainer's accelerator (its autocast is the step's mixed precision).
-    accelerator = dist.make_accelerator("bf16" if p.dtype != "fp32" else "fp32")
+    accelerator = trainer_accelerator("bf16" if p.dtype != "fp32" else "fp32", dev)
     timings = []
     results: dict[str, Any] = {}
     with cpu_threads(p.cpu_threads, dev), tempfile.TemporaryDirectory(prefix="bench-llava-") as tmp:

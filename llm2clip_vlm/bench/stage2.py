@@ -37,6 +37,7 @@ from llm2clip_vlm.bench.common import (
     llama_config,
     non_embedding_params,
     resolve_run,
+    trainer_accelerator,
 )
 from llm2clip_vlm.bench.flops import encoder_flops
 from llm2clip_vlm.bench.harness import (
@@ -51,7 +52,6 @@ from llm2clip_vlm.text.config import Stage1Config
 from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.text.lora import wrap_lora
 from llm2clip_vlm.text.modeling import bidirectional_from_config
-from llm2clip_vlm.training import dist
 from llm2clip_vlm.training.optim import DTYPES
 from llm2clip_vlm.vision.config import Stage2Config, VisionBackboneConfig
 from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
@@ -211,7 +211,7 @@ def run(
         return CaptionEncoder(model, tokenizer, 512, pad_to_multiple_of=p.pad_to_multiple_of)
 
     # The trainer's accelerator (its autocast is the step's mixed precision).
-    accelerator = dist.make_accelerator("bf16" if autocast else "fp32")
+    accelerator = trainer_accelerator("bf16" if autocast else "fp32", dev)
     with cpu_threads(p.cpu_threads, dev):
         frozen = llm()
         # Offline embeddings: the frozen LLM's, computed once, kept on the host as the store is.
