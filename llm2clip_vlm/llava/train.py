@@ -39,15 +39,12 @@ from llm2clip_vlm.llava.model import (
     build_model,
     check_inputs,
     fsdp_blocks,
-    merged_model,
-    save_llava,
-    save_projector,
     trainable_state,
 )
-from llm2clip_vlm.llava.step import LlavaStep, setup_deepspeed
+from llm2clip_vlm.llava.stage import details, llava_stage, save_model
+from llm2clip_vlm.llava.step import setup_deepspeed
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.tracking.gallery import write_answer_gallery
-from llm2clip_vlm.training.loop import Stage
 from llm2clip_vlm.training.optim import DTYPES, adamw, grouped, make_scheduler
 from llm2clip_vlm.training.session import RunInputs, Session, metrics_document, train_summary
 
@@ -244,19 +241,7 @@ def train_llava(
         saved=state.extra.get("data"),
         pin_memory=torch.cuda.is_available(),
     )
-    trainable = {n for n, t in raw.named_parameters() if t.requires_grad}
-
-    def weights() -> dict[str, torch.Tensor] | None:
-        full = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
-        return {n: t.detach().cpu().contiguous() for n, t in (full or {}).items() if n in trainable}
-
-    step = LlavaStep(
-        accelerator, model, p.micro_batch_size, deepspeed, state.extra, p.loss_mean, fsdp2=run.fsdp2
-    )
-    # Under DeepSpeed, clipping and the update happen in backward (gradient_clipping).
-    parts = (model, optimizer, scheduler, step, weights, None if deepspeed else model.parameters)
-    data_state = getattr(loader, "state_dict", None)
-    stage = Stage(f"llava {phase}", *parts, samples_per_step=p.batch_size, data_state=data_state)
+    stage = llava_stage(session, run, model, (optimizer, scheduler), loader, p, phase, deepspeed)
     run.train(stage, loader, total_steps, session.on_step, tracker)
     # Streamed: the records skipped while reading, all ranks', as of the last checkpoint.
     total_records = len(records) + len(bad.skipped)  # streamed skips are among ``records``
@@ -272,28 +257,15 @@ def train_llava(
     full = run.full_weights(model) if run.fsdp2 else None  # a collective: every rank gathers
     metrics: dict[str, Any] = {}
     if main:
-        skipped = [{"record": w, "reason": r} for w, r in bad.skipped]
-        samples = {
-            "truncated_samples": state.extra.get("truncated", 0),
-            "dropped_samples": state.extra.get("dropped", 0),
-        }
-        samples |= {
-            "bad_records": {"count": len(bad.skipped), "records": skipped},
-            "trainable_parameters": n_train,
-        }
+        summary = train_summary(state, total_steps, run, p.batch_size, world)
+        heldout_eval = {"metric": "heldout", "before": before, "after": after}
         metrics = metrics_document(
-            f"llava-{phase}",
-            train_summary(state, total_steps, run, p.batch_size, world),
-            {"metric": "heldout", "before": before, "after": after},
-            {"phase": phase, "tune": p.tune, "template": p.template, "records": len(records), **samples},
+            f"llava-{phase}", summary, heldout_eval, details(p, phase, records, bad, state, n_train)
         )
         if full is not None:  # FSDP2: the gathered weights into a fresh, unsharded copy
             raw, _ = build_model(llava, phase, init, compute_dtype, rel.allow_pickle_weights)
             raw.load_state_dict(full)
-        final = merged_model(llava, p, raw, rel.allow_pickle_weights)
-        save_dtype = torch.float32 if p.loop.precision == "fp32" else compute_dtype
-        save_llava(final, processor, out / "model", p.template, system, save_dtype)
-        save_projector(final.model.multi_modal_projector, out)
+        save_model(llava, p, raw, processor, out, compute_dtype, rel.allow_pickle_weights)
         session.write_metrics(metrics)
         write_report(out, data.records.name, total_records, bad.skipped)
     session.close()
