@@ -61,9 +61,7 @@ def test_exported_tower_card_parses_with_model_index_and_uploads_the_right_files
 
     run = tmp_path / "run"
     extra = ["hub.datasets=[pixparse/cc3m-wds]", "hub.tags=[demo]"]
-    metrics = _run(tmp_path / "data", run, ["stage2.batch_size=8", "stage2.loop.max_steps=2", *extra])[
-        "stage2"
-    ]
+    metrics = _run(tmp_path / "data", run, ["stage2.batch_size=8", "stage2.loop.max_steps=2", *extra])
     tower = export_tower(run, tmp_path / "export" / "tower")
     text = (tower / "README.md").read_text()
     meta = front_matter(text)
@@ -72,7 +70,7 @@ def test_exported_tower_card_parses_with_model_index_and_uploads_the_right_files
         meta["tags"]
     )
     assert "base_model" not in meta  # a random demo backbone has no hub base model
-    after = metrics["retrieval"]["short"]
+    after = metrics["eval"]["after"]["short"]
     assert metric_values(meta) == {
         "I2T R@1": round(after["i2t_r1"], 2), "I2T R@5": round(after["i2t_r5"], 2), "I2T R@10": round(after["i2t_r10"], 2),
         "T2I R@1": round(after["t2i_r1"], 2), "T2I R@5": round(after["t2i_r5"], 2), "T2I R@10": round(after["t2i_r10"], 2),
@@ -168,7 +166,7 @@ def test_llava_finetune_cli_writes_card_metrics_gallery_report(parts, pretrained
         assert needle in card, needle
     a = metrics["eval"]["after"]
     assert (
-        f"| all | {metrics['heldout_before']['accuracy']:.1f} | {a['accuracy']:.1f} | {a['blind_accuracy']:.1f} "
+        f"| all | {metrics['eval']['before']['accuracy']:.1f} | {a['accuracy']:.1f} | {a['blind_accuracy']:.1f} "
         in card
     )
     files = files_to_upload(out / "model")
