@@ -154,6 +154,7 @@ def build_model(s: Stage2Config, data: Stage2Data, session: Session) -> LLM2CLIP
 
 
 def log_setup(s: Stage2Config, raw: nn.Module, images: int, steps: int, world: int) -> None:
+    """One line: what is trained, on how many images, in how many steps of which batch."""
     params = sum(p.numel() for p in raw.parameters()) / 1e6
     log.info(
         "stage 2: %s backbone (%s), %.1fM parameters all trained, %d images, %d steps of %d (%d per process), "
@@ -164,7 +165,11 @@ def log_setup(s: Stage2Config, raw: nn.Module, images: int, steps: int, world: i
 
 
 def evaluate(
-    model: nn.Module, s: Stage2Config, data: Stage2Data, session: Session, sims: Any = None
+    model: nn.Module,
+    s: Stage2Config,
+    data: Stage2Data,
+    session: Session,
+    sims: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Zero-shot retrieval on every held-out set (every process: a forward under FSDP); ``sims``:
     a dict that receives the similarity matrices (the report's gallery)."""
@@ -174,6 +179,7 @@ def evaluate(
 
 
 def model_processor(model: nn.Module, accelerator: Any) -> Any:
+    """The backbone's image processor (resize, crop, normalise), through any DDP/FSDP wrapper."""
     return accelerator.unwrap_model(model).vision.image_processor
 
 
