@@ -35,8 +35,8 @@ def main() -> None:
     from llm2clip_vlm.reports import load_runs, write_report
     from llm2clip_vlm.text.tiny import save_tiny_llm
     from llm2clip_vlm.text.train import train_stage1
-    from llm2clip_vlm.training.session import RunInputs
     from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
+    from llm2clip_vlm.training.session import RunInputs
 
     torch.set_num_threads(1)
     work = args.work

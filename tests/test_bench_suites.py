@@ -126,13 +126,13 @@ def _spy(monkeypatch: pytest.MonkeyPatch, cls: type, method: str) -> list[type]:
 
 
 def test_stage2_and_llava_benches_time_the_trainers_own_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    from llm2clip_vlm.llava import train as llava_train
+    from llm2clip_vlm.llava import stage as llava_stage
     from llm2clip_vlm.llava.step import LlavaStep
     from llm2clip_vlm.vision import stage as vision_stage
     from llm2clip_vlm.vision.step import Stage2Step
 
     # The classes the bench calls are the ones the trainers build their Stage from.
-    assert vision_stage.Stage2Step is Stage2Step and llava_train.LlavaStep is LlavaStep
+    assert vision_stage.Stage2Step is Stage2Step and llava_stage.LlavaStep is LlavaStep
     s2 = _spy(monkeypatch, Stage2Step, "forward_backward")
     preset = stage2.Stage2Preset(
         stage2.ViTShape(32, 8, 32, 1, 2), LLMShape(64, 128, 2, 4, 2, 0), 8, 32, "fp32", False, "cpu", 0, 1

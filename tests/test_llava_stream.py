@@ -19,7 +19,7 @@ from llm2clip_vlm import config_io
 from llm2clip_vlm.commands import run_llava
 from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.synthetic_llava import write_llava_demo
-from llm2clip_vlm.llava import train as llava_train
+from llm2clip_vlm.llava import stage as llava_stage
 from llm2clip_vlm.llava.data import load_llava_records
 from llm2clip_vlm.llava.shards import write_llava_shards
 from llm2clip_vlm.recipe import RunConfig
@@ -148,12 +148,12 @@ def _worker(
     torch.set_num_threads(1)
     seen: list[str] = []
 
-    class Recording(llava_train.LlavaStep):  # what this rank trained on, record by record
+    class Recording(llava_stage.LlavaStep):  # what this rank trained on, record by record
         def __call__(self, batch):  # type: ignore[no-untyped-def]
             seen.extend(batch.sources)
             return super().__call__(batch)
 
-    llava_train.LlavaStep = Recording  # type: ignore[misc]
+    llava_stage.LlavaStep = Recording  # type: ignore[misc]
     cfg = config_io.load(RunConfig, None, overrides)
     run_llava(cfg, Path(out), phase, **({"init": Path(init)} if init else {}))  # type: ignore[arg-type]
     Path(out, f"seen-{rank}.json").write_text(json.dumps(seen))
