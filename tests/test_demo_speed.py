@@ -14,10 +14,10 @@ from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import demo_recipe_path
 from llm2clip_vlm.estimate import estimate_build, format_estimate
 from llm2clip_vlm.recipe import RunConfig
+from llm2clip_vlm.text.evaluate import CRA_BEFORE
 from llm2clip_vlm.text.lora import wrap_lora
 from llm2clip_vlm.text.modeling import ModelRef, decoder_of, load_bidirectional
 from llm2clip_vlm.text.tiny import save_tiny_llm
-from llm2clip_vlm.text.evaluate import CRA_BEFORE
 from llm2clip_vlm.text.train import train_stage1
 
 

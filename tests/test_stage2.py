@@ -16,9 +16,8 @@ from stage2_world import FakeStore, load_image, make_world
 from llm2clip_vlm import config_io
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.training.checkpoint import Checkpointer
-from llm2clip_vlm.vision.data import GlobalBatchSampler
+from llm2clip_vlm.vision.data import GlobalBatchSampler, HeldoutSet, Stage2TrainData
 from llm2clip_vlm.vision.retrieval import retrieval_metrics
-from llm2clip_vlm.vision.data import HeldoutSet, Stage2TrainData
 from llm2clip_vlm.vision.train import CHECKPOINTS, train_stage2
 
 TINY = [

@@ -15,8 +15,8 @@ from stage2_world import FakeStore, load_image, make_world
 
 from llm2clip_vlm import config_io
 from llm2clip_vlm.recipe import RunConfig
-from llm2clip_vlm.vision.learning import LearningWatch, TrainSlice
 from llm2clip_vlm.vision.data import HeldoutSet
+from llm2clip_vlm.vision.learning import LearningWatch, TrainSlice
 from llm2clip_vlm.vision.train import Stage2Data, train_stage2
 
 TINY = [

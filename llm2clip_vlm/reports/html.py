@@ -125,7 +125,8 @@ def _overview(runs: Sequence[Run]) -> dict[str, Any]:
             _fmt(last.get("tokens_per_s"), 0), _fmt(last.get("peak_gpu_gib", last.get("peak_rss_gib")), 2),
             _fmt(r.summary.get("seconds"), 0), str(r.path),
         ])  # fmt: skip
-    head = ["run", "kind", "steps", "last loss", "samples/s", "tokens/s", "peak mem GiB", "train s", "directory"]
+    head = ["run", "kind", "steps", "last loss", "samples/s", "tokens/s", "peak mem GiB", "train s"]
+    head.append("directory")
     return {"head": head, "rows": rows}
 
 
