@@ -204,18 +204,19 @@ def stage1(
     with claimed_output(output, "stage1", cfg, allow_config_change, restart) as claim:
         metrics = run_stage1(cfg, output, claim=claim)
     if metrics:  # empty on non-main processes
+        cra, train = metrics["eval"], metrics["train"]
         console.print(
-            f"stage 1: CRA {metrics['cra_before']:.1f} -> {metrics['cra_after']:.1f} "
-            f"on {_cra_where(metrics)} ({metrics['steps']} steps, {metrics['train_seconds']:.0f} s); "
-            f"embedder in {metrics['encoder']}"
+            f"stage 1: CRA {cra['before']:.1f} -> {cra['after']:.1f} "
+            f"on {_cra_where(cra)} ({train['steps']} steps, {train['seconds']:.0f} s); "
+            f"embedder in {metrics['details']['encoder']}"
         )
 
 
-def _cra_where(metrics: dict) -> str:
-    """Where stage 1 measured CRA, for its summary line."""
-    if metrics.get("cra_from_training_data"):
-        return f"{metrics.get('cra_held_out_of_training', '?')} training images held out of training"
-    return f"held-out set {metrics.get('cra_set', '?')!r}"
+def _cra_where(cra: dict) -> str:
+    """Where stage 1 measured CRA (its metrics.json ``eval`` section), for its summary line."""
+    if cra.get("cra_from_training_data"):
+        return f"{cra.get('cra_held_out_of_training', '?')} training images held out of training"
+    return f"held-out set {cra.get('cra_set', '?')!r}"
 
 
 @app.command("embed")
@@ -720,23 +721,24 @@ def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | 
         raise typer.Exit(1) from e
     if not metrics:  # non-main processes
         return
+    train, details = metrics["train"], metrics["details"]
     line = (
-        f"llava {phase}: {metrics['steps']} steps in {metrics['train_seconds']:.0f} s, loss "
-        f"{metrics['loss_start_mean']:.3f} -> {metrics['loss_end_mean']:.3f} (mean of first/last steps)"
+        f"llava {phase}: {train['steps']} steps in {train['seconds']:.0f} s, loss "
+        f"{train['loss_start_mean']:.3f} -> {train['loss_end_mean']:.3f} (mean of first/last steps)"
     )
-    before, after = metrics.get("heldout_before") or {}, metrics.get("heldout_after") or {}
+    before, after = metrics["eval"].get("before") or {}, metrics["eval"].get("after") or {}
     if after:
         line += f"; held-out accuracy {before.get('accuracy', float('nan')):.1f} -> {after['accuracy']:.1f} %"
     console.print(line)
     if after:
         console.print(_heldout_table(after))
-    if metrics["bad_records"]["count"] or metrics["dropped_samples"]:
+    if details["bad_records"]["count"] or details["dropped_samples"]:
         console.print(
-            f"[yellow]skipped {metrics['bad_records']['count']} bad records, dropped "
-            f"{metrics['dropped_samples']} samples[/yellow] (listed in {output / 'metrics.json'})"
+            f"[yellow]skipped {details['bad_records']['count']} bad records, dropped "
+            f"{details['dropped_samples']} samples[/yellow] (listed in {output / 'metrics.json'})"
         )
-    if metrics["truncated_samples"]:
-        console.print(f"{metrics['truncated_samples']} samples were truncated to max_length")
+    if details["truncated_samples"]:
+        console.print(f"{details['truncated_samples']} samples were truncated to max_length")
     console.print(f"model: {output / 'model'}   projector: {output / 'mm_projector.safetensors'}")
     _report_and_logs(output, [output])
     _push(output / "model", push_to_hub)

@@ -58,9 +58,10 @@ from llm2clip_vlm.text.modeling import resolve_model_ref
 from llm2clip_vlm.text.raw import write_raw_encoder
 from llm2clip_vlm.text.train import train_stage1
 from llm2clip_vlm.training import dist
+from llm2clip_vlm.training.session import RunInputs
 from llm2clip_vlm.vision.export import export_tower
 from llm2clip_vlm.vision.inputs import heldout_sets, usable_images
-from llm2clip_vlm.vision.train import train_stage2
+from llm2clip_vlm.vision.train import Stage2Data, train_stage2
 
 log = get_logger(__name__)
 
@@ -211,10 +212,15 @@ def run_stage1(cfg: RunConfig, output_dir: str | Path, claim: Claim | None = Non
         load_text_corpus(cfg.data.text_corpus) if cfg.stage1.mntp.enabled and cfg.data.text_corpus else []
     )
     metrics = train_stage1(
-        cfg.stage1, out, source.train_records, source.records, text_corpus=corpus,
-        text_corpus_ratio=cfg.data.text_corpus_ratio, reliability=cfg.reliability, cra_info=source.describe(), on_ready=config_writer(cfg, out, claim),
-        tracking=cfg.tracking, run_config=config_io.to_dict(cfg),
-    )  # fmt: skip
+        cfg.stage1,
+        out,
+        source.train_records,
+        source.records,
+        text_corpus=corpus,
+        text_corpus_ratio=cfg.data.text_corpus_ratio,
+        cra_info=source.describe(),
+        inputs=run_inputs(cfg, out, claim),
+    )
     return _with_data_counts(out, metrics, train_set, heldout_sets)
 
 
@@ -234,6 +240,20 @@ def run_without_stage1(cfg: RunConfig, output_dir: str | Path) -> dict[str, Any]
         allow_pickle=cfg.reliability.allow_pickle_weights,
     )  # fmt: skip
     return _with_data_counts(out, metrics, train_set, heldout_sets)
+
+
+def run_inputs(
+    cfg: RunConfig, out: Path, claim: Claim | None, on_step: Callable[[int, float], None] | None = None
+) -> RunInputs:
+    """What every trainer gets from the recipe besides its section: the reliability policy, the
+    tracking section with the resolved config it records, and the config.yaml writer."""
+    return RunInputs(
+        reliability=cfg.reliability,
+        tracking=cfg.tracking,
+        run_config=config_io.to_dict(cfg),
+        on_ready=config_writer(cfg, out, claim),
+        on_step=on_step,
+    )
 
 
 def _with_data_counts(
@@ -371,13 +391,17 @@ def run_stage2(
         records = [train_records, *heldout_records.values()]
         claim.inputs(stage2_inputs(cfg, out, records, store_dir, identity))
     heldout = heldout_sets(heldout_records, store_dir, encoder, identity, out / "heldout", cfg.embed, usable)
-    metrics = train_stage2(
-        cfg.stage2, out, train_records, store, heldout, usable=train_usable, load_image=open_image,
-        reliability=cfg.reliability, encoder_path=str(encoder.resolve()) if encoder else "",
-        encoder_identity=identity, skip_bad=cfg.data.skip_bad, max_bad_fraction=cfg.data.max_bad_fraction,
-        tracking=cfg.tracking, run_config=config_io.to_dict(cfg), on_ready=config_writer(cfg, out, claim),
-        shuffle_buffer=cfg.data.shuffle_buffer if cfg.data.stream else 0,
-    )  # fmt: skip
+    data = Stage2Data(
+        train_records,
+        store,
+        heldout,
+        open_image,
+        usable=train_usable,
+        encoder_path=str(encoder.resolve()) if encoder else "",
+        encoder_identity=identity,
+        policy=cfg.data,  # the recipe's data section is a DataPolicy
+    )
+    metrics = train_stage2(cfg.stage2, out, data, run_inputs(cfg, out, claim))
     return _with_data_counts(out, metrics, train_set, heldout_records)
 
 
@@ -423,11 +447,8 @@ def run_llava(
     if claim is not None and claim.main:
         claim.inputs(llava_inputs(cfg, phase, data, Path(init) if init else None))
     records = read_phase(cfg.llava, phase, data)
-    metrics = train_llava(
-        cfg.llava, phase, out, records, init=Path(init) if init else None, reliability=cfg.reliability,
-        on_step=on_step, tracking=cfg.tracking, run_config=config_io.to_dict(cfg),
-        on_ready=config_writer(cfg, out, claim),
-    )  # fmt: skip
+    inputs = run_inputs(cfg, out, claim, on_step)
+    metrics = train_llava(cfg.llava, phase, out, records, init=Path(init) if init else None, inputs=inputs)
     if metrics:  # the main process: the hub model card of model/
         card = llava_card(
             cfg.llava, cfg.hub, phase, metrics, out, Path(init) if init else None, data.records, data.heldout

@@ -314,9 +314,10 @@ def run_build_tower(
             claim.close(None)
         upstream = fingerprint
 
+    # Each stage's own metrics.json (schema 1, training/session.py), and the time each stage took.
     metrics = {
         "stage1": _read_json(dirs["stage1"] / "metrics.json"),
-        "stage2": _read_json(dirs["stage2"] / "metrics.json").get("stage2", {}),
+        "stage2": _read_json(dirs["stage2"] / "metrics.json"),
         # Records read and skipped per set (per part of a list of training sets).
         "data": _read_json(dirs["stage2"] / "metrics.json").get("data", {}),
         "seconds": timings,
@@ -341,19 +342,22 @@ def print_metrics(metrics: dict[str, Any], output_dir: Path) -> None:
 
     console = Console()
     s1 = metrics.get("stage1", {})
-    if s1.get("without_stage1"):
+    if s1:
+        cra, train = s1.get("eval", {}), s1.get("train", {})
+        without = s1.get("details", {}).get("without_stage1")
+    if s1 and without:
         console.print(
-            f"[bold]stage 1[/bold]: not trained ({s1['without_stage1']}); its caption retrieval accuracy "
-            f"{s1.get('cra_after', float('nan')):.1f} % over {s1.get('cra_captions', '?')} held-out captions"
+            f"[bold]stage 1[/bold]: not trained ({without}); its caption retrieval accuracy "
+            f"{cra.get('after', float('nan')):.1f} % over {cra.get('captions', '?')} held-out captions"
         )
     elif s1:
         console.print(
-            f"[bold]stage 1[/bold]: caption retrieval accuracy {s1.get('cra_before', float('nan')):.1f} -> "
-            f"{s1.get('cra_after', float('nan')):.1f} % over {s1.get('cra_captions', '?')} held-out captions "
-            f"({s1.get('steps', '?')} steps, {s1.get('train_seconds', '?')} s)"
+            f"[bold]stage 1[/bold]: caption retrieval accuracy {cra.get('before', float('nan')):.1f} -> "
+            f"{cra.get('after', float('nan')):.1f} % over {cra.get('captions', '?')} held-out captions "
+            f"({train.get('steps', '?')} steps, {train.get('seconds', '?')} s)"
         )
-    retrieval = metrics.get("stage2", {}).get("retrieval", {})
-    before = metrics.get("stage2", {}).get("retrieval_before", {})
+    retrieval = metrics.get("stage2", {}).get("eval", {}).get("after", {})
+    before = metrics.get("stage2", {}).get("eval", {}).get("before", {})
     if retrieval:
         table = Table(title="stage 2: zero-shot retrieval on held-out sets (%)")
         for col in ("set", "when", "images", "captions", "I2T R@1", "R@5", "R@10", "T2I R@1", "R@5", "R@10"):

@@ -180,14 +180,18 @@ def _headline(name: str, figures: Any) -> str:
     if not isinstance(figures, dict):
         return ""
     parts = []
-    s1, s2 = figures.get("stage1") or {}, (figures.get("stage2") or {}).get("train") or {}
+    # Each stage's metrics.json has schema 1 (training/session.py); build-tower's holds two of them.
+    s1, s2 = figures.get("stage1") or {}, figures.get("stage2") or {}
     if s1:  # build-tower's metrics.json
-        parts.append(f"stage1 {s1.get('steps')} steps, {s1.get('seconds_per_step')} s/step, CRA "
-                     f"{s1.get('cra_before')} -> {s1.get('cra_after')}")  # fmt: skip
+        t1, cra = s1.get("train") or {}, s1.get("eval") or {}
+        parts.append(f"stage1 {t1.get('steps')} steps, {t1.get('seconds_per_step')} s/step, CRA "
+                     f"{cra.get('before')} -> {cra.get('after')}")  # fmt: skip
     if s2:
-        parts.append(f"stage2 {s2.get('steps')} steps, {s2.get('images_per_second')} images/s")
-    if "samples_per_second" in figures:  # a llava run's metrics.json
-        parts.append(f"{figures.get('steps')} steps, {figures['samples_per_second']} samples/s")
+        t2 = s2.get("train") or {}
+        parts.append(f"stage2 {t2.get('steps')} steps, {t2.get('samples_per_second')} images/s")
+    if str(figures.get("stage", "")).startswith("llava"):  # a llava run's metrics.json
+        tl = figures.get("train") or {}
+        parts.append(f"{tl.get('steps')} steps, {tl.get('samples_per_second')} samples/s")
     for t in figures.get("timings") or []:  # a bench report
         mem = f", peak {t['peak_memory_bytes'] / 2**20:.0f} MiB" if t.get("peak_memory_bytes") else ""
         parts.append(f"{t['name']}: {t['median_ms']:.1f} ms, {t['items_per_s']:.1f}/s{mem}")

@@ -36,6 +36,7 @@ def main() -> None:
     from llm2clip_vlm.text.tiny import save_tiny_llm
     from llm2clip_vlm.text.train import train_stage1
     from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
+    from llm2clip_vlm.training.session import RunInputs
 
     torch.set_num_threads(1)
     work = args.work
@@ -43,7 +44,7 @@ def main() -> None:
     track = ["tracking.log_every_steps=2"]
     s1 = stage1_cfg(save_tiny_llm(work / "llm"), epochs=4, max_steps=24, lr=5e-3)
     s1.tracking.log_every_steps = 2
-    train_stage1(s1.stage1, work / "build" / "stage1", *stage1_data(), tracking=s1.tracking)
+    train_stage1(s1.stage1, work / "build" / "stage1", *stage1_data(), inputs=RunInputs(tracking=s1.tracking))
     for name, ratio in (("build/stage2", 0.5), ("stage2-long-only", 1.0)):
         extra = [f"stage2.long_caption_ratio={ratio}", "stage2.loop.max_steps=40", "stage2.lr=2e-3", *track]
         run_stage2(work / "data", work / name, extra)

@@ -30,7 +30,7 @@ from llm2clip_vlm.data import open_image, resolve_data
 from llm2clip_vlm.data.records import keep_captions
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.vision.data import HeldoutSet
-from llm2clip_vlm.vision.train import train_stage2
+from llm2clip_vlm.vision.train import Stage2Data, train_stage2
 
 DIM = 256
 CONTENT = (
@@ -126,10 +126,9 @@ def main() -> None:
         emb = torch.tensor(np.asarray([vector(c.text, args.vectors) for r in records for c in r.captions]))
         heldout[name] = HeldoutSet(records, emb.float(), caption_image)
     start = time.time()
-    metrics = train_stage2(
-        cfg.stage2, args.out, train, VectorStore(train, args.vectors), heldout, load_image=open_image
-    )
-    for name, m in metrics["stage2"]["retrieval"].items():
+    data = Stage2Data(train, VectorStore(train, args.vectors), heldout, open_image)
+    metrics = train_stage2(cfg.stage2, args.out, data)
+    for name, m in metrics["eval"]["after"].items():
         print(
             f"{args.world} {name}: I2T R@1 {m['i2t_r1']:.1f}  T2I R@1 {m['t2i_r1']:.1f}  ({time.time() - start:.0f} s)"
         )

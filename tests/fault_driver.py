@@ -51,9 +51,9 @@ def stage1_cfg(model: Path, **stage1: Any) -> RunConfig:
 
     cfg = tiny_cfg(model, cra_captions=10, save_every_steps=2, eval_batch_size=32, **stage1)
     cfg.stage1.lora.dropout = 0.1
-    cfg.stage1.mntp = dataclasses.replace(
-        cfg.stage1.mntp, enabled=True, steps=2, batch_size=8, warmup_steps=0
-    )
+    # MNTP's loop saves every 2 steps, as stage 1's here (it took stage 1's before it had its own).
+    loop = dataclasses.replace(cfg.stage1.mntp.loop, max_steps=2, warmup_steps=0, save_every_steps=2)
+    cfg.stage1.mntp = dataclasses.replace(cfg.stage1.mntp, enabled=True, batch_size=8, loop=loop)
     return cfg
 
 
@@ -68,10 +68,7 @@ def run_stage1(model: Path, out: Path) -> dict[str, Any]:
 
     train, held = stage1_data()
     cfg = stage1_cfg(model)
-    return train_stage1(
-        cfg.stage1, out, train, held, reliability=cfg.reliability, tracking=cfg.tracking,
-        run_config=config_io.to_dict(cfg), on_ready=lambda: config_io.dump(cfg, out / "config.yaml"),
-    )  # fmt: skip
+    return train_stage1(cfg.stage1, out, train, held, inputs=run_inputs(cfg, out))
 
 
 def stage2_cfg(extra: list[str] | None = None) -> RunConfig:
@@ -81,7 +78,8 @@ def stage2_cfg(extra: list[str] | None = None) -> RunConfig:
 def run_stage2(data: Path, out: Path, extra: list[str] | None = None, **kw: Any) -> dict[str, Any]:
     from stage2_world import FakeStore, load_image, make_world
 
-    from llm2clip_vlm.vision.train import HeldoutSet, train_stage2
+    from llm2clip_vlm.vision.data import HeldoutSet
+    from llm2clip_vlm.vision.train import train_stage2
 
     train = make_world(data / "train", 24, seed=0)
     held = make_world(data / "held", 8, seed=1)
@@ -90,19 +88,25 @@ def run_stage2(data: Path, out: Path, extra: list[str] | None = None, **kw: Any)
     heldout = {"short": HeldoutSet(held, torch.from_numpy(hstore.array.astype("float32")), owner)}
     cfg = stage2_cfg(extra)
     store = FakeStore(train)
-    return train_stage2(
-        cfg.stage2, out, train, store, heldout, load_image=load_image, **stage2_inputs(cfg, out), **kw
-    )
+    inputs = run_inputs(cfg, out, on_step=kw.pop("on_step", None))
+    return train_stage2(cfg.stage2, out, stage2_data(cfg, train, store, heldout, load_image, **kw), inputs)
 
 
-def stage2_inputs(cfg: RunConfig, out: Path) -> dict[str, Any]:
-    """The explicit inputs ``commands.run_stage2`` gives ``train_stage2`` besides the data."""
-    return dict(
-        reliability=cfg.reliability, skip_bad=cfg.data.skip_bad, max_bad_fraction=cfg.data.max_bad_fraction,
-        tracking=cfg.tracking, run_config=config_io.to_dict(cfg),
-        on_ready=lambda: config_io.dump(cfg, out / "config.yaml"),
-        shuffle_buffer=cfg.data.shuffle_buffer if cfg.data.stream else 0,
+def run_inputs(cfg: RunConfig, out: Path, **kw: Any) -> Any:
+    """The explicit inputs ``commands.run_inputs`` gives every trainer (config.yaml, tracking)."""
+    from llm2clip_vlm.training.session import RunInputs
+
+    return RunInputs(
+        reliability=cfg.reliability, tracking=cfg.tracking, run_config=config_io.to_dict(cfg),
+        on_ready=lambda: config_io.dump(cfg, out / "config.yaml"), **kw,
     )  # fmt: skip
+
+
+def stage2_data(cfg: RunConfig, train: Any, store: Any, heldout: Any, load_image: Any, **kw: Any) -> Any:
+    """The ``Stage2Data`` ``commands.run_stage2`` gives ``train_stage2`` (the data policy of ``cfg``)."""
+    from llm2clip_vlm.vision.train import Stage2Data
+
+    return Stage2Data(train, store, heldout, load_image, policy=cfg.data, **kw)
 
 
 def kill_at_loss(loss_cls: type, n: int) -> None:

@@ -53,6 +53,12 @@ BUILD_TINY = [
 ]  # fmt: skip
 
 
+
+def _stage2_train(run: Path) -> dict:
+    """The ``train`` and ``details`` sections of a stage-2 run's metrics.json (schema 1)."""
+    m = json.loads((run / "metrics.json").read_text())
+    return {**m["train"], **m["details"]}
+
 def sets(items: list[str]) -> list[str]:
     return [f"--set={s}" for s in items]
 
@@ -241,8 +247,8 @@ def case_skip_bad_mid_run(w: World) -> str:
     assert full.code == 0, full.err[-2000:]
     workers = w.stage2(w.root / "mid-workers", *lazy, *skip, "--set=stage2.num_workers=2", data=data)
     assert workers.code == 0, workers.err[-2000:]
-    m_full = json.loads((w.root / "mid-full" / "metrics.json").read_text())["stage2"]["train"]
-    m_work = json.loads((w.root / "mid-workers" / "metrics.json").read_text())["stage2"]["train"]
+    m_full = _stage2_train(w.root / "mid-full")
+    m_work = _stage2_train(w.root / "mid-workers")
     assert m_full["bad_images"] == 1 and m_full["losses"] == m_work["losses"], (m_full, m_work)
     # Resume: drop the last checkpoint, rerun -> step 4 (the one meeting the bad image) again.
     cut = w.root / "mid-cut"
@@ -251,7 +257,7 @@ def case_skip_bad_mid_run(w: World) -> str:
     (cut / "metrics.json").unlink()
     resumed = w.stage2(cut, *lazy, *skip, data=data)
     assert resumed.code == 0, resumed.err[-2000:]
-    m_cut = json.loads((cut / "metrics.json").read_text())["stage2"]["train"]
+    m_cut = _stage2_train(cut)
     a = load_file(str(w.root / "mid-full" / "checkpoints" / "step-0000004" / "model.safetensors"))
     b = load_file(str(cut / "checkpoints" / "step-0000004" / "model.safetensors"))
     assert all(bool((a[k] == b[k]).all()) for k in a) and m_cut["losses"] == m_full["losses"]

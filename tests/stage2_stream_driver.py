@@ -26,7 +26,7 @@ def main() -> None:
     from accelerate import PartialState
 
     rank = PartialState().process_index
-    (out / f"losses.rank{rank}.json").write_text(json.dumps(metrics["stage2"]["train"]["losses"]))
+    (out / f"losses.rank{rank}.json").write_text(json.dumps(metrics["train"]["losses"]))
 
 
 if __name__ == "__main__":

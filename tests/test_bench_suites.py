@@ -110,3 +110,54 @@ def test_llava_suite(monkeypatch: pytest.MonkeyPatch) -> None:
     assert r["pretrain_trainable_params"] == r["projector_params"]
     assert r["finetune-full_trainable_params"] == r["projector_params"] + r["llm_params"]
     assert r["finetune-lora_trainable_params"] > r["projector_params"]
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, cls: type, method: str) -> list[type]:
+    """Count calls of ``cls.method`` (the trainer's own step), still running it."""
+    calls: list[type] = []
+    real = getattr(cls, method)
+
+    def spy(self, *a, **k):  # type: ignore[no-untyped-def]
+        calls.append(type(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(cls, method, spy)
+    return calls
+
+
+def test_stage2_and_llava_benches_time_the_trainers_own_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm2clip_vlm.llava import stage as llava_stage
+    from llm2clip_vlm.llava.step import LlavaStep
+    from llm2clip_vlm.vision import stage as vision_stage
+    from llm2clip_vlm.vision.step import Stage2Step
+
+    # The classes the bench calls are the ones the trainers build their Stage from.
+    assert vision_stage.Stage2Step is Stage2Step and llava_stage.LlavaStep is LlavaStep
+    s2 = _spy(monkeypatch, Stage2Step, "forward_backward")
+    preset = stage2.Stage2Preset(
+        stage2.ViTShape(32, 8, 32, 1, 2), LLMShape(64, 128, 2, 4, 2, 0), 8, 32, "fp32", False, "cpu", 0, 1
+    )
+    monkeypatch.setitem(stage2.PRESETS, "test", preset)
+    run_suite("stage2", "test")
+    assert len(s2) >= len(stage2.VARIANTS)  # every variant's step went through Stage2Step
+
+    ll = _spy(monkeypatch, LlavaStep, "__call__")
+    small = llava.LlavaPreset(
+        llava.TowerShape(32, 8, 32, 1, 2, 64), LLMShape(32, 64, 1, 4, 2, 0), 32, 2, "fp32", False, "cpu", 0, 1
+    )
+    monkeypatch.setitem(llava.PRESETS, "test", small)
+    run_suite("llava", "test")
+    assert len(ll) >= len(llava.VARIANTS)
+
+
+def test_stage1_bench_times_the_trainers_own_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm2clip_vlm.text import train as text_train
+    from llm2clip_vlm.text.step import SimCSEStep
+
+    assert text_train.SimCSEStep is SimCSEStep  # the class the trainer builds its Stage from
+    calls = _spy(monkeypatch, SimCSEStep, "__call__")
+    preset = stage1.Stage1Preset(SMALL_LLM, 4, 64, 0, "fp32", "fp32", False, "cpu", 0, 1, variants=("lora",))
+    monkeypatch.setitem(stage1.PRESETS, "test", preset)
+    run_suite("stage1", "test")
+    assert len(calls) >= 1
+

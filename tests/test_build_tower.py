@@ -63,7 +63,7 @@ def test_build_tower_end_to_end_then_skip_then_rerun_downstream(tmp_path: Path) 
     out = _build(tmp_path, llm)
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert {"cra_before", "cra_after"} <= set(metrics["stage1"])
+    assert {"before", "after"} <= set(metrics["stage1"]["eval"])
     # config.yaml is the config as run: the demo data location the pipeline chose is in it, and
     # every stage's own config.yaml is the same config.
     written = config_io.load(RunConfig, run / "config.yaml")
@@ -72,7 +72,7 @@ def test_build_tower_end_to_end_then_skip_then_rerun_downstream(tmp_path: Path) 
         config_io.load(RunConfig, run / d / "config.yaml") == written for d in ("stage1", "store", "stage2")
     )
     for name in ("short", "long"):
-        m = metrics["stage2"]["retrieval"][name]
+        m = metrics["stage2"]["eval"]["after"][name]
         assert m["n_images"] == 16 and set(m) >= {
             "i2t_r1",
             "i2t_r5",

@@ -333,8 +333,8 @@ def test_build_tower_on_cc3m_plus_cc12m_as_two_img2dataset_folders(two_runs, tmp
         "cc12m": {"path": str(cc12m), "records": len(b), "skipped": 0, "weight": 1.0},
     }
     assert metrics["stage1"]["data"]["train"]["records"] == len(a) + len(b)
-    assert metrics["stage1"]["captions_over_max_length"]["count"] == 0
-    assert "coco" in metrics["stage2"]["retrieval"]
+    assert metrics["stage1"]["details"]["captions_over_max_length"]["count"] == 0
+    assert "coco" in metrics["stage2"]["eval"]["after"]
     # One store row pair (shortSV, longSV) per image of both sets; the keys are namespaced.
     store = EmbeddingStore.open(run / "store" / "train", verify_checksums=False)
     assert store.num_images == len(a) + len(b) and store.num_rows == 2 * (len(a) + len(b))
@@ -402,7 +402,7 @@ def test_stage1_trains_on_a_caption_pair_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     m = json.loads((tmp_path / "s1" / "metrics.json").read_text())
-    assert m["steps"] == 2 and m["cra_set"] == "coco" and m["data"]["train"] == {"records": 24, "skipped": 0}
+    assert m["train"]["steps"] == 2 and m["eval"]["cra_set"] == "coco" and m["data"]["train"] == {"records": 24, "skipped": 0}
 
 
 def test_llava_data_with_a_forgotten_image_folder_names_it(tmp_path: Path) -> None:

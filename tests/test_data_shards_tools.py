@@ -219,7 +219,7 @@ def test_sidecars_the_encoder_reproduces_become_the_stage2_store(
     assert len(lines) == 1 and "3 side-cars" in lines[0] and "imported as the stage-2 store" in lines[0]
     store = EmbeddingStore.open(tmp_path / "store" / "train")
     assert store.num_images == 12 and store.encoder_identity == encoder_identity(tiny_encoder)
-    assert metrics["stage2"]["train"]["steps"] == 2
+    assert metrics["train"]["steps"] == 2
 
 
 def test_sidecars_of_another_model_are_ignored_in_one_line(

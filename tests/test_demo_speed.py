@@ -14,10 +14,11 @@ from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import demo_recipe_path
 from llm2clip_vlm.estimate import estimate_build, format_estimate
 from llm2clip_vlm.recipe import RunConfig
+from llm2clip_vlm.text.evaluate import CRA_BEFORE
 from llm2clip_vlm.text.lora import wrap_lora
 from llm2clip_vlm.text.modeling import ModelRef, decoder_of, load_bidirectional
 from llm2clip_vlm.text.tiny import save_tiny_llm
-from llm2clip_vlm.text.train import CRA_BEFORE, train_stage1
+from llm2clip_vlm.text.train import train_stage1
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +55,14 @@ def test_cra_before_is_computed_once_per_run_directory(tiny4: Path, tmp_path: Pa
     cfg = tiny_cfg(tiny4, max_steps=1)
     first = train_stage1(cfg.stage1, tmp_path / "run", train, held)
     saved = json.loads((tmp_path / "run" / CRA_BEFORE).read_text())
-    assert saved["cra"] == first["cra_before"]
+    assert saved["cra"] == first["eval"]["before"]
     # A planted value proves the rerun read it back instead of recomputing.
     (tmp_path / "run" / CRA_BEFORE).write_text(json.dumps({**saved, "cra": 12.5}))
     again = train_stage1(cfg.stage1, tmp_path / "run", train, held)
-    assert again["cra_before"] == 12.5
+    assert again["eval"]["before"] == 12.5
     # Other caption pairs: recomputed.
     other = train_stage1(dataclasses.replace(cfg.stage1, cra_captions=10), tmp_path / "run", train, held)
-    assert other["cra_before"] != 12.5
+    assert other["eval"]["before"] != 12.5
 
 
 def test_estimate_counts_the_planned_work(tiny4: Path) -> None:

@@ -182,8 +182,8 @@ def test_stage1_on_e5_from_an_imported_encoder_resumes_exactly(
     with caplog.at_level(logging.INFO):
         full = train_stage1(cfg.stage1, tmp_path / "full", train, held)
     # allnli 13 -> 3 batches, squad 9 -> 2, nq 3 -> 0, captions 10 -> 2: one epoch is 7 steps.
-    assert full["steps"] == 7
-    assert full["tasks"] == {
+    assert full["train"]["steps"] == 7
+    assert full["details"]["tasks"] == {
         "allnli": {"samples": 13, "batches": 3}, "squad": {"samples": 9, "batches": 2},
         "nq": {"samples": 3, "batches": 0}, CAPTION_TASK: {"samples": 10, "batches": 2},
     }  # fmt: skip
@@ -194,9 +194,9 @@ def test_stage1_on_e5_from_an_imported_encoder_resumes_exactly(
     (tmp_path / "killed" / CHECKPOINTS).mkdir(parents=True)
     shutil.copytree(ckpt, tmp_path / "killed" / CHECKPOINTS / ckpt.name)
     resumed = train_stage1(cfg.stage1, tmp_path / "killed", train, held)
-    assert resumed["loss"][:3] == full["loss"][:3]
-    assert resumed["loss"][3:] == pytest.approx(full["loss"][3:], abs=1e-6)
-    assert resumed["encoder_identity"] == full["encoder_identity"]
+    assert resumed["train"]["losses"][:3] == full["train"]["losses"][:3]
+    assert resumed["train"]["losses"][3:] == pytest.approx(full["train"]["losses"][3:], abs=1e-6)
+    assert resumed["details"]["encoder_identity"] == full["details"]["encoder_identity"]
     enc = CaptionEncoder.from_pretrained(tmp_path / "killed" / "encoder", device="cpu")
     assert enc.model.config.is_causal is False
 

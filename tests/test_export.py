@@ -33,7 +33,7 @@ def test_exported_tower_matches_the_trained_model(tmp_path: Path, loss: str, kin
             f"stage2.loss={loss}",
             f"stage2.backbone.kind={kind}",
         ],
-    )["stage2"]
+    )
     trained = LLM2CLIP.from_pretrained(run / "model").eval()
     out = export_tower(run, tmp_path / "export" / "tower")
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
@@ -60,11 +60,11 @@ def test_exported_tower_matches_the_trained_model(tmp_path: Path, loss: str, kin
         assert torch.allclose(model.get_image_features(pixels), trained.get_image_features(pixels), atol=1e-6)
 
     card = (out / "README.md").read_text()
-    after = metrics["retrieval"]["short"]
+    after = metrics["eval"]["after"]["short"]
     assert f"| {after['i2t_r1']:.1f} | {after['i2t_r5']:.1f} |" in card
     prov = json.loads((out / "llm2clip_provenance.json").read_text())
     assert prov["backbone"]["kind"] == kind and prov["stage2"]["loss"] == loss
-    assert prov["retrieval"] == metrics["retrieval"]
+    assert prov["retrieval"] == metrics["eval"]["after"]
 
 
 def test_export_in_bf16_and_through_the_cli(tmp_path: Path) -> None:

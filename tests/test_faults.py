@@ -85,26 +85,26 @@ def test_stage1_sigkill_mid_step_and_mid_checkpoint_resumes_bit_identically(tmp_
     assert list((cut / "checkpoints").glob(".tmp-step-0000004"))  # the half-written one, ignored
     resumed = run_stage1(model, cut)
     _assert_identical(_weights(tmp_path / "full", 4), _weights(cut, 4))
-    assert resumed["loss"] == full["loss"] and resumed["encoder_identity"] == full["encoder_identity"]
+    assert resumed["train"]["losses"] == full["train"]["losses"] and resumed["details"]["encoder_identity"] == full["details"]["encoder_identity"]
     assert not list((cut / "checkpoints").glob(".tmp-*"))
 
 
 @pytest.mark.slow  # 3 tiny stage-2 runs, 2 in fresh processes: ~30-50 s on 2 shared cores
 def test_stage2_sigkill_mid_step_and_mid_checkpoint_resumes_bit_identically(tmp_path: Path) -> None:
-    full = run_stage2(tmp_path / "data", tmp_path / "full")["stage2"]
+    full = run_stage2(tmp_path / "data", tmp_path / "full")
     cut = tmp_path / "cut"
     _drive("stage2", tmp_path / "data", cut, "--kill-at-loss", 4, killed=True)  # during step 4
     assert Checkpointer(cut / "checkpoints").latest().name == "step-0000002"  # type: ignore[union-attr]
     _drive("stage2", tmp_path / "data", cut, "--kill-in-save", 4, killed=True)
     assert Checkpointer(cut / "checkpoints").latest().name == "step-0000002"  # type: ignore[union-attr]
-    resumed = run_stage2(tmp_path / "data", cut)["stage2"]
+    resumed = run_stage2(tmp_path / "data", cut)
     _assert_identical(_weights(tmp_path / "full", 5), _weights(cut, 5))
     assert resumed["train"]["losses"] == full["train"]["losses"]
-    assert resumed["retrieval"] == full["retrieval"]
+    assert resumed["eval"]["after"] == full["eval"]["after"]
 
 
 def test_stage2_sigterm_saves_then_exits_and_resumes_identically(tmp_path: Path) -> None:
-    full = run_stage2(tmp_path / "data", tmp_path / "full", ["stage2.loop.max_steps=3"])["stage2"]
+    full = run_stage2(tmp_path / "data", tmp_path / "full", ["stage2.loop.max_steps=3"])
 
     def sigterm(step: int, loss: float) -> None:
         if step == 1:  # arrives mid-run; the step finishes, a checkpoint is written, then it stops
@@ -113,7 +113,7 @@ def test_stage2_sigterm_saves_then_exits_and_resumes_identically(tmp_path: Path)
     with pytest.raises(TrainingInterrupted, match="SIGTERM.*step-0000001") as e:
         run_stage2(tmp_path / "data", tmp_path / "cut", ["stage2.loop.max_steps=3"], on_step=sigterm)
     assert e.value.exit_code == 143
-    resumed = run_stage2(tmp_path / "data", tmp_path / "cut", ["stage2.loop.max_steps=3"])["stage2"]
+    resumed = run_stage2(tmp_path / "data", tmp_path / "cut", ["stage2.loop.max_steps=3"])
     assert resumed["train"]["losses"] == full["train"]["losses"]
     _assert_identical(_weights(tmp_path / "full", 3), _weights(tmp_path / "cut", 3))
 
@@ -161,7 +161,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path: 
 
 def test_nan_loss_step_is_skipped_when_asked(tmp_path: Path, monkeypatch) -> None:
     _nan_at_call(monkeypatch, 3)
-    m = run_stage2(tmp_path / "data", tmp_path / "run", ["reliability.skip_nonfinite_steps=true"])["stage2"]
+    m = run_stage2(tmp_path / "data", tmp_path / "run", ["reliability.skip_nonfinite_steps=true"])
     assert m["train"]["skipped_steps"] == [3] and m["train"]["steps"] == 5
     assert all(bool(torch.isfinite(t).all()) for t in _weights(tmp_path / "run", 5).values())
 
@@ -387,7 +387,7 @@ def test_cli_names_broken_files_and_skips_them_on_request(demo_run: dict[str, Pa
     assert report["train"]["records"] == 32 and len(report["train"]["skipped"]) == 4
     for expected in ("train.jsonl:7: broken JSON line", "does not exist", str(truncated), "cannot identify"):
         assert expected in reasons
-    assert json.loads((tmp_path / "s2" / "metrics.json").read_text())["stage2"]["train"]["steps"] == 2
+    assert json.loads((tmp_path / "s2" / "metrics.json").read_text())["train"]["steps"] == 2
 
 
 STAGE2_TINY_CLI = [

@@ -89,7 +89,7 @@ def test_stage2_fsdp2_matches_one_process_and_resumes_exactly_after_sigkill(tmp_
     from test_stage2 import _run
 
     data, sharded, cut = tmp_path / "data", tmp_path / "fsdp", tmp_path / "cut"
-    one = _run(data, tmp_path / "one", FSDP_STAGE2)["stage2"]["train"]
+    one = _run(data, tmp_path / "one", FSDP_STAGE2)["train"]
     # The uninterrupted sharded run, then one SIGKILLed by rank 0 after step 3.
     with pytest.raises(mp.ProcessExitedException, match="signal SIGKILL"):
         _join(mp.spawn(_stage2_worker, args=(2, free_port(), str(data), [(str(sharded), False), (str(cut), True)]),
@@ -100,8 +100,8 @@ def test_stage2_fsdp2_matches_one_process_and_resumes_exactly_after_sigkill(tmp_
         mp.spawn(_stage2_worker, args=(2, free_port(), str(data), [(str(cut), False)]), nprocs=2, join=False)
     )
 
-    two = json.loads((sharded / "metrics.json").read_text())["stage2"]["train"]
-    resumed = json.loads((cut / "metrics.json").read_text())["stage2"]["train"]
+    two = json.loads((sharded / "metrics.json").read_text())["train"]
+    resumed = json.loads((cut / "metrics.json").read_text())["train"]
     assert two["processes"] == 2 and len(two["losses"]) == 4
     assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)  # sharded = unsharded
     assert resumed["losses"] == two["losses"]  # resumed = uninterrupted, exactly
@@ -187,10 +187,10 @@ def test_llava_full_finetune_fsdp2_matches_one_process_and_resumes_exactly_after
         mp.spawn(_llava_worker, args=(2, free_port(), llava_parts, [(str(cut), False)]), nprocs=2, join=False)
     )
 
-    two = json.loads((sharded / "metrics.json").read_text())
-    resumed = json.loads((cut / "metrics.json").read_text())
+    two = json.loads((sharded / "metrics.json").read_text())["train"]
+    resumed = json.loads((cut / "metrics.json").read_text())["train"]
     assert two["processes"] == 2 and len(two["losses"]) == 4
-    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)  # sharded = unsharded
+    assert two["losses"] == pytest.approx(one["train"]["losses"], abs=1e-5)  # sharded = unsharded
     assert resumed["losses"] == two["losses"]  # resumed = uninterrupted, exactly
     # The exported LLaVA (transformers' format) and projector, gathered from the shards.
     exported = _weights(sharded / "model")

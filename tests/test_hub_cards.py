@@ -61,9 +61,7 @@ def test_exported_tower_card_parses_with_model_index_and_uploads_the_right_files
 
     run = tmp_path / "run"
     extra = ["hub.datasets=[pixparse/cc3m-wds]", "hub.tags=[demo]"]
-    metrics = _run(tmp_path / "data", run, ["stage2.batch_size=8", "stage2.loop.max_steps=2", *extra])[
-        "stage2"
-    ]
+    metrics = _run(tmp_path / "data", run, ["stage2.batch_size=8", "stage2.loop.max_steps=2", *extra])
     tower = export_tower(run, tmp_path / "export" / "tower")
     text = (tower / "README.md").read_text()
     meta = front_matter(text)
@@ -72,7 +70,7 @@ def test_exported_tower_card_parses_with_model_index_and_uploads_the_right_files
         meta["tags"]
     )
     assert "base_model" not in meta  # a random demo backbone has no hub base model
-    after = metrics["retrieval"]["short"]
+    after = metrics["eval"]["after"]["short"]
     assert metric_values(meta) == {
         "I2T R@1": round(after["i2t_r1"], 2), "I2T R@5": round(after["i2t_r5"], 2), "I2T R@10": round(after["i2t_r10"], 2),
         "T2I R@1": round(after["t2i_r1"], 2), "T2I R@5": round(after["t2i_r5"], 2), "T2I R@10": round(after["t2i_r10"], 2),
@@ -145,10 +143,10 @@ def test_llava_finetune_cli_writes_card_metrics_gallery_report(parts, pretrained
     rows = read_jsonl(out / "metrics.jsonl")
     train = [x for x in rows if x["kind"] == "train"]
     assert [x["step"] for x in train] == [1, 2, 3] and all(x["tokens_per_s"] > 0 for x in train)
-    assert [x["loss"] for x in train] == pytest.approx(metrics["losses"])
+    assert [x["loss"] for x in train] == pytest.approx(metrics["train"]["losses"])
     evals = [x for x in rows if x["kind"] == "eval"]
     assert [x["step"] for x in evals] == [0, 3]
-    assert evals[1]["heldout/accuracy"] == pytest.approx(metrics["heldout_after"]["accuracy"])
+    assert evals[1]["heldout/accuracy"] == pytest.approx(metrics["eval"]["after"]["accuracy"])
     assert any(k.startswith("heldout/per_type/") for k in evals[1])
     answers = json.loads((out / "gallery" / "answers.json").read_text())
     assert len(answers) == 6 and all((out / "gallery" / a["image"]).is_file() for a in answers if a["image"])
@@ -159,16 +157,16 @@ def test_llava_finetune_cli_writes_card_metrics_gallery_report(parts, pretrained
     assert meta["pipeline_tag"] == "image-text-to-text" and "llava" in meta["tags"]
     assert "base_model" not in meta  # tiny local LLM and tower: not hub ids
     values = metric_values(meta)
-    assert values["held-out accuracy"] == round(metrics["heldout_after"]["accuracy"], 2)
-    assert {f"accuracy ({t})" for t in metrics["heldout_after"]["per_type"]} <= set(values)
+    assert values["held-out accuracy"] == round(metrics["eval"]["after"]["accuracy"], 2)
+    assert {f"accuracy ({t})" for t in metrics["eval"]["after"]["per_type"]} <= set(values)
     for needle in ("LlavaForConditionalGeneration.from_pretrained", "apply_chat_template", "--pretrain_mm_mlp_adapter",
                    f"llm2clip-vlm llava-finetune {out / 'config.yaml'} --output {out} --from {pretrained}",
                    f"base LLM: `{parts['llm']}`", "Resolved config",
                    "| question type | before | after | after, blind | majority answer | questions |"):  # fmt: skip
         assert needle in card, needle
-    a = metrics["heldout_after"]
+    a = metrics["eval"]["after"]
     assert (
-        f"| all | {metrics['heldout_before']['accuracy']:.1f} | {a['accuracy']:.1f} | {a['blind_accuracy']:.1f} "
+        f"| all | {metrics['eval']['before']['accuracy']:.1f} | {a['accuracy']:.1f} | {a['blind_accuracy']:.1f} "
         in card
     )
     files = files_to_upload(out / "model")

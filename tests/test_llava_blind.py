@@ -231,11 +231,11 @@ def test_a_tiny_llava_trained_on_colours_loses_its_accuracy_blind(tmp_path: Path
 
     run_llava(cfg("pretrain", 1, ""), tmp_path / "pre", "pretrain")
     metrics = run_llava(cfg("finetune", 15, held), tmp_path / "ft", "finetune", init=tmp_path / "pre")
-    after = metrics["heldout_after"]
+    after = metrics["eval"]["after"]
     assert after["blind"] == "shuffle" and after["n"] == 16
     assert after["accuracy"] >= 90 and after["blind_accuracy"] <= after["accuracy"] - 25, (
         after["examples"],
-        metrics["losses"][-3:],
+        metrics["train"]["losses"][-3:],
     )
     answers = [r["answer"] for r in json.loads(held.read_text())]
     majority = max(answers.count(c) for c in names)

@@ -66,7 +66,7 @@ def compared(parts: dict[str, Path]) -> tuple[Path, str]:
 
 
 def _heldout(run: Path) -> dict[str, Any]:
-    return json.loads((run / "metrics.json").read_text())["heldout_after"]
+    return json.loads((run / "metrics.json").read_text())["eval"]["after"]
 
 
 def test_the_side_by_side_numbers_are_each_runs_metrics(compared: tuple[Path, str]) -> None:
@@ -157,9 +157,9 @@ def test_bad_tower_arguments_are_one_line(parts: dict[str, Path], tmp_path: Path
 def _run(tmp_path: Path, name: str, after: dict[str, Any] | None) -> TowerRun:
     run = tmp_path / name
     run.mkdir()
-    doc = {"steps": 5, "train_seconds": 12.0}
+    doc: dict[str, Any] = {"schema": 1, "train": {"steps": 5, "seconds": 12.0}, "eval": {"metric": "heldout"}}
     if after is not None:
-        doc["heldout_after"] = after
+        doc["eval"]["after"] = after
     (run / "metrics.json").write_text(json.dumps(doc))
     return TowerRun(name, f"/towers/{name}", run)
 

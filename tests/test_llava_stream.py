@@ -21,7 +21,7 @@ from llm2clip_vlm.data.conversations import load_llava_records
 from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.llava_shards import write_llava_shards
 from llm2clip_vlm.data.synthetic_llava import write_llava_demo
-from llm2clip_vlm.llava import train as llava_train
+from llm2clip_vlm.llava import stage as llava_stage
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.text.tiny import save_tiny_llm
 from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
@@ -124,7 +124,7 @@ def test_a_streamed_run_killed_mid_epoch_resumes_to_the_same_weights(
     # The stream position went in: 16 records read by one unit, or 8 by each of two.
     assert saved["extra"]["data"]["units"] == ({"0": [8, 0], "1": [8, 0]} if workers else {"0": [16, 0]})
     resumed = run_llava(_cfg(parts, parts["shards"], extra), tmp_path / "cut", "pretrain")
-    assert len(full["losses"]) == 5 and resumed["losses"] == full["losses"]
+    assert len(full["train"]["losses"]) == 5 and resumed["train"]["losses"] == full["train"]["losses"]
     a = load_file(str(tmp_path / "full" / "mm_projector.safetensors"))
     b = load_file(str(tmp_path / "cut" / "mm_projector.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -135,8 +135,8 @@ def test_a_bad_image_stops_naming_it_or_is_skipped_and_counted(parts, tmp_path: 
         run_llava(_cfg(parts, parts["bad"]), tmp_path / "stop", "pretrain")
     skip = ["llava.pretrain.data.skip_bad=true", "llava.pretrain.data.max_bad_fraction=0.1"]
     metrics = run_llava(_cfg(parts, parts["bad"], skip), tmp_path / "skip", "pretrain")
-    assert metrics["steps"] == 3 and metrics["bad_records"]["count"] == 1
-    assert metrics["bad_records"]["records"][0]["record"].endswith("llava-000000.tar:000000003")
+    assert metrics["train"]["steps"] == 3 and metrics["details"]["bad_records"]["count"] == 1
+    assert metrics["details"]["bad_records"]["records"][0]["record"].endswith("llava-000000.tar:000000003")
     listed = json.loads((tmp_path / "skip" / "bad_records.json").read_text())["bad"]
     assert listed["records"] == 24 and listed["skipped"][0]["record"].endswith("llava-000000.tar:000000003")
 
@@ -148,9 +148,9 @@ def test_a_bad_record_met_in_every_epoch_is_one_skipped_record(parts, tmp_path: 
     skip = ["llava.pretrain.data.skip_bad=true", "llava.pretrain.data.max_bad_fraction=0.1"]
     skip.append("llava.pretrain.loop.max_steps=6")
     metrics = run_llava(_cfg(parts, parts["bad"], skip), tmp_path / "skip", "pretrain")
-    assert metrics["steps"] == 6 and metrics["bad_records"]["count"] == 1
+    assert metrics["train"]["steps"] == 6 and metrics["details"]["bad_records"]["count"] == 1
     listed = json.loads((tmp_path / "skip" / "bad_records.json").read_text())["bad"]
-    assert [s["record"] for s in listed["skipped"]] == [metrics["bad_records"]["records"][0]["record"]]
+    assert [s["record"] for s in listed["skipped"]] == [metrics["details"]["bad_records"]["records"][0]["record"]]
 
 
 def _worker(
@@ -160,12 +160,12 @@ def _worker(
     torch.set_num_threads(1)
     seen: list[str] = []
 
-    class Recording(llava_train.LlavaStep):  # what this rank trained on, record by record
+    class Recording(llava_stage.LlavaStep):  # what this rank trained on, record by record
         def __call__(self, batch):  # type: ignore[no-untyped-def]
             seen.extend(batch.sources)
             return super().__call__(batch)
 
-    llava_train.LlavaStep = Recording  # type: ignore[misc]
+    llava_stage.LlavaStep = Recording  # type: ignore[misc]
     cfg = config_io.load(RunConfig, None, overrides)
     run_llava(cfg, Path(out), phase, **({"init": Path(init)} if init else {}))  # type: ignore[arg-type]
     Path(out, f"seen-{rank}.json").write_text(json.dumps(seen))
@@ -190,7 +190,7 @@ def test_two_processes_stream_disjoint_records(parts, tmp_path: Path, phase: str
     shards = [{s.split(":")[0] for s in ranks} for ranks in seen]
     assert not shards[0] & shards[1]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["processes"] == 2 and len(metrics["losses"]) == 3
+    assert metrics["train"]["processes"] == 2 and len(metrics["train"]["losses"]) == 3
     state = json.loads(next((out / "checkpoints").glob("step-*/checkpoint.json")).read_text())["state"]
     assert sorted(state["extra"]["data"]["units"]) == ["0", "1"]
 
@@ -206,8 +206,8 @@ def test_streamed_finetune_mixes_image_and_text_only_records(parts, tmp_path: Pa
     cfg = config_io.load(RunConfig, None, _overrides(parts, tmp_path / "instruct", extra, phase="finetune"))
     metrics = run_llava(cfg, tmp_path / "ft", "finetune", init=pre)
     # 2 steps of 14 = every record once, the 4 text-only ones among them.
-    assert metrics["steps"] == 2 and metrics["records"] == 28 and sum(not h for h in instruct.has_image) == 4
-    assert all(loss == loss for loss in metrics["losses"])
+    assert metrics["train"]["steps"] == 2 and metrics["details"]["records"] == 28 and sum(not h for h in instruct.has_image) == 4
+    assert all(loss == loss for loss in metrics["train"]["losses"])
 
 
 def test_map_style_training_on_shards_is_training_on_the_json(parts, tmp_path: Path) -> None:
@@ -217,7 +217,7 @@ def test_map_style_training_on_shards_is_training_on_the_json(parts, tmp_path: P
         _cfg(parts, parts["data"] / "llava_pretrain.json", off), tmp_path / "json", "pretrain"
     )
     on_shards = run_llava(_cfg(parts, parts["shards"], off), tmp_path / "shards", "pretrain")
-    assert len(on_json["losses"]) == 3 and on_shards["losses"] == on_json["losses"]
+    assert len(on_json["train"]["losses"]) == 3 and on_shards["train"]["losses"] == on_json["train"]["losses"]
     with pytest.raises(ValueError, match=r"llava\.pretrain\.data\.stream needs webdataset shards"):
         run_llava(_cfg(parts, parts["data"] / "llava_pretrain.json"), tmp_path / "refused", "pretrain")
 
@@ -255,4 +255,4 @@ def test_every_image_type_round_trips_through_llava_shards_and_the_stream(
         assert load_rgb(b.image).tobytes() == load_rgb(a.image).tobytes()
     extra = ["llava.pretrain.loop.max_steps=1"]
     metrics = run_llava(_cfg(parts, tmp_path / "shards", extra), tmp_path / "run", "pretrain")
-    assert metrics["steps"] == 1 and all(loss == loss for loss in metrics["losses"])
+    assert metrics["train"]["steps"] == 1 and all(loss == loss for loss in metrics["train"]["losses"])

@@ -63,11 +63,11 @@ def test_pretrain_trains_only_the_projector_and_writes_llava_formats(parts, pret
     from transformers import AutoProcessor, CLIPVisionModel, LlavaForConditionalGeneration
 
     metrics = json.loads((pretrained / "metrics.json").read_text())
-    assert metrics["steps"] == 3 and len(metrics["losses"]) == 3 and metrics["tune"] == "projector"
-    assert metrics["heldout_before"]["n"] == 6 and "per_type" in metrics["heldout_after"]
+    assert metrics["train"]["steps"] == 3 and len(metrics["train"]["losses"]) == 3 and metrics["details"]["tune"] == "projector"
+    assert metrics["eval"]["before"]["n"] == 6 and "per_type" in metrics["eval"]["after"]
     # Every held-out evaluation has its blind baseline (shuffled images) and the majority answer.
-    for when in ("heldout_before", "heldout_after"):
-        h = metrics[when]
+    for when in ("before", "after"):
+        h = metrics["eval"][when]
         assert h["blind"] == "shuffle" and h["gap"] == pytest.approx(h["accuracy"] - h["blind_accuracy"])
         for row in h["per_type"].values():
             assert {"accuracy", "blind_accuracy", "gap", "majority_accuracy", "majority_answer", "n"} <= set(
@@ -116,7 +116,7 @@ def test_finetune_starts_from_the_projector_and_trains_the_llm(
         _cfg(parts, "finetune", extra), tmp_path / "ft", "finetune", init=pretrained,
         on_step=lambda step, loss: seen.append(step),
     )  # fmt: skip
-    assert seen == [1, 2, 3] and metrics["template"] == "vicuna_v1"
+    assert seen == [1, 2, 3] and metrics["details"]["template"] == "vicuna_v1"
     before = LlavaForConditionalGeneration.from_pretrained(pretrained / "model").state_dict()
     after = LlavaForConditionalGeneration.from_pretrained(
         tmp_path / "ft" / "model"
@@ -171,7 +171,7 @@ def test_cli_bad_record_is_named_and_skip_bad_finishes(parts, tmp_path: Path) ->
     flat = " ".join(result.output.split())  # rich wraps the title at the terminal's width
     for word in ("accuracy", "blind", "gap", "majority", "with another question's image"):
         assert word in flat, result.output
-    report = json.loads((tmp_path / "bad" / "metrics.json").read_text())["bad_records"]
+    report = json.loads((tmp_path / "bad" / "metrics.json").read_text())["details"]["bad_records"]
     assert report["count"] == 1 and "#3" in report["records"][0]["record"]
     listed = json.loads((tmp_path / "bad" / "bad_records.json").read_text())["bad_pretrain.json"]
     assert listed["records"] == 24 and "does not exist" in listed["skipped"][0]["reason"]
@@ -194,7 +194,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(parts, tmp_path: Path
     done = sorted((tmp_path / "cut" / "checkpoints").glob("step-*"))
     assert [d.name for d in done] == ["step-0000002"]
     resumed = run_llava(_cfg(parts, "pretrain", extra), tmp_path / "cut", "pretrain")
-    assert resumed["losses"] == full["losses"]
+    assert resumed["train"]["losses"] == full["train"]["losses"]
     a = load_file(str(tmp_path / "full" / "mm_projector.safetensors"))
     b = load_file(str(tmp_path / "cut" / "mm_projector.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -203,8 +203,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(parts, tmp_path: Path
 def test_loss_is_independent_of_the_micro_batch(parts, tmp_path: Path) -> None:
     a = run_llava(_cfg(parts, "pretrain", ["llava.pretrain.micro_batch_size=8"]), tmp_path / "a", "pretrain")
     b = run_llava(_cfg(parts, "pretrain", ["llava.pretrain.micro_batch_size=3"]), tmp_path / "b", "pretrain")
-    assert b["losses"] == pytest.approx(a["losses"], abs=1e-5)
-    assert a["losses"][2] != pytest.approx(a["losses"][0], abs=1e-4)
+    assert b["train"]["losses"] == pytest.approx(a["train"]["losses"], abs=1e-5)
+    assert a["train"]["losses"][2] != pytest.approx(a["train"]["losses"][0], abs=1e-4)
 
 
 def _worker(
@@ -219,9 +219,9 @@ def _worker(
 @pytest.mark.slow  # spawns 2 processes
 def test_two_processes_match_one_process_with_the_same_global_batch(parts, tmp_path: Path) -> None:
     overrides = _overrides(parts, "pretrain")
-    one = run_llava(config_io.load(RunConfig, None, overrides), tmp_path / "one", "pretrain")["losses"]
+    one = run_llava(config_io.load(RunConfig, None, overrides), tmp_path / "one", "pretrain")["train"]["losses"]
     mp.spawn(_worker, args=(2, free_port(), overrides, str(tmp_path / "two")), nprocs=2)
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["losses"]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["train"]["losses"]
     assert len(two) == 3 and two == pytest.approx(one, abs=1e-5)
 
 
@@ -232,8 +232,8 @@ def test_two_processes_finetune_like_one_process(parts, pretrained: Path, tmp_pa
     one = run_llava(config_io.load(RunConfig, None, overrides), tmp_path / "one", "finetune", init=pretrained)
     args = (2, free_port(), overrides, str(tmp_path / "two"), "finetune", str(pretrained))
     mp.spawn(_worker, args=args, nprocs=2)
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["losses"]
-    assert len(two) == 3 and two == pytest.approx(one["losses"], abs=1e-5)
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["train"]["losses"]
+    assert len(two) == 3 and two == pytest.approx(one["train"]["losses"], abs=1e-5)
 
 
 def test_qlora_finetune_merges_into_a_full_precision_llava(parts, pretrained: Path, tmp_path: Path) -> None:
@@ -243,7 +243,7 @@ def test_qlora_finetune_merges_into_a_full_precision_llava(parts, pretrained: Pa
     extra = ["llava.finetune.tune=qlora", "llava.finetune.lora_r=4", "llava.finetune.lora_alpha=8",
              "llava.finetune.loop.max_steps=2"]  # fmt: skip
     metrics = run_llava(_cfg(parts, "finetune", extra), tmp_path / "q", "finetune", init=pretrained)
-    assert metrics["steps"] == 2 and all(map(lambda x: x == x, metrics["losses"]))
+    assert metrics["train"]["steps"] == 2 and all(map(lambda x: x == x, metrics["train"]["losses"]))
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "q" / "model")
     assert getattr(model.config, "quantization_config", None) is None
     assert model.model.language_model.layers[0].self_attn.q_proj.weight.dtype == torch.float32

@@ -17,13 +17,14 @@ def test_mntp_optimizer_is_the_hf_trainer_default() -> None:
     # 0.0, 1.0, "linear".
     s = RunConfig().stage1
     m = s.mntp
-    assert (m.weight_decay, m.grad_clip, m.schedule) == (0.0, 1.0, "linear")
-    s.mntp.lr, s.mntp.warmup_steps, s.mntp.steps = 1.0, 2, 6
+    assert (m.weight_decay, m.loop.grad_clip, m.loop.schedule) == (0.0, 1.0, "linear")
+    s.mntp.lr, s.mntp.loop.warmup_steps, s.mntp.loop.max_steps = 1.0, 2, 6
     loop = mntp_loop(s)
     assert (loop.max_steps, loop.grad_clip, loop.max_seconds) == (6, 1.0, 0.0)
+    assert (loop.precision, loop.distributed) == (s.loop.precision, s.loop.distributed)  # one accelerator
     p = nn.Parameter(torch.ones(3))
     opt = adamw([p], m.lr, torch.device("cpu"), weight_decay=m.weight_decay, fused=None)
-    sched = make_scheduler(opt, loop, m.steps)
+    sched = make_scheduler(opt, loop, loop.max_steps)
     assert opt.param_groups[0]["weight_decay"] == 0.0
     lrs = []
     for _ in range(6):
@@ -32,3 +33,10 @@ def test_mntp_optimizer_is_the_hf_trainer_default() -> None:
         sched.step()
     # Warm-up 0, 1/2 (transformers' step / warmup), then linear decay to 0 at step 6: 1, 3/4, 1/2, 1/4.
     assert lrs == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5, 0.25])
+
+
+def test_mntp_has_no_time_budget() -> None:
+    s = RunConfig().stage1
+    s.mntp.loop.max_seconds = 60.0
+    with pytest.raises(ValueError, match="stage1.mntp.loop.max_seconds must be 0"):
+        mntp_loop(s)

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 
 # E5 instructions are long for the tiny byte-level tokenizer: 160 tokens keep every query's text.
-S1 = ["stage1.batch_size=4", "stage1.loop.max_steps=2", "stage1.max_length=160", "stage1.mntp.steps=2",
+S1 = ["stage1.batch_size=4", "stage1.loop.max_steps=2", "stage1.max_length=160", "stage1.mntp.loop.max_steps=2",
       "stage1.mntp.batch_size=4"]  # fmt: skip
 S2 = ["stage2.batch_size=8", "stage2.loop.max_steps=2", "stage2.num_workers=0", "stage2.eval_batch_size=16"]
 
@@ -129,16 +129,18 @@ def stage1_run(world: Path) -> Path:
 
 def test_stage1_recipe_on_img2dataset_folder(stage1_run: Path) -> None:
     m = _metrics(stage1_run / "metrics.json")
-    assert m["steps"] == 2 and m["global_batch"] == 4 and len(m["loss"]) == 2
+    assert m["train"]["steps"] == 2 and m["train"]["global_batch"] == 4 and len(m["train"]["losses"]) == 2
     # DreamLIP has one shortSV caption per image: CRA pairs COCO's short captions (8 images x 2).
-    assert m["cra_set"] == "coco" and m["cra_from_training_data"] is False and m["cra_captions"] == 16
+    cra = m["eval"]
+    assert cra["cra_set"] == "coco" and cra["cra_from_training_data"] is False and cra["captions"] == 16
     assert m["data"]["train"] == {"records": 40, "skipped": 0}
     assert (stage1_run / "encoder" / "config.json").is_file()
     # The reference route: LLM2Vec's adapters merged, MNTP, then E5 (9 records a task) + captions.
     assert "LoRA modules of McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp-supervised" in OUTPUT["stage1"]
     assert re.search(r"stage 1 MNTP: step 2/2", OUTPUT["stage1"])
-    assert m["tasks"]["allnli"] == {"samples": 9, "batches": 2} and len(m["tasks"]) == 15
-    assert m["tasks"]["cc3m"] == {"samples": 40, "batches": 10}
+    tasks = m["details"]["tasks"]
+    assert tasks["allnli"] == {"samples": 9, "batches": 2} and len(tasks) == 15
+    assert tasks["cc3m"] == {"samples": 40, "batches": 10}
     assert re.search(r"stage 1 SimCSE: step 2/2 \(100%\)  loss \d+\.\d+ .*(s/step|steps/s), elapsed", OUTPUT["stage1"])
 
 
@@ -149,7 +151,7 @@ def test_stage1_qlora_recipe(in_world: Path) -> None:
         "-o", "checkpoints/llm2vec-llama3-8b")  # fmt: skip
     cli("stage1", str(RECIPES / "stage1-llama3-8b-qlora.yaml"), "-o", "runs/cc-8b-qlora", *sets(S1))
     m = _metrics(in_world / "runs/cc-8b-qlora/metrics.json")
-    assert m["steps"] == 2 and m["cra_set"] == "coco"
+    assert m["train"]["steps"] == 2 and m["eval"]["cra_set"] == "coco"
 
 
 @pytest.fixture(scope="module")
@@ -187,9 +189,9 @@ def test_stage2_openai_clip_recipe_and_export(world: Path, store: Path, tower: P
 
     stores = sorted(p.name for p in store.iterdir() if p.is_dir())
     assert stores == ["heldout-coco", "heldout-docci", "heldout-flickr30k", "heldout-urban1k", "train"]
-    m = _metrics(world / "runs/stage2-clip-l336/metrics.json")["stage2"]
+    m = _metrics(world / "runs/stage2-clip-l336/metrics.json")
     assert m["train"]["steps"] == 2
-    retrieval = m["retrieval"]
+    retrieval = m["eval"]["after"]
     assert set(retrieval) == {"coco", "flickr30k", "urban1k", "docci"}
     assert (retrieval["coco"]["n_images"], retrieval["coco"]["n_captions"]) == (8, 40)  # 5 per image
     assert (retrieval["docci"]["n_images"], retrieval["docci"]["n_captions"]) == (8, 8)
@@ -208,8 +210,8 @@ def test_stage2_siglip_recipe_streamed(in_world: Path, store: Path) -> None:
         "-o", "runs/stage2-siglip2", *sets([*S2, "data.stream=true", "data.shuffle_buffer=8", "stage2.embed_dim=32"]))  # fmt: skip
     # (no image head: the shared width is the stand-in tower's, 32)
     metrics = _metrics(in_world / "runs/stage2-siglip2/metrics.json")
-    m = metrics["stage2"]
-    assert m["train"]["steps"] == 2 and set(m["retrieval"]) == {"coco", "flickr30k", "urban1k", "docci"}
+    m = metrics
+    assert m["train"]["steps"] == 2 and set(m["eval"]["after"]) == {"coco", "flickr30k", "urban1k", "docci"}
     assert {k: v["records"] for k, v in metrics["data"]["train"]["sets"].items()} == {"cc3m": 40, "cc12m": 20}
     assert "- path: data/cc12m" in (in_world / "runs/stage2-siglip2/config.yaml").read_text()
 
@@ -220,7 +222,7 @@ def test_stage2_eva02_recipe(in_world: Path, store: Path) -> None:
     assert (in_world / EVA02 / "config.json").is_file()
     cli("stage2", str(RECIPES / "stage2-eva02-l-14-336.yaml"), "--store", "runs/store",
         "--encoder", "runs/cc-8b/encoder", "-o", "runs/stage2-eva02-l336", *sets(S2))  # fmt: skip
-    assert _metrics(in_world / "runs/stage2-eva02-l336/metrics.json")["stage2"]["train"]["steps"] == 2
+    assert _metrics(in_world / "runs/stage2-eva02-l336/metrics.json")["train"]["steps"] == 2
 
 
 @pytest.mark.slow  # pretrain + full finetune of a tiny Vicuna-style Llama in bf16 on the CPU
@@ -231,7 +233,7 @@ def test_llava_clip_baseline_recipe(in_world: Path) -> None:
     cli("llava-finetune", recipe, "--from", "runs/llava15-clip/pretrain", "-o", "runs/llava15-clip/finetune",
         *sets(_llava("finetune")))  # fmt: skip
     m = _metrics(in_world / "runs/llava15-clip/finetune/metrics.json")
-    assert m["steps"] == 2 and m["tune"] == "full" and m["template"] == "vicuna_v1"
+    assert m["train"]["steps"] == 2 and m["details"]["tune"] == "full" and m["details"]["template"] == "vicuna_v1"
     assert (in_world / "runs/llava15-clip/finetune/model/config.json").is_file()
 
 
@@ -259,10 +261,10 @@ def test_llava_llm2clip_recipes(in_world: Path, tower: Path) -> None:
         "runs/llava15-llm2clip/finetune-lora",
         *sets(_llava("finetune")),
     )
-    assert _metrics(in_world / f"{pre}/metrics.json")["tune"] == "projector"
-    assert _metrics(in_world / "runs/llava15-llm2clip/finetune/metrics.json")["tune"] == "full"
+    assert _metrics(in_world / f"{pre}/metrics.json")["details"]["tune"] == "projector"
+    assert _metrics(in_world / "runs/llava15-llm2clip/finetune/metrics.json")["details"]["tune"] == "full"
     m = _metrics(in_world / "runs/llava15-llm2clip/finetune-lora/metrics.json")
-    assert m["steps"] == 2 and m["tune"] == "lora"
+    assert m["train"]["steps"] == 2 and m["details"]["tune"] == "lora"
 
 
 @pytest.mark.slow  # import a released-layout tower, then pretrain + finetune on it
@@ -280,7 +282,7 @@ def test_llava_released_tower_recipe(in_world: Path) -> None:
     cli("llava-finetune", recipe, "--from", pre, "-o", "runs/llava15-released/finetune",
         *sets(_llava("finetune")))  # fmt: skip
     m = _metrics(in_world / "runs/llava15-released/finetune/metrics.json")
-    assert m["steps"] == 2 and m["tune"] == "full"
+    assert m["train"]["steps"] == 2 and m["details"]["tune"] == "full"
 
 
 @pytest.mark.slow  # lmms-eval on two tiny LLaVA models, synthetic local task copies (~1 min)
@@ -323,8 +325,8 @@ def test_demo_recipe_end_to_end(in_world: Path) -> None:
 
     cli("build-tower", "-o", "runs/demo", *sets(DEMO_SIZES))
     m = _metrics(in_world / "runs/demo/metrics.json")
-    assert m["stage1"]["steps"] == 2 and m["stage1"]["cra_set"] == "short"
-    assert set(m["stage2"]["retrieval"]) == {"short", "long"}
+    assert m["stage1"]["train"]["steps"] == 2 and m["stage1"]["eval"]["cra_set"] == "short"
+    assert set(m["stage2"]["eval"]["after"]) == {"short", "long"}
     # The demo's LLaVA splits, written small where the command looks for them.
     write_llava_demo(in_world / "runs/demo-llava/pretrain/demo-llava", pretrain_images=8, instruct_images=8,
                      heldout_images=4, image_size=32)  # fmt: skip
@@ -335,7 +337,7 @@ def test_demo_recipe_end_to_end(in_world: Path) -> None:
     cli("llava-finetune", "--from", "runs/demo-llava/pretrain", "-o", "runs/demo-llava/finetune",
         *sets(llm + _llava("finetune")))  # fmt: skip
     m = _metrics(in_world / "runs/demo-llava/finetune/metrics.json")
-    assert m["steps"] == 2 and m["heldout_after"]["n"] == 4
+    assert m["train"]["steps"] == 2 and m["eval"]["after"]["n"] == 4
 
 
 @pytest.mark.slow  # 2 CPU processes through accelerate launch (~30 s)
@@ -350,8 +352,8 @@ def test_ddp_launcher_config_with_two_cpu_processes(world: Path, store: Path, to
     ]  # fmt: skip
     r = subprocess.run(cmd, cwd=world, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    two = _metrics(world / "runs/stage2-ddp/metrics.json")["stage2"]
-    one = _metrics(world / "runs/stage2-clip-l336/metrics.json")["stage2"]
+    two = _metrics(world / "runs/stage2-ddp/metrics.json")
+    one = _metrics(world / "runs/stage2-clip-l336/metrics.json")
     assert two["train"]["processes"] == 2 and one["train"]["processes"] == 1
     # Same global batch, local-loss formulation: 2 processes compute the 1-process loss (bf16 noise).
     assert two["train"]["losses"] == pytest.approx(one["train"]["losses"], abs=2e-3)
@@ -372,7 +374,7 @@ def test_llava_siglip2_released_tower_recipe(in_world: Path) -> None:
     cli("llava-finetune", recipe, "--from", pre, "-o", "runs/llava15-siglip2/finetune",
         *sets(_llava("finetune")))  # fmt: skip
     m = _metrics(in_world / "runs/llava15-siglip2/finetune/metrics.json")
-    assert m["steps"] == 2 and m["tune"] == "full"
+    assert m["train"]["steps"] == 2 and m["details"]["tune"] == "full"
 
 
 # haotian-liu/LLaVA scripts/v1_5/pretrain.sh and finetune.sh (c121f04), transcribed: every flag

@@ -74,7 +74,7 @@ def test_stage2_imports_every_sets_sidecars_under_namespaced_keys(
     lines = _lines(caplog)
     assert len(lines) == 1, lines
     assert "cc3m (2), cc12m (3)" in lines[0] and "5 side-cars" in lines[0] and "imported" in lines[0]
-    assert metrics["stage2"]["train"]["steps"] == 2
+    assert metrics["train"]["steps"] == 2
 
     # The store follows the joined set: cc3m's records then cc12m's, keys "<set>/<key>", and
     # each row is the side-car's vector of that set's key (fp32: exactly).

@@ -95,11 +95,11 @@ def test_resume_reproduces_the_uninterrupted_run(tiny: Path, tmp_path: Path) -> 
     (tmp_path / "killed" / CHECKPOINTS).mkdir(parents=True)
     shutil.copytree(ckpt, tmp_path / "killed" / CHECKPOINTS / ckpt.name)
     resumed = train_stage1(cfg.stage1, tmp_path / "killed", train, held)
-    assert resumed["loss"][:2] == full["loss"][:2]  # restored history
-    assert resumed["loss"][2:] == pytest.approx(full["loss"][2:], abs=1e-6)
-    assert resumed["steps"] == full["steps"] == 4
-    assert resumed["encoder_identity"] == full["encoder_identity"]
-    assert json.loads((tmp_path / "full" / "metrics.json").read_text())["cra_after"] == full["cra_after"]
+    assert resumed["train"]["losses"][:2] == full["train"]["losses"][:2]  # restored history
+    assert resumed["train"]["losses"][2:] == pytest.approx(full["train"]["losses"][2:], abs=1e-6)
+    assert resumed["train"]["steps"] == full["train"]["steps"] == 4
+    assert resumed["details"]["encoder_identity"] == full["details"]["encoder_identity"]
+    assert json.loads((tmp_path / "full" / "metrics.json").read_text())["eval"]["after"] == full["eval"]["after"]
     enc = CaptionEncoder.from_pretrained(tmp_path / "killed" / "encoder", device="cpu")
     assert enc.max_length == 48 and enc.model.config.is_causal is False
 
@@ -128,12 +128,12 @@ def test_two_processes_match_one_process(tiny: Path, tmp_path: Path) -> None:
     assert two.returncode == 0, two.stderr[-3000:]
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert (m1["processes"], m2["processes"]) == (1, 2)
-    assert len(m1["loss"]) == len(m2["loss"]) == 3
+    assert (m1["train"]["processes"], m2["train"]["processes"]) == (1, 2)
+    assert len(m1["train"]["losses"]) == len(m2["train"]["losses"]) == 3
     # Step 1 checks the gathered loss; steps 2-3 check that the gradients (through the gather,
     # averaged over processes) made the same update.
-    assert m2["loss"] == pytest.approx(m1["loss"], abs=1e-5)
-    assert len(set(m1["loss"])) == 3  # the model did change between steps
+    assert m2["train"]["losses"] == pytest.approx(m1["train"]["losses"], abs=1e-5)
+    assert len(set(m1["train"]["losses"])) == 3  # the model did change between steps
 
 
 def test_qlora_4bit_base_on_cpu(tmp_path: Path) -> None:
@@ -149,7 +149,7 @@ def test_qlora_4bit_base_on_cpu(tmp_path: Path) -> None:
     cfg = tiny_cfg(tiny, max_steps=2)
     cfg.stage1.lora.quantization = "4bit"
     m = train_stage1(cfg.stage1, tmp_path / "q", scene_records(64), scene_records(20, 200))
-    assert len(m["loss"]) == 2 and all(math.isfinite(x) for x in m["loss"])
+    assert len(m["train"]["losses"]) == 2 and all(math.isfinite(x) for x in m["train"]["losses"])
     # The saved embedder is the full-precision base with the LoRA merged, not a 4-bit model.
     enc = CaptionEncoder.from_pretrained(tmp_path / "q" / "encoder", device="cpu")
     assert type(enc.model.layers[0].self_attn.q_proj) is torch.nn.Linear
@@ -162,8 +162,8 @@ def test_zero_epochs_saves_the_base_llm_as_the_encoder(tiny: Path, tmp_path: Pat
     """``epochs: 0`` = the "without stage 1" baseline: the base LLM, bidirectional, mean pooled."""
     cfg = tiny_cfg(tiny, epochs=0, max_steps=4)  # max_steps only caps the epochs
     metrics = train_stage1(cfg.stage1, tmp_path / "run", scene_records(32), scene_records(20, offset=200))
-    assert metrics["steps"] == 0 and metrics["loss"] == []
-    assert metrics["cra_after"] == metrics["cra_before"]
+    assert metrics["train"]["steps"] == 0 and metrics["train"]["losses"] == []
+    assert metrics["eval"]["after"] == metrics["eval"]["before"]
     enc = CaptionEncoder.from_pretrained(tmp_path / "run" / "encoder", device="cpu")
     assert enc.model.config.is_causal is False
     base = load_bidirectional(ModelRef(str(tiny)), dtype=torch.float32).state_dict()

@@ -16,13 +16,9 @@ from stage2_world import FakeStore, load_image, make_world
 from llm2clip_vlm import config_io
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.training.checkpoint import CHECKPOINTS, Checkpointer
-from llm2clip_vlm.vision.data import GlobalBatchSampler
+from llm2clip_vlm.vision.data import GlobalBatchSampler, HeldoutSet, Stage2TrainData
 from llm2clip_vlm.vision.retrieval import retrieval_metrics
-from llm2clip_vlm.vision.train import (
-    HeldoutSet,
-    Stage2TrainData,
-    train_stage2,
-)
+from llm2clip_vlm.vision.train import train_stage2
 
 TINY = [
     "stage2.backbone.image_size=32",
@@ -121,11 +117,10 @@ def _run(root: Path, out: Path, overrides: list[str], **kw: Any) -> dict[str, An
     n_train, n_held = kw.pop("n_train", 32), kw.pop("n_held", 8)
     train, store, heldout = _world(root, n_train, n_held)
     cfg = config_io.load(RunConfig, None, TINY + overrides)
-    from fault_driver import stage2_inputs  # what commands.run_stage2 passes (config.yaml, tracking)
+    from fault_driver import run_inputs, stage2_data  # what commands.run_stage2 passes
 
-    return train_stage2(
-        cfg.stage2, out, train, store, heldout, load_image=load_image, **stage2_inputs(cfg, out), **kw
-    )
+    inputs = run_inputs(cfg, out, on_step=kw.pop("on_step", None))
+    return train_stage2(cfg.stage2, out, stage2_data(cfg, train, store, heldout, load_image, **kw), inputs)
 
 
 @pytest.mark.slow  # ~15-35 s on a shared 2-core CPU
@@ -136,11 +131,11 @@ def test_tiny_end_to_end_run_learns_and_writes_its_outputs(tmp_path: Path) -> No
         ["stage2.batch_size=16", "stage2.loop.max_steps=16", "stage2.lr=2e-3", "stage2.layer_decay=1.0"],
         n_train=64,
         n_held=32,
-    )["stage2"]
+    )
     run = tmp_path / "run"
-    assert json.loads((run / "metrics.json").read_text())["stage2"] == metrics
+    assert json.loads((run / "metrics.json").read_text()) == metrics
     assert (run / "model" / "vision" / "model.safetensors").is_file()
-    before, after = metrics["retrieval_before"]["short"], metrics["retrieval"]["short"]
+    before, after = metrics["eval"]["before"]["short"], metrics["eval"]["after"]["short"]
     assert set(after) == {
         "i2t_r1",
         "i2t_r5",
@@ -171,7 +166,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> Non
         "stage2.loop.save_every_steps=3",
         "stage2.lr=1e-3",
     ]
-    full = _run(tmp_path / "data", tmp_path / "full", common)["stage2"]
+    full = _run(tmp_path / "data", tmp_path / "full", common)
 
     def kill(step: int, loss: float) -> None:
         if step == 5:  # after the step-3 checkpoint, before the next one
@@ -180,9 +175,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> Non
     with pytest.raises(_Killed):
         _run(tmp_path / "data", tmp_path / "cut", common, on_step=kill)
     assert Checkpointer(tmp_path / "cut" / CHECKPOINTS).latest().name == "step-0000003"  # type: ignore[union-attr]
-    resumed = _run(tmp_path / "data", tmp_path / "cut", common)["stage2"]
+    resumed = _run(tmp_path / "data", tmp_path / "cut", common)
     assert resumed["train"]["losses"] == full["train"]["losses"]
-    assert resumed["retrieval"] == full["retrieval"]
+    assert resumed["eval"]["after"] == full["eval"]["after"]
     a = load_file(str(tmp_path / "full" / CHECKPOINTS / "step-0000006" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / CHECKPOINTS / "step-0000006" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -192,14 +187,14 @@ def _worker(rank: int, world: int, port: int, root: str, out: str, overrides: li
     join_as_rank(rank, world, port)
     torch.set_num_threads(1)
     metrics = _run(Path(root), Path(out), overrides)
-    Path(out, f"losses.rank{rank}.json").write_text(json.dumps(metrics["stage2"]["train"]["losses"]))
+    Path(out, f"losses.rank{rank}.json").write_text(json.dumps(metrics["train"]["losses"]))
 
 
 @pytest.mark.slow  # spawns 2 processes: ~25-50 s on a shared 2-core CPU
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Path, loss: str) -> None:
     overrides = ["stage2.batch_size=8", "stage2.loop.max_steps=3", "stage2.lr=1e-3", f"stage2.loss={loss}"]
-    one = _run(tmp_path / "data", tmp_path / "one", overrides)["stage2"]["train"]["losses"]
+    one = _run(tmp_path / "data", tmp_path / "one", overrides)["train"]["losses"]
     mp.spawn(
         _worker, args=(2, free_port(), str(tmp_path / "data"), str(tmp_path / "two"), overrides), nprocs=2
     )

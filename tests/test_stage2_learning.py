@@ -15,8 +15,9 @@ from stage2_world import FakeStore, load_image, make_world
 
 from llm2clip_vlm import config_io
 from llm2clip_vlm.recipe import RunConfig
+from llm2clip_vlm.vision.data import HeldoutSet
 from llm2clip_vlm.vision.learning import LearningWatch, TrainSlice
-from llm2clip_vlm.vision.train import HeldoutSet, train_stage2
+from llm2clip_vlm.vision.train import Stage2Data, train_stage2
 
 TINY = [
     "stage2.backbone.image_size=32",
@@ -102,8 +103,8 @@ def _run(tmp_path: Path, store_cls: type, overrides: list[str]) -> dict:
     heldout = {"h": HeldoutSet(held, torch.from_numpy(hstore.array.astype("float32")), owner)}
     cfg = config_io.load(RunConfig, None, TINY + overrides)
     out = tmp_path / "run"
-    metrics = train_stage2(cfg.stage2, out, train, store_cls(train), heldout, load_image=load_image)
-    return metrics["stage2"]["train"] | {"jsonl": (out / "metrics.jsonl").read_text()}
+    metrics = train_stage2(cfg.stage2, out, Stage2Data(train, store_cls(train), heldout, load_image))
+    return metrics["train"] | metrics["details"] | {"jsonl": (out / "metrics.jsonl").read_text()}
 
 
 @pytest.mark.slow  # two tiny runs: ~10-30 s on a shared 2-core CPU

@@ -24,7 +24,8 @@ from llm2clip_vlm.data.config import CaptionSetConfig
 from llm2clip_vlm.data.stream import StreamPlan
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.training.checkpoint import CHECKPOINTS, Checkpointer
-from llm2clip_vlm.vision.train import HeldoutSet, train_stage2
+from llm2clip_vlm.vision.data import HeldoutSet
+from llm2clip_vlm.vision.train import train_stage2
 
 TINY = [
     "stage2.backbone.image_size=32",
@@ -75,12 +76,11 @@ def _run(
     owner = torch.tensor([i for i, r in enumerate(held) for _ in r.captions])
     heldout = {"short": HeldoutSet(held, torch.from_numpy(hstore.array.astype("float32")), owner)}
     cfg = config_io.load(RunConfig, None, TINY + overrides)
-    from fault_driver import stage2_inputs  # what commands.run_stage2 passes (data.stream included)
+    from fault_driver import run_inputs, stage2_data  # what commands.run_stage2 passes (data.stream too)
 
-    return train_stage2(
-        cfg.stage2, out, train, FakeStore(list(train), seed=0), heldout, load_image=load_image,
-        **stage2_inputs(cfg, out), **kw,
-    )  # fmt: skip
+    inputs = run_inputs(cfg, out, on_step=kw.pop("on_step", None))
+    data = stage2_data(cfg, train, FakeStore(list(train), seed=0), heldout, load_image, **kw)
+    return train_stage2(cfg.stage2, out, data, inputs)
 
 
 class _Killed(Exception):
@@ -90,7 +90,7 @@ class _Killed(Exception):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_killed_streamed_run_resumes_to_identical_weights(tmp_path: Path, workers: int) -> None:
     common = ["stage2.loop.max_steps=8", "stage2.loop.save_every_steps=3", f"stage2.num_workers={workers}"]
-    full = _run(tmp_path / "data", tmp_path / "full", common)["stage2"]
+    full = _run(tmp_path / "data", tmp_path / "full", common)
 
     def kill(step: int, loss: float) -> None:
         if step == 5:  # after the step-3 checkpoint, mid-epoch of every unit
@@ -99,7 +99,7 @@ def test_a_killed_streamed_run_resumes_to_identical_weights(tmp_path: Path, work
     with pytest.raises(_Killed):
         _run(tmp_path / "data", tmp_path / "cut", common, on_step=kill)
     assert Checkpointer(tmp_path / "cut" / CHECKPOINTS).latest().name == "step-0000003"  # type: ignore[union-attr]
-    resumed = _run(tmp_path / "data", tmp_path / "cut", common)["stage2"]
+    resumed = _run(tmp_path / "data", tmp_path / "cut", common)
     assert resumed["train"]["losses"] == full["train"]["losses"]
     a = load_file(str(tmp_path / "full" / CHECKPOINTS / "step-0000008" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / CHECKPOINTS / "step-0000008" / "model.safetensors"))
@@ -118,7 +118,7 @@ def test_a_killed_weighted_stream_of_two_sets_resumes_to_identical_weights(tmp_p
         CaptionSetConfig(path=str(write_world_shards(data / "cc12m", 24, 3)), weight=2.0),
     ]
     common = ["stage2.loop.max_steps=8", "stage2.loop.save_every_steps=3"]
-    full = _run(data, tmp_path / "full", common, sets=sets)["stage2"]
+    full = _run(data, tmp_path / "full", common, sets=sets)
 
     def kill(step: int, loss: float) -> None:
         if step == 5:
@@ -126,7 +126,7 @@ def test_a_killed_weighted_stream_of_two_sets_resumes_to_identical_weights(tmp_p
 
     with pytest.raises(_Killed):
         _run(data, tmp_path / "cut", common, sets=sets, on_step=kill)
-    resumed = _run(data, tmp_path / "cut", common, sets=sets)["stage2"]
+    resumed = _run(data, tmp_path / "cut", common, sets=sets)
     assert resumed["train"]["losses"] == full["train"]["losses"]
     a = load_file(str(tmp_path / "full" / CHECKPOINTS / "step-0000008" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / CHECKPOINTS / "step-0000008" / "model.safetensors"))
@@ -137,9 +137,9 @@ def test_a_killed_weighted_stream_of_two_sets_resumes_to_identical_weights(tmp_p
 
 def test_a_streamed_list_of_one_set_is_the_same_run(tmp_path: Path) -> None:
     common = ["stage2.loop.max_steps=4", "stage2.loop.save_every_steps=4"]
-    plain = _run(tmp_path / "data", tmp_path / "plain", common)["stage2"]
+    plain = _run(tmp_path / "data", tmp_path / "plain", common)
     one = [CaptionSetConfig(path=str(tmp_path / "data" / "shards"), weight=1.0)]
-    listed = _run(tmp_path / "data", tmp_path / "listed", common, sets=one)["stage2"]
+    listed = _run(tmp_path / "data", tmp_path / "listed", common, sets=one)
     assert listed["train"]["losses"] == plain["train"]["losses"]
     a = load_file(str(tmp_path / "plain" / CHECKPOINTS / "step-0000004" / "model.safetensors"))
     b = load_file(str(tmp_path / "listed" / CHECKPOINTS / "step-0000004" / "model.safetensors"))
@@ -150,7 +150,7 @@ def _worker(rank: int, world: int, port: int, root: str, out: str, overrides: li
     join_as_rank(rank, world, port)
     torch.set_num_threads(1)
     metrics = _run(Path(root), Path(out), overrides)
-    Path(out, f"losses.rank{rank}.json").write_text(json.dumps(metrics["stage2"]["train"]["losses"]))
+    Path(out, f"losses.rank{rank}.json").write_text(json.dumps(metrics["train"]["losses"]))
 
 
 @pytest.mark.slow  # spawns 2 processes: ~30-60 s on a shared 2-core CPU

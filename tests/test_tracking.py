@@ -142,7 +142,7 @@ def test_stage2_sigkilled_and_resumed_has_each_step_once(tmp_path: Path) -> None
     assert _steps(rows, "train") == [1, 2, 3, 4, 5]
     assert _steps(rows, "eval") == [0, 5]
     assert rows[-1]["retrieval/short/n_images"] == 8
-    losses = json.loads((out / "metrics.json").read_text())["stage2"]["train"]["losses"]
+    losses = json.loads((out / "metrics.json").read_text())["train"]["losses"]
     assert [r["loss"] for r in rows if r["kind"] == "train"] == pytest.approx(losses)
     assert all(r["logit_scale"] > 0 for r in rows if r["kind"] == "train")
     # The retrieval gallery the report shows: top-5 images per held-out caption, thumbnails on disk.

@@ -41,7 +41,8 @@ def test_the_raw_encoder_is_the_causal_base_llm_mean_pooled(tmp_path: Path) -> N
     s = Stage1Config(model=str(llm), max_length=32, pad_to_multiple_of=8, eval_batch_size=4)
     metrics = write_raw_encoder(s, tmp_path / "stage1", _records())
     enc = CaptionEncoder.from_pretrained(tmp_path / "stage1" / "encoder", device="cpu")
-    assert enc.attention == "causal" and metrics["steps"] == 0 and "causal" in metrics["without_stage1"]
+    assert enc.attention == "causal" and metrics["train"]["steps"] == 0
+    assert "causal" in metrics["details"]["without_stage1"]
     texts = [c for pair in CAPTIONS for c in pair]
     got = enc.encode(texts, batch_size=8)
     # The same numbers as transformers' own causal model, mean-pooled over each caption's own
@@ -64,7 +65,7 @@ def test_the_raw_encoder_is_the_causal_base_llm_mean_pooled(tmp_path: Path) -> N
     bi.save_pretrained(tmp_path / "bi")
     assert CaptionEncoder.from_pretrained(tmp_path / "bi", device="cpu").identity() != enc.identity()
     # Its CRA is measured on the same pairs as stage 1's.
-    assert metrics["cra_after"] == round(caption_retrieval_accuracy(enc, caption_pairs(_records()), 4), 2)
+    assert metrics["eval"]["after"] == round(caption_retrieval_accuracy(enc, caption_pairs(_records()), 4), 2)
     assert json.loads((tmp_path / "stage1" / "metrics.json").read_text()) == metrics
 
 
@@ -95,15 +96,15 @@ def test_build_tower_without_stage1_end_to_end_then_skip_then_with_stage1(tmp_pa
     out = _build(tmp_path, llm, "--without-stage1")
     run = tmp_path / "run"
     s1 = json.loads((run / "metrics.json").read_text())["stage1"]
-    assert s1["steps"] == 0 and s1["cra_captions"] == 16 and "causal" in s1["without_stage1"]
+    assert s1["train"]["steps"] == 0 and s1["eval"]["captions"] == 16 and "causal" in s1["details"]["without_stage1"]
     assert "stage 1: not trained (base LLM as pretrained" in out
     assert not (run / "stage1" / "checkpoints").exists()  # nothing trained
     store = json.loads((run / "store" / "train" / "manifest.json").read_text())
-    assert store["encoder_identity"] == s1["encoder_identity"]  # stage 2 aligned to the raw LLM
+    assert store["encoder_identity"] == s1["details"]["encoder_identity"]  # stage 2 aligned to the raw LLM
     assert (run / "tower" / "model.safetensors").is_file()
     # Again with the flag: every stage is skipped.
     assert _build(tmp_path, llm, "--without-stage1").count("skipped") == 4
     # Without it, the raw encoder is not taken for a stage-1 one: stage 1 (and all after it) run.
     out = _build(tmp_path, llm)
     assert "stage1: its config or inputs changed" in out
-    assert json.loads((run / "metrics.json").read_text())["stage1"]["steps"] == 2
+    assert json.loads((run / "metrics.json").read_text())["stage1"]["train"]["steps"] == 2

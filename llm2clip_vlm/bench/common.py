@@ -24,6 +24,7 @@ from llm2clip_vlm.data.synthetic import (
     random_scene,
     short_captions,
 )
+from llm2clip_vlm.training import dist
 
 
 @dataclass(frozen=True)
@@ -146,3 +147,19 @@ def caption_tokenizer(
 def fused_adamw_kwargs(device: torch.device) -> dict[str, Any]:
     """``fused=True`` on CUDA (one kernel for all parameters); the default elsewhere."""
     return {"fused": True} if device.type == "cuda" else {}
+
+
+def trainer_accelerator(precision: str, dev: torch.device) -> Any:
+    """The accelerator the trainers' step runs under (``fp32`` or ``bf16``: its autocast).
+
+    Raises:
+        RuntimeError: ``dev`` is not accelerate's device (``--device cpu`` on a machine with a GPU):
+            the trainers' step runs where accelerate puts it.
+    """
+    accelerator = dist.make_accelerator(precision)
+    if accelerator.device.type != dev.type:
+        raise RuntimeError(
+            f"bench runs the trainers' own step, which runs on accelerate's device "
+            f"({accelerator.device.type}), not {dev.type}: hide the GPU (CUDA_VISIBLE_DEVICES=) to bench the CPU"
+        )
+    return accelerator

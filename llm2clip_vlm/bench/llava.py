@@ -12,6 +12,10 @@ from a random tower and a random LLM saved to a temporary directory (the real pa
 ``vicuna-7b`` preset builds LLaVA-1.5-7B's shape (CLIP ViT-L/14-336 + Vicuna-7B) from configs
 directly on the GPU (random weights, nothing saved). A batch is ``image_seq_length`` image
 positions followed by text tokens, ``seq_len`` in all, loss on the text.
+
+The step is the trainer's own :class:`~llm2clip_vlm.llava.step.LlavaStep` (token-mean loss over the
+supervised tokens, only those positions through the LM head), followed by what the loop does after
+it (clip, update): a change to LLaVA's step moves these numbers.
 """
 
 from __future__ import annotations
@@ -32,9 +36,12 @@ from llm2clip_vlm.bench.common import (
     fused_adamw_kwargs,
     llama_config,
     resolve_run,
+    trainer_accelerator,
 )
 from llm2clip_vlm.bench.harness import BenchReport, cpu_threads, device_name, measure, peak_mb
 from llm2clip_vlm.llava.assemble import build_llava_model
+from llm2clip_vlm.llava.data import Batch
+from llm2clip_vlm.llava.step import LlavaStep
 from llm2clip_vlm.text.tiny import save_tiny_llm
 from llm2clip_vlm.tower.synthetic import VIT_L_14_336, TowerShape, save_random_tower
 from llm2clip_vlm.training.optim import DTYPES
@@ -140,7 +147,7 @@ def _prepare(model: Any, variant: str, p: LlavaPreset) -> Any:
     return model
 
 
-def _batch(model: Any, p: LlavaPreset, dev: torch.device) -> dict[str, torch.Tensor]:
+def _batch(model: Any, p: LlavaPreset, dev: torch.device) -> Batch:
     cfg = model.config
     n_img = cfg.image_seq_length
     if p.seq_len <= n_img + 1:
@@ -153,12 +160,9 @@ def _batch(model: Any, p: LlavaPreset, dev: torch.device) -> dict[str, torch.Ten
     labels = ids.clone()
     labels[:, : 1 + n_img] = -100  # loss on the text only
     s = cfg.vision_config.image_size
-    return {
-        "input_ids": ids.to(dev),
-        "attention_mask": torch.ones_like(ids).to(dev),
-        "labels": labels.to(dev),
-        "pixel_values": torch.randn(p.batch_size, 3, s, s, generator=g).to(dev, DTYPES[p.dtype]),
-    }
+    pixels = torch.randn(p.batch_size, 3, s, s, generator=g).to(dev, DTYPES[p.dtype])
+    rows = torch.ones(p.batch_size, dtype=torch.long)
+    return Batch(ids.to(dev), torch.ones_like(ids).to(dev), labels.to(dev), pixels, rows)
 
 
 def run(
@@ -175,7 +179,8 @@ def run(
     """
     p = PRESETS[preset]
     dev, warmup, repeats = resolve_run(preset, p, device, warmup, repeats)
-    autocast = p.dtype != "fp32"
+    # The trainer's accelerator (its autocast is the step's mixed precision).
+    accelerator = trainer_accelerator("bf16" if p.dtype != "fp32" else "fp32", dev)
     timings = []
     results: dict[str, Any] = {}
     with cpu_threads(p.cpu_threads, dev), tempfile.TemporaryDirectory(prefix="bench-llava-") as tmp:
@@ -194,12 +199,13 @@ def run(
             opt = torch.optim.AdamW(trainable, lr=2e-5, weight_decay=0.0, **fused_adamw_kwargs(dev))
             batch = _batch(model, p, dev)
 
+            # The whole batch is one micro batch; no DeepSpeed, no FSDP2.
+            real = LlavaStep(accelerator, model, p.batch_size, False, {})
+
             def step(
-                model: Any = model, opt: Any = opt, trainable: Any = trainable, batch: Any = batch
+                real: Any = real, opt: Any = opt, trainable: Any = trainable, batch: Any = batch
             ) -> None:
-                with torch.autocast(dev.type, dtype=DTYPES[p.dtype], enabled=autocast):
-                    loss = model(**batch).loss
-                loss.backward()
+                real(batch)
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -208,7 +214,7 @@ def run(
                 {variant: step}, device=dev, warmup=warmup, repeats=repeats, items_per_call=p.batch_size,
                 description=f"bench llava [{preset}] {variant}",
             )  # fmt: skip
-            del model, opt, trainable, batch, step
+            del model, opt, trainable, batch, step, real
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()

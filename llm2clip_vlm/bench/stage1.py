@@ -1,6 +1,7 @@
 """``bench stage1``: one supervised-SimCSE training step with LoRA (and QLoRA), the package's real step.
 
-The step is what :mod:`llm2clip_vlm.text.train` runs per optimizer step: the global batch of
+The step is the trainer's own :class:`~llm2clip_vlm.text.step.SimCSEStep` (what
+:mod:`llm2clip_vlm.text.train` hands the loop), then what the loop does after it: the global batch of
 :class:`~llm2clip_vlm.text.simcse.SimCSEBatches` (query with instruction, positive, hard negative
 per image), :func:`~llm2clip_vlm.text.simcse.embed_triplets` (length-sorted chunks, mean pooling
 over caption tokens), :class:`~llm2clip_vlm.training.losses.SupervisedSimCSELoss` (scale 50), backward,
@@ -28,6 +29,7 @@ from llm2clip_vlm.bench.common import (
     fused_adamw_kwargs,
     llama_config,
     resolve_run,
+    trainer_accelerator,
 )
 from llm2clip_vlm.bench.harness import (
     BenchReport,
@@ -40,8 +42,8 @@ from llm2clip_vlm.text.config import LoraConfig, Stage1Config
 from llm2clip_vlm.text.lora import wrap_lora
 from llm2clip_vlm.text.modeling import ModelRef, bidirectional_from_config, load_bidirectional
 from llm2clip_vlm.text.pooling import tokenize
-from llm2clip_vlm.text.simcse import SimCSEBatches, embed_triplets
-from llm2clip_vlm.training.losses import SupervisedSimCSELoss
+from llm2clip_vlm.text.simcse import SimCSEBatches
+from llm2clip_vlm.text.step import SimCSEStep
 from llm2clip_vlm.training.optim import DTYPES
 
 
@@ -123,8 +125,8 @@ def run(
     batches = SimCSEBatches(records, instructions, seed=0)
     triplets = batches.batch(0, p.batch_size)
     config = llama_config(p.llm, None if p.full_vocab else len(tokenizer))
-    loss_fn = SupervisedSimCSELoss(scale=s.scale)
-    autocast = p.precision != "fp32"
+    # The trainer's accelerator (its autocast is the step's mixed precision).
+    accelerator = trainer_accelerator(p.precision, dev)
     results: dict[str, Any] = {}
 
     def make_step(model: torch.nn.Module, cfg: Stage1Config) -> Any:
@@ -133,12 +135,11 @@ def run(
         trainable = [q for q in peft_model.parameters() if q.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, **fused_adamw_kwargs(dev))
         results.setdefault("lora_trainable_params", sum(q.numel() for q in trainable))
+        constant = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)  # the step shows the lr
+        real = SimCSEStep(accelerator, peft_model, tokenizer, cfg, constant)
 
         def step() -> None:
-            with torch.autocast(dev.type, dtype=DTYPES[p.precision], enabled=autocast):
-                q, pos, neg = embed_triplets(peft_model, tokenizer, triplets, cfg, dev)
-            loss = loss_fn(q, pos, neg)
-            loss.backward()
+            real(triplets)
             torch.nn.utils.clip_grad_norm_(trainable, cfg.loop.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)

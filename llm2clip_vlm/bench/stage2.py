@@ -10,6 +10,10 @@ same optimiser (AdamW with the stage-2 parameter groups), grad clip and logit-sc
 - ``lora``: the LLM with LoRA (r16/alpha32 on all 7 projections, as stage 1) trained in the loop,
   gradients through it: the baseline the paper compares with.
 
+Every variant's image side is the trainer's own step, :meth:`Stage2Step.forward_backward
+<llm2clip_vlm.vision.step.Stage2Step.forward_backward>` (forward, loss, backward), followed by what
+the loop does after it (clip, update, clamp): a change to stage 2's step moves these numbers.
+
 Targets on the tiny preset: offline >= 4x the samples/s of lora and >= 3x online.
 What the ratios depend on: the LLM's forward FLOPs per sample against the ViT's (``flops_ratio``
 in the results; see docs/BENCHMARKS.md).
@@ -33,6 +37,7 @@ from llm2clip_vlm.bench.common import (
     llama_config,
     non_embedding_params,
     resolve_run,
+    trainer_accelerator,
 )
 from llm2clip_vlm.bench.flops import encoder_flops
 from llm2clip_vlm.bench.harness import (
@@ -47,10 +52,10 @@ from llm2clip_vlm.text.config import Stage1Config
 from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.text.lora import wrap_lora
 from llm2clip_vlm.text.modeling import bidirectional_from_config
-from llm2clip_vlm.training.losses import ClipLoss
 from llm2clip_vlm.training.optim import DTYPES
 from llm2clip_vlm.vision.config import Stage2Config, VisionBackboneConfig
 from llm2clip_vlm.vision.model import LLM2CLIP, LLM2CLIPConfig
+from llm2clip_vlm.vision.step import Stage2Step
 from llm2clip_vlm.vision.train import build_param_groups
 
 TARGET_VS_LORA = 4.0
@@ -197,7 +202,6 @@ def run(
     captions = _batch_captions(p.batch_size, p.long_caption_ratio)
     tokenizer = caption_tokenizer(demo_captions(200, seed=1))
     llm_config = llama_config(p.llm, None if p.full_vocab else len(tokenizer))
-    loss_fn = ClipLoss()
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(p.batch_size, 3, p.vit.image_size, p.vit.image_size, generator=g).to(dev)
 
@@ -206,6 +210,8 @@ def run(
         model = bidirectional_from_config(llm_config, dtype=amp_dtype, device=dev)
         return CaptionEncoder(model, tokenizer, 512, pad_to_multiple_of=p.pad_to_multiple_of)
 
+    # The trainer's accelerator (its autocast is the step's mixed precision).
+    accelerator = trainer_accelerator("bf16" if autocast else "fp32", dev)
     with cpu_threads(p.cpu_threads, dev):
         frozen = llm()
         # Offline embeddings: the frozen LLM's, computed once, kept on the host as the store is.
@@ -229,7 +235,8 @@ def run(
             opt = torch.optim.AdamW(
                 groups, lr=s.lr, betas=tuple(s.betas), eps=s.eps, **fused_adamw_kwargs(dev)
             )
-            steps[name] = _step_fn(name, model, opt, s.loop.grad_clip, loss_fn, pixels, captions, offline_emb,
+            real = Stage2Step(accelerator, model, s.loss)  # the trainer's step
+            steps[name] = _step_fn(name, real, opt, s.loop.grad_clip, pixels, captions, offline_emb,
                                    frozen, lora_enc, dev, autocast, amp_dtype)  # fmt: skip
             sizes.setdefault("vit_params", count_params(model.vision))
             sizes.setdefault("clip_trainable_params", count_params(model, trainable_only=True))
@@ -295,10 +302,9 @@ def _vit_compute_params(vision: torch.nn.Module) -> int:
 
 def _step_fn(
     name: str,
-    model: Any,
+    real: Stage2Step,
     opt: torch.optim.Optimizer,
     grad_clip: float,
-    loss_fn: Any,
     pixels: torch.Tensor,
     captions: list[str],
     offline_emb: torch.Tensor,
@@ -308,7 +314,8 @@ def _step_fn(
     autocast: bool,
     amp_dtype: torch.dtype,
 ) -> Any:
-    """One training step of variant ``name`` (no host-device sync inside: no ``.item()``)."""
+    """One training step of variant ``name``: its text embeddings, then stage 2's own
+    ``forward_backward`` and the loop's clip / update / clamp (no ``.item()`` inside)."""
     params = [q for g in opt.param_groups for q in g["params"]]
 
     def text_embeddings() -> torch.Tensor:
@@ -324,12 +331,10 @@ def _step_fn(
     def step() -> None:
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=autocast):
             emb = text_embeddings()
-            feats = model(pixel_values=pixels, text_embeddings=emb)
-        loss = loss_fn(feats["image_features"], feats["text_features"], feats["logit_scale"].float())
-        loss.backward()
+        real.forward_backward(pixels, emb)
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        model.clamp_logit_scale()
+        real.model.clamp_logit_scale()
 
     return step

@@ -157,7 +157,7 @@ def llava_card(
     tower = llava.tower.removeprefix("llm2clip:")
     provenance_file = Path(tower) / "llm2clip_provenance.json"
     tower_info = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
-    after, before = metrics.get("heldout_after") or {}, metrics.get("heldout_before") or {}
+    after, before = metrics["eval"].get("after") or {}, metrics["eval"].get("before") or {}
     held_name = heldout_file.name if heldout_file else "held-out"
     results = []
     if after:
@@ -199,9 +199,9 @@ def llava_card(
         f"- base LLM: `{llava.llm}`",
         f"- vision tower: `{llava.tower}`"
         + (f" ({tower_info['backbone']['kind']} from `{tower_info['backbone']['init']}`, LLM2CLIP stage 2)" if tower_info else ""),
-        f"- phase: {phase}, tuning `{p.tune}`, template `{p.template}`, {metrics.get('steps', '?')} steps of "
+        f"- phase: {phase}, tuning `{p.tune}`, template `{p.template}`, {metrics['train']['steps']} steps of "
         f"{p.batch_size}, lr {p.lr}, {p.loop.precision}",
-        f"- training data: `{p.data.path or 'the synthetic demo world'}` ({metrics.get('records', '?')} records; `{data_file.name}`)",
+        f"- training data: `{p.data.path or 'the synthetic demo world'}` ({metrics['details']['records']} records; `{data_file.name}`)",
         f"- projector initialised from: `{init}`" if init is not None else "- projector initialised at random",
         "",
         "## Held-out accuracy (percent)",

@@ -189,3 +189,26 @@ def score(
         k: {**row(sighted[k], blinded[k], habit[k]), "majority_answer": majority[k]} for k in sorted(sighted)
     }
     return result
+
+
+def answer_examples(
+    heldout: Sequence[LlavaRecord], preds: Sequence[str], blind_preds: Sequence[str] | None, n: int = 8
+) -> list[dict[str, Any]]:
+    """The first ``n`` held-out questions with their answers and predictions (``metrics.json``, the
+    report's answer gallery)."""
+    return [
+        {
+            "question": r.conversations[0]["value"],
+            "answer": r.extra.get("answer"),
+            "prediction": pr,
+            "question_type": r.extra.get("question_type", ""),
+            "image": str(r.image) if r.image else None,
+            "correct": is_correct(
+                pr,
+                str(r.extra.get("answer", r.conversations[1]["value"])),
+                str(r.extra.get("question_type", "")),
+            ),
+            **({"blind_prediction": blind_preds[i]} if blind_preds is not None else {}),
+        }
+        for i, (r, pr) in enumerate(list(zip(heldout, preds, strict=True))[:n])
+    ]

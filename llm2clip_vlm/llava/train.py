@@ -17,12 +17,11 @@
    (``eval_blind``: another question's image), scored per type next to the majority answer ->
    ``metrics.json`` / ``metrics.jsonl``; the model saved in
    transformers' LLaVA format (LoRA merged), plus the projector alone in LLaVA's format.
+:class:`~llm2clip_vlm.training.session.Session` opens and closes the run (one metrics.json schema).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,28 +32,22 @@ from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.llava.batches import phase_batches, steps_per_epoch
 from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
 from llm2clip_vlm.llava.data import LlavaDataset
-from llm2clip_vlm.llava.evaluate import answer_questions, is_correct, score
+from llm2clip_vlm.llava.evaluate import answer_examples, answer_questions, score
 from llm2clip_vlm.llava.inputs import PhaseRecords
 from llm2clip_vlm.llava.model import (
     base_model,
     build_model,
     check_inputs,
     fsdp_blocks,
-    merged_model,
-    save_llava,
-    save_projector,
     trainable_state,
 )
-from llm2clip_vlm.llava.step import LlavaStep, setup_deepspeed
+from llm2clip_vlm.llava.stage import details, llava_stage, save_model
+from llm2clip_vlm.llava.step import setup_deepspeed
 from llm2clip_vlm.logging import get_logger
-from llm2clip_vlm.reliability import ReliabilityConfig
-from llm2clip_vlm.tracking.config import TrackingConfig
 from llm2clip_vlm.tracking.gallery import write_answer_gallery
-from llm2clip_vlm.tracking.tracker import RunTracker
-from llm2clip_vlm.training import dist
 from llm2clip_vlm.training.checkpoint import CHECKPOINTS
-from llm2clip_vlm.training.loop import OnStep, Run, Stage
 from llm2clip_vlm.training.optim import DTYPES, adamw, grouped, make_scheduler
+from llm2clip_vlm.training.session import RunInputs, Session, metrics_document, train_summary
 
 log = get_logger(__name__)
 
@@ -77,11 +70,7 @@ def train_llava(
     data: PhaseRecords,
     *,
     init: Path | None = None,
-    reliability: ReliabilityConfig | None = None,
-    on_step: OnStep | None = None,
-    tracking: TrackingConfig | None = None,
-    run_config: dict[str, Any] | None = None,
-    on_ready: Callable[[], None] | None = None,
+    inputs: RunInputs | None = None,
 ) -> dict[str, Any]:
     """Train one phase (``pretrain``: projector only; ``finetune``) into ``output_dir``.
 
@@ -93,28 +82,21 @@ def train_llava(
             them (:func:`~llm2clip_vlm.llava.inputs.read_phase`).
         init: the pretrained projector (a ``llava-pretrain`` output or a ``mm_projector.safetensors``);
             required for ``finetune``.
-        reliability: non-finite steps and pickled weights (default: stop / refuse).
-        on_step: called as ``on_step(step, loss)`` after every optimizer step (main process).
-        tracking, run_config: the ``tracking`` section and the resolved config it records.
-        on_ready: called on the main process once the inputs are usable (writes config.yaml).
+        inputs: reliability, tracking, config.yaml writer, ``on_step`` (the command layer's).
 
     Returns:
         The metrics written to ``metrics.json`` (empty on non-main processes).
     """
     from accelerate.utils import set_seed
 
-    rel = reliability or ReliabilityConfig()
     p: LlavaPhaseConfig = getattr(llava, phase)
-    out = Path(output_dir)
+    session = Session(output_dir, f"llava-{phase}", p.loop.precision, inputs)
+    rel, out, accelerator = session.reliability, session.out, session.accelerator
+    main, rank, world = session.main, session.rank, session.world
     compute_dtype = DTYPES[p.loop.precision]
-    accelerator = dist.make_accelerator(p.loop.precision)
-    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     check_inputs(llava, phase, init)
     records, heldout, bad = data.records, data.heldout, data.bad  # read by the command layer
-    if main:  # only once the inputs are known to be usable (a refused run leaves no config.yaml)
-        out.mkdir(parents=True, exist_ok=True)
-        if on_ready is not None:
-            on_ready()
+    session.ready()  # only once the inputs are known to be usable (a refused run leaves no config.yaml)
 
     set_seed(p.seed)
     model, processor = build_model(llava, phase, init, compute_dtype, rel.allow_pickle_weights)
@@ -131,16 +113,23 @@ def train_llava(
     deepspeed = setup_deepspeed(accelerator, p, phase)
 
     dataset = LlavaDataset(
-        records, tokenizer, processor.image_processor, p.template, image_token_id, image_seq_length,
-        p.max_length, p.image_aspect_ratio, system, skip_bad=p.data.skip_bad,
-    )  # fmt: skip
+        records,
+        tokenizer,
+        processor.image_processor,
+        p.template,
+        image_token_id,
+        image_seq_length,
+        p.max_length,
+        p.image_aspect_ratio,
+        system,
+        skip_bad=p.data.skip_bad,
+    )
     total_steps = p.loop.max_steps or max(
         1, int(p.loop.epochs * steps_per_epoch(records, p, world, deepspeed))
     )
 
     # Each rank slices the global batch, so only the same number of processes continues a run.
-    run = Run(f"llava {phase}", p.loop, out / CHECKPOINTS, accelerator, skip_nonfinite=rel.skip_nonfinite_steps,
-              max_skipped=rel.max_skipped_steps, same_world_size=True)  # fmt: skip
+    run = session.open_run(f"llava {phase}", p.loop, out / CHECKPOINTS, same_world_size=True)
     if run.resumed_weights is not None:
         missing = set(trainable_state(model)) - set(run.resumed_weights)
         if missing:
@@ -163,12 +152,13 @@ def train_llava(
     state = run.state
 
     n_train = sum(t.numel() for t in raw.parameters() if t.requires_grad)
+    n_all, with_images = sum(t.numel() for t in raw.parameters()), int(records.has_image.sum())
     log.info(
         "llava %s: tune=%s, template %s; trains %.2fM of %.1fM parameters (tower frozen); %d records "
         "(%d with images), %d steps of %d (micro %d x %d processes), %s",
-        phase, p.tune, p.template, n_train / 1e6, sum(t.numel() for t in raw.parameters()) / 1e6, len(records),
-        int(records.has_image.sum()), total_steps, p.batch_size, p.micro_batch_size, world, p.loop.precision,
-    )  # fmt: skip
+        *(phase, p.tune, p.template, n_train / 1e6, n_all / 1e6, len(records), with_images, total_steps),
+        *(p.batch_size, p.micro_batch_size, world, p.loop.precision),
+    )
 
     def run_heldout() -> dict[str, Any]:
         if not heldout or not main:
@@ -176,12 +166,22 @@ def train_llava(
 
         def ask(blind: str) -> list[str]:
             return answer_questions(
-                raw, tokenizer, processor.image_processor, heldout, template=p.template,
-                image_token_id=image_token_id, image_seq_length=image_seq_length,
-                image_aspect_ratio=p.image_aspect_ratio, system=system, max_new_tokens=p.eval_max_new_tokens,
-                batch_size=p.eval_batch_size, device=accelerator.device, autocast=accelerator.autocast,
-                blind=blind, blind_seed=p.seed,  # type: ignore[arg-type]
-            )  # fmt: skip
+                raw,
+                tokenizer,
+                processor.image_processor,
+                heldout,
+                template=p.template,
+                image_token_id=image_token_id,
+                image_seq_length=image_seq_length,
+                image_aspect_ratio=p.image_aspect_ratio,
+                system=system,
+                max_new_tokens=p.eval_max_new_tokens,
+                batch_size=p.eval_batch_size,
+                device=accelerator.device,
+                autocast=accelerator.autocast,
+                blind=blind,
+                blind_seed=p.seed,  # type: ignore[arg-type]
+            )
 
         preds = ask("off")
         # A held-out set with images from fewer than two files cannot be shuffled: blank instead.
@@ -191,47 +191,33 @@ def train_llava(
             mode = "blank"
         blind_preds = ask(mode) if mode != "off" else None
         result = score(heldout, preds, blind_preds, mode)
-        result["examples"] = [
-            {"question": r.conversations[0]["value"], "answer": r.extra.get("answer"), "prediction": pr,
-             "question_type": r.extra.get("question_type", ""), "image": str(r.image) if r.image else None,
-             "correct": is_correct(pr, str(r.extra.get("answer", r.conversations[1]["value"])),
-                                   str(r.extra.get("question_type", ""))),
-             **({"blind_prediction": blind_preds[i]} if blind_preds is not None else {})}
-            for i, (r, pr) in enumerate(list(zip(heldout, preds, strict=True))[:8])
-        ]  # fmt: skip
+        result["examples"] = answer_examples(heldout, preds, blind_preds)
         return result
 
     if heldout and not state.extra.get("heldout_before") and world == 1:
         state.extra["heldout_before"] = run_heldout()
-        log.info(
-            "held-out accuracy before: %.1f%% (%d questions)",
-            state.extra["heldout_before"]["accuracy"],
-            len(heldout),
-        )
+        accuracy = state.extra["heldout_before"]["accuracy"]
+        log.info("held-out accuracy before: %.1f%% (%d questions)", accuracy, len(heldout))
 
-    tracker = RunTracker.start(
-        out, tracking or TrackingConfig(), stage=f"llava-{phase}", main=main,
-        resume_step=state.step if run.resumed is not None else None, config=run_config,
-    )  # fmt: skip
+    tracker = session.start_tracker(run)
     if state.extra.get("heldout_before"):
         tracker.log(0, {"heldout": state.extra["heldout_before"]})
 
     loader = phase_batches(
-        records, dataset, p, phase, rank=rank, world=world, start_step=state.step, total_steps=total_steps,
-        deepspeed=deepspeed, saved=state.extra.get("data"), pin_memory=torch.cuda.is_available(),
-    )  # fmt: skip
-    trainable = {n for n, t in raw.named_parameters() if t.requires_grad}
-
-    def weights() -> dict[str, torch.Tensor] | None:
-        full = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
-        return {n: t.detach().cpu().contiguous() for n, t in (full or {}).items() if n in trainable}
-
-    step = LlavaStep(accelerator, model, p.micro_batch_size, deepspeed, state.extra, p.loss_mean, fsdp2=run.fsdp2)
-    # Under DeepSpeed, clipping and the update happen in backward (gradient_clipping).
-    stage = Stage(f"llava {phase}", model, optimizer, scheduler, step, weights,
-                  None if deepspeed else model.parameters, samples_per_step=p.batch_size,
-                  data_state=getattr(loader, "state_dict", None))  # fmt: skip
-    run.train(stage, loader, total_steps, on_step, tracker)
+        records,
+        dataset,
+        p,
+        phase,
+        rank=rank,
+        world=world,
+        start_step=state.step,
+        total_steps=total_steps,
+        deepspeed=deepspeed,
+        saved=state.extra.get("data"),
+        pin_memory=torch.cuda.is_available(),
+    )
+    stage = llava_stage(session, run, model, (optimizer, scheduler), loader, p, phase, deepspeed)
+    run.train(stage, loader, total_steps, session.on_step, tracker)
     # Streamed: the records skipped while reading, all ranks', as of the last checkpoint.
     total_records = len(records) + len(bad.skipped)  # streamed skips are among ``records``
     bad.take(state.extra.get("data", {}).get("skipped", []))  # one ledger: read + streamed
@@ -241,38 +227,21 @@ def train_llava(
     if after:
         tracker.log(state.step, {"heldout": after})
         write_answer_gallery(out, after["examples"], lambda path: load_rgb(str(path), str(path)))
-        log.info("held-out accuracy after: %.1f%% (before %.1f%%)", after["accuracy"], before.get("accuracy", float("nan")))  # fmt: skip
+        accuracies = (after["accuracy"], before.get("accuracy", float("nan")))
+        log.info("held-out accuracy after: %.1f%% (before %.1f%%)", *accuracies)
     full = run.full_weights(model) if run.fsdp2 else None  # a collective: every rank gathers
     metrics: dict[str, Any] = {}
     if main:
-        k = max(1, min(10, len(state.losses) // 5))
-        metrics = {
-            "phase": phase, "tune": p.tune, "template": p.template,
-            "steps": state.step, "total_steps": total_steps,
-            "train_seconds": round(state.seconds, 2),
-            "samples_per_second": round(run.samples_per_second, 3),
-            "first_loss": state.losses[0] if state.losses else None,
-            "final_loss": state.losses[-1] if state.losses else None,
-            # Means over the first/last k steps: single steps are noisy.
-            "loss_start_mean": sum(state.losses[:k]) / k if state.losses else None,
-            "loss_end_mean": sum(state.losses[-k:]) / k if state.losses else None,
-            "losses": state.losses,
-            "records": len(records),
-            "truncated_samples": state.extra.get("truncated", 0),
-            "dropped_samples": state.extra.get("dropped", 0),
-            "bad_records": {"count": len(bad.skipped), "records": [{"record": w, "reason": r} for w, r in bad.skipped]},
-            "heldout_before": before, "heldout_after": after,
-            "trainable_parameters": n_train, "processes": world,
-        }  # fmt: skip
+        summary = train_summary(state, total_steps, run, p.batch_size, world)
+        heldout_eval = {"metric": "heldout", "before": before, "after": after}
+        metrics = metrics_document(
+            f"llava-{phase}", summary, heldout_eval, details(p, phase, records, bad, state, n_train)
+        )
         if full is not None:  # FSDP2: the gathered weights into a fresh, unsharded copy
             raw, _ = build_model(llava, phase, init, compute_dtype, rel.allow_pickle_weights)
             raw.load_state_dict(full)
-        final = merged_model(llava, p, raw, rel.allow_pickle_weights)
-        save_dtype = torch.float32 if p.loop.precision == "fp32" else compute_dtype
-        save_llava(final, processor, out / "model", p.template, system, save_dtype)
-        save_projector(final.model.multi_modal_projector, out)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        save_model(llava, p, raw, processor, out, compute_dtype, rel.allow_pickle_weights)
+        session.write_metrics(metrics)
         write_report(out, data.name, total_records, bad.skipped)
-    tracker.finish()
-    accelerator.wait_for_everyone()
+    session.close()
     return metrics

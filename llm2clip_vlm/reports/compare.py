@@ -66,11 +66,18 @@ def read_metrics(run: Path) -> dict[str, Any]:
 def heldout_of(metrics: dict[str, Any]) -> dict[str, Any]:
     """The held-out evaluation after training, from a ``llava-finetune`` run's ``metrics.json``.
 
-    The one place that knows the layout: ``heldout_after`` = ``{accuracy, n, blind_accuracy, gap,
-    majority_accuracy, blind, per_type: {type: {... , majority_answer}}}``.
+    The one place that knows the layout (metrics.json schema 1, docs/DATA.md): ``eval.after`` =
+    ``{accuracy, n, blind_accuracy, gap, majority_accuracy, blind, per_type: {type: {... ,
+    majority_answer}}}``.
     """
-    after = metrics.get("heldout_after")
+    after = metrics.get("eval", {}).get("after")
     return after if isinstance(after, dict) else {}
+
+
+def train_of(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The ``train`` section (steps, seconds, ...) of a run's ``metrics.json`` (schema 1)."""
+    train = metrics.get("train")
+    return train if isinstance(train, dict) else {}
 
 
 def _row(r: dict[str, Any]) -> dict[str, Any]:
@@ -92,15 +99,15 @@ def build_comparison(runs: Sequence[TowerRun]) -> dict[str, Any]:
             raise NoHeldoutError(
                 f"{run.finetune / METRICS_FILE}: no held-out evaluation (llava.finetune.data has no held-out set)"
             )
-        seconds = float(metrics.get("train_seconds", 0.0))
+        seconds = float(train_of(metrics).get("seconds", 0.0))
         if run.pretrain is not None and (run.pretrain / METRICS_FILE).is_file():
-            seconds += float(read_metrics(run.pretrain).get("train_seconds", 0.0))
+            seconds += float(train_of(read_metrics(run.pretrain)).get("seconds", 0.0))
         towers.append(
             {
                 "name": run.name,
                 "tower": run.tower,
                 "finetune": str(run.finetune),
-                "steps": metrics.get("steps"),
+                "steps": train_of(metrics).get("steps"),
                 "train_seconds": round(seconds, 1),
                 "blind": after.get("blind", "off"),
                 "all": _row(after),

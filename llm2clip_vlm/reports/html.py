@@ -116,11 +116,17 @@ def _overview(runs: Sequence[Run]) -> dict[str, Any]:
     rows = []
     for r in runs:
         last = r.train[-1] if r.train else {}
+        # A finished run's metrics.json says how many steps were planned and how long they took.
+        steps = _text(last.get("step", "-"))
+        if r.summary.get("planned_steps") is not None:
+            steps = f"{r.summary.get('steps', steps)}/{r.summary['planned_steps']}"
         rows.append([
-            r.label, r.kind, _text(last.get("step", "-")), _fmt(last.get("loss"), 4), _fmt(last.get("samples_per_s"), 1),
-            _fmt(last.get("tokens_per_s"), 0), _fmt(last.get("peak_gpu_gib", last.get("peak_rss_gib")), 2), str(r.path),
+            r.label, r.kind, steps, _fmt(last.get("loss"), 4), _fmt(last.get("samples_per_s"), 1),
+            _fmt(last.get("tokens_per_s"), 0), _fmt(last.get("peak_gpu_gib", last.get("peak_rss_gib")), 2),
+            _fmt(r.summary.get("seconds"), 0), str(r.path),
         ])  # fmt: skip
-    head = ["run", "kind", "steps", "last loss", "samples/s", "tokens/s", "peak mem GiB", "directory"]
+    head = ["run", "kind", "steps", "last loss", "samples/s", "tokens/s", "peak mem GiB", "train s"]
+    head.append("directory")
     return {"head": head, "rows": rows}
 
 

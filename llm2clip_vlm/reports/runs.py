@@ -17,6 +17,7 @@ from typing import Any
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.tracking.gallery import ANSWERS_FILE, GALLERY_DIR, RETRIEVAL_FILE
 from llm2clip_vlm.tracking.metrics_log import FILENAME, read_jsonl
+from llm2clip_vlm.training.session import METRICS_FILE, read_metrics
 
 log = get_logger(__name__)
 
@@ -38,6 +39,9 @@ class Run:
     rows: list[dict[str, Any]]
     retrieval_gallery: dict[str, Any] = field(default_factory=dict)
     answers: list[dict[str, Any]] = field(default_factory=list)
+    # The ``train`` section of the run's metrics.json (schema 1; empty while it runs, or for an
+    # older run, whose metrics.json the report names in one warning line).
+    summary: dict[str, Any] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -141,7 +145,20 @@ def _read_run(path: Path, label: str) -> Run:
     rows = read_jsonl(metrics) if _inside(path, metrics) else []
     if not rows and metrics.is_file() and not _inside(path, metrics):
         log.warning("%s: left out of the report (it leads outside the run folder %s)", metrics, path)
-    return Run(label, path, rows, retrieval, answers)
+    return Run(label, path, rows, retrieval, answers, _summary(path))
+
+
+def _summary(path: Path) -> dict[str, Any]:
+    """The run's metrics.json ``train`` section, or {} (not finished, or one warning line naming it)."""
+    file = path / METRICS_FILE
+    if not file.is_file() or not _inside(path, file):
+        return {}
+    try:
+        train = read_metrics(file).get("train")
+    except ValueError as e:
+        log.warning("%s", e)
+        return {}
+    return train if isinstance(train, dict) else {}
 
 
 def load_runs(paths: list[Path]) -> list[Run]:

@@ -39,31 +39,37 @@ class MNTPConfig:
 
     enabled: bool = False
     mlm_probability: float = 0.2
-    # Our MNTP counts steps of line-level samples; the reference runs one epoch over wikitext-103
-    # + CC3M grouped into 512-token blocks (run_mntp.py group_texts), whose length depends on the
-    # tokenizer: set ``steps`` to the epoch you want.
-    steps: int = 1000
     # Global batch (the reference: 32 per device x 8 GPUs = 256).
     batch_size: int = 32
     lr: float = 5e-5
-    # The HF Trainer default (the reference's MNTP config sets none): no warm-up.
-    warmup_steps: int = 0
     # The reference runs MNTP on the HF Trainer with its defaults (microsoft/LLM2CLIP
     # llm_caption_contrastive/run_mntp.py:936 + train_configs/mntp/MetaLlama3_cc3m.json set none
-    # of these): weight decay 0, gradient-norm clip 1.0, linear decay to 0 after the warm-up.
+    # of these): weight decay 0, and in ``loop``: no warm-up, gradient-norm clip 1.0, linear decay
+    # to 0 (warm-up from lr 0 when one is set, as transformers' schedules).
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    schedule: Literal["linear", "constant", "cosine"] = "linear"
+    # MNTP's own run of the one loop, the same LoopConfig as every stage's. ``loop.max_steps`` is
+    # its length: our MNTP counts steps of line-level samples; the reference runs one epoch over
+    # wikitext-103 + CC3M grouped into 512-token blocks (run_mntp.py group_texts), whose length
+    # depends on the tokenizer: set it to the epoch you want (``epochs`` does not apply).
+    # ``precision`` and ``distributed`` are stage1.loop's (one accelerator runs both), and MNTP has
+    # no time budget (``max_seconds`` must stay 0), so SimCSE always starts from the same model.
+    loop: LoopConfig = field(
+        default_factory=lambda: LoopConfig(
+            max_steps=1000,
+            warmup_steps=0,
+            warmup_from_zero=True,
+            schedule="linear",
+            grad_clip=1.0,
+            save_every_steps=200,
+        )
+    )
 
     # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
     RANGES: ClassVar[dict[str, Range]] = {
         "mlm_probability": PROBABILITY,
-        "steps": COUNT,
         "batch_size": SIZE,
         "lr": RATE,
-        "warmup_steps": COUNT,
         "weight_decay": NONNEGATIVE,
-        "grad_clip": NONNEGATIVE,
     }
 
 

@@ -42,17 +42,22 @@ def mntp_collator(
 
 
 def mntp_loop(s: Stage1Config) -> LoopConfig:
-    """MNTP's loop settings: ``s.loop`` with MNTP's own steps, warm-up, schedule and clipping.
+    """MNTP's loop: ``stage1.mntp.loop`` run at ``stage1.loop``'s precision and distribution (one
+    accelerator runs both).
 
     The reference runs MNTP on the HF Trainer with its defaults (warm-up ``step / warmup`` from lr
     0, linear decay to 0, clip 1.0, weight decay 0; see :class:`~llm2clip_vlm.text.config.MNTPConfig`).
     No time budget: MNTP always finishes, so SimCSE starts from the same merged model.
+
+    Raises:
+        ValueError: ``stage1.mntp.loop.max_seconds`` is set.
     """
-    m = s.mntp
-    return dataclasses.replace(
-        s.loop, max_steps=m.steps, warmup_steps=m.warmup_steps, warmup_ratio=0.0, schedule=m.schedule,
-        warmup_from_zero=True, grad_clip=m.grad_clip, max_seconds=0.0,
-    )  # fmt: skip
+    if s.mntp.loop.max_seconds > 0:
+        raise ValueError(
+            "stage1.mntp.loop.max_seconds must be 0: MNTP always finishes, so SimCSE starts from the same "
+            "model (give stage1.loop.max_seconds a budget instead)"
+        )
+    return dataclasses.replace(s.mntp.loop, precision=s.loop.precision, distributed=s.loop.distributed)
 
 
 def mntp_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -107,7 +112,7 @@ def train_mntp(
     lm = wrap_lora(model, s)
     trainable = [p for p in lm.parameters() if p.requires_grad]
     optimizer = adamw(trainable, m.lr, accelerator.device, weight_decay=m.weight_decay, fused=None)
-    scheduler = make_scheduler(optimizer, loop, m.steps)
+    scheduler = make_scheduler(optimizer, loop, loop.max_steps)
     run = Run("stage1 MNTP", loop, checkpoints, accelerator, skip_nonfinite=reliability.skip_nonfinite_steps,
               max_skipped=reliability.max_skipped_steps)  # fmt: skip
     if run.resumed_weights is not None:
@@ -117,7 +122,7 @@ def train_mntp(
     local = max(1, m.batch_size // world)
 
     def batches() -> Iterator[list[str]]:
-        for k in range(run.state.step, m.steps):
+        for k in range(run.state.step, loop.max_steps):
             texts = mix_texts(captions, corpus, corpus_ratio, m.batch_size, seed=s.seed * 100_003 + k)
             yield texts[rank * local : (rank + 1) * local]
 
@@ -132,7 +137,7 @@ def train_mntp(
 
     stage = Stage("stage 1 MNTP", ddp_lm, optimizer, scheduler, step, weights, ddp_lm.parameters,
                   samples_per_step=m.batch_size, unit="texts")  # fmt: skip
-    run.train(stage, batches(), m.steps)
+    run.train(stage, batches(), loop.max_steps)
     merged = accelerator.unwrap_model(ddp_lm).merge_and_unload()
     accelerator.free_memory()
     return merged

@@ -32,6 +32,7 @@ from llm2clip_vlm.text.encoder import CaptionEncoder
 from llm2clip_vlm.text.lora import merge_adapters
 from llm2clip_vlm.text.modeling import load_causal, load_tokenizer, resolve_model_ref
 from llm2clip_vlm.text.pooling import resolve_caption_template
+from llm2clip_vlm.training.session import metrics_document, untrained_summary
 
 log = get_logger(__name__)
 
@@ -57,7 +58,7 @@ def write_raw_encoder(
         allow_pickle: accept ``pytorch_model.bin`` base weights.
 
     Returns:
-        The metrics written to ``metrics.json`` (stage 1's keys: ``cra_after`` is this embedder's).
+        The metrics written to ``metrics.json`` (stage 1's schema: ``eval.after`` is this embedder's CRA).
     """
     out = Path(output_dir)
     start = time.perf_counter()
@@ -77,18 +78,13 @@ def write_raw_encoder(
     pairs = caption_pairs(heldout_records, s.cra_captions)
     cra = round(caption_retrieval_accuracy(encoder, pairs, s.eval_batch_size), 2)
     log.info("without stage 1: %s; CRA %.1f over %d captions", WITHOUT_STAGE1, cra, 2 * len(pairs))
-    metrics: dict[str, Any] = {
+    # Stage 1's schema, so tables and the build's summary read alike: nothing trained, CRA as is.
+    cra_eval = {"metric": "cra", "before": cra, "after": cra, "captions": 2 * len(pairs), **(cra_info or {})}
+    own = {
         "without_stage1": WITHOUT_STAGE1,
-        # As stage 1 reports them, so tables and the build's summary read alike: nothing trained.
-        "cra_before": cra,
-        "cra_after": cra,
-        "cra_captions": 2 * len(pairs),
-        **(cra_info or {}),
-        "steps": 0,
-        "planned_steps": 0,
-        "train_seconds": round(time.perf_counter() - start, 1),
         "encoder": str(out / "encoder"),
         "encoder_identity": encoder.identity(),
     }
+    metrics = metrics_document("stage1", untrained_summary(time.perf_counter() - start), cra_eval, own)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -121,7 +121,19 @@ def _provenance(
     cfg: dict[str, Any], model: LLM2CLIP, metrics: dict[str, Any], run_dir: Path, dtype: str
 ) -> dict[str, Any]:
     c = model.config
-    s2 = metrics.get("stage2", {})
+    if "stage2" in metrics:  # a run from before metrics.json schema 1
+        s2 = metrics["stage2"]
+        retrieval, before, train = (
+            s2.get("retrieval", {}),
+            s2.get("retrieval_before", {}),
+            s2.get("train", {}),
+        )
+    else:
+        retrieval, before = (
+            metrics.get("eval", {}).get("after", {}),
+            metrics.get("eval", {}).get("before", {}),
+        )
+        train = {**metrics.get("train", {}), **metrics.get("details", {})}
     stage2 = cfg.get("stage2", config_io.to_dict(Stage2Config()))
     data = cfg.get("data", {})
     return {
@@ -135,11 +147,11 @@ def _provenance(
         "data": {
             "train": _train_paths(data.get("train", {}))
             or f"synthetic demo world (seed {data.get('demo_seed', 0)})",
-            "heldout": sorted(s2.get("retrieval", {})),
+            "heldout": sorted(retrieval),
         },
         "stage2": stage2,
         "run_dir": str(run_dir.resolve()),
-        "retrieval": s2.get("retrieval", {}),
-        "retrieval_before": s2.get("retrieval_before", {}),
-        "train": {k: v for k, v in s2.get("train", {}).items() if k != "losses"},
+        "retrieval": retrieval,
+        "retrieval_before": before,
+        "train": {k: v for k, v in train.items() if k != "losses"},
     }
