@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,10 +24,14 @@ import torch
 from llm2clip_vlm.data.conversations import LlavaRecord
 from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.llava.blind import BlindMode, blank_like, derangement
+from llm2clip_vlm.llava.config import LlavaPhaseConfig
 from llm2clip_vlm.llava.data import image_to_pixels, mean_colour
 from llm2clip_vlm.llava.prompting import generation_ids, left_padded
 from llm2clip_vlm.llava.templates import TemplateName
+from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.progress import make_progress
+
+log = get_logger(__name__)
 
 
 def normalise_answer(text: str) -> str:
@@ -212,3 +217,63 @@ def answer_examples(
         }
         for i, (r, pr) in enumerate(list(zip(heldout, preds, strict=True))[:n])
     ]
+
+
+@dataclass(frozen=True)
+class HeldoutEvaluation:
+    """A phase's held-out evaluation: the questions asked of a model with their images and blind
+    (``llava.<phase>.eval_blind``), scored per type, with a few answers for the gallery.
+
+    Attributes:
+        questions: the held-out records (each with an ``answer``).
+        tokenizer, image_processor: the phase's processor parts.
+        phase: ``llava.<phase>`` (template, aspect ratio, generation length, batch, seed, blind mode).
+        image_token_id, image_seq_length: the model's image placeholder and its expansion.
+        system: the system prompt (None: the template's own).
+        device, autocast: where the model runs, and the accelerator's autocast context.
+    """
+
+    questions: Sequence[LlavaRecord]
+    tokenizer: Any
+    image_processor: Any
+    phase: LlavaPhaseConfig
+    image_token_id: int
+    image_seq_length: int
+    system: str | None
+    device: torch.device | str = "cpu"
+    autocast: Any = None
+
+    def __call__(self, model: Any) -> dict[str, Any]:
+        """``score``'s table plus ``examples``, for the model as it is now."""
+        p, questions = self.phase, self.questions
+        preds = self.ask(model, "off")
+        # A held-out set with images from fewer than two files cannot be shuffled: blank instead.
+        mode = p.eval_blind
+        if mode == "shuffle" and len({str(r.image) for r in questions if r.image is not None}) < 2:
+            log.warning("held-out images come from one file: the blind baseline uses a blank image")
+            mode = "blank"
+        blind_preds = self.ask(model, mode) if mode != "off" else None
+        result = score(questions, preds, blind_preds, mode)
+        result["examples"] = answer_examples(questions, preds, blind_preds)
+        return result
+
+    def ask(self, model: Any, blind: BlindMode) -> list[str]:
+        """The model's answers, with each question's own image (``off``) or without it."""
+        p = self.phase
+        return answer_questions(
+            model,
+            self.tokenizer,
+            self.image_processor,
+            self.questions,
+            template=p.template,
+            image_token_id=self.image_token_id,
+            image_seq_length=self.image_seq_length,
+            image_aspect_ratio=p.image_aspect_ratio,
+            system=self.system,
+            max_new_tokens=p.eval_max_new_tokens,
+            batch_size=p.eval_batch_size,
+            device=self.device,
+            autocast=self.autocast,
+            blind=blind,
+            blind_seed=p.seed,
+        )

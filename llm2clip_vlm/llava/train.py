@@ -32,7 +32,7 @@ from llm2clip_vlm.data.images import load_rgb
 from llm2clip_vlm.llava.batches import phase_batches, steps_per_epoch
 from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
 from llm2clip_vlm.llava.data import LlavaDataset
-from llm2clip_vlm.llava.evaluate import answer_examples, answer_questions, score
+from llm2clip_vlm.llava.evaluate import HeldoutEvaluation
 from llm2clip_vlm.llava.inputs import PhaseRecords
 from llm2clip_vlm.llava.model import (
     base_model,
@@ -160,39 +160,20 @@ def train_llava(
         *(p.batch_size, p.micro_batch_size, world, p.loop.precision),
     )
 
+    evaluation = HeldoutEvaluation(
+        heldout,
+        tokenizer,
+        processor.image_processor,
+        p,
+        image_token_id,
+        image_seq_length,
+        system,
+        accelerator.device,
+        accelerator.autocast,
+    )  # the same questions before and after training, on the unwrapped model
+
     def run_heldout() -> dict[str, Any]:
-        if not heldout or not main:
-            return {}
-
-        def ask(blind: str) -> list[str]:
-            return answer_questions(
-                raw,
-                tokenizer,
-                processor.image_processor,
-                heldout,
-                template=p.template,
-                image_token_id=image_token_id,
-                image_seq_length=image_seq_length,
-                image_aspect_ratio=p.image_aspect_ratio,
-                system=system,
-                max_new_tokens=p.eval_max_new_tokens,
-                batch_size=p.eval_batch_size,
-                device=accelerator.device,
-                autocast=accelerator.autocast,
-                blind=blind,
-                blind_seed=p.seed,  # type: ignore[arg-type]
-            )
-
-        preds = ask("off")
-        # A held-out set with images from fewer than two files cannot be shuffled: blank instead.
-        mode = p.eval_blind
-        if mode == "shuffle" and len({str(r.image) for r in heldout if r.image is not None}) < 2:
-            log.warning("held-out images come from one file: the blind baseline uses a blank image")
-            mode = "blank"
-        blind_preds = ask(mode) if mode != "off" else None
-        result = score(heldout, preds, blind_preds, mode)
-        result["examples"] = answer_examples(heldout, preds, blind_preds)
-        return result
+        return evaluation(raw) if heldout and main else {}
 
     if heldout and not state.extra.get("heldout_before") and world == 1:
         state.extra["heldout_before"] = run_heldout()
