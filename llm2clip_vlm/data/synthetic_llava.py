@@ -4,7 +4,7 @@ instruction records for finetuning, and held-out questions with known answers.
 Scenes come from :mod:`llm2clip_vlm.data.synthetic` (coloured shapes on a 3x3 grid). Files::
 
     llava_pretrain.json   LCS-558K-style: "<image>\\n{instruction}" -> a short caption
-    llava_instruct.json   mix665k-style: 2-4 question/answer turns per image (open questions on
+    llava_instruct.json   mix665k-style: 1-3 question/answer turns per image (open questions on
                           colour, shape, position and count; yes/no; lettered multiple choice),
                           plus text-only records (no "image" key)
     llava_heldout.json    one question per held-out image, with "question_type" and "answer":
@@ -49,9 +49,10 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     "yesno": ("yes", "no"),
     "choice": ("A", "B", "C", "D"),
 }
-# Question turns per instruction image (inclusive range): the answers are the only supervised
-# tokens of a finetuning sample, and the system prompt and image tokens are paid once per image.
-INSTRUCT_TURNS = (2, 4)
+# Question turns per instruction image (inclusive range). More turns would amortise the system
+# prompt and image tokens over more answers, but (2, 4) is ~1.3x the tokens of a step and was not
+# measured to help (issue 29): the instruction split stays byte-identical to version 1.
+INSTRUCT_TURNS = (1, 3)
 PRETRAIN_INSTRUCTIONS = (
     "Describe the image concisely.",
     "Provide a brief description of the given image.",
