@@ -182,7 +182,7 @@ def write_llava_demo(
             if split == "heldout":
                 # Types in turn, and each type's answers in turn: a held-out prefix of any length
                 # is balanced, so the majority-answer baseline stays near uniform chance and a
-                # blind model cannot score by habit.
+                # model that answers by habit scores no more than that (issue 29).
                 qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
                 options = ANSWERS[qtype]
                 scene, q, a = balanced_question(
