@@ -12,7 +12,14 @@ from transformers import AddedToken, CLIPImageProcessor
 
 from llm2clip_vlm.data.conversations import load_llava_records
 from llm2clip_vlm.data.errors import DataError
-from llm2clip_vlm.data.synthetic_llava import QUESTION_TYPES, make_question, write_llava_demo
+from llm2clip_vlm.data.synthetic_llava import (
+    ANSWERS,
+    INSTRUCT_TURNS,
+    QUESTION_TYPES,
+    balanced_question,
+    make_question,
+    write_llava_demo,
+)
 from llm2clip_vlm.llava.data import Collator, LlavaDataset, ModalityBatchSampler, expand_to_square
 from llm2clip_vlm.llava.templates import IGNORE_INDEX
 from llm2clip_vlm.text.tiny import tiny_tokenizer
@@ -177,6 +184,43 @@ def test_synthetic_llava_world_writes_answerable_records(tmp_path: Path) -> None
     assert (tmp_path / "again" / "llava_instruct.json").read_text() == (
         tmp_path / "llava_instruct.json"
     ).read_text()
+
+
+def test_synthetic_llava_heldout_is_balanced_in_every_prefix(tmp_path: Path) -> None:
+    """The held-out questions cycle through the types and each type's answers: any prefix scores
+    about uniform chance for a constant answer (issue 29: the old first 200 had a 38 % majority
+    letter, so a model answering "by habit" could pass for one that looks)."""
+    import collections
+    import json
+    import random
+
+    write_llava_demo(tmp_path, pretrain_images=2, instruct_images=30, heldout_images=96, image_size=16)
+    held = json.loads((tmp_path / "llava_heldout.json").read_text())
+    assert [r["question_type"] for r in held[:12]] == list(QUESTION_TYPES) * 2
+    for n in (48, 96):
+        per = collections.defaultdict(collections.Counter)
+        for r in held[:n]:
+            per[r["question_type"]][r["answer"]] += 1
+        for qtype, counts in per.items():
+            # n/6 questions of this type, spread over its answers as evenly as a cycle can.
+            assert sum(counts.values()) == n // 6
+            assert max(counts.values()) - min(counts[a] for a in ANSWERS[qtype]) <= 1, (qtype, counts)
+    # Every answer of every type can be drawn; counts are checked against the scene itself.
+    rng = random.Random(1)
+    for qtype in QUESTION_TYPES:
+        for answer in ANSWERS[qtype]:
+            scene, question, got = balanced_question(qtype, answer, rng)
+            assert got == answer and question.endswith(("phrase.", "yes or no.", "directly."))
+            if qtype == "count":
+                assert ANSWERS["count"][len(scene.objects) - 1] == answer
+            if qtype == "colour":
+                shape = question.split("What colour is the ")[1].split("?")[0]
+                assert [o.colour for o in scene.objects if o.shape == shape] == [answer]
+    # Instruction images carry INSTRUCT_TURNS question turns (fewer only when a scene allows fewer).
+    instruct = [r for r in json.loads((tmp_path / "llava_instruct.json").read_text()) if "image" in r]
+    turns = [len(r["conversations"]) // 2 for r in instruct]
+    assert min(turns) >= 1 and max(turns) <= INSTRUCT_TURNS[1]
+    assert sum(turns) / len(turns) >= INSTRUCT_TURNS[0]
 
 
 def test_truncated_images_are_refused_even_when_another_library_allows_them(
