@@ -169,6 +169,11 @@ def build(cls: type[T], data: dict[str, Any] | None = None, prefix: str = "") ->
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
+    moved = getattr(cls, "MOVED", {})  # old key -> its new place in this section (a renamed key)
+    for name in unknown:
+        if name in moved:
+            old, new = (".".join(filter(None, [prefix, k])) for k in (name, moved[name]))
+            raise ConfigError(f"{old!r} is now {new!r}: rename it in the recipe or --set")
     if unknown:
         where = f"section '{prefix}'" if prefix else "the top level"
         raise ConfigError(

@@ -99,3 +99,20 @@ def test_every_stage_embeds_one_loop_config_with_its_own_defaults() -> None:
     assert (cfg.llava.finetune.loop.warmup_ratio, cfg.llava.finetune.loop.keep_checkpoints) == (0.03, 5)
     with pytest.raises(ConfigError, match="stage2.grad_clip"):
         config_io.load(RunConfig, None, ["stage2.grad_clip=1.0"])  # the old place is refused
+
+
+def test_a_moved_key_of_an_older_recipe_names_its_new_place() -> None:
+    # MNTP's own step and schedule keys moved under stage1.mntp.loop (one LoopConfig per run).
+
+    for old, new in [("steps", "max_steps"), ("warmup_steps", "warmup_steps"), ("schedule", "schedule")]:
+        value = "linear" if old == "schedule" else "5"
+        with pytest.raises(ConfigError) as e:
+            config_io.load(RunConfig, None, [f"stage1.mntp.{old}={value}"])
+        assert (
+            str(e.value)
+            == f"'stage1.mntp.{old}' is now 'stage1.mntp.loop.{new}': rename it in the recipe or --set"
+        )
+    cfg = config_io.load(RunConfig, None, ["stage1.mntp.loop.max_steps=5"])
+    assert cfg.stage1.mntp.loop.max_steps == 5
+    with pytest.raises(ConfigError, match="unknown key 'stage1.mntp.bogus'"):
+        config_io.load(RunConfig, None, ["stage1.mntp.bogus=1"])

@@ -64,6 +64,14 @@ class MNTPConfig:
         )
     )
 
+    # Keys of older recipes, now in ``loop`` (config_io names the new key instead of failing on an
+    # unknown one).
+    MOVED: ClassVar[dict[str, str]] = {
+        "steps": "loop.max_steps",
+        "warmup_steps": "loop.warmup_steps",
+        "grad_clip": "loop.grad_clip",
+        "schedule": "loop.schedule",
+    }
     # Accepted values, checked when a recipe is read (llm2clip_vlm.config_io.Range).
     RANGES: ClassVar[dict[str, Range]] = {
         "mlm_probability": PROBABILITY,
