@@ -221,6 +221,18 @@ def test_llava_shards_prefix_cannot_leave_the_output(tmp_path: Path, prefix: str
 
 
 # -- SIGTERM while the CLI starts ----------------------------------------------------------------
+def _wait_until_it_catches_sigterm(pid: int, timeout: float = 60.0) -> None:
+    """Poll /proc/PID/status's caught-signal mask (SigCgt, Linux) until SIGTERM is in it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(next(ln for ln in status.splitlines() if ln.startswith("SigCgt:")).split()[1], 16)
+        if caught >> (signal.SIGTERM - 1) & 1:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} installed no SIGTERM handler in {timeout:.0f} s")
+
+
 def test_sigterm_during_start_up_is_one_line_and_143(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="300", OMP_NUM_THREADS="1")
     p = subprocess.Popen(
@@ -228,7 +240,10 @@ def test_sigterm_during_start_up_is_one_line_and_143(tmp_path: Path) -> None:
          "--set", f"data.demo_dir={tmp_path / 'demo'}", "--set", "data.demo_train_images=4000"],
         env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(1.5)  # importing, resolving the config, or writing the demo data
+    # Once the CLI's handler is in place (before that, Python's default kills it silently, as any
+    # program): the signal then lands while its modules load, the config resolves or the demo data
+    # is written. A fixed sleep raced the import on a loaded machine.
+    _wait_until_it_catches_sigterm(p.pid)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 143, err[-2000:]
