@@ -274,8 +274,7 @@ def train_loader(
         if batch_size % world:
             raise ValueError(f"stage2.batch_size {batch_size} is not divisible by the {world} processes")
         # A weighted list of sets draws its shards by the sets' weights (open_clip's upsampling).
-        parts = set_parts(dataset.records)
-        weighted = any(p.weight != 1.0 for p in parts)
+        parts, weighted = set_parts(dataset.records), dataset.weighted
         return TrainStream(
             index, len(dataset.records), StreamSample(dataset), default_collate, saved or {},
             option="data", what="stage 2", batch_size=batch_size, num_workers=num_workers,
