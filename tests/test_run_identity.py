@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,11 +40,8 @@ def _flip(path: Path, offset: int | None = None, n: int = 8) -> None:
     path.write_bytes(bytes(data))
 
 
-def _popen(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "llm2clip_vlm.cli", *args],
-        env=fi.ENV, cwd=fi.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+def _popen(*args: str):  # noqa: ANN202 - a Popen-like (tests/cli_fork.py)
+    return fi.start(*args)
 
 
 # -- one owner per output folder -----------------------------------------------------------------
