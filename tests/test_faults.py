@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import cli_fork
 import numpy as np
 import pytest
 import torch
@@ -85,7 +86,10 @@ def test_stage1_sigkill_mid_step_and_mid_checkpoint_resumes_bit_identically(tmp_
     assert list((cut / "checkpoints").glob(".tmp-step-0000004"))  # the half-written one, ignored
     resumed = run_stage1(model, cut)
     _assert_identical(_weights(tmp_path / "full", 4), _weights(cut, 4))
-    assert resumed["train"]["losses"] == full["train"]["losses"] and resumed["details"]["encoder_identity"] == full["details"]["encoder_identity"]
+    assert (
+        resumed["train"]["losses"] == full["train"]["losses"]
+        and resumed["details"]["encoder_identity"] == full["details"]["encoder_identity"]
+    )
     assert not list((cut / "checkpoints").glob(".tmp-*"))
 
 
@@ -342,10 +346,10 @@ def test_pickle_model_weights_refused_and_remote_code_never_run(tmp_path: Path) 
 # As a user would: a data set with broken files through the CLI
 # --------------------------------------------------------------------------------------------
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(ENV, COLUMNS="250")  # rich wraps at the terminal width; keep messages on one line
-    return subprocess.run(
-        [sys.executable, "-m", "llm2clip_vlm.cli", *args], env=env, capture_output=True, text=True
-    )
+    """``python -m llm2clip_vlm.cli ARGS`` in a new process (forked from tests/cli_fork.py's server:
+    one torch thread, no warnings, COLUMNS=250 so that rich keeps each message on one line)."""
+    code, out, err = cli_fork.run(list(args))
+    return subprocess.CompletedProcess(["llm2clip-vlm", *args], code, out, err)
 
 
 @pytest.mark.slow  # 4 CLI processes (embed, stage 2; stopping and skipping): ~40-70 s
