@@ -13,7 +13,6 @@ import os
 import signal
 import struct
 import subprocess
-import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +38,6 @@ from llm2clip_vlm.training.guards import NonFiniteError
 from llm2clip_vlm.training.losses import ClipLoss
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
 @pytest.fixture(autouse=True)
@@ -52,11 +50,17 @@ def one_thread() -> Iterator[None]:
 
 
 def _drive(*args: object, killed: bool) -> None:
-    r = subprocess.run([sys.executable, DRIVER, *map(str, args)], env=ENV, capture_output=True, text=True)
+    """``python tests/fault_driver.py ARGS`` in a new process (forked from tests/cli_fork.py's server,
+    one torch thread), which the driver SIGKILLs where asked."""
+    code = (
+        f"import runpy, sys\nsys.path.insert(0, {str(DRIVER.parent)!r})\nsys.argv = [{str(DRIVER)!r}, *sys.argv[1:]]\n"
+        f"runpy.run_path({str(DRIVER)!r}, run_name='__main__')\n"
+    )
+    rc, _, err = cli_fork.run([str(a) for a in args], code=code)
     if killed:
-        assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+        assert rc == -signal.SIGKILL, err[-3000:]
     else:
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert rc == 0, err[-3000:]
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
