@@ -35,6 +35,20 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch
 
         torch.set_num_threads(1)
+    # xdist hands out files (--dist loadfile) by their number of tests, most first; a one-test file
+    # such as test_gpu_proof.py (~2 min) then starts last and runs alone at the end. Keep the order
+    # of pytest_collection_modifyitems below instead.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, the files that hold a ``slow`` test first (each file's tests in their order), so
+    the two workers start on the long files and finish on short ones."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the rest keeps its order
 
 
 @pytest.fixture(autouse=True)
