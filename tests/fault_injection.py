@@ -9,7 +9,7 @@ a SIGTERM...) and checks what the user sees: exit status, the one line that name
 no traceback, and that no finished work is lost or silently reused. It prints a table
 ``case | issue item | outcome | ok``::
 
-    python tests/fault_injection.py                    # all cases (~6 min on 2 busy cores)
+    python tests/fault_injection.py                    # all cases (~2 min on 2 busy cores)
     python tests/fault_injection.py --only pickle,owner # cases whose name contains a word
     python tests/fault_injection.py --keep DIR         # keep the work folder for inspection
 

@@ -76,7 +76,7 @@ def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 # --------------------------------------------------------------------------------------------
 # Kill at any step, resume, same weights
 # --------------------------------------------------------------------------------------------
-@pytest.mark.slow  # 3 tiny stage-1 runs, 2 of them in fresh processes: ~40-60 s on 2 shared cores
+@pytest.mark.slow  # 3 tiny stage-1 runs, 2 of them in fresh processes: ~10-20 s on 2 shared cores
 def test_stage1_sigkill_mid_step_and_mid_checkpoint_resumes_bit_identically(tmp_path: Path) -> None:
     model = save_tiny_llm(tmp_path / "llama")
     full = run_stage1(model, tmp_path / "full")
@@ -97,7 +97,7 @@ def test_stage1_sigkill_mid_step_and_mid_checkpoint_resumes_bit_identically(tmp_
     assert not list((cut / "checkpoints").glob(".tmp-*"))
 
 
-@pytest.mark.slow  # 3 tiny stage-2 runs, 2 in fresh processes: ~30-50 s on 2 shared cores
+@pytest.mark.slow  # 3 tiny stage-2 runs, 2 in fresh processes: ~5-10 s on 2 shared cores
 def test_stage2_sigkill_mid_step_and_mid_checkpoint_resumes_bit_identically(tmp_path: Path) -> None:
     full = run_stage2(tmp_path / "data", tmp_path / "full")
     cut = tmp_path / "cut"
@@ -356,7 +356,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["llm2clip-vlm", *args], code, out, err)
 
 
-@pytest.mark.slow  # 4 CLI processes (embed, stage 2; stopping and skipping): ~40-70 s
+@pytest.mark.slow  # 4 CLI processes (embed, stage 2; stopping and skipping): ~5-10 s
 def test_cli_names_broken_files_and_skips_them_on_request(demo_run: dict[str, Path], tmp_path: Path) -> None:
     import shutil
 
