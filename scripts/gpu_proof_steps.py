@@ -3,7 +3,7 @@ process, with its own time budget). Each prints one JSON object on stdout.
 
     python scripts/gpu_proof_steps.py stream OUT [--dry-run]   stage 2 fed from JPEG shards
     python scripts/gpu_proof_steps.py fsdp OUT [--dry-run]     FSDP2 steps + sharded save/load on one device
-    python scripts/gpu_proof_steps.py plan OUT [--dry-run]     `llm2clip-vlm plan` against measured peaks
+    python scripts/gpu_proof_steps.py plan OUT [--dry-run]     `llm2clip-vlm plan` against measured peaks (in-process)
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import argparse
 import io
 import json
 import shutil
-import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -232,11 +230,32 @@ def _measured_peak(figures: dict[str, Any] | None, variant: str | None) -> float
     return None
 
 
+def _plan_cli(argv: list[str]) -> tuple[int, str]:
+    """``llm2clip-vlm ARGV`` in this process (the 6 plans cost one import, not 6): exit status and
+    what it printed (stdout and stderr, for an error row)."""
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from typer.main import get_command
+
+    from llm2clip_vlm.cli import app
+
+    printed = io.StringIO()
+    with redirect_stdout(printed), redirect_stderr(printed):
+        try:
+            code = get_command(app).main(args=argv, prog_name="llm2clip-vlm", standalone_mode=False)
+        except Exception as e:  # noqa: BLE001 - a row records the error; the other plans still run
+            print(f"{type(e).__name__}: {e}")
+            code = 1
+    return (code if isinstance(code, int) else 0), printed.getvalue()  # None: the command returned
+
+
 def plan(out: Path, dry: bool) -> dict[str, Any]:
     """``plan RECIPE --gpus 1 --json`` at each measured step's size; predicted vs measured peak."""
-    cli = [sys.executable, "-m", "llm2clip_vlm.cli"]
-    probe = subprocess.run([*cli, "plan", "--help"], capture_output=True, text=True, check=False)
-    if probe.returncode != 0:
+    from typer.main import get_command
+
+    from llm2clip_vlm.cli import app
+
+    if "plan" not in get_command(app).commands:  # type: ignore[attr-defined]
         return {"skipped": True, "message": "`llm2clip-vlm plan` is not in this checkout (issue 25 part 2): "
                 "the plan-vs-measured comparison is owed until it is merged"}  # fmt: skip
     measured_file = out.parent / "measured.json"
@@ -244,14 +263,14 @@ def plan(out: Path, dry: bool) -> dict[str, Any]:
     rows = []
     for i, (label, recipe, stage, sets, step, variant) in enumerate(COMPARE):
         path = out / f"plan-{i}.json"
-        argv = [*cli, "plan", recipe, "--gpus", "1", "--stage", stage, "--json", str(path)]
+        argv = ["plan", recipe, "--gpus", "1", "--stage", stage, "--json", str(path)]
         argv += ["--tower", "clip-vit-large-patch14-336"] if stage.startswith("llava") else []
         for s in sets:
             argv += ["--set", s]
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        code, printed = _plan_cli(argv)
         row: dict[str, Any] = {"what": label, "recipe": recipe, "plan_overrides": sets, "measured_by": step}
-        if proc.returncode != 0 or not path.is_file():
-            row["error"] = (proc.stderr or proc.stdout).strip()[-400:]
+        if code != 0 or not path.is_file():
+            row["error"] = printed.strip()[-400:]
             rows.append(row)
             continue
         stages = [p for p in json.loads(path.read_text()).get("stages", []) if p.get("stage") == stage]

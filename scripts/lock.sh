@@ -24,7 +24,7 @@ new="$work/lock-cpu.txt"
     | grep -viE '^(torch|llm2clip-vlm|pip|setuptools|wheel)==' | sort -f
 } > "$new"
 if [ "${1:-}" != "--no-tests" ]; then
-  python -m pytest -q -ra
+  python -m pytest -q -ra -n 2 --dist loadfile
 fi
 cp "$new" "$repo/requirements/lock-cpu.txt"
 echo "wrote requirements/lock-cpu.txt ($(grep -vc '^#' "$new") packages)"

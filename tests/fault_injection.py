@@ -1,13 +1,15 @@
 """Fault injection through the CLI on tiny data: one case per reliability promise (docs/RELIABILITY.md).
 
-Every case runs ``python -m llm2clip_vlm.cli ...`` in a fresh process on a tiny world (a 2-layer
+Every case runs ``python -m llm2clip_vlm.cli ...`` in a fresh process (forked from a server that
+imported torch and transformers once, ``tests/cli_fork.py``: the package itself loads anew in each
+process; ``LLM2CLIP_TEST_NO_FORK=1`` starts a new interpreter instead) on a tiny world (a 2-layer
 LLM, 32 training images of 64 px, 2 stage-2 steps), injects one fault (an edited caption, a
 broken image, pickled weights, replaced encoder weights, a wrong path, flipped checkpoint bytes,
 a SIGTERM...) and checks what the user sees: exit status, the one line that names the problem,
 no traceback, and that no finished work is lost or silently reused. It prints a table
 ``case | issue item | outcome | ok``::
 
-    python tests/fault_injection.py                    # all cases (~6 min on 2 busy cores)
+    python tests/fault_injection.py                    # all cases (~2 min on 2 busy cores)
     python tests/fault_injection.py --only pickle,owner # cases whose name contains a word
     python tests/fault_injection.py --keep DIR         # keep the work folder for inspection
 
@@ -18,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,14 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cli_fork
+
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(
-    os.environ,
-    OMP_NUM_THREADS="1",
-    PYTHONWARNINGS="ignore",
-    COLUMNS="250",  # rich wraps at the terminal width: keep each message on one line
-    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-)
+ENV = cli_fork.ENV  # one torch thread, no warnings, COLUMNS=250 (one line per message)
 
 STAGE2_TINY = [
     "stage2.backbone.image_size=32", "stage2.backbone.hidden_size=32", "stage2.backbone.num_layers=2",
@@ -53,11 +49,11 @@ BUILD_TINY = [
 ]  # fmt: skip
 
 
-
 def _stage2_train(run: Path) -> dict:
     """The ``train`` and ``details`` sections of a stage-2 run's metrics.json (schema 1)."""
     m = json.loads((run / "metrics.json").read_text())
     return {**m["train"], **m["details"]}
+
 
 def sets(items: list[str]) -> list[str]:
     return [f"--set={s}" for s in items]
@@ -81,12 +77,14 @@ class Run:
         return [ln for ln in self.err.splitlines() if any(k in ln.lower() for k in keys) and "INFO" not in ln]
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> Run:
-    r = subprocess.run(
-        [sys.executable, "-m", "llm2clip_vlm.cli", *args],
-        env=env or ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-    )  # fmt: skip
-    return Run(r.returncode, r.stdout, r.stderr)
+def start(*args: str, code: str | None = None) -> Any:
+    """``python -m llm2clip_vlm.cli ARGS`` (or ``python -c CODE``) started in a new process, forked
+    from a server that has the third-party modules imported (tests/cli_fork.py): a Popen-like."""
+    return cli_fork.start(list(args), code=code)
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600, code: str | None = None) -> Run:
+    return Run(*cli_fork.run(list(args), code=code, env=env, timeout=timeout))
 
 
 def expect_one_line(r: Run, code: int, *needles: str) -> str:
@@ -440,9 +438,9 @@ def case_a_bug_says_it_is_one(w: World) -> str:
         f"sys.argv = ['llm2clip-vlm', 'export-tower', {str(w.stage2_run)!r}, '-o', {str(w.root / 'tower-bug')!r}]\n"
         "main()\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 70, r.stderr[-1500:]
-    assert "Traceback" in r.stderr and "this is a bug" in r.stderr and "injected bug" in r.stderr
+    r = cli(code=code)
+    assert r.code == 70, r.err[-1500:]
+    assert "Traceback" in r.err and "this is a bug" in r.err and "injected bug" in r.err
     return "traceback + 'this is a bug (an unexpected TypeError) ...', exit 70"
 
 
@@ -537,7 +535,7 @@ def case_sigterm_during_image_check(w: World) -> str:
         f" *{w.common() + sets(STAGE2_TINY)!r}]\n"
         "main()\n"
     )
-    p = subprocess.Popen([sys.executable, "-c", code], env=ENV, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    p = start(code=code)
     deadline = time.time() + 300
     while not marker.exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -555,10 +553,7 @@ def case_sigterm_during_image_check(w: World) -> str:
 def _patched_main(patch: str, argv: list[str]) -> Run:
     """The CLI in a fresh process after ``patch`` (Python) ran: a fault only a fake can make."""
     code = f"import sys\n{patch}\nfrom llm2clip_vlm.cli import main\nsys.argv = {['llm2clip-vlm', *argv]!r}\nmain()\n"
-    r = subprocess.run(
-        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, cwd=ROOT, timeout=600
-    )
-    return Run(r.returncode, r.stdout, r.stderr)
+    return cli(code=code, timeout=600)
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -722,7 +717,7 @@ def case_sigterm_during_embed(w: World) -> str:
         f"sys.argv = ['llm2clip-vlm', 'embed', '-o', {str(w.root / 'store-term')!r}, *{w.common()!r}]\n"
         "main()\n"
     )
-    p = subprocess.Popen([sys.executable, "-c", code], env=ENV, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    p = start(code=code)
     deadline = time.time() + 300
     while not marker.exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.2)

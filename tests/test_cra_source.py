@@ -4,11 +4,9 @@ of the training data held out of training; and what the CLI says when there is n
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import cli_fork
 import pytest
 
 from llm2clip_vlm.data import DataError
@@ -84,15 +82,12 @@ def test_cli_refuses_an_unknown_cra_set_in_one_line(tmp_path: Path) -> None:
     from llm2clip_vlm.data.synthetic import write_demo_dataset
 
     write_demo_dataset(tmp_path / "demo", train_images=8, heldout_images=4, show_progress=False)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", COLUMNS="250")
     args = ["--set=data.demo_dir=" + str(tmp_path / "demo"), "--set=data.demo_train_images=8",
             "--set=data.demo_heldout_images=4", "--set=stage1.cra_set=coco"]  # fmt: skip
-    r = subprocess.run(
-        [sys.executable, "-m", "llm2clip_vlm.cli", "stage1", "-o", str(tmp_path / "run"), *args],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert r.returncode == 1, r.stderr[-2000:]
-    assert "stage1.cra_set: no held-out set named 'coco' (held-out sets: short, long)" in r.stderr
-    assert "Traceback" not in r.stderr
+    # A new process, forked from tests/cli_fork.py's server (no warnings, COLUMNS=250).
+    code, _, stderr = cli_fork.run(["stage1", "-o", str(tmp_path / "run"), *args], timeout=300)
+    assert code == 1, stderr[-2000:]
+    assert "stage1.cra_set: no held-out set named 'coco' (held-out sets: short, long)" in stderr
+    assert "Traceback" not in stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
     assert json.loads((tmp_path / "demo" / "dataset.json").read_text())["train_images"] == 8

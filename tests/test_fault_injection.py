@@ -16,7 +16,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     yield fi.World(tmp_path_factory.mktemp("fault-injection"))
 
 
-@pytest.mark.slow  # each case is 1-4 CLI processes on tiny data: ~6 min for all on 2 busy cores
+@pytest.mark.slow  # each case is 1-4 CLI processes on tiny data: ~2 min for all on 2 busy cores
 @pytest.mark.parametrize(("name", "fn"), [(n, f) for n, _, f in fi.CASES], ids=[n for n, _, _ in fi.CASES])
 def test_fault_injection_case(world: object, name: str, fn: object) -> None:
     ok, outcome, _ = fi.run_case(world, fn)

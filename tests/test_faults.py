@@ -13,11 +13,11 @@ import os
 import signal
 import struct
 import subprocess
-import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import cli_fork
 import numpy as np
 import pytest
 import torch
@@ -38,7 +38,6 @@ from llm2clip_vlm.training.guards import NonFiniteError
 from llm2clip_vlm.training.losses import ClipLoss
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
 @pytest.fixture(autouse=True)
@@ -51,11 +50,17 @@ def one_thread() -> Iterator[None]:
 
 
 def _drive(*args: object, killed: bool) -> None:
-    r = subprocess.run([sys.executable, DRIVER, *map(str, args)], env=ENV, capture_output=True, text=True)
+    """``python tests/fault_driver.py ARGS`` in a new process (forked from tests/cli_fork.py's server,
+    one torch thread), which the driver SIGKILLs where asked."""
+    code = (
+        f"import runpy, sys\nsys.path.insert(0, {str(DRIVER.parent)!r})\nsys.argv = [{str(DRIVER)!r}, *sys.argv[1:]]\n"
+        f"runpy.run_path({str(DRIVER)!r}, run_name='__main__')\n"
+    )
+    rc, _, err = cli_fork.run([str(a) for a in args], code=code)
     if killed:
-        assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+        assert rc == -signal.SIGKILL, err[-3000:]
     else:
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert rc == 0, err[-3000:]
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -71,7 +76,7 @@ def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 # --------------------------------------------------------------------------------------------
 # Kill at any step, resume, same weights
 # --------------------------------------------------------------------------------------------
-@pytest.mark.slow  # 3 tiny stage-1 runs, 2 of them in fresh processes: ~40-60 s on 2 shared cores
+@pytest.mark.slow  # 3 tiny stage-1 runs, 2 of them in fresh processes: ~10-20 s on 2 shared cores
 def test_stage1_sigkill_mid_step_and_mid_checkpoint_resumes_bit_identically(tmp_path: Path) -> None:
     model = save_tiny_llm(tmp_path / "llama")
     full = run_stage1(model, tmp_path / "full")
@@ -85,11 +90,14 @@ def test_stage1_sigkill_mid_step_and_mid_checkpoint_resumes_bit_identically(tmp_
     assert list((cut / "checkpoints").glob(".tmp-step-0000004"))  # the half-written one, ignored
     resumed = run_stage1(model, cut)
     _assert_identical(_weights(tmp_path / "full", 4), _weights(cut, 4))
-    assert resumed["train"]["losses"] == full["train"]["losses"] and resumed["details"]["encoder_identity"] == full["details"]["encoder_identity"]
+    assert (
+        resumed["train"]["losses"] == full["train"]["losses"]
+        and resumed["details"]["encoder_identity"] == full["details"]["encoder_identity"]
+    )
     assert not list((cut / "checkpoints").glob(".tmp-*"))
 
 
-@pytest.mark.slow  # 3 tiny stage-2 runs, 2 in fresh processes: ~30-50 s on 2 shared cores
+@pytest.mark.slow  # 3 tiny stage-2 runs, 2 in fresh processes: ~5-10 s on 2 shared cores
 def test_stage2_sigkill_mid_step_and_mid_checkpoint_resumes_bit_identically(tmp_path: Path) -> None:
     full = run_stage2(tmp_path / "data", tmp_path / "full")
     cut = tmp_path / "cut"
@@ -342,13 +350,13 @@ def test_pickle_model_weights_refused_and_remote_code_never_run(tmp_path: Path) 
 # As a user would: a data set with broken files through the CLI
 # --------------------------------------------------------------------------------------------
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(ENV, COLUMNS="250")  # rich wraps at the terminal width; keep messages on one line
-    return subprocess.run(
-        [sys.executable, "-m", "llm2clip_vlm.cli", *args], env=env, capture_output=True, text=True
-    )
+    """``python -m llm2clip_vlm.cli ARGS`` in a new process (forked from tests/cli_fork.py's server:
+    one torch thread, no warnings, COLUMNS=250 so that rich keeps each message on one line)."""
+    code, out, err = cli_fork.run(list(args))
+    return subprocess.CompletedProcess(["llm2clip-vlm", *args], code, out, err)
 
 
-@pytest.mark.slow  # 4 CLI processes (embed, stage 2; stopping and skipping): ~40-70 s
+@pytest.mark.slow  # 4 CLI processes (embed, stage 2; stopping and skipping): ~5-10 s
 def test_cli_names_broken_files_and_skips_them_on_request(demo_run: dict[str, Path], tmp_path: Path) -> None:
     import shutil
 

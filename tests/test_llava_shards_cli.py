@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli_fork
 import numpy as np
 import pytest
 from PIL import Image
@@ -26,12 +24,11 @@ class Result:
 
 
 def _cli(*args: str, cwd: Path, cache: Path) -> Result:
-    env = dict(os.environ, COLUMNS="250", LLM2CLIP_VLM_CACHE=str(cache))
-    res = subprocess.run(
-        [sys.executable, "-m", "llm2clip_vlm.cli", "llava-shards", *args], cwd=cwd, env=env,
-        capture_output=True, text=True,
-    )  # fmt: skip
-    return Result(res.returncode, res.stdout + res.stderr)
+    # A new process (forked from tests/cli_fork.py's server), COLUMNS=250, its own index cache.
+    code, out, err = cli_fork.run(
+        ["llava-shards", *args], env=dict(cli_fork.ENV, LLM2CLIP_VLM_CACHE=str(cache)), cwd=cwd
+    )
+    return Result(code, out + err)
 
 
 @pytest.fixture()

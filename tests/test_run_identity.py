@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,15 +40,12 @@ def _flip(path: Path, offset: int | None = None, n: int = 8) -> None:
     path.write_bytes(bytes(data))
 
 
-def _popen(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "llm2clip_vlm.cli", *args],
-        env=fi.ENV, cwd=fi.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+def _popen(*args: str):  # noqa: ANN202 - a Popen-like (tests/cli_fork.py)
+    return fi.start(*args)
 
 
 # -- one owner per output folder -----------------------------------------------------------------
-@pytest.mark.slow  # 3 CLI processes (one killed): ~40 s on 2 busy cores
+@pytest.mark.slow  # 3 CLI processes (one killed): ~7 s on 2 busy cores (forked, tests/cli_fork.py)
 def test_killed_stage1_still_owns_its_folder_and_stage2_is_refused(world, tmp_path: Path) -> None:
     out = tmp_path / "x"
     data = world.copy_data("data-stage1")
@@ -97,7 +92,7 @@ def test_killed_stage1_still_owns_its_folder_and_stage2_is_refused(world, tmp_pa
     assert _tree(out) == finished
 
 
-@pytest.mark.slow  # 2 concurrent stage-2 runs + 1 refused one: ~40 s
+@pytest.mark.slow  # 2 concurrent stage-2 runs + 1 refused one: ~5 s on 2 busy cores
 def test_one_writer_per_folder_and_a_refused_command_writes_nothing(world, tmp_path: Path) -> None:
     out = tmp_path / "s2"
     # A refused command (missing --store) claims nothing: the folder is not even created.
@@ -140,7 +135,7 @@ def test_one_writer_per_folder_and_a_refused_command_writes_nothing(world, tmp_p
 
 
 # -- every stage knows its inputs ----------------------------------------------------------------
-@pytest.mark.slow  # 4 stage-2 processes: ~60 s
+@pytest.mark.slow  # 4 stage-2 processes: ~5 s on 2 busy cores
 def test_stage2_rerun_refuses_changed_images_and_encoder_until_restart(world, tmp_path: Path) -> None:
     data = world.copy_data("data-images")
     out = tmp_path / "s2"
@@ -167,7 +162,7 @@ def test_stage2_rerun_refuses_changed_images_and_encoder_until_restart(world, tm
     assert json.loads((out / "run.json").read_text())["inputs"]["images"] != owner["inputs"]["images"]
 
 
-@pytest.mark.slow  # 1 export on a tampered stage-2 run: ~15 s
+@pytest.mark.slow  # 1 export on a tampered stage-2 run: ~3 s
 def test_export_tower_refuses_a_stage2_model_changed_after_it_was_written(world, tmp_path: Path) -> None:
     import shutil
 
@@ -208,7 +203,7 @@ def llava_parts(world) -> dict[str, Path]:
     }
 
 
-@pytest.mark.slow  # 5 tiny LLaVA processes: ~90 s on 2 busy cores
+@pytest.mark.slow  # 5 tiny LLaVA processes: ~13 s on 2 busy cores
 def test_llava_reruns_refuse_changed_captions_tower_and_projector(world, llava_parts, tmp_path: Path) -> None:
     import shutil
 
@@ -268,7 +263,7 @@ def test_llava_reruns_refuse_changed_captions_tower_and_projector(world, llava_p
 
 
 # -- build-tower never reuses a changed artifact -------------------------------------------------
-@pytest.mark.slow  # one tiny build + 3 partial rebuilds: ~3 min on 2 busy cores
+@pytest.mark.slow  # one tiny build + 3 partial rebuilds: ~20 s on 2 busy cores
 def test_build_tower_rebuilds_changed_artifacts_and_follows_the_license(world, tmp_path: Path) -> None:
     run = tmp_path / "bt"
     r = world.build(run)

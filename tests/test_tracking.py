@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
+import cli_fork
 import pytest
 
 from llm2clip_vlm.tracking import tracker as tracker_mod
@@ -18,7 +17,6 @@ from llm2clip_vlm.tracking.metrics_log import MetricsLog, flatten, read_jsonl
 from llm2clip_vlm.tracking.tracker import RunTracker
 
 TESTS = Path(__file__).parent
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 
 def _steps(rows: list[dict], kind: str) -> list[int]:
@@ -125,8 +123,10 @@ run_stage2(Path({data!r}), Path({out!r}), ["tracking.log_every_steps=1"])
 
 
 def _stage2(tmp_path: Path, out: Path, kill: int) -> subprocess.CompletedProcess:
+    """The run in a new process (forked from tests/cli_fork.py's server: one torch thread, no warnings)."""
     code = _KILLED_RUN.format(tests=str(TESTS), kill=kill, data=str(tmp_path / "data"), out=str(out))
-    return subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
+    rc, out_text, err = cli_fork.run([], code=code)
+    return subprocess.CompletedProcess(["python", "-c", code], rc, out_text, err)
 
 
 @pytest.mark.slow  # two tiny stage-2 runs in fresh processes: ~40 s on 2 shared cores
