@@ -4,7 +4,8 @@ Per optimizer step the global batch holds B queries from B distinct images. For 
 query and a positive are two different captions of it: of different kinds (short <-> long) whenever
 the image has both kinds, as the reference pairs them (``pairing="cross_kind"``); any two
 (``"any"``); two of the same kind (``"same_kind"``: short with short, long with long); or either of
-the last two rules by a fair coin per pair (``"mixed"``). The hard negative is a caption of another
+the last two rules by a fair coin per pair (``"mixed"``). The hard
+negative is a caption of another
 image, of the positive's type, drawn from the image's most similar images (bag-of-words cosine
 over its captions) when that is cheap to compute, else from a random image. Queries carry the
 instruction of their type; positives and negatives are embedded bare, as the store embeds them.
