@@ -135,10 +135,8 @@ def estimate_build(
     # captions) says long.
     if s1.pairing == "cross_kind":
         long_share = 0.5
-    elif s1.pairing in ("same_kind", "mixed"):
+    elif s1.pairing == "same_kind":
         long_share = sum(_same_kind_long_share(r) for r in sample) / len(sample)
-        if s1.pairing == "mixed":  # half the pairs cross-kind
-            long_share = (long_share + 0.5) / 2
     else:
         long_share = len(long) / max(1, len(short) + len(long))
     step_tokens = seqs * ((1 - long_share) * t_short + long_share * t_long)

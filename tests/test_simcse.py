@@ -167,21 +167,3 @@ def test_pairing_same_kind_pairs_short_with_short_and_long_with_long() -> None:
     assert SimCSEBatches(records, INSTR, seed=0, pairing="same_kind", neighbours=2).batch(
         7, 5
     ) == batches.batch(7, 5)
-
-
-def test_pairing_mixed_is_same_kind_or_cross_kind_by_a_fair_coin() -> None:
-    records = [
-        ImageCaptions(
-            key=f"img{i}",
-            image=f"/data/{i}.png",
-            captions=[Caption(f"short {j} of {i}", "short") for j in range(2)]
-            + [Caption(f"the long caption {j} of image {i}", "long") for j in range(2)],
-        )
-        for i in range(4)
-    ]
-    kind = {c.text: c.kind for r in records for c in r.captions}
-    batches = SimCSEBatches(records, INSTR, seed=0, hard_negatives=False, pairing="mixed")
-    pairs = [(kind[t.query], kind[t.positive]) for step in range(150) for t in batches.batch(step, 4)]
-    # 600 pairs: half same-kind (a quarter each of short-short and long-long), half cross-kind.
-    for pair, share in ((("short", "short"), 0.25), (("long", "long"), 0.25), (("short", "long"), 0.25)):
-        assert abs(pairs.count(pair) / len(pairs) - share) < 0.06

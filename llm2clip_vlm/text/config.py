@@ -133,9 +133,8 @@ class Stage1Config:
     # short one names (on the poster world, the glyphs, and its colours and ground drop out:
     # docs/BENCHMARKS.md, issue 28), while two long captions keep everything both state. Stage 2
     # and its held-out sets compare an image with one kind at a time, so nothing downstream needs
-    # a short and a long caption of an image to meet. "mixed": a fair coin per pair between
-    # "same_kind" and "cross_kind" (demo world: CRA 0.4 -> 18.0, as "any"; same_kind 8.0).
-    pairing: Literal["cross_kind", "any", "same_kind", "mixed"] = "cross_kind"
+    # a short and a long caption of an image to meet.
+    pairing: Literal["cross_kind", "any", "same_kind"] = "cross_kind"
     hard_negatives: bool = True
     # Draw hard negatives from the most similar images (word overlap of their captions); else random.
     similar_negatives: bool = True

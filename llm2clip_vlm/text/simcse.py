@@ -3,8 +3,7 @@
 Per optimizer step the global batch holds B queries from B distinct images. For each image a
 query and a positive are two different captions of it: of different kinds (short <-> long) whenever
 the image has both kinds, as the reference pairs them (``pairing="cross_kind"``); any two
-(``"any"``); two of the same kind (``"same_kind"``: short with short, long with long); or either of
-the last two rules by a fair coin per pair (``"mixed"``). The hard
+(``"any"``); or two of the same kind (``"same_kind"``: short with short, long with long). The hard
 negative is a caption of another
 image, of the positive's type, drawn from the image's most similar images (bag-of-words cosine
 over its captions) when that is cheap to compute, else from a random image. Queries carry the
@@ -39,7 +38,7 @@ MAX_IMAGES_FOR_SIMILAR = 50_000
 NEIGHBOURS = 8
 VOCAB = 4096
 _WORD = re.compile(r"[a-z0-9]+")
-PAIRINGS = ("cross_kind", "any", "same_kind", "mixed")
+PAIRINGS = ("cross_kind", "any", "same_kind")
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ class SimCSEBatches:
         pairing: ``"cross_kind"`` (short with long when an image has both), ``"any"`` (any two
             captions) or ``"same_kind"`` (two of one kind; the kind a fair coin among the kinds
             the image has two or more of; an image with at most one caption per kind pairs
-            across kinds, its only pair) or ``"mixed"`` (same_kind or cross_kind, a fair coin).
+            across kinds, its only pair).
     """
 
     def __init__(
@@ -147,10 +146,7 @@ class SimCSEBatches:
         # not name), see Stage1Config.pairing.
         captions = self.records[i].captions
         kinds = sorted({c.kind for c in captions})
-        pairing = self.pairing
-        if pairing == "mixed":  # a fair coin per pair between the two rules
-            pairing = "same_kind" if rng.random() < 0.5 else "cross_kind"
-        if pairing == "same_kind":
+        if self.pairing == "same_kind":
             pairable = [k for k in kinds if sum(c.kind == k for c in captions) >= 2]
             if pairable:
                 kind = pairable[int(rng.integers(len(pairable)))]
@@ -161,7 +157,7 @@ class SimCSEBatches:
                 query, positive = captions[0], captions[1]
                 if rng.integers(2):
                     query, positive = positive, query
-        elif len(kinds) == 2 and pairing == "cross_kind":
+        elif len(kinds) == 2 and self.pairing == "cross_kind":
             q_kind = kinds[int(rng.integers(2))]
             queries = [c for c in captions if c.kind == q_kind]
             positives = [c for c in captions if c.kind != q_kind]
