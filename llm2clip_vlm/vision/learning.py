@@ -157,7 +157,7 @@ class LearningWatch:
             "the caption embeddings do not describe the images (check the store's data and the stage-1 "
             "CRA); they keep only what all captions of an image share, because stage 1 paired a short "
             "caption with a long one (stage1.pairing cross_kind or any): try stage1.pairing=same_kind, "
-            "which keeps the long captions' colours, positions and backgrounds (a poster world: long-"
+            "which keeps the long captions' colours and backgrounds (on a poster world: long-"
             "caption R@1 0.4 -> 10.8); what the captions name is beyond a from-scratch ViT in this many "
             "steps (small, shifted or tilted glyphs over busy backgrounds: start from a pretrained "
             "encoder, stage2.backbone.name_or_path; there smaller patches, a conv stem, other learning "
