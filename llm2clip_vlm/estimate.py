@@ -96,6 +96,13 @@ def _mean_tokens(tokenizer: Any, texts: Sequence[str], max_length: int, multiple
     return sum(math.ceil(n / multiple) * multiple for n in lengths) / len(lengths)
 
 
+def _same_kind_long_share(record: ImageCaptions) -> float:
+    """The share of long captions in the ``same_kind`` pairs one image gives (see text.simcse)."""
+    n_short, n_long = len(record.of_kind("short")), len(record.of_kind("long"))
+    pairable = [share for n, share in ((n_short, 0.0), (n_long, 1.0)) if n >= 2]
+    return sum(pairable) / len(pairable) if pairable else 0.5
+
+
 def estimate_build(
     cfg: RunConfig,
     train: Sequence[ImageCaptions],
@@ -123,8 +130,15 @@ def estimate_build(
     steps = s1.loop.max_steps or math.ceil(s1.loop.epochs * len(train) / s1.batch_size)
     lora_share = min(1.0, s1.lora.top_layers / shape.layers) if s1.lora.top_layers else 1.0
     seqs = s1.batch_size * (3 if s1.hard_negatives else 2)
-    # Cross-kind pairs are half short, half long; "any" pairs draw captions as the images hold them.
-    long_share = 0.5 if s1.pairing == "cross_kind" else len(long) / max(1, len(short) + len(long))
+    # Cross-kind pairs are half short, half long; "any" pairs draw captions as the images hold them;
+    # same-kind pairs are long with the share of images whose coin (among their kinds with 2+
+    # captions) says long.
+    if s1.pairing == "cross_kind":
+        long_share = 0.5
+    elif s1.pairing == "same_kind":
+        long_share = sum(_same_kind_long_share(r) for r in sample) / len(sample)
+    else:
+        long_share = len(long) / max(1, len(short) + len(long))
     step_tokens = seqs * ((1 - long_share) * t_short + long_share * t_long)
     dropout = DROPOUT_FACTOR if s1.lora.dropout > 0 else 0.0
     stage1 = steps * step_tokens * per_token * (1 + dropout + BACKWARD_FACTOR * lora_share)

@@ -82,6 +82,10 @@ def test_estimate_counts_the_planned_work(tiny4: Path) -> None:
     cfg.stage1.pairing = "any" if cfg.stage1.pairing == "cross_kind" else "cross_kind"
     other = estimate_build(cfg, train, held, rate=1e9)["stage1"]  # type: ignore[index]
     assert (other < cross) if cfg.stage1.pairing == "any" else (other > cross)
+    # Same-kind pairs: these images hold 2 short captions and 1 long, so every pair is short-short,
+    # the cheapest step of the three.
+    cfg.stage1.pairing = "same_kind"
+    assert estimate_build(cfg, train, held, rate=1e9)["stage1"] < min(cross, other)  # type: ignore[index]
     # LoRA dropout costs extra forward time on a CPU (the masks' bernoulli draws).
     cfg.stage1.lora.dropout = 0.0
     no_dropout = estimate_build(cfg, train, held, rate=1e9)["stage1"]  # type: ignore[index]

@@ -121,3 +121,49 @@ def test_pairing_any_draws_any_two_captions_of_the_image() -> None:
     assert all(t.instruction == INSTR[kind[t.query]] for t in batches.batch(0, 6))
     with pytest.raises(ValueError, match="pairing must be"):
         SimCSEBatches(RECORDS, INSTR, pairing="short")
+
+
+def test_pairing_same_kind_pairs_short_with_short_and_long_with_long() -> None:
+    """``pairing="same_kind"``: the two captions of a pair are of one kind, the kind a fair coin
+    among the kinds the image has two or more of; an image with one caption per kind pairs those."""
+
+    def image(i: int, n_short: int, n_long: int) -> ImageCaptions:
+        return ImageCaptions(
+            key=f"img{i}",
+            image=f"/data/{i}.png",
+            captions=[Caption(f"short {j} of {i}", "short") for j in range(n_short)]
+            + [Caption(f"the long caption {j} of image {i}", "long") for j in range(n_long)],
+        )
+
+    # Two of each kind (the poster and glyph worlds), three short and one long, one of each, only long.
+    records = [image(0, 2, 2), image(1, 2, 2), image(2, 3, 1), image(3, 1, 1), image(4, 0, 3)]
+    batches = SimCSEBatches(records, INSTR, seed=0, pairing="same_kind", neighbours=2)
+    owner = {c.text: (r.key, c.kind) for r in records for c in r.captions}
+    kinds = {r.key: {c.kind for c in r.captions} for r in records}
+    pairs: dict[str, list[tuple[str, str]]] = {r.key: [] for r in records}
+    for step in range(200):
+        for t in batches.batch(step, 5):
+            (q_img, q_kind), (p_img, p_kind) = owner[t.query], owner[t.positive]
+            assert q_img == p_img and t.query != t.positive
+            assert t.instruction == INSTR[q_kind]
+            n_img, n_kind = owner[t.negative]  # type: ignore[index]
+            # Another image's caption of the positive's kind (any kind if that image has none).
+            assert n_img != p_img and (n_kind == p_kind or p_kind not in kinds[n_img])
+            pairs[q_img].append((q_kind, p_kind))
+    for key in ("img0", "img1"):  # 200 draws each: the coin is fair within 0.5 +- 0.12 (> 3 sd)
+        assert all(q == p for q, p in pairs[key])
+        assert abs(sum(q == "long" for q, _ in pairs[key]) / len(pairs[key]) - 0.5) < 0.12
+    assert set(pairs["img2"]) == {("short", "short")}  # one long caption: it cannot pair with itself
+    assert set(pairs["img4"]) == {("long", "long")}
+    # One caption per kind: the image's only pair, either way round.
+    assert set(pairs["img3"]) == {("short", "long"), ("long", "short")}
+    # Every caption of a kind with two or more is drawn, as query and as positive; a lone caption
+    # of its kind beside a pairable kind (img2's long one) never is.
+    queries = {t.query for step in range(200) for t in batches.batch(step, 5)}
+    positives = {t.positive for step in range(200) for t in batches.batch(step, 5)}
+    everything = {c.text for r in records for c in r.captions}
+    assert queries == positives == everything - {"the long caption 0 of image 2"}
+    # The pairing is a pure function of (seed, step), like the others.
+    assert SimCSEBatches(records, INSTR, seed=0, pairing="same_kind", neighbours=2).batch(
+        7, 5
+    ) == batches.batch(7, 5)

@@ -126,7 +126,15 @@ class Stage1Config:
     # E5_cc3m.py): a short with a long one whenever the image has both kinds. "any": any two
     # different captions of the image, so images with several captions of a kind also give
     # short-short and long-long pairs (cheaper, and what caption-to-caption retrieval measures).
-    pairing: Literal["cross_kind", "any"] = "cross_kind"
+    # "same_kind": short with short, long with long (a fair coin between the kinds the image has
+    # two or more of; an image with one caption per kind pairs those two). It departs from the
+    # reference for captions whose kinds say different things: a pair trains its two captions to
+    # agree on what they share, so a long caption paired with a short one keeps only what the
+    # short one names (on the poster world, the glyphs, and its colours and ground drop out:
+    # docs/BENCHMARKS.md, issue 28), while two long captions keep everything both state. Stage 2
+    # and its held-out sets compare an image with one kind at a time, so nothing downstream needs
+    # a short and a long caption of an image to meet.
+    pairing: Literal["cross_kind", "any", "same_kind"] = "cross_kind"
     hard_negatives: bool = True
     # Draw hard negatives from the most similar images (word overlap of their captions); else random.
     similar_negatives: bool = True

@@ -2,7 +2,9 @@
 
 Per optimizer step the global batch holds B queries from B distinct images. For each image a
 query and a positive are two different captions of it: of different kinds (short <-> long) whenever
-the image has both kinds, as the reference pairs them, or any two (``pairing="any"``); the hard negative is a caption of another
+the image has both kinds, as the reference pairs them (``pairing="cross_kind"``); any two
+(``"any"``); or two of the same kind (``"same_kind"``: short with short, long with long). The hard
+negative is a caption of another
 image, of the positive's type, drawn from the image's most similar images (bag-of-words cosine
 over its captions) when that is cheap to compute, else from a random image. Queries carry the
 instruction of their type; positives and negatives are embedded bare, as the store embeds them.
@@ -36,6 +38,7 @@ MAX_IMAGES_FOR_SIMILAR = 50_000
 NEIGHBOURS = 8
 VOCAB = 4096
 _WORD = re.compile(r"[a-z0-9]+")
+PAIRINGS = ("cross_kind", "any", "same_kind")
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,10 @@ class SimCSEBatches:
         hard_negatives: add one hard negative per query.
         similar_negatives: draw hard negatives from similar images (if the set is small enough).
         neighbours: how many of the most similar images a hard negative is drawn from.
-        pairing: ``"cross_kind"`` (short with long when an image has both) or ``"any"``.
+        pairing: ``"cross_kind"`` (short with long when an image has both), ``"any"`` (any two
+            captions) or ``"same_kind"`` (two of one kind; the kind a fair coin among the kinds
+            the image has two or more of; an image with at most one caption per kind pairs
+            across kinds, its only pair).
     """
 
     def __init__(
@@ -91,8 +97,8 @@ class SimCSEBatches:
         neighbours: int = NEIGHBOURS,
         pairing: str = "cross_kind",
     ) -> None:
-        if pairing not in ("cross_kind", "any"):
-            raise ValueError(f"pairing must be 'cross_kind' or 'any', not {pairing!r}")
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {', '.join(map(repr, PAIRINGS))}, not {pairing!r}")
         self.pairing = pairing
         self.records = [r for r in records if len(r.captions) >= 2]
         if len(self.records) < 2:
@@ -135,9 +141,23 @@ class SimCSEBatches:
         # the instruction from the query's kind (E5_EMBEDDING_PROMPTS["cc3m"][rand_num]). With
         # several captions per kind we draw uniformly within a kind. Only an image with a single
         # kind pairs two captions of that kind; ``pairing="any"`` draws any two captions.
+        # ``"same_kind"`` departs from it the other way: a pair keeps what two captions of one
+        # kind share (a long caption's colours and ground survive, which its short partner would
+        # not name), see Stage1Config.pairing.
         captions = self.records[i].captions
         kinds = sorted({c.kind for c in captions})
-        if len(kinds) == 2 and self.pairing == "cross_kind":
+        if self.pairing == "same_kind":
+            pairable = [k for k in kinds if sum(c.kind == k for c in captions) >= 2]
+            if pairable:
+                kind = pairable[int(rng.integers(len(pairable)))]
+                pool = [c for c in captions if c.kind == kind]
+                qi, pi = rng.choice(len(pool), size=2, replace=False)
+                query, positive = pool[qi], pool[pi]
+            else:  # one short and one long caption: the only pair the image has
+                query, positive = captions[0], captions[1]
+                if rng.integers(2):
+                    query, positive = positive, query
+        elif len(kinds) == 2 and self.pairing == "cross_kind":
             q_kind = kinds[int(rng.integers(2))]
             queries = [c for c in captions if c.kind == q_kind]
             positives = [c for c in captions if c.kind != q_kind]
