@@ -728,7 +728,8 @@ def _run_llava(phase: str, recipe: Path | None, output: Path, set_: list[str] | 
     )
     before, after = metrics["eval"].get("before") or {}, metrics["eval"].get("after") or {}
     if after:
-        line += f"; held-out accuracy {before.get('accuracy', float('nan')):.1f} -> {after['accuracy']:.1f} %"
+        was = f"{before['accuracy']:.1f} -> " if before else ""
+        line += f"; held-out accuracy {was}{after['accuracy']:.1f} %"
     console.print(line)
     if after:
         console.print(_heldout_table(after))

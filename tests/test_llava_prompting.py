@@ -21,10 +21,16 @@ from llm2clip_vlm.llava.templates import IGNORE_INDEX, VICUNA_SYSTEM
 QUESTION = "What colour is the big shape at the left?"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+@pytest.fixture(scope="module", params=["adds_bos", "no_bos"])
+def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("prompting")
     model_dir = save_tiny_llava(root / "tiny", seed=0)
+    if request.param == "no_bos":  # as SmolLM2's: a BOS token, but the tokenizer adds none
+        from tokenizers import processors
+
+        processor = AutoProcessor.from_pretrained(model_dir)
+        processor.tokenizer._tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+        processor.save_pretrained(model_dir)
     image = root / "photo.png"
     Image.new("RGB", (48, 32), (200, 40, 90)).save(image)  # not square: the pad path runs
     return {"dir": model_dir, "image": image, "config": AutoConfig.from_pretrained(model_dir)}
@@ -79,6 +85,9 @@ def test_training_heldout_and_lmms_eval_build_the_same_inputs(tiny: dict[str, An
 
     ids = generation_ids("vicuna_v1", QUESTION, tokenizer, image_token, n_image, system=None)
     assert ids.count(image_token) == n_image
+    # One BOS first, whether or not the tokenizer adds it (LLaVA-1.5's Llama ``<s>``,
+    # haotian-liu/LLaVA llava/mm_utils.py:185-204 tokenizer_image_token).
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
     assert heldout["input_ids"][0].tolist() == ids
     assert encoded["input_ids"][0].tolist() == ids
     assert heldout["attention_mask"].tolist() == encoded["attention_mask"].tolist() == [[1] * len(ids)]

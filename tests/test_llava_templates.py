@@ -215,3 +215,52 @@ def test_vicuna_v1_learns_a_space_token_before_the_answer_like_llava() -> None:
     # Nothing before "ASSISTANT:" is learnt; the spaces inside the prompt stay masked.
     assert not any(m for _, m in marked[:first])
     assert sum(tok == "▁" for tok, _ in marked[:first]) == 4  # after "Hi.", "USER:", "How", "many?"
+
+
+def _no_bos_tokenizer():
+    """Like SmolLM2's or GPT-2's: a BOS token exists but the tokenizer adds none of its own."""
+    from tokenizers import processors
+
+    t = tiny_tokenizer()
+    t._tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    t.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    assert t("red")["input_ids"][0] != t.bos_token_id
+    return t
+
+
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1"])
+def test_a_tokenizer_without_its_own_bos_gets_one_before_the_image_as_llava(tok, template: str) -> None:
+    """LLaVA-1.5's sequences start with Llama's ``<s>``: ``tokenizer_image_token`` keeps the first
+    chunk's BOS once (haotian-liu/LLaVA llava/mm_utils.py:185-204) and ``preprocess_plain``
+    (llava/train/train.py:588-607) writes ``<image>`` + caption + ``"\\n"``, so a plain sample is
+    ``<s> <image> caption \\n`` with the first two masked. A tokenizer that adds no BOS (SmolLM2)
+    gets the same layout, not the image as the sequence's first token (its attention sink)."""
+    no_bos = _no_bos_tokenizer()
+    assert _marked(no_bos, template) == _marked(tok, template)  # the same tokens and masks
+    assert _marked(no_bos, "plain")[:2] == [("<s>", False), ("<image>", False)]
+    # Generation and text-only turns start with it too; exactly one BOS.
+    for has_image in (True, False):
+        text = generation_prompt(template, "What colour?", no_bos, has_image=has_image)
+        ids = tokenize_conversation(
+            template, [{"from": "human", "value": text}, {"from": "gpt", "value": "x"}], no_bos
+        ).input_ids
+        assert ids[0] == no_bos.bos_token_id and ids.count(no_bos.bos_token_id) == 1
+
+
+def test_a_text_that_starts_with_the_bos_gets_no_second_one_and_keeps_every_token() -> None:
+    """SmolLM2's chat template writes its BOS (``<|im_start|>``) itself: no second one in front,
+    and the text after ``<image>`` keeps its first token (only an added, zero-width BOS of a later
+    chunk is dropped, as LLaVA drops Llama's)."""
+    t = _no_bos_tokenizer()
+    t.add_tokens([AddedToken("<|im_start|>", special=True, normalized=False)], special_tokens=True)
+    t.bos_token = "<|im_start|>"
+    t.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '</s>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    conv = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    r = tokenize_conversation("chat_template", conv, t)
+    tokens = t.convert_ids_to_tokens(r.input_ids)
+    assert tokens.count("<|im_start|>") == 2 and tokens[0] == "<|im_start|>"
+    image = tokens.index("<image>")
+    assert t.convert_tokens_to_string(tokens[image + 1 : image + 3]).startswith("\nW")

@@ -63,7 +63,11 @@ def test_pretrain_trains_only_the_projector_and_writes_llava_formats(parts, pret
     from transformers import AutoProcessor, CLIPVisionModel, LlavaForConditionalGeneration
 
     metrics = json.loads((pretrained / "metrics.json").read_text())
-    assert metrics["train"]["steps"] == 3 and len(metrics["train"]["losses"]) == 3 and metrics["details"]["tune"] == "projector"
+    assert (
+        metrics["train"]["steps"] == 3
+        and len(metrics["train"]["losses"]) == 3
+        and metrics["details"]["tune"] == "projector"
+    )
     assert metrics["eval"]["before"]["n"] == 6 and "per_type" in metrics["eval"]["after"]
     # Every held-out evaluation has its blind baseline (shuffled images) and the majority answer.
     for when in ("before", "after"):
@@ -100,6 +104,17 @@ def test_pretrain_trains_only_the_projector_and_writes_llava_formats(parts, pret
     inputs = proc(images=Image.new("RGB", (40, 30), (255, 0, 0)), text="<image>", return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_eval_before_off_skips_the_first_heldout_pass(parts, tmp_path) -> None:
+    """``eval_before: false`` (the demo's finetune): only the after pass, with its blind baseline."""
+    extra = ["llava.pretrain.eval_before=false", "llava.pretrain.loop.max_steps=1"]
+    run_llava(_cfg(parts, "pretrain", extra), tmp_path / "run", "pretrain")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert not metrics["eval"]["before"]
+    assert metrics["eval"]["after"]["n"] == 6 and metrics["eval"]["after"]["blind"] == "shuffle"
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in evals if x.get("kind") == "eval"] == [1]
 
 
 @pytest.mark.parametrize("tune", ["full", "lora"])
@@ -219,7 +234,9 @@ def _worker(
 @pytest.mark.slow  # spawns 2 processes
 def test_two_processes_match_one_process_with_the_same_global_batch(parts, tmp_path: Path) -> None:
     overrides = _overrides(parts, "pretrain")
-    one = run_llava(config_io.load(RunConfig, None, overrides), tmp_path / "one", "pretrain")["train"]["losses"]
+    one = run_llava(config_io.load(RunConfig, None, overrides), tmp_path / "one", "pretrain")["train"][
+        "losses"
+    ]
     mp.spawn(_worker, args=(2, free_port(), overrides, str(tmp_path / "two")), nprocs=2)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())["train"]["losses"]
     assert len(two) == 3 and two == pytest.approx(one, abs=1e-5)

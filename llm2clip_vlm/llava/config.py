@@ -91,6 +91,10 @@ class LlavaPhaseConfig:
     # the model uses THIS image); blank = a mean-colour image; off = not measured. Doubles the
     # held-out evaluation's time.
     eval_blind: Literal["shuffle", "blank", "off"] = "shuffle"
+    # Also answer the held-out questions before training (the model it starts from). A finetune's
+    # "before" is the pretrained projector asked in the chat template, which answers ~0 %: the
+    # demo turns it off to spend its minutes on training.
+    eval_before: bool = True
     # The loop: LLaVA-1.5 warms up over 3% of the steps (ceil), from lr 0 as the HF Trainer's
     # get_cosine_schedule_with_warmup (factors 0, 1/w, ...), then decays the lr on a cosine.
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(warmup_ratio=0.03, warmup_from_zero=True))

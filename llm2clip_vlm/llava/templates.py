@@ -22,7 +22,8 @@ The ``<image>`` placeholder stays one token here; the collator expands it to the
 image features the model produces. As LLaVA's ``tokenizer_image_token`` (llava/mm_utils.py), the
 text before and after ``<image>`` is tokenized as separate chunks (each chunk's BOS dropped, one
 BOS in front): a SentencePiece tokenizer then starts the text after the image with its own ``▁``
-prefix, exactly as LLaVA-1.5 trained.
+prefix, exactly as LLaVA-1.5 trained. Every sequence starts with a BOS, also for tokenizers that
+add none (SmolLM2): see :func:`tokenize_image_chunks`.
 """
 
 from __future__ import annotations
@@ -271,7 +272,8 @@ def tokenize_conversation(
 ) -> Tokenized:
     """Token ids and labels of a conversation (see the module docstring for the masking rule).
 
-    The tokenizer's own special tokens (e.g. a BOS) are added as it adds them, unsupervised.
+    The tokenizer's own special tokens are added as it adds them, and a BOS in front where it adds
+    none (:func:`tokenize_image_chunks`); neither is supervised.
 
     Raises:
         ConversationError: the conversation does not fit the template.
@@ -292,29 +294,41 @@ def tokenize_image_chunks(text: str, tokenizer: Any) -> tuple[list[int], list[tu
     """Token ids of ``text`` and each token's character span in it, LLaVA's way around ``<image>``.
 
     As ``tokenizer_image_token`` (haotian-liu/LLaVA llava/mm_utils.py:185-204): the chunks between
-    ``<image>`` placeholders are tokenized one by one with the tokenizer's special tokens; when the
-    first chunk starts with BOS, that BOS is kept once and the first token of every chunk dropped;
-    each placeholder becomes the ``<image>`` token. Without a placeholder this is the plain
-    tokenization. Added tokens (BOS) get the span ``(0, 0)``.
+    ``<image>`` placeholders are tokenized one by one with the tokenizer's special tokens; the BOS
+    the tokenizer adds is kept once, in front, and dropped from every later chunk; each placeholder
+    becomes the ``<image>`` token. Without a placeholder this is the plain tokenization.
+
+    Every sequence starts with the tokenizer's BOS, also when the tokenizer adds none of its own
+    (SmolLM2, GPT-2): LLaVA-1.5's Llama tokenizer puts ``<s>`` first, so its ``plain`` sequences are
+    ``<s> <image> caption\n`` (``preprocess_plain``, llava/train/train.py:588-607, masks those two
+    tokens). Without it the first image token is the sequence's first token and becomes the LLM's
+    attention sink; measured on the demo (docs/BENCHMARKS.md), the projector's pretraining then
+    aligns no image content for twice as many steps. A text that already starts with the BOS (a
+    chat template that writes it) gets no second one. Added tokens (BOS) get the span ``(0, 0)``.
     """
     chunks = text.split(IMAGE_PLACEHOLDER)
-    if len(chunks) == 1:
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    if image_id is None or image_id == tokenizer.unk_token_id:
-        raise ConversationError(f"the tokenizer has no {IMAGE_PLACEHOLDER} token")
+    image_id = None
+    if len(chunks) > 1:
+        image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        if image_id is None or image_id == tokenizer.unk_token_id:
+            raise ConversationError(f"the tokenizer has no {IMAGE_PLACEHOLDER} token")
+    bos = getattr(tokenizer, "bos_token_id", None)
     encoded = [tokenizer(c, add_special_tokens=True, return_offsets_mapping=True) for c in chunks]
     first = encoded[0]["input_ids"]
-    skip = 1 if first and first[0] == tokenizer.bos_token_id else 0
-    ids: list[int] = first[:1] if skip else []
-    offsets: list[tuple[int, int]] = [(0, 0)] if skip else []
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    if bos is not None and not (first and first[0] == bos):
+        ids, offsets = [bos], [(0, 0)]  # the tokenizer adds no BOS: put it first, as Llama's does
     start = 0
     for k, (chunk, enc) in enumerate(zip(chunks, encoded, strict=True)):
+        pairs = list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
         if k:
             ids.append(image_id)
             offsets.append((start - len(IMAGE_PLACEHOLDER), start))
-        for t, (s, e) in list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))[skip:]:
+            # The BOS the tokenizer added to this chunk (zero-width): kept only once, in front.
+            if pairs and pairs[0][0] == bos and pairs[0][1][1] <= pairs[0][1][0]:
+                pairs = pairs[1:]
+        for t, (s, e) in pairs:
             ids.append(t)
             offsets.append((start + s, start + e) if e > s else (0, 0))
         start += len(chunk) + len(IMAGE_PLACEHOLDER)

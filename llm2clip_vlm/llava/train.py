@@ -175,7 +175,7 @@ def train_llava(
     def run_heldout() -> dict[str, Any]:
         return evaluation(raw) if heldout and main else {}
 
-    if heldout and not state.extra.get("heldout_before") and world == 1:
+    if heldout and p.eval_before and not state.extra.get("heldout_before") and world == 1:
         state.extra["heldout_before"] = run_heldout()
         accuracy = state.extra["heldout_before"]["accuracy"]
         log.info("held-out accuracy before: %.1f%% (%d questions)", accuracy, len(heldout))
@@ -208,8 +208,8 @@ def train_llava(
     if after:
         tracker.log(state.step, {"heldout": after})
         write_answer_gallery(out, after["examples"], lambda path: load_rgb(str(path), str(path)))
-        accuracies = (after["accuracy"], before.get("accuracy", float("nan")))
-        log.info("held-out accuracy after: %.1f%% (before %.1f%%)", *accuracies)
+        was = f"{before['accuracy']:.1f}%" if before else "not measured"
+        log.info("held-out accuracy after: %.1f%% (before %s)", after["accuracy"], was)
     full = run.full_weights(model) if run.fsdp2 else None  # a collective: every rank gathers
     metrics: dict[str, Any] = {}
     if main:
