@@ -131,7 +131,16 @@ def test_push_refuses_a_folder_without_card_or_weights(tmp_path: Path) -> None:
 def test_llava_finetune_cli_writes_card_metrics_gallery_report(parts, pretrained, tmp_path: Path) -> None:  # noqa: F811
     out = tmp_path / "ft"
     args = ["llava-finetune", "-o", str(out), "--from", str(pretrained)]
-    for s in _overrides(parts, "finetune", ["llava.finetune.tune=full", "tracking.log_every_steps=1"]):
+    for s in _overrides(
+        parts,
+        "finetune",
+        [
+            "llava.finetune.tune=full",
+            "tracking.log_every_steps=1",
+            # the card's "before" column: the demo recipe turns it off
+            "llava.finetune.eval_before=true",
+        ],
+    ):
         args += ["--set", s]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
