@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import app
 from llm2clip_vlm.commands import run_export as export_tower
-from llm2clip_vlm.hub.cards import is_hub_id, tower_card
+from llm2clip_vlm.hub.cards import is_hub_id, llava_card, tower_card
 from llm2clip_vlm.hub.push import PushError, files_to_upload, push_to_hub
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.tracking.metrics_log import read_jsonl
@@ -181,3 +181,15 @@ def test_llava_finetune_cli_writes_card_metrics_gallery_report(parts, pretrained
     files = files_to_upload(out / "model")
     assert {"README.md", "config.json", "model.safetensors", "llava_template.json"} <= set(files)
     assert not [f for f in files if f.endswith(".bin")]
+
+
+def test_llava_card_says_not_measured_when_the_pass_before_training_was_skipped(tmp_path: Path) -> None:
+    # llava.<phase>.eval_before=false (the demo recipe): metrics.json has no "before" section
+    cfg = RunConfig()
+    after = {"accuracy": 40.0, "blind_accuracy": 20.0, "majority_accuracy": 25.0, "n": 10,
+             "per_type": {"colour": {"accuracy": 50.0, "blind_accuracy": 10.0, "majority_accuracy": 15.0, "n": 4}}}  # fmt: skip
+    metrics = {"eval": {"after": after}, "train": {"steps": 1}, "details": {"records": 8}}
+    card = llava_card(cfg.llava, cfg.hub, "finetune", metrics, tmp_path, None, tmp_path / "train.json", None)
+    assert "| all | not measured | 40.0 | 20.0 | 25.0 | 10 |" in card
+    assert "| colour | not measured | 50.0 | 10.0 | 15.0 | 4 |" in card
+    assert "nan" not in card

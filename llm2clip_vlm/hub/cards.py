@@ -218,8 +218,11 @@ def llava_card(
         rows = [("all", before, after), *((t, before.get("per_type", {}).get(t, {}), v)
                                           for t, v in after.get("per_type", {}).items())]  # fmt: skip
         for t, b, v in rows:
+            # llava.<phase>.eval_before=false skips the pass before training: say so, not "nan"
+            was = f"{b['accuracy']:.1f}" if "accuracy" in b else "not measured"
             lines.append(
-                f"| {t} | {b.get('accuracy', nan):.1f} | {v['accuracy']:.1f} | {v.get('blind_accuracy', nan):.1f} "
+                f"| {t} | {was} | {v['accuracy']:.1f} "
+                f"| {v.get('blind_accuracy', nan):.1f} "
                 f"| {v.get('majority_accuracy', nan):.1f} | {v.get('n', '?')} |"
             )
     else:
