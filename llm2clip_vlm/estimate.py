@@ -21,6 +21,7 @@ import torch
 
 from llm2clip_vlm.data.records import ImageCaptions
 from llm2clip_vlm.text.modeling import load_tokenizer, resolve_model_ref
+from llm2clip_vlm.text.simcse import same_kind_pairable
 
 if TYPE_CHECKING:  # the recipe schema stays above this module (type hints only)
     from llm2clip_vlm.recipe import RunConfig
@@ -98,9 +99,8 @@ def _mean_tokens(tokenizer: Any, texts: Sequence[str], max_length: int, multiple
 
 def _same_kind_long_share(record: ImageCaptions) -> float:
     """The share of long captions in the ``same_kind`` pairs one image gives (see text.simcse)."""
-    n_short, n_long = len(record.of_kind("short")), len(record.of_kind("long"))
-    pairable = [share for n, share in ((n_short, 0.0), (n_long, 1.0)) if n >= 2]
-    return sum(pairable) / len(pairable) if pairable else 0.5
+    pairable = same_kind_pairable(record.captions)
+    return sum(k == "long" for k in pairable) / len(pairable) if pairable else 0.5
 
 
 def estimate_build(

@@ -177,14 +177,15 @@ class _Server:
         shutil.rmtree(self.status_dir, ignore_errors=True)
 
 
-_servers: dict[str, _Server] = {}
+_the_server: _Server | None = None
 
 
-def _server(env: dict[str, str]) -> _Server:
-    key = json.dumps(sorted(env.items()))
-    if key not in _servers:
-        _servers[key] = _Server(env)
-    return _servers[key]
+def _server() -> _Server:
+    """The one server (with :data:`ENV`: every forked command runs with it but for CALL_TIME_ENV)."""
+    global _the_server
+    if _the_server is None:
+        _the_server = _Server(ENV)
+    return _the_server
 
 
 class Process:
@@ -242,7 +243,7 @@ def start(
     env = ENV if env is None else env
     differs = {k for k in env.keys() | ENV.keys() if env.get(k) != ENV.get(k)}
     if differs <= CALL_TIME_ENV and os.environ.get("LLM2CLIP_TEST_NO_FORK") != "1":
-        return Process(_server(ENV), argv, code, env, cwd)
+        return Process(_server(), argv, code, env, cwd)
     head = [sys.executable, "-c", code] if code is not None else [sys.executable, "-m", "llm2clip_vlm.cli"]
     return subprocess.Popen([*head, *argv], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip

@@ -147,7 +147,7 @@ class SimCSEBatches:
         captions = self.records[i].captions
         kinds = sorted({c.kind for c in captions})
         if self.pairing == "same_kind":
-            pairable = [k for k in kinds if sum(c.kind == k for c in captions) >= 2]
+            pairable = same_kind_pairable(captions)
             if pairable:
                 kind = pairable[int(rng.integers(len(pairable)))]
                 pool = [c for c in captions if c.kind == kind]
@@ -182,6 +182,13 @@ class SimCSEBatches:
             if text != positive.text:  # an identical caption elsewhere is no negative
                 return text
         return text
+
+
+def same_kind_pairable(captions: Sequence[Caption]) -> list[str]:
+    """The kinds (sorted) an image has two or more captions of: a ``same_kind`` pair is two
+    captions of one of them, the kind a fair coin among them (none: the image pairs across kinds)."""
+    kinds = sorted({c.kind for c in captions})
+    return [k for k in kinds if sum(c.kind == k for c in captions) >= 2]
 
 
 def embed_triplets(
