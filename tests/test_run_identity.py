@@ -57,9 +57,18 @@ def test_killed_stage1_still_owns_its_folder_and_stage2_is_refused(world, tmp_pa
         *world.common(data),
         *fi.sets(fi.STAGE1_TINY),
     ]
-    p = _popen(*args)
+    # Killed as soon as it has started (run.json says `running`, before any checkpoint). The tiny
+    # run can finish between two polls (it did in CI), so this process stops right after it marks
+    # itself started, and waits there to be killed.
+    hang = (
+        "import time, llm2clip_vlm.run_dir as rd\n"
+        "_started = rd.Claim.started\n"
+        "def started(self):\n    _started(self)\n    time.sleep(600)\n"
+        "rd.Claim.started = started\n"
+    )
+    code = f"import sys\n{hang}from llm2clip_vlm.cli import main\nsys.argv = {['llm2clip-vlm', *args]!r}\nmain()\n"
+    p = fi.start(code=code)
     deadline = time.time() + 300
-    # Killed as soon as it has started (run.json written at start, before any checkpoint).
     while (
         time.time() < deadline
         and json.loads((out / "run.json").read_text() if (out / "run.json").is_file() else "{}").get("status")
