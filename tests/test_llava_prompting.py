@@ -16,7 +16,7 @@ from llm2clip_vlm.evaluation.tiny import save_tiny_llava
 from llm2clip_vlm.llava.data import LlavaDataset
 from llm2clip_vlm.llava.evaluate import answer_questions
 from llm2clip_vlm.llava.prompting import expand_image_tokens, generation_ids, left_padded
-from llm2clip_vlm.llava.templates import IGNORE_INDEX, VICUNA_SYSTEM
+from llm2clip_vlm.llava.templates import IGNORE_INDEX, VICUNA_SYSTEM, saved_chat_template
 
 QUESTION = "What colour is the big shape at the left?"
 
@@ -116,3 +116,20 @@ def test_the_builder_is_the_one_every_caller_uses() -> None:
         source = (root / caller).read_text()
         assert "llm2clip_vlm.llava.prompting import" in source, caller
         assert "tokenize_image_chunks" not in source and "processor(text=" not in source, caller
+
+
+def test_the_saved_chat_template_builds_the_trained_prompt(tiny: dict[str, Any]) -> None:
+    """A serving engine's ``apply_chat_template`` + ``processor(text=...)`` on a saved model gives
+    the ids training and the held-out answers use, BOS included, also for a tokenizer that adds no
+    BOS of its own (the saved Jinja then writes it)."""
+    config = tiny["config"]
+    processor = AutoProcessor.from_pretrained(tiny["dir"])
+    processor.chat_template = saved_chat_template("vicuna_v1", processor.tokenizer)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    with Image.open(tiny["image"]) as im:
+        served = processor(text=prompt, images=im.convert("RGB"), return_tensors="pt")
+    tok, image_token, n_image = processor.tokenizer, config.image_token_index, config.image_seq_length
+    ids = generation_ids("vicuna_v1", QUESTION, tok, image_token, n_image, system=None)
+    assert served["input_ids"][0].tolist() == ids
+    assert saved_chat_template("plain", processor.tokenizer) is None  # plain keeps the processor's own

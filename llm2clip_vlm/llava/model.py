@@ -18,7 +18,7 @@ from llm2clip_vlm import resources
 from llm2clip_vlm.errors import BadInputFileError, PickleRefusedError
 from llm2clip_vlm.llava.assemble import build_llava_model
 from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
-from llm2clip_vlm.llava.templates import TEMPLATE_FILE, get_template
+from llm2clip_vlm.llava.templates import TEMPLATE_FILE, get_template, saved_chat_template
 from llm2clip_vlm.logging import get_logger
 from llm2clip_vlm.weights import check_safetensors_file
 
@@ -262,9 +262,10 @@ def save_llava(
     with resources.writing(out, lambda: _bytes_of(model)):  # a full disk: one line naming out
         model.save_pretrained(out, safe_serialization=True)
     learnt = get_template(template)
-    if learnt.processor_chat_template is not None:
+    chat = saved_chat_template(template, processor.tokenizer)
+    if chat is not None:
         # transformers (lmms-eval, serving engines) then build the prompt the model was trained on.
-        processor.chat_template = learnt.processor_chat_template
+        processor.chat_template = chat
     processor.save_pretrained(out)
     info = {"template": template, "system": learnt.system(system)}
     (out / TEMPLATE_FILE).write_text(json.dumps(info, indent=2) + "\n")

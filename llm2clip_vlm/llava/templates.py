@@ -244,6 +244,22 @@ def get_template(name: str) -> Template:
     return REGISTRY[name]
 
 
+def saved_chat_template(name: str, tokenizer: Any) -> str | None:
+    """The Jinja chat template to save with a model trained on template ``name`` (None: keep the
+    processor's own), so that ``apply_chat_template`` + ``processor(text=...)`` give the token ids
+    training used. Training puts a BOS first even when the tokenizer adds none
+    (:func:`tokenize_image_chunks`); for such a tokenizer (SmolLM2, GPT-2) the template writes it,
+    since the processor's tokenization will not."""
+    jinja = get_template(name).processor_chat_template
+    if jinja is None:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return jinja
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return jinja if ids and ids[0] == bos else "{{ bos_token }}" + jinja
+
+
 def render(
     template: TemplateName,
     conversations: Sequence[dict[str, Any]],
