@@ -8,7 +8,8 @@ Before a command writes anything, :func:`check` (through :func:`claimed`) checks
   refused, naming ``stage1``); directories written before ``run.json`` existed are recognised by
   what they hold (:func:`infer_owner`);
 - when it holds finished or resumable work (a checkpoint, a model, a store), the config must be
-  the one that work was made with (``config.yaml``) in every key the command reads, except the
+  the one that work was made with (``config.yaml``) in every key the command reads
+  (:data:`COMMAND_SECTIONS` less :data:`COMMAND_UNREAD`: a LLaVA phase reads not the other), except the
   settings that change speed only (:data:`SPEED_KEYS`: threads, workers, checkpoint frequency,
   time budget, evaluation batch). A changed ``lr`` or ``batch_size`` would otherwise silently
   mix two schedules; the refusal names the keys; ``--allow-config-change`` resumes anyway and
@@ -72,6 +73,15 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "build-tower": (),  # its stages compare fingerprints themselves (pipeline.py)
     "export-tower": (),
 }
+# Parts of those sections a command never reads: each LLaVA phase reads the shared ``llava`` keys
+# (tower, LLM, feature layer...) and its own phase, not the other one. A finetune depends on its
+# pretraining through the projector's content (an input identity), not through llava.pretrain; a
+# pretraining run does not depend on how a later finetune trains, so a changed finetune setting
+# leaves the pretraining run resumable (``llava-compare`` reuses it).
+COMMAND_UNREAD: dict[str, tuple[str, ...]] = {
+    "llava-pretrain": ("llava.finetune",),
+    "llava-finetune": ("llava.pretrain",),
+}
 
 # Keys (last component) that change how fast a run goes, never what it computes.
 SPEED_KEYS = frozenset(
@@ -123,16 +133,24 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], sections: tuple[str, ...]) -> list[str]:
+def config_changes(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    sections: tuple[str, ...],
+    unread: tuple[str, ...] = (),
+) -> list[str]:
     """``key: old -> new`` for every non-speed key of ``sections`` that differs.
 
-    A key missing from the old config (written by an older version) is not compared.
+    Keys under a dotted prefix of ``unread`` (``llava.finetune``) are not compared. A key missing
+    from the old config (written by an older version) is not compared.
     """
     a = flatten({s: old.get(s, {}) for s in sections if s in old})
     b = flatten({s: new.get(s, {}) for s in sections})
     changes = []
     for key in sorted(set(a) | set(b)):
         if key.split(".")[0] in SPEED_SECTIONS or key.rsplit(".", 1)[-1] in SPEED_KEYS:
+            continue
+        if any(key == u or key.startswith(u + ".") for u in unread):
             continue
         if key not in a:
             continue
@@ -191,7 +209,7 @@ def check(
             raise RunDirError(
                 f"{old_file} is not valid YAML ({e}); remove the run or choose another --output"
             ) from e
-        changes = config_changes(old, config_io.to_dict(cfg), sections)
+        changes = config_changes(old, config_io.to_dict(cfg), sections, COMMAND_UNREAD.get(command, ()))
         if changes and not allow_config_change:
             shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
             raise RunDirError(
