@@ -238,3 +238,35 @@ def test_a_llava_phase_is_checked_on_the_keys_it_reads(tmp_path: Path) -> None:
             setattr(target, last, value)
             with pytest.raises(RunDirError, match=rf"another config \({re.escape(key)}: "):
                 run_dir.check(run, f"llava-{phase}", changed)
+
+
+def test_a_tower_whose_training_stopped_early_is_flagged(tmp_path: Path) -> None:
+    """A phase cut by its time cap (llava.<phase>.loop.max_seconds on a loaded machine) trains the
+    towers unequally: the comparison names the tower, the phase and the steps."""
+    row = {"n": 4, "accuracy": 50.0, "blind_accuracy": 25.0, "gap": 25.0, "majority_accuracy": 25.0}
+    after = {**row, "blind": "shuffle", "per_type": {"colour": {**row, "majority_answer": "red"}}}
+    runs = []
+    for name, steps in (("a", 74), ("b", 80)):
+        run = _run(tmp_path, name, after).finetune
+        doc = json.loads((run / "metrics.json").read_text())
+        doc["train"] = {"steps": steps, "planned_steps": 80, "seconds": 100.0}
+        (run / "metrics.json").write_text(json.dumps(doc))
+        pre = tmp_path / f"{name}-pretrain"
+        pre.mkdir()
+        (pre / "metrics.json").write_text(
+            json.dumps({"train": {"steps": 120, "planned_steps": 120, "seconds": 50.0}})
+        )
+        runs.append(TowerRun(name, f"/towers/{name}", run, pre))
+    doc = build_comparison(runs)
+    assert doc["notes"] == [
+        "a: finetune stopped at step 74 of 80 (llava.finetune.loop.max_seconds or an early stop)",
+        "finetune: the towers trained different numbers of steps {'a': 74, 'b': 80}",
+    ]
+    assert [(t["pretrain_steps"], t["steps"], t["train_seconds"]) for t in doc["towers"]] == [
+        (120, 74, 150.0),
+        (120, 80, 150.0),
+    ]
+    md = to_markdown(doc)
+    assert "(pretrain 120 steps, finetune 74 of 80 steps; training 150 s)" in md
+    assert "(pretrain 120 steps, finetune 80 steps; training 150 s)" in md
+    assert "note: a: finetune stopped at step 74 of 80" in md
