@@ -41,6 +41,9 @@ log = get_logger(__name__)
 LOG_FILE = "compare.log"
 PHASES = ("pretrain", "finetune")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# How a refused run folder is resolved here (llava-compare has no --allow-config-change: one
+# tower's LLaVA trained under two configs would not compare with the other's).
+REMEDY = "Use --restart to train every tower again, or another -o"
 
 
 class TowerSpecError(UserError, ValueError):
@@ -92,7 +95,7 @@ def finished(cfg: RunConfig, phase: str, run: Path, init: Path | None) -> bool:
         RunDirError: ``run`` belongs to another command or holds work with another config.
     """
     command = f"llava-{phase}"
-    run_dir.check(run, command, cfg)  # another owner or config: refused here, in one line
+    run_dir.check(run, command, cfg, remedy=REMEDY)  # another owner or config: refused here, in one line
     owner = run_dir.read_owner(run) if run.is_dir() else {}
     if owner.get("status") != "complete" or not (run / "metrics.json").is_file():
         return False

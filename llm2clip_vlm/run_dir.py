@@ -62,6 +62,8 @@ OWNER_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = "run.lock"
 RESTART_HINT = "--restart to start over"
+# What a refused resume can do instead, for a command with --restart and --allow-config-change.
+CONFIG_REMEDY = f"Use {RESTART_HINT}, another --output, or --allow-config-change to resume anyway"
 
 # Config sections each command's results depend on (a resume compares these).
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -166,6 +168,7 @@ def check(
     *,
     allow_config_change: bool = False,
     restart: bool = False,
+    remedy: str = CONFIG_REMEDY,
 ) -> Path:
     """Check that ``command`` may write into ``out`` (see the module docstring); writes nothing.
 
@@ -175,6 +178,8 @@ def check(
         cfg: the resolved run config (None: nothing to compare, e.g. ``export-tower``).
         allow_config_change: resume even when the config differs (``--allow-config-change``).
         restart: the work in ``out`` will be discarded (``--restart``): its config is not compared.
+        remedy: the sentence that ends a config refusal: what the user can do (the options of
+            the command that called, e.g. ``llava-compare`` has no ``--allow-config-change``).
 
     Raises:
         RunDirError: ``out`` is a file, belongs to another command, or holds work made with
@@ -214,8 +219,7 @@ def check(
             shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
             raise RunDirError(
                 f"--output {out} holds a `{command}` run made with another config ({shown}); resuming "
-                f"would mix the two. Use {RESTART_HINT}, another --output, or --allow-config-change "
-                "to resume anyway"
+                f"would mix the two. {remedy}"
             )
     return out
 

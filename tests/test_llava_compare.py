@@ -151,9 +151,12 @@ def test_a_rerun_skips_finished_towers_and_resumes_an_unfinished_phase(
     with pytest.raises(
         RunDirError,
         match=r"llm2clip/pretrain holds a `llava-pretrain` run made with another config \(llava\.pretrain\.lr: 0\.001 -> 0\.0003\)",
-    ):
+    ) as refused:
         run_compare(changed, towers, out)
     assert calls == []
+    # What to do, in options llava-compare has (it has no --allow-config-change).
+    assert str(refused.value).endswith("Use --restart to train every tower again, or another -o")
+    assert "\n" not in str(refused.value)
 
 
 def test_bad_tower_arguments_are_one_line(parts: dict[str, Path], tmp_path: Path) -> None:
