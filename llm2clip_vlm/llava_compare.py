@@ -13,7 +13,9 @@ same run folders: each can also be resumed or inspected by hand), then
 - **Resumable.** A phase whose folder holds a finished run (``run.json`` complete, its
   ``metrics.json`` written) with this config and these inputs (tower, data, LLM, projector) is
   skipped; an unfinished one resumes from its checkpoints; one made with another config or tower
-  is refused (the run folder's own check) unless ``--restart``.
+  is refused (the run folder's own check) unless ``--restart``. A phase's config is the keys it
+  reads (the shared ``llava`` keys and its own phase): a changed finetune setting refuses only
+  the finetune runs, and the finished pretraining runs are reused.
 - **Progress** is logged per tower and phase (and the phases' own progress lines), also to
   ``OUT/compare.log``.
 """
