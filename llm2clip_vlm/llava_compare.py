@@ -15,7 +15,8 @@ same run folders: each can also be resumed or inspected by hand), then
   skipped; an unfinished one resumes from its checkpoints; one made with another config or tower
   is refused (the run folder's own check) unless ``--restart``. A phase's config is the keys it
   reads (the shared ``llava`` keys and its own phase): a changed finetune setting refuses only
-  the finetune runs, and the finished pretraining runs are reused.
+  the finetune runs (the message says to remove them to train only the finetunes again), and the
+  finished pretraining runs are reused.
 - **Progress** is logged per tower and phase (and the phases' own progress lines), also to
   ``OUT/compare.log``.
 """
@@ -97,7 +98,10 @@ def finished(cfg: RunConfig, phase: str, run: Path, init: Path | None) -> bool:
         RunDirError: ``run`` belongs to another command or holds work with another config.
     """
     command = f"llava-{phase}"
-    run_dir.check(run, command, cfg, remedy=REMEDY)  # another owner or config: refused here, in one line
+    remedy = REMEDY
+    if phase == "finetune":  # its pretraining is still good: say how to keep it
+        remedy += f", or remove {run} to train only this finetune again (its pretraining is reused)"
+    run_dir.check(run, command, cfg, remedy=remedy)  # another owner or config: refused here, in one line
     owner = run_dir.read_owner(run) if run.is_dir() else {}
     if owner.get("status") != "complete" or not (run / "metrics.json").is_file():
         return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -143,9 +144,12 @@ def test_a_rerun_skips_finished_towers_and_resumes_an_unfinished_phase(
     with pytest.raises(
         RunDirError,
         match=r"llm2clip/finetune holds a `llava-finetune` run made with another config \(llava\.finetune\.lr: 0\.0001 -> 0\.0003\)",
-    ):
+    ) as refused:
         run_compare(changed, towers, out)
     assert calls == []
+    assert str(refused.value).endswith(
+        f"or remove {out / 'llm2clip' / 'finetune'} to train only this finetune again (its pretraining is reused)"
+    )
     # A changed pretraining setting is refused at the pretraining run, naming the key.
     changed = resolve_config(None, _overrides(parts, ["llava.pretrain.lr=3e-4"]))
     with pytest.raises(
@@ -157,6 +161,14 @@ def test_a_rerun_skips_finished_towers_and_resumes_an_unfinished_phase(
     # What to do, in options llava-compare has (it has no --allow-config-change).
     assert str(refused.value).endswith("Use --restart to train every tower again, or another -o")
     assert "\n" not in str(refused.value)
+
+    # The finetunes removed as the message says: the finetune change trains only the finetunes.
+    changed = resolve_config(None, _overrides(parts, ["llava.finetune.lr=3e-4"]))
+    for name in ("llm2clip", "control"):
+        shutil.rmtree(out / name / "finetune")
+    doc = run_compare(changed, towers, out)
+    assert calls == [("llm2clip", "finetune"), ("control", "finetune")]
+    assert [t["name"] for t in doc["towers"]] == ["llm2clip", "control"]
 
 
 def test_bad_tower_arguments_are_one_line(parts: dict[str, Path], tmp_path: Path) -> None:
