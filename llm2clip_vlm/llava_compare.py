@@ -100,7 +100,10 @@ def finished(cfg: RunConfig, phase: str, run: Path, init: Path | None) -> bool:
     command = f"llava-{phase}"
     remedy = REMEDY
     if phase == "finetune":  # its pretraining is still good: say how to keep it
-        remedy += f", or remove {run} to train only this finetune again (its pretraining is reused)"
+        remedy = (
+            "Use --restart to train every tower again, another -o, or remove "
+            f"{run} to train only this finetune again (its pretraining is reused)"
+        )
     run_dir.check(run, command, cfg, remedy=remedy)  # another owner or config: refused here, in one line
     owner = run_dir.read_owner(run) if run.is_dir() else {}
     if owner.get("status") != "complete" or not (run / "metrics.json").is_file():

@@ -148,7 +148,8 @@ def test_a_rerun_skips_finished_towers_and_resumes_an_unfinished_phase(
         run_compare(changed, towers, out)
     assert calls == []
     assert str(refused.value).endswith(
-        f"or remove {out / 'llm2clip' / 'finetune'} to train only this finetune again (its pretraining is reused)"
+        f"Use --restart to train every tower again, another -o, or remove {out / 'llm2clip' / 'finetune'} "
+        "to train only this finetune again (its pretraining is reused)"
     )
     # A changed pretraining setting is refused at the pretraining run, naming the key.
     changed = resolve_config(None, _overrides(parts, ["llava.pretrain.lr=3e-4"]))
