@@ -13,7 +13,10 @@ same run folders: each can also be resumed or inspected by hand), then
 - **Resumable.** A phase whose folder holds a finished run (``run.json`` complete, its
   ``metrics.json`` written) with this config and these inputs (tower, data, LLM, projector) is
   skipped; an unfinished one resumes from its checkpoints; one made with another config or tower
-  is refused (the run folder's own check) unless ``--restart``.
+  is refused (the run folder's own check) unless ``--restart``. A phase's config is the keys it
+  reads (the shared ``llava`` keys and its own phase): a changed finetune setting refuses only
+  the finetune runs (the message says to remove them to train only the finetunes again), and the
+  finished pretraining runs are reused.
 - **Progress** is logged per tower and phase (and the phases' own progress lines), also to
   ``OUT/compare.log``.
 """
@@ -41,6 +44,9 @@ log = get_logger(__name__)
 LOG_FILE = "compare.log"
 PHASES = ("pretrain", "finetune")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# How a refused run folder is resolved here (llava-compare has no --allow-config-change: one
+# tower's LLaVA trained under two configs would not compare with the other's).
+REMEDY = "Use --restart to train every tower again, or another -o"
 
 
 class TowerSpecError(UserError, ValueError):
@@ -92,7 +98,13 @@ def finished(cfg: RunConfig, phase: str, run: Path, init: Path | None) -> bool:
         RunDirError: ``run`` belongs to another command or holds work with another config.
     """
     command = f"llava-{phase}"
-    run_dir.check(run, command, cfg)  # another owner or config: refused here, in one line
+    remedy = REMEDY
+    if phase == "finetune":  # its pretraining is still good: say how to keep it
+        remedy = (
+            "Use --restart to train every tower again, another -o, or remove "
+            f"{run} to train only this finetune again (its pretraining is reused)"
+        )
+    run_dir.check(run, command, cfg, remedy=remedy)  # another owner or config: refused here, in one line
     owner = run_dir.read_owner(run) if run.is_dir() else {}
     if owner.get("status") != "complete" or not (run / "metrics.json").is_file():
         return False

@@ -8,7 +8,8 @@ Before a command writes anything, :func:`check` (through :func:`claimed`) checks
   refused, naming ``stage1``); directories written before ``run.json`` existed are recognised by
   what they hold (:func:`infer_owner`);
 - when it holds finished or resumable work (a checkpoint, a model, a store), the config must be
-  the one that work was made with (``config.yaml``) in every key the command reads, except the
+  the one that work was made with (``config.yaml``) in every key the command reads
+  (:data:`COMMAND_SECTIONS` less :data:`COMMAND_UNREAD`: a LLaVA phase reads not the other), except the
   settings that change speed only (:data:`SPEED_KEYS`: threads, workers, checkpoint frequency,
   time budget, evaluation batch). A changed ``lr`` or ``batch_size`` would otherwise silently
   mix two schedules; the refusal names the keys; ``--allow-config-change`` resumes anyway and
@@ -61,6 +62,8 @@ OWNER_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = "run.lock"
 RESTART_HINT = "--restart to start over"
+# What a refused resume can do instead, for a command with --restart and --allow-config-change.
+CONFIG_REMEDY = f"Use {RESTART_HINT}, another --output, or --allow-config-change to resume anyway"
 
 # Config sections each command's results depend on (a resume compares these).
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -71,6 +74,15 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "llava-finetune": ("data", "llava"),
     "build-tower": (),  # its stages compare fingerprints themselves (pipeline.py)
     "export-tower": (),
+}
+# Parts of those sections a command never reads: each LLaVA phase reads the shared ``llava`` keys
+# (tower, LLM, feature layer...) and its own phase, not the other one. A finetune depends on its
+# pretraining through the projector's content (an input identity), not through llava.pretrain; a
+# pretraining run does not depend on how a later finetune trains, so a changed finetune setting
+# leaves the pretraining run resumable (``llava-compare`` reuses it).
+COMMAND_UNREAD: dict[str, tuple[str, ...]] = {
+    "llava-pretrain": ("llava.finetune",),
+    "llava-finetune": ("llava.pretrain",),
 }
 
 # Keys (last component) that change how fast a run goes, never what it computes.
@@ -123,16 +135,24 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(old: Mapping[str, Any], new: Mapping[str, Any], sections: tuple[str, ...]) -> list[str]:
+def config_changes(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    sections: tuple[str, ...],
+    unread: tuple[str, ...] = (),
+) -> list[str]:
     """``key: old -> new`` for every non-speed key of ``sections`` that differs.
 
-    A key missing from the old config (written by an older version) is not compared.
+    Keys under a dotted prefix of ``unread`` (``llava.finetune``) are not compared. A key missing
+    from the old config (written by an older version) is not compared.
     """
     a = flatten({s: old.get(s, {}) for s in sections if s in old})
     b = flatten({s: new.get(s, {}) for s in sections})
     changes = []
     for key in sorted(set(a) | set(b)):
         if key.split(".")[0] in SPEED_SECTIONS or key.rsplit(".", 1)[-1] in SPEED_KEYS:
+            continue
+        if any(key == u or key.startswith(u + ".") for u in unread):
             continue
         if key not in a:
             continue
@@ -148,6 +168,7 @@ def check(
     *,
     allow_config_change: bool = False,
     restart: bool = False,
+    remedy: str = CONFIG_REMEDY,
 ) -> Path:
     """Check that ``command`` may write into ``out`` (see the module docstring); writes nothing.
 
@@ -157,6 +178,8 @@ def check(
         cfg: the resolved run config (None: nothing to compare, e.g. ``export-tower``).
         allow_config_change: resume even when the config differs (``--allow-config-change``).
         restart: the work in ``out`` will be discarded (``--restart``): its config is not compared.
+        remedy: the sentence that ends a config refusal: what the user can do (the options of
+            the command that called, e.g. ``llava-compare`` has no ``--allow-config-change``).
 
     Raises:
         RunDirError: ``out`` is a file, belongs to another command, or holds work made with
@@ -191,13 +214,12 @@ def check(
             raise RunDirError(
                 f"{old_file} is not valid YAML ({e}); remove the run or choose another --output"
             ) from e
-        changes = config_changes(old, config_io.to_dict(cfg), sections)
+        changes = config_changes(old, config_io.to_dict(cfg), sections, COMMAND_UNREAD.get(command, ()))
         if changes and not allow_config_change:
             shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
             raise RunDirError(
                 f"--output {out} holds a `{command}` run made with another config ({shown}); resuming "
-                f"would mix the two. Use {RESTART_HINT}, another --output, or --allow-config-change "
-                "to resume anyway"
+                f"would mix the two. {remedy}"
             )
     return out
 

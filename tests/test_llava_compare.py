@@ -5,6 +5,8 @@ an unfinished phase is resumed, a changed config is refused."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -132,10 +134,42 @@ def test_a_rerun_skips_finished_towers_and_resumes_an_unfinished_phase(
     run_compare(cfg, towers, out)
     assert calls == [("control", "finetune")]
 
-    # Another config for the same folders is refused in one line, naming the key.
+    # A changed finetune setting: the finished pretraining runs are still this config's (a
+    # pretraining run does not read llava.finetune) and are reused; the finetune run is refused in
+    # one line naming its folder and the key.
     changed = resolve_config(None, _overrides(parts, ["llava.finetune.lr=3e-4"]))
-    with pytest.raises(RunDirError, match=r"llava\.finetune\.lr"):
+    calls.clear()
+    tcfg = llava_compare.tower_config(changed, towers[0], out)  # as run_compare makes it
+    assert llava_compare.finished(tcfg, "pretrain", out / "llm2clip" / "pretrain", None)
+    with pytest.raises(
+        RunDirError,
+        match=r"llm2clip/finetune holds a `llava-finetune` run made with another config \(llava\.finetune\.lr: 0\.0001 -> 0\.0003\)",
+    ) as refused:
         run_compare(changed, towers, out)
+    assert calls == []
+    assert str(refused.value).endswith(
+        f"Use --restart to train every tower again, another -o, or remove {out / 'llm2clip' / 'finetune'} "
+        "to train only this finetune again (its pretraining is reused)"
+    )
+    # A changed pretraining setting is refused at the pretraining run, naming the key.
+    changed = resolve_config(None, _overrides(parts, ["llava.pretrain.lr=3e-4"]))
+    with pytest.raises(
+        RunDirError,
+        match=r"llm2clip/pretrain holds a `llava-pretrain` run made with another config \(llava\.pretrain\.lr: 0\.001 -> 0\.0003\)",
+    ) as refused:
+        run_compare(changed, towers, out)
+    assert calls == []
+    # What to do, in options llava-compare has (it has no --allow-config-change).
+    assert str(refused.value).endswith("Use --restart to train every tower again, or another -o")
+    assert "\n" not in str(refused.value)
+
+    # The finetunes removed as the message says: the finetune change trains only the finetunes.
+    changed = resolve_config(None, _overrides(parts, ["llava.finetune.lr=3e-4"]))
+    for name in ("llm2clip", "control"):
+        shutil.rmtree(out / name / "finetune")
+    doc = run_compare(changed, towers, out)
+    assert calls == [("llm2clip", "finetune"), ("control", "finetune")]
+    assert [t["name"] for t in doc["towers"]] == ["llm2clip", "control"]
 
 
 def test_bad_tower_arguments_are_one_line(parts: dict[str, Path], tmp_path: Path) -> None:
@@ -183,3 +217,72 @@ def test_different_question_sets_are_flagged_and_missing_evaluations_named(tmp_p
         build_comparison([_run(tmp_path, "c", None), _run(tmp_path, "d", after(4, 1.0))])
     with pytest.raises(NoHeldoutError, match="has not finished"):
         build_comparison([TowerRun("e", "/t", tmp_path / "missing")])
+
+
+def test_a_llava_phase_is_checked_on_the_keys_it_reads(tmp_path: Path) -> None:
+    """Each phase reads the shared llava keys and its own phase: the other phase's settings are not
+    part of its identity (run_dir.COMMAND_UNREAD); everything it reads still is."""
+    import copy
+
+    import yaml
+
+    from llm2clip_vlm import config_io, run_dir
+
+    cfg = RunConfig()
+    for phase in ("pretrain", "finetune"):
+        run = tmp_path / phase
+        (run / "model").mkdir(parents=True)  # finished work: the config is compared
+        (run / "run.json").write_text(json.dumps({"command": f"llava-{phase}", "status": "complete"}))
+        (run / "config.yaml").write_text(yaml.safe_dump(config_io.to_dict(cfg)))
+        other = "finetune" if phase == "pretrain" else "pretrain"
+
+        changed = copy.deepcopy(cfg)
+        getattr(changed.llava, other).lr *= 3
+        getattr(changed.llava, other).loop.max_steps += 1
+        assert run_dir.check(run, f"llava-{phase}", changed) == run
+
+        for key, value in (
+            (f"llava.{phase}.lr", 0.5),
+            (f"llava.{phase}.loop.max_steps", 7),
+            ("llava.vision_feature_layer", -1),
+        ):
+            changed = copy.deepcopy(cfg)
+            *parents, last = key.split(".")
+            target = changed
+            for name in parents:
+                target = getattr(target, name)
+            setattr(target, last, value)
+            with pytest.raises(RunDirError, match=rf"another config \({re.escape(key)}: "):
+                run_dir.check(run, f"llava-{phase}", changed)
+
+
+def test_a_tower_whose_training_stopped_early_is_flagged(tmp_path: Path) -> None:
+    """A phase cut by its time cap (llava.<phase>.loop.max_seconds on a loaded machine) trains the
+    towers unequally: the comparison names the tower, the phase and the steps."""
+    row = {"n": 4, "accuracy": 50.0, "blind_accuracy": 25.0, "gap": 25.0, "majority_accuracy": 25.0}
+    after = {**row, "blind": "shuffle", "per_type": {"colour": {**row, "majority_answer": "red"}}}
+    runs = []
+    for name, steps in (("a", 74), ("b", 80)):
+        run = _run(tmp_path, name, after).finetune
+        doc = json.loads((run / "metrics.json").read_text())
+        doc["train"] = {"steps": steps, "planned_steps": 80, "seconds": 100.0}
+        (run / "metrics.json").write_text(json.dumps(doc))
+        pre = tmp_path / f"{name}-pretrain"
+        pre.mkdir()
+        (pre / "metrics.json").write_text(
+            json.dumps({"train": {"steps": 120, "planned_steps": 120, "seconds": 50.0}})
+        )
+        runs.append(TowerRun(name, f"/towers/{name}", run, pre))
+    doc = build_comparison(runs)
+    assert doc["notes"] == [
+        "a: finetune stopped at step 74 of 80 (llava.finetune.loop.max_seconds or an early stop)",
+        "finetune: the towers trained different numbers of steps {'a': 74, 'b': 80}",
+    ]
+    assert [(t["pretrain_steps"], t["steps"], t["train_seconds"]) for t in doc["towers"]] == [
+        (120, 74, 150.0),
+        (120, 80, 150.0),
+    ]
+    md = to_markdown(doc)
+    assert "(pretrain 120 steps, finetune 74 of 80 steps; training 150 s)" in md
+    assert "(pretrain 120 steps, finetune 80 steps; training 150 s)" in md
+    assert "note: a: finetune stopped at step 74 of 80" in md

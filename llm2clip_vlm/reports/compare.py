@@ -99,15 +99,21 @@ def build_comparison(runs: Sequence[TowerRun]) -> dict[str, Any]:
             raise NoHeldoutError(
                 f"{run.finetune / METRICS_FILE}: no held-out evaluation (llava.finetune.data has no held-out set)"
             )
-        seconds = float(train_of(metrics).get("seconds", 0.0))
+        train = train_of(metrics)
+        seconds = float(train.get("seconds", 0.0))
+        pretrain: dict[str, Any] = {}
         if run.pretrain is not None and (run.pretrain / METRICS_FILE).is_file():
-            seconds += float(train_of(read_metrics(run.pretrain)).get("seconds", 0.0))
+            pretrain = train_of(read_metrics(run.pretrain))
+            seconds += float(pretrain.get("seconds", 0.0))
         towers.append(
             {
                 "name": run.name,
                 "tower": run.tower,
                 "finetune": str(run.finetune),
-                "steps": train_of(metrics).get("steps"),
+                "steps": train.get("steps"),
+                "planned_steps": train.get("planned_steps"),
+                "pretrain_steps": pretrain.get("steps"),
+                "pretrain_planned_steps": pretrain.get("planned_steps"),
                 "train_seconds": round(seconds, 1),
                 "blind": after.get("blind", "off"),
                 "all": _row(after),
@@ -123,7 +129,32 @@ def build_comparison(runs: Sequence[TowerRun]) -> dict[str, Any]:
         }
         if len(set(counts.values())) > 1:
             notes.append(f"{t}: the towers were asked different numbers of questions {counts}")
+    notes += _training_notes(towers)
     return {"towers": towers, "types": types, "notes": notes}
+
+
+def _training_notes(towers: Sequence[dict[str, Any]]) -> list[str]:
+    """Where the towers' LLaVAs did not train alike: a phase stopped before its planned steps (the
+    ``loop.max_seconds`` cap on a slow or loaded machine), or phases of unequal length."""
+    notes = []
+    for phase, key in (("pretrain", "pretrain_steps"), ("finetune", "steps")):
+        for tw in towers:
+            done, planned = tw.get(key), tw.get(key.replace("steps", "planned_steps"))
+            if isinstance(done, int) and isinstance(planned, int) and done < planned:
+                notes.append(
+                    f"{tw['name']}: {phase} stopped at step {done} of {planned} "
+                    f"(llava.{phase}.loop.max_seconds or an early stop)"
+                )
+        steps = {tw["name"]: tw.get(key) for tw in towers if tw.get(key) is not None}
+        if len(set(steps.values())) > 1:
+            notes.append(f"{phase}: the towers trained different numbers of steps {steps}")
+    return notes
+
+
+def _steps(done: Any, planned: Any) -> str:
+    if done is None:
+        return "?"
+    return f"{done} of {planned}" if isinstance(planned, int) and planned != done else str(done)
 
 
 def _num(v: Any, signed: bool = False) -> str:
@@ -160,6 +191,16 @@ def _blind_line(doc: dict[str, Any]) -> str:
     )
 
 
+def _training(tw: dict[str, Any]) -> str:
+    """``pretrain 120 steps, finetune 74 of 80 steps; 3428 s`` (a comparison written by an older
+    version has only the finetune's steps)."""
+    parts = []
+    if tw.get("pretrain_steps") is not None:
+        parts.append(f"pretrain {_steps(tw['pretrain_steps'], tw.get('pretrain_planned_steps'))} steps")
+    parts.append(f"finetune {_steps(tw.get('steps'), tw.get('planned_steps'))} steps")
+    return ", ".join(parts) + f"; training {tw['train_seconds']:.0f} s"
+
+
 def to_markdown(doc: dict[str, Any]) -> str:
     """``comparison.md``: the side-by-side table (percent), the towers and what the columns mean."""
     head, rows = table_rows(doc)
@@ -168,8 +209,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
     lines += ["", _blind_line(doc), ""]
     for tw in doc["towers"]:
         lines.append(
-            f"- **{tw['name']}**: tower `{tw['tower']}`; finetune run `{tw['finetune']}` "
-            f"({tw['steps']} steps; pretrain + finetune {tw['train_seconds']:.0f} s)"
+            f"- **{tw['name']}**: tower `{tw['tower']}`; finetune run `{tw['finetune']}` ({_training(tw)})"
         )
     lines += [f"- note: {n}" for n in doc["notes"]]
     return "\n".join(lines) + "\n"
@@ -186,7 +226,7 @@ TEMPLATE = """\
 {% endfor %}</table>
 <p class="muted">{{ blind }}</p>
 <h2>Towers</h2><ul>
-{% for tw in towers %}<li><b>{{ tw.name }}</b>: tower <code>{{ tw.tower }}</code>, finetune run <code>{{ tw.finetune }}</code> ({{ tw.steps }} steps; pretrain + finetune {{ '%.0f'|format(tw.train_seconds) }} s)</li>
+{% for tw in towers %}<li><b>{{ tw.name }}</b>: tower <code>{{ tw.tower }}</code>, finetune run <code>{{ tw.finetune }}</code> ({{ tw.training }})</li>
 {% endfor %}</ul>
 {% for n in notes %}<p class="bad">{{ n }}</p>{% endfor %}
 </body></html>
@@ -200,7 +240,7 @@ def to_html(
     """``report.html``: the side-by-side table as one self-contained page."""
     head, rows = table_rows(doc)
     return _PAGE.render(
-        title=title, css=CSS, head=head, rows=rows, blind=_blind_line(doc), towers=doc["towers"],
+        title=title, css=CSS, head=head, rows=rows, blind=_blind_line(doc), towers=[{**tw, "training": _training(tw)} for tw in doc["towers"]],
         notes=doc["notes"], now=dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
     )  # fmt: skip
 
