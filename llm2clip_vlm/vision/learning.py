@@ -156,13 +156,14 @@ class LearningWatch:
             "%d training images is near chance (R@1 I2T %.1f / T2I %.1f, chance %.1f). Likely causes: "
             "the caption embeddings do not describe the images (check the store's data and the stage-1 "
             "CRA); they keep only what all captions of an image share, because stage 1 paired a short "
-            "caption with a long one (stage1.pairing cross_kind or any): try stage1.pairing=same_kind, "
-            "which keeps the long captions' colours and backgrounds (on a poster world: long-"
-            "caption R@1 0.4 -> 10.8); what the captions name is beyond a from-scratch ViT in this many "
-            "steps (small, shifted or tilted glyphs over busy backgrounds: start from a pretrained "
-            "encoder, stage2.backbone.name_or_path; there smaller patches, a conv stem, other learning "
-            "rates, logit scale or normalisation did not help, and more epochs only memorised the "
-            "training images); learning rates too high for the warm-up (stage2.lr, stage2.head_lr, "
+            "caption with a long one (stage1.pairing cross_kind, the reference's, or any): try "
+            "stage1.pairing=same_kind (the demo recipe's) with more stage-1 steps (same-kind pairs "
+            "teach CRA more slowly), which keeps the long captions' colours and backgrounds (on a "
+            "poster world: long-caption R@1 0.4 -> 8.8-10.8); what the captions name is beyond a "
+            "from-scratch ViT in this many steps (small, shifted or tilted glyphs over busy "
+            "backgrounds: start from a pretrained encoder, stage2.backbone.name_or_path; there "
+            "smaller patches, a conv stem, other learning rates, logit scale or normalisation did "
+            "not help, and more epochs only memorised the training images); learning rates too high for the warm-up (stage2.lr, stage2.head_lr, "
             "stage2.loop.warmup_steps), or too few steps (stage2.loop.epochs)",
             step, sum(recent) / len(recent), start,
             " = ln(batch)" if self.loss_start is not None else "", int(metrics["n_images"]),
