@@ -67,4 +67,4 @@ def test_demo_llava_recipe_feeds_the_layer_that_keeps_position_and_pretrains_at_
     assert (ft.loop.schedule, ft.loop.max_steps, ft.lr, ft.tune, ft.template) == (
         "cosine", 80, 1e-4, "full", "vicuna_v1",
     )  # fmt: skip
-    assert not ft.eval_before and ft.eval_blind == "shuffle"
+    assert ft.projector_lr == 1e-3 and not ft.eval_before and ft.eval_blind == "shuffle"
