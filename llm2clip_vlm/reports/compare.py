@@ -137,9 +137,13 @@ def _training_notes(towers: Sequence[dict[str, Any]]) -> list[str]:
     """Where the towers' LLaVAs did not train alike: a phase stopped before its planned steps (the
     ``loop.max_seconds`` cap on a slow or loaded machine), or phases of unequal length."""
     notes = []
-    for phase, key in (("pretrain", "pretrain_steps"), ("finetune", "steps")):
+    phases = (
+        ("pretrain", "pretrain_steps", "pretrain_planned_steps"),
+        ("finetune", "steps", "planned_steps"),
+    )
+    for phase, key, planned_key in phases:
         for tw in towers:
-            done, planned = tw.get(key), tw.get(key.replace("steps", "planned_steps"))
+            done, planned = tw.get(key), tw.get(planned_key)
             if isinstance(done, int) and isinstance(planned, int) and done < planned:
                 notes.append(
                     f"{tw['name']}: {phase} stopped at step {done} of {planned} "
