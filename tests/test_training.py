@@ -3,6 +3,7 @@ checkpoints kept, hooks, time budget, the NaN guard)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,7 +94,9 @@ def _toy_run(out: Path, loop: LoopConfig, on_step=None, nan_at: int = 0, skip: b
     return state, {k: v.clone() for k, v in model.state_dict().items()}, len(clamps)
 
 
-def test_the_loop_resumes_exactly_keeps_n_checkpoints_and_calls_hooks(tmp_path: Path) -> None:
+def test_the_loop_resumes_exactly_keeps_n_checkpoints_and_calls_hooks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     loop = LoopConfig(precision="fp32", max_steps=6, warmup_steps=2, save_every_steps=2, keep_checkpoints=1)
     full, w_full, hooks = _toy_run(tmp_path / "full", loop)
     assert full.step == 6 and hooks == 6 and len(full.losses) == 6
@@ -105,7 +108,12 @@ def test_the_loop_resumes_exactly_keeps_n_checkpoints_and_calls_hooks(tmp_path: 
 
     with pytest.raises(_Stop):
         _toy_run(tmp_path / "cut", loop, on_step=stop)
-    resumed, w_cut, hooks = _toy_run(tmp_path / "cut", loop)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        resumed, w_cut, hooks = _toy_run(tmp_path / "cut", loop)
+    # Said once, naming the stage (the checkpoint is read twice: weights, then optimizer).
+    said = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("toy: resuming from") and "step-0000004" in said[0]
     assert hooks == 2  # steps 5 and 6 only
     assert resumed.extra["started_at"] == {"position": 4}  # the data state saved with step 4
     assert resumed.losses == full.losses  # history restored, the rest recomputed bit for bit

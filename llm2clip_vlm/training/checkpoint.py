@@ -406,7 +406,9 @@ class Checkpointer:
                 f"checkpoint {ckpt} cannot be resumed from: {type(e).__name__}: {e} "
                 "(remove it to fall back to an older one)"
             ) from e
-        log.info("resuming from %s (step %d)", ckpt, meta["step"])
+        # Debug only: the training loop names the stage in its own "resuming from" line, and it
+        # calls this twice (weights first, optimizer after prepare), which logged it twice.
+        log.debug("resuming from %s (step %d)", ckpt, meta["step"])
         return Resumed(ckpt, int(meta["step"]), weights, dict(meta.get("state", {})), rng)
 
     @staticmethod
