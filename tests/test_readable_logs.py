@@ -57,6 +57,30 @@ def test_line_progress_logs_on_schedule(caplog: pytest.LogCaptureFixture) -> Non
     assert "loss 0.333" in lines[0] and "ETA" in lines[0] and lines[1].endswith("done")
 
 
+def test_work_found_done_moves_the_count_but_not_the_rate(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1500 images known from the check cache, then 20 decoded in 2 s: 0.10 s/image, not 760/s."""
+    import logging
+
+    from llm2clip_vlm import progress as progress_module
+
+    clock = iter([0.0, 0.0, 2.0, 2.0])
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    logger = logging.getLogger("llm2clip_vlm")
+    logger.addHandler(caplog.handler)
+    try:
+        progress = LineProgress(lines=True, disable=True, schedule=LineSchedule(seconds=0, steps=1000))
+        task = progress.add_task("checking images", total=1520, unit="image")
+        progress.skip(task, 1500)
+        progress.advance(task, 10)
+        progress.advance(task, 10)
+    finally:
+        logger.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if r.name == "llm2clip_vlm.progress"]
+    assert lines == ["checking images: image 1520/1520 (100%)  |  0.10 s/image, elapsed 0:02, done"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A tiny stage-1 CLI run (LoRA, gradient checkpointing, a checkpoint) with stderr in a file."""

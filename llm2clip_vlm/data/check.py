@@ -102,6 +102,7 @@ def check_images(
         for c in todo:
             lo, hi = c * CHUNK, min(n, (c + 1) * CHUNK)
             done = _read_chunk(directory, c) if directory is not None else None
+            cached = done is not None
             if done is None:
                 done = _check_chunk(
                     records, lo, hi, load, pool, select, lambda: signals.requested is not None
@@ -114,7 +115,10 @@ def check_images(
                     _write_chunk(directory, c, *done)
             status[lo:hi], bad = done
             reasons.update(bad)
-            progress.advance(task, hi - lo)
+            if cached:
+                progress.skip(task, hi - lo)
+            else:
+                progress.advance(task, hi - lo)
     if key is not None:
         log.info(
             "%s: %d of %d images decoded now, the rest known from %s", description, decoded, n, directory

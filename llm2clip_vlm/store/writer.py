@@ -237,7 +237,7 @@ def _encode_shards(
             for index in mine:
                 start, stop = ranges[index]
                 if shard_is_complete(out, index, start, stop, plan_sha) is not None:
-                    progress.advance(task, stop - start)
+                    progress.skip(task, stop - start)
                     continue
                 texts = table.texts[start:stop]
                 lengths, cut = _token_lengths(encoder, texts)
