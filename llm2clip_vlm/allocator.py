@@ -3,9 +3,9 @@
 By default glibc serves every allocation above a (dynamic) threshold of 128 KiB with its own
 ``mmap`` and hands it back with ``munmap`` when it is freed, and trims the heap's free top back to
 the OS above 128 KiB. A CPU training step or an embedding batch allocates and frees hundreds of
-such activation tensors, so every step maps fresh pages and faults each one in again (the kernel
-zeroes every page). Measured on the demo (2026-12-06, loaded, one thread; docs/BENCHMARKS.md,
-"Embedding pass: padding; malloc"): an embedding pass had 0.7-1.3 M minor page faults and 1-2 s
+such activation tensors; freed at the heap's top or unmapped, their pages go back to the OS, and
+the next step maps fresh ones and faults each in again (the kernel zeroes every page). Measured on the demo (2026-12-06, loaded, one thread; docs/BENCHMARKS.md,
+"The demo build's time"): an embedding pass had 0.7-1.3 M minor page faults and 1-2 s
 of system time per 640 captions by default, 80 k and 0.2 s with these settings, and 2-3 % less
 CPU time in all; a 25-step stage-1 run 1.68 M faults against 0.70 M, peak RSS +3 %.
 
