@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from llm2clip_vlm.allocator import keep_freed_memory
 from llm2clip_vlm.errors import Terminated, exit_on_sigterm
 
 if __name__ == "__main__" or Path(sys.argv[0]).name == "llm2clip-vlm":
@@ -1109,6 +1110,9 @@ def bench(
 
 def main() -> None:
     """Console-script entry point."""
+    # Before any tensor exists: freed activation memory stays in the process instead of being
+    # unmapped and faulted in again every step (glibc only; llm2clip_vlm.allocator).
+    keep_freed_memory()
     # Our own rich bars show progress; transformers' per-file tqdm bars would only add noise.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -94,6 +94,7 @@ def _mean_tokens(tokenizer: Any, texts: Sequence[str], max_length: int, multiple
     if not texts:
         return 0.0
     lengths = [min(max_length, len(ids)) for ids in tokenizer(list(texts))["input_ids"]]
+    multiple = max(1, multiple)  # 0 = no rounding
     return sum(math.ceil(n / multiple) * multiple for n in lengths) / len(lengths)
 
 
@@ -148,10 +149,14 @@ def estimate_build(
     keep = emb.train_captions_per_kind or 10**9
     n_short = sum(min(keep, len(r.of_kind("short"))) for r in train)  # type: ignore[arg-type]
     n_long = sum(min(keep, len(r.of_kind("long"))) for r in train)  # type: ignore[arg-type]
-    embed_tokens = n_short * t_short + n_long * t_long
+    # The store pads its batches to embed.pad_to_multiple_of (0: as stage 1 did).
+    multiple = emb.pad_to_multiple_of or s1.pad_to_multiple_of
+    e_short = _mean_tokens(tok, short, s1.max_length, multiple)
+    e_long = _mean_tokens(tok, long, s1.max_length, multiple) or e_short
+    embed_tokens = n_short * e_short + n_long * e_long
     for records in heldout.values():
         for r in records[:2000]:
-            embed_tokens += len(r.of_kind("short")) * t_short + len(r.of_kind("long")) * t_long  # type: ignore[arg-type]
+            embed_tokens += len(r.of_kind("short")) * e_short + len(r.of_kind("long")) * e_long  # type: ignore[arg-type]
     embed = embed_tokens * token_seconds / EMBED_EFFICIENCY
 
     # Stage 2: a random ViT of the configured size (a pretrained one: not estimated here).

@@ -70,6 +70,13 @@ def test_estimate_counts_the_planned_work(tiny4: Path) -> None:
     train, held = scene_records(200), {"short": scene_records(50, offset=300)}
     est = estimate_build(cfg, train, held, rate=1e9)
     assert est is not None and est["total"] == pytest.approx(est["stage1"] + est["embed"] + est["stage2"])
+    # The store pads its batches to embed.pad_to_multiple_of (the demo: 1); a multiple of 16 (or
+    # 0: stage 1's 8) computes more tokens.
+    assert cfg.embed.pad_to_multiple_of == 1
+    for multiple in (16, 0):
+        cfg.embed.pad_to_multiple_of = multiple
+        assert estimate_build(cfg, train, held, rate=1e9)["embed"] > 1.1 * est["embed"]  # type: ignore[index]
+    cfg.embed.pad_to_multiple_of = 1
     # Twice the stage-1 steps cost about twice the stage-1 time; LoRA on fewer layers costs less.
     cfg.stage1.loop.max_steps *= 2
     assert estimate_build(cfg, train, held, rate=1e9)["stage1"] > 1.8 * est["stage1"]  # type: ignore[index]

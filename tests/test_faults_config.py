@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("stage2.embed_dim=0", "stage2.embed_dim must be an integer >= 1"),
         ("data.max_bad_fraction=7", "data.max_bad_fraction must be a fraction in [0, 1]"),
         ("stage2.loop.max_steps=-5", "stage2.loop.max_steps must be an integer >= 0"),
+        ("embed.pad_to_multiple_of=-8", "embed.pad_to_multiple_of must be an integer >= 0"),
         (
             "llava.finetune.loop.warmup_ratio=2",
             "llava.finetune.loop.warmup_ratio must be a fraction in [0, 1]",

@@ -20,7 +20,13 @@ from store_driver import make_encoder_dir, make_records
 from llm2clip_vlm.data.records import Caption, ImageCaptions
 from llm2clip_vlm.store import format as fmt
 from llm2clip_vlm.store.config import EmbedConfig
-from llm2clip_vlm.store.store import EmbeddingStore, StoreInputError, StoreMismatchError, write_store
+from llm2clip_vlm.store.store import (
+    EmbeddingStore,
+    StoreConflictError,
+    StoreInputError,
+    StoreMismatchError,
+    write_store,
+)
 from llm2clip_vlm.store.writer import bucket_batches, to_storage
 from llm2clip_vlm.text.encoder import CaptionEncoder
 
@@ -173,6 +179,36 @@ def test_bucketing_keeps_row_order_and_cuts_padding(
     whole = encoder.tokenizer(texts_of(records))["input_ids"]
     cut = sum(len(x) > encoder.max_length for x in whole)
     assert cut > 0 and tb["cut_captions"] == tu["cut_captions"] == cut
+
+
+def test_padding_only_to_the_longest_gives_the_same_embeddings_with_fewer_tokens(
+    tmp_path: Path, encoder: CaptionEncoder, records: list, reference: np.ndarray
+) -> None:
+    """Padding is masked out of attention and pooling, so the multiple the store pads its
+    length-sorted batches to changes only float rounding (issue 28: the demo pads to 1, not 8)."""
+    assert encoder.pad_to_multiple_of == 16  # as stage 1 padded (the encoder's record)
+    padded = EmbeddingStore.open(
+        write_store(encoder, records, tmp_path / "p16", dataclasses.replace(CFG, bucket_by_length=False))
+    )
+    cfg1 = dataclasses.replace(CFG, bucket_by_length=False, pad_to_multiple_of=1)
+    tight = EmbeddingStore.open(write_store(encoder, records, tmp_path / "p1", cfg1))
+    assert encoder.pad_to_multiple_of == 16  # restored after the pass
+    np.testing.assert_allclose(tight[:], reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tight[:], padded[:], rtol=1e-5, atol=1e-5)
+    t16, t1 = padded.manifest["tokens"], tight.manifest["tokens"]
+    assert t1["real"] == t16["real"]
+    assert t1["real"] < t1["computed"] < t16["computed"]  # unsorted batches still pad to their longest
+    # Every computed token of a batch: its size times its longest caption (rounded up to 16 in p16).
+    ids = encoder.tokenizer(texts_of(records), truncation=True, max_length=encoder.max_length)["input_ids"]
+    batches = [[len(x) for x in ids[i : i + 4]] for i in range(0, len(ids), 4)]
+    assert t1["computed"] == sum(len(b) * max(b) for b in batches)
+    assert t16["computed"] == sum(len(b) * 16 * -(-max(b) // 16) for b in batches)
+    # The setting is part of the plan (it changes rounding); unset, the plan is as before it existed.
+    assert tight.manifest["pad_to_multiple_of"] == 1 and "pad_to_multiple_of" not in padded.manifest
+    with pytest.raises(StoreConflictError, match="pad_to_multiple_of"):
+        write_store(encoder, records, tmp_path / "p1", dataclasses.replace(cfg1, pad_to_multiple_of=8))
+    with pytest.raises(StoreConflictError, match="pad_to_multiple_of: 1 there, unset"):
+        write_store(encoder, records, tmp_path / "p1", dataclasses.replace(cfg1, pad_to_multiple_of=0))
 
 
 # --------------------------------------------------------------------------------------------

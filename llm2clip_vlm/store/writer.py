@@ -126,6 +126,9 @@ def _plan(encoder: Encoder, table: fmt.CaptionTable, cfg: EmbedConfig) -> dict[s
         "shard_size": cfg.shard_size,
         "batch_size": cfg.batch_size,
         "bucket_by_length": cfg.bucket_by_length,
+        # Padding changes rounding too; recorded only when set, so the plans of stores written
+        # before the setting existed (padded as their encoder) still match a resumed run.
+        **({"pad_to_multiple_of": cfg.pad_to_multiple_of} if cfg.pad_to_multiple_of else {}),
     }
 
 
@@ -144,6 +147,8 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
         for k in plan
         if old.get(k) != plan[k] and k not in ("captions_sha256", "image_keys_sha256")
     ]
+    if "pad_to_multiple_of" in old and "pad_to_multiple_of" not in plan:  # set then, unset now
+        diffs.append(f"pad_to_multiple_of: {old['pad_to_multiple_of']!r} there, unset (0) now")
     if old.get("captions_sha256") != plan["captions_sha256"]:
         diffs.append("the captions differ")
     if old.get("image_keys_sha256") != plan["image_keys_sha256"]:
@@ -223,7 +228,8 @@ def _encode_shards(
     mine: range,
     rank: int,
 ) -> None:
-    multiple = int(getattr(encoder, "pad_to_multiple_of", None) or 1)
+    own_multiple = getattr(encoder, "pad_to_multiple_of", None)
+    multiple = int(cfg.pad_to_multiple_of or own_multiple or 1)
     total = sum(ranges[i][1] - ranges[i][0] for i in mine)
     done_rows = real_tok = computed_tok = 0
     t0 = time.perf_counter()
@@ -231,6 +237,10 @@ def _encode_shards(
     previous = getattr(encoder, "autocast_dtype", None)
     if had_autocast:
         encoder.autocast_dtype = _AUTOCAST[cfg.precision]  # type: ignore[attr-defined]
+    # The encoder pads its batches as it was told; set for this pass and restored after it.
+    repad = cfg.pad_to_multiple_of > 0 and hasattr(encoder, "pad_to_multiple_of")
+    if repad:
+        encoder.pad_to_multiple_of = multiple if multiple > 1 else None  # type: ignore[attr-defined]
     try:
         with make_progress(disable=rank != 0) as progress:
             task = progress.add_task(f"embed {out.name}", total=total, status="", unit="caption")
@@ -276,6 +286,8 @@ def _encode_shards(
     finally:
         if had_autocast:
             encoder.autocast_dtype = previous  # type: ignore[attr-defined]
+        if repad:
+            encoder.pad_to_multiple_of = own_multiple  # type: ignore[attr-defined]
     dt = time.perf_counter() - t0
     if done_rows:
         log.info(
