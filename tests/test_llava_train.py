@@ -292,7 +292,7 @@ def test_token_loss_equals_transformers_loss_with_logits_kept_only_where_needed(
     assert float(ours) == pytest.approx(float(ref) * batch.num_supervised, rel=1e-5)
 
 
-def test_a_shared_prefix_is_computed_once_with_the_full_batchs_loss_and_gradients(
+def test_a_shared_prefix_and_supervised_only_logits_keep_the_full_batchs_loss_and_gradients(
     parts, pretrained: Path
 ) -> None:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -317,21 +317,25 @@ def test_a_shared_prefix_is_computed_once_with_the_full_batchs_loss_and_gradient
         lambda mod, args, out: read.append(args[0].numel())
     )
     results = {}
-    for k in (0, prefix):
+    # (prefix, head): the full batch; the prefix once; and only supervised pairs through the head.
+    for k, head in ((0, None), (prefix, None), (prefix, model.lm_head)):
         model.zero_grad()
         read.clear()
-        loss = token_loss_sum(model, batch, torch.device("cpu"), k)
+        loss = token_loss_sum(model, batch, torch.device("cpu"), k, head)
         loss.backward()
         grads = {n: t.grad.clone() for n, t in model.named_parameters() if t.grad is not None}
-        results[k] = (float(loss.detach()), grads, list(read))
+        results[k, head is not None] = (float(loss.detach()), grads, list(read))
     hook.remove()
-    (full, g_full, read_full), (shared, g_shared, read_shared) = results[0], results[prefix]
+    assert not model.lm_head._forward_pre_hooks  # the head's hook lives for one call only
+    full, g_full, read_full = results[0, False]
     rows, width = batch.input_ids.shape
-    assert read_full == [rows * width] and read_shared == [prefix, rows * (width - prefix)]
-    assert shared == pytest.approx(full, rel=1e-5)
-    assert g_shared.keys() == g_full.keys() and len(g_full) > 10  # the LLM's and the projector's
-    for name, g in g_full.items():
-        assert torch.allclose(g_shared[name], g, rtol=1e-3, atol=1e-6), name
+    assert read_full == [rows * width]
+    for shared, g_shared, read_shared in (results[prefix, False], results[prefix, True]):
+        assert read_shared == [prefix, rows * (width - prefix)]
+        assert shared == pytest.approx(full, rel=1e-5)
+        assert g_shared.keys() == g_full.keys() and len(g_full) > 10  # the LLM's and the projector's
+        for name, g in g_full.items():
+            assert torch.allclose(g_shared[name], g, rtol=1e-3, atol=1e-6), name
 
 
 def test_an_llm_with_pickled_weights_only_is_refused_unless_allowed(parts, tmp_path: Path) -> None:

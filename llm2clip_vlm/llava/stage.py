@@ -40,10 +40,12 @@ def llava_stage(
     # hook one forward) and the KV cache (gradient checkpointing drops it).
     alone = accelerator.num_processes == 1 and not deepspeed and not run.fsdp2
     share = p.share_prefix and alone and not p.gradient_checkpointing
-    image_token = base_model(accelerator.unwrap_model(model)).config.image_token_index
+    base = base_model(accelerator.unwrap_model(model))
     step = LlavaStep(
         accelerator, model, p.micro_batch_size, deepspeed, run.state.extra, p.loss_mean, run.fsdp2,
-        sort_micro_batches=p.sort_micro_batches, share_prefix_before=image_token if share else None,
+        sort_micro_batches=p.sort_micro_batches,
+        share_prefix_before=base.config.image_token_index if share else None,
+        head=base.lm_head if alone else None,  # a hook inside a sharded module: not tried there
     )  # fmt: skip
     # Under DeepSpeed, clipping and the update happen in backward (gradient_clipping).
     parts = (model, *updates, step, weights, None if deepspeed else model.parameters)

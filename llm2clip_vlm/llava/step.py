@@ -43,7 +43,9 @@ def _cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def token_loss_sum(model: Any, batch: Batch, device: torch.device, prefix: int = 0) -> torch.Tensor:
+def token_loss_sum(
+    model: Any, batch: Batch, device: torch.device, prefix: int = 0, head: torch.nn.Module | None = None
+) -> torch.Tensor:
     """Sum of next-token cross-entropies over the supervised tokens of a micro batch.
 
     Only positions that predict a supervised token in some row go through the LM head
@@ -57,6 +59,11 @@ def token_loss_sum(model: Any, batch: Batch, device: torch.device, prefix: int =
     the full batch's (up to float rounding): the system prompt of a vicuna_v1 batch (~30 tokens a
     row) is computed once per micro batch instead of once per row. Positions that predict a
     supervised token are never in the prefix (it is cut before the first).
+
+    ``head`` (the model's LM head module): only the (row, position) pairs with a target go
+    through it, not every row at every kept position (the demo's batches of 8: ~300 kept
+    (row, position) pairs a step for ~64 targets): a pre-hook gathers them from the head's input.
+    The other pairs' logits only ever met ``ignore_index``, so the loss and gradients are the same.
     """
     targets = batch.labels[:, 1:]
     # Position p predicts token p + 1; keep the positions where any row has a target.
@@ -67,9 +74,9 @@ def token_loss_sum(model: Any, batch: Batch, device: torch.device, prefix: int =
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     kwargs: dict[str, Any] = {"attention_mask": mask}
     if prefix >= 2:
-        head = model(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], use_cache=True,
+        first = model(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], use_cache=True,
                      logits_to_keep=1)  # fmt: skip
-        cache = getattr(head, "cache", None) or head.past_key_values
+        cache = getattr(first, "cache", None) or first.past_key_values
         cache.batch_repeat_interleave(ids.shape[0])
         kwargs[_cache_kwarg(model)] = cache
         ids, keep_at = ids[:, prefix:], keep - prefix
@@ -78,8 +85,21 @@ def token_loss_sum(model: Any, batch: Batch, device: torch.device, prefix: int =
     kwargs.update(input_ids=ids, logits_to_keep=keep_at.to(device))
     if batch.pixel_values is not None:
         kwargs["pixel_values"] = batch.pixel_values.to(device)
-    logits = model(**kwargs).logits  # [B, len(keep), vocab]
-    labels = targets[:, keep].to(device)
+    labels = targets[:, keep].to(device)  # [B, len(keep)]
+    hook = None
+    pairs = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+    if head is not None and pairs[0].numel():
+
+        def supervised_only(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (args[0][pairs].unsqueeze(0), *args[1:])  # [B, len(keep), D] -> [1, n, D]
+
+        hook = head.register_forward_pre_hook(supervised_only)
+        labels = labels[pairs].unsqueeze(0)
+    try:
+        logits = model(**kwargs).logits  # [B, len(keep), vocab], or [1, n, vocab] with the head's hook
+    finally:
+        if hook is not None:
+            hook.remove()
     return F.cross_entropy(
         logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
@@ -116,19 +136,20 @@ class LlavaStep:
     def __init__(
         self, accelerator: Any, model: Any, micro_batch_size: int, deepspeed: bool, counts: dict[str, Any],
         loss_mean: str = "tokens", fsdp2: bool = False, *, sort_micro_batches: bool = False,
-        share_prefix_before: int | None = None,
+        share_prefix_before: int | None = None, head: torch.nn.Module | None = None,
     ) -> None:  # fmt: skip
         """``sort_micro_batches``: cut the micro batches from the batch sorted by length (token mean
         only: there the grouping does not change the loss); ``share_prefix_before``: the image token
         id to compute each micro batch's common prefix once (:func:`token_loss_sum`; one process,
-        no DeepSpeed / FSDP2, no gradient checkpointing: the caller checks that), None = off."""
+        no DeepSpeed / FSDP2, no gradient checkpointing: the caller checks that), None = off;
+        ``head``: the LM head, to feed it only the supervised (row, position) pairs."""
         if loss_mean not in ("tokens", "micro_batch"):
             raise ValueError(f"loss_mean must be 'tokens' or 'micro_batch', not {loss_mean!r}")
         self.accelerator, self.model = accelerator, model
         self.micro, self.deepspeed, self.fsdp2 = micro_batch_size, deepspeed, fsdp2
         self.per_micro = loss_mean == "micro_batch"
         self.sort = sort_micro_batches and not self.per_micro
-        self.prefix_stop = share_prefix_before
+        self.prefix_stop, self.head = share_prefix_before, head
         # Truncated / dropped samples so far: the run's state (checkpointed with it).
         self.counts = counts
         counts.setdefault("truncated", 0)
@@ -165,14 +186,14 @@ class LlavaStep:
             with ctx, acc.autocast():
                 if self.per_micro:  # this micro batch's mean, a 1/len(micro) share of the rank's loss
                     loss = (
-                        token_loss_sum(self.model, mb, acc.device, prefix)
+                        token_loss_sum(self.model, mb, acc.device, prefix, self.head)
                         / max(1, mb.num_supervised)
                         / len(micro)
                     )
                     # DeepSpeed divides by its accumulation count (= len(micro)) itself.
                     scale = len(micro) if self.deepspeed else 1
                 else:
-                    loss = token_loss_sum(self.model, mb, acc.device, prefix) / denom
+                    loss = token_loss_sum(self.model, mb, acc.device, prefix, self.head) / denom
             acc.backward(loss * scale)
             step_loss += loss.detach()
         # Token mean: the ranks' shares add up to the global loss; micro-batch mean: DDP's average.
