@@ -229,6 +229,22 @@ def test_length_sorted_micro_batches_pad_less_than_llavas_grouping_with_the_same
     assert torch.allclose(grads[True], grads[False], atol=1e-7)
 
 
+def test_a_micro_batch_that_uses_no_trainable_weight_steps_with_zero_gradients() -> None:
+    # Projector tuning on text-only rows (sorting by length can put them in one micro batch): the
+    # loss does not depend on anything trainable; the step still runs backward, with zeros.
+    model = _TinyLM()
+    model.requires_grad_(False)
+    model.projector = nn.Linear(2, 2)  # trainable, unused by text-only rows
+    ids = torch.tensor([1, 2, 3, 4])
+    batch = Collator(0)(
+        [Sample(ids, ids.clone(), None, False, "t0"), Sample(ids[:3], ids[:3].clone(), None, False, "t1")]
+    )
+    out = LlavaStep(dist.make_accelerator("fp32"), model, 1, False, {}, "tokens", sort_micro_batches=True)(
+        batch
+    )
+    assert out.loss > 0 and torch.equal(model.projector.weight.grad, torch.zeros(2, 2))
+
+
 # -- group_by_length -------------------------------------------------------------------------
 def _records(n: int, rng: random.Random) -> list[dict]:
     out = []

@@ -194,6 +194,11 @@ class LlavaStep:
                     scale = len(micro) if self.deepspeed else 1
                 else:
                     loss = token_loss_sum(self.model, mb, acc.device, prefix, self.head) / denom
+            if not loss.requires_grad:
+                # Only text-only rows while only the projector trains (sorting by length can group
+                # them): nothing trainable was used. A zero on the trainable weights keeps backward
+                # (and DDP's gradient hooks) the same on every micro batch and rank.
+                loss = loss + sum(0.0 * t.sum() for t in self.model.parameters() if t.requires_grad)
             acc.backward(loss * scale)
             step_loss += loss.detach()
         # Token mean: the ranks' shares add up to the global loss; micro-batch mean: DDP's average.
