@@ -87,7 +87,17 @@ COMMAND_UNREAD: dict[str, tuple[str, ...]] = {
 
 # Keys (last component) that change how fast a run goes, never what it computes.
 SPEED_KEYS = frozenset(
-    {"num_workers", "save_every_steps", "keep_checkpoints", "max_seconds", "eval_batch_size", "threads"}
+    {
+        "num_workers",
+        "save_every_steps",
+        "keep_checkpoints",
+        "max_seconds",
+        "eval_batch_size",
+        "threads",
+        # the same update up to float rounding (llava.<phase>: micro-batch grouping, the shared prefix)
+        "sort_micro_batches",
+        "share_prefix",
+    }
 )
 # Whole sections that are speed/process settings.
 SPEED_SECTIONS = ("runtime",)

@@ -187,6 +187,64 @@ def test_micro_batch_loss_mean_is_the_hf_trainers() -> None:
     assert abs(losses["tokens"] - losses["micro_batch"]) > 1e-4  # the other mean, on the same batch
 
 
+def test_length_sorted_micro_batches_pad_less_than_llavas_grouping_with_the_same_token_mean() -> None:
+    """LLaVA's length grouping does not cut the padding inside an optimizer step: its megabatch is
+    one step (``world_size`` = processes x gradient_accumulation_steps in ``_get_train_sampler``,
+    haotian-liu/LLaVA llava/train/llava_trainer.py) and ``split_to_even_chunks`` deals the
+    step's records, longest first, to the chunk of least total length, so every micro batch mixes
+    long and short records. Our step sorts its batch by length before cutting the micro batches
+    (``sort_micro_batches``); the token-mean loss does not depend on the grouping."""
+    rng = random.Random(3)
+    lengths = [rng.randint(4, 60) for _ in range(64)]
+    samples = []
+    for i, n in enumerate(lengths):
+        ids = torch.tensor([rng.randrange(1, 11) for _ in range(n)])
+        labels = ids.clone()
+        labels[: n // 2] = IGNORE_INDEX
+        pixels = torch.full((3, 2, 2), float(i)) if i % 2 else None  # odd records carry an "image"
+        samples.append(Sample(ids, labels, pixels, False, f"r{i}"))
+    micro, accumulation = 4, 4
+    torch.manual_seed(0)
+    order = list(LengthGroupedSampler(micro, accumulation, lengths=lengths, group_by_modality=False))
+    step = Collator(0)([samples[i] for i in order[: micro * accumulation]])  # LLaVA's first step
+    computed = {
+        "llava": sum(mb.input_ids.numel() for mb in step.split(micro)),
+        "sorted": sum(mb.input_ids.numel() for mb in step.by_length().split(micro)),
+    }
+    real = int(step.attention_mask.sum())
+    assert computed["sorted"] < real + 0.5 * (computed["llava"] - real)  # under half the padding
+    # Rows keep their image and source: odd records' pixels carry their record number.
+    ranked = step.by_length()
+    assert ranked.attention_mask.sum(1).tolist() == sorted(step.attention_mask.sum(1).tolist(), reverse=True)
+    image_sources = [s for s, has in zip(ranked.sources, ranked.image_rows.tolist(), strict=True) if has]
+    assert [f"r{int(pv[0, 0, 0])}" for pv in ranked.pixel_values] == image_sources
+    acc = dist.make_accelerator("fp32")
+    losses, grads = {}, {}
+    for sort in (False, True):
+        torch.manual_seed(1)
+        model = _TinyLM()
+        losses[sort] = LlavaStep(acc, model, micro, False, {}, "tokens", sort_micro_batches=sort)(step).loss
+        grads[sort] = model.head.weight.grad.clone()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    assert torch.allclose(grads[True], grads[False], atol=1e-7)
+
+
+def test_a_micro_batch_that_uses_no_trainable_weight_steps_with_zero_gradients() -> None:
+    # Projector tuning on text-only rows (sorting by length can put them in one micro batch): the
+    # loss does not depend on anything trainable; the step still runs backward, with zeros.
+    model = _TinyLM()
+    model.requires_grad_(False)
+    model.projector = nn.Linear(2, 2)  # trainable, unused by text-only rows
+    ids = torch.tensor([1, 2, 3, 4])
+    batch = Collator(0)(
+        [Sample(ids, ids.clone(), None, False, "t0"), Sample(ids[:3], ids[:3].clone(), None, False, "t1")]
+    )
+    out = LlavaStep(dist.make_accelerator("fp32"), model, 1, False, {}, "tokens", sort_micro_batches=True)(
+        batch
+    )
+    assert out.loss > 0 and torch.equal(model.projector.weight.grad, torch.zeros(2, 2))
+
+
 # -- group_by_length -------------------------------------------------------------------------
 def _records(n: int, rng: random.Random) -> list[dict]:
     out = []

@@ -292,6 +292,52 @@ def test_token_loss_equals_transformers_loss_with_logits_kept_only_where_needed(
     assert float(ours) == pytest.approx(float(ref) * batch.num_supervised, rel=1e-5)
 
 
+def test_a_shared_prefix_and_supervised_only_logits_keep_the_full_batchs_loss_and_gradients(
+    parts, pretrained: Path
+) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llm2clip_vlm.data.conversations import load_llava_records
+    from llm2clip_vlm.llava.data import Collator, LlavaDataset
+    from llm2clip_vlm.llava.step import shared_prefix_length, token_loss_sum
+
+    model = LlavaForConditionalGeneration.from_pretrained(pretrained / "model").eval()  # no dropout
+    proc = AutoProcessor.from_pretrained(pretrained / "model")
+    recs = [r for r in load_llava_records(parts["data"] / "llava_instruct.json") if r.has_image][:5]
+    cfg = model.config
+    ds = LlavaDataset(recs, proc.tokenizer, proc.image_processor, "vicuna_v1", cfg.image_token_index,
+                      cfg.image_seq_length, 512)  # fmt: skip
+    batch = Collator(proc.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
+    # vicuna_v1: every row starts with the system prompt and "USER:", then its image.
+    prefix = shared_prefix_length(batch, cfg.image_token_index)
+    assert prefix == int((batch.input_ids[0] == cfg.image_token_index).nonzero()[0]) > 20
+    assert shared_prefix_length(batch.split(1)[0], cfg.image_token_index) == 0
+    read: list[int] = []  # token positions the LLM's embedding looked up, call by call
+    hook = model.model.language_model.embed_tokens.register_forward_hook(
+        lambda mod, args, out: read.append(args[0].numel())
+    )
+    results = {}
+    # (prefix, head): the full batch; the prefix once; and only supervised pairs through the head.
+    for k, head in ((0, None), (prefix, None), (prefix, model.lm_head)):
+        model.zero_grad()
+        read.clear()
+        loss = token_loss_sum(model, batch, torch.device("cpu"), k, head)
+        loss.backward()
+        grads = {n: t.grad.clone() for n, t in model.named_parameters() if t.grad is not None}
+        results[k, head is not None] = (float(loss.detach()), grads, list(read))
+    hook.remove()
+    assert not model.lm_head._forward_pre_hooks  # the head's hook lives for one call only
+    full, g_full, read_full = results[0, False]
+    rows, width = batch.input_ids.shape
+    assert read_full == [rows * width]
+    for shared, g_shared, read_shared in (results[prefix, False], results[prefix, True]):
+        assert read_shared == [prefix, rows * (width - prefix)]
+        assert shared == pytest.approx(full, rel=1e-5)
+        assert g_shared.keys() == g_full.keys() and len(g_full) > 10  # the LLM's and the projector's
+        for name, g in g_full.items():
+            assert torch.allclose(g_shared[name], g, rtol=1e-3, atol=1e-6), name
+
+
 def test_an_llm_with_pickled_weights_only_is_refused_unless_allowed(parts, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -317,3 +363,30 @@ def test_warmup_reaches_the_full_lr_at_its_last_step() -> None:
         [0.25, 0.5, 0.75, 1.0, 1.0], abs=1e-3
     )
     assert lr_factor(0, 0, 10, "constant") == 1.0
+
+
+def test_a_single_cpu_process_uses_fused_adamw_with_the_same_updates() -> None:
+    from llm2clip_vlm.llava.train import fused_adamw
+    from llm2clip_vlm.training.optim import adamw
+
+    cpu = torch.device("cpu")
+    assert fused_adamw(cpu, 1, False) is True
+    assert fused_adamw(cpu, 2, False) is None and fused_adamw(cpu, 1, True) is None
+    assert fused_adamw(torch.device("cuda"), 1, False) is None  # torch's choice on a GPU, as before
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(32)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(5)]
+    final = {}
+    for fused in (None, True):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        groups = [{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}]
+        opt = adamw(groups, 1e-2, cpu, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+        assert opt.defaults["fused"] is fused
+        for g in grads:
+            for t, gt in zip(params, g, strict=True):
+                t.grad = gt.clone()
+            opt.step()
+        final[fused] = [t.detach() for t in params]
+    for a, b, s in zip(final[None], final[True], start, strict=True):
+        assert (a - s).abs().max() > 1e-2  # five steps moved them
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

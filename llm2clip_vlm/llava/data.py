@@ -152,6 +152,20 @@ class Batch:
         """Tokens that carry loss (labels shifted by one: the first position predicts nothing)."""
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
+    def by_length(self) -> Batch:
+        """The same rows, longest first (stable; pixel values follow their rows): micro batches
+        cut from it hold rows of similar length, so :meth:`split` trims more padding."""
+        order = torch.argsort(self.attention_mask.sum(1), descending=True, stable=True)
+        pv = None
+        if self.pixel_values is not None:
+            image_of_row = torch.cumsum(self.image_rows, 0) - 1  # row -> its image's index
+            pv = self.pixel_values[image_of_row[order[self.image_rows[order].bool()]]]
+        sources = [self.sources[int(i)] for i in order] if self.sources else []
+        return Batch(
+            self.input_ids[order], self.attention_mask[order], self.labels[order], pv,
+            self.image_rows[order], self.truncated, self.dropped, sources,
+        )  # fmt: skip
+
     def split(self, size: int) -> list[Batch]:
         """Micro batches of at most ``size`` rows (pixel values follow their rows)."""
         out = []

@@ -11,7 +11,7 @@ import torch
 
 from llm2clip_vlm.data.errors import BadRecords
 from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
-from llm2clip_vlm.llava.model import merged_model, save_llava, save_projector
+from llm2clip_vlm.llava.model import base_model, merged_model, save_llava, save_projector
 from llm2clip_vlm.llava.step import LlavaStep
 from llm2clip_vlm.training.loop import Run, Stage, TrainState
 from llm2clip_vlm.training.session import Session
@@ -36,9 +36,17 @@ def llava_stage(
         full = accelerator.get_state_dict(model)  # collective under FSDP: every rank calls it
         return {n: t.detach().cpu().contiguous() for n, t in (full or {}).items() if n in trainable}
 
+    # The shared prefix needs one forward per backward outside any wrapper (DDP, DeepSpeed, FSDP2
+    # hook one forward) and the KV cache (gradient checkpointing drops it).
+    alone = accelerator.num_processes == 1 and not deepspeed and not run.fsdp2
+    share = p.share_prefix and alone and not p.gradient_checkpointing
+    base = base_model(accelerator.unwrap_model(model))
     step = LlavaStep(
-        accelerator, model, p.micro_batch_size, deepspeed, run.state.extra, p.loss_mean, run.fsdp2
-    )
+        accelerator, model, p.micro_batch_size, deepspeed, run.state.extra, p.loss_mean, run.fsdp2,
+        sort_micro_batches=p.sort_micro_batches,
+        share_prefix_before=base.config.image_token_index if share else None,
+        head=base.lm_head if alone else None,  # a hook inside a sharded module: not tried there
+    )  # fmt: skip
     # Under DeepSpeed, clipping and the update happen in backward (gradient_clipping).
     parts = (model, *updates, step, weights, None if deepspeed else model.parameters)
     data_state = getattr(loader, "state_dict", None)
