@@ -148,6 +148,44 @@ def test_finetune_starts_from_the_projector_and_trains_the_llm(
     )
 
 
+def test_finetune_continues_the_llm_a_full_pretraining_trained(parts, pretrained: Path, tmp_path) -> None:
+    """ShareGPT4V's pretraining also trains the LLM and its finetune starts from that whole
+    checkpoint (ShareGPT4Omni/ShareGPT4V scripts/sharegpt4v/slurm_pretrain_7b.sh:
+    TUNE_ENTIRE_MODEL=true; slurm_finetune_7b.sh: --model_name_or_path the pretrained checkpoint).
+    LLaVA-1.5's pretraining trains the projector alone: its finetune starts from the base LLM."""
+    from transformers import AutoModelForCausalLM
+
+    from llm2clip_vlm.errors import BadInputFileError
+    from llm2clip_vlm.llava.model import build_model, loaded_llava_name
+
+    extra = ["llava.pretrain.tune=full", "llava.pretrain.eval_before=false", "llava.pretrain.loop.max_steps=2"]
+    full = tmp_path / "pre-full"
+    run_llava(_cfg(parts, "pretrain", extra), full, "pretrain")
+    base = AutoModelForCausalLM.from_pretrained(parts["llm"]).state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    llava = _cfg(parts, "finetune").llava
+
+    model, _ = build_model(llava, "finetune", full, torch.float32)
+    saved = {loaded_llava_name(k): v for k, v in load_file(str(full / "model" / "model.safetensors")).items()}
+    mine = model.state_dict()
+    llm_keys = [k for k in mine if k.startswith("model.language_model.")]
+    assert llm_keys and all(torch.equal(mine[k], saved[k]) for k in llm_keys)
+    assert not torch.equal(mine[f"model.language_model.{q[6:]}"], base[q])  # the pretraining moved it
+    proj = load_file(str(full / "mm_projector.safetensors"))
+    assert torch.equal(mine["model.multi_modal_projector.linear_1.weight"], proj["model.mm_projector.0.weight"])
+
+    # A projector-only pretraining (the fixture), or its projector file alone: the base LLM.
+    for init in (pretrained, full / "mm_projector.safetensors"):
+        model, _ = build_model(llava, "finetune", init, torch.float32)
+        assert torch.equal(model.state_dict()[f"model.language_model.{q[6:]}"], base[q])
+
+    # Another LLM of the same width: one line naming the saved model, not a silent partial load.
+    other = _cfg(parts, "finetune", [f"llava.llm={save_tiny_llm(tmp_path / 'llm3', hidden_size=64, layers=3)}"])
+    with pytest.raises(BadInputFileError, match="another llava.llm") as err:
+        build_model(other.llava, "finetune", full, torch.float32)
+    assert str(full / "model") in str(err.value)
+
+
 def test_finetune_without_a_projector_or_tower_says_what_to_run(parts, tmp_path: Path) -> None:
     runner = CliRunner()
     args = ["llava-finetune", "-o", str(tmp_path / "x"), "--from", str(tmp_path / "nope")]

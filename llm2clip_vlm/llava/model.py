@@ -149,7 +149,83 @@ def build_model(
     if init is not None:
         load_projector(model.model.multi_modal_projector, init)
         log.info("projector loaded from %s", init)
+        trained_llm = pretrained_llm_dir(init)
+        if trained_llm is not None:
+            load_pretrained_llm(model, trained_llm)
     return prepare_phase(model, p, compute_dtype), processor
+
+
+def pretrained_llm_dir(init: Path) -> Path | None:
+    """The saved model of a ``llava-pretrain`` output whose pretraining also trained the LLM
+    (``llava.pretrain.tune`` full / lora / qlora, as ShareGPT4V's pretraining does:
+    ShareGPT4Omni/ShareGPT4V scripts/sharegpt4v/slurm_pretrain_7b.sh, ``TUNE_ENTIRE_MODEL=true``,
+    and its finetune starts from that whole checkpoint), else None: LLaVA-1.5's pretraining trains
+    the projector alone, and its finetune starts from the base LLM plus that projector."""
+    if not init.is_dir():
+        return None  # a bare mm_projector.safetensors: the projector only
+    try:
+        tune = json.loads((init / "metrics.json").read_text())["details"]["tune"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not a finished llava-pretrain output: its projector file says what there is
+    model_dir = init / "model"
+    if tune == "projector" or not (model_dir / "config.json").is_file():
+        return None
+    return model_dir
+
+
+# transformers writes a LLaVA under its older names and renames them when it loads one
+# (transformers/conversion_mapping.py, "llava": ^language_model.lm_head -> lm_head, ^language_model
+# -> model.language_model, with LlavaModel's ^language_model.model -> language_model).
+SAVED_LLAVA_PREFIXES = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."))
+
+
+def loaded_llava_name(saved: str) -> str:
+    """A saved LLaVA weight's name in the loaded model (names already in that form pass)."""
+    for old, new in SAVED_LLAVA_PREFIXES:
+        if saved.startswith(old):
+            return new + saved[len(old) :]
+    return saved
+
+
+def load_pretrained_llm(model: Any, model_dir: Path) -> None:
+    """Load the LLM (its blocks, embeddings and LM head) of a saved LLaVA into ``model``, which was
+    assembled from the base LLM: the finetune continues the LLM its pretraining trained.
+
+    Raises:
+        BadInputFileError: a weight file is damaged, or the saved LLM is not this model's LLM
+            (another ``llava.llm``: names or shapes differ).
+    """
+    from safetensors import safe_open
+
+    prefixes = ("model.language_model.", "lm_head.")
+    expected = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    files = sorted(model_dir.glob("*.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        check_safetensors_file(f, "pretrained LLaVA")
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                name = loaded_llava_name(k)
+                if name in expected:
+                    state[name] = fh.get_tensor(k)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) or bool(
+        getattr(model.config.text_config, "tie_word_embeddings", False)
+    )
+    missing = sorted(k for k in expected if k not in state and not (tied and k.startswith("lm_head.")))
+    if not files or missing:
+        raise BadInputFileError(
+            f"pretrained LLaVA {model_dir}: its LLM lacks {missing[:2] or 'every weight'} of this model's "
+            "LLM: it was pretrained with another llava.llm (pass the same llava.llm, or --from its "
+            "mm_projector.safetensors to start from the base LLM)"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise BadInputFileError(
+                f"pretrained LLaVA {model_dir}: {k} has shape {list(v.shape)}, this model's LLM needs "
+                f"{list(expected[k].shape)}: it was pretrained with another llava.llm"
+            )
+    model.load_state_dict(state, strict=False)
+    log.info("LLM loaded from %s (its pretraining trained the LLM)", model_dir)
 
 
 def prepare_phase(model: Any, p: LlavaPhaseConfig, compute_dtype: torch.dtype) -> Any:
