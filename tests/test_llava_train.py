@@ -158,7 +158,11 @@ def test_finetune_continues_the_llm_a_full_pretraining_trained(parts, pretrained
     from llm2clip_vlm.errors import BadInputFileError
     from llm2clip_vlm.llava.model import build_model, loaded_llava_name
 
-    extra = ["llava.pretrain.tune=full", "llava.pretrain.eval_before=false", "llava.pretrain.loop.max_steps=2"]
+    extra = [
+        "llava.pretrain.tune=full",
+        "llava.pretrain.eval_before=false",
+        "llava.pretrain.loop.max_steps=2",
+    ]
     full = tmp_path / "pre-full"
     run_llava(_cfg(parts, "pretrain", extra), full, "pretrain")
     base = AutoModelForCausalLM.from_pretrained(parts["llm"]).state_dict()
@@ -172,7 +176,9 @@ def test_finetune_continues_the_llm_a_full_pretraining_trained(parts, pretrained
     assert llm_keys and all(torch.equal(mine[k], saved[k]) for k in llm_keys)
     assert not torch.equal(mine[f"model.language_model.{q[6:]}"], base[q])  # the pretraining moved it
     proj = load_file(str(full / "mm_projector.safetensors"))
-    assert torch.equal(mine["model.multi_modal_projector.linear_1.weight"], proj["model.mm_projector.0.weight"])
+    assert torch.equal(
+        mine["model.multi_modal_projector.linear_1.weight"], proj["model.mm_projector.0.weight"]
+    )
 
     # A projector-only pretraining (the fixture), or its projector file alone: the base LLM.
     for init in (pretrained, full / "mm_projector.safetensors"):
@@ -180,7 +186,9 @@ def test_finetune_continues_the_llm_a_full_pretraining_trained(parts, pretrained
         assert torch.equal(model.state_dict()[f"model.language_model.{q[6:]}"], base[q])
 
     # Another LLM of the same width: one line naming the saved model, not a silent partial load.
-    other = _cfg(parts, "finetune", [f"llava.llm={save_tiny_llm(tmp_path / 'llm3', hidden_size=64, layers=3)}"])
+    other = _cfg(
+        parts, "finetune", [f"llava.llm={save_tiny_llm(tmp_path / 'llm3', hidden_size=64, layers=3)}"]
+    )
     with pytest.raises(BadInputFileError, match="another llava.llm") as err:
         build_model(other.llava, "finetune", full, torch.float32)
     assert str(full / "model") in str(err.value)

@@ -176,7 +176,10 @@ def pretrained_llm_dir(init: Path) -> Path | None:
 # transformers writes a LLaVA under its older names and renames them when it loads one
 # (transformers/conversion_mapping.py, "llava": ^language_model.lm_head -> lm_head, ^language_model
 # -> model.language_model, with LlavaModel's ^language_model.model -> language_model).
-SAVED_LLAVA_PREFIXES = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."))
+SAVED_LLAVA_PREFIXES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+)
 
 
 def loaded_llava_name(saved: str) -> str:
