@@ -223,6 +223,22 @@ def test_synthetic_llava_heldout_is_balanced_in_every_prefix(tmp_path: Path) -> 
     assert sum(turns) / len(turns) >= INSTRUCT_TURNS[0]
 
 
+def test_instruction_questions_follow_the_type_weights() -> None:
+    """The instruction split asks the cell- and binding-types (weight 2) about twice as often as
+    colour and count (weight 1): drawn without replacement, so a little less than twice."""
+    import collections
+    import random
+
+    from llm2clip_vlm.data.synthetic import random_scene
+    from llm2clip_vlm.data.synthetic_llava import QUESTION_WEIGHTS, _questions
+
+    rng = random.Random(5)
+    seen = collections.Counter(t for _ in range(3000) for t, _, _ in _questions(random_scene(rng), rng, 2))
+    light = (seen["colour"] + seen["count"]) / 2
+    for qtype in ("shape", "position", "yesno", "choice"):
+        assert QUESTION_WEIGHTS[qtype] == 2.0 and 1.5 < seen[qtype] / light < 2.2, (qtype, seen)
+
+
 def test_truncated_images_are_refused_even_when_another_library_allows_them(
     tmp_path: Path, monkeypatch
 ) -> None:

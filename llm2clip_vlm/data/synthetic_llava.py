@@ -51,8 +51,15 @@ ANSWERS: dict[str, tuple[str, ...]] = {
 }
 # Question turns per instruction image (inclusive range). More turns would amortise the system
 # prompt and image tokens over more answers, but (2, 4) is ~1.3x the tokens of a step and was not
-# measured to help (issue 29): the instruction split stays byte-identical to version 1.
+# measured to help (issue 29).
 INSTRUCT_TURNS = (1, 3)
+# How often each type is drawn for an instruction image's turns (relative; drawn without
+# replacement). The types a model can only answer by finding a named cell or by binding a colour
+# to a shape (shape, position, yes/no, choice) twice as often as colour and count, which a finetune
+# learns first (issue 29, docs/BENCHMARKS.md "A LLaVA that trains its LLM on the captions").
+QUESTION_WEIGHTS: dict[str, float] = {
+    "colour": 1.0, "shape": 2.0, "position": 2.0, "count": 1.0, "yesno": 2.0, "choice": 2.0,
+}  # fmt: skip
 PRETRAIN_INSTRUCTIONS = (
     "Describe the image concisely.",
     "Provide a brief description of the given image.",
@@ -70,7 +77,7 @@ TEXT_ONLY = (
     ("Is yellow a colour?", "yes"),
     ("Is a triangle a colour?", "no"),
 )
-SPEC_VERSION = 2
+SPEC_VERSION = 3
 
 
 def _unique(scene: Scene, key: str) -> list[int]:
@@ -134,15 +141,15 @@ def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, st
 
 
 def _questions(scene: Scene, rng: random.Random, n: int) -> list[tuple[str, str, str]]:
+    """Up to ``n`` questions of distinct types, drawn by :data:`QUESTION_WEIGHTS`."""
     out: list[tuple[str, str, str]] = []
     types = list(QUESTION_TYPES)
-    rng.shuffle(types)
-    for qtype in types:
+    while types and len(out) < n:
+        qtype = rng.choices(types, weights=[QUESTION_WEIGHTS[t] for t in types])[0]
+        types.remove(qtype)
         qa = make_question(scene, qtype, rng)
         if qa is not None:
             out.append((qtype, *qa))
-        if len(out) == n:
-            break
     return out
 
 
