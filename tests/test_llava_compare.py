@@ -155,7 +155,7 @@ def test_a_rerun_skips_finished_towers_and_resumes_an_unfinished_phase(
     changed = resolve_config(None, _overrides(parts, ["llava.pretrain.lr=3e-4"]))
     with pytest.raises(
         RunDirError,
-        match=r"llm2clip/pretrain holds a `llava-pretrain` run made with another config \(llava\.pretrain\.lr: 0\.001 -> 0\.0003\)",
+        match=r"llm2clip/pretrain holds a `llava-pretrain` run made with another config \(llava\.pretrain\.lr: 0\.0001 -> 0\.0003\)",
     ) as refused:
         run_compare(changed, towers, out)
     assert calls == []
