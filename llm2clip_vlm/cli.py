@@ -797,7 +797,10 @@ def llava_finetune(
         Path,
         typer.Option(
             "--from",
-            help="The pretrained projector: a llava-pretrain output or a mm_projector.safetensors file.",
+            help=(
+                "The pretrained projector: a llava-pretrain output (whose LLM, when its pretraining "
+                "trained it, the finetune continues) or a mm_projector.safetensors file."
+            ),
         ),
     ] = Path("runs/llava-pretrain"),
     push_to_hub: PushOpt = None,

@@ -77,7 +77,7 @@ def test_shards_hold_the_records_of_the_json_and_its_folder(parts, tmp_path: Pat
     assert not all(from_json.has_image)
     for path in [tmp_path / "instruct", tmp_path / "instruct" / "mix-{000000..000003}.tar"]:
         from_shards = load_llava_records(path)
-        assert len(from_shards) == len(from_json) == 28
+        assert len(from_shards) == len(from_json) > 24  # 24 images and the text-only records
         assert list(from_shards.has_image) == list(from_json.has_image)
         for a, b in zip(from_json, from_shards, strict=True):
             assert (a.id, a.conversations, a.extra) == (b.id, b.conversations, b.extra)
@@ -202,11 +202,14 @@ def test_streamed_finetune_mixes_image_and_text_only_records(parts, tmp_path: Pa
     pre = tmp_path / "pre"
     run_llava(_cfg(parts, parts["shards"], ["llava.pretrain.loop.max_steps=1"]), pre, "pretrain")
     p = "llava.finetune"
-    extra = [f"{p}.batch_size=14", f"{p}.loop.max_steps=2", f"{p}.tune=projector"]
+    n = len(instruct)
+    assert n % 2 == 0, n  # two steps of n / 2 = every record once
+    extra = [f"{p}.batch_size={n // 2}", f"{p}.loop.max_steps=2", f"{p}.tune=projector"]
     cfg = config_io.load(RunConfig, None, _overrides(parts, tmp_path / "instruct", extra, phase="finetune"))
     metrics = run_llava(cfg, tmp_path / "ft", "finetune", init=pre)
-    # 2 steps of 14 = every record once, the 4 text-only ones among them.
-    assert metrics["train"]["steps"] == 2 and metrics["details"]["records"] == 28 and sum(not h for h in instruct.has_image) == 4
+    # 2 steps = every record once, the text-only ones among them.
+    assert metrics["train"]["steps"] == 2 and metrics["details"]["records"] == n
+    assert sum(not h for h in instruct.has_image) >= 1
     assert all(loss == loss for loss in metrics["train"]["losses"])
 
 

@@ -46,6 +46,7 @@ def llava_stage(
         sort_micro_batches=p.sort_micro_batches,
         share_prefix_before=base.config.image_token_index if share else None,
         head=base.lm_head if alone else None,  # a hook inside a sharded module: not tried there
+        image_weights=[t for t in base.model.multi_modal_projector.parameters() if t.requires_grad],
     )  # fmt: skip
     # Under DeepSpeed, clipping and the update happen in backward (gradient_clipping).
     parts = (model, *updates, step, weights, None if deepspeed else model.parameters)
