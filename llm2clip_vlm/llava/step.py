@@ -137,15 +137,16 @@ class LlavaStep:
         self, accelerator: Any, model: Any, micro_batch_size: int, deepspeed: bool, counts: dict[str, Any],
         loss_mean: str = "tokens", fsdp2: bool = False, *, sort_micro_batches: bool = False,
         share_prefix_before: int | None = None, head: torch.nn.Module | None = None,
-        image_weights: list[torch.nn.Parameter] | None = None,
+        image_weights: list[torch.nn.Parameter] | None = None, ddp: bool = False,
     ) -> None:  # fmt: skip
         """``sort_micro_batches``: cut the micro batches from the batch sorted by length (token mean
         only: there the grouping does not change the loss); ``share_prefix_before``: the image token
         id to compute each micro batch's common prefix once (:func:`token_loss_sum`; one process,
         no DeepSpeed / FSDP2, no gradient checkpointing: the caller checks that), None = off;
         ``head``: the LM head, to feed it only the supervised (row, position) pairs;
-        ``image_weights``: the trainable weights only an image reaches (the projector), backed by a
-        zero on a micro batch without images."""
+        ``image_weights``: the trainable weights only an image reaches (the projector): a step
+        without any image leaves them a zero gradient, not None, in every set-up (``ddp``: backed
+        by a zero in the loss of a micro batch without images, for DDP's reducer)."""
         if loss_mean not in ("tokens", "micro_batch"):
             raise ValueError(f"loss_mean must be 'tokens' or 'micro_batch', not {loss_mean!r}")
         self.accelerator, self.model = accelerator, model
@@ -153,7 +154,7 @@ class LlavaStep:
         self.per_micro = loss_mean == "micro_batch"
         self.sort = sort_micro_batches and not self.per_micro
         self.prefix_stop, self.head = share_prefix_before, head
-        self.image_weights = list(image_weights or [])
+        self.image_weights, self.ddp = list(image_weights or []), ddp
         # Truncated / dropped samples so far: the run's state (checkpointed with it).
         self.counts = counts
         counts.setdefault("truncated", 0)
@@ -198,7 +199,7 @@ class LlavaStep:
                     scale = len(micro) if self.deepspeed else 1
                 else:
                     loss = token_loss_sum(self.model, mb, acc.device, prefix, self.head) / denom
-            if mb.pixel_values is None and self.image_weights:
+            if mb.pixel_values is None and self.ddp and self.image_weights:
                 # Text-only rows never run the projector. DDP wants a gradient for every trainable
                 # weight from every rank (its reducer fails in the next forward otherwise: a rank
                 # whose micro batch held only text-only rows), so a zero backs the projector.
@@ -210,6 +211,12 @@ class LlavaStep:
                 loss = loss + sum(0.0 * t.sum() for t in self.model.parameters() if t.requires_grad)
             acc.backward(loss * scale)
             step_loss += loss.detach()
+        for t in self.image_weights:
+            # A step of text-only rows: a zero gradient, as DDP (above) and DeepSpeed (LLaVA's
+            # set-up) give it, so AdamW treats the projector the same in one process, DDP and
+            # FSDP2 (with None it would skip it; with a zero it moves it by its momentum).
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
         # Token mean: the ranks' shares add up to the global loss; micro-batch mean: DDP's average.
         total = dist.reduce_float(acc, step_loss, "mean" if self.per_micro else "sum")
         return StepOutput(total, metrics={"tokens": int(n_tokens[1].item())})
