@@ -20,6 +20,7 @@ from llm2clip_vlm.llava.assemble import build_llava_model
 from llm2clip_vlm.llava.config import LlavaConfig, LlavaPhaseConfig
 from llm2clip_vlm.llava.templates import TEMPLATE_FILE, get_template, saved_chat_template
 from llm2clip_vlm.logging import get_logger
+from llm2clip_vlm.training.session import METRICS_FILE, read_metrics
 from llm2clip_vlm.weights import check_safetensors_file
 
 log = get_logger(__name__)
@@ -164,7 +165,7 @@ def pretrained_llm_dir(init: Path) -> Path | None:
     if not init.is_dir():
         return None  # a bare mm_projector.safetensors: the projector only
     try:
-        tune = json.loads((init / "metrics.json").read_text())["details"]["tune"]
+        tune = read_metrics(init / METRICS_FILE)["details"]["tune"]
     except (OSError, ValueError, KeyError, TypeError):
         return None  # not a finished llava-pretrain output: its projector file says what there is
     model_dir = init / "model"

@@ -38,18 +38,18 @@ def llava_stage(
 
     # The shared prefix needs one forward per backward outside any wrapper (DDP, DeepSpeed, FSDP2
     # hook one forward) and the KV cache (gradient checkpointing drops it).
-    alone = accelerator.num_processes == 1 and not deepspeed and not run.fsdp2
+    plain = not deepspeed and not run.fsdp2  # one process, or DDP
+    alone = plain and accelerator.num_processes == 1
     share = p.share_prefix and alone and not p.gradient_checkpointing
     base = base_model(accelerator.unwrap_model(model))
     projector_weights = [t for t in base.model.multi_modal_projector.parameters() if t.requires_grad]
-    ddp = accelerator.num_processes > 1 and not deepspeed and not run.fsdp2
     step = LlavaStep(
         accelerator, model, p.micro_batch_size, deepspeed, run.state.extra, p.loss_mean, run.fsdp2,
         sort_micro_batches=p.sort_micro_batches,
         share_prefix_before=base.config.image_token_index if share else None,
         head=base.lm_head if alone else None,  # a hook inside a sharded module: not tried there
         image_weights=None if deepspeed else projector_weights,  # DeepSpeed zero-fills itself
-        ddp=ddp,
+        ddp=plain and not alone,
     )  # fmt: skip
     # Under DeepSpeed, clipping and the update happen in backward (gradient_clipping).
     parts = (model, *updates, step, weights, None if deepspeed else model.parameters)

@@ -11,6 +11,7 @@ DDP: a long answer then weighs less than in the token mean.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import nullcontext
 from typing import Any
@@ -35,8 +36,10 @@ def shared_prefix_length(batch: Batch, image_token_id: int) -> int:
     return int(same.int().cumprod(0).sum())
 
 
-def _cache_kwarg(model: Any) -> str:
-    """transformers' name of the KV-cache argument (``cache`` from 5.2x, ``past_key_values`` before)."""
+@functools.cache
+def _cache_kwarg() -> str:
+    """transformers' name of the KV-cache argument (``cache`` from 5.2x, ``past_key_values`` before);
+    read once, not on every micro batch."""
     from transformers import LlavaForConditionalGeneration
 
     params = inspect.signature(LlavaForConditionalGeneration.forward).parameters
@@ -78,7 +81,7 @@ def token_loss_sum(
                      logits_to_keep=1)  # fmt: skip
         cache = getattr(first, "cache", None) or first.past_key_values
         cache.batch_repeat_interleave(ids.shape[0])
-        kwargs[_cache_kwarg(model)] = cache
+        kwargs[_cache_kwarg()] = cache
         ids, keep_at = ids[:, prefix:], keep - prefix
     else:
         keep_at = keep
