@@ -173,8 +173,9 @@ def test_synthetic_llava_world_writes_answerable_records(tmp_path: Path) -> None
     assert all(r.extra["answer"] == r.conversations[1]["value"] for r in held)
     # Yes/no questions are balanced and every type can be asked of some scene.
     rng = random.Random(0)
-    answers = [make_question(random_scene(rng), "yesno", rng)[1] for _ in range(400)]
-    assert 160 < answers.count("yes") < 240
+    qas = [make_question(random_scene(rng), "yesno", rng) for _ in range(400)]
+    answers = [qa[1] for qa in qas if qa is not None]
+    assert len(answers) > 300 and 0.4 < answers.count("yes") / len(answers) < 0.6
     for qtype in QUESTION_TYPES:
         assert any(make_question(random_scene(rng), qtype, rng) for _ in range(20))
     # Deterministic per seed.
@@ -221,6 +222,87 @@ def test_synthetic_llava_heldout_is_balanced_in_every_prefix(tmp_path: Path) -> 
     turns = [len(r["conversations"]) // 2 for r in instruct]
     assert min(turns) >= 1 and max(turns) <= INSTRUCT_TURNS[1]
     assert sum(turns) / len(turns) >= INSTRUCT_TURNS[0]
+
+
+def test_yes_no_and_choice_questions_ask_what_the_scene_shows() -> None:
+    """Yes/no and choice are formats over contents (issue 29): yes/no asks MME's perception
+    categories this world has (lmms-eval lmms_eval/tasks/mme/utils.py, eval_type_dict
+    ["Perception"]: existence, count, position, color), choice the four open types with lettered
+    options. Every answer is checked against the scene it was drawn from."""
+    import collections
+    import random
+
+    from llm2clip_vlm.data.synthetic import COLOURS, NUMBER_WORDS, POSITIONS, SHAPES, random_scene
+    from llm2clip_vlm.data.synthetic_llava import ASKS
+
+    assert ASKS["yesno"] == ("existence", "count", "position", "colour")
+    assert set(ASKS["choice"]) == {"colour", "shape", "position", "count"}
+    rng = random.Random(3)
+    answers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for _ in range(600):
+        scene = random_scene(rng)
+        objs = scene.objects
+        at = {POSITIONS[o.cell]: o for o in objs}
+        for asks in ASKS["yesno"]:
+            qa = make_question(scene, "yesno", rng, asks)
+            if qa is None:
+                continue
+            q, a = qa[0].split("\n")[0], qa[1]
+            answers[asks][a] += 1
+            words = q.rstrip("?").split()
+            if asks == "existence":  # "Is there a <shape> in the image?"
+                truth = words[3] in {o.shape for o in objs}
+            elif asks == "count":  # "Are there <n> shapes ..." / "Is there only one shape ..."
+                n = 1 if "only one" in q else [k for k, w in NUMBER_WORDS.items() if w == words[2]][0]
+                truth = n == len(objs)
+            elif asks == "position":  # "Is the <colour> <shape> at the <cell>?"
+                cell = q.rstrip("?").split(" at the ")[1]
+                truth = cell in at and (at[cell].colour, at[cell].shape) == (words[2], words[3])
+            else:  # "Is the <shape> <colour>?"
+                assert words[2] in SHAPES and words[3] in COLOURS
+                truth = [o.colour for o in objs if o.shape == words[2]] == [words[3]]
+            assert a == ("yes" if truth else "no"), (q, a, objs)
+        for asks in ASKS["choice"]:
+            qa = make_question(scene, "choice", rng, asks)
+            if qa is None:
+                continue
+            lines = qa[0].split("\n")
+            options = {line[0]: line[3:] for line in lines[1:5]}
+            assert sorted(options) == list("ABCD") and len(set(options.values())) == 4
+            assert lines[-1].endswith("directly.")
+            right = options[qa[1]]
+            answers["choice-" + asks][qa[1]] += 1
+            if asks == "count":
+                assert right == NUMBER_WORDS[len(objs)]
+            elif asks == "colour":
+                shape = lines[0].split("What colour is the ")[1].rstrip("?")
+                assert [o.colour for o in objs if o.shape == shape] == [right]
+            elif asks == "shape":
+                assert at[lines[0].split(" at the ")[1].rstrip("?")].shape == right
+            else:
+                colour, shape = lines[0].split("Where is the ")[1].rstrip("?").split()
+                assert [POSITIONS[o.cell] for o in objs if (o.colour, o.shape) == (colour, shape)] == [right]
+    # Both answers of every yes/no content, every letter of every choice content, about evenly.
+    for key, counts in answers.items():
+        assert min(counts.values()) > 0.6 * max(counts.values()), (key, counts)
+        assert len(counts) == (2 if key in ASKS["yesno"] else 4), (key, counts)
+    with pytest.raises(ValueError, match="asks about one of"):
+        make_question(random_scene(rng), "yesno", rng, "shape")
+
+
+def test_heldout_yes_no_and_choice_cycle_their_contents(tmp_path: Path) -> None:
+    """Each yes/no and choice content gets each answer in the held-out split, in turn."""
+    import json
+
+    from llm2clip_vlm.data.synthetic_llava import ASKS, heldout_plan
+
+    plan = [heldout_plan(i) for i in range(6 * 16)]
+    for qtype in ASKS:
+        rows = [(a, asks) for t, a, asks in plan if t == qtype]
+        assert sorted(set(rows)) == sorted((a, k) for a in ANSWERS[qtype] for k in ASKS[qtype])
+    write_llava_demo(tmp_path, pretrain_images=2, instruct_images=4, heldout_images=48, image_size=16)
+    held = json.loads((tmp_path / "llava_heldout.json").read_text())
+    assert [(r["question_type"], r["answer"], r.get("asks")) for r in held] == plan[:48]
 
 
 def test_instruction_questions_follow_the_type_weights() -> None:
