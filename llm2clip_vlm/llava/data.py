@@ -222,8 +222,10 @@ class ModalityBatchSampler(StepBatchSampler):
     Epoch ``e`` shuffles the image records and the text-only records with ``seed + e``, cuts each
     into global batches (with ``group_by_modality``; else one shuffled pool), puts the leftovers
     of both in one mixed batch (dropped if smaller than the number of processes), and shuffles the
-    order of the batches (``full_batches_only`` drops the leftovers). The same ``(seed, epoch)`` gives the same batches for any process count,
-    so a resumed run continues the exact sequence.
+    order of the batches (``full_batches_only`` drops the leftovers). The same ``(seed, epoch)``
+    gives the same full batches for any process count, so a resumed run continues the exact
+    sequence; the leftover batch is trimmed to a multiple of the process count, so it (and with it
+    the batch order) is the same for every process count only when its size is a multiple of each.
     """
 
     def __init__(
