@@ -35,7 +35,8 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]
     env = pytest.MonkeyPatch()
     env.setenv("LLM2CLIP_VLM_CACHE", str(root / "cache"))  # for this module only (undone below)
     data = root / "data"
-    write_llava_demo(data, pretrain_images=24, instruct_images=24, heldout_images=6, image_size=32)
+    write_llava_demo(data, pretrain_images=24, instruct_images=24, heldout_images=6, image_size=32,
+                     text_only_share=0.2)  # fmt: skip  (two text-only records: an even record count)
     pretrain = load_llava_records(data / "llava_pretrain.json")
     write_llava_shards(pretrain, root / "shards", per_shard=6)
     broken = [
