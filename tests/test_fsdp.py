@@ -125,8 +125,16 @@ def llava_parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
 
     root = tmp_path_factory.mktemp("fsdp_llava")
-    write_llava_demo(root / "data", pretrain_images=24, instruct_images=24, heldout_images=2, image_size=32,
-                     text_only_share=0.2)  # fmt: skip  (two text-only records: an even record count)
+    # Two text-only instruction records: an even record count (one leftover record would be
+    # trimmed by two processes, not by one: ModalityBatchSampler).
+    write_llava_demo(
+        root / "data",
+        pretrain_images=24,
+        instruct_images=24,
+        heldout_images=2,
+        image_size=32,
+        text_only_share=0.2,
+    )
     parts = {
         "data": root / "data",
         "tower": save_random_tower(root / "tower", "clip", TowerShape(32, 8, 32, 3, 2, 64), seed=1),

@@ -35,8 +35,11 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]
     env = pytest.MonkeyPatch()
     env.setenv("LLM2CLIP_VLM_CACHE", str(root / "cache"))  # for this module only (undone below)
     data = root / "data"
-    write_llava_demo(data, pretrain_images=24, instruct_images=24, heldout_images=6, image_size=32,
-                     text_only_share=0.2)  # fmt: skip  (two text-only records: an even record count)
+    # Two text-only instruction records: an even record count (one leftover record would be
+    # trimmed by two processes, not by one: ModalityBatchSampler).
+    write_llava_demo(
+        data, pretrain_images=24, instruct_images=24, heldout_images=6, image_size=32, text_only_share=0.2
+    )
     pretrain = load_llava_records(data / "llava_pretrain.json")
     write_llava_shards(pretrain, root / "shards", per_shard=6)
     broken = [
@@ -151,7 +154,9 @@ def test_a_bad_record_met_in_every_epoch_is_one_skipped_record(parts, tmp_path: 
     metrics = run_llava(_cfg(parts, parts["bad"], skip), tmp_path / "skip", "pretrain")
     assert metrics["train"]["steps"] == 6 and metrics["details"]["bad_records"]["count"] == 1
     listed = json.loads((tmp_path / "skip" / "bad_records.json").read_text())["bad"]
-    assert [s["record"] for s in listed["skipped"]] == [metrics["details"]["bad_records"]["records"][0]["record"]]
+    assert [s["record"] for s in listed["skipped"]] == [
+        metrics["details"]["bad_records"]["records"][0]["record"]
+    ]
 
 
 def _worker(
