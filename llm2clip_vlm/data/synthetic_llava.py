@@ -68,9 +68,10 @@ ASKS: dict[str, tuple[str, ...]] = {
 # measured to help (issue 29).
 INSTRUCT_TURNS = (1, 3)
 # How often each type is drawn for an instruction image's turns (relative; drawn without
-# replacement). The types a model can only answer by finding a named cell or by binding a colour
-# to a shape (shape, position, yes/no, choice) twice as often as colour and count, which a finetune
-# learns first (issue 29, docs/BENCHMARKS.md "A LLaVA that trains its LLM on the captions").
+# replacement). Shape and position (a named cell, a colour bound to a shape) and the two answer
+# formats twice as often as colour and count, which a finetune learns first (issue 29,
+# docs/BENCHMARKS.md "A LLaVA whose LLM also learns from the captions"). Version 4 measured other
+# weights (yes/no and choice 3, the rest 1): no better ("Yes/no and choice as formats").
 QUESTION_WEIGHTS: dict[str, float] = {
     "colour": 1.0, "shape": 2.0, "position": 2.0, "count": 1.0, "yesno": 2.0, "choice": 2.0,
 }  # fmt: skip
