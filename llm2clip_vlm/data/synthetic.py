@@ -179,16 +179,18 @@ def draw_scene(scene: Scene, image_size: int = 64) -> Image.Image:
 # ----------------------------------------------------------------------------------------------
 # Captions
 # ----------------------------------------------------------------------------------------------
-def _a(word: str) -> str:
+def indefinite_article(word: str) -> str:
     """The indefinite article for ``word`` ("an orange", "a red")."""
     return "an" if word[0] in "aeiou" else "a"
 
 
 _SHORT_TEMPLATES = (
-    lambda parts: " and ".join(f"{_a(c)} {c} {s} at the {p}" for c, s, p in parts),
+    lambda parts: " and ".join(f"{indefinite_article(c)} {c} {s} at the {p}" for c, s, p in parts),
     lambda parts: ", ".join(f"{c} {s} ({p})" for c, s, p in parts),
-    lambda parts: "a picture of " + " and ".join(f"{_a(c)} {c} {s} in the {p}" for c, s, p in parts),
-    lambda parts: "; ".join(f"{p}: {_a(c)} {c} {s}" for c, s, p in parts),
+    lambda parts: (
+        "a picture of " + " and ".join(f"{indefinite_article(c)} {c} {s} in the {p}" for c, s, p in parts)
+    ),
+    lambda parts: "; ".join(f"{p}: {indefinite_article(c)} {c} {s}" for c, s, p in parts),
     lambda parts: "shapes: " + ", ".join(f"{c} {s} at {p}" for c, s, p in parts),
 )
 

@@ -32,7 +32,14 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from llm2clip_vlm.data.synthetic import NUMBER_WORDS, POSITIONS, SUPERSAMPLE, add_tar_member, png_bytes
+from llm2clip_vlm.data.synthetic import (
+    NUMBER_WORDS,
+    POSITIONS,
+    SUPERSAMPLE,
+    add_tar_member,
+    indefinite_article,
+    png_bytes,
+)
 
 GLYPHS = tuple(string.ascii_uppercase + string.digits)
 INKS = {"black": (25, 25, 25), "red": (200, 30, 30), "blue": (30, 60, 200), "green": (20, 130, 40)}
@@ -146,7 +153,7 @@ def long_glyph_captions(scene: GlyphScene, rng: random.Random, n: int) -> list[s
         for k, word in ((letters, "letter"), (digits, "digit"))
         if k
     )
-    ground = f"{_article(scene.pattern)} {scene.pattern} {scene.tint} background"
+    ground = f"{indefinite_article(scene.pattern)} {scene.pattern} {scene.tint} background"
     out = []
     for t in rng.sample(range(2), n):
         glyphs = list(scene.glyphs)
@@ -161,10 +168,6 @@ def long_glyph_captions(scene: GlyphScene, rng: random.Random, n: int) -> list[s
             verb = "is" if len(glyphs) == 1 else "are"
             out.append(f"On {ground} there {verb} {counts}: {body}.")
     return out
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
 
 
 def _scenes(rng: random.Random, n: int, family_share: float) -> list[GlyphScene]:

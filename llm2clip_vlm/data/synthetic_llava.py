@@ -33,6 +33,7 @@ from llm2clip_vlm.data.synthetic import (
     SHAPES,
     Scene,
     draw_scene,
+    indefinite_article,
     png_bytes,
     random_scene,
     short_captions,
@@ -149,7 +150,7 @@ def _yes_no(scene: Scene, asks: str, rng: random.Random) -> tuple[str, str] | No
     if asks == "existence":
         present = sorted({o.shape for o in objs})
         shape = rng.choice(present if yes else [s for s in SHAPES if s not in present])
-        question = f"Is there {_article(shape)} {shape} in the image?"
+        question = f"Is there {indefinite_article(shape)} {shape} in the image?"
     elif asks == "count":
         n = len(objs) if yes else rng.choice([k for k in NUMBER_WORDS if k != len(objs)])
         question = (
@@ -187,10 +188,6 @@ def _choice(scene: Scene, asks: str, rng: random.Random) -> tuple[str, str] | No
     letters = "ABCD"
     lines = "\n".join(f"{letters[i]}. {opt}" for i, opt in enumerate(options))
     return f"{question}\n{lines}\n{LETTER_ANSWER}", letters[options.index(right)]
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
 
 
 def _questions(scene: Scene, rng: random.Random, n: int) -> list[tuple[str, str, str]]:
