@@ -160,4 +160,3 @@ def test_stage1_bench_times_the_trainers_own_step(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setitem(stage1.PRESETS, "test", preset)
     run_suite("stage1", "test")
     assert len(calls) >= 1
-

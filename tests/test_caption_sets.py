@@ -402,7 +402,11 @@ def test_stage1_trains_on_a_caption_pair_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     m = json.loads((tmp_path / "s1" / "metrics.json").read_text())
-    assert m["train"]["steps"] == 2 and m["eval"]["cra_set"] == "coco" and m["data"]["train"] == {"records": 24, "skipped": 0}
+    assert (
+        m["train"]["steps"] == 2
+        and m["eval"]["cra_set"] == "coco"
+        and m["data"]["train"] == {"records": 24, "skipped": 0}
+    )
 
 
 def test_llava_data_with_a_forgotten_image_folder_names_it(tmp_path: Path) -> None:

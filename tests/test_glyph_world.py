@@ -66,7 +66,10 @@ def test_glyphs_are_drawn_where_the_captions_say(glyphs: Path) -> None:
     other = np.asarray(draw_glyph_scene(GlyphScene("plain", "white", (Glyph("B", "black", 0),)), 96))
     assert (np.asarray(draw_glyph_scene(GlyphScene("plain", "white", scene.glyphs[:1]), 96)) != other).any()
     striped = np.asarray(draw_glyph_scene(GlyphScene("striped", "white", ()), 96)).astype(int)
-    assert striped[:, 48].std() > 10 and np.asarray(draw_glyph_scene(GlyphScene("plain", "white", ()), 96)).std(axis=(0, 1)).max() == 0
+    assert (
+        striped[:, 48].std() > 10
+        and np.asarray(draw_glyph_scene(GlyphScene("plain", "white", ()), 96)).std(axis=(0, 1)).max() == 0
+    )
 
 
 def test_heldout_families_differ_in_what_short_captions_say(glyphs: Path) -> None:
@@ -80,7 +83,16 @@ def test_heldout_families_differ_in_what_short_captions_say(glyphs: Path) -> Non
 
 
 def test_demo_data_command_writes_the_glyph_world(tmp_path: Path) -> None:
-    args = ["demo-data", str(tmp_path / "g"), "--world", "glyphs", "--train-images", "8", "--heldout-images", "4"]
+    args = [
+        "demo-data",
+        str(tmp_path / "g"),
+        "--world",
+        "glyphs",
+        "--train-images",
+        "8",
+        "--heldout-images",
+        "4",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "g" / "images" / "train" / "train-000000.png").size == (96, 96)

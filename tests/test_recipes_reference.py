@@ -376,9 +376,16 @@ TABLE: dict[str, list[Row]] = {
     "llava15-7b-llm2clip-lora.yaml": LLAVA_LORA,
     # LLaVA-1.5 on the released SigLIP2 tower: no CLS token, so every patch token is kept.
     "llava15-7b-llm2clip-siglip2-so400m-224.yaml": [
-        Row(r.key, r.reference, r.source, "full", why="SigLIP has no CLS token: LLaVA's 'patch' "
-            "(drop the first token) would drop a real patch; 'full' keeps all 256")
-        if r.key == "llava.select_strategy" else r
+        Row(
+            r.key,
+            r.reference,
+            r.source,
+            "full",
+            why="SigLIP has no CLS token: LLaVA's 'patch' "
+            "(drop the first token) would drop a real patch; 'full' keeps all 256",
+        )
+        if r.key == "llava.select_strategy"
+        else r
         for r in LLAVA_FULL
     ],  # fmt: skip
 }

@@ -141,7 +141,9 @@ def test_stage1_recipe_on_img2dataset_folder(stage1_run: Path) -> None:
     tasks = m["details"]["tasks"]
     assert tasks["allnli"] == {"samples": 9, "batches": 2} and len(tasks) == 15
     assert tasks["cc3m"] == {"samples": 40, "batches": 10}
-    assert re.search(r"stage 1 SimCSE: step 2/2 \(100%\)  loss \d+\.\d+ .*(s/step|steps/s), elapsed", OUTPUT["stage1"])
+    assert re.search(
+        r"stage 1 SimCSE: step 2/2 \(100%\)  loss \d+\.\d+ .*(s/step|steps/s), elapsed", OUTPUT["stage1"]
+    )
 
 
 @pytest.mark.slow  # a 4-bit (bitsandbytes) base on the CPU, then a bf16 reload for the merge
@@ -233,7 +235,11 @@ def test_llava_clip_baseline_recipe(in_world: Path) -> None:
     cli("llava-finetune", recipe, "--from", "runs/llava15-clip/pretrain", "-o", "runs/llava15-clip/finetune",
         *sets(_llava("finetune")))  # fmt: skip
     m = _metrics(in_world / "runs/llava15-clip/finetune/metrics.json")
-    assert m["train"]["steps"] == 2 and m["details"]["tune"] == "full" and m["details"]["template"] == "vicuna_v1"
+    assert (
+        m["train"]["steps"] == 2
+        and m["details"]["tune"] == "full"
+        and m["details"]["template"] == "vicuna_v1"
+    )
     assert (in_world / "runs/llava15-clip/finetune/model/config.json").is_file()
 
 

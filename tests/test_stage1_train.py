@@ -99,7 +99,9 @@ def test_resume_reproduces_the_uninterrupted_run(tiny: Path, tmp_path: Path) -> 
     assert resumed["train"]["losses"][2:] == pytest.approx(full["train"]["losses"][2:], abs=1e-6)
     assert resumed["train"]["steps"] == full["train"]["steps"] == 4
     assert resumed["details"]["encoder_identity"] == full["details"]["encoder_identity"]
-    assert json.loads((tmp_path / "full" / "metrics.json").read_text())["eval"]["after"] == full["eval"]["after"]
+    assert (
+        json.loads((tmp_path / "full" / "metrics.json").read_text())["eval"]["after"] == full["eval"]["after"]
+    )
     enc = CaptionEncoder.from_pretrained(tmp_path / "killed" / "encoder", device="cpu")
     assert enc.max_length == 48 and enc.model.config.is_causal is False
 

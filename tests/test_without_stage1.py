@@ -96,7 +96,11 @@ def test_build_tower_without_stage1_end_to_end_then_skip_then_with_stage1(tmp_pa
     out = _build(tmp_path, llm, "--without-stage1")
     run = tmp_path / "run"
     s1 = json.loads((run / "metrics.json").read_text())["stage1"]
-    assert s1["train"]["steps"] == 0 and s1["eval"]["captions"] == 16 and "causal" in s1["details"]["without_stage1"]
+    assert (
+        s1["train"]["steps"] == 0
+        and s1["eval"]["captions"] == 16
+        and "causal" in s1["details"]["without_stage1"]
+    )
     assert "stage 1: not trained (base LLM as pretrained" in out
     assert not (run / "stage1" / "checkpoints").exists()  # nothing trained
     store = json.loads((run / "store" / "train" / "manifest.json").read_text())

@@ -197,7 +197,9 @@ def glyph_spec(seed: int, train_images: int, heldout_images: int, image_size: in
 
 
 def write_world_splits(
-    out: Path, splits: dict[str, list[Any]], rng_prefix: str,
+    out: Path,
+    splits: dict[str, list[Any]],
+    rng_prefix: str,
     render: Callable[[Any, random.Random], tuple[list[str], list[str], bytes]],
 ) -> None:
     """Write a synthetic world's splits in the real-data formats: ``images/<split>/KEY.png``,
@@ -216,7 +218,12 @@ def write_world_splits(
         for i, item in enumerate(items):
             key = f"{split}-{i:06d}"
             short, long, png = render(item, random.Random(f"{rng_prefix}-{split}-{i}"))
-            record = {"key": key, "image": f"images/{split}/{key}.png", "short_captions": short, "long_captions": long}
+            record = {
+                "key": key,
+                "image": f"images/{split}/{key}.png",
+                "short_captions": short,
+                "long_captions": long,
+            }
             (img_dir / f"{key}.png").write_bytes(png)
             lines.append(json.dumps(record))
             if split == "train":

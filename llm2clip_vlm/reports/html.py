@@ -269,7 +269,9 @@ def _llava(runs: Sequence[Run]) -> list[dict[str, Any]]:
             for ex in r.answers
         ]
         # Blind: the same questions with another question's image (shuffle) or a blank one.
-        blind = {"shuffle": "the image of another question", "blank": "a blank image"}.get(str(a.get("heldout/blind")), "")
+        blind = {"shuffle": "the image of another question", "blank": "a blank image"}.get(
+            str(a.get("heldout/blind")), ""
+        )
         out.append({"label": r.label, "rows": rows, "bars": bars, "examples": examples, "blind": blind})
     return out
 
