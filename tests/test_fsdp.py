@@ -117,29 +117,14 @@ def test_stage2_fsdp2_matches_one_process_and_resumes_exactly_after_sigkill(tmp_
 # -- LLaVA full finetuning ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llava_parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from llava_world import write_llava_world
+
     from llm2clip_vlm import config_io
     from llm2clip_vlm.commands import run_llava
-    from llm2clip_vlm.data.synthetic_llava import write_llava_demo
     from llm2clip_vlm.recipe import RunConfig
-    from llm2clip_vlm.text.tiny import save_tiny_llm
-    from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
 
     root = tmp_path_factory.mktemp("fsdp_llava")
-    # Two text-only instruction records: an even record count (one leftover record would be
-    # trimmed by two processes, not by one: ModalityBatchSampler).
-    write_llava_demo(
-        root / "data",
-        pretrain_images=24,
-        instruct_images=24,
-        heldout_images=2,
-        image_size=32,
-        text_only_share=0.2,
-    )
-    parts = {
-        "data": root / "data",
-        "tower": save_random_tower(root / "tower", "clip", TowerShape(32, 8, 32, 3, 2, 64), seed=1),
-        "llm": save_tiny_llm(root / "llm", hidden_size=64, seed=2),
-    }
+    parts = write_llava_world(root, heldout_images=2)
     pre = _llava_overrides(parts, "pretrain", ["llava.pretrain.loop.max_steps=1"])
     run_llava(config_io.load(RunConfig, None, pre), root / "pre", "pretrain")
     return {**parts, "pre": root / "pre"}

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from dist_env import free_port, join_as_rank
+from llava_world import write_llava_world
 from safetensors.torch import load_file
 
 from llm2clip_vlm import config_io
@@ -20,11 +21,8 @@ from llm2clip_vlm.commands import run_llava
 from llm2clip_vlm.data.conversations import load_llava_records
 from llm2clip_vlm.data.errors import DataError
 from llm2clip_vlm.data.llava_shards import write_llava_shards
-from llm2clip_vlm.data.synthetic_llava import write_llava_demo
 from llm2clip_vlm.llava import stage as llava_stage
 from llm2clip_vlm.recipe import RunConfig
-from llm2clip_vlm.text.tiny import save_tiny_llm
-from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
 
 BAD_ROW = 3  # the record whose image is broken in the "bad" shards
 
@@ -34,12 +32,8 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]
     root = tmp_path_factory.mktemp("llava_stream")
     env = pytest.MonkeyPatch()
     env.setenv("LLM2CLIP_VLM_CACHE", str(root / "cache"))  # for this module only (undone below)
-    data = root / "data"
-    # Two text-only instruction records: an even record count (one leftover record would be
-    # trimmed by two processes, not by one: ModalityBatchSampler).
-    write_llava_demo(
-        data, pretrain_images=24, instruct_images=24, heldout_images=6, image_size=32, text_only_share=0.2
-    )
+    world = write_llava_world(root, heldout_images=6)
+    data = world["data"]
     pretrain = load_llava_records(data / "llava_pretrain.json")
     write_llava_shards(pretrain, root / "shards", per_shard=6)
     broken = [
@@ -52,8 +46,8 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]
         "data": data,
         "shards": root / "shards",
         "bad": root / "bad",
-        "tower": save_random_tower(root / "tower", "clip", TowerShape(32, 8, 32, 3, 2, 64), seed=1),
-        "llm": save_tiny_llm(root / "llm", hidden_size=64, seed=2),
+        "tower": world["tower"],
+        "llm": world["llm"],
     }
     env.undo()
 

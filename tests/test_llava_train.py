@@ -10,34 +10,22 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from dist_env import free_port, join_as_rank
+from llava_world import write_llava_world
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from llm2clip_vlm import config_io
 from llm2clip_vlm.cli import app
 from llm2clip_vlm.commands import run_llava
-from llm2clip_vlm.data.synthetic_llava import write_llava_demo
 from llm2clip_vlm.llava.model import LLAVA_PROJECTOR_KEYS
 from llm2clip_vlm.recipe import RunConfig
 from llm2clip_vlm.text.tiny import save_tiny_llm
-from llm2clip_vlm.tower.synthetic import TowerShape, save_random_tower
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("llava_train")
-    data = root / "data"
-    # Two text-only instruction records (text_only_share 0.2 draws two here): the leftover batch
-    # of an epoch (ModalityBatchSampler) is trimmed to a multiple of the process count, so with an
-    # odd leftover one and two processes would train on different batches.
-    write_llava_demo(data, pretrain_images=24, instruct_images=24, heldout_images=6, image_size=32,
-                     text_only_share=0.2)  # fmt: skip
-    return {
-        "root": root,
-        "tower": save_random_tower(root / "tower", "clip", TowerShape(32, 8, 32, 3, 2, 64), seed=1),
-        "llm": save_tiny_llm(root / "llm", hidden_size=64, seed=2),  # bnb 4-bit needs multiples of 64
-        "data": data,
-    }
+    return {"root": root, **write_llava_world(root, heldout_images=6)}
 
 
 def _overrides(parts: dict[str, Path], phase: str, extra: list[str] = ()) -> list[str]:
